@@ -1,0 +1,94 @@
+"""Small helpers over aten-level fx graphs: attributes by dotted name, linear nodes."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+__all__ = [
+    "delete_attr",
+    "get_attr_value",
+    "has_attr",
+    "is_linear",
+    "linear_nodes",
+    "set_attr_value",
+    "unique_attr_name",
+]
+
+
+def _owner(gm: torch.nn.Module, target: str, create: bool = False) -> tuple[torch.nn.Module, str]:
+    *path, leaf = target.split(".")
+    mod = gm
+    for atom in path:
+        sub = getattr(mod, atom, None)
+        if sub is None:
+            if not create:
+                raise AttributeError(f"graph module has no attribute {target!r}")
+            sub = torch.nn.Module()
+            mod.add_module(atom, sub)
+        if not isinstance(sub, torch.nn.Module):
+            raise AttributeError(f"{atom!r} in {target!r} is not a module")
+        mod = sub
+    return mod, leaf
+
+
+def get_attr_value(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    """The tensor a ``get_attr`` node with this target reads.
+
+    Raises:
+        AttributeError: No such attribute.
+    """
+    mod, leaf = _owner(gm, target)
+    if not hasattr(mod, leaf):
+        raise AttributeError(f"graph module has no attribute {target!r}")
+    return getattr(mod, leaf)
+
+
+def has_attr(gm: torch.nn.Module, target: str) -> bool:
+    """Whether a dotted attribute exists."""
+    try:
+        get_attr_value(gm, target)
+    except AttributeError:
+        return False
+    return True
+
+
+def set_attr_value(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Store ``value`` as a buffer (or a parameter if it is one) under a dotted name."""
+    mod, leaf = _owner(gm, target, create=True)
+    if hasattr(mod, leaf):
+        delattr(mod, leaf)
+    if isinstance(value, torch.nn.Parameter):
+        mod.register_parameter(leaf, value)
+    else:
+        mod.register_buffer(leaf, value)
+
+
+def delete_attr(gm: torch.nn.Module, target: str) -> None:
+    """Remove a dotted attribute (parameter or buffer)."""
+    mod, leaf = _owner(gm, target)
+    delattr(mod, leaf)
+
+
+def unique_attr_name(gm: torch.nn.Module, base: str) -> str:
+    """``base`` if free, else ``base_1``, ``base_2``, ..."""
+    name, i = base, 0
+    while has_attr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def is_linear(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is an ``aten.linear`` call."""
+    return node.op == "call_function" and node.target is torch.ops.aten.linear.default
+
+
+def linear_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """Every ``aten.linear`` node whose weight is read straight from an attribute."""
+    out = []
+    for node in gm.graph.nodes:
+        if is_linear(node) and isinstance(node.args[1], torch.fx.Node):
+            if node.args[1].op == "get_attr":
+                out.append(node)
+    return out

@@ -1,0 +1,76 @@
+"""Named pipelines. Each recipe is plain pipeline text a user can print, copy and edit."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qcompile.errors import PipelineError
+from qcompile.pipeline import Pipeline, parse_pipeline
+
+__all__ = ["RECIPES", "Recipe", "get_recipe", "list_recipes"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named pipeline and what it is for."""
+
+    name: str
+    pipeline: str
+    description: str
+
+    def parse(self) -> Pipeline:
+        """The recipe's pipeline, parsed."""
+        return parse_pipeline(self.pipeline)
+
+
+_G = "g128"
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in [
+        Recipe("w4-fp4", f"quantize{{w=fp4_e2m1/{_G}}},cleanup",
+               "W4A16, FP4 E2M1 weights, symmetric fp32 scale per 128, RTN"),
+        Recipe("w4-afpq", f"quantize{{w=fp4_e2m1/{_G}/asym}},cleanup",
+               "W4A16, FP4 E2M1 weights, AFPQ asymmetric (two scales) per 128, RTN"),
+        Recipe("w4-afpq-clip", f"quantize{{w=fp4_e2m1/{_G}/asym clip=search}},cleanup",
+               "W4A16 AFPQ with per-group MSE clip search"),
+        Recipe("w4-int4", f"quantize{{w=int4/{_G}/asym}},cleanup",
+               "W4A16, INT4 asymmetric (scale + zero point) per 128, RTN"),
+        Recipe("w4-int4-sym", f"quantize{{w=int4/{_G}}},cleanup",
+               "W4A16, INT4 symmetric per 128, RTN"),
+        Recipe("w4-nf4", "quantize{w=nf4/g64},cleanup",
+               "W4A16, NF4 (QLoRA normal float) per 64, RTN"),
+        Recipe("w4-mxfp4", "quantize{w=mxfp4},cleanup",
+               "W4A16, OCP MXFP4 (E8M0 scale per 32), RTN"),
+        Recipe("w4-nvfp4", "quantize{w=nvfp4},cleanup",
+               "W4A16, NVFP4 (E4M3 scale per 16 + fp32 tensor scale), RTN"),
+        Recipe("w8a8-int8", "quantize{w=int8/channel a=int8/token},cleanup",
+               "W8A8, INT8 per-channel weights, dynamic INT8 per-token activations"),
+        Recipe("w8a8-fp8", "quantize{w=fp8_e4m3/channel a=fp8_e4m3/token},cleanup",
+               "W8A8, FP8 E4M3 per-channel weights, dynamic FP8 E4M3 per-token activations"),
+        Recipe("fp8-dynamic", "quantize{w=fp8_e4m3/channel a=fp8_e4m3/token},cleanup",
+               "Alias of w8a8-fp8: the common FP8 dynamic deployment"),
+        Recipe("w4a8-fp4-fp8",
+               f"quantize{{w=fp4_e2m1/{_G}/asym a=fp8_e4m3/token}},cleanup",
+               "W4A8, AFPQ FP4 weights per 128, dynamic FP8 E4M3 per-token activations"),
+    ]
+}
+
+
+def list_recipes() -> list[Recipe]:
+    """Every recipe, in definition order."""
+    return list(RECIPES.values())
+
+
+def get_recipe(name: str) -> Recipe:
+    """Look up a recipe.
+
+    Raises:
+        PipelineError: Unknown name; the message lists the known recipes.
+    """
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise PipelineError(
+            f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}"
+        ) from None
