@@ -37,7 +37,10 @@ def compile_reference(
                 f"{node.op} {node.target!r}"
             )
     if device is not None:
-        gm = gm.to(device)
+        # export bakes the capture device into some nodes; move_graph rewrites those too
+        from qcompile.capture import move_graph
+
+        gm = move_graph(gm, device)
     target = torch.device(device) if device is not None else None
 
     def run(input_ids: torch.Tensor) -> torch.Tensor:

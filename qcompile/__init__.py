@@ -23,11 +23,11 @@ from qcompile.errors import (
 
 __version__ = "0.1.0"
 
-# name -> module that defines it; resolved on first attribute access.
+# name -> module that defines it; resolved on first attribute access. (No lazy name may
+# equal a submodule's name: importing the submodule would rebind the package attribute.)
 _LAZY = {
     "parse_format": "qcompile.formats",
     "FormatSpec": "qcompile.formats",
-    "capture": "qcompile.capture",
     "Pipeline": "qcompile.pipeline",
     "parse_pipeline": "qcompile.pipeline",
     "PassManager": "qcompile.manager",

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from qcompile.errors import PipelineError
+from qcompile.errors import FormatError, PipelineError
 from qcompile.pass_base import Pass, PassContext, format_option_value, parse_option_value
 from qcompile.registry import get_pass
 
@@ -175,6 +175,9 @@ def _parse_step(sc: _Scanner) -> PipelineStep:
         sc.expect("}")
     try:
         options = cls.Options(**values)
+    except FormatError as e:
+        # keep the type: a bad format is a format error wherever it is written
+        raise FormatError(str(sc.error(f"in pass {name!r}: {e}", start))) from None
     except (ValueError, TypeError) as e:
         raise sc.error(f"invalid options for pass {name!r}: {e}", start) from None
     return PipelineStep(name, options)
