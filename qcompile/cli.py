@@ -56,10 +56,23 @@ def _progress(args: argparse.Namespace) -> bool:
     return not (args.json or args.quiet)
 
 
+def _pipeline(args: argparse.Namespace) -> Any:
+    """The parsed pipeline of --recipe/--pipeline (None if neither), checked before loading."""
+    from qcompile.api import resolve_pipeline
+
+    if args.recipe is None and args.pipeline is None:
+        return None
+    return resolve_pipeline(args.recipe, args.pipeline)
+
+
 def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], dict[str, float]]:
     """(graph, tokenizer, metadata, seconds) for --model, capturing an HF model."""
     from qcompile.serialize import is_artifact, load_quantized
 
+    if not _progress(args):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if is_artifact(args.model):
@@ -77,12 +90,11 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], dict[str,
     return gm, tok, {"source_model": args.model}, seconds
 
 
-def _run_pipeline(args, gm, tok, seconds) -> tuple[Any, str, dict | None]:
-    from qcompile.api import quantize_graph, resolve_pipeline
+def _run_pipeline(args, pipeline, gm, tok, seconds) -> tuple[Any, str, dict | None]:
+    from qcompile.api import quantize_graph
 
-    if args.recipe is None and args.pipeline is None:
+    if pipeline is None:
         return gm, "", None
-    pipeline = resolve_pipeline(args.recipe, args.pipeline)
     t0 = time.perf_counter()
     gm, report = quantize_graph(gm, pipeline, tokenizer=tok, progress=_progress(args))
     seconds["quantize"] = time.perf_counter() - t0
@@ -95,10 +107,11 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
     from qcompile.evaluate import perplexity
 
     t_all = time.perf_counter()
+    pipeline = _pipeline(args)
+    text = load_text(args.text)
     gm, tok, meta, seconds = _load(args)
     if tok is None:
         raise QCompileError(f"model {args.model!r} has no tokenizer to evaluate with")
-    text = load_text(args.text)
     out: dict[str, Any] = {"model": args.model, "text": args.text, "windows": args.windows,
                            "seqlen": args.seqlen}
     if args.baseline:
@@ -108,7 +121,7 @@ def _eval(args: argparse.Namespace) -> dict[str, Any]:
                           windows=args.windows, progress=_progress(args))
         seconds["baseline"] = time.perf_counter() - t0
         out["baseline_ppl"] = base["ppl"]
-    gm, text_pipeline, report = _run_pipeline(args, gm, tok, seconds)
+    gm, text_pipeline, report = _run_pipeline(args, pipeline, gm, tok, seconds)
     t0 = time.perf_counter()
     res = perplexity(compile_reference(gm, args.device), tok, text, seqlen=args.seqlen,
                      windows=args.windows, progress=_progress(args))
@@ -130,8 +143,9 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
     from qcompile.serialize import save_quantized
 
     t_all = time.perf_counter()
+    pipeline = _pipeline(args)
     gm, tok, meta, seconds = _load(args)
-    gm, text_pipeline, report = _run_pipeline(args, gm, tok, seconds)
+    gm, text_pipeline, report = _run_pipeline(args, pipeline, gm, tok, seconds)
     previous = meta.get("pipeline", "")
     meta = {**meta, "pipeline": ",".join(p for p in (previous, text_pipeline) if p),
             "report": report}

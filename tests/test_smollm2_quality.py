@@ -1,0 +1,79 @@
+"""RTN quality on the real SmolLM2-135M (WikiText-2 test, 40 windows x 512 tokens).
+
+The bounds are the foundation's acceptance numbers: ratios of quantized to fp32 perplexity.
+Every pipeline runs on a fresh capture through the reference backend.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from qcompile.api import quantize_graph
+from qcompile.backends.reference import compile_reference
+from qcompile.capture import capture
+from qcompile.data import load_text
+from qcompile.evaluate import perplexity
+from qcompile.recipes import get_recipe
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ppl_of(smollm2):
+    """``ppl_of(pipeline) -> (ppl, report)``, cached per pipeline text; ``""`` is fp32."""
+    model, tok = smollm2
+    text = load_text("wikitext2-test")
+    cache: dict[str, tuple[float, dict | None]] = {}
+
+    def run(pipeline: str) -> tuple[float, dict | None]:
+        if pipeline not in cache:
+            gm = capture(model)
+            report = None
+            if pipeline:
+                t0 = time.perf_counter()
+                gm, report = quantize_graph(gm, pipeline, tokenizer=tok, progress=False)
+                report["wall"] = time.perf_counter() - t0
+            ppl = perplexity(compile_reference(gm), tok, text, seqlen=512, windows=40,
+                             progress=False)["ppl"]
+            print(f"\n{pipeline or 'fp32'}: ppl {ppl:.4f}")
+            cache[pipeline] = (ppl, report)
+        return cache[pipeline]
+
+    return run
+
+
+def _ratio(ppl_of, pipeline: str) -> float:
+    return ppl_of(pipeline)[0] / ppl_of("")[0]
+
+
+def test_fp32_baseline(ppl_of):
+    assert abs(ppl_of("")[0] - 25.6) < 0.5
+
+
+def test_w4_afpq_recipe_within_bound_and_fast(ppl_of):
+    pipeline = get_recipe("w4-afpq").pipeline
+    ratio = _ratio(ppl_of, pipeline)
+    report = ppl_of(pipeline)[1]
+    assert ratio <= 1.40
+    assert report["wall"] <= 60  # the RTN pipeline itself, capture excluded
+
+
+def test_asymmetric_beats_symmetric_at_g128(ppl_of):
+    assert ppl_of("quantize{w=fp4_e2m1/g128/asym},cleanup")[0] < \
+        ppl_of("quantize{w=fp4_e2m1/g128},cleanup")[0]
+    assert ppl_of("quantize{w=int4/g128/asym},cleanup")[0] < \
+        ppl_of("quantize{w=int4/g128},cleanup")[0]
+
+
+def test_w8a8_bounds(ppl_of):
+    assert _ratio(ppl_of, get_recipe("w8a8-int8").pipeline) <= 1.04
+    assert _ratio(ppl_of, get_recipe("w8a8-fp8").pipeline) <= 1.03
+
+
+def test_clip_search_beats_plain_rtn(ppl_of):
+    plain = ppl_of("quantize{w=fp4_e2m1/g128/asym},cleanup")[0]
+    searched, report = ppl_of("quantize{w=fp4_e2m1/g128/asym clip=search},cleanup")
+    assert searched < plain
+    assert report["passes"][0]["facts"]["clip_mean"] < 1.0
