@@ -27,21 +27,15 @@ The captured graph is what every pass works on. Its contract:
 from __future__ import annotations
 
 import inspect
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import fx, nn
 
-from qcompile.errors import CaptureError, UnsupportedGraphError
+from qcompile.errors import CaptureError
+from qcompile.graph import get_attr_value, set_attr_value
 
-__all__ = [
-    "LinearNode",
-    "capture",
-    "get_attr_tensor",
-    "linear_nodes",
-    "move_graph",
-    "set_attr_tensor",
-]
+__all__ = ["capture", "move_graph"]
 
 _WRAPPED = "wrapped"  # attribute name of the user model inside the export wrapper
 _PREFIX = _WRAPPED + "."
@@ -222,7 +216,7 @@ def _rebuild(unlifted: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     def target_for(attr: fx.Node, user: fx.Node) -> str:
         # export keeps one get_attr per tied tensor; give each user the name its module knows.
         default = _strip(str(attr.target))
-        value = _get_path(unlifted, str(attr.target))
+        value = get_attr_value(unlifted, str(attr.target))
         names = aliases.get(id(value), [])
         if len(names) > 1:
             owner = _source_module(user)
@@ -239,7 +233,7 @@ def _rebuild(unlifted: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
                 continue
             target = target_for(attr, user)
             plan[(attr, user)] = target
-            values.setdefault(target, _get_path(unlifted, str(attr.target)))
+            values.setdefault(target, get_attr_value(unlifted, str(attr.target)))
 
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -295,82 +289,14 @@ def _is_identity(node: fx.Node) -> bool:
     return False
 
 
-def _get_path(module: nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _tied_groups(gm: fx.GraphModule) -> list[tuple[str, ...]]:
     groups: dict[int, list[str]] = {}
     for node in gm.graph.find_nodes(op="get_attr"):
-        value = get_attr_tensor(gm, str(node.target))
+        value = get_attr_value(gm, str(node.target))
         names = groups.setdefault(id(value), [])
         if node.target not in names:
             names.append(str(node.target))
     return [tuple(names) for names in groups.values() if len(names) > 1]
-
-
-class LinearNode(NamedTuple):
-    """An ``aten.linear`` node whose weight (and bias, if any) are ``get_attr`` nodes."""
-
-    node: fx.Node
-    weight: fx.Node
-    bias: fx.Node | None
-
-
-def linear_nodes(gm: fx.GraphModule) -> list[LinearNode]:
-    """List the ``aten.linear.default`` nodes with parameter weights, in graph order.
-
-    Linears whose weight is computed (not a ``get_attr``) are left out; so is a bias that is
-    computed (then ``bias`` is None only when the linear has no bias at all).
-    """
-    found = []
-    for node in gm.graph.find_nodes(op="call_function", target=torch.ops.aten.linear.default):
-        weight = node.args[1]
-        if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-            continue
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
-            continue
-        found.append(LinearNode(node, weight, bias))
-    return found
-
-
-def get_attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    """Return the tensor a ``get_attr`` target (dotted name) refers to in ``gm``.
-
-    Raises:
-        UnsupportedGraphError: ``target`` does not name a tensor attribute of ``gm``.
-    """
-    try:
-        value = _get_path(gm, target)
-    except AttributeError as exc:
-        raise UnsupportedGraphError(f"graph has no attribute {target!r}") from exc
-    if not isinstance(value, torch.Tensor):
-        raise UnsupportedGraphError(f"attribute {target!r} is {type(value).__name__}, not a tensor")
-    return value
-
-
-def set_attr_tensor(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    """Bind ``target`` to ``value`` (a parameter stays a parameter, anything else a buffer).
-
-    Replacing rather than mutating keeps the eager model and tied partners unchanged.
-    """
-    owner_path, _, field = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    old = getattr(owner, field, None)
-    if field in owner._parameters:
-        del owner._parameters[field]
-    if field in owner._buffers:
-        del owner._buffers[field]
-    if isinstance(old, nn.Parameter) and not isinstance(value, nn.Parameter):
-        value = nn.Parameter(value, requires_grad=False)
-    if isinstance(value, nn.Parameter):
-        owner.register_parameter(field, value)
-    else:
-        owner.register_buffer(field, value)
 
 
 def move_graph(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule:
@@ -385,7 +311,7 @@ def move_graph(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule
     moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (old kept alive, new)
     for node in gm.graph.find_nodes(op="get_attr"):
         target = str(node.target)
-        value = _get_path(gm, target)
+        value = get_attr_value(gm, target)
         if not isinstance(value, torch.Tensor):
             continue
         if id(value) not in moved:
@@ -393,7 +319,7 @@ def move_graph(gm: fx.GraphModule, device: torch.device | str) -> fx.GraphModule
             if isinstance(value, nn.Parameter):
                 new = nn.Parameter(new, requires_grad=value.requires_grad)
             moved[id(value)] = (value, new)
-        set_attr_tensor(gm, target, moved[id(value)][1])
+        set_attr_value(gm, target, moved[id(value)][1])
 
     def swap(value: Any) -> Any:
         return device if isinstance(value, torch.device) else value

@@ -39,9 +39,10 @@ def get_attr_value(gm: torch.nn.Module, target: str) -> torch.Tensor:
         AttributeError: No such attribute.
     """
     mod, leaf = _owner(gm, target)
-    if not hasattr(mod, leaf):
-        raise AttributeError(f"graph module has no attribute {target!r}")
-    return getattr(mod, leaf)
+    value = getattr(mod, leaf, None)
+    if not isinstance(value, torch.Tensor):
+        raise AttributeError(f"graph module has no tensor attribute {target!r}")
+    return value
 
 
 def has_attr(gm: torch.nn.Module, target: str) -> bool:
@@ -54,10 +55,18 @@ def has_attr(gm: torch.nn.Module, target: str) -> bool:
 
 
 def set_attr_value(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    """Store ``value`` as a buffer (or a parameter if it is one) under a dotted name."""
+    """Bind a dotted name to ``value``, creating submodules as needed.
+
+    A parameter stays a parameter (``value`` is wrapped, without grad), anything else is
+    stored as a buffer. The old tensor is replaced, never modified: captured graphs share
+    tensors with the eager model and with tied partners.
+    """
     mod, leaf = _owner(gm, target, create=True)
+    old = getattr(mod, leaf, None)
     if hasattr(mod, leaf):
         delattr(mod, leaf)
+    if isinstance(old, torch.nn.Parameter) and not isinstance(value, torch.nn.Parameter):
+        value = torch.nn.Parameter(value, requires_grad=False)
     if isinstance(value, torch.nn.Parameter):
         mod.register_parameter(leaf, value)
     else:
