@@ -19,7 +19,10 @@ DEFAULT_CLIP_GRID: tuple[float, ...] = tuple(round(1.0 - 0.025 * i, 3) for i in 
 
 
 def search_clip(
-    x: torch.Tensor, spec: FormatSpec, grid: Sequence[float] | None = None
+    x: torch.Tensor,
+    spec: FormatSpec,
+    grid: Sequence[float] | None = None,
+    importance: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Find, per group, the clip ratio minimizing the squared error of :func:`fake_quantize`.
 
@@ -32,6 +35,9 @@ def search_clip(
         x: Floating-point tensor (e.g. a weight ``[out, in]``); groups along the last dim.
         spec: The format.
         grid: Candidate ratios in (0, 1]; default :data:`DEFAULT_CLIP_GRID`.
+        importance: Optional non-negative weights broadcastable to ``x`` (e.g. ``x**2``, or
+            the mean squared input of each weight column from calibration); the search then
+            minimizes the weighted squared error per group.
 
     Returns:
         fp32 ratios ``[..., G]`` (``[1] * ndim`` for tensor granularity), ready for the
@@ -52,11 +58,12 @@ def search_clip(
         ):
             raise FormatError(f"clip search grid value {c!r} outside (0, 1]")
     xf = _as_f32(x)
+    imp = None if importance is None else torch.broadcast_to(importance.float(), xf.shape)
     st = group_stats(xf, spec)
     best_ratio = torch.ones_like(st.hi)
     best_err: torch.Tensor | None = None
     for c in [1.0, *(float(c) for c in candidates if c != 1.0)]:
-        err = _group_error(xf, spec, st, c)
+        err = _group_error(xf, spec, st, c, imp)
         if best_err is None:
             best_err = err
             continue
@@ -66,6 +73,11 @@ def search_clip(
     return best_ratio
 
 
-def _group_error(xf: torch.Tensor, spec: FormatSpec, st, ratio: float) -> torch.Tensor:
+def _group_error(
+    xf: torch.Tensor, spec: FormatSpec, st, ratio: float, imp: torch.Tensor | None
+) -> torch.Tensor:
     deq = _fake_quantize_f32(xf, spec, compute_scales(spec, st, None if ratio == 1.0 else ratio))
-    return group_reduce((deq - xf).square_(), spec, torch.sum)
+    err = (deq - xf).square_()
+    if imp is not None:
+        err = err.mul_(imp)
+    return group_reduce(err, spec, torch.sum)
