@@ -11,6 +11,14 @@ Ops:
     ``qcompile::quantize_activation(x, fmt)``
         Dynamic quantize-dequantize of an activation along its last dim (per token, per group
         or per tensor, as ``fmt`` says); returns a tensor like ``x``.
+    ``qcompile::quantize_activation_static(x, scale, fmt)``
+        Static quantize-dequantize with a fixed (calibrated) per-tensor ``scale`` (fp32, one
+        element): ``round_to_elem(x / scale) * scale``, saturating at the element's range.
+        ``fmt`` must be a symmetric per-tensor format (``int8/tensor``, ``fp8_e4m3/tensor``).
+    ``qcompile::hadamard(x, size)``
+        Online Hadamard rotation ``x @ H_size / sqrt(size)`` of each trailing block of ``size``
+        of the last dim (reference: :func:`qcompile.hadamard.hadamard_transform`, a fast
+        Walsh-Hadamard butterfly times a small Paley base, never a dense ``size^2`` matmul).
 """
 
 from __future__ import annotations
@@ -19,10 +27,16 @@ import functools
 
 import torch
 
+from qcompile.errors import FormatError
 from qcompile.formats import FormatSpec, QTensor, dequantize, fake_quantize, parse_format
 from qcompile.formats import unpack_codes as _unpack
+from qcompile.formats.elements import _round_f32
+from qcompile.hadamard import hadamard_transform
 
-__all__ = ["dequantize_weight", "quantize_activation", "spec_of"]
+__all__ = [
+    "dequantize_weight", "hadamard", "quantize_activation", "quantize_activation_static",
+    "spec_of",
+]
 
 
 @functools.lru_cache(maxsize=256)
@@ -64,3 +78,39 @@ def quantize_activation(x: torch.Tensor, fmt: str) -> torch.Tensor:
 @quantize_activation.register_fake
 def _(x, fmt):
     return torch.empty_like(x)
+
+
+def _static_spec(fmt: str) -> FormatSpec:
+    spec = spec_of(fmt)
+    if spec.granularity != "tensor" or spec.asym:
+        raise FormatError(f"static activation format {fmt!r} must be symmetric per-tensor, "
+                          "e.g. int8/tensor or fp8_e4m3/tensor")
+    return spec
+
+
+@torch.library.custom_op("qcompile::quantize_activation_static", mutates_args=())
+def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Reference: ``round(x / scale)`` onto the element grid (saturating), times ``scale``."""
+    spec = _static_spec(fmt)
+    s = scale.to(device=x.device, dtype=torch.float32).reshape(())
+    return (_round_f32(x.float() / s, spec.elem) * s).to(x.dtype)
+
+
+@quantize_activation_static.register_fake
+def _(x, scale, fmt):
+    _static_spec(fmt)
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("qcompile::hadamard", mutates_args=())
+def hadamard(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Reference: normalized Hadamard transform of each trailing block of ``size`` elements."""
+    return hadamard_transform(x, size)
+
+
+@hadamard.register_fake
+def _(x, size):
+    last = x.shape[-1]
+    if isinstance(last, int) and last % size:
+        raise ValueError(f"Hadamard size {size} does not divide the last dim {last}")
+    return x.new_empty(x.shape)  # the reference returns a contiguous tensor

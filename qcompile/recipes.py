@@ -53,6 +53,11 @@ RECIPES: dict[str, Recipe] = {
         Recipe("w4a8-fp4-fp8",
                f"quantize{{w=fp4_e2m1/{_G}/asym a=fp8_e4m3/token}},cleanup",
                "W4A8, AFPQ FP4 weights per 128, dynamic FP8 E4M3 per-token activations"),
+        Recipe("smoothquant-w8a8",
+               "calibrate{samples=16},smooth,"
+               "quantize{w=int8/channel a=int8/tensor static=true},cleanup",
+               "SmoothQuant W8A8: calibrate on wikitext2-valid, smooth (alpha 0.5), INT8 "
+               "per-channel weights, static per-tensor INT8 activations"),
     ]
 }
 

@@ -17,6 +17,10 @@ __all__ = ["BUILTIN_PASSES", "available_passes", "get_pass", "register_pass"]
 BUILTIN_PASSES: dict[str, str] = {
     "quantize": "qcompile.passes.quantize",
     "cleanup": "qcompile.passes.cleanup",
+    "fuse-norms": "qcompile.passes.fuse_norms",
+    "calibrate": "qcompile.passes.calibrate",
+    "smooth": "qcompile.passes.smooth",
+    "rotate": "qcompile.passes.rotate",
 }
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -16,6 +16,8 @@ Families and what each exercises:
   attention and final logit soft-capping, alternating sliding/full layers. It uses eager
   attention because transformers has no SDPA path for it (soft-capping).
 * ``gemma3``: Gemma 3 text model: as gemma2 without soft-capping, plus q/k RMSNorm; SDPA.
+* ``phi``: Phi-1/2: LayerNorm with bias, parallel attention + GELU MLP reading one norm,
+  biases on every linear (lm_head too), partial rotary.
 
 All families export with a dynamic sequence length under transformers 5.x and torch 2.13.
 """
@@ -29,7 +31,9 @@ from torch import nn
 
 __all__ = ["FAMILIES", "ByteTokenizer", "tiny_config", "tiny_model"]
 
-FAMILIES: list[str] = ["llama", "llama-tied", "mistral", "qwen2", "phi3", "gemma2", "gemma3"]
+FAMILIES: list[str] = [
+    "llama", "llama-tied", "mistral", "qwen2", "phi3", "gemma2", "gemma3", "phi",
+]
 
 _COMMON: dict[str, Any] = {
     "vocab_size": 256,
@@ -75,6 +79,8 @@ def tiny_config(family: str) -> Any:
             **c, head_dim=16, sliding_window=16, query_pre_attn_scalar=16,
             layer_types=["sliding_attention", "full_attention"],
         )  # fmt: skip
+    if family == "phi":
+        return tf.PhiConfig(**c)
     raise ValueError(f"unknown tiny model family {family!r}; known: {', '.join(FAMILIES)}")
 
 

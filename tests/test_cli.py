@@ -27,7 +27,7 @@ def test_recipes_and_passes_listings(capsys):
     passes = json.loads(out)
     assert passes["quantize"]["options"]["clip"]["default"] == "none"
     assert set(passes["quantize"]["options"]) == {"w", "a", "include", "exclude", "lm_head",
-                                                  "clip"}
+                                                  "clip", "static", "kv"}
     assert "cleanup" in passes
 
 
