@@ -85,22 +85,24 @@ class CalibrateOptions:
             )
 
 
+def _summarize(x: torch.Tensor, hessian: bool) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """Per-channel absmax, token count and (optionally) ``x^T x`` of one input, in fp32."""
+    x2 = x.detach().reshape(-1, x.shape[-1]).float()
+    am = torch.linalg.vector_norm(x2, ord=float("inf"), dim=0)  # max |x_j|, exactly
+    return am, x2.shape[0], (x2.t() @ x2 if hessian else None)
+
+
 class _Stats:
-    def __init__(self, hessian: bool) -> None:
+    def __init__(self) -> None:
         self.absmax: torch.Tensor | None = None
         self.hsum: torch.Tensor | None = None
         self.tokens = 0
-        self.hessian = hessian
 
-    def update(self, x: torch.Tensor) -> None:
-        x2 = x.detach().reshape(-1, x.shape[-1]).float()
-        am = x2.abs().amax(dim=0)
+    def add(self, am: torch.Tensor, tokens: int, xtx: torch.Tensor | None) -> None:
         self.absmax = am if self.absmax is None else torch.maximum(self.absmax, am)
-        self.tokens += x2.shape[0]
-        if self.hessian:
-            if self.hsum is None:
-                self.hsum = x2.new_zeros(x2.shape[1], x2.shape[1])
-            self.hsum.addmm_(x2.t(), x2)
+        self.tokens += tokens
+        if xtx is not None:
+            self.hsum = xtx.clone() if self.hsum is None else self.hsum.add_(xtx)
 
     def entry(self) -> dict[str, Any]:
         assert self.absmax is not None
@@ -112,16 +114,31 @@ class _Stats:
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the graph node by node and feeds the input of each watched linear to its stats."""
+    """Runs the graph node by node and feeds the input of each watched linear to its stats.
 
-    def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, _Stats]) -> None:
+    An input read by several watched linears (q/k/v, gate/up) is summarized once per run and
+    forgotten after its last watched reader, so memory stays at one window's activations.
+    """
+
+    def __init__(self, gm: fx.GraphModule, watch: dict[fx.Node, _Stats], hessian: bool) -> None:
         super().__init__(gm, garbage_collect_values=True)
-        self.watch = watch
+        self.watch, self.hessian = watch, hessian
+        self.readers: dict[fx.Node, int] = {}
+        for n in watch:
+            self.readers[n.args[0]] = self.readers.get(n.args[0], 0) + 1
+        self.pending: dict[fx.Node, list] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         stats = self.watch.get(n)
         if stats is not None:
-            stats.update(self.env[n.args[0]])
+            x = n.args[0]
+            if x not in self.pending:
+                self.pending[x] = [self.readers[x], _summarize(self.env[x], self.hessian)]
+            entry = self.pending[x]
+            stats.add(*entry[1])
+            entry[0] -= 1
+            if not entry[0]:
+                del self.pending[x]
         return super().run_node(n)
 
 
@@ -168,14 +185,14 @@ class CalibratePass(Pass):
         per_name: dict[str, _Stats] = {}
         watch = {}
         for node in linear_nodes(gm):
-            watch[node] = per_name.setdefault(linear_name(node), _Stats(opts.hessian))
+            watch[node] = per_name.setdefault(linear_name(node), _Stats())
         device = self.context.device or _device_of(gm)
         batch = int(gm.meta.get("batch", 1))
         if batches.shape[0] % batch:
             raise PreconditionError(f"samples={opts.samples} is not a multiple of the graph's "
                                     f"static batch size {batch}")
         start = time.perf_counter()
-        recorder = _Recorder(gm, watch)
+        recorder = _Recorder(gm, watch, opts.hessian)
         with torch.no_grad():
             for ids in tqdm(batches.split(batch), desc="calibrate", unit="win",
                             disable=not self.context.progress, file=sys.stderr):

@@ -60,11 +60,14 @@ def test_w4_afpq_recipe_within_bound_and_fast(ppl_of):
     assert report["wall"] <= 60  # the RTN pipeline itself, capture excluded
 
 
-def test_asymmetric_beats_symmetric_at_g128(ppl_of):
-    assert ppl_of("quantize{w=fp4_e2m1/g128/asym},cleanup")[0] < \
-        ppl_of("quantize{w=fp4_e2m1/g128},cleanup")[0]
+def test_asymmetric_beats_symmetric(ppl_of):
+    # INT4: asymmetric (zero point) beats symmetric at g128. FP4: AFPQ beats symmetric per
+    # channel; at g128 plain RTN it does not on this model (measured 35.07 vs 34.18) — the
+    # ordering holds there only with clip search (34.81 vs 36.43), reported in the issue.
     assert ppl_of("quantize{w=int4/g128/asym},cleanup")[0] < \
         ppl_of("quantize{w=int4/g128},cleanup")[0]
+    assert ppl_of("quantize{w=fp4_e2m1/channel/asym},cleanup")[0] < \
+        ppl_of("quantize{w=fp4_e2m1/channel},cleanup")[0]
 
 
 def test_w8a8_bounds(ppl_of):
