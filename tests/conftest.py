@@ -30,3 +30,36 @@ def smollm2_graph(smollm2):
     gm = capture(smollm2[0])
     print(f"\nSmolLM2-135M captured in {time.perf_counter() - start:.1f} s")
     return gm
+
+
+@pytest.fixture(scope="session")
+def smollm2_ppl(smollm2):
+    """``run(pipeline) -> (ppl, report)``: SmolLM2 perplexity on 40 x 512 WikiText-2 test
+    tokens through the reference backend, cached per pipeline text (``""`` is fp32).
+
+    ``report["wall"]`` is the pipeline's own wall time (capture excluded).
+    """
+    from qcompile.api import quantize_graph
+    from qcompile.backends.reference import compile_reference
+    from qcompile.capture import capture
+    from qcompile.data import load_text
+    from qcompile.evaluate import perplexity
+
+    model, tok = smollm2
+    text = load_text("wikitext2-test")
+    cache: dict[str, tuple[float, dict | None]] = {}
+
+    def run(pipeline: str) -> tuple[float, dict | None]:
+        if pipeline not in cache:
+            gm, report = capture(model), None
+            if pipeline:
+                start = time.perf_counter()
+                gm, report = quantize_graph(gm, pipeline, tokenizer=tok, progress=False)
+                report["wall"] = time.perf_counter() - start
+            ppl = perplexity(compile_reference(gm), tok, text, seqlen=512, windows=40,
+                             progress=False)["ppl"]
+            print(f"\n{pipeline or 'fp32'}: ppl {ppl:.4f}")
+            cache[pipeline] = (ppl, report)
+        return cache[pipeline]
+
+    return run

@@ -6,42 +6,17 @@ Every pipeline runs on a fresh capture through the reference backend.
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from qcompile.api import quantize_graph
-from qcompile.backends.reference import compile_reference
-from qcompile.capture import capture
-from qcompile.data import load_text
-from qcompile.evaluate import perplexity
 from qcompile.recipes import get_recipe
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ppl_of(smollm2):
-    """``ppl_of(pipeline) -> (ppl, report)``, cached per pipeline text; ``""`` is fp32."""
-    model, tok = smollm2
-    text = load_text("wikitext2-test")
-    cache: dict[str, tuple[float, dict | None]] = {}
-
-    def run(pipeline: str) -> tuple[float, dict | None]:
-        if pipeline not in cache:
-            gm = capture(model)
-            report = None
-            if pipeline:
-                t0 = time.perf_counter()
-                gm, report = quantize_graph(gm, pipeline, tokenizer=tok, progress=False)
-                report["wall"] = time.perf_counter() - t0
-            ppl = perplexity(compile_reference(gm), tok, text, seqlen=512, windows=40,
-                             progress=False)["ppl"]
-            print(f"\n{pipeline or 'fp32'}: ppl {ppl:.4f}")
-            cache[pipeline] = (ppl, report)
-        return cache[pipeline]
-
-    return run
+@pytest.fixture
+def ppl_of(smollm2_ppl):
+    """The session-wide cached SmolLM2 perplexity runner (tests/conftest.py)."""
+    return smollm2_ppl
 
 
 def _ratio(ppl_of, pipeline: str) -> float:
