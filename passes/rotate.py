@@ -82,7 +82,8 @@ def _attr(node: fx.Node, index: int) -> str | None:
     if arg is None:
         return None
     if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
-        raise UnsupportedGraphError(f"{node.name} has a weight/bias that is not an attribute")
+        raise UnsupportedGraphError(f"{node.name} reads its weight/bias from {arg}, not an "
+                                    "attribute (rotate must run before quantize)")
     return str(arg.target)
 
 

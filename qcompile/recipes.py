@@ -24,6 +24,7 @@ class Recipe:
 
 
 _G = "g128"
+_QUAROT = "rotate{ro=hadamard}"
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -58,6 +59,27 @@ RECIPES: dict[str, Recipe] = {
                "quantize{w=int8/channel a=int8/tensor static=true},cleanup",
                "SmoothQuant W8A8: calibrate on wikitext2-valid, smooth (alpha 0.5), INT8 "
                "per-channel weights, static per-tensor INT8 activations"),
+        # QuaRot: fold norms, rotate (R1-R4 plus the online o_proj Hadamard), then RTN with
+        # per-channel weights (MSE clip search), per-token activations, per-head-token KV.
+        Recipe("quarot-w4a4",
+               f"fuse-norms,{_QUAROT},quantize{{w=fp4_e2m1/channel/asym "
+               "a=fp4_e2m1/token/asym clip=search kv=fp4_e2m1/token/asym},cleanup",
+               "QuaRot W4A4KV4, FP4 E2M1 AFPQ (asymmetric) weights per channel, activations "
+               "per token, K/V per head and token"),
+        Recipe("quarot-w4a4-int4",
+               f"fuse-norms,{_QUAROT},quantize{{w=int4/channel/asym a=int4/token/asym "
+               "clip=search kv=int4/token/asym},cleanup",
+               "QuaRot W4A4KV4, INT4 asymmetric weights per channel, activations per token, "
+               "K/V per head and token"),
+        Recipe("quarot-w4a8",
+               f"fuse-norms,{_QUAROT},quantize{{w=fp4_e2m1/{_G}/asym a=fp8_e4m3/token "
+               "kv=fp8_e4m3/token},cleanup",
+               "QuaRot W4A8KV8, AFPQ FP4 weights per 128, FP8 E4M3 per-token activations and "
+               "K/V"),
+        Recipe("quarot-w4a16",
+               f"fuse-norms,rotate{{r3=none}},quantize{{w=fp4_e2m1/{_G}/asym}},cleanup",
+               "QuaRot-rotated W4A16 (no q/k Hadamard: activations stay 16-bit), AFPQ FP4 "
+               "weights per 128"),
     ]
 }
 

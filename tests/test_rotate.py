@@ -226,6 +226,12 @@ def test_orders_without_hadamard_fall_back_or_refuse():
         _run(gm2, "rotate{r1=none r2=none}")
 
 
+def test_rotate_after_quantize_is_refused():
+    gm, _ = _run(capture(tiny_model("llama")), "fuse-norms,quantize{w=int4/g32}")
+    with pytest.raises(UnsupportedGraphError, match="rotate must run before quantize"):
+        _run(gm, "rotate")
+
+
 def test_nothing_to_do_leaves_graph_untouched():
     gm = capture(tiny_model("llama"))
     before = [n.name for n in gm.graph.nodes]
@@ -309,3 +315,14 @@ def test_smollm2_rotation_is_exact(smollm2, smollm2_ppl):
         assert _rel(gm(ids), ref) < 1e-4
     assert _facts(report)["r1"]["rotation"].startswith("16 x 36")  # 576 = 16 * 36 (Paley II)
     assert abs(smollm2_ppl("fuse-norms,rotate")[0] - smollm2_ppl("")[0]) < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, bound", [("quarot-w4a4", 6.5), ("quarot-w4a4-int4", 25.0)])
+def test_smollm2_quarot_w4a4kv4_recipes_within_bounds(smollm2_ppl, recipe, bound):
+    from qcompile.recipes import get_recipe
+
+    ppl, report = smollm2_ppl(get_recipe(recipe).pipeline)
+    assert ppl / smollm2_ppl("")[0] <= bound  # unrotated W4A4 int4 RTN is ~9,500 (ratio ~370)
+    quantize = report["passes"][2]["facts"]
+    assert quantize["kv_quant_nodes"] == 60 and quantize["act_quant_nodes"] > 0
