@@ -12,15 +12,23 @@ import torch.fx
 
 import qcompile.ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.attention import quantize_kv
-from qcompile.errors import FormatError, PreconditionError, UnsupportedGraphError, WeightError
+from qcompile.errors import (
+    FormatError,
+    PassError,
+    PreconditionError,
+    UnsupportedGraphError,
+    WeightError,
+)
 from qcompile.formats import dequantize, pack_codes, parse_format, quantize, search_clip
+from qcompile.formats.quantize import QTensor
 from qcompile.formats.scales import GroupStats, compute_scales
 from qcompile.graph import delete_attr, get_attr_value, linear_nodes, set_attr_value
 from qcompile.pass_base import Pass, PassResult
 from qcompile.passes.calibrate import linear_stats, require_calibration
+from qcompile.planned import planned_weight, plans
 from qcompile.registry import register_pass
 
-__all__ = ["QuantizePass"]
+__all__ = ["QuantizePass", "insert_dequant", "select_linears"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +139,65 @@ def head_linears(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     return heads
 
 
+LORC_META = "qcompile.lorc"
+
+
+def select_linears(gm: torch.fx.GraphModule, include: str = "*", exclude: str = "",
+                   lm_head: bool = False) -> tuple[list[torch.fx.Node], dict[str, str]]:
+    """Linears a weight pass should touch, and the reason each other one is skipped.
+
+    Selected: ``aten.linear`` with a plain 2-D float weight attribute, whose name matches
+    ``include`` and not ``exclude``, that is not an output head unless ``lm_head``, and that
+    is not a low-rank compensation factor added by ``lorc``.
+    """
+    heads = head_linears(gm)
+    selected, skipped = [], {}
+    for node in linear_nodes(gm):
+        name = _linear_name(node.args[1].target)
+        if node.meta.get(LORC_META):
+            skipped[name] = "low-rank compensation factor (added by lorc)"
+        elif not _matches(name, include) or _matches(name, exclude):
+            skipped[name] = "excluded by include/exclude"
+        elif node in heads and not lm_head:
+            skipped[name] = "output head (set lm_head=true to quantize)"
+        else:
+            w = get_attr_value(gm, node.args[1].target)
+            if w.dim() != 2 or not w.is_floating_point():
+                skipped[name] = f"weight is not a 2-D float tensor ({tuple(w.shape)}, {w.dtype})"
+            else:
+                selected.append(node)
+    return selected, skipped
+
+
+def insert_dequant(gm: torch.fx.GraphModule, anchor: torch.fx.Node, target: str, q: QTensor,
+                   dtype: torch.dtype) -> torch.fx.Node:
+    """Store ``q`` packed as buffers named after ``target`` and insert, before ``anchor``,
+    the ``qcompile::dequantize_weight`` node that decodes it to ``dtype``."""
+    base = _linear_name(target)
+    tensors = {
+        "qweight": pack_codes(q.codes, q.spec.bits),
+        "wscale": q.scale,
+        "wscale_neg": q.scale_neg,
+        "wzero": q.zero,
+        "wouter": q.outer,
+    }
+    args = []
+    with gm.graph.inserting_before(anchor):
+        for suffix, t in tensors.items():
+            if t is None:
+                args.append(None)
+                continue
+            attr = f"{base}.{suffix}" if base != target else f"{target}_{suffix}"
+            set_attr_value(gm, attr, t.contiguous())
+            args.append(gm.graph.get_attr(attr))
+        node = gm.graph.call_function(
+            torch.ops.qcompile.dequantize_weight.default,
+            (*args, str(q.spec), q.k, dtype),
+        )
+    node.meta["source_module"] = base
+    return node
+
+
 @register_pass
 class QuantizePass(Pass):
     """Quantize linears: weights to packed codes, inputs to dynamic Q/DQ.
@@ -166,27 +233,17 @@ class QuantizePass(Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         opts = self.options
-        heads = head_linears(gm)
-        selected, skipped = [], {}
-        for node in linear_nodes(gm):
-            name = _linear_name(node.args[1].target)
-            if not _matches(name, opts.include) or _matches(name, opts.exclude):
-                skipped[name] = "excluded by include/exclude"
-            elif node in heads and not opts.lm_head:
-                skipped[name] = "output head (set lm_head=true to quantize)"
-            else:
-                w = get_attr_value(gm, node.args[1].target)
-                if w.dim() != 2 or not w.is_floating_point():
-                    skipped[name] = f"weight is not a 2-D float tensor ({tuple(w.shape)}, {w.dtype})"
-                else:
-                    selected.append(node)
+        selected, skipped = select_linears(gm, opts.include, opts.exclude, opts.lm_head)
         facts: dict = {"linears_matched": len(selected), "skipped": skipped}
         names = {node: _linear_name(node.args[1].target) for node in selected}
-        if opts.w is not None:
+        planned = {n.args[1].target for n in selected} & set(plans(gm))
+        modified = False
+        if opts.w is not None or planned:
             facts.update(self._quantize_weights(gm, selected))
+            modified = facts["weights_quantized"] > 0
         if opts.a is not None:
             facts["act_quant_nodes"] = self._quantize_inputs(gm, selected, names)
-        modified = bool(selected) and (opts.w is not None or opts.a is not None)
+            modified = modified or bool(selected)
         if opts.kv is not None:
             facts.update(quantize_kv(gm, opts.kv))
             modified = True
@@ -195,12 +252,14 @@ class QuantizePass(Pass):
         return PassResult(gm, modified, facts)
 
     def _quantize_weights(self, gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> dict:
-        spec = parse_format(self.options.w)
+        spec = parse_format(self.options.w) if self.options.w is not None else None
         first = next(n for n in gm.graph.nodes if n.op != "placeholder")
         dequant_of: dict[str, torch.fx.Node] = {}
         bits = numel = 0
         err_num = err_den = 0.0
         clip_sum, clip_count = 0.0, 0
+        by: dict[str, int] = {}
+        formats: set[str] = set()
         for node in nodes:
             target = node.args[1].target
             if target not in dequant_of:
@@ -211,59 +270,50 @@ class QuantizePass(Pass):
                         f"weight {target!r} (linear {node.name}) holds {bad} NaN/inf values; "
                         "cannot quantize it"
                     )
-                clip = None
-                if self.options.clip == "search":
-                    # Weighted by w^2: the plain-MSE optimum clips the few large weights
-                    # that carry most of the output (it raised SmolLM2 int4 g128 ppl from
-                    # 32.4 to 39.5); w^2-weighted search lowered it to 32.2.
-                    clip = search_clip(w.float(), spec, importance=w.float().square())
-                    clip_sum += float(clip.sum())
-                    clip_count += clip.numel()
-                q = quantize(w.float(), spec, clip=clip)
+                plan = planned_weight(gm, target)
+                if plan is not None:
+                    q = plan.qtensor
+                    if spec is not None and str(q.spec) != str(spec):
+                        raise PassError(
+                            f"weight {target!r} was quantized by `{plan.by}` as {q.spec}, but "
+                            f"quantize asks w={spec}; use the same format (or drop w=)"
+                        )
+                    by[plan.by] = by.get(plan.by, 0) + 1
+                elif spec is None:
+                    continue  # w unset: only planned weights are quantized
+                else:
+                    clip = None
+                    if self.options.clip == "search":
+                        # Weighted by w^2: the plain-MSE optimum clips the few large weights
+                        # that carry most of the output (it raised SmolLM2 int4 g128 ppl
+                        # from 32.4 to 39.5); w^2-weighted search lowered it to 32.2.
+                        clip = search_clip(w.float(), spec, importance=w.float().square())
+                        clip_sum += float(clip.sum())
+                        clip_count += clip.numel()
+                    q = quantize(w.float(), spec, clip=clip)
                 w_hat = dequantize(q)
                 err_num += float((w_hat - w.float()).pow(2).sum())
                 err_den += float(w.float().pow(2).sum())
-                bits += spec.bits_per_element(w.shape[-1]) * w.numel()
+                bits += q.spec.bits_per_element(w.shape[-1]) * w.numel()
                 numel += w.numel()
-                dequant_of[target] = self._insert_dequant(gm, first, target, q, w.dtype)
+                formats.add(str(q.spec))
+                dequant_of[target] = insert_dequant(gm, first, target, q, w.dtype)
+                plans(gm).pop(target, None)
             node.replace_input_with(node.args[1], dequant_of[target])
-            log.debug("quantize: %s weight %s -> %s", node.name, target, spec)
+            log.debug("quantize: %s weight %s", node.name, target)
         self._drop_unused(gm, dequant_of)
         out = {
-            "weight_format": str(spec),
+            "weight_format": str(spec) if spec is not None else "|".join(sorted(formats)),
             "weights_quantized": len(dequant_of),
-            "linears_quantized": len(nodes),
+            "linears_quantized": sum(1 for n in nodes if n.args[1] in dequant_of.values()),
             "bits_per_weight": round(bits / numel, 4) if numel else None,
             "weight_rel_mse": (err_num / err_den) if err_den else None,
         }
+        if by:
+            out["planned_by"] = by
         if clip_count:
             out["clip_mean"] = round(clip_sum / clip_count, 4)
         return out
-
-    def _insert_dequant(self, gm, anchor, target, q, dtype) -> torch.fx.Node:
-        base = _linear_name(target)
-        tensors = {
-            "qweight": pack_codes(q.codes, q.spec.bits),
-            "wscale": q.scale,
-            "wscale_neg": q.scale_neg,
-            "wzero": q.zero,
-            "wouter": q.outer,
-        }
-        args = []
-        with gm.graph.inserting_before(anchor):
-            for suffix, t in tensors.items():
-                if t is None:
-                    args.append(None)
-                    continue
-                attr = f"{base}.{suffix}" if base != target else f"{target}_{suffix}"
-                set_attr_value(gm, attr, t.contiguous())
-                args.append(gm.graph.get_attr(attr))
-            node = gm.graph.call_function(
-                torch.ops.qcompile.dequantize_weight.default,
-                (*args, str(q.spec), q.k, dtype),
-            )
-        node.meta["source_module"] = base
-        return node
 
     @staticmethod
     def _drop_unused(gm: torch.fx.GraphModule, targets) -> None:

@@ -21,6 +21,8 @@ BUILTIN_PASSES: dict[str, str] = {
     "calibrate": "qcompile.passes.calibrate",
     "smooth": "qcompile.passes.smooth",
     "rotate": "qcompile.passes.rotate",
+    "gptq": "qcompile.passes.gptq",
+    "lorc": "qcompile.passes.lorc",
 }
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -278,31 +278,6 @@ def test_rotated_graph_survives_compile():
 # ------------------------------------------------------------------ SmolLM2-135M (slow)
 
 
-@pytest.fixture(scope="module")
-def smollm2_ppl(smollm2):
-    """``run(pipeline) -> (ppl, report)`` on 40 x 512 WikiText-2 test tokens, cached."""
-    from qcompile.backends.reference import compile_reference
-    from qcompile.data import load_text
-    from qcompile.evaluate import perplexity
-
-    model, tok = smollm2
-    text = load_text("wikitext2-test")
-    cache: dict[str, tuple[float, dict | None]] = {}
-
-    def run(pipeline: str) -> tuple[float, dict | None]:
-        if pipeline not in cache:
-            gm, report = capture(model), None
-            if pipeline:
-                gm, report = PassManager(pipeline).run(gm)
-            ppl = perplexity(compile_reference(gm), tok, text, seqlen=512, windows=40,
-                             progress=False)["ppl"]
-            print(f"\n{pipeline or 'fp32'}: ppl {ppl:.4f}")
-            cache[pipeline] = (ppl, report)
-        return cache[pipeline]
-
-    return run
-
-
 @pytest.mark.slow
 def test_smollm2_rotation_is_exact(smollm2, smollm2_ppl):
     model, _ = smollm2

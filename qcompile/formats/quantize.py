@@ -145,21 +145,29 @@ def _quantize_f32(xf: torch.Tensor, spec: FormatSpec, sc: Scales) -> torch.Tenso
     return _encode_f32(y, spec.elem)
 
 
-def _fake_quantize_f32(xf: torch.Tensor, spec: FormatSpec, sc: Scales) -> torch.Tensor:
-    """fp32 round trip of ``xf`` under ``sc``, without materializing codes where avoidable."""
+def _fake_quantize_f32(xf: torch.Tensor, spec: FormatSpec, sc: Scales,
+                       expand: bool = True) -> torch.Tensor:
+    """fp32 round trip of ``xf`` under ``sc``, without materializing codes where avoidable.
+
+    With ``expand=False`` the scales are used as given (already broadcastable to ``xf``).
+    """
     k = xf.shape[-1]
     eff, eff_neg = sc.effective()
     info = spec.element
-    e = expand_groups(eff, spec, k)
+
+    def ex(t: torch.Tensor) -> torch.Tensor:
+        return expand_groups(t, spec, k) if expand else t
+
+    e = ex(eff)
     if info.kind == "int":
         q = torch.round(xf / e)
         if sc.zero is None:
             return q.clamp_(info.min, info.max).mul_(e)
-        z = expand_groups(sc.zero, spec, k)
+        z = ex(sc.zero)
         return q.add_(z).clamp_(0, (1 << info.bits) - 1).sub_(z).mul_(e)
     if eff_neg is None:
         return _round_f32(xf / e, spec.elem).mul_(e)
-    en = expand_groups(eff_neg, spec, k)
+    en = ex(eff_neg)
     v = _round_f32(torch.where(xf < 0, xf / en, xf / e), spec.elem)
     return torch.where(v < 0, v * en, v * e)
 

@@ -167,13 +167,17 @@ def _row_max(t: torch.Tensor) -> torch.Tensor:
     return t.amax(dim=-1, keepdim=True) if t.shape[-1] else t.new_zeros(*t.shape[:-1], 1)
 
 
-def compute_scales(spec: FormatSpec, st: GroupStats, ratio: torch.Tensor | float | None) -> Scales:
+def compute_scales(spec: FormatSpec, st: GroupStats, ratio: torch.Tensor | float | None,
+                   outer: torch.Tensor | None = None) -> Scales:
     """Compute scales (and zero point / outer scale) from group stats and clip ratios.
 
     Args:
         spec: The format.
         st: Unclipped per-group stats.
         ratio: Per-group clip ratios (broadcastable to the stats), a float, or None for 1.
+        outer: A fixed outer scale (m2 row scale, nvfp4 tensor scale) to use instead of
+            deriving it from ``st``: lets GPTQ compute one group's scales at a time while the
+            row/tensor scale stays that of the whole weight. Ignored by other scale types.
 
     Returns:
         The :class:`Scales` for ``spec``.
@@ -189,15 +193,17 @@ def compute_scales(spec: FormatSpec, st: GroupStats, ratio: torch.Tensor | float
         e = (e - 1 - info.emax).clamp(-127, 127)  # frexp's e-1 is floor(log2 a) for a > 0
         return Scales(_ones_where_zero(torch.where(a > 0, _pow2(e), torch.zeros_like(a))))
     if spec.scale == "e4m3":
-        tensor_amax = st.amax.amax() if st.amax.numel() else st.amax.new_zeros(())
-        outer = _ones_where_zero(tensor_amax.reshape([1] * st.amax.dim()) / (info.max * 448.0))
+        if outer is None:
+            tensor_amax = st.amax.amax() if st.amax.numel() else st.amax.new_zeros(())
+            outer = _ones_where_zero(
+                tensor_amax.reshape([1] * st.amax.dim()) / (info.max * 448.0))
         block = _round_f32(clipped(st.amax) / (info.max * outer), "fp8_e4m3")
         return Scales(_ones_where_zero(block), outer=outer)
 
     if info.kind == "int" and spec.asym:
         levels = float((1 << info.bits) - 1)
         hi, lo = clipped(st.hi), clipped(st.lo)
-        outer = _m2_row_scale(spec, [(st.hi + st.lo) / levels])
+        outer = _m2_row_scale(spec, [(st.hi + st.lo) / levels], outer)
         s = _constrain(spec, (hi + lo) / levels, None, levels, outer)
         zero = torch.round(lo / (s if outer is None else s * outer)).clamp(0, levels)
         return Scales(s, zero=zero, outer=outer)
@@ -205,20 +211,24 @@ def compute_scales(spec: FormatSpec, st: GroupStats, ratio: torch.Tensor | float
     limit = info.max
     if not spec.asym:
         a = clipped(st.amax)
-        outer = _m2_row_scale(spec, [st.amax / limit])
+        outer = _m2_row_scale(spec, [st.amax / limit], outer)
         return Scales(_constrain(spec, a / limit, a, limit, outer), outer=outer)
     limit_neg = -info.min  # NF codebooks are not symmetric in count, but span [-1, 1]
     hi, lo = clipped(st.hi), clipped(st.lo)
-    outer = _m2_row_scale(spec, [st.hi / limit, st.lo / limit_neg])
+    outer = _m2_row_scale(spec, [st.hi / limit, st.lo / limit_neg], outer)
     pos = _constrain(spec, hi / limit, hi, limit, outer)
     neg = _constrain(spec, lo / limit_neg, lo, limit_neg, outer)
     return Scales(pos, scale_neg=neg, outer=outer)
 
 
-def _m2_row_scale(spec: FormatSpec, unclipped: list[torch.Tensor]) -> torch.Tensor | None:
-    """m2 row scale ``[..., 1]``: the row's largest unclipped required scale (both sides)."""
+def _m2_row_scale(spec: FormatSpec, unclipped: list[torch.Tensor],
+                  fixed: torch.Tensor | None = None) -> torch.Tensor | None:
+    """m2 row scale ``[..., 1]``: the row's largest unclipped required scale (both sides),
+    or ``fixed`` when given."""
     if spec.scale != "m2":
         return None
+    if fixed is not None:
+        return fixed
     row = _row_max(unclipped[0])
     for t in unclipped[1:]:
         row = torch.maximum(row, _row_max(t))
