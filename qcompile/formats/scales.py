@@ -17,7 +17,11 @@ largest magnitude: ``2^(b-1)-1`` for INT sym, ``fmax`` for FP, 1 for NF):
   anyway).
 * ``m2`` (M2): row scale ``s_r = max over the row of the unclipped r`` (fp32, stored as
   ``outer``), group factor ``2^ceil(log2(r / s_r))`` capped at 1, again the smallest power
-  of two with ``a / (s_r * factor) <= L`` in fp32.
+  of two with ``a / (s_r * factor) <= L`` in fp32. For FP elements narrower than 8 bits with at
+  most 3 mantissa bits (fp4, fp6, fp3) the factor is also floored at ``2^-9 / g_min``
+  (``g_min``: the element's smallest positive value, 2^-8 for fp4_e2m1), so every
+  ``element * factor`` is exact in FP8 E4M3: FP4 -> FP8 is a pure exponent shift
+  (ZeroQuant-FP M2). Groups that small next to their row keep a slightly coarser grid.
 * ``e8m0`` (MX): ``2^(floor(log2 a) - emax)``, exponent clamped to [-127, 127].
 * ``e4m3`` (NVFP4): tensor scale ``absmax_tensor / (fmax * 448)`` (``outer``, unclipped),
   block scale = e4m3 rounding of ``a / (fmax * tensor_scale)``.
@@ -29,6 +33,7 @@ a rounding underflow) is stored as 1: the group then quantizes to exact zeros.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -123,9 +128,10 @@ def _pow2(e: torch.Tensor) -> torch.Tensor:
 
 
 def _ceil_pow2_exp(
-    r: torch.Tensor, a: torch.Tensor | None, limit: float, base: torch.Tensor | float, hi_exp: int
+    r: torch.Tensor, a: torch.Tensor | None, limit: float, base: torch.Tensor | float, hi_exp: int,
+    lo_exp: int = _PO2_MIN_EXP,
 ) -> torch.Tensor:
-    """Exponent e of a power-of-two scale, clamped to [-126, hi_exp].
+    """Exponent e of a power-of-two scale, clamped to [lo_exp, hi_exp].
 
     Without ``a``: ``ceil(log2 r)``. With ``a``: the smallest e with
     ``a / (base * 2^e) <= limit`` as the quantizer computes it in fp32 (``r = a / limit`` was
@@ -137,7 +143,16 @@ def _ceil_pow2_exp(
         fits_lower = a / (base * _pow2(e - 1)) <= limit
         over = a / (base * _pow2(e)) > limit
         e = e - fits_lower.to(e.dtype) + over.to(e.dtype)
-    return e.clamp(_PO2_MIN_EXP, hi_exp)
+    return e.clamp(lo_exp, hi_exp)
+
+
+def _m2_min_exp(spec: FormatSpec) -> int:
+    """Lowest m2 group-factor exponent: keeps FP4/FP6/FP3 x factor exact in FP8 E4M3."""
+    info = spec.element
+    if info.kind != "fp" or info.bits >= 8 or info.mbits > 3:
+        return _PO2_MIN_EXP
+    g_min = min(v for v in info.values if v > 0)
+    return -9 - math.floor(math.log2(g_min))
 
 
 def _constrain(
@@ -157,7 +172,7 @@ def _constrain(
         s = _pow2(_ceil_pow2_exp(r, a, limit, 1.0, _PO2_MAX_EXP))
     elif spec.scale == "m2":
         assert row_r is not None
-        s = _pow2(_ceil_pow2_exp(r / row_r, a, limit, row_r, 0))
+        s = _pow2(_ceil_pow2_exp(r / row_r, a, limit, row_r, 0, _m2_min_exp(spec)))
     else:
         raise FormatError(f"scale type {spec.scale!r} is not a per-group constraint")
     return _ones_where_zero(torch.where(r > 0, s, torch.zeros_like(s)))
