@@ -38,6 +38,8 @@ _LAZY = {
     "quantize_model": "qcompile.api",
     "quantize_graph": "qcompile.api",
     "load_quantized": "qcompile.serialize",
+    "export_onnx": "qcompile.backends.onnx",
+    "compile": "qcompile.backends.inductor",
 }
 
 __all__ = [

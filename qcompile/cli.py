@@ -1,4 +1,4 @@
-"""The ``qcompile`` command line: eval, quantize, passes, recipes."""
+"""The ``qcompile`` command line: eval, quantize, export, generate, passes, recipes."""
 
 from __future__ import annotations
 
@@ -46,6 +46,31 @@ def _parser() -> argparse.ArgumentParser:
     qz = sub.add_parser("quantize", help="quantize a model and save an artifact directory")
     _add_model_args(qz, need_pipeline=True)
     qz.add_argument("--out", required=True, help="directory to write the artifact to")
+
+    ex = sub.add_parser("export", help="quantize a model and export it to ONNX")
+    _add_model_args(ex, need_pipeline=False)
+    ex.add_argument("--out", required=True, help="the .onnx file to write")
+    ex.add_argument("--kv-cache", action="store_true",
+                    help="decoder with past_key_values inputs and present outputs")
+    ex.add_argument("--int4", choices=("matmulnbits", "dq"), default="matmulnbits",
+                    help="INT4 weights: com.microsoft MatMulNBits (default) or blocked "
+                         "DequantizeLinear + MatMul")
+    ex.add_argument("--fp4", choices=("function", "matmulnbits", "dq"), default="function",
+                    help="FP4 weights: qcompile function (default), two exact 4-bit "
+                         "MatMulNBits, or opset-23 FLOAT4E2M1 DequantizeLinear")
+    ex.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
+                    help="MatMulNBits accuracy_level (default 4: int8 compute on CPU)")
+    ex.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
+                    help="write weights to <out>.data (auto: when above 64 MiB)")
+
+    gen = sub.add_parser("generate", help="greedy generation from an exported ONNX model")
+    gen.add_argument("--onnx", required=True, help="an .onnx file written by `qcompile export`")
+    gen.add_argument("--prompt", required=True, help="prompt text")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    gen.add_argument("--tokenizer", default=None,
+                     help="tokenizer directory (default: <out>.tokenizer written by export)")
+    gen.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    gen.add_argument("--json", action="store_true", help="print the JSON object compactly")
 
     sub.add_parser("passes", help="list passes with their options and defaults")
     sub.add_parser("recipes", help="list recipes with their pipeline text")
@@ -157,6 +182,64 @@ def _quantize(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": {k: round(v, 3) for k, v in seconds.items()}}
 
 
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from qcompile.backends.onnx import export_onnx
+
+    t_all = time.perf_counter()
+    pipeline = _pipeline(args)
+    gm, tok, meta, seconds = _load(args)
+    gm, text_pipeline, report = _run_pipeline(args, pipeline, gm, tok, seconds)
+    previous = meta.get("pipeline", "")
+    gm.meta["source_model"] = args.model
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    t0 = time.perf_counter()
+    onnx_report = export_onnx(gm, args.out, kv_cache=args.kv_cache, int4=args.int4,
+                              fp4=args.fp4, accuracy_level=args.accuracy_level,
+                              external_data=external)
+    seconds["export"] = time.perf_counter() - t0
+    tokenizer_dir = None
+    if tok is not None and hasattr(tok, "save_pretrained"):
+        out = Path(args.out)
+        tokenizer_dir = str(out.with_name(out.name + ".tokenizer"))
+        tok.save_pretrained(tokenizer_dir)
+    seconds["total"] = time.perf_counter() - t_all
+    return {"model": args.model,
+            "pipeline": ",".join(p for p in (previous, text_pipeline) if p),
+            "out": args.out, "tokenizer": tokenizer_dir, "onnx": onnx_report,
+            "report": report, "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+
+
+def _generate(args: argparse.Namespace) -> dict[str, Any]:
+    from pathlib import Path
+
+    from qcompile.errors import ArtifactError
+
+    model_path = Path(args.onnx)
+    if not model_path.is_file():
+        raise ArtifactError(f"no ONNX model at {args.onnx}")
+    tok_dir = Path(args.tokenizer or model_path.with_name(model_path.name + ".tokenizer"))
+    if not (tok_dir / "tokenizer_config.json").is_file():
+        raise ArtifactError(f"no tokenizer at {tok_dir}; pass --tokenizer DIR")
+    from transformers import AutoTokenizer
+
+    from qcompile.backends.onnx import OnnxLM
+
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    t0 = time.perf_counter()
+    lm = OnnxLM(model_path, threads=args.threads)
+    load = time.perf_counter() - t0
+    ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
+    t0 = time.perf_counter()
+    new = lm.generate(ids, args.max_new_tokens, eos_token_id=tok.eos_token_id)
+    wall = time.perf_counter() - t0
+    return {"onnx": args.onnx, "prompt": args.prompt, "kv_cache": bool(lm.past),
+            "tokens": new, "text": tok.decode(new),
+            "seconds": {"load": round(load, 3), "generate": round(wall, 3)},
+            "tokens_per_second": round(len(new) / wall, 2) if wall > 0 else None}
+
+
 def _passes() -> dict[str, Any]:
     from qcompile.manager import jsonable
     from qcompile.registry import available_passes
@@ -190,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             result = _eval(args)
         elif args.command == "quantize":
             result = _quantize(args)
+        elif args.command == "export":
+            result = _export(args)
+        elif args.command == "generate":
+            result = _generate(args)
         elif args.command == "passes":
             result = _passes()
         else:

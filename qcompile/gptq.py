@@ -169,7 +169,7 @@ def gptq_quantize(
             q = _fake_quantize_f32(col, spec, sc, expand=False)
             qp[:, i1 + i] = q[:, 0]
             e = (col[:, 0] - q[:, 0]) / h1[i, i]
-            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            w1[:, i:].addr_(e, h1[i, i:], alpha=-1.0)
             err1[:, i] = e
         wp[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 

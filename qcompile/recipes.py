@@ -61,6 +61,12 @@ RECIPES: dict[str, Recipe] = {
                "per-channel weights, static per-tensor INT8 activations"),
         # QuaRot: fold norms, rotate (R1-R4 plus the online o_proj Hadamard), then RTN with
         # per-channel weights (MSE clip search), per-token activations, per-head-token KV.
+        # Rotation is what makes 4-bit activations work; with 8/16-bit activations it can
+        # cost RTN weight quality instead (SmolLM2: quarot-w4a16 56.6 vs w4-afpq 35.1). R1
+        # alone does it (56.9): FP grids keep small columns precise, and SmolLM2's few huge
+        # normalized-stream channels read small folded columns; rotation spreads those
+        # channels over every column (q/k/v/gate/up output error x1.5-3). GPTQ, which sees the
+        # rotated Hessian, is the remedy (the -gptq recipes).
         Recipe("quarot-w4a4",
                f"fuse-norms,{_QUAROT},quantize{{w=fp4_e2m1/channel/asym "
                "a=fp4_e2m1/token/asym clip=search kv=fp4_e2m1/token/asym},cleanup",
@@ -80,6 +86,40 @@ RECIPES: dict[str, Recipe] = {
                f"fuse-norms,rotate{{r3=none}},quantize{{w=fp4_e2m1/{_G}/asym}},cleanup",
                "QuaRot-rotated W4A16 (no q/k Hadamard: activations stay 16-bit), AFPQ FP4 "
                "weights per 128"),
+        # Error compensation (GPTQ on 32 x 512 wikitext2-valid windows, act-order, static
+        # groups; LoRC rank 8 with INT8 factors). quantize inserts the weights GPTQ decided.
+        Recipe("w4-int4-gptq",
+               f"gptq{{w=int4/{_G}/asym}},quantize{{w=int4/{_G}/asym}},cleanup",
+               "W4A16 INT4 asymmetric per 128 with GPTQ"),
+        Recipe("afpq-w4-gptq",
+               f"gptq{{w=fp4_e2m1/{_G}/asym}},quantize{{w=fp4_e2m1/{_G}/asym}},cleanup",
+               "W4A16 AFPQ FP4 (two scales per 128) with GPTQ"),
+        Recipe("afpq-w3-gptq",
+               f"gptq{{w=fp3_e1m1/{_G}/asym}},quantize{{w=fp3_e1m1/{_G}/asym}},cleanup",
+               "W3A16 AFPQ FP3 E1M1 (two scales per 128) with GPTQ"),
+        Recipe("zqfp-w4a8-m1",
+               f"gptq{{w=fp4_e2m1/{_G}/po2}},quantize{{w=fp4_e2m1/{_G}/po2 "
+               "a=fp8_e4m3/token},cleanup",
+               "ZeroQuant-FP W4A8 M1: FP4 weights with power-of-2 scales per 128 (GPTQ), FP8 "
+               "E4M3 per-token activations"),
+        Recipe("zqfp-w4a8-m2",
+               f"gptq{{w=fp4_e2m1/{_G}/m2}},quantize{{w=fp4_e2m1/{_G}/m2 "
+               "a=fp8_e4m3/token},cleanup",
+               "ZeroQuant-FP W4A8 M2: FP4 weights, fp32 row scale x power-of-2 factor per 128 "
+               "(GPTQ), FP8 E4M3 per-token activations"),
+        Recipe("zqfp-w4a8-m2-lorc",
+               f"gptq{{w=fp4_e2m1/{_G}/m2}},lorc{{rank=8 bits=8}},"
+               f"quantize{{w=fp4_e2m1/{_G}/m2 a=fp8_e4m3/token}},cleanup",
+               "ZeroQuant-FP W4A8 M2 with GPTQ and LoRC (rank 8, INT8 factors)"),
+        Recipe("quarot-w4a4-gptq",
+               f"fuse-norms,{_QUAROT},gptq{{w=fp4_e2m1/channel/asym}},"
+               "quantize{w=fp4_e2m1/channel/asym a=fp4_e2m1/token/asym "
+               "kv=fp4_e2m1/token/asym},cleanup",
+               "QuaRot W4A4KV4 FP4 (AFPQ weights per channel with GPTQ)"),
+        Recipe("quarot-w4a4-int4-gptq",
+               f"fuse-norms,{_QUAROT},gptq{{w=int4/channel/asym}},"
+               "quantize{w=int4/channel/asym a=int4/token/asym kv=int4/token/asym},cleanup",
+               "QuaRot W4A4KV4 INT4 (asymmetric weights per channel with GPTQ)"),
     ]
 }
 

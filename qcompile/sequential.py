@@ -62,8 +62,11 @@ def run_wavefront(
 
     env: dict[fx.Node, list[Any]] = {}
     count = len(batches)
+    left = len(watch)
     with torch.no_grad():
         for i, n in enumerate(nodes):
+            if not left:
+                break  # nothing after the last watched linear matters (e.g. the LM head)
             if n.op == "placeholder":
                 env[n] = list(batches)
             elif n.op == "get_attr":
@@ -74,8 +77,10 @@ def run_wavefront(
                 if n in watch:
                     override = hook(n, env[n.args[0]])
                 env[n] = [_call(n, env, b, override) for b in range(count)]
-                if n in watch and progress is not None:
-                    progress(n)
+                if n in watch:
+                    left -= 1
+                    if progress is not None:
+                        progress(n)
             elif n.op == "output":
                 pass
             else:
