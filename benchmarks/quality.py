@@ -1,11 +1,15 @@
-"""Quality grid: perplexity of many pipelines on one model, as JSON and a markdown table.
+"""Quality grid: perplexity of many pipelines on one model, as JSON, markdown and a plot.
 
 Usage::
 
     python benchmarks/quality.py --model smollm2-135m --grid rtn --out out/quality
+    python benchmarks/quality.py --grid gptq --out out/quality     # same files, more cells
 
-Writes ``<out>.json`` (one cell per pipeline: ppl, ratio to fp32, bits per weight, seconds)
-and ``<out>.md``. Resumable: cells already in the JSON file are skipped.
+Writes ``<out>.json`` (one cell per pipeline: ppl, ratio to fp32, bits per weight including
+scale and LoRC-factor overhead, seconds), ``<out>.md`` and ``<out>.png`` (ppl vs bits per
+weight, one line per format family; needs matplotlib, ``pip install -e .[bench]``).
+Resumable: cells already in the JSON file are skipped. Calibration (gptq) reads
+wikitext2-valid; evaluation reads wikitext2-test.
 """
 
 from __future__ import annotations
@@ -16,6 +20,13 @@ import json
 import sys
 import time
 from pathlib import Path
+
+
+def _gptq(fmt: str, act: str = "", lorc: bool = False) -> str:
+    middle = ",lorc{rank=8 bits=8}" if lorc else ""
+    quant = f"w={fmt} {act}".strip()
+    return f"gptq{{w={fmt}}}{middle},quantize{{{quant}}}"
+
 
 GRIDS: dict[str, list[tuple[str, str]]] = {
     # (family, pipeline text) cells; family groups lines in tables/plots.
@@ -42,16 +53,83 @@ GRIDS: dict[str, list[tuple[str, str]]] = {
         ("w4a8", "quantize{w=fp4_e2m1/g128/asym a=fp8_e4m3/token}"),
         ("int3-asym", "quantize{w=int3/g128/asym}"),
         ("nf3-asym", "quantize{w=nf3/g128/asym}"),
+        ("fp3-asym", "quantize{w=fp3_e1m1/g128/asym}"),
+        ("fp3-sym", "quantize{w=fp3_e1m1/g128}"),
+        ("a8-int8", "quantize{a=int8/token}"),
+        ("a8-fp8", "quantize{a=fp8_e4m3/token}"),
+        ("w4a8-m1", "quantize{w=fp4_e2m1/g128/po2 a=fp8_e4m3/token}"),
+        ("w4a8-m2", "quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token}"),
+    ],
+    "gptq": [
+        ("int4-asym-gptq", _gptq("int4/g128/asym")),
+        ("int4-sym-gptq", _gptq("int4/g128")),
+        ("fp4-asym-gptq", _gptq("fp4_e2m1/g128/asym")),
+        ("fp4-sym-gptq", _gptq("fp4_e2m1/g128")),
+        ("fp4-asym-gptq", _gptq("fp4_e2m1/g64/asym")),
+        ("fp4-sym-gptq", _gptq("fp4_e2m1/g64")),
+        ("fp4-asym-gptq", _gptq("fp4_e2m1/channel/asym")),
+        ("fp4-sym-gptq", _gptq("fp4_e2m1/channel")),
+        ("int3-asym-gptq", _gptq("int3/g128/asym")),
+        ("fp3-asym-gptq", _gptq("fp3_e1m1/g128/asym")),
+        ("fp3-sym-gptq", _gptq("fp3_e1m1/g128")),
+        ("fp3-e2m0-asym-gptq", _gptq("fp3_e2m0/g128/asym")),
+        ("nf3-asym-gptq", _gptq("nf3/g128/asym")),
+        ("w4a8-m1-gptq", _gptq("fp4_e2m1/g128/po2", "a=fp8_e4m3/token")),
+        ("w4a8-m2-gptq", _gptq("fp4_e2m1/g128/m2", "a=fp8_e4m3/token")),
+        ("w4a8-m1-gptq-lorc", _gptq("fp4_e2m1/g128/po2", "a=fp8_e4m3/token", lorc=True)),
+        ("w4a8-m2-gptq-lorc", _gptq("fp4_e2m1/g128/m2", "a=fp8_e4m3/token", lorc=True)),
+        ("w4a8-m1-lorc", "lorc{w=fp4_e2m1/g128/po2 rank=8 bits=8},"
+                         "quantize{w=fp4_e2m1/g128/po2 a=fp8_e4m3/token}"),
+        ("w4a8-m2-lorc", "lorc{w=fp4_e2m1/g128/m2 rank=8 bits=8},"
+                         "quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token}"),
+        ("w4a4kv4-fp4-rot-gptq", "recipe:quarot-w4a4-gptq"),
+        ("w4a4kv4-int4-rot-gptq", "recipe:quarot-w4a4-int4-gptq"),
+        ("w4a4kv4-fp4-rot", "recipe:quarot-w4a4"),
+        ("w4a4kv4-int4-rot", "recipe:quarot-w4a4-int4"),
     ],
 }
 
 
 def _bits(report: dict) -> float | None:
+    """Stored bits per weight of the quantized linears, LoRC factors included."""
+    bits = extra = None
     for entry in report["passes"]:
-        bits = entry["facts"].get("bits_per_weight")
-        if bits is not None:
-            return bits
-    return None
+        facts = entry["facts"]
+        if facts.get("bits_per_weight") is not None:
+            bits = facts["bits_per_weight"]
+        if entry["name"] == "lorc":
+            factor_bits = facts["factor_bits"]
+            # INT factors carry one fp32 scale per row; r is small, so count it roughly.
+            per = (factor_bits + 32 / 8) if isinstance(factor_bits, int) else 32
+            extra = facts["extra_params_ratio"] * per
+    if bits is None:
+        return None
+    return round(bits + (extra or 0.0), 4)
+
+
+def _plot(cells: dict, baseline: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for c in cells.values():
+        if c["bits_per_weight"] is not None:
+            lines.setdefault(c["family"], []).append((c["bits_per_weight"], c["ppl"]))
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for family, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
+    ax.axhline(baseline, color="black", linestyle="--", label="fp32")
+    ax.set_xlabel("bits per weight (scales and LoRC factors included)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _markdown(cells: dict, baseline: float) -> str:
@@ -75,7 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", default="out/quality")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib)")
     args = ap.parse_args(argv)
+    if not args.no_plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            ap.error("the plot needs matplotlib: pip install -e '.[bench]' (or pass --no-plot)")
 
     from qcompile.api import quantize_graph
     from qcompile.backends.reference import compile_reference
@@ -83,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     from qcompile.data import load_text
     from qcompile.evaluate import perplexity
     from qcompile.models import load_model
+    from qcompile.recipes import get_recipe
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -107,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     for family, pipeline in GRIDS[args.grid]:
         if pipeline in run["cells"] or (only and not any(s in pipeline for s in only)):
             continue
+        text_of = (get_recipe(pipeline.removeprefix("recipe:")).pipeline
+                   if pipeline.startswith("recipe:") else pipeline)
         t0 = time.perf_counter()
-        gm, report = quantize_graph(copy.deepcopy(base_gm), pipeline, tokenizer=tok,
+        gm, report = quantize_graph(copy.deepcopy(base_gm), text_of, tokenizer=tok,
                                     progress=progress)
         t_quant = time.perf_counter() - t0
         value = ppl(gm)
@@ -120,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(state, indent=1))
         print(json.dumps(run["cells"][pipeline]), file=sys.stderr)
     out.with_suffix(".md").write_text(_markdown(run["cells"], baseline))
+    if not args.no_plot:
+        _plot(run["cells"], baseline, out.with_suffix(".png"))
     print(out.with_suffix(".md").read_text())
     return 0
 
