@@ -14,12 +14,14 @@ from torch import fx
 from qcompile.data import calibration_batches, load_text
 from qcompile.errors import PreconditionError
 from qcompile.formats import dequantize, parse_format, quantize, search_clip
+from qcompile.formats.quantize import QTensor
 from qcompile.gptq import gptq_quantize, output_error
 from qcompile.graph import get_attr_value
 from qcompile.pass_base import Pass, PassResult
 from qcompile.passes.calibrate import _TEST_TEXTS, _device_of
 from qcompile.passes.quantize import _canonical_format, _linear_name, select_linears
 from qcompile.planned import set_plan
+from qcompile.refine import refine_scales
 from qcompile.registry import register_pass
 from qcompile.sequential import run_wavefront
 
@@ -50,6 +52,8 @@ class GPTQOptions:
         lm_head: Also quantize output heads.
         clip: ``none`` or ``search``: per-group clip ratios searched on the original weight
             (w^2-weighted, as in ``quantize``) bound each group's range when GPTQ fixes it.
+        refine: After GPTQ, refit the free (fp32) scales to the calibration Hessian with the
+            codes fixed (:func:`qcompile.refine.refine_scales`); never increases the error.
     """
 
     w: str = "int4/g128/asym"
@@ -65,6 +69,7 @@ class GPTQOptions:
     exclude: str = ""
     lm_head: bool = False
     clip: Literal["none", "search"] = "none"
+    refine: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w", _canonical_format(self.w, "weight",
@@ -146,7 +151,7 @@ class GPTQPass(Pass):
         for node in watch:
             remaining[node.args[0]] = remaining.get(node.args[0], 0) + 1
         per_linear: dict[str, dict] = {}
-        planned: dict[str, torch.Tensor] = {}
+        planned: dict[str, QTensor] = {}
 
         def hook(node: fx.Node, xs: list[torch.Tensor]) -> torch.Tensor | None:
             x = node.args[0]
@@ -163,15 +168,19 @@ class GPTQPass(Pass):
                 clip = search_clip(w.float(), spec, importance=w.float().square())
             result = gptq_quantize(w, h, spec, block=opts.block, damp=opts.damp,
                                    act_order=opts.act_order, clip=clip)
+            qt, w_hat = result.qtensor, result.weight
+            if opts.refine:
+                qt = refine_scales(w, h, qt)
+                w_hat = dequantize(qt)
             rtn = dequantize(quantize(w.float(), spec, clip=clip))
             e_rtn = output_error(w, rtn, h)
-            e_gptq = output_error(w, result.weight, h)
+            e_gptq = output_error(w, w_hat, h)
             per_linear[_linear_name(target)] = {
                 "error_vs_rtn": round(e_gptq / e_rtn, 4) if e_rtn > 0 else None,
                 "damp": result.damp,
             }
-            planned[target] = result
-            return result.weight.to(w.dtype) if opts.sequential else None
+            planned[target] = qt
+            return w_hat.to(w.dtype) if opts.sequential else None
 
         start = time.perf_counter()
         bar = tqdm(total=len(watch), desc="gptq", unit="linear",
@@ -180,8 +189,8 @@ class GPTQPass(Pass):
             run_wavefront(gm, batches, watch, hook, progress=lambda _n: bar.update(1))
         finally:
             bar.close()
-        for target, result in planned.items():
-            set_plan(gm, target, result.qtensor, self.name)
+        for target, qt in planned.items():
+            set_plan(gm, target, qt, self.name)
         ratios = [v["error_vs_rtn"] for v in per_linear.values() if v["error_vs_rtn"]]
         worst = sorted(per_linear.items(), key=lambda kv: -(kv[1]["error_vs_rtn"] or 0))[:3]
         facts = {

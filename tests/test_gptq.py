@@ -16,6 +16,7 @@ from qcompile.formats.scales import GroupStats, compute_scales
 from qcompile.gptq import gptq_quantize, output_error, prepare_hessian
 from qcompile.graph import get_attr_value, set_attr_value
 from qcompile.pipeline import parse_pipeline
+from qcompile.refine import refine_scales
 from qcompile.testing import ByteTokenizer, tiny_model
 
 FORMATS = [
@@ -191,3 +192,25 @@ def test_gptq_options_and_errors(tiny) -> None:
     model, _, _, _ = tiny
     with pytest.raises(PreconditionError, match="tokenizer"):
         quantize_graph(capture(model), "gptq{samples=2 seqlen=32}", progress=False)
+
+
+@pytest.mark.parametrize("fmt", ["int4/g64/asym", "int4/g64", "fp4_e2m1/g64/asym", "nf4/g64",
+                                 "fp3_e1m1/g64/asym", "fp4_e2m1/g64/m2", "int4/channel"])
+def test_refit_scales_lower_the_error_with_codes_fixed(fmt: str) -> None:
+    spec = parse_format(fmt)
+    w, h = _problem()
+    for q in (quantize(w, spec), gptq_quantize(w, h, spec).qtensor):
+        r = refine_scales(w, h, q)
+        assert torch.equal(r.codes, q.codes)
+        if q.zero is not None:
+            assert torch.equal(r.zero, q.zero)
+        assert output_error(w, dequantize(r), h) < 0.99 * output_error(w, dequantize(q), h)
+        for s in (r.scale, r.scale_neg, r.outer):
+            assert s is None or (s > 0).all()
+
+
+def test_refit_leaves_constrained_scales_alone() -> None:
+    w, h = _problem()
+    for fmt in ("fp4_e2m1/g64/po2", "mxfp4", "int4/g64/bf16", "int8/tensor"):
+        q = quantize(w, parse_format(fmt))
+        assert refine_scales(w, h, q) is q
