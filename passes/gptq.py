@@ -15,6 +15,7 @@ from qcompile.data import calibration_batches, load_text
 from qcompile.errors import PreconditionError
 from qcompile.formats import dequantize, parse_format, quantize, search_clip
 from qcompile.formats.quantize import QTensor
+from qcompile.formats.scales import Scales
 from qcompile.gptq import gptq_quantize, output_error
 from qcompile.graph import get_attr_value
 from qcompile.pass_base import Pass, PassResult
@@ -54,6 +55,9 @@ class GPTQOptions:
             (w^2-weighted, as in ``quantize``) bound each group's range when GPTQ fixes it.
         refine: After GPTQ, refit the free (fp32) scales to the calibration Hessian with the
             codes fixed (:func:`qcompile.refine.refine_scales`); never increases the error.
+        rounds: GPTQ + refit rounds; each later round reruns GPTQ from the original weight
+            with the previous round's refit scales (a few % lower error per round, one more
+            GPTQ solve per linear; the calibration forward is not repeated).
     """
 
     w: str = "int4/g128/asym"
@@ -70,13 +74,14 @@ class GPTQOptions:
     lm_head: bool = False
     clip: Literal["none", "search"] = "none"
     refine: bool = True
+    rounds: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w", _canonical_format(self.w, "weight",
                                                         ("tensor", "channel", "group")))
-        if self.block < 1 or self.samples < 1 or self.seqlen < 1:
-            raise ValueError(f"block, samples and seqlen must be >= 1, got {self.block}, "
-                             f"{self.samples}, {self.seqlen}")
+        if min(self.block, self.samples, self.seqlen, self.rounds) < 1:
+            raise ValueError(f"block, samples, seqlen and rounds must be >= 1, got "
+                             f"{self.block}, {self.samples}, {self.seqlen}, {self.rounds}")
         if not 0.0 <= self.damp <= 1.0:
             raise ValueError(f"damp must lie in [0, 1], got {self.damp}")
         if self.text.strip().lower() in _TEST_TEXTS:
@@ -169,8 +174,15 @@ class GPTQPass(Pass):
             result = gptq_quantize(w, h, spec, block=opts.block, damp=opts.damp,
                                    act_order=opts.act_order, clip=clip)
             qt, w_hat = result.qtensor, result.weight
-            if opts.refine:
-                qt = refine_scales(w, h, qt)
+            for round_ in range(opts.rounds if opts.refine else 1):
+                if round_:
+                    result = gptq_quantize(w, h, spec, block=opts.block, damp=result.damp,
+                                           act_order=opts.act_order,
+                                           scales=Scales(qt.scale, qt.scale_neg, qt.zero,
+                                                         qt.outer))
+                    qt = result.qtensor
+                if opts.refine:
+                    qt = refine_scales(w, h, qt)
                 w_hat = dequantize(qt)
             rtn = dequantize(quantize(w.float(), spec, clip=clip))
             e_rtn = output_error(w, rtn, h)

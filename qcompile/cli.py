@@ -58,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--fp4", choices=("function", "matmulnbits", "dq"), default="function",
                     help="FP4 weights: qcompile function (default), two exact 4-bit "
                          "MatMulNBits, or opset-23 FLOAT4E2M1 DequantizeLinear")
-    ex.add_argument("--accuracy-level", type=int, default=4, choices=range(5),
-                    help="MatMulNBits accuracy_level (default 4: int8 compute on CPU)")
+    ex.add_argument("--accuracy-level", type=int, default=1, choices=range(5),
+                    help="MatMulNBits accuracy_level (default 1: fp32 compute, exact; "
+                         "4: int8 compute on CPU, faster)")
     ex.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                     help="write weights to <out>.data (auto: when above 64 MiB)")
 

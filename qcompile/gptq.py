@@ -85,6 +85,13 @@ def _group_scales(spec: FormatSpec, cols: torch.Tensor, ratio, outer) -> Scales:
     return compute_scales(spec, st, ratio, outer)
 
 
+def _group_slice(sc: Scales, g: int) -> Scales:
+    def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[..., g : g + 1]
+
+    return Scales(sc.scale[..., g : g + 1], pick(sc.scale_neg), pick(sc.zero), sc.outer)
+
+
 def _cat_scales(parts: list[Scales], outer: torch.Tensor | None) -> Scales:
     def cat(ts: list[torch.Tensor | None]) -> torch.Tensor | None:
         return None if ts[0] is None else torch.cat(ts, dim=-1)  # type: ignore[arg-type]
@@ -102,6 +109,7 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     clip: torch.Tensor | None = None,
+    scales: Scales | None = None,
 ) -> GPTQResult:
     """Quantize ``w`` with GPTQ.
 
@@ -114,6 +122,8 @@ def gptq_quantize(
         act_order: Process columns by decreasing Hessian diagonal.
         clip: Optional per-group clip ratios ``[N, G]`` applied when a group's scales are
             decided (see :func:`qcompile.formats.clip.search_clip`).
+        scales: Use these scales (``[N, G]`` tensors, e.g. refit ones from an earlier round)
+            instead of deciding them as GPTQ goes; ``clip`` is then ignored.
 
     Returns:
         The :class:`GPTQResult`.
@@ -151,6 +161,10 @@ def gptq_quantize(
     qp = torch.zeros_like(wp)
     group_of = (perm // gsize).tolist() if grouped else [0] * k
     decided: dict[int, Scales] = {}
+    if scales is not None:
+        whole, outer = scales, scales.outer
+        for g in range(n_groups):
+            decided[g] = _group_slice(scales, g) if grouped else scales
     if not grouped:
         decided[0] = whole
 

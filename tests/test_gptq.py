@@ -12,7 +12,7 @@ from qcompile.capture import capture
 from qcompile.data import calibration_batches, load_text
 from qcompile.errors import FormatError, PassError, PipelineError, PreconditionError
 from qcompile.formats import decode, dequantize, parse_format, quantize
-from qcompile.formats.scales import GroupStats, compute_scales
+from qcompile.formats.scales import GroupStats, Scales, compute_scales
 from qcompile.gptq import gptq_quantize, output_error, prepare_hessian
 from qcompile.graph import get_attr_value, set_attr_value
 from qcompile.pipeline import parse_pipeline
@@ -214,3 +214,27 @@ def test_refit_leaves_constrained_scales_alone() -> None:
     for fmt in ("fp4_e2m1/g64/po2", "mxfp4", "int4/g64/bf16", "int8/tensor"):
         q = quantize(w, parse_format(fmt))
         assert refine_scales(w, h, q) is q
+
+
+def test_gptq_with_given_scales_uses_them() -> None:
+    spec = parse_format("fp4_e2m1/g64/asym")
+    w, h = _problem()
+    q = refine_scales(w, h, gptq_quantize(w, h, spec).qtensor)
+    given = Scales(q.scale, q.scale_neg, q.zero, q.outer)
+    again = gptq_quantize(w, h, spec, scales=given).qtensor
+    assert torch.equal(again.scale, q.scale) and torch.equal(again.scale_neg, q.scale_neg)
+    # With H = I and the RTN scales given, GPTQ is RTN under those scales.
+    rtn = quantize(w, spec)
+    same = gptq_quantize(w, torch.eye(w.shape[1]), spec,
+                         scales=Scales(rtn.scale, rtn.scale_neg, None, None))
+    assert torch.equal(same.weight, dequantize(rtn))
+
+
+def test_more_rounds_do_not_hurt(tiny) -> None:
+    fmt = "fp4_e2m1/g32/asym"
+    base = "samples=4 seqlen=48 sequential=false"
+    _, one = _logit_err(tiny, f"gptq{{w={fmt} {base}}},quantize{{w={fmt}}}")
+    _, three = _logit_err(tiny, f"gptq{{w={fmt} {base} rounds=3}},quantize{{w={fmt}}}")
+    e1 = one["passes"][0]["facts"]["mean_error_vs_rtn"]
+    e3 = three["passes"][0]["facts"]["mean_error_vs_rtn"]
+    assert e3 < e1

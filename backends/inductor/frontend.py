@@ -1,0 +1,65 @@
+"""``qcompile.compile(model, ...)``: quantize and compile a model's forward in one call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qcompile.backends.inductor.backend import QCompileBackend
+from qcompile.backends.inductor.options import parse_options
+
+__all__ = ["compile"]
+
+
+def compile(
+    model: torch.nn.Module,
+    recipe: str | None = None,
+    pipeline: str | None = None,
+    artifact: str | Path | None = None,
+    *,
+    dynamic: bool | None = None,
+    fullgraph: bool = False,
+    free_weights: bool = False,
+    mode: str | None = None,
+    inductor: bool = True,
+) -> torch.nn.Module:
+    """Compile ``model`` in place with the ``qcompile`` backend and return it.
+
+    Like ``model.compile(backend="qcompile", options=...)``: the module's ``__call__`` is
+    compiled, so ``model(...)`` and ``model.generate(...)`` run the quantized graphs. The
+    model's own parameter names are used to match artifact tensors, so graph breaks inside
+    submodules still find their weights. The backend (with its :class:`CompileStats` as
+    ``.stats``) is attached as ``model.qcompile_backend``; it is private to this model.
+
+    Args:
+        model: The model (e.g. a Hugging Face causal LM).
+        recipe: Recipe name (``w4-afpq``, ``fp8-dynamic``, ...).
+        pipeline: Pipeline text instead of a recipe.
+        artifact: Artifact directory instead of a recipe (calibrated / GPTQ recipes).
+        dynamic: ``torch.compile``'s ``dynamic``.
+        fullgraph: ``torch.compile``'s ``fullgraph`` (error on graph breaks).
+        free_weights: Release full-precision weights once quantized (the eager model cannot
+            run them afterwards).
+        mode: Inductor mode.
+        inductor: False runs the quantized graphs eagerly (reference numerics).
+
+    Returns:
+        ``model``, compiled.
+
+    Raises:
+        BackendOptionError: Not exactly one of recipe / pipeline / artifact, or a bad value.
+        PipelineError: Unknown recipe or malformed pipeline.
+        ArtifactError: The artifact cannot be read.
+    """
+    options = parse_options({
+        "recipe": recipe, "pipeline": pipeline,
+        "artifact": str(artifact) if artifact is not None else None,
+        "free_weights": free_weights, "inductor": inductor, "mode": mode,
+    })
+    backend = QCompileBackend(options)
+    backend.register_model(model)
+    backend.check_model(model)
+    model.compile(backend=backend, dynamic=dynamic, fullgraph=fullgraph)
+    model.qcompile_backend = backend
+    return model

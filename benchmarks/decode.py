@@ -1,0 +1,201 @@
+"""Batch-1 greedy decode and long prefill: bf16 torch.compile vs ``backend="qcompile"``.
+
+Variants (each on a freshly built random-weight model; values do not change speed):
+
+* ``bf16``: ``torch.compile(model)`` with Inductor, no quantization (the baseline);
+* ``w4a16-fp4``: ``backend="qcompile"`` with recipe ``w4-afpq`` (FP4 E2M1 AFPQ weights, g128);
+* ``w4a8``: ``backend="qcompile"`` with recipe ``w4a8-fp4-fp8`` (FP4 weights, FP8 activations).
+
+Measured per variant: decode tokens/s (``generate`` of N new tokens minus 1 new token, over
+N - 1 tokens, dynamic KV cache), prefill tokens/s (one forward over ``--prefill`` tokens), peak
+memory (CUDA: ``max_memory_allocated``; CPU: process max RSS, monotonic over the run), and the
+backend's counters (bytes quantized, freed, compile seconds). Output is one JSON document.
+
+Usage::
+
+    python benchmarks/decode.py                                   # Llama-3-8B shape on CUDA
+    python benchmarks/decode.py --model-shape tiny --device cpu   # anywhere, in about a minute
+    python benchmarks/decode.py --layers 4 --prefill 2048 --decode 64 --out decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": {
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "rope_theta": 500000.0, "max_position_embeddings": 8192,
+    },
+    "tiny": {
+        "hidden_size": 256, "intermediate_size": 640, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024,
+        "max_position_embeddings": 4096,
+    },
+}
+VARIANTS: dict[str, str | None] = {"bf16": None, "w4a16-fp4": "w4-afpq", "w4a8": "w4a8-fp4-fp8"}
+
+
+def build_model(shape: str, layers: int | None, device: str, dtype: torch.dtype,
+                seed: int = 0) -> torch.nn.Module:
+    """A random-weight Llama of the given shape (std 0.02 weights), in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(SHAPES[shape])
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    config = LlamaConfig(**cfg, tie_word_embeddings=False)
+    with torch.device(device), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(dtype)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: str, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _peak_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated())
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
+    """Build, compile, warm up and time one variant."""
+    import qcompile
+
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch._dynamo.reset()
+    model = build_model(args.model_shape, args.layers, args.device, dtype)
+    vocab = model.config.vocab_size
+    recipe = VARIANTS[name]
+    start = time.perf_counter()
+    if recipe is None:
+        model.compile(dynamic=True, mode=args.mode)
+    else:
+        qcompile.compile(model, recipe=recipe, dynamic=True, free_weights=True, mode=args.mode)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen).to(args.device)
+    long = torch.randint(0, vocab, (1, args.prefill), generator=gen).to(args.device)
+
+    def generate(n: int) -> None:
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0)
+
+    with torch.no_grad():
+        generate(args.decode)  # compiles prefill and decode graphs
+        model(long, use_cache=False)  # compiles the long-prefill graph
+        warm = time.perf_counter() - start
+        t_full = _timed(lambda: generate(args.decode), args.device, args.repeats)
+        t_one = _timed(lambda: generate(1), args.device, args.repeats)
+        t_prefill = _timed(lambda: model(long, use_cache=False), args.device, args.repeats)
+    decode_s = max(t_full - t_one, 1e-9)
+    out: dict[str, Any] = {
+        "recipe": recipe,
+        "decode_tokens_per_s": round((args.decode - 1) / decode_s, 2),
+        "prefill_tokens_per_s": round(args.prefill / t_prefill, 1),
+        "prefill_seconds": round(t_prefill, 4),
+        "peak_memory_bytes": _peak_bytes(args.device),
+        "warmup_seconds_including_compile": round(warm, 2),
+    }
+    backend = getattr(model, "qcompile_backend", None)
+    if backend is not None:
+        stats = backend.stats
+        out["backend"] = {
+            "pipeline_runs": stats.pipeline_runs, "weights_quantized": stats.weights_quantized,
+            "fp_weight_bytes": stats.fp_weight_bytes, "quantized_bytes": stats.quantized_bytes,
+            "freed_bytes": stats.freed_bytes, "graphs": stats.graphs,
+            "graph_breaks": stats.graph_breaks,
+            "compile_seconds": round(stats.compile_seconds, 2),
+        }
+    model = None  # release before the next variant is built
+    gc.collect()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--layers", type=int, default=None, help="override the layer count")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                        help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens for decode")
+    parser.add_argument("--decode", type=int, default=64, help="new tokens to time")
+    parser.add_argument("--prefill", type=int, default=2048, help="prefill length")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--mode", default=None, help="Inductor mode for every variant")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    if args.decode < 2:
+        parser.error("--decode must be >= 2")
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = getattr(torch, dtype_name)
+    result: dict[str, Any] = {
+        "benchmark": "decode",
+        "command": " ".join(["python", "benchmarks/decode.py", *(argv or sys.argv[1:])]),
+        "model_shape": args.model_shape,
+        "layers": args.layers or SHAPES[args.model_shape]["num_hidden_layers"],
+        "device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else platform.processor() or "cpu"),
+        "dtype": dtype_name,
+        "torch": torch.__version__,
+        "batch": 1, "prompt": args.prompt, "decode_tokens": args.decode,
+        "prefill_tokens": args.prefill,
+        "variants": {},
+    }
+    for name in names:
+        result["variants"][name] = run_variant(name, args, dtype)
+    base = result["variants"].get("bf16")
+    if base is not None:
+        for v in result["variants"].values():
+            v["decode_speedup_vs_bf16"] = round(
+                v["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
+            v["prefill_ratio_vs_bf16"] = round(
+                v["prefill_tokens_per_s"] / base["prefill_tokens_per_s"], 3)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
