@@ -16,7 +16,7 @@ from qcompile.errors import PreconditionError
 from qcompile.formats import dequantize, parse_format, quantize, search_clip
 from qcompile.formats.quantize import QTensor
 from qcompile.formats.scales import Scales
-from qcompile.gptq import gptq_quantize, output_error
+from qcompile.gptq import gptq_quantize, output_error, prepare
 from qcompile.graph import get_attr_value
 from qcompile.pass_base import Pass, PassResult
 from qcompile.passes.calibrate import _TEST_TEXTS, _device_of
@@ -151,7 +151,7 @@ class GPTQPass(Pass):
         device = self.context.device or _device_of(gm)
         batches = [b.to(device) for b in ids.split(batch)]
 
-        hessians: dict[fx.Node, tuple[torch.Tensor, int]] = {}
+        hessians: dict[fx.Node, list] = {}  # input -> [H, prepared H, readers served]
         remaining = {}
         for node in watch:
             remaining[node.args[0]] = remaining.get(node.args[0], 0) + 1
@@ -161,23 +161,23 @@ class GPTQPass(Pass):
         def hook(node: fx.Node, xs: list[torch.Tensor]) -> torch.Tensor | None:
             x = node.args[0]
             if x not in hessians:
-                hessians[x] = (_hessian(xs), 0)
-            h, used = hessians[x]
-            hessians[x] = (h, used + 1)
-            if used + 1 == remaining[x]:
+                h = _hessian(xs)
+                hessians[x] = [h, prepare(h, opts.damp, opts.act_order), 0]
+            entry = hessians[x]
+            h, ph = entry[0], entry[1]
+            entry[2] += 1
+            if entry[2] == remaining[x]:
                 del hessians[x]  # memory: one input's Hessian at a time
             target = node.args[1].target
             w = get_attr_value(gm, target).detach()
             clip = None
             if opts.clip == "search":
                 clip = search_clip(w.float(), spec, importance=w.float().square())
-            result = gptq_quantize(w, h, spec, block=opts.block, damp=opts.damp,
-                                   act_order=opts.act_order, clip=clip)
+            result = gptq_quantize(w, ph, spec, block=opts.block, clip=clip)
             qt, w_hat = result.qtensor, result.weight
             for round_ in range(opts.rounds if opts.refine else 1):
                 if round_:
-                    result = gptq_quantize(w, h, spec, block=opts.block, damp=result.damp,
-                                           act_order=opts.act_order,
+                    result = gptq_quantize(w, ph, spec, block=opts.block,
                                            scales=Scales(qt.scale, qt.scale_neg, qt.zero,
                                                          qt.outer))
                     qt = result.qtensor

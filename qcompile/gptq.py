@@ -26,7 +26,8 @@ from qcompile.formats.quantize import QTensor, _clip_ratio, _fake_quantize_f32, 
 from qcompile.formats.scales import GroupStats, Scales, compute_scales, group_stats
 from qcompile.formats.spec import FormatSpec
 
-__all__ = ["GPTQResult", "gptq_quantize", "output_error", "prepare_hessian"]
+__all__ = ["GPTQResult", "PreparedHessian", "gptq_quantize", "output_error", "prepare",
+           "prepare_hessian"]
 
 
 @dataclass
@@ -78,6 +79,40 @@ def prepare_hessian(h: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
         d = min(d * 10.0 if d > 0 else 1e-4, 1.0)
 
 
+@dataclass
+class PreparedHessian:
+    """A Hessian made ready for GPTQ, reusable by every linear that reads the same input.
+
+    Attributes:
+        perm: Column processing order (decreasing diagonal with act-order).
+        invperm: Its inverse.
+        hinv: Upper Cholesky factor of the damped inverse, in ``perm`` order.
+        damp: The dampening used.
+        diag_k: K.
+    """
+
+    perm: torch.Tensor
+    invperm: torch.Tensor
+    hinv: torch.Tensor
+    damp: float
+    diag_k: int
+
+
+def prepare(hessian: torch.Tensor, damp: float = 0.01, act_order: bool = True
+            ) -> PreparedHessian:
+    """Order the columns and factorize the damped inverse Hessian (see
+    :func:`prepare_hessian`)."""
+    k = hessian.shape[0]
+    h = hessian
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+        h = h[perm][:, perm]
+    else:
+        perm = torch.arange(k, device=h.device)
+    hinv, used = prepare_hessian(h, damp)
+    return PreparedHessian(perm, torch.argsort(perm), hinv, used, k)
+
+
 def _group_scales(spec: FormatSpec, cols: torch.Tensor, ratio, outer) -> Scales:
     """Scales of one group (``cols [N, c]``) by the format's rule, as ``[N, 1]`` tensors."""
     st = GroupStats(cols.amax(-1, keepdim=True).clamp(min=0),
@@ -102,7 +137,7 @@ def _cat_scales(parts: list[Scales], outer: torch.Tensor | None) -> Scales:
 
 def gptq_quantize(
     w: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | PreparedHessian,
     spec: FormatSpec,
     *,
     block: int = 128,
@@ -115,7 +150,8 @@ def gptq_quantize(
 
     Args:
         w: Weight ``[N, K]`` (any float dtype; computed in fp32).
-        hessian: ``[K, K]`` input Hessian (``2/n X^T X``).
+        hessian: ``[K, K]`` input Hessian (``2/n X^T X``), or one already
+            :func:`prepare`-d (then ``damp`` and ``act_order`` come from it).
         spec: Weight format; any granularity but ``token``.
         block: Columns per lazy-update block.
         damp: Dampening relative to the mean Hessian diagonal.
@@ -131,9 +167,10 @@ def gptq_quantize(
     Raises:
         WeightError: ``w`` or ``hessian`` is not finite, or shapes disagree.
     """
-    if w.dim() != 2 or hessian.shape != (w.shape[1], w.shape[1]):
-        raise WeightError(f"GPTQ needs W [N, K] and H [K, K], got {tuple(w.shape)} and "
-                          f"{tuple(hessian.shape)}")
+    hk = hessian.diag_k if isinstance(hessian, PreparedHessian) else hessian.shape
+    if w.dim() != 2 or (hk != w.shape[1] if isinstance(hk, int)
+                        else hk != (w.shape[1], w.shape[1])):
+        raise WeightError(f"GPTQ needs W [N, K] and H [K, K], got {tuple(w.shape)} and K={hk}")
     if block < 1:
         raise WeightError(f"GPTQ block must be >= 1, got {block}")
     wf = w.detach().to(torch.float32).clone()
@@ -149,14 +186,9 @@ def gptq_quantize(
     assert gsize is not None
     n_groups = -(-k // gsize) if grouped else 1
 
-    h = hessian.to(wf.device)
-    if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-        h = h[perm][:, perm]
-    else:
-        perm = torch.arange(k, device=wf.device)
-    invperm = torch.argsort(perm)
-    hinv, used_damp = prepare_hessian(h, damp)
+    ph = hessian if isinstance(hessian, PreparedHessian) else prepare(
+        hessian.to(wf.device), damp, act_order)
+    perm, invperm, hinv, used_damp = ph.perm, ph.invperm, ph.hinv, ph.damp
     wp = wf[:, perm]
     qp = torch.zeros_like(wp)
     group_of = (perm // gsize).tolist() if grouped else [0] * k
@@ -170,7 +202,9 @@ def gptq_quantize(
 
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1 = wp[:, i1:i2].clone()
+        # The block is kept transposed ([columns, N]) so the per-column update of the rest
+        # of the block is one contiguous rank-1 update.
+        w1 = wp[:, i1:i2].t().contiguous()
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -178,14 +212,13 @@ def gptq_quantize(
             if g not in decided:
                 decided[g] = _decide_group(spec, g, gsize, k, invperm, wp, w1, err1, hinv,
                                            i1, i, ratio, outer)
-            sc = decided[g]
-            col = w1[:, i : i + 1]
-            q = _fake_quantize_f32(col, spec, sc, expand=False)
-            qp[:, i1 + i] = q[:, 0]
-            e = (col[:, 0] - q[:, 0]) / h1[i, i]
-            w1[:, i:].addr_(e, h1[i, i:], alpha=-1.0)
-            err1[:, i] = e
-        wp[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            col = w1[i]
+            q = _fake_quantize_f32(col[:, None], spec, decided[g], expand=False)[:, 0]
+            qp[:, i1 + i] = q
+            e = (col - q) / h1[i, i]
+            w1[i:].addr_(h1[i, i:], e, alpha=-1.0)
+            err1[i] = e
+        wp[:, i2:] -= err1.t() @ hinv[i1:i2, i2:]
 
     qw = qp[:, invperm]
     scales = _cat_scales([decided[g] for g in range(n_groups)], outer) if grouped else whole
@@ -197,15 +230,15 @@ def gptq_quantize(
 def _decide_group(spec, g, gsize, k, invperm, wp, w1, err1, hinv, i1, i, ratio, outer) -> Scales:
     """Scales of group ``g`` from its columns' current values (pending updates applied)."""
     pos = invperm[g * gsize : min((g + 1) * gsize, k)]
-    i2 = i1 + w1.shape[1]
+    i2 = i1 + w1.shape[0]  # w1, err1: the current block, transposed [columns, N]
     cols = wp[:, pos].clone()
     inside = (pos >= i1) & (pos < i2)
     if bool(inside.any()):
-        cols[:, inside] = w1[:, pos[inside] - i1]
+        cols[:, inside] = w1[pos[inside] - i1].t()
     outside = ~inside
     if bool(outside.any()) and i > 0:
         # Columns past this block have not yet received this block's updates: apply them.
-        cols[:, outside] -= err1[:, :i] @ hinv[i1 : i1 + i][:, pos[outside]]
+        cols[:, outside] -= err1[:i].t() @ hinv[i1 : i1 + i][:, pos[outside]]
     r = ratio
     if torch.is_tensor(r) and r.dim() and r.shape[-1] > 1:
         r = r[:, g : g + 1]
