@@ -23,8 +23,10 @@ from pathlib import Path
 
 
 def _gptq(fmt: str, act: str = "", lorc: bool = False) -> str:
+    """``gptq{w=F [clip=search]}[,lorc],quantize{w=F [act]}`` for ``fmt = "F [clip=search]"``."""
     middle = ",lorc{rank=8 bits=8}" if lorc else ""
-    quant = f"w={fmt} {act}".strip()
+    w = fmt.split()[0]
+    quant = f"w={w} {act}".strip()
     return f"gptq{{w={fmt}}}{middle},quantize{{{quant}}}"
 
 
@@ -61,31 +63,26 @@ GRIDS: dict[str, list[tuple[str, str]]] = {
         ("w4a8-m2", "quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token}"),
     ],
     "gptq": [
-        ("int4-asym-gptq", _gptq("int4/g128/asym")),
-        ("int4-sym-gptq", _gptq("int4/g128")),
-        ("fp4-asym-gptq", _gptq("fp4_e2m1/g128/asym")),
-        ("fp4-sym-gptq", _gptq("fp4_e2m1/g128")),
-        ("fp4-asym-gptq", _gptq("fp4_e2m1/g64/asym")),
-        ("fp4-sym-gptq", _gptq("fp4_e2m1/g64")),
-        ("fp4-asym-gptq", _gptq("fp4_e2m1/channel/asym")),
-        ("fp4-sym-gptq", _gptq("fp4_e2m1/channel")),
-        ("int3-asym-gptq", _gptq("int3/g128/asym")),
-        ("fp3-asym-gptq", _gptq("fp3_e1m1/g128/asym")),
-        ("fp3-sym-gptq", _gptq("fp3_e1m1/g128")),
-        ("fp3-e2m0-asym-gptq", _gptq("fp3_e2m0/g128/asym")),
-        ("nf3-asym-gptq", _gptq("nf3/g128/asym")),
-        ("w4a8-m1-gptq", _gptq("fp4_e2m1/g128/po2", "a=fp8_e4m3/token")),
-        ("w4a8-m2-gptq", _gptq("fp4_e2m1/g128/m2", "a=fp8_e4m3/token")),
-        ("w4a8-m1-gptq-lorc", _gptq("fp4_e2m1/g128/po2", "a=fp8_e4m3/token", lorc=True)),
-        ("w4a8-m2-gptq-lorc", _gptq("fp4_e2m1/g128/m2", "a=fp8_e4m3/token", lorc=True)),
-        ("w4a8-m1-lorc", "lorc{w=fp4_e2m1/g128/po2 rank=8 bits=8},"
-                         "quantize{w=fp4_e2m1/g128/po2 a=fp8_e4m3/token}"),
-        ("w4a8-m2-lorc", "lorc{w=fp4_e2m1/g128/m2 rank=8 bits=8},"
-                         "quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token}"),
+        ("fp4-asym-gptq", "recipe:afpq-w4-gptq"),
+        ("int4-asym-gptq", "recipe:w4-int4-gptq"),
+        ("w4a8-m2-gptq", "recipe:zqfp-w4a8-m2"),
+        ("w4a8-m2-gptq-lorc", "recipe:zqfp-w4a8-m2-lorc"),
+        ("w4a8-m1-gptq", "recipe:zqfp-w4a8-m1"),
         ("w4a4kv4-fp4-rot-gptq", "recipe:quarot-w4a4-gptq"),
+        ("fp3-asym-gptq", "recipe:afpq-w3-gptq"),
+        ("int3-asym-gptq", _gptq("int3/g128/asym clip=search")),
+        ("fp3-sym-gptq", _gptq("fp3_e1m1/g128 clip=search")),
+        ("fp4-sym-gptq", _gptq("fp4_e2m1/g128 clip=search")),
+        ("w4a8-m1-gptq-lorc", _gptq("fp4_e2m1/g128/po2", "a=fp8_e4m3/token", lorc=True)),
         ("w4a4kv4-int4-rot-gptq", "recipe:quarot-w4a4-int4-gptq"),
         ("w4a4kv4-fp4-rot", "recipe:quarot-w4a4"),
         ("w4a4kv4-int4-rot", "recipe:quarot-w4a4-int4"),
+        ("w4a8-m2-lorc", "lorc{w=fp4_e2m1/g128/m2 rank=8 bits=8},"
+                         "quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token}"),
+        ("fp4-asym-gptq", _gptq("fp4_e2m1/g64/asym clip=search")),
+        ("fp4-sym-gptq", _gptq("fp4_e2m1/g64 clip=search")),
+        ("fp4-asym-gptq", _gptq("fp4_e2m1/channel/asym clip=search")),
+        ("fp4-sym-gptq", _gptq("fp4_e2m1/channel clip=search")),
     ],
 }
 
