@@ -238,3 +238,19 @@ def test_more_rounds_do_not_hurt(tiny) -> None:
     e1 = one["passes"][0]["facts"]["mean_error_vs_rtn"]
     e3 = three["passes"][0]["facts"]["mean_error_vs_rtn"]
     assert e3 < e1
+
+
+def test_gptq_after_rotate_and_smooth(tiny) -> None:
+    fmt = "int4/g32/asym"
+    g = f"gptq{{w={fmt} samples=4 seqlen=48}}"
+    for prefix in ("fuse-norms,rotate{r3=none},", "calibrate{samples=4 seqlen=48},smooth,"):
+        rtn, _ = _logit_err(tiny, f"{prefix}quantize{{w={fmt}}}")
+        err, report = _logit_err(tiny, f"{prefix}{g},quantize{{w={fmt}}}")
+        assert err < 0.8 * rtn
+        assert report["passes"][-1]["facts"]["planned_by"] == {"gptq": 14}
+
+
+def test_rotating_after_gptq_makes_the_plans_stale(tiny) -> None:
+    with pytest.raises(PassError, match="changed after `gptq`"):
+        _logit_err(tiny, "gptq{w=int4/g32 samples=2 seqlen=32},fuse-norms,rotate{r3=none},"
+                         "quantize{w=int4/g32}")
