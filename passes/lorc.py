@@ -172,8 +172,22 @@ class LoRCPass(Pass):
         for n in (low, back, total):
             n.meta["source_module"] = source
         low.meta[LORC_META] = back.meta[LORC_META] = True
-        if "val" in node.meta:
-            total.meta["val"] = node.meta["val"]
+        _propagate_val(node, low, back, total, b)
+
+
+def _propagate_val(node: fx.Node, low: fx.Node, back: fx.Node, total: fx.Node,
+                   b: fx.Node) -> None:
+    """Give the new nodes fake ``val`` metadata (shape/dtype) like the captured ones have."""
+    val, x = node.meta.get("val"), node.args[0]
+    x_val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    mode = getattr(val, "fake_mode", None)
+    if val is None or x_val is None or mode is None:
+        return
+    rank = get_attr_or_dequant(node.graph.owning_module, b).shape[0]
+    with mode:
+        low.meta["val"] = aten.linear.default(x_val, torch.empty(rank, x_val.shape[-1],
+                                                                dtype=x_val.dtype))
+    back.meta["val"] = total.meta["val"] = val
 
 
 def get_attr_or_dequant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:

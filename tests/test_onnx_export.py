@@ -65,6 +65,9 @@ CASES = {
     "fp8-afpq-fp4-act": ("qwen2", "quantize{w=fp8_e4m3/g32/asym a=fp4_e2m1/token/asym},"
                          "cleanup", {}, "DequantizeWeight"),
     "w4a8-fp4-fp8": ("llama", get_recipe("w4a8-fp4-fp8").pipeline, {}, "QuantizeActivation"),
+    "zqfp-m2-lorc": ("qwen2", "lorc{w=fp4_e2m1/g32/m2 rank=4 bits=8},"
+                     "quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token},cleanup", {},
+                     "DequantizeWeight"),
 }
 
 
