@@ -55,6 +55,12 @@ class GPTQOptions:
             (w^2-weighted, as in ``quantize``) bound each group's range when GPTQ fixes it.
         refine: After GPTQ, refit the free (fp32) scales to the calibration Hessian with the
             codes fixed (:func:`qcompile.refine.refine_scales`); never increases the error.
+        target: ``quantized``: the usual GPTQ objective, each linear reproducing its own output
+            on the inputs it gets from the quantized earlier layers; ``fp``: reproduce the
+            full-precision model's output of the linear from those inputs (asymmetric
+            calibration, as GPTAQ): the weight is first moved to the least-squares solution
+            ``W C H^-1`` (``C = 2/n X_fp^T X_q``), then quantized. Needs ``sequential``; runs
+            the full-precision model alongside (twice the calibration compute and memory).
         rounds: GPTQ + refit rounds; each later round reruns GPTQ from the original weight
             with the previous round's refit scales (a few % lower error per round, one more
             GPTQ solve per linear; the calibration forward is not repeated).
@@ -75,6 +81,7 @@ class GPTQOptions:
     clip: Literal["none", "search"] = "none"
     refine: bool = True
     rounds: int = 1
+    target: Literal["quantized", "fp"] = "quantized"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w", _canonical_format(self.w, "weight",
@@ -82,6 +89,9 @@ class GPTQOptions:
         if min(self.block, self.samples, self.seqlen, self.rounds) < 1:
             raise ValueError(f"block, samples, seqlen and rounds must be >= 1, got "
                              f"{self.block}, {self.samples}, {self.seqlen}, {self.rounds}")
+        if self.target == "fp" and not self.sequential:
+            raise ValueError("target=fp needs sequential=true (without it the inputs are the "
+                             "full-precision ones already)")
         if not 0.0 <= self.damp <= 1.0:
             raise ValueError(f"damp must lie in [0, 1], got {self.damp}")
         if self.text.strip().lower() in _TEST_TEXTS:
@@ -158,18 +168,22 @@ class GPTQPass(Pass):
         per_linear: dict[str, dict] = {}
         planned: dict[str, QTensor] = {}
 
-        def hook(node: fx.Node, xs: list[torch.Tensor]) -> torch.Tensor | None:
+        def hook(node: fx.Node, xs: list[torch.Tensor],
+                 xs_fp: list[torch.Tensor] | None = None) -> torch.Tensor | None:
             x = node.args[0]
             if x not in hessians:
                 h = _hessian(xs)
-                hessians[x] = [h, prepare(h, opts.damp, opts.act_order), 0]
+                cross = _hessian(xs_fp, xs) if xs_fp is not None else None
+                hessians[x] = [h, prepare(h, opts.damp, opts.act_order), 0, cross]
             entry = hessians[x]
-            h, ph = entry[0], entry[1]
+            h, ph, cross = entry[0], entry[1], entry[3]
             entry[2] += 1
             if entry[2] == remaining[x]:
                 del hessians[x]  # memory: one input's Hessian at a time
             target = node.args[1].target
             w = get_attr_value(gm, target).detach()
+            if cross is not None:
+                w = _fp_target(w, h, cross, ph.damp)
             clip = None
             if opts.clip == "search":
                 clip = search_clip(w.float(), spec, importance=w.float().square())
@@ -198,7 +212,8 @@ class GPTQPass(Pass):
         bar = tqdm(total=len(watch), desc="gptq", unit="linear",
                    disable=not self.context.progress, file=sys.stderr)
         try:
-            run_wavefront(gm, batches, watch, hook, progress=lambda _n: bar.update(1))
+            run_wavefront(gm, batches, watch, hook, progress=lambda _n: bar.update(1),
+                          twin=opts.target == "fp")
         finally:
             bar.close()
         for target, qt in planned.items():
@@ -220,13 +235,26 @@ class GPTQPass(Pass):
         return PassResult(gm, False, facts)
 
 
-def _hessian(xs: list[torch.Tensor]) -> torch.Tensor:
-    """``2/n sum x^T x`` over all windows' tokens, fp32."""
+def _hessian(xs: list[torch.Tensor], ys: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``2/n sum x^T y`` (``y = x`` by default) over all windows' tokens, fp32."""
     h = None
     n = 0
-    for x in xs:
+    for i, x in enumerate(xs):
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        y2 = x2 if ys is None else ys[i].detach().reshape(-1, x.shape[-1]).float()
         n += x2.shape[0]
-        h = x2.t() @ x2 if h is None else h.addmm_(x2.t(), x2)
+        h = x2.t() @ y2 if h is None else h.addmm_(x2.t(), y2)
     assert h is not None
     return h.mul_(2.0 / n)
+
+
+def _fp_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float
+               ) -> torch.Tensor:
+    """``W C (H + damp)^-1``: the weight whose output on the quantized-path inputs best matches
+    the full-precision output (``C = 2/n X_fp^T X_q``, ``H = 2/n X_q^T X_q``)."""
+    hd = h.double().clone()
+    diag = torch.diagonal(hd)
+    diag += damp * float(diag.mean())
+    diag[diag == 0] = 1.0
+    sol = torch.linalg.solve(hd, cross.double().t() @ w.double().t())  # (W C H^-1)^T
+    return sol.t().to(w.dtype).contiguous()

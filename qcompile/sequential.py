@@ -21,8 +21,8 @@ from qcompile.graph import get_attr_value
 
 __all__ = ["run_wavefront"]
 
-# hook(linear node, [input of each window]) -> replacement weight or None
-LinearHook = Callable[[fx.Node, list[torch.Tensor]], torch.Tensor | None]
+# hook(linear node, [input of each window][, [full-precision input]]) -> weight or None
+LinearHook = Callable[..., torch.Tensor | None]
 
 
 def run_wavefront(
@@ -31,6 +31,7 @@ def run_wavefront(
     watch: set[fx.Node],
     hook: LinearHook,
     progress: Callable[[fx.Node], None] | None = None,
+    twin: bool = False,
 ) -> None:
     """Evaluate ``gm`` on ``batches`` node by node, calling ``hook`` at watched linears.
 
@@ -42,6 +43,9 @@ def run_wavefront(
             tensors (one per batch); a returned tensor replaces the linear's weight for this
             run (the graph's attribute is not changed).
         progress: Called after each watched linear.
+        twin: Also run the graph with its own weights alongside (twice the activations and
+            compute); ``hook`` then gets a third argument, the inputs on that
+            full-precision path.
 
     Raises:
         UnsupportedGraphError: The graph has call_module/call_method nodes or more than one
@@ -61,6 +65,7 @@ def run_wavefront(
         dying.setdefault(i, []).append(n)
 
     env: dict[fx.Node, list[Any]] = {}
+    ref: dict[fx.Node, list[Any]] = {}  # the full-precision twin (twin=True)
     count = len(batches)
     left = len(watch)
     with torch.no_grad():
@@ -75,7 +80,10 @@ def run_wavefront(
             elif n.op == "call_function":
                 override = None
                 if n in watch:
-                    override = hook(n, env[n.args[0]])
+                    extra = (ref.get(n.args[0], env[n.args[0]]),) if twin else ()
+                    override = hook(n, env[n.args[0]], *extra)
+                if twin:
+                    ref[n] = [_call(n, ref, b, None, env) for b in range(count)]
                 env[n] = [_call(n, env, b, override) for b in range(count)]
                 if n in watch:
                     left -= 1
@@ -89,12 +97,17 @@ def run_wavefront(
                     f"{n.op} {n.target!r}")
             for dead in dying.get(i, ()):
                 env.pop(dead, None)
+                ref.pop(dead, None)
 
 
 def _call(n: fx.Node, env: dict[fx.Node, list[Any]], b: int,
-          weight: torch.Tensor | None) -> Any:
-    args = fx.node.map_arg(n.args, lambda a: env[a][b])
-    kwargs = fx.node.map_arg(n.kwargs, lambda a: env[a][b])
+          weight: torch.Tensor | None, fallback: dict[fx.Node, list[Any]] | None = None) -> Any:
+    def value(a: fx.Node) -> Any:
+        # The twin shares placeholders and attributes with the main run.
+        return env[a][b] if a in env or fallback is None else fallback[a][b]
+
+    args = fx.node.map_arg(n.args, value)
+    kwargs = fx.node.map_arg(n.kwargs, value)
     if weight is not None:
         args = (args[0], weight, *args[2:])
     return n.target(*args, **kwargs)

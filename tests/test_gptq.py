@@ -254,3 +254,33 @@ def test_rotating_after_gptq_makes_the_plans_stale(tiny) -> None:
     with pytest.raises(PassError, match="changed after `gptq`"):
         _logit_err(tiny, "gptq{w=int4/g32 samples=2 seqlen=32},fuse-norms,rotate{r3=none},"
                          "quantize{w=int4/g32}")
+
+
+def test_fp_target_runs_the_twin_and_beats_rtn(tiny) -> None:
+    fmt = "int3/g32/asym"
+    rtn, _ = _logit_err(tiny, f"quantize{{w={fmt}}}")
+    err, report = _logit_err(tiny, f"gptq{{w={fmt} samples=8 seqlen=64 target=fp}},"
+                                   f"quantize{{w={fmt}}}")
+    assert err < 0.8 * rtn
+    assert report["passes"][0]["facts"]["linears_planned"] == 14
+    with pytest.raises(PipelineError, match="sequential"):
+        parse_pipeline("gptq{target=fp sequential=false}")
+
+
+def test_twin_wavefront_sees_full_precision_inputs() -> None:
+    from qcompile.sequential import run_wavefront
+
+    model = tiny_model("llama")
+    gm = capture(model)
+    ids = [torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(s))
+           for s in range(2)]
+    watch = set(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
+    seen: list[float] = []
+
+    def hook(node, xs, xs_fp):
+        seen.append(max(float((a - b).abs().max()) for a, b in zip(xs, xs_fp, strict=True)))
+        w = get_attr_value(gm, node.args[1].target)
+        return w * 0.5  # a "quantized" weight: the two paths must diverge after it
+
+    run_wavefront(gm, ids, watch, hook, twin=True)
+    assert seen[0] == 0.0 and max(seen) > 0.0
