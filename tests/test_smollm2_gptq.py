@@ -30,9 +30,16 @@ def test_gptq_clearly_beats_rtn(smollm2_ppl):
     assert report["passes"][0]["seconds"] < 600  # the issue's 10-minute budget on 2 cores
 
 
+# Bounds sit just above the measured ratios (closing note of the error-compensation issue):
+# a regression fails, eval noise (none: the pipeline is deterministic) does not matter.
 @pytest.mark.heavy
-@pytest.mark.parametrize("recipe, bound", [("afpq-w4-gptq", 1.14), ("w4-int4-gptq", 1.17)])
-def test_w4a16_gptq_recipes(smollm2_ppl, recipe, bound):
+@pytest.mark.parametrize("recipe, bound", [
+    ("afpq-w4-gptq", 1.13),  # measured 1.1218 (RTN 1.368)
+    ("w4-int4-gptq", 1.155),  # measured 1.1483 (RTN 1.263)
+    ("quarot-w4a4-gptq", 2.30),  # measured 2.2786 (W4A4KV4)
+    ("afpq-w3-gptq", 1.81),  # measured 1.7959
+])
+def test_gptq_recipes(smollm2_ppl, recipe, bound):
     assert _ratio(smollm2_ppl, get_recipe(recipe).pipeline) <= bound
 
 
@@ -41,5 +48,6 @@ def test_zeroquant_fp_w4a8(smollm2_ppl):
     m1 = _ratio(smollm2_ppl, get_recipe("zqfp-w4a8-m1").pipeline)
     m2 = _ratio(smollm2_ppl, get_recipe("zqfp-w4a8-m2").pipeline)
     m2_lorc = _ratio(smollm2_ppl, get_recipe("zqfp-w4a8-m2-lorc").pipeline)
-    assert m2 <= m1 * 1.01  # M2 no worse than M1 (within eval noise)
+    assert m2 <= 1.19  # measured 1.1867; M1 1.2287; M2 + LoRC 1.1151
+    assert m2 < m1
     assert m2_lorc < m2
