@@ -83,6 +83,8 @@ GRIDS: dict[str, list[tuple[str, str]]] = {
         ("fp4-sym-gptq", _gptq("fp4_e2m1/g64 clip=search")),
         ("fp4-asym-gptq", _gptq("fp4_e2m1/channel/asym clip=search")),
         ("fp4-sym-gptq", _gptq("fp4_e2m1/channel clip=search")),
+        ("nf3-asym-gptq", _gptq("nf3/g128/asym clip=search")),
+        ("fp3-e2m0-asym-gptq", _gptq("fp3_e2m0/g128/asym clip=search")),
         ("fp4-asym-gptq-s128", _gptq("fp4_e2m1/g128/asym clip=search samples=128")),
         ("fp4-asym-gptq-r3", _gptq("fp4_e2m1/g128/asym clip=search rounds=3")),
     ],
