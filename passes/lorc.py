@@ -106,7 +106,7 @@ class LoRCPass(Pass):
         spec = parse_format(opts.w) if opts.w is not None else None
         fspec = parse_format(f"int{opts.bits}/channel") if opts.bits else None
         first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-        done: dict[str, tuple[fx.Node, fx.Node]] = {}
+        done: dict[str, tuple[fx.Node, fx.Node, int]] = {}
         extra = base = 0
         err_before = err_after = 0.0
         rtn = 0
@@ -128,9 +128,9 @@ class LoRCPass(Pass):
                 err = w.float() - q.dequantize()
                 a, b = low_rank_factors(err, opts.rank)
                 done[target] = (self._factor(gm, first, target, "lorc_b", b, fspec, w.dtype),
-                                self._factor(gm, first, target, "lorc_a", a, fspec, w.dtype))
-                a_used = get_attr_or_dequant(gm, done[target][1])
-                b_used = get_attr_or_dequant(gm, done[target][0])
+                                self._factor(gm, first, target, "lorc_a", a, fspec, w.dtype),
+                                b.shape[0])
+                b_used, a_used = (get_attr_or_dequant(gm, n) for n in done[target][:2])
                 err_before += float(err.pow(2).sum())
                 err_after += float((err - a_used.float() @ b_used.float()).pow(2).sum())
                 extra += a.numel() + b.numel()
@@ -160,7 +160,7 @@ class LoRCPass(Pass):
             return gm.graph.get_attr(name)
 
     @staticmethod
-    def _branch(gm: fx.GraphModule, node: fx.Node, b: fx.Node, a: fx.Node) -> None:
+    def _branch(gm: fx.GraphModule, node: fx.Node, b: fx.Node, a: fx.Node, rank: int) -> None:
         with gm.graph.inserting_after(node):
             low = gm.graph.call_function(aten.linear.default, (node.args[0], b))
         with gm.graph.inserting_after(low):
@@ -172,18 +172,17 @@ class LoRCPass(Pass):
         for n in (low, back, total):
             n.meta["source_module"] = source
         low.meta[LORC_META] = back.meta[LORC_META] = True
-        _propagate_val(node, low, back, total, b)
+        _propagate_val(node, low, back, total, rank)
 
 
 def _propagate_val(node: fx.Node, low: fx.Node, back: fx.Node, total: fx.Node,
-                   b: fx.Node) -> None:
+                   rank: int) -> None:
     """Give the new nodes fake ``val`` metadata (shape/dtype) like the captured ones have."""
     val, x = node.meta.get("val"), node.args[0]
     x_val = x.meta.get("val") if isinstance(x, fx.Node) else None
     mode = getattr(val, "fake_mode", None)
     if val is None or x_val is None or mode is None:
         return
-    rank = get_attr_or_dequant(node.graph.owning_module, b).shape[0]
     with mode:
         low.meta["val"] = aten.linear.default(x_val, torch.empty(rank, x_val.shape[-1],
                                                                 dtype=x_val.dtype))
