@@ -87,6 +87,8 @@ GRIDS: dict[str, list[tuple[str, str]]] = {
         ("fp3-e2m0-asym-gptq", _gptq("fp3_e2m0/g128/asym clip=search")),
         ("fp4-asym-gptq-s128", _gptq("fp4_e2m1/g128/asym clip=search samples=128")),
         ("fp4-asym-gptq-r3", _gptq("fp4_e2m1/g128/asym clip=search rounds=3")),
+        ("fp4-asym-gptq-fp", _gptq("fp4_e2m1/g128/asym clip=search target=fp")),
+        ("fp4-asym-gptq-s128-fp", _gptq("fp4_e2m1/g128/asym clip=search samples=128 target=fp")),
     ],
 }
 

@@ -23,6 +23,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "rotate": "qcompile.passes.rotate",
     "gptq": "qcompile.passes.gptq",
     "lorc": "qcompile.passes.lorc",
+    "lower-triton": "qcompile.passes.lower_triton",
 }
 
 _REGISTRY: dict[str, type[Pass]] = {}

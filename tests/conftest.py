@@ -7,6 +7,17 @@ import time
 
 import pytest
 
+# Without a GPU, Triton kernels run in Triton's CPU interpreter (CPU tensors). The variable is
+# read when a kernel is decorated, so it is set before any test imports a kernel module.
+if os.environ.get("QCOMPILE_TRITON_NATIVE") != "1":
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        pass
+
 
 def pytest_collection_modifyitems(config, items):
     """``heavy`` tests (minutes of SmolLM2 GPTQ each) run only with QCOMPILE_HEAVY=1: CI has

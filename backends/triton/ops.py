@@ -1,0 +1,271 @@
+"""Fused graph ops that ``lower-triton`` puts in place of qcompile Q/DQ + linear chains.
+
+Each op's CPU implementation is the exact composition of the reference ops it replaces
+(:mod:`qcompile.ops`), so a lowered graph computes the same bits as the unlowered one on the
+CPU. The CUDA implementation launches the Triton kernel (imported on first use); its numerics
+differ from the reference only by fp32 accumulation order and the final rounding.
+
+Ops:
+    ``qcompile::w4a16_linear(x, packed, scale, scale_neg, zero, outer, bias, fmt, k)``
+        ``linear(x, dequantize_weight(packed, ..., fmt, k, x.dtype), bias)`` for 4-bit weights.
+    ``qcompile::quantize_rows(x, fmt, had_size) -> (q, scale)``
+        Per-token FP8/INT8 codes of ``hadamard(x, had_size)`` (or ``x`` when 0) and their fp32
+        scales ``[..., 1]``: ``q * scale`` is ``quantize_activation(...)`` exactly.
+    ``qcompile::fp8_linear(q, q_scale, wq, w_scale, bias, dtype)``
+        ``linear((q * q_scale).to(dtype), (wq * w_scale).to(dtype), bias)``: W8A8 FP8.
+    ``qcompile::w4a8_linear(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype)``
+        ``linear((q * q_scale).to(dtype), W.to(dtype), bias)`` with the FP4 weight
+        ``W = decode(codes) * 2^gexp * row_scale`` (ZeroQuant-FP M1/M2 scales).
+    ``qcompile::hadamard_quantize(x, size, fmt)``
+        ``quantize_activation(hadamard(x, size), fmt)`` in one pass (``size`` 0: no rotation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from qcompile.backends.triton.runtime import element_table, interpreting, triton_available
+from qcompile.errors import FormatError
+from qcompile.formats.elements import _round_f32
+from qcompile.ops import dequantize_weight, hadamard, quantize_activation, spec_of
+
+__all__ = [
+    "fp8_linear", "hadamard_quantize", "kernels_on_cpu", "quantize_rows", "w4a16_linear",
+    "w4a8_linear",
+]
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def kernels_on_cpu() -> Iterator[None]:
+    """Run the ops' Triton kernels on CPU tensors under the interpreter (tests only).
+
+    Raises:
+        RuntimeError: Triton is missing or ``TRITON_INTERPRET`` is not set.
+    """
+    if not (triton_available() and interpreting()):
+        raise RuntimeError("kernels_on_cpu needs triton and TRITON_INTERPRET=1")
+    old = getattr(_state, "cpu", False)
+    _state.cpu = True
+    try:
+        yield
+    finally:
+        _state.cpu = old
+
+
+def _use_kernel(t: torch.Tensor) -> bool:
+    if t.is_cuda:
+        return triton_available()
+    return getattr(_state, "cpu", False)
+
+
+def _rows_spec(fmt: str):
+    spec = spec_of(fmt)
+    if spec.granularity != "token" or spec.asym or spec.elem not in ("fp8_e4m3", "int8"):
+        raise FormatError(f"quantize_rows codes need fp8_e4m3/token or int8/token, got {fmt!r}")
+    return spec
+
+
+@functools.cache
+def _kernels():
+    # Imported lazily: importing triton is slow and it is not a hard dependency.
+    from qcompile.backends.triton import act_quant, fp8_gemm, w4a8, w4a16
+
+    return act_quant, fp8_gemm, w4a8, w4a16
+
+
+def _rot(x: torch.Tensor, had_size: int) -> torch.Tensor:
+    return hadamard(x, had_size) if had_size else x
+
+
+# --- W4A16 ---------------------------------------------------------------------------------
+
+@torch.library.custom_op("qcompile::w4a16_linear", mutates_args=())
+def w4a16_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    scale_neg: torch.Tensor | None,
+    zero: torch.Tensor | None,
+    outer: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    fmt: str,
+    k: int,
+) -> torch.Tensor:
+    """4-bit weight-only linear; see the module docstring."""
+    if _use_kernel(x):
+        spec = spec_of(fmt)
+        gs = spec.group_size if spec.granularity == "group" else k
+        return _kernels()[3].w4a16_linear(
+            x, packed, element_table(spec.elem, x.device), scale, scale_neg, zero, outer,
+            gs, bias)
+    w = dequantize_weight(packed, scale, scale_neg, zero, outer, fmt, k, x.dtype)
+    return F.linear(x, w, bias)
+
+
+@w4a16_linear.register_fake
+def _(x, packed, scale, scale_neg, zero, outer, bias, fmt, k):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+# --- per-token activation codes --------------------------------------------------------------
+
+@torch.library.custom_op("qcompile::quantize_rows", mutates_args=())
+def quantize_rows(x: torch.Tensor, fmt: str, had_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8/INT8 codes and fp32 scales; see the module docstring."""
+    spec = _rows_spec(fmt)
+    if _use_kernel(x):
+        return _kernels()[0].act_quant(x, fmt, had_size, out="codes")
+    xr = _rot(x, had_size).float()
+    # The scale rule of qcompile.formats.scales for a symmetric per-token format.
+    s = xr.abs().amax(-1, keepdim=True) / spec.element.max
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = _round_f32(xr / s, spec.elem)
+    dtype = torch.float8_e4m3fn if spec.elem == "fp8_e4m3" else torch.int8
+    return q.to(dtype), s
+
+
+@quantize_rows.register_fake
+def _(x, fmt, had_size):
+    spec = _rows_spec(fmt)
+    dtype = torch.float8_e4m3fn if spec.elem == "fp8_e4m3" else torch.int8
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty((*x.shape[:-1], 1),
+                                                           dtype=torch.float32)
+
+
+def _dq_rows(q: torch.Tensor, q_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * q_scale).to(dtype)
+
+
+# --- W8A8 FP8 ----------------------------------------------------------------------------
+
+@torch.library.custom_op("qcompile::fp8_linear", mutates_args=())
+def fp8_linear(
+    q: torch.Tensor,
+    q_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """FP8 activations x FP8 weights, scales in the epilogue; see the module docstring."""
+    if _use_kernel(q) and q.dtype == torch.float8_e4m3fn:
+        lead = q.shape[:-1]
+        out = _kernels()[1].fp8_scaled_mm(
+            q.reshape(-1, q.shape[-1]), q_scale.reshape(-1, 1), wq, w_scale.reshape(-1),
+            bias, out_dtype=dtype)
+        return out.reshape(*lead, wq.shape[0])
+    w = (wq.float() * w_scale).to(dtype)
+    return F.linear(_dq_rows(q, q_scale, dtype), w, bias)
+
+
+@fp8_linear.register_fake
+def _(q, q_scale, wq, w_scale, bias, dtype):
+    return q.new_empty((*q.shape[:-1], wq.shape[0]), dtype=dtype)
+
+
+# --- W4A8 (ZeroQuant-FP) -------------------------------------------------------------------
+
+def _w4a8_weight(packed, gexp, row_scale, group_size, k, dtype):
+    fmt = f"fp4_e2m1/g{group_size}/m2"
+    factor = torch.ldexp(torch.ones_like(gexp, dtype=torch.float32), gexp.to(torch.int32))
+    return dequantize_weight(packed, factor, None, None, row_scale.reshape(-1, 1).float(),
+                             fmt, k, dtype)
+
+
+@torch.library.custom_op("qcompile::w4a8_linear", mutates_args=())
+def w4a8_linear(
+    q: torch.Tensor,
+    q_scale: torch.Tensor,
+    packed: torch.Tensor,
+    gexp: torch.Tensor,
+    row_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    group_size: int,
+    k: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """FP8 activations x FP4 weights shifted to FP8; see the module docstring."""
+    if _use_kernel(q):
+        lead = q.shape[:-1]
+        out = _kernels()[2].w4a8_linear(
+            q.reshape(-1, q.shape[-1]), q_scale.reshape(-1, 1), packed, gexp, row_scale,
+            group_size, bias, out_dtype=dtype)
+        return out.reshape(*lead, packed.shape[0])
+    w = _w4a8_weight(packed, gexp, row_scale, group_size, k, dtype)
+    return F.linear(_dq_rows(q, q_scale, dtype), w, bias)
+
+
+@w4a8_linear.register_fake
+def _(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype):
+    return q.new_empty((*q.shape[:-1], packed.shape[0]), dtype=dtype)
+
+
+# --- Hadamard + dynamic quantize (qdq) -----------------------------------------------------
+
+@torch.library.custom_op("qcompile::hadamard_quantize", mutates_args=())
+def hadamard_quantize(x: torch.Tensor, size: int, fmt: str) -> torch.Tensor:
+    """``quantize_activation(hadamard(x, size), fmt)`` fused; see the module docstring."""
+    if _use_kernel(x):
+        return _kernels()[0].act_quant(x, fmt, size, out="qdq")
+    return quantize_activation(_rot(x, size), fmt)
+
+
+@hadamard_quantize.register_fake
+def _(x, size, fmt):
+    return torch.empty_like(x)
+
+
+# --- scale split for W4A8 --------------------------------------------------------------------
+
+#: fp4_e2m1 value x 2^e is exact in FP8 E4M3 for every code iff e lies in this range:
+#: 6 * 2^e <= 448 and 0.5 * 2^e >= 2^-9 (the E4M3 subnormal step; coarser steps stay exact).
+W4A8_EXP_RANGE = (-8, 6)
+
+
+class W4A8ScaleError(FormatError):
+    """FP4 scales that do not allow an exact FP4 -> FP8 exponent shift."""
+
+
+def split_w4a8_scales(
+    scale: torch.Tensor, outer: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ZeroQuant-FP scales as ``row_scale * 2^gexp`` for the W4A8 kernel.
+
+    Args:
+        scale: fp32 group scales ``[N, G]``: power-of-two group factors (``m2``, with
+            ``outer``) or power-of-two group scales (``po2``, ``outer`` None).
+        outer: fp32 row scales ``[N, 1]`` (``m2``) or None (``po2``: the row scale becomes
+            the row's largest group scale, so every ``gexp <= 0``).
+
+    Returns:
+        ``(gexp, row_scale)``: int8 ``[N, G]`` and fp32 ``[N]``.
+
+    Raises:
+        W4A8ScaleError: A group scale is not a power of two, or some ``fp4 value x 2^gexp``
+            would not be exact in FP8 E4M3 (``gexp`` outside ``W4A8_EXP_RANGE``).
+    """
+    s = scale.detach().float()
+    mant, exp = torch.frexp(s)
+    if not bool((mant == 0.5).all()):
+        raise W4A8ScaleError("W4A8 needs power-of-two group scales (po2 or m2 formats)")
+    exp = exp.to(torch.int32) - 1
+    if outer is None:
+        top = exp.amax(dim=-1, keepdim=True)
+        row = torch.ldexp(torch.ones_like(top, dtype=torch.float32), top)
+        exp = exp - top
+    else:
+        row = outer.detach().float().expand(s.shape[0], 1)
+    lo, hi = W4A8_EXP_RANGE
+    if exp.numel() and (int(exp.min()) < lo or int(exp.max()) > hi):
+        raise W4A8ScaleError(
+            f"group factors 2^{int(exp.min())}..2^{int(exp.max())} leave the range "
+            f"2^{lo}..2^{hi} where FP4 x factor is exact in FP8 E4M3")
+    return exp.to(torch.int8).contiguous(), row.reshape(-1).contiguous()

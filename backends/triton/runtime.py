@@ -1,0 +1,108 @@
+"""Shared kernel runtime: availability, input checks and small ``@triton.jit`` helpers.
+
+Importing this module does not import triton; the ``@triton.jit`` helpers live in
+:mod:`qcompile.backends.triton.jit`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import torch
+
+from qcompile.errors import FormatError
+from qcompile.formats.elements import element_info
+
+__all__ = [
+    "KernelInputError",
+    "check_tensor",
+    "element_table",
+    "interpreting",
+    "kernel_device",
+    "triton_available",
+]
+
+
+class KernelInputError(ValueError):
+    """A kernel wrapper was given a tensor of the wrong dtype, shape, device or layout."""
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (it is not a hard dependency)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel_device(t: torch.Tensor) -> bool:
+    """True when a Triton kernel can run on ``t``: CUDA, or CPU under the interpreter."""
+    if not triton_available():
+        return False
+    return t.is_cuda or (t.device.type == "cpu" and interpreting())
+
+
+def check_tensor(
+    t: object,
+    name: str,
+    dtypes: Sequence[torch.dtype],
+    ndim: int | None = None,
+    shape: Sequence[int | None] | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Check one kernel input; raise :class:`KernelInputError` naming what is wrong.
+
+    Args:
+        t: The input.
+        name: Its name in the kernel's signature (used in messages).
+        dtypes: Accepted dtypes.
+        ndim: Required number of dims, if any.
+        shape: Required sizes (None entries are free); implies ``ndim``.
+        device: Required device (the first tensor's), if any.
+
+    Returns:
+        ``t``, unchanged.
+    """
+    if not torch.is_tensor(t):
+        raise KernelInputError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        want = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise KernelInputError(f"{name} has dtype {str(t.dtype).removeprefix('torch.')}; "
+                               f"expected {want}")
+    if shape is not None:
+        ndim = len(shape)
+    if ndim is not None and t.dim() != ndim:
+        raise KernelInputError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if shape is not None:
+        for i, (have, want) in enumerate(zip(t.shape, shape, strict=True)):
+            if want is not None and have != want:
+                raise KernelInputError(
+                    f"{name} has shape {tuple(t.shape)}; dim {i} must be {want}"
+                )
+    if device is not None and t.device != device:
+        raise KernelInputError(f"{name} is on {t.device}, the other inputs on {device}")
+    if not kernel_device(t):
+        where = "CUDA" if triton_available() else "CUDA with triton installed"
+        raise KernelInputError(
+            f"{name} is on {t.device}: Triton kernels need {where} "
+            "(or TRITON_INTERPRET=1 for CPU tensors)"
+        )
+    return t
+
+
+@functools.cache
+def _table(elem: str, device: str) -> torch.Tensor:
+    info = element_info(elem)
+    if info.bits > 8:
+        raise FormatError(f"element {elem!r} has no code table")
+    return info.table().to(device)
+
+
+def element_table(elem: str, device: torch.device) -> torch.Tensor:
+    """fp32 value of every code of ``elem`` (``2**bits`` entries), cached per device."""
+    return _table(elem, str(device))

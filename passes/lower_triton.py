@@ -1,0 +1,305 @@
+"""Lower qcompile Q/DQ + linear chains to the fused Triton ops of ``qcompile.backends.triton``.
+
+Patterns (weights are ``qcompile::dequantize_weight`` of attribute reads, as ``quantize``
+leaves them):
+
+* W4A16: ``linear(x, dequantize_weight(4-bit fmt))`` with ``x`` not quantized
+  -> ``qcompile::w4a16_linear`` (FP4, AFPQ, INT4 sym/asym, NF4; groups or per channel;
+  ragged groups).
+* W8A8 FP8: ``linear(quantize_activation(x, fp8_e4m3/token), dequantize_weight(fp8_e4m3/channel))``
+  -> ``qcompile::quantize_rows`` (one per activation, shared by sibling linears) +
+  ``qcompile::fp8_linear``.
+* W4A8 (ZeroQuant-FP): the same with an FP4 ``po2``/``m2`` weight -> ``qcompile::w4a8_linear``;
+  scales must allow an exact FP4 -> FP8 exponent shift.
+* A ``qcompile::hadamard`` read only by the activation quantize folds into
+  ``quantize_rows`` (``had_size``).
+* Activation Q/DQ left over (W4A4, KV cache, unsupported linears) in a format the fused
+  quantize kernel handles -> ``qcompile::hadamard_quantize`` (with the Hadamard folded in
+  the same way, or size 0).
+
+Everything else stays on the reference ops; the report lists each such linear or activation
+and why. On the CPU the fused ops run the exact reference composition, so lowering never
+changes a CPU result; on CUDA they launch the kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+import qcompile.backends.triton.ops  # noqa: F401  (registers the fused ops)
+from qcompile.backends.triton.ops import W4A8ScaleError, split_w4a8_scales
+from qcompile.backends.triton.runtime import triton_available
+from qcompile.graph import get_attr_value, set_attr_value, unique_attr_name
+from qcompile.ops import spec_of
+from qcompile.pass_base import Pass, PassResult
+from qcompile.registry import register_pass
+
+__all__ = ["LowerTritonOptions", "LowerTritonPass"]
+
+log = logging.getLogger(__name__)
+
+_q = torch.ops.qcompile
+_DEQUANT = _q.dequantize_weight.default
+_QACT = _q.quantize_activation.default
+_HADAMARD = _q.hadamard.default
+_LINEAR = torch.ops.aten.linear.default
+_ROWS_FMT = "fp8_e4m3/token"
+_W4_ELEMS = ("fp4_e2m1", "int4", "nf4")
+
+
+@dataclass(frozen=True)
+class LowerTritonOptions:
+    """Options of ``lower-triton``: which kernel families to use.
+
+    Attributes:
+        w4a16: 4-bit weight-only linears.
+        fp8: W8A8 FP8 linears (FP8 per-token activations x FP8 per-channel weights).
+        w4a8: FP4 (po2/m2 scales) weights with FP8 per-token activations.
+        act: Remaining dynamic activation quantization (with a preceding online Hadamard).
+    """
+
+    w4a16: bool = True
+    fp8: bool = True
+    w4a8: bool = True
+    act: bool = True
+
+
+def _is(node: object, target: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _act_supported(fmt: str) -> str | None:
+    """Why the fused activation quantize kernel cannot take ``fmt`` (None: it can)."""
+    spec = spec_of(fmt)
+    if spec.granularity != "token":
+        return f"activation format {fmt}: the fused quantize kernel is per token only"
+    if spec.clip != 1.0 or spec.scale != "fp32":
+        return f"activation format {fmt}: clip ratios and constrained scales are not fused"
+    ok = {("fp8_e4m3", False), ("int8", False), ("int4", True), ("fp4_e2m1", False),
+          ("fp4_e2m1", True)}
+    if (spec.elem, spec.asym) not in ok:
+        return f"activation format {fmt}: no fused quantize kernel for this element"
+    return None
+
+
+@dataclass
+class _Match:
+    linear: fx.Node
+    deq: fx.Node
+    kind: str  # "w4a16" | "fp8" | "w4a8"
+    act: fx.Node | None = None  # the quantize_activation node (fp8/w4a8)
+    w4a8: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@register_pass
+class LowerTritonPass(Pass):
+    """Replace Q/DQ + linear chains with fused kernel ops (module docstring).
+
+    Rules:
+        1. Only linears whose weight is a ``dequantize_weight`` of attribute reads match.
+        2. A match is rewritten only if its formats have a kernel; every other quantized
+           linear and activation is reported with the reason in ``facts["not_lowered"]``.
+        3. An activation quantize read by several lowered FP8/W4A8 linears becomes one
+           ``quantize_rows``; users that are not lowered keep the original Q/DQ.
+        4. Nodes and buffers left unread are removed (``cleanup`` drops the buffers).
+        5. Nothing to lower: ``modified`` is False and the graph is untouched.
+        6. A 4-bit weight read with another activation format (W4A4) becomes a W4A16 GEMM on
+           the quantize-dequantized activation, whose Q/DQ is lowered on its own.
+    """
+
+    name = "lower-triton"
+    Options = LowerTritonOptions
+    summary = "fused Triton kernels for W4A16, W8A8 FP8, W4A8 and activation quantize"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        skipped: list[dict[str, str]] = []
+        matches = [m for n in list(gm.graph.nodes) if (m := self._check(gm, n, skipped))]
+        counts = {"w4a16": 0, "fp8": 0, "w4a8": 0, "act": 0}
+        rows: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+        for m in matches:
+            self._rewrite(gm, m, rows)
+            counts[m.kind] += 1
+        if self.options.act:
+            counts["act"] = self._lower_acts(gm, skipped)
+        modified = any(counts.values())
+        if modified:
+            self._drop_dead(gm)
+            gm.graph.lint()
+            gm.recompile()
+        facts = {**counts, "not_lowered": skipped, "triton_available": triton_available()}
+        return PassResult(gm, modified, facts)
+
+    # -- check -------------------------------------------------------------------------------
+
+    def _check(self, gm: fx.GraphModule, node: fx.Node, skipped: list) -> _Match | None:
+        if not _is(node, _LINEAR) or not _is(node.args[1], _DEQUANT):
+            return None
+        deq = node.args[1]
+        why = self._weight_problem(deq)
+        if why is None:
+            x = node.args[0]
+            spec = spec_of(deq.args[5])
+            if _is(x, _QACT):
+                m, why = self._check_quantized(gm, node, deq, x, spec)
+            elif spec.elem in _W4_ELEMS and spec.granularity in ("group", "channel"):
+                m = _Match(node, deq, "w4a16") if self.options.w4a16 else None
+                why = None if m else "w4a16 lowering is off"
+            else:
+                m, why = None, f"weight-only {spec} has no kernel (W4A16 takes 4-bit formats)"
+            if m is not None:
+                return m
+        skipped.append({"node": node.name, "reason": why})
+        return None
+
+    @staticmethod
+    def _weight_problem(deq: fx.Node) -> str | None:
+        tensors = deq.args[:5]
+        if not all(t is None or (isinstance(t, fx.Node) and t.op == "get_attr") for t in tensors):
+            return "weight codes or scales are not attribute reads"
+        spec = spec_of(deq.args[5])
+        if spec.granularity == "tensor":
+            return f"per-tensor weight scales ({spec}) are not lowered"
+        return None
+
+    def _check_quantized(self, gm, node, deq, act, wspec) -> tuple[_Match | None, str | None]:
+        afmt = act.args[1]
+        if str(spec_of(afmt)) != _ROWS_FMT:
+            if wspec.elem in _W4_ELEMS and wspec.granularity in ("group", "channel"):
+                # e.g. W4A4: the activation Q/DQ gets its own kernel (rule 6), the product
+                # is a W4A16 GEMM on the dequantized activation.
+                if not self.options.w4a16:
+                    return None, "w4a16 lowering is off"
+                return _Match(node, deq, "w4a16"), None
+            return None, f"activation {afmt} with weight {wspec}: GEMM kernels take fp8_e4m3/token"
+        if wspec.elem == "fp8_e4m3" and not wspec.asym and wspec.granularity == "channel":
+            if not self.options.fp8:
+                return None, "fp8 lowering is off"
+            return _Match(node, deq, "fp8", act), None
+        if (wspec.elem == "fp4_e2m1" and not wspec.asym and wspec.scale in ("po2", "m2")
+                and wspec.granularity in ("group", "channel")):
+            if not self.options.w4a8:
+                return None, "w4a8 lowering is off"
+            scale = get_attr_value(gm, deq.args[1].target)
+            outer = None if deq.args[4] is None else get_attr_value(gm, deq.args[4].target)
+            try:
+                split = split_w4a8_scales(scale, outer)
+            except W4A8ScaleError as e:
+                return None, f"weight {wspec}: {e}"
+            return _Match(node, deq, "w4a8", act, split), None
+        return None, (f"activation {afmt} with weight {wspec}: FP8 GEMMs take fp8_e4m3/channel "
+                      "or fp4_e2m1 po2/m2 weights")
+
+    # -- rewrite -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _source(act: fx.Node) -> tuple[fx.Node, int]:
+        """The activation's input, with a Hadamard read only by ``act`` folded in."""
+        src = act.args[0]
+        if _is(src, _HADAMARD) and len(src.users) == 1:
+            return src.args[0], int(src.args[1])
+        return src, 0
+
+    def _rows(self, gm: fx.GraphModule, act: fx.Node, rows: dict) -> tuple[fx.Node, fx.Node]:
+        if act not in rows:
+            src, had = self._source(act)
+            with gm.graph.inserting_after(act):
+                r = gm.graph.call_function(_q.quantize_rows.default, (src, act.args[1], had))
+            with gm.graph.inserting_after(r):
+                q = gm.graph.call_function(operator.getitem, (r, 0))
+            with gm.graph.inserting_after(q):
+                s = gm.graph.call_function(operator.getitem, (r, 1))
+            _fake(gm, r)
+            _fake(gm, q)
+            _fake(gm, s)
+            rows[act] = (q, s)
+        return rows[act]
+
+    def _rewrite(self, gm: fx.GraphModule, m: _Match, rows: dict) -> None:
+        lin, deq = m.linear, m.deq
+        bias = lin.args[2] if len(lin.args) > 2 else lin.kwargs.get("bias")
+        packed, scale, scale_neg, zero, outer, fmt, k, dtype = deq.args
+        if m.kind == "w4a16":
+            target = _q.w4a16_linear.default
+            args = (lin.args[0], packed, scale, scale_neg, zero, outer, bias, fmt, k)
+        else:
+            q, s = self._rows(gm, m.act, rows)
+            base = packed.target.rsplit(".", 1)[0] if "." in packed.target else packed.target
+            if m.kind == "fp8":
+                wq = get_attr_value(gm, packed.target).view(torch.float8_e4m3fn)
+                w = self._attr(gm, lin, f"{base}.qweight_fp8", wq)
+                target = _q.fp8_linear.default
+                args = (q, s, w, scale, bias, dtype)
+            else:
+                gexp, row = m.w4a8
+                spec = spec_of(fmt)
+                gs = spec.group_size if spec.granularity == "group" else k
+                g = self._attr(gm, lin, f"{base}.w4a8_gexp", gexp)
+                r = self._attr(gm, lin, f"{base}.w4a8_row_scale", row)
+                target = _q.w4a8_linear.default
+                args = (q, s, packed, g, r, bias, gs, k, dtype)
+        with gm.graph.inserting_before(lin):
+            new = gm.graph.call_function(target, args)
+        new.meta.update({k_: v for k_, v in lin.meta.items() if k_ != "val"})
+        new.meta["val"] = lin.meta.get("val")
+        lin.replace_all_uses_with(new)
+        gm.graph.erase_node(lin)
+
+    @staticmethod
+    def _attr(gm: fx.GraphModule, anchor: fx.Node, name: str, value: torch.Tensor) -> fx.Node:
+        name = unique_attr_name(gm, name)
+        set_attr_value(gm, name, value)
+        with gm.graph.inserting_before(anchor):
+            return gm.graph.get_attr(name)
+
+    def _lower_acts(self, gm: fx.GraphModule, skipped: list) -> int:
+        n = 0
+        for act in [a for a in gm.graph.nodes if _is(a, _QACT)]:
+            if not act.users:
+                continue
+            why = _act_supported(act.args[1])
+            if why is not None:
+                skipped.append({"node": act.name, "reason": why})
+                continue
+            src, had = self._source(act)
+            with gm.graph.inserting_before(act):
+                new = gm.graph.call_function(_q.hadamard_quantize.default,
+                                             (src, had, act.args[1]))
+            new.meta.update(act.meta)
+            act.replace_all_uses_with(new)
+            gm.graph.erase_node(act)
+            n += 1
+        return n
+
+    @staticmethod
+    def _drop_dead(gm: fx.GraphModule) -> None:
+        # Reverse order: a dead Q/DQ frees its Hadamard and attribute reads.
+        dead = (_DEQUANT, _QACT, _HADAMARD)
+        for node in reversed(list(gm.graph.nodes)):
+            if node.users:
+                continue
+            if node.op == "get_attr" or (node.op == "call_function" and node.target in dead):
+                gm.graph.erase_node(node)
+
+
+def _fake(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Give ``node`` fake ``val`` metadata like captured nodes have (when its inputs do)."""
+    vals = []
+    mode = None
+    for a in node.args:
+        if isinstance(a, fx.Node):
+            v = a.meta.get("val")
+            if v is None:
+                return
+            mode = mode or getattr(v, "fake_mode", None)
+            vals.append(v)
+        else:
+            vals.append(a)
+    if mode is None:
+        return
+    with mode:
+        node.meta["val"] = node.target(*vals)

@@ -1,0 +1,182 @@
+"""``lower-triton``: which chains it lowers, what it reports, and that it never changes numerics.
+
+On the CPU the fused ops run the exact composition of the reference ops, so a lowered graph
+must give bit-identical logits. Kernel numerics are checked in ``tests/test_triton_*.py``; the
+last tests here also run the lowered graph through the kernels under the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcompile.backends.triton.ops  # noqa: F401  (registers the fused ops)
+from qcompile.api import quantize_graph
+from qcompile.backends.triton.ops import W4A8ScaleError, split_w4a8_scales
+from qcompile.capture import capture
+from qcompile.formats import parse_format, quantize
+from qcompile.ops import dequantize_weight, hadamard, quantize_activation
+from qcompile.pipeline import parse_pipeline
+from qcompile.testing import tiny_model
+
+Q = torch.ops.qcompile
+ROT = "fuse-norms,rotate"
+
+
+def _ids(vocab: int = 100, seq: int = 9) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(gm, ids):
+    out = gm(ids)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _targets(gm) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+CASES = [
+    # (pipeline, expected counts, ops that must be gone)
+    ("quantize{w=fp4_e2m1/g32/asym}", {"w4a16": 14}, [Q.dequantize_weight.default]),
+    ("quantize{w=int4/g48/asym lm_head=true}", {"w4a16": 15}, [Q.dequantize_weight.default]),
+    ("quantize{w=nf4/channel}", {"w4a16": 14}, [Q.dequantize_weight.default]),
+    ("quantize{w=fp8_e4m3/channel a=fp8_e4m3/token}", {"fp8": 14},
+     [Q.dequantize_weight.default, Q.quantize_activation.default]),
+    ("quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token}", {"w4a8": 14},
+     [Q.dequantize_weight.default, Q.quantize_activation.default]),
+    ("quantize{w=fp4_e2m1/g32/po2 a=fp8_e4m3/token}", {"w4a8": 14},
+     [Q.dequantize_weight.default, Q.quantize_activation.default]),
+    (f"{ROT},quantize{{w=fp4_e2m1/channel/asym a=fp4_e2m1/token/asym kv=fp4_e2m1/token/asym}}",
+     {"w4a16": 14, "act": 12}, [Q.dequantize_weight.default, Q.quantize_activation.default]),
+    (f"{ROT},quantize{{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token kv=fp8_e4m3/token}}",
+     {"w4a8": 14, "act": 4}, [Q.dequantize_weight.default, Q.quantize_activation.default]),
+]
+
+
+@pytest.mark.parametrize("pipeline,counts,gone", CASES, ids=[c[0] for c in CASES])
+def test_lowering_counts_and_exact_cpu_numerics(llama, pipeline, counts, gone):
+    ids = _ids()
+    gm, _ = quantize_graph(capture(llama), pipeline, progress=False)
+    ref = _logits(gm, ids)
+    gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)
+    facts = report["passes"][0]["facts"]
+    for kind in ("w4a16", "fp8", "w4a8", "act"):
+        assert facts[kind] == counts.get(kind, 0), (kind, facts)
+    assert facts["not_lowered"] == []
+    assert report["passes"][0]["modified"]
+    targets = _targets(gm)
+    for op in gone:
+        assert op not in targets
+    assert torch.equal(_logits(gm, ids), ref)
+
+
+def test_rotated_w4a8_folds_the_online_hadamard(llama):
+    gm, _ = quantize_graph(capture(llama), f"{ROT},quantize{{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token}}",
+                           progress=False)
+    n_had = _targets(gm).count(Q.hadamard.default)
+    gm, _ = quantize_graph(gm, "lower-triton", progress=False)
+    rows = [n for n in gm.graph.nodes if n.target is Q.quantize_rows.default]
+    folded = [n for n in rows if n.args[2] > 0]
+    # R4 (down_proj input) folds into its quantize; R3 Hadamards on q/k are not quantized.
+    assert len(folded) == 2
+    assert _targets(gm).count(Q.hadamard.default) == n_had - 2
+    # q/k/v share one activation quantize per layer: 4 distinct inputs per layer.
+    assert len(rows) == 2 * 4
+
+
+def test_unsupported_chains_are_reported_not_lowered(llama):
+    ids = _ids()
+    gm, _ = quantize_graph(capture(llama), "quantize{w=int8/channel a=int8/token}",
+                           progress=False)
+    ref = _logits(gm, ids)
+    gm, report = quantize_graph(gm, "lower-triton", progress=False)
+    facts = report["passes"][0]["facts"]
+    assert facts["fp8"] == facts["w4a8"] == facts["w4a16"] == 0
+    assert facts["act"] == 8  # the int8 per-token Q/DQ itself has a fused kernel
+    assert len(facts["not_lowered"]) == 14
+    assert all("fp8_e4m3/token" in e["reason"] for e in facts["not_lowered"])
+    assert torch.equal(_logits(gm, ids), ref)
+
+
+def test_unreadable_w4a8_scales_are_reported(llama):
+    gm, _ = quantize_graph(capture(llama), "quantize{w=fp4_e2m1/g32 a=fp8_e4m3/token}",
+                           progress=False)
+    gm, report = quantize_graph(gm, "lower-triton", progress=False)
+    facts = report["passes"][0]["facts"]
+    assert facts["w4a8"] == 0 and len(facts["not_lowered"]) == 14
+    assert "po2/m2" in facts["not_lowered"][0]["reason"]
+
+
+def test_nothing_to_lower_is_unmodified(llama):
+    gm = capture(llama)
+    before = [n.format_node() for n in gm.graph.nodes]
+    gm, report = quantize_graph(gm, "lower-triton", progress=False)
+    assert not report["passes"][0]["modified"]
+    assert [n.format_node() for n in gm.graph.nodes] == before
+
+
+def test_options_round_trip_and_switch_families(llama):
+    p = parse_pipeline("lower-triton{w4a8=false act=false}")
+    assert str(p) == "lower-triton{w4a8=false act=false}"
+    gm, _ = quantize_graph(capture(llama), "quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token}",
+                           progress=False)
+    gm, report = quantize_graph(gm, p, progress=False)
+    facts = report["passes"][0]["facts"]
+    assert facts["w4a8"] == 0 and facts["act"] == 0
+    assert {e["reason"] for e in facts["not_lowered"]} == {"w4a8 lowering is off"}
+
+
+# --- the fused ops' CPU references --------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["fp8_e4m3/token", "int8/token"])
+@pytest.mark.parametrize("had", [0, 64])
+def test_quantize_rows_codes_times_scale_is_the_reference_qdq(dtype, fmt, had):
+    x = (torch.randn(3, 5, 128, generator=torch.Generator().manual_seed(0)) * 4).to(dtype)
+    x[0, 0] = 0  # an all-zero row keeps scale 1
+    q, s = Q.quantize_rows(x, fmt, had)
+    ref = quantize_activation(hadamard(x, had) if had else x, fmt)
+    assert q.dtype == (torch.float8_e4m3fn if fmt.startswith("fp8") else torch.int8)
+    assert s.shape == (3, 5, 1) and s.dtype == torch.float32
+    assert torch.equal((q.float() * s).to(dtype), ref)
+
+
+def test_quantize_rows_refuses_other_formats():
+    with pytest.raises(ValueError, match="fp8_e4m3/token or int8/token"):
+        Q.quantize_rows(torch.randn(2, 8), "fp4_e2m1/token", 0)
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1/g64/m2", "fp4_e2m1/g48/po2", "fp4_e2m1/channel/po2"])
+def test_w4a8_scale_split_reproduces_the_weight_exactly(fmt):
+    w = torch.randn(24, 200, generator=torch.Generator().manual_seed(1))
+    w[3, :64] *= 1e-2  # a small group next to large ones (po2 stays within 2^-8)
+    qt = quantize(w, parse_format(fmt))
+    gexp, row = split_w4a8_scales(qt.scale, qt.outer)
+    assert gexp.dtype == torch.int8 and row.shape == (24,)
+    if qt.outer is None:
+        assert int(gexp.max()) == 0  # po2: the row scale is the largest group scale
+    packed = __import__("qcompile.formats", fromlist=["pack_codes"]).pack_codes(qt.codes, 4)
+    ref = dequantize_weight(packed, qt.scale, None, None, qt.outer, fmt, 200, torch.float32)
+    gs = parse_format(fmt).group_size or 200
+    got = torch.ops.qcompile.w4a8_linear(
+        torch.eye(200).to(torch.float8_e4m3fn), torch.ones(200, 1), packed, gexp, row, None,
+        gs, 200, torch.float32)
+    assert torch.equal(got.T, ref)
+    # Every FP4 value times its group factor is exact in FP8 E4M3 (the exponent shift).
+    shifted = ref / row[:, None]
+    assert torch.equal(shifted.to(torch.float8_e4m3fn).float(), shifted)
+
+
+def test_w4a8_scale_split_refuses_inexact_scales():
+    with pytest.raises(W4A8ScaleError, match="power-of-two"):
+        split_w4a8_scales(torch.full((2, 3), 0.3), None)
+    tiny = torch.tensor([[1.0, 2.0**-9]])
+    with pytest.raises(W4A8ScaleError, match="exact in FP8"):
+        split_w4a8_scales(tiny, None)
+    split_w4a8_scales(torch.tensor([[1.0, 2.0**-8]]), None)  # the edge is fine
