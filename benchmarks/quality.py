@@ -89,6 +89,9 @@ GRIDS: dict[str, list[tuple[str, str]]] = {
         ("fp4-asym-gptq-r3", _gptq("fp4_e2m1/g128/asym clip=search rounds=3")),
         ("fp4-asym-gptq-fp", _gptq("fp4_e2m1/g128/asym clip=search target=fp")),
         ("fp4-asym-gptq-s128-fp", _gptq("fp4_e2m1/g128/asym clip=search samples=128 target=fp")),
+        ("fp4-asym-gptq-lorc", _gptq("fp4_e2m1/g128/asym clip=search", lorc=True)),
+        ("fp4-asym-rot-gptq", "fuse-norms,rotate{r3=none},"
+                              + _gptq("fp4_e2m1/g128/asym clip=search")),
     ],
 }
 
@@ -152,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--grid", default="rtn", choices=sorted(GRIDS))
     ap.add_argument("--only", default="", help="comma-separated substrings of pipelines to run")
+    ap.add_argument("--families", default="", help="comma-separated family names to run")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", default="out/quality")
@@ -192,8 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         path.write_text(json.dumps(state, indent=1))
     baseline = run["baseline_ppl"]
     only = [s for s in args.only.split(",") if s]
+    families = [s for s in args.families.split(",") if s]
     for family, pipeline in GRIDS[args.grid]:
         if pipeline in run["cells"] or (only and not any(s in pipeline for s in only)):
+            continue
+        if families and family not in families:
             continue
         text_of = (get_recipe(pipeline.removeprefix("recipe:")).pipeline
                    if pipeline.startswith("recipe:") else pipeline)

@@ -1,0 +1,56 @@
+"""Fused per-token FP8 activation quantize kernel vs a plain copy of the same tensor (CUDA).
+
+Times ``act_quant(x, "fp8_e4m3/token", had_size, out="codes")`` on an ``8192 x 8192`` bf16
+``x`` with ``had_size`` 8192 (the whole row rotated) and 0, and ``y.copy_(x)`` of the same
+bytes in the same run (the memory-bound floor: the kernel reads the same 2 bytes per element
+and writes 1 plus a scale per row). Output: one dict per measurement, ``us`` the median of
+``triton.testing.do_bench`` and ``ratio_to_copy`` relative to the copy.
+
+Usage::
+
+    python benchmarks/kernels_act.py
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+ROWS = COLS = 8192
+FMT = "fp8_e4m3/token"
+HAD_SIZES = (0, 8192)
+
+
+def run() -> list[dict[str, Any]]:
+    """Time the kernel and the copy; one dict per variant.
+
+    Raises:
+        RuntimeError: No CUDA device (the interpreter would time Python, not the kernel).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("benchmarks/kernels_act.py needs a CUDA GPU: the Triton interpreter "
+                           "on CPU measures Python overhead, not the kernel")
+    from triton.testing import do_bench
+
+    from qcompile.backends.triton.act_quant import act_quant
+
+    x = torch.randn(ROWS, COLS, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    copy_us = do_bench(lambda: y.copy_(x), return_mode="median") * 1e3
+    device = torch.cuda.get_device_name()
+    shape = [ROWS, COLS]
+    results = [{"op": "copy", "shape": shape, "dtype": "bfloat16", "us": copy_us,
+                "ratio_to_copy": 1.0, "device": device}]
+    for had in HAD_SIZES:
+        us = do_bench(lambda had=had: act_quant(x, FMT, had_size=had, out="codes"),
+                      return_mode="median") * 1e3
+        results.append({"op": "act_quant", "fmt": FMT, "had_size": had, "out": "codes",
+                        "shape": shape, "dtype": "bfloat16", "us": us,
+                        "ratio_to_copy": us / copy_us, "device": device})
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))

@@ -1,0 +1,285 @@
+"""Fused per-token activation quantize kernels (``qcompile.backends.triton.act_quant``).
+
+On CUDA the full grid runs (rows 1/7/33/4097 x D 576/960/1536/2048/200 x every format x fp32/
+bf16 x every Hadamard size); on CPU the kernels run in the Triton interpreter on a subset that
+still covers every format, dtype, row count, D and Hadamard size once (about 30 s).
+
+Tolerances:
+
+* ``had_size=0``: bit-exact against ``qcompile.ops.quantize_activation`` (and the codes against
+  ``compute_scales`` + RNE rounding).
+* ``had_size>0``: the kernel sums the Hadamard in another order than the reference butterfly,
+  so rotated values match ``qcompile.ops.hadamard`` to 1e-6 of the row's largest magnitude in
+  fp32 (bf16/fp16: the same values rounded, so equal except rare near-ties, at most 0.2% of
+  elements, one ulp apart). Quantizing the kernel's own rotated values with the reference is
+  bit-exact with the kernel's output; against the reference's rotation the output is within
+  one quantization step everywhere and differs beyond fp32 rounding of the scale (1e-5 of the
+  row's range, one ulp of the output dtype) on at most 0.5% of elements.
+* RMSNorm: the mean square is summed in another order (rsqrt itself is ``1 / sqrt`` in both),
+  so results are within one quantization step, beyond scale rounding on at most 0.5% of
+  elements; codes equal the reference's on 99% or more and the scales agree to 1e-6
+  relative.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from qcompile.backends.triton.runtime import KernelInputError, interpreting  # noqa: E402
+from qcompile.errors import FormatError  # noqa: E402
+from qcompile.formats import parse_format  # noqa: E402
+from qcompile.formats.scales import compute_scales, group_stats  # noqa: E402
+from qcompile.ops import hadamard  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+if not CUDA and not interpreting():
+    pytest.skip("no CUDA and TRITON_INTERPRET is not set", allow_module_level=True)
+
+from qcompile.backends.triton.act_quant import (  # noqa: E402
+    act_quant,
+    act_quant_ref,
+    rmsnorm_quant,
+    rmsnorm_quant_ref,
+)
+
+FORMATS = ("fp8_e4m3/token", "int8/token", "int4/token/asym", "fp4_e2m1/token",
+           "fp4_e2m1/token/asym")
+DTYPES = (torch.float32, torch.bfloat16)
+ROWS = (1, 7, 33, 4097) if CUDA else (1, 7, 33)
+DIMS = (576, 960, 1536, 2048, 200)
+HAD = {576: (64, 576), 960: (64, 960), 1536: (64, 1536), 2048: (64, 2048), 200: ()}
+
+
+def _cycle(full: list[tuple], cpu: int) -> list[tuple]:
+    """All of ``full`` on CUDA; on CPU ``cpu`` cases spread over it (a stride coprime with
+    the axis lengths 2, 3 and 5, so every value of every axis comes up)."""
+    if CUDA:
+        return full
+    stride = max(1, len(full) // cpu)
+    while math.gcd(stride, 30) != 1:
+        stride += 1
+    return [full[(i * stride) % len(full)] for i in range(cpu)]
+
+
+def _ids(v: object) -> str | None:
+    return str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else None
+
+
+def _x(rows: int | tuple[int, ...], d: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    shape = (rows,) if isinstance(rows, int) else rows
+    # Heavy-tailed rows with outlier channels, like LLM activations.
+    x = torch.randn(*shape, d, generator=g) * torch.rand(*shape, 1, generator=g).mul(4)
+    x[..., :: max(1, d // 7)] *= 20
+    return x.to(dtype).to(DEVICE)
+
+
+def _step_ok(got: torch.Tensor, want: torch.Tensor, rot: torch.Tensor, fmt: str,
+             max_frac: float) -> None:
+    """``got`` within one quantization step of ``want`` (scales from ``rot``, the
+    reference's input); beyond fp32 scale rounding on at most ``max_frac`` of elements."""
+    spec = parse_format(fmt)
+    rf = rot.float()
+    sc = compute_scales(spec, group_stats(rf, spec), None)
+    s = sc.scale if sc.scale_neg is None else torch.maximum(sc.scale, sc.scale_neg)
+    a, b = got.float(), want.float()
+    info = spec.element
+    if info.kind == "int":
+        spacing = torch.ones_like(a)
+    else:
+        mag = torch.maximum(a.abs(), b.abs()) / s
+        e = torch.floor(torch.log2(mag)).clamp(min=1 - info.bias) - info.mbits
+        spacing = torch.exp2(e)
+    eps = torch.finfo(got.dtype).eps
+    slack = 1e-5 * rf.abs().amax(-1, keepdim=True) + eps * b.abs()
+    diff = (a - b).abs()
+    assert bool((diff <= s * spacing * 1.001 + slack).all()), float((diff - s * spacing).max())
+    assert float((diff > slack).float().mean()) <= max_frac
+
+
+# --- bit-exact without Hadamard -------------------------------------------------------------
+
+EXACT = _cycle(list(itertools.product(ROWS, DIMS, FORMATS, DTYPES)), 40)
+
+
+@pytest.mark.parametrize(("rows", "d", "fmt", "dtype"), EXACT, ids=_ids)
+def test_qdq_bit_exact(rows, d, fmt, dtype):
+    x = _x(rows, d, dtype, seed=rows * d)
+    got = act_quant(x, fmt)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(got, act_quant_ref(x, fmt))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_qdq_fp16_and_leading_dims(fmt):
+    x = _x((2, 3), 200, torch.float16, seed=5)
+    got = act_quant(x, fmt)
+    assert got.shape == (2, 3, 200) and torch.equal(got, act_quant_ref(x, fmt))
+
+
+@pytest.mark.parametrize(("fmt", "dtype"), itertools.product(FORMATS[:2], DTYPES), ids=_ids)
+def test_codes_round_trip(fmt, dtype):
+    x = _x((3, 2), 576, dtype, seed=11)
+    q, s = act_quant(x, fmt, out="codes")
+    assert q.dtype == (torch.float8_e4m3fn if fmt.startswith("fp8") else torch.int8)
+    assert q.shape == x.shape and s.shape == (3, 2, 1) and s.dtype == torch.float32
+    rq, rs = act_quant_ref(x, fmt, out="codes")
+    assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs)
+    assert torch.equal((q.float() * s).to(dtype), act_quant(x, fmt))
+
+
+def test_zero_rows_and_zero_values():
+    x = torch.zeros(3, 64, device=DEVICE)
+    q, s = act_quant(x, "int8/token", out="codes")
+    assert torch.equal(s, torch.ones_like(s)) and not q.any()
+    assert act_quant(torch.empty(0, 64, device=DEVICE), "fp8_e4m3/token").shape == (0, 64)
+    assert not act_quant(x, "int4/token/asym", had_size=64).any()
+
+
+# --- with the online Hadamard ---------------------------------------------------------------
+
+_HAD_PAIRS = [(d, h) for d in DIMS for h in HAD[d]]
+if CUDA:
+    HADS = [(r, d, h, f, t) for d, h in _HAD_PAIRS
+            for r, f, t in itertools.product(ROWS, FORMATS, DTYPES)]
+else:  # every (D, size) pair twice, cycling through row counts, formats and dtypes
+    _rows, _kinds = itertools.cycle(ROWS), itertools.cycle(itertools.product(DTYPES, FORMATS))
+    HADS = [(next(_rows), d, h, *next(_kinds)[::-1]) for d, h in _HAD_PAIRS * 2]
+
+
+@pytest.mark.parametrize(("rows", "d", "had", "fmt", "dtype"), HADS, ids=_ids)
+def test_hadamard_quantize(rows, d, had, fmt, dtype):
+    """Rotation to fp32 rounding; quantization of it exact; one step from the reference."""
+    x = _x(rows, d, dtype, seed=d + had)
+    rot = act_quant(x, fmt, had, out="rotated")
+    want_rot = hadamard(x, had)
+    exact = hadamard(x.double(), had)
+    rowmax = exact.abs().amax(-1, keepdim=True)
+    if dtype == torch.float32:
+        assert bool(((rot.double() - exact).abs() <= 1e-6 * rowmax).all())
+    else:  # both are the bf16 rounding of values 1e-6 apart: equal but for rare near-ties
+        diff = (rot.double() - want_rot.double()).abs()
+        assert bool((diff <= exact.abs() * 2.0**-7 + 1e-6 * rowmax).all())
+        assert float((diff > 0).float().mean()) <= 0.002
+    got = act_quant(x, fmt, had)
+    assert torch.equal(got, act_quant_ref(rot, fmt))  # the quantization itself is exact
+    _step_ok(got, act_quant_ref(x, fmt, had), want_rot, fmt, max_frac=0.005)
+
+
+def test_hadamard_fp16():
+    x = _x((2, 3), 576, torch.float16, seed=4)
+    rot = act_quant(x, "int4/token/asym", 576, out="rotated")
+    assert rot.dtype == torch.float16 and rot.shape == x.shape
+    assert float((rot != hadamard(x, 576)).float().mean()) <= 0.002
+    assert torch.equal(act_quant(x, "int4/token/asym", 576), act_quant_ref(rot, "int4/token/asym"))
+
+
+@pytest.mark.parametrize(("d", "had"), [(14336, 14336), (16384, 16384), (48, 24), (960, 480),
+                                        (152, 152), (96, 8), (64, 1)])
+def test_hadamard_other_sizes(d, had):
+    """Kronecker sizes with a large 2^k (split in two dots), small 2^k folded into the base,
+    a padded 2^k axis (8 x 60, 2 x 76) and tiny sizes."""
+    x = _x(1 if d > 4096 else 3, d, torch.float32, seed=had)
+    rot = act_quant(x, "fp8_e4m3/token", had, out="rotated")
+    exact = hadamard(x.double(), had)
+    assert bool(((rot.double() - exact).abs() <= 1e-6 * exact.abs().amax(-1, keepdim=True)).all())
+
+
+def test_hadamard_codes():
+    x = _x(7, 1536, torch.bfloat16, seed=3)
+    q, s = act_quant(x, "fp8_e4m3/token", 1536, out="codes")
+    rot = act_quant(x, "fp8_e4m3/token", 1536, out="rotated")
+    rq, rs = act_quant_ref(rot, "fp8_e4m3/token", out="codes")
+    assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs)
+
+
+# --- RMSNorm + quantize ---------------------------------------------------------------------
+
+NORMS = _cycle(list(itertools.product(ROWS, DIMS, FORMATS, DTYPES, (True, False))), 16)
+
+
+@pytest.mark.parametrize(("rows", "d", "fmt", "dtype", "with_w"), NORMS, ids=_ids)
+def test_rmsnorm_quant(rows, d, fmt, dtype, with_w):
+    x = _x(rows, d, dtype, seed=d)
+    w = (torch.rand(d, generator=torch.Generator().manual_seed(1)) + 0.5).to(dtype).to(DEVICE)
+    w = w if with_w else None
+    got = rmsnorm_quant(x, w, 1e-6, fmt)
+    assert got.dtype == dtype and got.shape == x.shape
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 if w is None else w.float())
+    _step_ok(got, rmsnorm_quant_ref(x, w, 1e-6, fmt), y, fmt, max_frac=0.005)
+
+
+@pytest.mark.parametrize("fmt", FORMATS[:2])
+def test_rmsnorm_codes(fmt):
+    x = _x((2, 5), 960, torch.bfloat16, seed=9)
+    w = torch.linspace(0.5, 1.5, 960, device=DEVICE)
+    q, s = rmsnorm_quant(x, w, 1e-5, fmt, out="codes")
+    rq, rs = rmsnorm_quant_ref(x, w, 1e-5, fmt, out="codes")
+    assert q.dtype == rq.dtype and s.shape == (2, 5, 1)
+    assert bool(((s - rs).abs() <= 1e-6 * rs).all())
+    diff = q.float() - rq.float()
+    assert float((diff != 0).float().mean()) <= 0.01
+    if fmt.startswith("int"):
+        assert bool((diff.abs() <= 1).all())
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+def test_format_errors():
+    x = _x(2, 64, torch.float32)
+    with pytest.raises(FormatError, match="fp8_e5m2/token.*supported: fp8_e4m3/token"):
+        act_quant(x, "fp8_e5m2/token")
+    with pytest.raises(FormatError, match="int8/g32"):
+        act_quant(x, "int8/g32")
+    with pytest.raises(FormatError, match="int8/token/po2"):
+        act_quant(x, "int8/token/po2")
+    with pytest.raises(FormatError, match="codes"):
+        act_quant(x, "fp4_e2m1/token", out="codes")
+    with pytest.raises(FormatError, match="codes"):
+        rmsnorm_quant(x, None, 1e-6, "int4/token/asym", out="codes")
+    with pytest.raises(ValueError, match="out must be"):
+        act_quant(x, "int8/token", out="packed")
+    with pytest.raises(ValueError, match="out must be"):
+        rmsnorm_quant(x, None, 1e-6, "int8/token", out="rotated")
+
+
+def test_hadamard_size_errors():
+    with pytest.raises(ValueError, match="does not divide"):
+        act_quant(_x(2, 200, torch.float32), "int8/token", 64)
+    with pytest.raises(ValueError, match="no Hadamard construction of order 92"):
+        act_quant(_x(2, 184, torch.float32), "int8/token", 92)
+    with pytest.raises(ValueError, match="no Hadamard construction of order 6"):
+        act_quant(_x(2, 12, torch.float32), "int8/token", 6)
+    with pytest.raises(ValueError, match="base orders"):  # 11008 = 32 x 344
+        act_quant(torch.zeros(1, 11008, device=DEVICE), "int8/token", 11008)
+    with pytest.raises(ValueError, match="had_size"):
+        act_quant(_x(2, 64, torch.float32), "int8/token", -1)
+
+
+def test_input_errors(monkeypatch):
+    x = _x(4, 64, torch.float32)
+    with pytest.raises(KernelInputError, match="dtype float64"):
+        act_quant(x.double(), "int8/token")
+    with pytest.raises(KernelInputError, match="dtype int32"):
+        act_quant(x.to(torch.int32), "int8/token")
+    with pytest.raises(KernelInputError, match="contiguous"):
+        act_quant(_x(64, 4, torch.float32).t(), "int8/token")
+    with pytest.raises(KernelInputError, match="must be a tensor"):
+        act_quant([1.0, 2.0], "int8/token")
+    with pytest.raises(KernelInputError, match="weight has shape"):
+        rmsnorm_quant(x, torch.ones(32, device=DEVICE), 1e-6, "int8/token")
+    with pytest.raises(KernelInputError, match="weight has dtype"):
+        rmsnorm_quant(x, torch.ones(64, dtype=torch.int8, device=DEVICE), 1e-6, "int8/token")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(KernelInputError, match="TRITON_INTERPRET"):
+        act_quant(torch.randn(4, 64), "int8/token")
+    with pytest.raises(KernelInputError, match="TRITON_INTERPRET"):
+        rmsnorm_quant(torch.randn(4, 64), None, 1e-6, "int8/token")
