@@ -32,8 +32,8 @@ import torch
 import torch.fx as fx
 
 import qcompile.backends.triton.ops  # noqa: F401  (registers the fused ops)
-from qcompile.backends.triton.ops import W4A8ScaleError, split_w4a8_scales
 from qcompile.backends.triton.runtime import triton_available
+from qcompile.backends.triton.scales import W4A8ScaleError, w4a8_split_scales
 from qcompile.graph import get_attr_value, set_attr_value, unique_attr_name
 from qcompile.ops import spec_of
 from qcompile.pass_base import Pass, PassResult
@@ -187,7 +187,7 @@ class LowerTritonPass(Pass):
             scale = get_attr_value(gm, deq.args[1].target)
             outer = None if deq.args[4] is None else get_attr_value(gm, deq.args[4].target)
             try:
-                split = split_w4a8_scales(scale, outer)
+                split = w4a8_split_scales(scale, outer)
             except W4A8ScaleError as e:
                 return None, f"weight {wspec}: {e}"
             return _Match(node, deq, "w4a8", act, split), None

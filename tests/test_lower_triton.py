@@ -12,7 +12,7 @@ import torch
 
 import qcompile.backends.triton.ops  # noqa: F401  (registers the fused ops)
 from qcompile.api import quantize_graph
-from qcompile.backends.triton.ops import W4A8ScaleError, split_w4a8_scales
+from qcompile.backends.triton.scales import W4A8ScaleError, w4a8_split_scales
 from qcompile.capture import capture
 from qcompile.formats import parse_format, quantize
 from qcompile.ops import dequantize_weight, hadamard, quantize_activation
@@ -157,7 +157,7 @@ def test_w4a8_scale_split_reproduces_the_weight_exactly(fmt):
     w = torch.randn(24, 200, generator=torch.Generator().manual_seed(1))
     w[3, :64] *= 1e-2  # a small group next to large ones (po2 stays within 2^-8)
     qt = quantize(w, parse_format(fmt))
-    gexp, row = split_w4a8_scales(qt.scale, qt.outer)
+    gexp, row = w4a8_split_scales(qt.scale, qt.outer)
     assert gexp.dtype == torch.int8 and row.shape == (24,)
     if qt.outer is None:
         assert int(gexp.max()) == 0  # po2: the row scale is the largest group scale
@@ -174,12 +174,12 @@ def test_w4a8_scale_split_reproduces_the_weight_exactly(fmt):
 
 
 def test_w4a8_scale_split_refuses_inexact_scales():
-    with pytest.raises(W4A8ScaleError, match="power-of-two"):
-        split_w4a8_scales(torch.full((2, 3), 0.3), None)
+    with pytest.raises(W4A8ScaleError, match="powers of two"):
+        w4a8_split_scales(torch.full((2, 3), 0.3), None)
     tiny = torch.tensor([[1.0, 2.0**-9]])
     with pytest.raises(W4A8ScaleError, match="exact in FP8"):
-        split_w4a8_scales(tiny, None)
-    split_w4a8_scales(torch.tensor([[1.0, 2.0**-8]]), None)  # the edge is fine
+        w4a8_split_scales(tiny, None)
+    w4a8_split_scales(torch.tensor([[1.0, 2.0**-8]]), None)  # the edge is fine
 
 
 # --- the lowered graph through the kernels ------------------------------------------------

@@ -1,0 +1,266 @@
+"""W4A8 GEMM: FP4 E2M1 weights shifted to FP8 E4M3 in registers, FP8 activations, FP8 MMA.
+
+Weights are fp4_e2m1 codes packed two per byte (:mod:`qcompile.formats.packing`: element 2i in
+the low nibble of byte i), ``[N, ceil(K/2)]``, with ZeroQuant-FP scales in the form
+``row_scale[n] * 2^gexp[n, g]`` (:func:`w4a8_split_scales` converts qcompile's ``m2`` and ``po2``
+scales). While ``gexp`` lies in :data:`GEXP_RANGE`, every ``fp4 value * 2^gexp`` is exactly an
+FP8 E4M3 number, so the kernel builds the FP8 weight tile with integer ops on the code bits
+(sign kept, exponent field shifted by ``gexp``, mantissa bit moved; E4M3 subnormals by a right
+shift) and multiplies it with the FP8 activation tile on the tensor cores. Only the per-token
+activation scale and ``row_scale`` remain, applied in the epilogue:
+
+    out[m, n] = (sum_k a[m, k] * W8[n, k]) * a_scale[m] * row_scale[n] (+ bias[n])
+
+with ``W8 = decode(codes) * 2^gexp`` (:func:`w4a8_weight_fp8`, bit-exact in FP8), so the
+kernel equals the fp32 reference up to accumulation order and the final rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.backends.triton.fp8_gemm import (
+    check_bias_and_dtype,
+    check_fp8_device,
+    check_scale_vector,
+    m_bucket,
+    prune_configs_by_m,
+    tile_coords,
+)
+from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting
+from qcompile.backends.triton.scales import (
+    GEXP_RANGE,
+    W4A8ScaleError,
+    check_gexp_range,
+    w4a8_split_scales,
+)
+from qcompile.formats.elements import decode
+from qcompile.formats.packing import packed_len, unpack_codes
+
+__all__ = [
+    "GEXP_RANGE",
+    "W4A8_CONFIGS",
+    "W4A8ScaleError",
+    "w4a8_linear",
+    "w4a8_linear_ref",
+    "w4a8_split_scales",
+    "w4a8_weight_fp8",
+]
+
+_FP8 = torch.float8_e4m3fn
+_INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
+
+
+# --- reference ---------------------------------------------------------------------------------
+
+def w4a8_weight_fp8(packed: torch.Tensor, gexp: torch.Tensor, group_size: int,
+                    k: int) -> torch.Tensor:
+    """The FP8 weight the kernel builds: ``decode(codes) * 2^gexp`` as float8_e4m3fn ``[N, K]``.
+
+    Exact by construction (the cast rounds nothing): ``W8 * row_scale`` is bit-equal to
+    qcompile's dequantized weight.
+
+    Raises:
+        W4A8ScaleError: ``gexp`` outside :data:`GEXP_RANGE`.
+    """
+    check_gexp_range(gexp)
+    vals = decode(unpack_codes(packed, 4, k), "fp4_e2m1")
+    idx = torch.arange(k, device=packed.device) // group_size
+    g = gexp.to(torch.float32).index_select(1, idx)
+    return torch.ldexp(vals, g).to(_FP8)
+
+
+def w4a8_linear_ref(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    packed: torch.Tensor,
+    gexp: torch.Tensor,
+    row_scale: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Plain PyTorch reference of :func:`w4a8_linear` (any device).
+
+    Returns:
+        ``((a.float() @ W8.float().T) * a_scale * row_scale + bias).to(out_dtype)`` with
+        ``W8 = w4a8_weight_fp8(packed, gexp, group_size, K)``, fp32 until the final cast.
+    """
+    w = w4a8_weight_fp8(packed, gexp, group_size, a.shape[1])
+    out = (a.float() @ w.float().T) * a_scale.float().reshape(-1, 1)
+    out = out * row_scale.float().reshape(1, -1)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+# --- kernel ------------------------------------------------------------------------------------
+
+@triton.jit
+def fp4_to_fp8_bits(code, g):
+    """E4M3 bit pattern of ``fp4_e2m1(code) * 2^g`` (int32 in, uint8 out), exact for g in
+    GEXP_RANGE: the ZeroQuant-FP exponent shift done on the bits."""
+    mag = code & 7
+    e4 = mag >> 1  # fp4 exponent field (bias 1); 0 with mantissa 1 is the subnormal 0.5
+    mant = tl.where(e4 > 0, (mag & 1) << 2, 0)  # fp4's one mantissa bit -> E4M3's top bit
+    e8 = e4 + g + 6  # rebias 1 -> 7 and add g (the subnormal 0.5 = 1.0 * 2^-1 lands here too)
+    normal = (e8 << 3) | mant
+    # e8 <= 0: an E4M3 subnormal; shift the significand (implicit 1) right; exact in range.
+    sub = (8 | mant) >> tl.maximum(1 - e8, 0)
+    bits = tl.where(mag == 0, 0, tl.where(e8 > 0, normal, sub))
+    return (bits | ((code & 8) << 4)).to(tl.uint8)
+
+
+@triton.jit
+def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, K, M_BUCKET,
+                 stride_am, stride_ak, stride_wn, stride_gn, stride_cm, stride_cn,
+                 GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One program per output tile; packed rows and gexp rows are contiguous."""
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = (offs_m % M).to(tl.int64)  # wrapped rows: unmasked loads, masked store
+    rn = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = tl.arange(0, BLOCK_K // 2)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_p[None, :]
+    g_row = gexp_ptr + rn * stride_gn
+    k_bytes = (K + 1) // 2
+    n_groups = tl.cdiv(K, GROUP_SIZE)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = kb * BLOCK_K
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+        byte = tl.load(w_ptrs, mask=offs_p[None, :] < k_bytes - k0 // 2, other=0)
+        # Element 2i is the low nibble of byte i: interleaving restores K order.
+        codes = tl.interleave(byte & 0xF, byte >> 4).to(tl.int32)
+        if GROUP_SIZE % BLOCK_K == 0:
+            # The whole K block is in one group: one exponent per row.
+            g = tl.load(g_row + k0 // GROUP_SIZE).to(tl.int32)[:, None]
+            bits = fp4_to_fp8_bits(codes, g)
+        elif BLOCK_K % GROUP_SIZE == 0:
+            # Whole groups per K block: a [BLOCK_N, groups] exponent tile, broadcast over a
+            # [BLOCK_N, groups, GROUP_SIZE] view (a per-element gather would spill registers).
+            gi = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+            g = tl.load(g_row[:, None] + gi[None, :], mask=gi[None, :] < n_groups, other=0)
+            codes3 = tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
+            bits3 = fp4_to_fp8_bits(codes3, g.to(tl.int32)[:, :, None])
+            bits = tl.reshape(bits3, (BLOCK_N, BLOCK_K))
+        else:
+            # Other group sizes (e.g. 50, 192): the block spans at most (BLOCK_K-1)//GROUP_SIZE
+            # + 2 groups; load each one's [BLOCK_N] exponents and select per column (a
+            # per-element pointer gather would spill registers).
+            grp = (k0 + offs_k) // GROUP_SIZE
+            g_lo = k0 // GROUP_SIZE
+            g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+            for j in tl.static_range((BLOCK_K - 1) // GROUP_SIZE + 2):
+                # Clamped in bounds; a clamped column lies past K, where activations are 0.
+                gj = tl.load(g_row + tl.minimum(g_lo + j, n_groups - 1))
+                g = tl.where((grp == g_lo + j)[None, :], gj.to(tl.int32)[:, None], g)
+            bits = fp4_to_fp8_bits(codes, g)
+        # Past K (tail, odd K's pad nibble) the activations are zero and W8 is finite (never
+        # NaN), so those products vanish without masking W8.
+        w = bits.to(tl.float8e4nv, bitcast=True)
+        acc = tl.dot(a, tl.trans(w), acc)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K // 2
+    out = acc * tl.load(as_ptr + rm)[:, None]
+    out = out * tl.load(rs_ptr + rn)[None, :]
+    if HAS_BIAS:
+        out = out + tl.load(bias_ptr + rn).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                         num_stages=stages, num_warps=warps)
+
+
+#: Autotune candidates for H100: the FP8 GEMM's tiles (the weight stream is half as many bytes).
+#: BLOCK_K 256 is left out: the in-register decode of a 256-wide tile spills.
+W4A8_CONFIGS = [
+    _cfg(16, 64, 128, 5, 4), _cfg(16, 128, 128, 4, 4), _cfg(32, 64, 128, 5, 4),
+    _cfg(32, 128, 128, 4, 4),
+    _cfg(64, 64, 128, 5, 4), _cfg(64, 128, 128, 4, 4), _cfg(64, 256, 128, 3, 8),
+    _cfg(128, 128, 128, 4, 8), _cfg(128, 128, 128, 3, 4), _cfg(128, 256, 128, 3, 8),
+    _cfg(256, 128, 128, 3, 8), _cfg(128, 64, 128, 4, 4),
+]
+
+_w4a8_tuned = triton.autotune(W4A8_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_BIAS"],
+                              prune_configs_by={"early_config_prune": prune_configs_by_m})(
+    _w4a8_kernel)
+
+
+def w4a8_linear(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    packed: torch.Tensor,
+    gexp: torch.Tensor,
+    row_scale: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """FP8 activations x FP4 weights (exponent-shifted to FP8) on FP8 tensor cores.
+
+    Args:
+        a: float8_e4m3fn activations ``[M, K]`` (any strides).
+        a_scale: fp32 per-token scales ``[M, 1]`` (or ``[M]``).
+        packed: uint8 fp4_e2m1 codes ``[N, ceil(K/2)]`` (sym, no zero point).
+        gexp: int8 group exponents ``[N, ceil(K/group_size)]`` in :data:`GEXP_RANGE`, as
+            :func:`w4a8_split_scales` returns them (not re-checked here: that would sync).
+        row_scale: fp32 row scales ``[N]`` (or ``[N, 1]``).
+        group_size: Elements per group along K (any positive int; the last group may be
+            shorter).
+        bias: Optional ``[N]`` bias (bf16, fp16 or fp32).
+        out_dtype: bfloat16, float16 or float32.
+
+    Returns:
+        ``[M, N]`` tensor of ``out_dtype``: :func:`w4a8_linear_ref` up to fp32 accumulation
+        order and the final rounding.
+
+    Raises:
+        KernelInputError: A wrong dtype, shape, device or ``group_size``, or a GPU without
+            FP8 tensor cores.
+    """
+    a = check_tensor(a, "a", (_FP8,), ndim=2)
+    m, k = a.shape
+    dev = a.device
+    check_fp8_device(dev)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise KernelInputError(f"group_size must be a positive int, got {group_size!r}")
+    packed = check_tensor(packed, "packed", (torch.uint8,), ndim=2, device=dev)
+    n = packed.shape[0]
+    if packed.shape[1] != packed_len(k, 4):
+        raise KernelInputError(
+            f"packed has shape {tuple(packed.shape)}; K = {k} fp4 codes need "
+            f"{packed_len(k, 4)} bytes per row")
+    groups = -(-k // group_size)
+    gexp = check_tensor(gexp, "gexp", (torch.int8,), shape=(n, groups), device=dev)
+    a_scale = check_scale_vector(a_scale, "a_scale", m, dev)
+    row_scale = check_scale_vector(row_scale, "row_scale", n, dev)
+    bias = check_bias_and_dtype(bias, n, dev, out_dtype)
+    # The kernel steps through packed bytes and exponents with unit stride along K.
+    packed = packed if packed.stride(1) == 1 else packed.contiguous()
+    gexp = gexp if gexp.stride(1) == 1 or groups <= 1 else gexp.contiguous()
+    c = torch.empty((m, n), dtype=out_dtype, device=dev)
+    if m == 0 or n == 0:
+        return c
+    args = (a, packed, c, a_scale, row_scale, gexp, c if bias is None else bias, m, n, k,
+            m_bucket(m), a.stride(0), a.stride(1), packed.stride(0), gexp.stride(0),
+            c.stride(0), c.stride(1))
+    flags = {"GROUP_SIZE": group_size, "HAS_BIAS": bias is not None}
+    if interpreting():
+        meta = _INTERPRET_CONFIG  # autotuning is meaningless under the interpreter
+        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        _w4a8_kernel[grid](*args, **flags, **meta)
+    else:
+        _w4a8_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"])
+                                  * triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+    return c

@@ -1,0 +1,98 @@
+"""FP8 kernel throughput on CUDA: qcompile's Triton kernels vs ``torch._scaled_mm`` rowwise.
+
+* ``fp8_scaled_mm`` (tiled and persistent) vs ``torch._scaled_mm`` with row-wise scales
+  (``scale_a [M, 1]``, ``scale_b [1, N]``, bf16 out) at M = N = K = 8192: TFLOP/s and ratio.
+* ``w4a8_linear`` (FP4 g128 m2 weights shifted to FP8) vs ``torch._scaled_mm`` on the same
+  shape at M = 256, 1024, 4096, 8192 with N = K = 8192: ratio (> 1: faster than cuBLAS FP8).
+
+Times are ``triton.testing.do_bench`` medians (ms). Needs CUDA with FP8 tensor cores (sm89+).
+
+Usage::
+
+    python benchmarks/kernels_fp8.py            # prints one JSON list
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import torch
+
+FP8 = torch.float8_e4m3fn
+
+
+def _tflops(m: int, n: int, k: int, ms: float) -> float:
+    return 2.0 * m * n * k / (ms * 1e-3) / 1e12
+
+
+def _rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
+    return (x / scale).to(FP8), scale.float()
+
+
+def _bench(fn: Callable[[], torch.Tensor]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=50, rep=200))
+
+
+def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (256, 1024, 4096, 8192)) -> list[dict]:
+    """Benchmark the FP8 GEMM and the W4A8 kernel against ``torch._scaled_mm``.
+
+    Args:
+        mnk: M = N = K of the FP8 GEMM comparison (and N = K of the W4A8 one).
+        w4a8_ms: The M values of the W4A8 comparison.
+
+    Returns:
+        One dict per measurement: ``kernel``, ``m``, ``n``, ``k``, ``ms``, ``tflops`` and
+        ``ratio`` (torch._scaled_mm time / kernel time) where there is a baseline.
+
+    Raises:
+        RuntimeError: No CUDA device.
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("benchmarks/kernels_fp8.py needs a CUDA GPU with FP8 tensor cores "
+                           "(sm89+); the Triton interpreter's timings would be meaningless")
+    from qcompile.backends.triton.fp8_gemm import fp8_scaled_mm
+    from qcompile.backends.triton.w4a8 import w4a8_linear, w4a8_split_scales
+    from qcompile.formats import pack_codes, parse_format, quantize
+
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    n = k = mnk
+    w = torch.randn(n, k, device=dev)
+    b, b_scale = _rows_fp8(w)
+    q = quantize(w, parse_format("fp4_e2m1/g128/m2"))
+    packed = pack_codes(q.codes, 4)
+    gexp, row_scale = w4a8_split_scales(q.scale, q.outer)
+    results: list[dict] = []
+
+    def record(kernel: str, m: int, ms: float, base: float | None) -> None:
+        results.append({"kernel": kernel, "m": m, "n": n, "k": k, "ms": ms,
+                        "tflops": _tflops(m, n, k, ms),
+                        "ratio": None if base is None else base / ms})
+
+    def scaled_mm(a: torch.Tensor, a_scale: torch.Tensor) -> torch.Tensor:
+        return torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale.reshape(1, -1),
+                                out_dtype=torch.bfloat16)
+
+    a, a_scale = _rows_fp8(torch.randn(mnk, k, device=dev))
+    base = _bench(lambda: scaled_mm(a, a_scale))
+    record("torch._scaled_mm", mnk, base, None)
+    for persistent in (False, True):
+        ms = _bench(lambda p=persistent: fp8_scaled_mm(a, a_scale, b, b_scale.reshape(-1),
+                                                       persistent=p))
+        record(f"fp8_scaled_mm{'/persistent' if persistent else ''}", mnk, ms, base)
+
+    for m in w4a8_ms:
+        a, a_scale = _rows_fp8(torch.randn(m, k, device=dev))
+        base = _bench(lambda a=a, s=a_scale: scaled_mm(a, s))
+        record("torch._scaled_mm", m, base, None)
+        ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128))
+        record("w4a8_linear", m, ms, base)
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=1))

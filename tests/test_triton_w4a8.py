@@ -1,0 +1,253 @@
+"""W4A8 kernel (``qcompile.backends.triton.w4a8``): FP4 -> FP8 exponent shift, FP8 GEMM.
+
+Runs on CUDA when present, else on CPU tensors in the Triton interpreter (conftest sets
+TRITON_INTERPRET=1): a subset of the shape grid there, the full grid on CUDA.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from qcompile.backends.triton.runtime import KernelInputError  # noqa: E402
+from qcompile.backends.triton.w4a8 import (  # noqa: E402
+    GEXP_RANGE,
+    W4A8ScaleError,
+    w4a8_linear,
+    w4a8_linear_ref,
+    w4a8_split_scales,
+    w4a8_weight_fp8,
+)
+from qcompile.formats import decode, pack_codes, parse_format, quantize  # noqa: E402
+from qcompile.ops import dequantize_weight  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+FP8 = torch.float8_e4m3fn
+_MBITS = {torch.bfloat16: 7, torch.float16: 10}
+
+
+def quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 E4M3: absmax / 448 scales ``[M, 1]`` and torch's (RNE) cast."""
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
+    return (x / scale).to(FP8), scale
+
+
+def fp4_weight(n: int, k: int, group: int, scale: str, gen: torch.Generator):
+    """A quantized FP4 weight whose groups span several octaves (so gexp takes many values,
+    down to m2's floor of -8 and the E4M3 subnormal path), packed, with its split scales."""
+    w = torch.rand(n, k, generator=gen) * 2 - 1
+    w[:, ::group] = 1.0  # every group's absmax is exactly its 2^-octave
+    # po2: gexp = -octave, so octaves 0..8 fill its allowed range; m2 floors deeper groups
+    period = 12 if scale == "m2" else 9
+    octave = (torch.arange(k) // group * 5 + torch.arange(n)[:, None]) % period
+    w = torch.ldexp(w, -octave.float())
+    fmt = f"fp4_e2m1/g{group}/{scale}"
+    q = quantize(w, parse_format(fmt))
+    gexp, row_scale = w4a8_split_scales(q.scale, q.outer)
+    return q, fmt, pack_codes(q.codes, 4), gexp, row_scale
+
+
+def make_inputs(m, k, n, group, scale="m2", bias=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    a, a_scale = quant_rows(torch.randn(m, k, generator=gen) * 2)
+    _, _, packed, gexp, row_scale = fp4_weight(n, k, group, scale, gen)
+    c = torch.randn(n, generator=gen) if bias else None
+    return tuple(None if t is None else t.to(DEV)
+                 for t in (a, a_scale, packed, gexp, row_scale, c))
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """``out`` vs the fp32 reference: within 1e-5 of the output's absmax for fp32 (accumulation
+    order); for bf16/fp16 also one ulp of the output dtype (RNE on CUDA, truncation under the
+    interpreter)."""
+    assert out.shape == ref.shape
+    mbits = _MBITS.get(out.dtype)
+    out, ref = out.float().cpu(), ref.float().cpu()
+    err = (out - ref).abs()
+    slack = 1e-5 * float(ref.abs().max().clamp(min=1e-30))
+    if mbits is None:
+        assert float(err.max()) <= slack, f"error {float(err.max())} > {slack}"
+        return
+    _, e = torch.frexp(ref)
+    ulp = torch.ldexp(torch.ones_like(ref), (e - 1 - mbits).float())
+    bad = err > ulp + slack
+    assert not bool(bad.any()), f"{int(bad.sum())} outputs off by more than one ulp"
+
+
+# --- scale split and the exactness of FP4 -> FP8 ---------------------------------------------
+
+def test_gexp_range_is_the_exact_one():
+    assert GEXP_RANGE == (-8, 6)
+    vals = decode(torch.arange(16, dtype=torch.uint8), "fp4_e2m1")
+    for g in range(-12, 10):
+        w = torch.ldexp(vals, torch.tensor(float(g)))
+        exact = torch.equal(w.to(FP8).float(), w)
+        assert exact == (GEXP_RANGE[0] <= g <= GEXP_RANGE[1]), g
+
+
+def test_split_m2_scales():
+    q, _, _, gexp, row_scale = fp4_weight(40, 1000, 64, "m2", torch.Generator().manual_seed(0))
+    assert gexp.dtype == torch.int8 and gexp.shape == (40, 16)  # ragged: ceil(1000 / 64)
+    assert int(gexp.min()) == -8 and int(gexp.max()) == 0  # m2 factors lie in [2^-8, 1]
+    assert torch.equal(torch.ldexp(torch.ones(40, 16), gexp.float()), q.scale)
+    assert torch.equal(row_scale, q.outer.reshape(-1))
+
+
+def test_split_po2_scales():
+    q, _, _, gexp, row_scale = fp4_weight(40, 576, 32, "po2", torch.Generator().manual_seed(1))
+    assert q.outer is None and int(gexp.max()) == 0 and int(gexp.min()) == -8
+    assert torch.equal(gexp.amax(dim=1), torch.zeros(40, dtype=torch.int8))
+    assert torch.equal(torch.ldexp(row_scale[:, None], gexp.float()), q.scale)
+
+
+@pytest.mark.parametrize("scale,group,k", [("m2", 128, 576), ("m2", 64, 1000), ("m2", 32, 130),
+                                           ("po2", 128, 1000), ("po2", 64, 256)])
+def test_fp8_weight_is_exact_dequantized_weight(scale, group, k):
+    """FP4 -> FP8 is exact under M1/M2: W8 == dequantize_weight / row_scale bit for bit, and
+    the reference equals F.linear of the dequantized operands up to fp32 rounding."""
+    gen = torch.Generator().manual_seed(2)
+    q, fmt, packed, gexp, row_scale = fp4_weight(96, k, group, scale, gen)
+    deq = dequantize_weight(packed, q.scale, None, None, q.outer, fmt, k, torch.float32)
+    w8 = w4a8_weight_fp8(packed, gexp, group, k)
+    assert w8.dtype == FP8
+    assert torch.equal(w8.float(), deq / row_scale[:, None])
+    assert torch.equal(w8.float() * row_scale[:, None], deq)
+    a, a_scale = quant_rows(torch.randn(7, k, generator=gen))
+    bias = torch.randn(96, generator=gen)
+    ref = w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, group, bias, torch.float32)
+    lin = F.linear(a.float() * a_scale, deq, bias)
+    torch.testing.assert_close(ref, lin, rtol=1e-5, atol=1e-5 * float(lin.abs().max()))
+
+
+@pytest.mark.parametrize("group", [64, 32, 24])
+def test_kernel_builds_every_code_at_every_exponent(group):
+    """Identity activations expose W8 itself: all 16 codes x all 15 exponents, bit-exact.
+
+    Under the interpreter's BLOCK_K 64 the group sizes take the kernel's three exponent paths:
+    one per row and block (64), a per-group tile (32), a per-column select (24)."""
+    lo, hi = GEXP_RANGE
+    n, k = hi - lo + 1, 64
+    codes = torch.arange(16, dtype=torch.uint8).repeat(n, k // 16)
+    g = torch.arange(lo, hi + 1)[:, None] + torch.arange(-(-k // group))[None, :]
+    gexp = (torch.remainder(g - lo, n) + lo).to(torch.int8)
+    packed = pack_codes(codes, 4)
+    a = torch.eye(k).to(FP8)
+    out = w4a8_linear(a.to(DEV), torch.ones(k, 1, device=DEV), packed.to(DEV), gexp.to(DEV),
+                      torch.ones(n, device=DEV), group, out_dtype=torch.float32)
+    w8 = w4a8_weight_fp8(packed, gexp, group, k).float()
+    expect = torch.ldexp(decode(codes, "fp4_e2m1"),
+                         gexp.float().repeat_interleave(group, dim=1)[:, :k])
+    assert torch.equal(w8, expect)
+    assert torch.equal(out.T.cpu(), w8)
+
+
+# --- kernel vs reference -----------------------------------------------------------------------
+
+def _cases() -> list[tuple]:
+    """CUDA: every (M, K, N) x group x scale rule. Interpreter: every (M, K, N) once, cycling
+    group size, scale rule, dtype and bias (plus a group size that is not a power of two)."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    shapes = itertools.product([1, 7, 33, 4097] if CUDA else [1, 7, 33], [576, 1000, 130, 256],
+                               [96, 200])
+    if CUDA:
+        grid = itertools.product(shapes, [32, 64, 128], ["m2", "po2"])
+        return [(m, k, n, g, s, (f32, bf16)[i % 2], i % 3 == 0)
+                for i, ((m, k, n), g, s) in enumerate(grid)]
+    return [(m, k, n, (32, 64, 128)[i % 3], ("m2", "po2")[i // 3 % 2], (f32, bf16)[i % 2],
+             i % 4 < 2) for i, (m, k, n) in enumerate(shapes)] + [
+        (7, 131, 96, 50, "m2", torch.float16, True)]
+
+
+@pytest.mark.parametrize("m,k,n,group,scale,out_dtype,bias", _cases())
+def test_kernel_matches_reference(m, k, n, group, scale, out_dtype, bias):
+    a, a_scale, packed, gexp, row_scale, c = make_inputs(m, k, n, group, scale, bias)
+    out = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype)
+    assert out.dtype == out_dtype and out.device == a.device
+    ref = w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, group, c, torch.float32)
+    assert_matches(out, ref)
+
+
+def test_strided_activations():
+    a, a_scale, packed, gexp, row_scale, _ = make_inputs(7, 130, 96, 32, seed=3)
+    a_t = a.float().T.contiguous().to(FP8).T
+    out = w4a8_linear(a_t, a_scale.reshape(-1), packed, gexp, row_scale[:, None], 32,
+                      out_dtype=torch.float32)
+    assert_matches(out, w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, 32,
+                                        out_dtype=torch.float32))
+
+
+# --- clear errors --------------------------------------------------------------------------
+
+def test_non_power_of_two_scales_raise():
+    q = quantize(torch.randn(8, 256), parse_format("fp4_e2m1/g128"))  # fp32 scales
+    with pytest.raises(W4A8ScaleError, match="not powers of two"):
+        w4a8_split_scales(q.scale, None)
+    assert issubclass(W4A8ScaleError, ValueError)
+
+
+def test_gexp_out_of_range_raises():
+    scale = torch.ones(4, 3)
+    scale[2, 1] = 2.0**7  # 6 * 2^7 = 768 > 448
+    with pytest.raises(W4A8ScaleError, match=r"outside \[-8, 6\].*gexp\[2, 1\] = 7"):
+        w4a8_split_scales(scale, torch.ones(4, 1))
+    w = torch.randn(4, 384)
+    w[1, 128:256] *= 2.0**-12  # po2: a group 12 octaves below its row's largest
+    q = quantize(w, parse_format("fp4_e2m1/g128/po2"))
+    with pytest.raises(W4A8ScaleError, match="outside"):
+        w4a8_split_scales(q.scale, q.outer)
+    with pytest.raises(W4A8ScaleError, match="outside"):
+        w4a8_weight_fp8(torch.zeros(4, 192, dtype=torch.uint8),
+                        torch.full((4, 3), -9, dtype=torch.int8), 128, 384)
+
+
+def test_malformed_scales_raise():
+    with pytest.raises(W4A8ScaleError, match="fp32"):
+        w4a8_split_scales(torch.ones(4, 3, dtype=torch.float64), None)
+    with pytest.raises(W4A8ScaleError, match="row scale"):
+        w4a8_split_scales(torch.ones(4, 3), torch.ones(5, 1))
+    with pytest.raises(W4A8ScaleError, match="finite and positive"):
+        w4a8_split_scales(torch.ones(4, 3), torch.zeros(4, 1))
+
+
+_BAD = {
+    "a_dtype": ("a", lambda t: t.float(), "a has dtype float32"),
+    "packed_dtype": ("packed", lambda t: t.to(torch.int8), "packed has dtype int8"),
+    "packed_width": ("packed", lambda t: t[:, :-1], "need 65 bytes"),
+    "gexp_dtype": ("gexp", lambda t: t.int(), "gexp has dtype int32"),
+    "gexp_groups": ("gexp", lambda t: t[:, :-1], "gexp has shape"),
+    "row_scale_shape": ("row_scale", lambda t: t[:-1], "row_scale has shape"),
+    "a_scale_dtype": ("a_scale", lambda t: t.half(), "a_scale has dtype float16"),
+    "bias_dtype": ("bias", lambda t: t.to(torch.int32), "bias has dtype int32"),
+    "group_zero": ("group_size", lambda t: 0, "group_size must be a positive int"),
+    "group_bool": ("group_size", lambda t: True, "group_size must be a positive int"),
+}
+
+
+@pytest.mark.parametrize("name", list(_BAD))
+def test_bad_inputs_raise(name):
+    a, a_scale, packed, gexp, row_scale, c = make_inputs(7, 130, 96, 32, bias=True)
+    kw = {"a": a, "a_scale": a_scale, "packed": packed, "gexp": gexp, "row_scale": row_scale,
+          "group_size": 32, "bias": c}
+    key, change, msg = _BAD[name]
+    kw[key] = change(kw[key])
+    with pytest.raises(KernelInputError, match=msg):
+        w4a8_linear(**kw)
+
+
+def test_bad_out_dtype_raises():
+    a, a_scale, packed, gexp, row_scale, _ = make_inputs(7, 130, 96, 32)
+    with pytest.raises(KernelInputError, match="out_dtype"):
+        w4a8_linear(a, a_scale, packed, gexp, row_scale, 32, out_dtype=torch.int8)
+
+
+def test_cpu_tensors_without_interpreter_raise(monkeypatch):
+    a, a_scale, packed, gexp, row_scale, _ = make_inputs(7, 130, 96, 32)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(KernelInputError, match="need CUDA"):
+        w4a8_linear(a.cpu(), a_scale.cpu(), packed.cpu(), gexp.cpu(), row_scale.cpu(), 32)
