@@ -16,6 +16,9 @@ leaves them):
 * Activation Q/DQ left over (W4A4, KV cache, unsupported linears) in a format the fused
   quantize kernel handles -> ``qcompile::hadamard_quantize`` (with the Hadamard folded in
   the same way, or size 0).
+* An RMSNorm (no offset, optional gamma) read only by an activation quantize folds into
+  either op (``rms_weight``/``rms_eps``) once a probe shows the op's reference RMSNorm gives
+  the graph's own bits; otherwise it stays and is reported.
 
 Everything else stays on the reference ops; the report lists each such linear or activation
 and why. On the CPU the fused ops run the exact reference composition, so lowering never
@@ -32,11 +35,13 @@ import torch
 import torch.fx as fx
 
 import qcompile.backends.triton.ops  # noqa: F401  (registers the fused ops)
+from qcompile.backends.triton.ops import rms_norm
 from qcompile.backends.triton.runtime import triton_available
 from qcompile.backends.triton.scales import W4A8ScaleError, w4a8_split_scales
 from qcompile.graph import get_attr_value, set_attr_value, unique_attr_name
 from qcompile.ops import spec_of
 from qcompile.pass_base import Pass, PassResult
+from qcompile.patterns import Norm, find_norms
 from qcompile.registry import register_pass
 
 __all__ = ["LowerTritonOptions", "LowerTritonPass"]
@@ -61,12 +66,14 @@ class LowerTritonOptions:
         fp8: W8A8 FP8 linears (FP8 per-token activations x FP8 per-channel weights).
         w4a8: FP4 (po2/m2 scales) weights with FP8 per-token activations.
         act: Remaining dynamic activation quantization (with a preceding online Hadamard).
+        rmsnorm: Fold an RMSNorm read only by an activation quantize into that quantize.
     """
 
     w4a16: bool = True
     fp8: bool = True
     w4a8: bool = True
     act: bool = True
+    rmsnorm: bool = True
 
 
 def _is(node: object, target: object) -> bool:
@@ -108,6 +115,8 @@ class LowerTritonPass(Pass):
            ``quantize_rows``; users that are not lowered keep the original Q/DQ.
         4. Nodes and buffers left unread are removed (``cleanup`` drops the buffers).
         5. Nothing to lower: ``modified`` is False and the graph is untouched.
+        7. An RMSNorm read only by an activation quantize folds into it when a probe shows
+           the fused op's reference RMSNorm reproduces the graph's bits (else reported).
         6. A 4-bit weight read with another activation format (W4A4) becomes a W4A16 GEMM on
            the quantize-dequantized activation, whose Q/DQ is lowered on its own.
     """
@@ -118,17 +127,22 @@ class LowerTritonPass(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         skipped: list[dict[str, str]] = []
+        self._skipped = skipped
+        self._fused_norms: list[Norm] = []
+        self._norms = {n.output: n for n in find_norms(gm)
+                       if n.kind == "rms" and n.offset == 0.0 and n.bias is None}
         matches = [m for n in list(gm.graph.nodes) if (m := self._check(gm, n, skipped))]
-        counts = {"w4a16": 0, "fp8": 0, "w4a8": 0, "act": 0}
+        counts = {"w4a16": 0, "fp8": 0, "w4a8": 0, "act": 0, "rmsnorm": 0}
         rows: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
         for m in matches:
             self._rewrite(gm, m, rows)
             counts[m.kind] += 1
         if self.options.act:
             counts["act"] = self._lower_acts(gm, skipped)
+        counts["rmsnorm"] = len(self._fused_norms)
         modified = any(counts.values())
         if modified:
-            self._drop_dead(gm)
+            self._drop_dead(gm, {n for norm in self._fused_norms for n in norm.nodes})
             gm.graph.lint()
             gm.recompile()
         facts = {**counts, "not_lowered": skipped, "triton_available": triton_available()}
@@ -196,19 +210,27 @@ class LowerTritonPass(Pass):
 
     # -- rewrite -------------------------------------------------------------------------------
 
-    @staticmethod
-    def _source(act: fx.Node) -> tuple[fx.Node, int]:
-        """The activation's input, with a Hadamard read only by ``act`` folded in."""
+    def _source(self, gm: fx.GraphModule, act: fx.Node) -> tuple[fx.Node, tuple]:
+        """The activation's input and the extra op arguments: a Hadamard read only by
+        ``act`` folds in as ``(had_size,)``, an RMSNorm as ``(0, weight, eps)``."""
         src = act.args[0]
         if _is(src, _HADAMARD) and len(src.users) == 1:
-            return src.args[0], int(src.args[1])
-        return src, 0
+            return src.args[0], (int(src.args[1]),)
+        norm = self._norms.get(src) if self.options.rmsnorm else None
+        if norm is not None and len(src.users) == 1:
+            if _norm_reproduced(gm, norm):
+                self._fused_norms.append(norm)
+                return norm.input, (0, norm.weight, float(norm.eps))
+            self._skipped.append({"node": src.name, "reason": "RMSNorm computed differently "
+                                  "from the fused op's reference; left unfused"})
+        return src, (0,)
 
     def _rows(self, gm: fx.GraphModule, act: fx.Node, rows: dict) -> tuple[fx.Node, fx.Node]:
         if act not in rows:
-            src, had = self._source(act)
+            src, extra = self._source(gm, act)
             with gm.graph.inserting_after(act):
-                r = gm.graph.call_function(_q.quantize_rows.default, (src, act.args[1], had))
+                r = gm.graph.call_function(_q.quantize_rows.default,
+                                           (src, act.args[1], *extra))
             with gm.graph.inserting_after(r):
                 q = gm.graph.call_function(operator.getitem, (r, 0))
             with gm.graph.inserting_after(q):
@@ -265,10 +287,10 @@ class LowerTritonPass(Pass):
             if why is not None:
                 skipped.append({"node": act.name, "reason": why})
                 continue
-            src, had = self._source(act)
+            src, extra = self._source(gm, act)
             with gm.graph.inserting_before(act):
                 new = gm.graph.call_function(_q.hadamard_quantize.default,
-                                             (src, had, act.args[1]))
+                                             (src, extra[0], act.args[1], *extra[1:]))
             new.meta.update(act.meta)
             act.replace_all_uses_with(new)
             gm.graph.erase_node(act)
@@ -276,14 +298,47 @@ class LowerTritonPass(Pass):
         return n
 
     @staticmethod
-    def _drop_dead(gm: fx.GraphModule) -> None:
-        # Reverse order: a dead Q/DQ frees its Hadamard and attribute reads.
+    def _drop_dead(gm: fx.GraphModule, norm_nodes: set[fx.Node]) -> None:
+        # Reverse order: a dead Q/DQ frees its Hadamard, norm and attribute reads.
         dead = (_DEQUANT, _QACT, _HADAMARD)
         for node in reversed(list(gm.graph.nodes)):
             if node.users:
                 continue
-            if node.op == "get_attr" or (node.op == "call_function" and node.target in dead):
+            if (node.op == "get_attr" or node in norm_nodes
+                    or (node.op == "call_function" and node.target in dead)):
                 gm.graph.erase_node(node)
+
+
+def _norm_reproduced(gm: fx.GraphModule, norm: Norm) -> bool:
+    """Whether :func:`rms_norm` gives the graph's RMSNorm bits on a seeded probe."""
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {norm.input: g.placeholder("x")}
+
+    def arg(a: fx.Node) -> fx.Node:
+        if a not in env:
+            if a.op != "get_attr":
+                raise KeyError(a.name)
+            env[a] = g.get_attr(a.target)
+        return env[a]
+
+    try:
+        for n in norm.nodes:
+            env[n] = g.node_copy(n, arg)
+    except KeyError:
+        return False  # the pattern reads something besides its input and its weight
+    g.output(env[norm.output])
+    sub = fx.GraphModule(gm, g)
+    val = norm.input.meta.get("val")
+    dtype = val.dtype if val is not None else torch.float32
+    dim = norm.dim or (val.shape[-1] if val is not None else None)
+    if not isinstance(dim, int):
+        return False
+    weight = None if norm.weight is None else get_attr_value(gm, norm.weight.target)
+    device = weight.device if weight is not None else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    probe = (torch.randn(2, 5, dim, generator=gen) * 3).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        return torch.equal(sub(probe), rms_norm(probe, weight, float(norm.eps)))
 
 
 def _fake(gm: fx.GraphModule, node: fx.Node) -> None:

@@ -46,16 +46,16 @@ CASES = [
     ("quantize{w=fp4_e2m1/g32/asym}", {"w4a16": 14}, [Q.dequantize_weight.default]),
     ("quantize{w=int4/g48/asym lm_head=true}", {"w4a16": 15}, [Q.dequantize_weight.default]),
     ("quantize{w=nf4/channel}", {"w4a16": 14}, [Q.dequantize_weight.default]),
-    ("quantize{w=fp8_e4m3/channel a=fp8_e4m3/token}", {"fp8": 14},
+    ("quantize{w=fp8_e4m3/channel a=fp8_e4m3/token}", {"fp8": 14, "rmsnorm": 4},
      [Q.dequantize_weight.default, Q.quantize_activation.default]),
-    ("quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token}", {"w4a8": 14},
+    ("quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token}", {"w4a8": 14, "rmsnorm": 4},
      [Q.dequantize_weight.default, Q.quantize_activation.default]),
-    ("quantize{w=fp4_e2m1/g32/po2 a=fp8_e4m3/token}", {"w4a8": 14},
+    ("quantize{w=fp4_e2m1/g32/po2 a=fp8_e4m3/token}", {"w4a8": 14, "rmsnorm": 4},
      [Q.dequantize_weight.default, Q.quantize_activation.default]),
     (f"{ROT},quantize{{w=fp4_e2m1/channel/asym a=fp4_e2m1/token/asym kv=fp4_e2m1/token/asym}}",
-     {"w4a16": 14, "act": 12}, [Q.dequantize_weight.default, Q.quantize_activation.default]),
+     {"w4a16": 14, "act": 12, "rmsnorm": 4}, [Q.dequantize_weight.default, Q.quantize_activation.default]),
     (f"{ROT},quantize{{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token kv=fp8_e4m3/token}}",
-     {"w4a8": 14, "act": 4}, [Q.dequantize_weight.default, Q.quantize_activation.default]),
+     {"w4a8": 14, "act": 4, "rmsnorm": 4}, [Q.dequantize_weight.default, Q.quantize_activation.default]),
 ]
 
 
@@ -66,7 +66,7 @@ def test_lowering_counts_and_exact_cpu_numerics(llama, pipeline, counts, gone):
     ref = _logits(gm, ids)
     gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)
     facts = report["passes"][0]["facts"]
-    for kind in ("w4a16", "fp8", "w4a8", "act"):
+    for kind in ("w4a16", "fp8", "w4a8", "act", "rmsnorm"):
         assert facts[kind] == counts.get(kind, 0), (kind, facts)
     assert facts["not_lowered"] == []
     assert report["passes"][0]["modified"]
@@ -99,6 +99,7 @@ def test_unsupported_chains_are_reported_not_lowered(llama):
     facts = report["passes"][0]["facts"]
     assert facts["fp8"] == facts["w4a8"] == facts["w4a16"] == 0
     assert facts["act"] == 8  # the int8 per-token Q/DQ itself has a fused kernel
+    assert facts["rmsnorm"] == 4  # and takes the RMSNorm before it
     assert len(facts["not_lowered"]) == 14
     assert all("fp8_e4m3/token" in e["reason"] for e in facts["not_lowered"])
     assert torch.equal(_logits(gm, ids), ref)
@@ -111,6 +112,37 @@ def test_unreadable_w4a8_scales_are_reported(llama):
     facts = report["passes"][0]["facts"]
     assert facts["w4a8"] == 0 and len(facts["not_lowered"]) == 14
     assert "po2/m2" in facts["not_lowered"][0]["reason"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_folds_into_the_quantize_and_the_norm_is_gone(llama, dtype):
+    model = __import__("copy").deepcopy(llama).to(dtype)
+    ids = _ids()
+    gm, _ = quantize_graph(capture(model), "quantize{w=fp8_e4m3/channel a=fp8_e4m3/token}",
+                           progress=False)
+    ref = _logits(gm, ids)
+    n_rsqrt = _targets(gm).count(torch.ops.aten.rsqrt.default)
+    gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)
+    assert report["passes"][0]["facts"]["rmsnorm"] == 4
+    rows = [n for n in gm.graph.nodes if n.target is Q.quantize_rows.default]
+    assert all(len(n.args) == 5 and n.args[4] > 0 for n in rows[::2])  # input layernorms
+    assert _targets(gm).count(torch.ops.aten.rsqrt.default) == n_rsqrt - 4
+    assert torch.equal(_logits(gm, ids), ref)
+
+
+def test_rmsnorm_not_reproduced_is_left_and_reported(llama, monkeypatch):
+    import qcompile.passes.lower_triton as lt
+
+    monkeypatch.setattr(lt, "rms_norm", lambda x, w, eps: lt.torch.zeros_like(x))
+    ids = _ids()
+    gm, _ = quantize_graph(capture(llama), "quantize{w=fp8_e4m3/channel a=fp8_e4m3/token}",
+                           progress=False)
+    ref = _logits(gm, ids)
+    gm, report = quantize_graph(gm, "lower-triton{rmsnorm=true}", progress=False)
+    facts = report["passes"][0]["facts"]
+    assert facts["rmsnorm"] == 0 and facts["fp8"] == 14
+    assert sum("RMSNorm" in e["reason"] for e in facts["not_lowered"]) == 4
+    assert torch.equal(_logits(gm, ids), ref)
 
 
 def test_nothing_to_lower_is_unmodified(llama):

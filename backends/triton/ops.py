@@ -8,16 +8,22 @@ differ from the reference only by fp32 accumulation order and the final rounding
 Ops:
     ``qcompile::w4a16_linear(x, packed, scale, scale_neg, zero, outer, bias, fmt, k)``
         ``linear(x, dequantize_weight(packed, ..., fmt, k, x.dtype), bias)`` for 4-bit weights.
-    ``qcompile::quantize_rows(x, fmt, had_size) -> (q, scale)``
-        Per-token FP8/INT8 codes of ``hadamard(x, had_size)`` (or ``x`` when 0) and their fp32
-        scales ``[..., 1]``: ``q * scale`` is ``quantize_activation(...)`` exactly.
+    ``qcompile::quantize_rows(x, fmt, had_size, rms_weight=None, rms_eps=-1) -> (q, scale)``
+        Per-token FP8/INT8 codes of ``hadamard(x, had_size)`` (or ``x`` when 0, or
+        ``rms_norm(x, rms_weight, rms_eps)`` when ``rms_eps >= 0``) and their fp32 scales
+        ``[..., 1]``: ``q * scale`` is ``quantize_activation(...)`` exactly.
     ``qcompile::fp8_linear(q, q_scale, wq, w_scale, bias, dtype)``
         ``linear((q * q_scale).to(dtype), (wq * w_scale).to(dtype), bias)``: W8A8 FP8.
     ``qcompile::w4a8_linear(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype)``
         ``linear((q * q_scale).to(dtype), W.to(dtype), bias)`` with the FP4 weight
         ``W = decode(codes) * 2^gexp * row_scale`` (ZeroQuant-FP M1/M2 scales).
-    ``qcompile::hadamard_quantize(x, size, fmt)``
-        ``quantize_activation(hadamard(x, size), fmt)`` in one pass (``size`` 0: no rotation).
+    ``qcompile::hadamard_quantize(x, size, fmt, rms_weight=None, rms_eps=-1)``
+        ``quantize_activation(hadamard(x, size), fmt)`` in one pass (``size`` 0: no rotation;
+        ``rms_eps >= 0``: RMSNorm instead of the rotation).
+
+On CUDA the RMSNorm variants quantize the fp32 normalized values directly (the graph rounds
+them to the activation dtype first): identical for fp32 models, within one quantization step
+at rare ties for bf16 ones.
 """
 
 from __future__ import annotations
@@ -36,8 +42,8 @@ from qcompile.formats.elements import _round_f32
 from qcompile.ops import dequantize_weight, hadamard, quantize_activation, spec_of
 
 __all__ = [
-    "fp8_linear", "hadamard_quantize", "kernels_on_cpu", "quantize_rows", "w4a16_linear",
-    "w4a8_linear",
+    "fp8_linear", "hadamard_quantize", "kernels_on_cpu", "quantize_rows", "rms_norm",
+    "w4a16_linear", "w4a8_linear",
 ]
 
 _state = threading.local()
@@ -81,7 +87,22 @@ def _kernels():
     return act_quant, fp8_gemm, w4a8, w4a16
 
 
-def _rot(x: torch.Tensor, had_size: int) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm as HF Llama-family models compute it (fp32 statistics, cast back, then gamma).
+
+    ``lower-triton`` fuses a graph's RMSNorm only after checking on a probe that this gives
+    the graph's own bits.
+    """
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h.to(x.dtype)
+    return h if weight is None else weight * h
+
+
+def _pre(x: torch.Tensor, had_size: int, rms_weight: torch.Tensor | None,
+         rms_eps: float) -> torch.Tensor:
+    if rms_eps >= 0:
+        return rms_norm(x, rms_weight, rms_eps)
     return hadamard(x, had_size) if had_size else x
 
 
@@ -118,12 +139,20 @@ def _(x, packed, scale, scale_neg, zero, outer, bias, fmt, k):
 # --- per-token activation codes --------------------------------------------------------------
 
 @torch.library.custom_op("qcompile::quantize_rows", mutates_args=())
-def quantize_rows(x: torch.Tensor, fmt: str, had_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(
+    x: torch.Tensor,
+    fmt: str,
+    had_size: int,
+    rms_weight: torch.Tensor | None = None,
+    rms_eps: float = -1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token FP8/INT8 codes and fp32 scales; see the module docstring."""
     spec = _rows_spec(fmt)
     if _use_kernel(x):
+        if rms_eps >= 0:
+            return _kernels()[0].rmsnorm_quant(x, rms_weight, rms_eps, fmt, out="codes")
         return _kernels()[0].act_quant(x, fmt, had_size, out="codes")
-    xr = _rot(x, had_size).float()
+    xr = _pre(x, had_size, rms_weight, rms_eps).float()
     # The scale rule of qcompile.formats.scales for a symmetric per-token format.
     s = xr.abs().amax(-1, keepdim=True) / spec.element.max
     s = torch.where(s > 0, s, torch.ones_like(s))
@@ -133,7 +162,7 @@ def quantize_rows(x: torch.Tensor, fmt: str, had_size: int) -> tuple[torch.Tenso
 
 
 @quantize_rows.register_fake
-def _(x, fmt, had_size):
+def _(x, fmt, had_size, rms_weight=None, rms_eps=-1.0):
     spec = _rows_spec(fmt)
     dtype = torch.float8_e4m3fn if spec.elem == "fp8_e4m3" else torch.int8
     return x.new_empty(x.shape, dtype=dtype), x.new_empty((*x.shape[:-1], 1),
@@ -211,13 +240,21 @@ def _(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype):
 # --- Hadamard + dynamic quantize (qdq) -----------------------------------------------------
 
 @torch.library.custom_op("qcompile::hadamard_quantize", mutates_args=())
-def hadamard_quantize(x: torch.Tensor, size: int, fmt: str) -> torch.Tensor:
+def hadamard_quantize(
+    x: torch.Tensor,
+    size: int,
+    fmt: str,
+    rms_weight: torch.Tensor | None = None,
+    rms_eps: float = -1.0,
+) -> torch.Tensor:
     """``quantize_activation(hadamard(x, size), fmt)`` fused; see the module docstring."""
     if _use_kernel(x):
+        if rms_eps >= 0:
+            return _kernels()[0].rmsnorm_quant(x, rms_weight, rms_eps, fmt, out="qdq")
         return _kernels()[0].act_quant(x, fmt, size, out="qdq")
-    return quantize_activation(_rot(x, size), fmt)
+    return quantize_activation(_pre(x, size, rms_weight, rms_eps), fmt)
 
 
 @hadamard_quantize.register_fake
-def _(x, size, fmt):
+def _(x, size, fmt, rms_weight=None, rms_eps=-1.0):
     return torch.empty_like(x)
