@@ -219,6 +219,8 @@ def test_w4a8_scale_split_refuses_inexact_scales():
 KERNEL_CASES = [
     "quantize{w=fp4_e2m1/g32/asym}",
     "quantize{w=int4/g48/asym}",
+    "quantize{w=int4/channel}",
+    "quantize{w=nf4/g40/asym}",
     "quantize{w=fp8_e4m3/channel a=fp8_e4m3/token}",
     "quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token}",
     f"{ROT},quantize{{w=fp4_e2m1/channel/asym a=fp4_e2m1/token/asym kv=fp4_e2m1/token/asym}}",

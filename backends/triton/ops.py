@@ -106,6 +106,20 @@ def _pre(x: torch.Tensor, had_size: int, rms_weight: torch.Tensor | None,
     return hadamard(x, had_size) if had_size else x
 
 
+@functools.cache
+def _int_codes(bits: int, offset: int, device: str) -> torch.Tensor:
+    return torch.arange(1 << bits, dtype=torch.float32, device=device) + offset
+
+
+def _code_values(spec, device: torch.device) -> torch.Tensor:
+    """What the W4A16 kernel subtracts the zero point from / scales: the element value of
+    each code, or for INT asym the unsigned level itself (``qcompile.formats.quantize``)."""
+    info = spec.element
+    if info.kind == "int":
+        return _int_codes(info.bits, 0 if spec.asym else int(info.min), str(device))
+    return element_table(spec.elem, device)
+
+
 # --- W4A16 ---------------------------------------------------------------------------------
 
 @torch.library.custom_op("qcompile::w4a16_linear", mutates_args=())
@@ -125,7 +139,7 @@ def w4a16_linear(
         spec = spec_of(fmt)
         gs = spec.group_size if spec.granularity == "group" else k
         return _kernels()[3].w4a16_linear(
-            x, packed, element_table(spec.elem, x.device), scale, scale_neg, zero, outer,
+            x.contiguous(), packed, _code_values(spec, x.device), scale, scale_neg, zero, outer,
             gs, bias)
     w = dequantize_weight(packed, scale, scale_neg, zero, outer, fmt, k, x.dtype)
     return F.linear(x, w, bias)
@@ -150,8 +164,9 @@ def quantize_rows(
     spec = _rows_spec(fmt)
     if _use_kernel(x):
         if rms_eps >= 0:
-            return _kernels()[0].rmsnorm_quant(x, rms_weight, rms_eps, fmt, out="codes")
-        return _kernels()[0].act_quant(x, fmt, had_size, out="codes")
+            return _kernels()[0].rmsnorm_quant(x.contiguous(), rms_weight, rms_eps, fmt,
+                                               out="codes")
+        return _kernels()[0].act_quant(x.contiguous(), fmt, had_size, out="codes")
     xr = _pre(x, had_size, rms_weight, rms_eps).float()
     # The scale rule of qcompile.formats.scales for a symmetric per-token format.
     s = xr.abs().amax(-1, keepdim=True) / spec.element.max
@@ -250,8 +265,9 @@ def hadamard_quantize(
     """``quantize_activation(hadamard(x, size), fmt)`` fused; see the module docstring."""
     if _use_kernel(x):
         if rms_eps >= 0:
-            return _kernels()[0].rmsnorm_quant(x, rms_weight, rms_eps, fmt, out="qdq")
-        return _kernels()[0].act_quant(x, fmt, size, out="qdq")
+            return _kernels()[0].rmsnorm_quant(x.contiguous(), rms_weight, rms_eps, fmt,
+                                               out="qdq")
+        return _kernels()[0].act_quant(x.contiguous(), fmt, size, out="qdq")
     return quantize_activation(_pre(x, size, rms_weight, rms_eps), fmt)
 
 

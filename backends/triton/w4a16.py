@@ -1,0 +1,452 @@
+"""W4A16 linear: packed 4-bit weight codes with per-group scales times bf16/fp16/fp32 activations.
+
+``y = linear(x, W.to(x.dtype), bias)`` where ``W`` is the fp32 weight that
+:func:`qcompile.formats.quantize.dequantize` decodes from the codes: ``eff = scale * outer``,
+``v = table[code]`` (``- zero`` for INT asym), ``w = v * (eff_neg if v < 0 else eff)`` for AFPQ,
+else ``v * eff``. Group of element ``k`` is ``k // group_size`` (ragged last group).
+
+Two kernels decode the weight in registers, never materializing ``W``:
+
+* M <= 16 (decode): split-K GEMV. Programs tile (N blocks x K splits) and write fp32 partial
+  sums ``[SPLIT, M, N]``; a second kernel sums them in a fixed order (no atomics, so the same
+  inputs give the same bits), adds the bias and casts. With one split the GEMV writes ``y``.
+* M > 16 (prefill): tiled GEMM with ``tl.dot`` on the decoded tile cast to ``x``'s dtype,
+  fp32 accumulator, grouped program order for L2 reuse.
+
+Both round the decoded weight to ``x``'s dtype before multiplying, like the reference. Under the
+interpreter (which truncates fp32 -> bf16 casts, and whose ``tl.dot`` misreads bf16) the
+kernels round to bf16 with integer bit tricks and multiply in fp32, which is exact.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting
+from qcompile.formats.packing import unpack_codes
+
+__all__ = ["GEMM_CONFIGS", "GEMV_CONFIGS", "GEMV_MAX_M", "w4a16_linear", "w4a16_linear_ref"]
+
+#: Largest M (flattened rows of ``x``) that takes the split-K GEMV path.
+GEMV_MAX_M = 16
+
+_X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_DTYPE_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _cfg(num_warps: int, num_stages: int, **kw: int) -> triton.Config:
+    return triton.Config(kw, num_warps=num_warps, num_stages=num_stages)
+
+
+# Autotune configs by M bucket (key: largest M of the bucket). GEMV tiles multiply a
+# [BLOCK_M, BLOCK_K/2, BLOCK_N] broadcast product in registers, so they shrink as M grows.
+GEMV_CONFIGS: dict[int, list[triton.Config]] = {
+    1: [_cfg(4, 3, BLOCK_N=64, BLOCK_K=128), _cfg(4, 3, BLOCK_N=32, BLOCK_K=256),
+        _cfg(8, 3, BLOCK_N=64, BLOCK_K=256), _cfg(8, 2, BLOCK_N=128, BLOCK_K=128),
+        _cfg(4, 4, BLOCK_N=16, BLOCK_K=512), _cfg(4, 4, BLOCK_N=128, BLOCK_K=64)],
+    4: [_cfg(4, 3, BLOCK_N=32, BLOCK_K=128), _cfg(4, 3, BLOCK_N=64, BLOCK_K=64),
+        _cfg(8, 3, BLOCK_N=64, BLOCK_K=128), _cfg(4, 3, BLOCK_N=16, BLOCK_K=256)],
+    16: [_cfg(4, 3, BLOCK_N=16, BLOCK_K=64), _cfg(4, 3, BLOCK_N=32, BLOCK_K=32),
+         _cfg(8, 3, BLOCK_N=64, BLOCK_K=32), _cfg(8, 2, BLOCK_N=32, BLOCK_K=64)],
+}
+GEMM_CONFIGS: dict[int, list[triton.Config]] = {
+    64: [_cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+         _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+         _cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+         _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8)],
+    256: [_cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+          _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+          _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8),
+          _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8)],
+    1 << 62: [_cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+              _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8),
+              _cfg(8, 3, BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8),
+              _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
+              _cfg(4, 3, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8)],
+}
+# Every config above compiles for sm_90 within its shared memory (checked ahead of time for
+# group sizes 16, 33 and 128). One small fixed config each under the interpreter, where autotuning only costs time.
+_INTERP_GEMV = {"BLOCK_N": 64, "BLOCK_K": 128}
+_INTERP_GEMM = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
+
+
+@triton.jit
+def _rne_bf16(y):
+    """fp32 rounded to the nearest bf16 (ties to even), as fp32: exact to cast to bf16."""
+    b = y.to(tl.int32, bitcast=True)
+    b = (b + (0x7FFF + ((b >> 16) & 1))) & -65536
+    return tl.where(y != y, y, b.to(tl.float32, bitcast=True))  # keep NaN a NaN
+
+
+@triton.jit
+def _round_to(y, KIND: tl.constexpr, EXACT: tl.constexpr):
+    """fp32 ``y`` rounded to the dtype of KIND (0 fp32, 1 bf16, 2 fp16), kept in fp32."""
+    if KIND == 1:
+        if EXACT:
+            y = _rne_bf16(y)
+        else:
+            y = y.to(tl.bfloat16).to(tl.float32)
+    elif KIND == 2:
+        y = y.to(tl.float16).to(tl.float32)  # RNE on GPU and in the interpreter
+    return y
+
+
+@triton.jit
+def _group_eff(scale_ptr, neg_ptr, zero_ptr, outer_ptr, s_off, n_off, mask,
+               HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr):
+    """(eff, eff_neg, zero) at scale offsets ``s_off``; ``eff = scale * outer`` as in fp32 torch."""
+    eff = tl.load(scale_ptr + s_off, mask=mask, other=0.0)
+    eff_neg = eff
+    if HAS_NEG:
+        eff_neg = tl.load(neg_ptr + s_off, mask=mask, other=0.0)
+    if HAS_OUTER:
+        o = tl.load(outer_ptr + n_off, mask=mask, other=0.0)
+        eff = eff * o
+        eff_neg = eff_neg * o
+    z = eff * 0.0
+    if HAS_ZERO:
+        z = tl.load(zero_ptr + s_off, mask=mask, other=0.0)
+    return eff, eff_neg, z
+
+
+@triton.jit
+def _decode(codes, table_ptr, eff, eff_neg, z, valid, HAS_NEG: tl.constexpr):
+    """fp32 weights of 4-bit ``codes``: table lookup, zero point, (AFPQ) sign-chosen scale."""
+    t = tl.load(table_ptr + codes.to(tl.int32))  # 16-entry gather: any codebook works
+    if HAS_NEG:
+        w = (t - z) * tl.where(t < 0, eff_neg, eff)
+    else:
+        w = (t - z) * eff
+    return tl.where(valid, w, 0.0)  # padding nibbles and K tail contribute nothing
+
+
+@triton.jit
+def _decode_at(codes, table_ptr, e, en, z, idx, valid, HAS_NEG: tl.constexpr,
+               HAS_ZERO: tl.constexpr):
+    """:func:`_decode` with group parameters gathered from ``[NG, BLOCK_N]`` rows ``idx``."""
+    e_k = tl.gather(e, idx, 0)
+    en_k = e_k
+    z_k = e_k * 0.0
+    if HAS_NEG:
+        en_k = tl.gather(en, idx, 0)
+    if HAS_ZERO:
+        z_k = tl.gather(z, idx, 0)
+    return _decode(codes, table_ptr, e_k, en_k, z_k, valid, HAS_NEG)
+
+
+@triton.jit
+def _weight_tile(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
+                 k0, offs_n, N, K, KB, G, outer_stride,
+                 GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 HAS_OUTER: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Decoded fp32 weights ``[BLOCK_K/2, BLOCK_N]`` of elements k0+2j (lo) and k0+2j+1 (hi)."""
+    kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    k_lo = 2 * kb
+    k_hi = k_lo + 1
+    n_ok = offs_n < N
+    b_mask = (kb < KB)[:, None] & n_ok[None, :]
+    byte = tl.load(packed_ptr + offs_n.to(tl.int64)[None, :] * KB + kb[:, None],
+                   mask=b_mask, other=0)
+    lo_ok = (k_lo < K)[:, None] & n_ok[None, :]
+    hi_ok = (k_hi < K)[:, None] & n_ok[None, :]
+    o_off = offs_n * outer_stride
+    if GROUP_SIZE % BLOCK_K == 0:
+        # k0 is a multiple of BLOCK_K, so the whole tile lies in one group: one scale per row.
+        s_off = offs_n * G + k0 // GROUP_SIZE
+        e, en, z = _group_eff(scale_ptr, neg_ptr, zero_ptr, outer_ptr, s_off, o_off, n_ok,
+                              HAS_NEG, HAS_ZERO, HAS_OUTER)
+        e, en, z = e[None, :], en[None, :], z[None, :]
+        w_lo = _decode(byte & 0xF, table_ptr, e, en, z, lo_ok, HAS_NEG)
+        w_hi = _decode(byte >> 4, table_ptr, e, en, z, hi_ok, HAS_NEG)
+    else:
+        # Load the few groups the tile touches as a small [NG, BLOCK_N] tile and expand it in
+        # registers: per-element scale loads would be pipelined into shared memory (hundreds
+        # of KB on sm_90) for every group size that does not tile BLOCK_K.
+        NG: tl.constexpr = triton.next_power_of_2((BLOCK_K - 1) // GROUP_SIZE + 2)
+        g0 = k0 // GROUP_SIZE
+        gid = g0 + tl.arange(0, NG)
+        g_ok = (gid < G)[:, None] & n_ok[None, :]
+        e, en, z = _group_eff(scale_ptr, neg_ptr, zero_ptr, outer_ptr,
+                              offs_n[None, :] * G + gid[:, None], o_off[None, :], g_ok,
+                              HAS_NEG, HAS_ZERO, HAS_OUTER)
+        idx = tl.broadcast_to((k_lo // GROUP_SIZE - g0)[:, None], byte.shape)
+        w_lo = _decode_at(byte & 0xF, table_ptr, e, en, z, idx, lo_ok, HAS_NEG, HAS_ZERO)
+        if GROUP_SIZE % 2 == 1:  # an odd group size can split a byte's two codes
+            idx = tl.broadcast_to((k_hi // GROUP_SIZE - g0)[:, None], byte.shape)
+        w_hi = _decode_at(byte >> 4, table_ptr, e, en, z, idx, hi_ok, HAS_NEG, HAS_ZERO)
+    return w_lo, w_hi
+
+
+@triton.jit
+def _w4a16_gemv_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
+                       bias_ptr, part_ptr, M, N, K, KB, G, outer_stride,
+                       GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr,
+                       HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                       KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Split-K GEMV: partial sums of K tiles [pid_s*per, (pid_s+1)*per) into part[pid_s]."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    x_row = x_ptr + offs_m.to(tl.int64)[:, None] * K
+    tiles = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(tiles, SPLIT)  # whole tiles per split keep k0 a multiple of BLOCK_K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for t in range(pid_s * per, tl.minimum(pid_s * per + per, tiles)):
+        k0 = t * BLOCK_K
+        w_lo, w_hi = _weight_tile(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr,
+                                  outer_ptr, k0, offs_n, N, K, KB, G, outer_stride,
+                                  GROUP_SIZE, HAS_NEG, HAS_ZERO, HAS_OUTER, BLOCK_K)
+        w_lo = _round_to(w_lo, KIND, EXACT)
+        w_hi = _round_to(w_hi, KIND, EXACT)
+        k_lo = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+        x_lo = tl.load(x_row + k_lo[None, :], mask=m_ok[:, None] & (k_lo < K)[None, :],
+                       other=0.0).to(tl.float32)
+        x_hi = tl.load(x_row + k_lo[None, :] + 1,
+                       mask=m_ok[:, None] & (k_lo + 1 < K)[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(x_lo[:, :, None] * w_lo[None, :, :], axis=1)
+        acc += tl.sum(x_hi[:, :, None] * w_hi[None, :, :], axis=1)
+    out_mask = m_ok[:, None] & (offs_n < N)[None, :]
+    offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+    if SPLIT == 1:  # the only partial is the result: finish here, no second kernel
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc = _round_to(acc, KIND, EXACT)
+        tl.store(part_ptr + offs, acc.to(part_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(part_ptr + pid_s.to(tl.int64) * M * N + offs, acc, mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, SPLIT: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    """out = cast(sum_s part[s] + bias), summing splits in index order (deterministic)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
+    for s in tl.static_range(1, SPLIT):
+        acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    acc = _round_to(acc, KIND, EXACT)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _w4a16_gemm_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
+                       bias_ptr, out_ptr, M, N, K, KB, G, outer_stride, M_BUCKET,
+                       GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr,
+                       HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, KIND: tl.constexpr,
+                       EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tiled GEMM; ``M_BUCKET`` only feeds the autotune key."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: GROUP_M row blocks sweep the N blocks together, so weight tiles
+    # (the bulk of the bytes) are reused from L2 by neighbouring programs.
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    x_row = x_ptr + offs_m.to(tl.int64)[:, None] * K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w_lo, w_hi = _weight_tile(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr,
+                                  outer_ptr, k0, offs_n, N, K, KB, G, outer_stride,
+                                  GROUP_SIZE, HAS_NEG, HAS_ZERO, HAS_OUTER, BLOCK_K)
+        k_lo = k0 + 2 * tl.arange(0, BLOCK_K // 2)
+        x_lo = tl.load(x_row + k_lo[None, :], mask=m_ok[:, None] & (k_lo < K)[None, :],
+                       other=0.0)
+        x_hi = tl.load(x_row + k_lo[None, :] + 1,
+                       mask=m_ok[:, None] & (k_lo + 1 < K)[None, :], other=0.0)
+        if KIND == 0:
+            acc = tl.dot(x_lo, w_lo, acc, input_precision="ieee")
+            acc = tl.dot(x_hi, w_hi, acc, input_precision="ieee")
+        elif EXACT:
+            # Interpreter: its bf16 dot is wrong, so multiply the exactly rounded values in
+            # fp32 (products of two 16-bit floats are exact in fp32).
+            acc = tl.dot(x_lo.to(tl.float32), _round_to(w_lo, KIND, EXACT), acc,
+                         input_precision="ieee")
+            acc = tl.dot(x_hi.to(tl.float32), _round_to(w_hi, KIND, EXACT), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(x_lo, w_lo.to(x_ptr.dtype.element_ty), acc)
+            acc = tl.dot(x_hi, w_hi.to(x_ptr.dtype.element_ty), acc)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    acc = _round_to(acc, KIND, EXACT)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
+
+
+def _bucket(table: dict[int, list[triton.Config]], m: int) -> int:
+    return min(b for b in table if b >= m)
+
+
+@functools.cache
+def _tuned(kind: str, bucket: int) -> triton.runtime.Autotuner:
+    """The autotuned kernel for one M bucket (each bucket has its own config list)."""
+    if kind == "gemv":
+        return triton.autotune(GEMV_CONFIGS[bucket], key=["N", "K", "GROUP_SIZE", "SPLIT"])(
+            _w4a16_gemv_kernel)
+    return triton.autotune(GEMM_CONFIGS[bucket], key=["M_BUCKET", "N", "K", "GROUP_SIZE"])(
+        _w4a16_gemm_kernel)
+
+
+def _pick_split(n: int, k: int, device: torch.device) -> int:
+    """K splits of the GEMV: enough programs to fill the GPU, at least 256 K per split."""
+    cap = max(1, min(16, -(-k // 256)))
+    if device.type != "cuda":
+        return min(4, cap)  # interpreter: exercise the split path on small shapes
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(cap, -(-2 * sms // -(-n // 64))))
+
+
+def _check_any(t: object, name: str, dtypes, ndim=None, shape=None, device=None) -> torch.Tensor:
+    """:func:`check_tensor` minus the kernel-device rule (the reference runs anywhere)."""
+    if not torch.is_tensor(t) or t.dtype not in dtypes:
+        return check_tensor(t, name, dtypes)  # raises the dtype/type message
+    if shape is not None and (t.dim() != len(shape) or any(
+            w is not None and h != w for h, w in zip(t.shape, shape, strict=True))):
+        raise KernelInputError(f"{name} has shape {tuple(t.shape)}; expected "
+                               f"{tuple('*' if w is None else w for w in shape)}")
+    if ndim is not None and t.dim() != ndim:
+        raise KernelInputError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise KernelInputError(f"{name} is on {t.device}, the other inputs on {device}")
+    return t
+
+
+def _validate(x, packed, table, scale, scale_neg, zero, outer, group_size, bias, check):
+    """Check every input with ``check``; return ``(N, K, G)``."""
+    check(x, "x", _X_DTYPES)
+    if x.dim() < 1:
+        raise KernelInputError("x must have at least one dim (its last dim is K)")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise KernelInputError(f"group_size must be a positive int, got {group_size!r}")
+    dev, k = x.device, x.shape[-1]
+    check(packed, "packed", (torch.uint8,), ndim=2, device=dev)
+    n, g = packed.shape[0], -(-k // group_size)
+    check(packed, "packed", (torch.uint8,), shape=(n, -(-k // 2)), device=dev)
+    check(table, "table", (torch.float32,), shape=(16,), device=dev)
+    check(scale, "scale", (torch.float32,), shape=(n, g), device=dev)
+    for name, t in (("scale_neg", scale_neg), ("zero", zero)):
+        if t is not None:
+            check(t, name, (torch.float32,), shape=(n, g), device=dev)
+    if outer is not None:
+        check(outer, "outer", (torch.float32,), ndim=2, device=dev)
+        if tuple(outer.shape) not in ((n, 1), (1, 1)):
+            raise KernelInputError(f"outer has shape {tuple(outer.shape)}; expected ({n}, 1) "
+                                   "or (1, 1)")
+    if bias is not None:
+        check(bias, "bias", (x.dtype,), shape=(n,), device=dev)
+    return n, k, g
+
+
+def _dequant_ref(packed, table, scale, scale_neg, zero, outer, group_size: int, k: int):
+    """fp32 weight ``[N, K]``, the same fp32 operations as ``formats.quantize.dequantize``."""
+    t = table[unpack_codes(packed, 4, k).long()]
+    idx = torch.arange(k, device=packed.device) // group_size
+    eff = scale if outer is None else scale * outer
+    v = t if zero is None else t - zero[:, idx]
+    w = v * eff[:, idx]
+    if scale_neg is None:
+        return w
+    eff_neg = scale_neg if outer is None else scale_neg * outer
+    return torch.where(t < 0, v * eff_neg[:, idx], w)
+
+
+def w4a16_linear_ref(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
+                     scale: torch.Tensor, scale_neg: torch.Tensor | None,
+                     zero: torch.Tensor | None, outer: torch.Tensor | None, group_size: int,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain PyTorch W4A16 linear (any device): the numerics the kernels reproduce.
+
+    Args:
+        x: Activations ``[..., K]``, bf16/fp16/fp32.
+        packed: ``uint8`` codes ``[N, ceil(K/2)]``, element 2i in the low nibble of byte i.
+        table: fp32 ``[16]``, the value of each code.
+        scale: fp32 ``[N, ceil(K/group_size)]`` group scales (AFPQ: the positive side).
+        scale_neg: fp32 like ``scale`` for codes with negative value (AFPQ), or None.
+        zero: fp32 like ``scale``, INT asym zero points, or None.
+        outer: fp32 ``[N, 1]`` or ``[1, 1]`` multiplying every group scale, or None.
+        group_size: Elements per group along K (K itself for per-channel).
+        bias: ``[N]`` in ``x``'s dtype, or None.
+
+    Returns:
+        ``[..., N]`` in ``x``'s dtype: ``linear(x, W.to(x.dtype), bias)`` accumulated in fp32.
+
+    Raises:
+        KernelInputError: A malformed input.
+    """
+    _validate(x, packed, table, scale, scale_neg, zero, outer, group_size, bias, _check_any)
+    w = _dequant_ref(packed, table, scale, scale_neg, zero, outer, group_size, x.shape[-1])
+    b = None if bias is None else bias.float()
+    return torch.nn.functional.linear(x.float(), w.to(x.dtype).float(), b).to(x.dtype)
+
+
+def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
+                 scale: torch.Tensor, scale_neg: torch.Tensor | None,
+                 zero: torch.Tensor | None, outer: torch.Tensor | None, group_size: int,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W4A16 linear with Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+    Same arguments and result as :func:`w4a16_linear_ref` (up to fp32 summation order): the
+    split-K GEMV for at most :data:`GEMV_MAX_M` rows, the tiled GEMM above.
+
+    Raises:
+        KernelInputError: A malformed input, mixed devices, or tensors no kernel can run on.
+    """
+    n, k, g = _validate(x, packed, table, scale, scale_neg, zero, outer, group_size, bias,
+                        check_tensor)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0 or k == 0:
+        return (out.zero_() if bias is None else out.copy_(bias.expand(m, n))).reshape(*lead, n)
+    packed, table, scale = packed.contiguous(), table.contiguous(), scale.contiguous()
+    neg = scale if scale_neg is None else scale_neg.contiguous()  # unused placeholders
+    zer = scale if zero is None else zero.contiguous()
+    out_t = scale if outer is None else outer.contiguous()
+    bias_t = scale if bias is None else bias.contiguous()
+    exact = interpreting()
+    common = dict(GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
+                  HAS_ZERO=zero is not None, HAS_OUTER=outer is not None,
+                  HAS_BIAS=bias is not None, KIND=_DTYPE_KIND[x.dtype], EXACT=exact)
+    o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
+    args = (x2, packed, table, scale, neg, zer, out_t, bias_t)
+    if m <= GEMV_MAX_M:
+        split = _pick_split(n, k, x.device)
+        part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32,
+                                                  device=x.device)
+        block_m = triton.next_power_of_2(m)
+        kern = _w4a16_gemv_kernel if exact else _tuned("gemv", _bucket(GEMV_CONFIGS, block_m))
+        cfg = _INTERP_GEMV if exact else {}
+        kern[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
+            *args, part, m, n, k, packed.shape[1], g, o_stride, SPLIT=split, BLOCK_M=block_m,
+            **cfg, **common)
+        if split > 1:
+            block = 1024
+            _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+                part, bias_t, out, m, n, SPLIT=split, HAS_BIAS=bias is not None,
+                KIND=common["KIND"], EXACT=exact, BLOCK=block)
+    else:
+        m_bucket = min(triton.next_power_of_2(m), 1 << 16)
+        kern = _w4a16_gemm_kernel if exact else _tuned("gemm", _bucket(GEMM_CONFIGS, m))
+        cfg = _INTERP_GEMM if exact else {}
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        kern[grid](*args, out, m, n, k, packed.shape[1], g, o_stride, m_bucket, **cfg, **common)
+    return out.reshape(*lead, n)

@@ -1,0 +1,91 @@
+"""W4A16 Triton kernel micro-benchmark: batch-1 (decode) GEMV against bf16 ``F.linear``.
+
+For FP4 E2M1 g128 (symmetric) and FP4 AFPQ g128 weights on the Llama-3-8B shapes
+8192 x 8192 and 28672 x 8192 (N x K), times ``w4a16_linear`` at M = 1 with
+``triton.testing.do_bench`` next to bf16 ``torch.nn.functional.linear`` on the same shape in the
+same run, and reports microseconds, the speedup over bf16, and the weight-read bandwidth
+(packed codes + fp32 scales, over the kernel time). CUDA only.
+
+Usage::
+
+    python benchmarks/kernels_w4a16.py [--out w4a16.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+SHAPES: list[tuple[int, int]] = [(8192, 8192), (28672, 8192)]  # (N, K)
+FORMATS: list[str] = ["fp4_e2m1/g128", "fp4_e2m1/g128/asym"]
+
+
+def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
+    """Time the kernels; one row per (format, shape).
+
+    Raises:
+        RuntimeError: ``device`` is not an available CUDA device (timings need a GPU).
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"the W4A16 kernel benchmark needs a CUDA device (got {dev}, "
+                           f"CUDA available: {torch.cuda.is_available()})")
+    from triton.testing import do_bench
+
+    from qcompile.backends.triton.runtime import element_table
+    from qcompile.backends.triton.w4a16 import w4a16_linear, w4a16_linear_ref
+    from qcompile.formats import pack_codes, parse_format, quantize
+
+    torch.manual_seed(0)
+    rows = []
+    for n, k in SHAPES:
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev) * 0.02
+        dense = w.to(torch.bfloat16)
+        bf16_ms = do_bench(lambda x=x, d=dense: torch.nn.functional.linear(x, d))
+        for fmt in FORMATS:
+            spec = parse_format(fmt)
+            q = quantize(w, spec)
+            args = (pack_codes(q.codes, 4), element_table(spec.elem, dev), q.scale, q.scale_neg,
+                    q.zero, q.outer, spec.group_size)
+            out = w4a16_linear(x, *args)  # also runs the autotuner once
+            ref = w4a16_linear_ref(x, *args)
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            ms = do_bench(lambda x=x, a=args: w4a16_linear(x, *a))
+            read = (args[0], q.scale, q.scale_neg, q.zero, q.outer)  # what the kernel streams
+            nbytes = sum(t.numel() * t.element_size() for t in read if t is not None)
+            rows.append({
+                "format": fmt, "M": 1, "N": n, "K": k, "device": torch.cuda.get_device_name(dev),
+                "w4a16_us": ms * 1e3, "bf16_us": bf16_ms * 1e3, "speedup_vs_bf16": bf16_ms / ms,
+                "weight_bytes": nbytes, "weight_gbps": nbytes / (ms * 1e-3) / 1e9,
+                "max_rel_err_vs_ref": err,
+            })
+        del w, dense
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print (or write) the rows as JSON; exit 2 with a message without CUDA."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", help="write the JSON here as well")
+    args = ap.parse_args(argv)
+    try:
+        rows = run(args.device)
+    except RuntimeError as e:
+        print(f"kernels_w4a16: {e}", file=sys.stderr)
+        return 2
+    text = json.dumps(rows, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""W4A16 Triton kernels (:mod:`qcompile.backends.triton.w4a16`) against their PyTorch reference.
+
+On CPU the kernels run under the Triton interpreter (conftest sets ``TRITON_INTERPRET=1``) on a
+representative subset of shapes; on CUDA the full grid runs. Weights are real qcompile
+quantizations of random matrices, packed with ``pack_codes``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from qcompile.backends.triton import w4a16 as w4  # noqa: E402
+from qcompile.backends.triton.runtime import KernelInputError  # noqa: E402
+from qcompile.formats import pack_codes, parse_format, quantize  # noqa: E402
+from qcompile.ops import dequantize_weight  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+
+FORMATS = [
+    "fp4_e2m1/g128", "fp4_e2m1/g128/asym", "int4/g128", "int4/g64/asym", "nf4/g64",
+    "nf4/g64/asym", "fp4_e2m1/g32/m2", "fp4_e2m1/g128/po2", "fp4_e2m1/channel", "nvfp4",
+]
+
+# (M, N, K, dtype). CPU (interpreter): a subset per format that still covers the GEMV (split and
+# single-split), the GEMM, fp32/bf16/fp16, ragged and odd K. CUDA: the full grid.
+_CPU_CASES = [
+    (1, 96, 1000, torch.float32), (7, 200, 130, torch.bfloat16), (33, 200, 576, torch.bfloat16),
+    (33, 96, 1000, torch.float32), (3, 96, 131, torch.float16),
+]
+_GPU_CASES = [
+    (m, n, k, dt) for m, n, k, dt in itertools.product(
+        (1, 7, 33, 4097), (96, 200), (576, 1000, 130, 131), (torch.float32, torch.bfloat16))
+]
+CASES = _GPU_CASES if CUDA else _CPU_CASES
+
+
+@functools.cache
+def _weights(fmt: str, n: int, k: int):
+    """(packed, table, scale, scale_neg, zero, outer, group_size) for a random [n, k] weight."""
+    spec = parse_format(fmt)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{fmt}/{n}/{k}".encode()))
+    q = quantize(torch.randn(n, k, generator=gen), spec)
+    info = spec.element
+    # Code -> value: INT sym codes are offset binary (the element table, code + min); INT asym
+    # codes are the unsigned level itself; FP/NF codes index the element table.
+    table = (torch.arange(16, dtype=torch.float32) if info.kind == "int" and q.zero is not None
+             else info.table())
+    gs = spec.group_size if spec.granularity == "group" else k
+    mv = [None if t is None else t.to(DEV) for t in (q.scale_neg, q.zero, q.outer)]
+    return (pack_codes(q.codes, 4).to(DEV), table.to(DEV), q.scale.to(DEV), *mv, gs)
+
+
+def _inputs(fmt, m, n, k, dtype, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+    b = torch.randn(n, generator=gen).to(dtype).to(DEV) if bias else None
+    return x, _weights(fmt, n, k), b
+
+
+def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Kernel vs reference. Both round the same fp32 sums once; only the summation order
+    differs, so fp32 agrees to ~1e-5 of the output's scale and 16-bit outputs to one ulp
+    (rtol = 2^-7 is one to two bf16 ulps; a small atol covers cancelled, tiny outputs)."""
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    o, r = out.float(), ref.float()
+    amax = max(r.abs().max().item(), 1e-30) if r.numel() else 1.0
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2**-7, torch.float16: 2**-10}[ref.dtype]
+    torch.testing.assert_close(o, r, rtol=rtol, atol=amax * rtol / 4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reference_is_dequantize_then_linear(fmt):
+    """The reference decodes exactly like ``dequantize_weight`` and is an fp32 linear."""
+    for m, n, k, dtype in [(3, 96, 1000, torch.float32), (5, 200, 131, torch.bfloat16)]:
+        x, (packed, table, scale, neg, zero, outer, gs), b = _inputs(fmt, m, n, k, dtype)
+        w = dequantize_weight(packed, scale, neg, zero, outer, fmt, k, torch.float32)
+        assert torch.equal(w4._dequant_ref(packed, table, scale, neg, zero, outer, gs, k), w)
+        ref = w4.w4a16_linear_ref(x, packed, table, scale, neg, zero, outer, gs, b)
+        wx = dequantize_weight(packed, scale, neg, zero, outer, fmt, k, dtype)
+        exact = F.linear(x.float(), wx.float(), b.float()).to(dtype)
+        assert torch.equal(ref, exact)
+        if dtype == torch.float32:
+            assert torch.equal(ref, F.linear(x, wx, b))
+        else:  # torch's own bf16 GEMM sums in another order: one ulp apart at most
+            assert_matches(F.linear(x, wx, b), ref)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m,n,k,dtype", CASES,
+                         ids=[f"m{m}-n{n}-k{k}-{str(d)[6:]}" for m, n, k, d in CASES])
+def test_kernel_matches_reference(fmt, m, n, k, dtype):
+    x, w, b = _inputs(fmt, m, n, k, dtype, bias=(m + k) % 2 == 0)
+    ref = w4.w4a16_linear_ref(x, *w, bias=b)
+    assert_matches(w4.w4a16_linear(x, *w, bias=b), ref)
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1/g33/asym", "int4/g7/asym"])
+@pytest.mark.parametrize("m", [2, 20])
+def test_odd_group_size_splits_a_byte(fmt, m):
+    """An odd group size puts a byte's two codes in different groups (k = 33: 32 | 33)."""
+    x, w, b = _inputs(fmt, m, 96, 131, torch.float32)
+    assert_matches(w4.w4a16_linear(x, *w, bias=b), w4.w4a16_linear_ref(x, *w, bias=b))
+
+
+def test_leading_dims_and_noncontiguous_x():
+    x, w, b = _inputs("fp4_e2m1/g128/asym", 40, 96, 576, torch.bfloat16)
+    x3 = x.reshape(2, 20, 576)
+    ref = w4.w4a16_linear_ref(x3, *w, bias=b)
+    assert ref.shape == (2, 20, 96)
+    assert_matches(w4.w4a16_linear(x3, *w, bias=b), ref)
+    xt = torch.randn(576, 3, device=DEV).t()  # stride (1, 3): not contiguous
+    assert_matches(w4.w4a16_linear(xt, *w), w4.w4a16_linear_ref(xt, *w))
+
+
+def test_empty_rows():
+    x, w, b = _inputs("int4/g128", 0, 96, 576, torch.float32)
+    out = w4.w4a16_linear(x, *w, bias=b)
+    assert out.shape == (0, 96)
+
+
+@pytest.mark.parametrize("split", [1, 3, 16])
+def test_split_counts_agree(monkeypatch, split):
+    """Any split count (one, uneven, more splits than K tiles) gives the reference."""
+    x, w, b = _inputs("nf4/g64/asym", 5, 200, 1000, torch.float32)
+    monkeypatch.setattr(w4, "_pick_split", lambda n, k, device: split)
+    assert_matches(w4.w4a16_linear(x, *w, bias=b), w4.w4a16_linear_ref(x, *w, bias=b))
+
+
+def test_split_k_is_deterministic():
+    x, w, b = _inputs("fp4_e2m1/g128/asym", 1, 96, 1000, torch.float32)
+    assert w4._pick_split(96, 1000, x.device) > 1  # this is the split-K path
+    first = w4.w4a16_linear(x, *w, bias=b)
+    for _ in range(2):
+        assert torch.equal(w4.w4a16_linear(x, *w, bias=b), first)
+
+
+def _args(**over):
+    x, (packed, table, scale, neg, zero, outer, gs), b = _inputs("int4/g64/asym", 2, 96, 130,
+                                                                 torch.float32)
+    args = dict(x=x, packed=packed, table=table, scale=scale, scale_neg=neg, zero=zero,
+                outer=outer, group_size=gs, bias=b)
+    args.update(over)
+    return args
+
+
+@pytest.mark.parametrize("fn", [w4.w4a16_linear, w4.w4a16_linear_ref])
+@pytest.mark.parametrize("over,match", [
+    (lambda a: {"x": a["x"].to(torch.int32)}, "x has dtype int32"),
+    (lambda a: {"packed": a["packed"].to(torch.int8)}, "packed has dtype int8"),
+    (lambda a: {"packed": a["packed"][:, :-1]}, r"packed has shape \(96, 64\)"),
+    (lambda a: {"packed": torch.zeros(96, 130, dtype=torch.uint8, device=DEV)},
+     r"packed has shape \(96, 130\)"),
+    (lambda a: {"scale": a["scale"][:, :2]}, r"scale has shape \(96, 2\)"),
+    (lambda a: {"group_size": 128}, r"scale has shape \(96, 3\)"),
+    (lambda a: {"zero": a["zero"].t().contiguous()}, "zero has shape"),
+    (lambda a: {"scale": a["scale"].double()}, "scale has dtype float64"),
+    (lambda a: {"table": a["table"][:8]}, "table has shape"),
+    (lambda a: {"outer": torch.ones(96, 2, device=DEV)}, "outer has shape"),
+    (lambda a: {"bias": a["bias"].bfloat16()}, "bias has dtype bfloat16"),
+    (lambda a: {"group_size": 0}, "group_size must be a positive int"),
+    (lambda a: {"group_size": -64}, "group_size must be a positive int"),
+    (lambda a: {"group_size": 64.0}, "group_size must be a positive int"),
+    (lambda a: {"group_size": True}, "group_size must be a positive int"),
+])
+def test_bad_inputs_raise(fn, over, match):
+    args = _args()
+    args.update(over(args))
+    with pytest.raises(KernelInputError, match=match):
+        fn(**args)
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    args = {k: v.cpu() if torch.is_tensor(v) else v for k, v in _args().items()}
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(KernelInputError, match="CUDA"):
+        w4.w4a16_linear(**args)
+    w4.w4a16_linear_ref(**args)  # the reference runs anywhere
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_mixed_devices_raise():
+    args = _args()
+    args["scale"] = args["scale"].cpu()
+    with pytest.raises(KernelInputError, match="scale is on cpu"):
+        w4.w4a16_linear(**args)
