@@ -30,6 +30,9 @@ def _gptq(fmt: str, act: str = "", lorc: bool = False) -> str:
     return f"gptq{{w={fmt}}}{middle},quantize{{{quant}}}"
 
 
+# QuaRot rotation without the q/k Hadamard (W4A16/W4A8 keep 16/8-bit attention inputs).
+_ROT = "fuse-norms,rotate{r3=none},"
+
 GRIDS: dict[str, list[tuple[str, str]]] = {
     # (family, pipeline text) cells; family groups lines in tables/plots.
     "rtn": [
@@ -90,8 +93,17 @@ GRIDS: dict[str, list[tuple[str, str]]] = {
         ("fp4-asym-gptq-fp", _gptq("fp4_e2m1/g128/asym clip=search target=fp")),
         ("fp4-asym-gptq-s128-fp", _gptq("fp4_e2m1/g128/asym clip=search samples=128 target=fp")),
         ("fp4-asym-gptq-lorc", _gptq("fp4_e2m1/g128/asym clip=search", lorc=True)),
-        ("fp4-asym-rot-gptq", "fuse-norms,rotate{r3=none},"
-                              + _gptq("fp4_e2m1/g128/asym clip=search")),
+        ("fp4-asym-rot-gptq", _ROT + _gptq("fp4_e2m1/g128/asym clip=search")),
+        ("int4-asym-rot-gptq", _ROT + _gptq("int4/g128/asym clip=search")),
+        ("w4a8-m2-rot-gptq", _ROT + _gptq("fp4_e2m1/g128/m2", "a=fp8_e4m3/token")),
+        ("w4a8-m2-rot-gptq-lorc", _ROT + _gptq("fp4_e2m1/g128/m2", "a=fp8_e4m3/token",
+                                               lorc=True)),
+        ("nf3-asym-rot-gptq", _ROT + _gptq("nf3/g128/asym clip=search")),
+        ("w4a8-m1-rot-gptq", _ROT + _gptq("fp4_e2m1/g128/po2", "a=fp8_e4m3/token")),
+        ("w4a8-m1-rot-gptq-lorc", _ROT + _gptq("fp4_e2m1/g128/po2", "a=fp8_e4m3/token",
+                                               lorc=True)),
+        ("int3-asym-rot-gptq", _ROT + _gptq("int3/g128/asym clip=search")),
+        ("fp3-sym-rot-gptq", _ROT + _gptq("fp3_e1m1/g128 clip=search")),
     ],
 }
 

@@ -28,8 +28,10 @@ Each block of a row is a tile ``[P1, P2, Q]``: ``Q`` holds the Paley base of ord
 (zero-padded to a power of two, at least 16; a ``2^k`` below 16 is folded into it while the
 product stays <= 128), ``P1 x P2`` the Sylvester factor ``2^k`` (one axis up to 128, else split
 in two halves of up to 128; an axis below 16 is zero-padded to 16), built in the kernel from
-bit parities. Every factor is one ``tl.dot`` against a +-1 matrix on its axis, in fp32
-(``input_precision="ieee"``), normalized once at the end; the whole row,
+bit parities. Every factor is one ``tl.dot`` against a +-1 matrix on its axis, at fp32-level
+accuracy (``input_precision="tf32x3"``: three TF32 MMAs; the +-1 factors are exact in TF32, so
+only x's split into two TF32 parts rounds; ``ieee`` FMAs spilled kilobytes per thread on sm_90
+in the offline compile), normalized once at the end; the whole row,
 ``[blocks, P1, P2, Q]``, stays on chip (at most 2^16 padded elements).
 
 fp16 outputs saturate at +-65504 where a cast would give inf (only for values beyond fp16's
@@ -126,15 +128,15 @@ def _hadamard(x, base_ptr, NB: tl.constexpr, P1: tl.constexpr, R1: tl.constexpr,
     if Q > 1:
         k = tl.arange(0, Q)
         hq = tl.load(base_ptr + k[:, None] * Q + k[None, :]).to(tl.float32)
-        t = tl.dot(tl.reshape(x, [NB * P1 * P2, Q]), hq, input_precision="ieee")
+        t = tl.dot(tl.reshape(x, [NB * P1 * P2, Q]), hq, input_precision="tf32x3")
         x = tl.reshape(t, [NB, P1, P2, Q])
     if P2 > 1:
         t = tl.reshape(tl.permute(x, (0, 1, 3, 2)), [NB * P1 * Q, P2])
-        t = tl.dot(t, _sylvester(P2, R2), input_precision="ieee")
+        t = tl.dot(t, _sylvester(P2, R2), input_precision="tf32x3")
         x = tl.permute(tl.reshape(t, [NB, P1, Q, P2]), (0, 1, 3, 2))
     if P1 > 1:
         t = tl.reshape(tl.permute(x, (0, 2, 3, 1)), [NB * P2 * Q, P1])
-        t = tl.dot(t, _sylvester(P1, R1), input_precision="ieee")
+        t = tl.dot(t, _sylvester(P1, R1), input_precision="tf32x3")
         x = tl.permute(tl.reshape(t, [NB, P2, Q, P1]), (0, 3, 1, 2))
     return x
 

@@ -272,8 +272,10 @@ def _w4a16_gemm_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_pt
         x_hi = tl.load(x_row + k_lo[None, :] + 1,
                        mask=m_ok[:, None] & (k_lo + 1 < K)[None, :], other=0.0)
         if KIND == 0:
-            acc = tl.dot(x_lo, w_lo, acc, input_precision="ieee")
-            acc = tl.dot(x_hi, w_hi, acc, input_precision="ieee")
+            # fp32 activations: tf32x3 (three TF32 MMAs, about fp32 accuracy); ieee FMAs
+            # spilled kilobytes per thread in the sm_90 compile.
+            acc = tl.dot(x_lo, w_lo, acc, input_precision="tf32x3")
+            acc = tl.dot(x_hi, w_hi, acc, input_precision="tf32x3")
         elif EXACT:
             # Interpreter: its bf16 dot is wrong, so multiply the exactly rounded values in
             # fp32 (products of two 16-bit floats are exact in fp32).
