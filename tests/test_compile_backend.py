@@ -136,6 +136,22 @@ def test_fp8_dynamic_matches_reference():
     assert _stats(model).weights_quantized == 14
 
 
+@pytest.mark.parametrize("recipe, kind", [("w4-afpq", "w4a16"), ("fp8-dynamic", "fp8")])
+def test_lower_always_puts_the_fused_kernel_ops_in_the_compiled_graph(recipe, kind):
+    """``lower=always`` runs ``lower-triton`` on CPU graphs too (CUDA graphs get it with the
+    default ``auto``): the fused ops' CPU references keep the reference backend's logits."""
+    model = tiny_model("llama")
+    ids = _ids(9)
+    _gm, ref = _reference(model, get_recipe(recipe).pipeline)
+    qcompile.compile(model, recipe=recipe, lower="always")
+    with torch.no_grad():
+        out = model(ids).logits
+    torch.testing.assert_close(out, ref(ids), atol=1e-4, rtol=1e-4)
+    lowered = [r for r in _stats(model).reports
+               if r["passes"] and r["passes"][0]["name"] == "lower-triton"]
+    assert lowered and lowered[0]["passes"][0]["facts"][kind] == 14
+
+
 def test_quantizes_once_across_calls_recompiles_and_reset():
     model = tiny_model("llama")
     _gm, ref = _reference(model, W4)

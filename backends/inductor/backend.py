@@ -269,17 +269,11 @@ class QCompileBackend:
                  quantized, len(fresh))
 
     def _lower(self, lifted: LiftedGraph) -> None:
-        """Run ``lower-triton`` on CUDA graphs when that pass is registered (``lower=auto``)."""
-        if self.options.lower != "auto":
+        """Run ``lower-triton`` on CUDA graphs (``lower=auto``) or on every graph (``always``)."""
+        if self.options.lower == "none":
             return
         on_cuda = any(t.is_cuda for t in lifted.state.values())
-        if not on_cuda:
-            return
-        from qcompile.registry import get_pass
-
-        try:
-            get_pass("lower-triton")
-        except PipelineError:
+        if self.options.lower == "auto" and not on_cuda:
             return
         from qcompile.api import quantize_graph
 

@@ -23,6 +23,7 @@ def compile(
     free_weights: bool = False,
     mode: str | None = None,
     inductor: bool = True,
+    lower: str = "auto",
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the ``qcompile`` backend and return it.
 
@@ -43,6 +44,7 @@ def compile(
             run them afterwards).
         mode: Inductor mode.
         inductor: False runs the quantized graphs eagerly (reference numerics).
+        lower: ``auto`` (fused Triton kernel ops on CUDA), ``always`` or ``none``.
 
     Returns:
         ``model``, compiled.
@@ -55,7 +57,7 @@ def compile(
     options = parse_options({
         "recipe": recipe, "pipeline": pipeline,
         "artifact": str(artifact) if artifact is not None else None,
-        "free_weights": free_weights, "inductor": inductor, "mode": mode,
+        "free_weights": free_weights, "inductor": inductor, "mode": mode, "lower": lower,
     })
     backend = QCompileBackend(options)
     backend.register_model(model)

@@ -34,7 +34,8 @@ class BackendOptions:
             ops' reference implementations (False; for debugging numerics).
         mode: Inductor mode (``default``, ``reduce-overhead``, ``max-autotune``, ...); also
             taken from ``torch.compile(mode=...)``.
-        lower: ``auto`` runs the ``lower-triton`` pass on CUDA graphs when it is registered;
+        lower: ``auto`` runs the ``lower-triton`` pass on CUDA graphs; ``always`` on every
+            graph (on the CPU the fused ops run their exact references: a numerics check);
             ``none`` never lowers.
         verify: Check the graph after every pass (fx lint, attributes exist).
     """
@@ -63,7 +64,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "lower": (str,),
     "verify": (bool,),
 }
-_LOWER = ("auto", "none")
+_LOWER = ("auto", "always", "none")
 
 
 def parse_options(options: dict[str, Any] | None, mode: str | None = None) -> BackendOptions:
