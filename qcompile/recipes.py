@@ -25,6 +25,8 @@ class Recipe:
 
 _G = "g128"
 _QUAROT = "rotate{ro=hadamard}"
+# Weight-only rotation: no q/k Hadamard (attention inputs stay 16-bit).
+_ROT16 = "rotate{r3=none}"
 
 RECIPES: dict[str, Recipe] = {
     r.name: r
@@ -89,14 +91,18 @@ RECIPES: dict[str, Recipe] = {
         # Error compensation (GPTQ on 32 x 512 wikitext2-valid windows, act-order, static
         # groups, scales refit to the Hessian; w^2-weighted clip search where it measured
         # better (AFPQ g128: 28.71 vs 29.06); LoRC rank 8 with INT8 factors). quantize inserts
-        # exactly the weights GPTQ decided.
+        # exactly the weights GPTQ decided. W4A16/W3A16 rotate first (QuaRot R1/R2 folded into
+        # the weights, R4 online before down_proj): RTN loses with rotation, GPTQ wins with it
+        # (SmolLM2 AFPQ g128: 1.071x fp32 rotated vs 1.122x; INT4: 1.079x vs 1.148x; NF3
+        # AFPQ: 1.313x vs 1.427x; more calibration or refit rounds moved it < 0.005).
         Recipe("w4-int4-gptq",
-               f"gptq{{w=int4/{_G}/asym clip=search}},quantize{{w=int4/{_G}/asym}},cleanup",
-               "W4A16 INT4 asymmetric per 128 with GPTQ"),
+               f"fuse-norms,{_ROT16},gptq{{w=int4/{_G}/asym clip=search}},"
+               f"quantize{{w=int4/{_G}/asym}},cleanup",
+               "W4A16 INT4 asymmetric per 128 with rotation and GPTQ"),
         Recipe("afpq-w4-gptq",
-               f"gptq{{w=fp4_e2m1/{_G}/asym clip=search}},quantize{{w=fp4_e2m1/{_G}/asym}},"
-               "cleanup",
-               "W4A16 AFPQ FP4 (two scales per 128) with GPTQ"),
+               f"fuse-norms,{_ROT16},gptq{{w=fp4_e2m1/{_G}/asym clip=search}},"
+               f"quantize{{w=fp4_e2m1/{_G}/asym}},cleanup",
+               "W4A16 AFPQ FP4 (two scales per 128) with rotation and GPTQ"),
         # W3: AFPQ on the NF3 grid (SmolLM2 + GPTQ: NF3 AFPQ 1.43x fp32, INT3 asym 1.66x,
         # FP3 E1M1 AFPQ 1.80x, FP3 sym 1.88x).
         Recipe("afpq-w3-gptq",
