@@ -103,6 +103,9 @@ GRIDS: dict[str, list[tuple[str, str]]] = {
         ("w4a8-m1-rot-gptq-lorc", _ROT + _gptq("fp4_e2m1/g128/po2", "a=fp8_e4m3/token",
                                                lorc=True)),
         ("int3-asym-rot-gptq", _ROT + _gptq("int3/g128/asym clip=search")),
+        ("w4a4kv4-fp4-rot-gptq-g128", "fuse-norms,rotate{ro=hadamard},"
+         "gptq{w=fp4_e2m1/g128/asym clip=search},quantize{w=fp4_e2m1/g128/asym "
+         "a=fp4_e2m1/token/asym kv=fp4_e2m1/token/asym}"),
         ("w4a8-m2-rot-gptq-clip", _ROT + _gptq("fp4_e2m1/g128/m2 clip=search",
                                                "a=fp8_e4m3/token")),
         ("w4a8-m2-asym-rot-gptq", _ROT + _gptq("fp4_e2m1/g128/asym/m2 clip=search",
