@@ -106,6 +106,14 @@ GRIDS: dict[str, list[tuple[str, str]]] = {
         ("w4a4kv4-fp4-rot-gptq-g128", "fuse-norms,rotate{ro=hadamard},"
          "gptq{w=fp4_e2m1/g128/asym clip=search},quantize{w=fp4_e2m1/g128/asym "
          "a=fp4_e2m1/token/asym kv=fp4_e2m1/token/asym}"),
+        ("w4a8-m2-gptq-clip-lorc", _gptq("fp4_e2m1/g128/m2 clip=search", "a=fp8_e4m3/token",
+                                          lorc=True)),
+        ("w4a8-m2-gptq-clip-lorc16", "gptq{w=fp4_e2m1/g128/m2 clip=search},"
+         "lorc{rank=16 bits=8},quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token}"),
+        ("w4a8-m2-gptq-clip-r3-lorc", "gptq{w=fp4_e2m1/g128/m2 clip=search rounds=3},"
+         "lorc{rank=8 bits=8},quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token}"),
+        ("w4a8-m1-gptq-clip", _gptq("fp4_e2m1/g128/po2 clip=search", "a=fp8_e4m3/token")),
+        ("w4a8-m2-gptq-clip", _gptq("fp4_e2m1/g128/m2 clip=search", "a=fp8_e4m3/token")),
         ("w4a8-m2-rot-gptq-clip", _ROT + _gptq("fp4_e2m1/g128/m2 clip=search",
                                                "a=fp8_e4m3/token")),
         ("w4a8-m2-asym-rot-gptq", _ROT + _gptq("fp4_e2m1/g128/asym/m2 clip=search",
