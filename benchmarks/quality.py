@@ -114,6 +114,8 @@ GRIDS: dict[str, list[tuple[str, str]]] = {
          "lorc{rank=8 bits=8},quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token}"),
         ("w4a8-m2-gptq-clip-s128-lorc16", "gptq{w=fp4_e2m1/g128/m2 clip=search samples=128},"
          "lorc{rank=16 bits=8},quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token}"),
+        ("w4a8-m2-gptq-clip-s128-lorc", "gptq{w=fp4_e2m1/g128/m2 clip=search samples=128},"
+         "lorc{rank=8 bits=8},quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token}"),
         ("w4a8-m2-gptq-clip-lorc8-fp32", "gptq{w=fp4_e2m1/g128/m2 clip=search},"
          "lorc{rank=8 bits=0},quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token}"),
         ("w4a8-m1-gptq-clip", _gptq("fp4_e2m1/g128/po2 clip=search", "a=fp8_e4m3/token")),

@@ -48,6 +48,7 @@ def test_zeroquant_fp_w4a8(smollm2_ppl):
     m1 = _ratio(smollm2_ppl, get_recipe("zqfp-w4a8-m1").pipeline)
     m2 = _ratio(smollm2_ppl, get_recipe("zqfp-w4a8-m2").pipeline)
     m2_lorc = _ratio(smollm2_ppl, get_recipe("zqfp-w4a8-m2-lorc").pipeline)
-    assert m2 <= 1.175  # measured 1.1690; M1 1.1802; M2 + LoRC 1.1057 (all with clip search)
+    assert m2 <= 1.175  # measured 1.1690; M1 1.1802 (both with clip search)
+    assert m2_lorc <= 1.10  # measured 1.0998 (128 calibration windows, LoRC rank 8)
     assert m2 < m1
     assert m2_lorc < m2
