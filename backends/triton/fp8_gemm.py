@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton.jit import tile_coords
 from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting
 
 __all__ = ["FP8_CONFIGS", "OUT_DTYPES", "fp8_scaled_mm", "fp8_scaled_mm_ref", "m_bucket"]
@@ -142,21 +143,6 @@ def fp8_scaled_mm_ref(
 
 
 # --- kernels -----------------------------------------------------------------------------------
-
-@triton.jit
-def tile_coords(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                GROUP_M: tl.constexpr):
-    """(pid_m, pid_n) of ``tile_id`` in grouped order: GROUP_M row blocks share a column sweep,
-    so the weight tiles they read are still in L2."""
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_n
-    first_m = (tile_id // width) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (tile_id % width) % size_m
-    pid_n = (tile_id % width) // size_m
-    return pid_m, pid_n
-
 
 @triton.jit
 def _fp8_mm_tile(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,

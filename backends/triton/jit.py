@@ -58,3 +58,18 @@ def round_fp4_e2m1(y):
 def round_int(y, LO: tl.constexpr, HI: tl.constexpr):
     """fp32 rounded to an integer (RNE) and clamped to [LO, HI], as fp32."""
     return tl.minimum(tl.maximum(rint(y), LO), HI)
+
+
+@triton.jit
+def tile_coords(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of ``tile_id`` in grouped order: GROUP_M row blocks share a column sweep,
+    so the weight tiles they read are still in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (tile_id // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % width) % size_m
+    pid_n = (tile_id % width) // size_m
+    return pid_m, pid_n

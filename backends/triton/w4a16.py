@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton.jit import tile_coords
 from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting
 from qcompile.formats.packing import unpack_codes
 
@@ -247,16 +248,8 @@ def _w4a16_gemm_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_pt
                        EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Tiled GEMM; ``M_BUCKET`` only feeds the autotune key."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # Grouped order: GROUP_M row blocks sweep the N blocks together, so weight tiles
-    # (the bulk of the bytes) are reused from L2 by neighbouring programs.
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
+    # Grouped order: weight tiles (the bulk of the bytes) are reused from L2.
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M

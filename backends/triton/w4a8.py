@@ -27,8 +27,8 @@ from qcompile.backends.triton.fp8_gemm import (
     check_scale_vector,
     m_bucket,
     prune_configs_by_m,
-    tile_coords,
 )
+from qcompile.backends.triton.jit import tile_coords
 from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting
 from qcompile.backends.triton.scales import (
     GEXP_RANGE,
