@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["FAMILIES", "ByteTokenizer", "tiny_config", "tiny_model"]
+__all__ = ["FAMILIES", "ByteTokenizer", "assert_within_ulp", "fp8_rows", "tiny_config",
+           "tiny_model"]
 
 FAMILIES: list[str] = [
     "llama", "llama-tied", "mistral", "qwen2", "phi3", "gemma2", "gemma3", "phi",
@@ -137,3 +138,35 @@ class ByteTokenizer:
     def decode(self, ids: list[int]) -> str:
         """Decode byte ids back to text (invalid UTF-8 is replaced)."""
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+_MBITS = {torch.bfloat16: 7, torch.float16: 10}
+
+
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token FP8 E4M3 of a 2-D ``x``: absmax / 448 scales ``[M, 1]`` and torch's (RNE) cast."""
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
+    return (x / scale).to(torch.float8_e4m3fn), scale
+
+
+def assert_within_ulp(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Assert a kernel output matches its fp32 reference.
+
+    Within 1e-5 of the output's absmax for fp32 (accumulation order); for bf16/fp16 also one
+    ulp of the output dtype (the final rounding: RNE on CUDA, truncation under the Triton
+    interpreter).
+    """
+    assert out.shape == ref.shape
+    mbits = _MBITS.get(out.dtype)
+    out, ref = out.float().cpu(), ref.float().cpu()
+    err = (out - ref).abs()
+    slack = 1e-5 * float(ref.abs().max().clamp(min=1e-30))
+    if mbits is None:
+        assert float(err.max()) <= slack, f"error {float(err.max())} > {slack}"
+        return
+    _, e = torch.frexp(ref)
+    ulp = torch.ldexp(torch.ones_like(ref), (e - 1 - mbits).float())
+    bad = err > ulp + slack
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} outputs off by more than one ulp; worst excess "
+        f"{float((err - ulp).max())}")

@@ -20,17 +20,12 @@ from qcompile.backends.triton.fp8_gemm import (  # noqa: E402
 )
 from qcompile.backends.triton.runtime import KernelInputError, interpreting  # noqa: E402
 from qcompile.formats import dequantize, parse_format, quantize  # noqa: E402
+from qcompile.testing import assert_within_ulp, fp8_rows  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 FP8 = torch.float8_e4m3fn
-_MBITS = {torch.bfloat16: 7, torch.float16: 10}
 
-
-def quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token FP8 E4M3: absmax / 448 scales ``[M, 1]`` and torch's (RNE) cast."""
-    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
-    return (x / scale).to(FP8), scale
 
 
 def fp8_weight(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,30 +38,11 @@ def fp8_weight(n: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torc
 
 def make_inputs(m: int, k: int, n: int, bias: bool, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    a, a_scale = quant_rows(torch.randn(m, k, generator=gen) * 3)
+    a, a_scale = fp8_rows(torch.randn(m, k, generator=gen) * 3)
     b, b_scale = fp8_weight(n, k, gen)
     c = torch.randn(n, generator=gen).to(DEV) if bias else None
     return a.to(DEV), a_scale.to(DEV), b, b_scale, c
 
-
-def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """``out`` vs the fp32 reference: within 1e-5 of the output's absmax for fp32 (accumulation
-    order); for bf16/fp16 also one ulp of the output dtype (the final rounding: RNE on CUDA,
-    truncation under the interpreter)."""
-    assert out.shape == ref.shape
-    mbits = _MBITS.get(out.dtype)
-    out, ref = out.float().cpu(), ref.float().cpu()
-    err = (out - ref).abs()
-    slack = 1e-5 * float(ref.abs().max().clamp(min=1e-30))
-    if mbits is None:
-        assert float(err.max()) <= slack, f"error {float(err.max())} > {slack}"
-        return
-    _, e = torch.frexp(ref)
-    ulp = torch.ldexp(torch.ones_like(ref), (e - 1 - mbits).float())
-    bad = err > ulp + slack
-    assert not bool(bad.any()), (
-        f"{int(bad.sum())} outputs off by more than one ulp; worst excess "
-        f"{float((err - ulp).max())}")
 
 
 def _cases() -> list[tuple]:
@@ -87,7 +63,7 @@ def test_kernel_matches_reference(m, k, n, out_dtype, persistent, bias):
     a, a_scale, b, b_scale, c = make_inputs(m, k, n, bias)
     out = fp8_scaled_mm(a, a_scale, b, b_scale, c, out_dtype=out_dtype, persistent=persistent)
     assert out.dtype == out_dtype and out.device == a.device
-    assert_matches(out, fp8_scaled_mm_ref(a, a_scale, b, b_scale, c, out_dtype=torch.float32))
+    assert_within_ulp(out, fp8_scaled_mm_ref(a, a_scale, b, b_scale, c, out_dtype=torch.float32))
 
 
 def test_persistent_and_tiled_agree():
@@ -98,7 +74,7 @@ def test_persistent_and_tiled_agree():
     if interpreting():
         assert torch.equal(tiled, pers)
     else:
-        assert_matches(pers, tiled)
+        assert_within_ulp(pers, tiled)
 
 
 def test_reference_is_dequantized_linear():
@@ -114,14 +90,14 @@ def test_strided_inputs_and_column_scales():
     a_t = a.float().T.contiguous().to(FP8).T  # [M, K] view with stride (1, M)
     c = c.to(torch.bfloat16)
     out = fp8_scaled_mm(a_t, a_scale.reshape(-1), b, b_scale[:, None], c, torch.float32)
-    assert_matches(out, fp8_scaled_mm_ref(a, a_scale, b, b_scale, c, torch.float32))
+    assert_within_ulp(out, fp8_scaled_mm_ref(a, a_scale, b, b_scale, c, torch.float32))
 
 
 def test_empty_m_and_default_variant():
     a, a_scale, b, b_scale, _ = make_inputs(7, 130, 96, False, seed=4)
     assert fp8_scaled_mm(a[:0], a_scale[:0], b, b_scale).shape == (0, 96)
     out = fp8_scaled_mm(a, a_scale, b, b_scale, out_dtype=torch.float32)  # persistent=None
-    assert_matches(out, fp8_scaled_mm_ref(a, a_scale, b, b_scale, out_dtype=torch.float32))
+    assert_within_ulp(out, fp8_scaled_mm_ref(a, a_scale, b, b_scale, out_dtype=torch.float32))
     assert use_persistent(8192, 8192, 132) and not use_persistent(1, 4096, 132)
 
 

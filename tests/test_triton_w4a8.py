@@ -25,17 +25,12 @@ from qcompile.backends.triton.w4a8 import (  # noqa: E402
 )
 from qcompile.formats import decode, pack_codes, parse_format, quantize  # noqa: E402
 from qcompile.ops import dequantize_weight  # noqa: E402
+from qcompile.testing import assert_within_ulp, fp8_rows  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
 FP8 = torch.float8_e4m3fn
-_MBITS = {torch.bfloat16: 7, torch.float16: 10}
 
-
-def quant_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token FP8 E4M3: absmax / 448 scales ``[M, 1]`` and torch's (RNE) cast."""
-    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
-    return (x / scale).to(FP8), scale
 
 
 def fp4_weight(n: int, k: int, group: int, scale: str, gen: torch.Generator):
@@ -55,29 +50,12 @@ def fp4_weight(n: int, k: int, group: int, scale: str, gen: torch.Generator):
 
 def make_inputs(m, k, n, group, scale="m2", bias=False, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    a, a_scale = quant_rows(torch.randn(m, k, generator=gen) * 2)
+    a, a_scale = fp8_rows(torch.randn(m, k, generator=gen) * 2)
     _, _, packed, gexp, row_scale = fp4_weight(n, k, group, scale, gen)
     c = torch.randn(n, generator=gen) if bias else None
     return tuple(None if t is None else t.to(DEV)
                  for t in (a, a_scale, packed, gexp, row_scale, c))
 
-
-def assert_matches(out: torch.Tensor, ref: torch.Tensor) -> None:
-    """``out`` vs the fp32 reference: within 1e-5 of the output's absmax for fp32 (accumulation
-    order); for bf16/fp16 also one ulp of the output dtype (RNE on CUDA, truncation under the
-    interpreter)."""
-    assert out.shape == ref.shape
-    mbits = _MBITS.get(out.dtype)
-    out, ref = out.float().cpu(), ref.float().cpu()
-    err = (out - ref).abs()
-    slack = 1e-5 * float(ref.abs().max().clamp(min=1e-30))
-    if mbits is None:
-        assert float(err.max()) <= slack, f"error {float(err.max())} > {slack}"
-        return
-    _, e = torch.frexp(ref)
-    ulp = torch.ldexp(torch.ones_like(ref), (e - 1 - mbits).float())
-    bad = err > ulp + slack
-    assert not bool(bad.any()), f"{int(bad.sum())} outputs off by more than one ulp"
 
 
 # --- scale split and the exactness of FP4 -> FP8 ---------------------------------------------
@@ -118,7 +96,7 @@ def test_fp8_weight_is_exact_dequantized_weight(scale, group, k):
     assert w8.dtype == FP8
     assert torch.equal(w8.float(), deq / row_scale[:, None])
     assert torch.equal(w8.float() * row_scale[:, None], deq)
-    a, a_scale = quant_rows(torch.randn(7, k, generator=gen))
+    a, a_scale = fp8_rows(torch.randn(7, k, generator=gen))
     bias = torch.randn(96, generator=gen)
     ref = w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, group, bias, torch.float32)
     lin = F.linear(a.float() * a_scale, deq, bias)
@@ -170,7 +148,7 @@ def test_kernel_matches_reference(m, k, n, group, scale, out_dtype, bias):
     out = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype)
     assert out.dtype == out_dtype and out.device == a.device
     ref = w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, group, c, torch.float32)
-    assert_matches(out, ref)
+    assert_within_ulp(out, ref)
 
 
 def test_strided_activations():
@@ -178,7 +156,7 @@ def test_strided_activations():
     a_t = a.float().T.contiguous().to(FP8).T
     out = w4a8_linear(a_t, a_scale.reshape(-1), packed, gexp, row_scale[:, None], 32,
                       out_dtype=torch.float32)
-    assert_matches(out, w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, 32,
+    assert_within_ulp(out, w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, 32,
                                         out_dtype=torch.float32))
 
 
