@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from qcompile.backends.triton.runtime import element_table, interpreting, triton_available
 from qcompile.errors import FormatError
 from qcompile.formats.elements import _round_f32
+from qcompile.formats.scales import compute_scales, group_stats
 from qcompile.ops import dequantize_weight, hadamard, quantize_activation, spec_of
 
 __all__ = [
@@ -168,9 +169,7 @@ def quantize_rows(
                                                out="codes")
         return _kernels()[0].act_quant(x.contiguous(), fmt, had_size, out="codes")
     xr = _pre(x, had_size, rms_weight, rms_eps).float()
-    # The scale rule of qcompile.formats.scales for a symmetric per-token format.
-    s = xr.abs().amax(-1, keepdim=True) / spec.element.max
-    s = torch.where(s > 0, s, torch.ones_like(s))
+    s = compute_scales(spec, group_stats(xr, spec), None).scale  # [..., 1], as quantize uses
     q = _round_f32(xr / s, spec.elem)
     dtype = torch.float8_e4m3fn if spec.elem == "fp8_e4m3" else torch.int8
     return q.to(dtype), s
