@@ -64,6 +64,13 @@ GRIDS: dict[str, list[tuple[str, str]]] = {
         ("a8-fp8", "quantize{a=fp8_e4m3/token}"),
         ("w4a8-m1", "quantize{w=fp4_e2m1/g128/po2 a=fp8_e4m3/token}"),
         ("w4a8-m2", "quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token}"),
+        # What limits W4A4 on a rotated model: each part alone, and finer activation groups.
+        ("rot-a4-token", "fuse-norms,rotate{ro=hadamard},quantize{a=fp4_e2m1/token/asym}"),
+        ("rot-a4-g16", "fuse-norms,rotate{ro=hadamard},quantize{a=fp4_e2m1/g16/asym}"),
+        ("rot-kv4", "fuse-norms,rotate{ro=hadamard},quantize{kv=fp4_e2m1/token/asym}"),
+        ("rot-w4-channel", "fuse-norms,rotate{ro=hadamard},"
+                           "quantize{w=fp4_e2m1/channel/asym clip=search}"),
+        ("rot-w4a4-nvfp4", "fuse-norms,rotate{ro=hadamard},quantize{w=nvfp4 a=nvfp4 kv=nvfp4}"),
     ],
     "gptq": [
         ("fp4-asym-gptq", "recipe:afpq-w4-gptq"),
