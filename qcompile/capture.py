@@ -20,8 +20,9 @@ The captured graph is what every pass works on. Its contract:
   checks are removed: they pin device and dtype, which later passes and :func:`move_graph`
   change. The sequence range is recorded in ``gm.meta["seq_range"]`` instead. Eval-mode
   ``aten.dropout`` and ``aten.alias`` (no-ops) are removed too; dtype casts (``aten.to``) stay.
-* ``gm.meta`` holds ``source_model`` (class path), ``seq_range`` (min, max), ``batch`` and
-  ``tied_params`` (tuples of attribute names bound to one tensor).
+* ``gm.meta`` holds ``source_model`` (class path), ``seq_range`` (min, max), ``batch``,
+  ``tied_params`` (tuples of attribute names bound to one tensor) and ``sliding_window`` (the
+  config's attention window, None without one: a mask probe must be longer to see it).
 """
 
 from __future__ import annotations
@@ -172,7 +173,17 @@ def capture(
     gm.meta["seq_range"] = (1, max_seq) if dynamic_seq else (example_seq, example_seq)
     gm.meta["batch"] = batch
     gm.meta["tied_params"] = _tied_groups(gm)
+    gm.meta["sliding_window"] = _sliding_window(model)
     return gm
+
+
+def _sliding_window(model: torch.nn.Module) -> int | None:
+    """The config's attention window (None if absent or switched off)."""
+    config = getattr(model, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) is False or not isinstance(window, int):
+        return None
+    return window
 
 
 def _device_of(model: nn.Module) -> torch.device:

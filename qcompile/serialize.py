@@ -167,6 +167,11 @@ def graph_from_json(items: list[dict], root: torch.nn.Module) -> torch.fx.GraphM
     return torch.fx.GraphModule(root, graph)
 
 
+#: ``gm.meta`` keys set by capture that artifacts keep (JSON-able). ``tied_params`` is not one
+#: of them: tied tensors are stored once per name, so a loaded graph's copies are untied.
+GRAPH_META = ("source_model", "seq_range", "batch", "sliding_window")
+
+
 def save_quantized(gm: torch.fx.GraphModule, out_dir: str | Path, *, tokenizer: Any = None,
                    metadata: dict[str, Any] | None = None) -> Path:
     """Write ``gm`` (and optionally its tokenizer) as an artifact directory.
@@ -202,6 +207,7 @@ def save_quantized(gm: torch.fx.GraphModule, out_dir: str | Path, *, tokenizer: 
         "metadata": metadata or {},
         "parameters": params,
         "graph": graph_to_json(gm),
+        "graph_meta": {k: gm.meta[k] for k in GRAPH_META if k in gm.meta},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if tokenizer is not None:
@@ -249,6 +255,11 @@ def load_quantized(path: str | Path, *, with_tokenizer: bool = True
     if missing:
         raise ArtifactError(f"{path / TENSORS} lacks tensors the graph reads: {missing[:5]}")
     gm = graph_from_json(manifest["graph"], root)
+    meta = manifest.get("graph_meta", {})
+    for key in GRAPH_META:
+        if key in meta:  # JSON lists back to the tuples capture records
+            value = meta[key]
+            gm.meta[key] = tuple(value) if key == "seq_range" else value
     tokenizer = None
     if with_tokenizer and (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer

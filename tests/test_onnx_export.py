@@ -65,6 +65,17 @@ CASES = {
     "fp8-afpq-fp4-act": ("qwen2", "quantize{w=fp8_e4m3/g32/asym a=fp4_e2m1/token/asym},"
                          "cleanup", {}, "DequantizeWeight"),
     "w4a8-fp4-fp8": ("llama", get_recipe("w4a8-fp4-fp8").pipeline, {}, "QuantizeActivation"),
+    "int8-weight-only-matmulnbits": ("llama", "quantize{w=int8/channel},cleanup",
+                                     {"accuracy_level": 0}, "MatMulNBits"),
+    "ragged-int8-asym-matmulnbits": ("qwen2", "quantize{w=int8/g64/asym},cleanup",
+                                     {"accuracy_level": 0}, "MatMulNBits"),
+    "int8-weight-only-dq": ("llama", "quantize{w=int8/g32},cleanup", {"int8": "dq"},
+                            "DequantizeLinear"),
+    "int4-channel-matmulnbits": ("qwen2", "quantize{w=int4/channel/asym},cleanup",
+                                 {"accuracy_level": 0}, "MatMulNBits"),
+    "int4-body-int8-head": ("llama-tied", "quantize{w=int4/g32/asym},"
+                            "quantize{w=int8/channel lm_head=true},cleanup",
+                            {"accuracy_level": 0}, "MatMulNBits"),
     "zqfp-m2-lorc": ("qwen2", "lorc{w=fp4_e2m1/g32/m2 rank=4 bits=8},"
                      "quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token},cleanup", {},
                      "DequantizeWeight"),
@@ -136,8 +147,10 @@ def test_matmulnbits_default_is_exact_and_level_4_is_close(tmp_path):
 
 def test_lowering_structure_per_format():
     """INT4 -> MatMulNBits (uint8 [N, blocks, 16] blocks), INT8/FP8 -> standard Q/DQ with the
-    right element types, FP4/AFPQ -> a qcompile function; opsets match what is used."""
-    int4 = build_model(_graph("qwen2", "quantize{w=int4/g64},cleanup"))
+    right element types, FP4/AFPQ -> a qcompile function; opsets match what is used (without
+    the opset-23 fused attention/norm/RoPE ops)."""
+    int4 = build_model(_graph("qwen2", "quantize{w=int4/g64},cleanup"),
+                       export_options(fuse=False))
     nbits = [n for n in int4.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 14 and int4.opset_import[0].version == 18
     inits = {i.name: i for i in int4.graph.initializer}
@@ -146,7 +159,8 @@ def test_lowering_structure_per_format():
     assert attrs["block_size"] == 64 and attrs["K"] == 96 and attrs["bits"] == 4
     assert list(b.dims) == [attrs["N"], 2, 32]  # ragged K=96 padded to two blocks of 64
 
-    fp8 = build_model(_graph("llama", get_recipe("w8a8-fp8").pipeline))
+    fp8 = build_model(_graph("llama", get_recipe("w8a8-fp8").pipeline),
+                      export_options(fuse=False))
     types = {i.data_type for i in fp8.graph.initializer}
     assert onnx.TensorProto.FLOAT8E4M3FN in types
     props = {p.key: p.value for p in fp8.metadata_props}
@@ -159,6 +173,23 @@ def test_lowering_structure_per_format():
     ops = {n.op_type for n in fn.node}
     assert {"Gather", "Where", "BitShift", "BitwiseAnd"} <= ops
     assert list(fn.input) == ["packed", "scale", "scale_neg"]
+
+
+def test_int8_matmulnbits_only_for_weight_only_linears():
+    """Weight-only INT8 -> 8-bit MatMulNBits (per-channel scales repeated over blocks, ragged K
+    padded with the zero point); W8A8 keeps the standard QDQ pair ORT fuses."""
+    head = build_model(_graph("llama-tied", "quantize{w=int4/g32/asym},"
+                              "quantize{w=int8/channel lm_head=true},cleanup"))
+    nodes = [n for n in head.graph.node if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+    assert sorted(a["bits"] for a in attrs) == [4] * 14 + [8]
+    eight = attrs[[a["bits"] for a in attrs].index(8)]
+    inits = {i.name: i for i in head.graph.initializer}
+    b = inits[nodes[[a["bits"] for a in attrs].index(8)].input[1]]
+    assert eight["block_size"] == 64 and list(b.dims) == [256, 1, 64]  # K = 64, one block
+    w8a8 = build_model(_graph("llama", "quantize{w=int8/channel a=int8/token},cleanup"))
+    assert not [n for n in w8a8.graph.node if n.op_type == "MatMulNBits"]
+    assert [n.op_type for n in w8a8.graph.node].count("DequantizeLinear") == 14  # 7 per layer
 
 
 def test_fp4_matmulnbits_is_two_exact_halves():

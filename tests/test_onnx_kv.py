@@ -35,11 +35,14 @@ def _graph(family: str, pipeline: str | None):
     ("qwen2", "quantize{w=int4/g64/asym},cleanup"),  # ragged MatMulNBits, q/k/v biases
     ("phi3", "quantize{w=fp4_e2m1/g32/asym},cleanup"),  # fused qkv projection
 ])
-def test_cached_decoding_matches_full_sequence(family, pipeline, tmp_path):
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "unfused"])
+def test_cached_decoding_matches_full_sequence(family, pipeline, fuse, tmp_path):
     gm = _graph(family, pipeline)
     ref = compile_reference(gm)
     path = tmp_path / "kv.onnx"
-    report = export_onnx(gm, path, kv_cache=True, accuracy_level=0)
+    report = export_onnx(gm, path, kv_cache=True, accuracy_level=0, fuse=fuse)
+    ops = [n.op_type for n in onnx.load(path, load_external_data=False).graph.node]
+    assert ops.count("Attention") == (2 if fuse else 0)
     assert report["inputs"][1:3] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert report["outputs"][:3] == ["logits", "present.0.key", "present.0.value"]
     lm = OnnxLM(path)

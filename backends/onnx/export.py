@@ -28,6 +28,8 @@ from torch import fx, nn
 import qcompile.backends.onnx.aten_nn  # noqa: F401  (registers its handlers in ATEN_HANDLERS)
 from qcompile.backends.onnx.aten import ATEN_HANDLERS
 from qcompile.backends.onnx.builder import MS_DOMAIN, QC_DOMAIN, GraphBuilder
+from qcompile.backends.onnx.fuse import plan_fusions
+from qcompile.backends.onnx.kv import causal_masks, check_causal, plan_kv
 from qcompile.backends.onnx.qops import QOP_HANDLERS
 from qcompile.backends.onnx.translate import Translator
 from qcompile.errors import QCompileError, UnsupportedGraphError
@@ -46,6 +48,11 @@ class ExportOptions:
         int4: ``"matmulnbits"`` (com.microsoft MatMulNBits where the group is a power of two
             >= 16, else blocked DequantizeLinear) or ``"dq"`` (always standard blocked
             DequantizeLinear + MatMul).
+        int8: Weight-only INT8 (per channel or power-of-two groups >= 16): ``"matmulnbits"``
+            (an 8-bit MatMulNBits; ORT would fold a DequantizeLinear of a weight into an fp32
+            constant at load, losing the 4x smaller weight reads) or ``"dq"``. INT8 weights
+            whose linear reads a quantized activation (W8A8) always get the standard
+            DequantizeLinear, so ORT's QDQ fusions make them integer GEMMs.
         fp4: ``"function"`` (the model-local ``qcompile`` function, runs on stock ORT),
             ``"matmulnbits"`` (FP4 E2M1 with power-of-two groups >= 16 as two exact 4-bit
             MatMulNBits, positive and negative half; others fall back to the function) or
@@ -56,17 +63,25 @@ class ExportOptions:
             (faster; +0.94 % SmolLM2 perplexity measured).
         kv_cache: Export a decoder with past/present key-value inputs and outputs.
         dynamic_batch: Make the batch axis dynamic (needs a graph captured with batch 1).
+        fuse: Emit attention, RMSNorm and RoPE as the opset-23 ``Attention``,
+            ``RMSNormalization`` and ``RotaryEmbedding`` ops where the patterns check out
+            (:mod:`~qcompile.backends.onnx.fuse`); False keeps them as chains of basic ops
+            (and the opset at what the rest needs, 18 at least).
     """
 
     int4: Literal["matmulnbits", "dq"] = "matmulnbits"
+    int8: Literal["matmulnbits", "dq"] = "matmulnbits"
     fp4: Literal["function", "matmulnbits", "dq"] = "function"
     accuracy_level: int = 1
     kv_cache: bool = False
     dynamic_batch: bool = True
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         if self.int4 not in ("matmulnbits", "dq"):
             raise QCompileError(f"int4 lowering must be 'matmulnbits' or 'dq', not {self.int4!r}")
+        if self.int8 not in ("matmulnbits", "dq"):
+            raise QCompileError(f"int8 lowering must be 'matmulnbits' or 'dq', not {self.int8!r}")
         if self.fp4 not in ("function", "matmulnbits", "dq"):
             raise QCompileError(
                 f"fp4 lowering must be 'function', 'matmulnbits' or 'dq', not {self.fp4!r}"
@@ -103,11 +118,13 @@ def build_model(gm: fx.GraphModule, options: ExportOptions | None = None,
     kv_outputs: list = []
     presents: dict[str, str] = {}
     probe = 0
+    skipped: dict[str, str] = {}
     if options.kv_cache:
-        from qcompile.backends.onnx.kv import check_causal, plan_kv
-
         probe = check_causal(gm)
-        _, kv_inputs, kv_outputs, presents = plan_kv(t, ids)
+        _, kv_inputs, kv_outputs, presents = plan_kv(t, ids, fuse=options.fuse)
+    if options.fuse:
+        causal = None if options.kv_cache else causal_masks(gm)[1]
+        skipped = plan_fusions(t, causal=causal).skipped
     t.run({ids: "input_ids"})
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     result = out_node.args[0]
@@ -124,6 +141,8 @@ def build_model(gm: fx.GraphModule, options: ExportOptions | None = None,
             name, TensorProto.FLOAT, [batch, heads, "total_sequence", d]))
         out_names.append(name)
     b.prune(out_names)
+    fused = {op: sum(n.op_type == op for n in b.nodes)
+             for op in ("Attention", "RMSNormalization", "RotaryEmbedding")}
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [batch, seq]),
               *kv_inputs]
     graph = helper.make_graph(b.nodes, "qcompile", inputs, outputs,
@@ -150,6 +169,7 @@ def build_model(gm: fx.GraphModule, options: ExportOptions | None = None,
             {"layers": len(kv_outputs) // 2, "probe_tokens": probe} if options.kv_cache
             else None),
         "qcompile.dynamic_batch": json.dumps(batch == "batch"),
+        "qcompile.fused": json.dumps({**fused, "skipped": skipped} if options.fuse else None),
         **{k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()},
     }
     helper.set_model_props(model, meta)
@@ -200,8 +220,9 @@ def _as_graph(model_or_gm: Any, recipe: str | None, pipeline: Any, tokenizer: An
 
 def export_onnx(model_or_gm: fx.GraphModule | nn.Module, path: str | os.PathLike[str], *,
                 recipe: str | None = None, pipeline: Any = None, tokenizer: Any = None,
-                kv_cache: bool = False, int4: str = "matmulnbits", fp4: str = "function",
-                accuracy_level: int = 1, dynamic_batch: bool = True,
+                kv_cache: bool = False, int4: str = "matmulnbits", int8: str = "matmulnbits",
+                fp4: str = "function",
+                accuracy_level: int = 1, dynamic_batch: bool = True, fuse: bool = True,
                 external_data: bool | None = None, progress: bool = False) -> dict[str, Any]:
     """Export a (quantized) captured graph, or capture-quantize-export a model, to ONNX.
 
@@ -213,9 +234,12 @@ def export_onnx(model_or_gm: fx.GraphModule | nn.Module, path: str | os.PathLike
         tokenizer: Tokenizer for passes that calibrate.
         kv_cache: Decoder with ``past_key_values`` inputs and ``present`` outputs.
         int4: INT4 weight lowering, see :class:`ExportOptions`.
+        int8: Weight-only INT8 lowering, see :class:`ExportOptions`.
         fp4: FP4 weight lowering, see :class:`ExportOptions`.
         accuracy_level: MatMulNBits accuracy level.
         dynamic_batch: Dynamic batch axis (graphs captured with batch 1).
+        fuse: Fused opset-23 Attention / RMSNormalization / RotaryEmbedding, see
+            :class:`ExportOptions`.
         external_data: Write initializers to ``<path>.data``; None: only when they exceed
             64 MiB.
         progress: Progress bars while passes run.
@@ -228,8 +252,8 @@ def export_onnx(model_or_gm: fx.GraphModule | nn.Module, path: str | os.PathLike
         UnsupportedGraphError / FormatError: Nothing lowers a node or format (named).
     """
     start = time.perf_counter()
-    options = ExportOptions(int4=int4, fp4=fp4, accuracy_level=accuracy_level,
-                            kv_cache=kv_cache, dynamic_batch=dynamic_batch)
+    options = ExportOptions(int4=int4, int8=int8, fp4=fp4, accuracy_level=accuracy_level,
+                            kv_cache=kv_cache, dynamic_batch=dynamic_batch, fuse=fuse)
     gm, pipe = _as_graph(model_or_gm, recipe, pipeline, tokenizer, progress)
     meta = {"qcompile.pipeline": pipe, "qcompile.source_model": gm.meta.get("source_model", "")}
     model = build_model(gm, options, meta)
@@ -257,6 +281,7 @@ def export_onnx(model_or_gm: fx.GraphModule | nn.Module, path: str | os.PathLike
         "inputs": [i.name for i in model.graph.input],
         "outputs": [o.name for o in model.graph.output],
         "external_data": location if external else None,
+        "fused": json.loads(props["qcompile.fused"]),
         "pipeline": pipe,
         "seconds": round(time.perf_counter() - start, 3),
     }

@@ -29,11 +29,12 @@ from torch import fx
 
 from qcompile.attention import find_attention
 from qcompile.backends.onnx.aten_nn import attention
+from qcompile.backends.onnx.fuse import attention_node, fusable_attention
 from qcompile.backends.onnx.translate import Translator
 from qcompile.errors import UnsupportedGraphError
 from qcompile.formats import parse_format
 
-__all__ = ["KVLayer", "check_causal", "plan_kv"]
+__all__ = ["KVLayer", "causal_masks", "check_causal", "plan_kv"]
 
 aten = torch.ops.aten
 
@@ -70,17 +71,17 @@ def _kv_format_ok(node: fx.Node) -> None:
             )
 
 
-def check_causal(gm: fx.GraphModule, probe_len: int = 48) -> int:
-    """Run ``gm`` on a probe and check that every SDPA mask is the plain causal mask.
+def causal_masks(gm: fx.GraphModule, probe_len: int = 48) -> tuple[int, dict[fx.Node, bool]]:
+    """Run ``gm`` on a probe; say for every SDPA node whether its mask is the plain causal one.
 
     Returns:
-        The probe length used.
-
-    Raises:
-        UnsupportedGraphError: A mask differs from causal (sliding window, padding, ...),
-            naming the attention node.
+        The probe length used, and SDPA node -> mask is plainly causal (``is_causal`` without
+        a mask, or a mask equal to the lower triangle).
     """
     lo, hi = gm.meta.get("seq_range", (1, probe_len))
+    window = gm.meta.get("sliding_window")
+    if isinstance(window, int) and window < hi:
+        probe_len = max(probe_len, window + 16)  # long enough for the window to show
     n = max(min(probe_len, hi), lo)
     masks: dict[fx.Node, object] = {}
 
@@ -102,13 +103,28 @@ def check_causal(gm: fx.GraphModule, probe_len: int = 48) -> int:
     with torch.inference_mode():
         _Probe(gm).run(ids)
     causal = torch.ones(n, n, dtype=torch.bool).tril()
+    verdict: dict[fx.Node, bool] = {}
     for node, (mask, is_causal) in masks.items():
-        if mask is None and is_causal:
-            continue
-        ok = isinstance(mask, torch.Tensor) and not is_causal
-        if ok:
+        ok = mask is None and is_causal
+        if not ok and isinstance(mask, torch.Tensor) and not is_causal:
             m = mask if mask.dtype == torch.bool else mask == 0
             ok = m.shape[-2:] == (n, n) and bool((m == causal).all())
+        verdict[node] = ok
+    return n, verdict
+
+
+def check_causal(gm: fx.GraphModule, probe_len: int = 48) -> int:
+    """Run ``gm`` on a probe and check that every SDPA mask is the plain causal mask.
+
+    Returns:
+        The probe length used.
+
+    Raises:
+        UnsupportedGraphError: A mask differs from causal (sliding window, padding, ...),
+            naming the attention node.
+    """
+    n, verdict = causal_masks(gm, probe_len)
+    for node, ok in verdict.items():
         if not ok:
             raise UnsupportedGraphError(
                 f"KV-cache export: attention {node.name} "
@@ -118,9 +134,14 @@ def check_causal(gm: fx.GraphModule, probe_len: int = 48) -> int:
     return n
 
 
-def plan_kv(t: Translator, input_ids: fx.Node
+def plan_kv(t: Translator, input_ids: fx.Node, fuse: bool = False
             ) -> tuple[list[KVLayer], list, list, dict[str, str]]:
     """Install the KV-cache rewrites on ``t``.
+
+    With ``fuse``, each attention that :func:`~qcompile.backends.onnx.fuse.fusable_attention`
+    accepts becomes one opset-23 ``Attention`` node that takes the past key/value and returns
+    the present ones (no Concat, head repeat or mask plumbing); the others get the
+    concatenation and mask below.
 
     Returns:
         The layers, the ONNX graph inputs to add, the outputs to add as
@@ -165,14 +186,24 @@ def plan_kv(t: Translator, input_ids: fx.Node
             return value
         t.node_override[producer] = handler
 
-    for i, layer in enumerate(layers):
+    def fused(site, i: int, layer: KVLayer):
+        def handler(tr: Translator, node: fx.Node) -> str:
+            y, key, value = attention_node(tr, site, (layer.past_key, layer.past_value))
+            presents[f"present.{i}.key"] = key
+            presents[f"present.{i}.value"] = value
+            return y
+        return handler
+
+    for i, (site, layer) in enumerate(zip(sites, layers, strict=True)):
+        if fuse and not fusable_attention(site):
+            t.node_override[site.node] = fused(site, i, layer)
+            continue
         concat_after(*layer.key, layer.past_key, f"present.{i}.key")
         concat_after(*layer.value, layer.past_value, f"present.{i}.value")
+        t.node_override[site.node] = _causal_sdpa
     for node in t.gm.graph.nodes:
         if node.op == "call_function" and seq is not None and _is_seq_arange(node, seq):
             t.node_override[node] = _offset_arange(past_len)
-    for site in sites:
-        t.node_override[site.node] = _causal_sdpa
     inputs, outputs = [], []
     for i, layer in enumerate(layers):
         for kind, past, d in (("key", layer.past_key, layer.head_dim),

@@ -5,10 +5,12 @@
 
 1. a plain attribute: a transposed initializer (a ``Transpose`` node when the attribute is
    also read elsewhere, e.g. a tied embedding, so its bytes are stored once);
-2. ``qcompile::dequantize_weight`` of an INT4 format with groups of a power of two >= 16, and
-   ``int4="matmulnbits"``: one ``com.microsoft.MatMulNBits`` replaces the MatMul (the K tail
-   of a ragged row is padded to the block with codes that decode to zero);
-3. INT8/INT4 (and INT4 with ``int4="dq"``) and symmetric FP8 weights: a standard
+2. ``qcompile::dequantize_weight`` of an INT4 format with groups of a power of two >= 16 or
+   per-channel scales, and ``int4="matmulnbits"``: one ``com.microsoft.MatMulNBits``
+   replaces the MatMul (the K tail of a ragged row is padded to the block with codes that
+   decode to zero; a channel scale repeats over blocks of 128); weight-only INT8 the same
+   way with an 8-bit MatMulNBits (``int8="matmulnbits"``);
+3. INT8 of W8A8 linears (and INT4/INT8 with ``"dq"``) and symmetric FP8 weights: a standard
    ``DequantizeLinear`` of a ``[K, N]`` initializer, per channel (axis 1) or blocked along K
    (axis 0, ``ceil(K / g)`` scales per column);
 4. FP4 E2M1 (symmetric or AFPQ) with groups of a power of two >= 16 and
@@ -117,6 +119,19 @@ def _block_ok(spec: FormatSpec) -> bool:
     return spec.granularity == "group" and g >= 16 and g & (g - 1) == 0
 
 
+def nbits_block(spec: FormatSpec, k: int) -> int | None:
+    """MatMulNBits ``block_size`` for a weight format, or None if it has no such layout.
+
+    Groups of a power of two >= 16 are the blocks; a per-channel scale is the same scale
+    repeated over blocks of 128 (fewer for short rows), which is exact.
+    """
+    if _block_ok(spec):
+        return int(spec.group_size)
+    if spec.granularity == "channel":
+        return max(16, min(128, 1 << max(k - 1, 1).bit_length()))
+    return None
+
+
 def _scale_layout(q: _QWeight, scale: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
     """Scales for a DequantizeLinear of the transposed ``[K, N]`` weight, and its attributes."""
     spec = q.spec
@@ -189,12 +204,14 @@ def _function_weight(t: Translator, q: _QWeight) -> str:
 def _lowering(t: Translator, q: _QWeight) -> str:
     """Which lowering a quantized weight gets: ``nbits``, ``dq`` or ``function``."""
     spec = q.spec
-    if spec.kind == "int" and spec.bits == 4 and spec.scale in ("fp32", "bf16", "fp16", "po2",
-                                                                  "m2"):
-        if t.options.int4 == "matmulnbits" and _block_ok(spec):
+    plain_scale = spec.scale in ("fp32", "bf16", "fp16", "po2", "m2")
+    if spec.kind == "int" and spec.bits == 4 and plain_scale:
+        if t.options.int4 == "matmulnbits" and nbits_block(spec, q.k):
             return "nbits"
         return "dq"
     if spec.kind == "int" and spec.bits == 8:
+        if t.options.int8 == "matmulnbits" and plain_scale and nbits_block(spec, q.k):
+            return "nbits"
         return "dq"
     if spec.elem in _FP8 and not spec.asym:
         return "dq"
@@ -206,34 +223,41 @@ def _lowering(t: Translator, q: _QWeight) -> str:
 
 
 def _nbits_node(t: Translator, q: _QWeight, x: str, codes: np.ndarray, zero: np.ndarray,
-                scale: np.ndarray, label: str) -> str:
-    """One 4-bit MatMulNBits from codes ``[N, K]``, per-block zero points and scales."""
-    bs = int(q.spec.group_size)
+                scale: np.ndarray, label: str, bits: int = 4) -> str:
+    """One 4- or 8-bit MatMulNBits from codes ``[N, K]``, per-block zero points and scales
+    (``[N, blocks]``, or ``[N, 1]`` for a per-channel format: repeated over the blocks)."""
+    bs = nbits_block(q.spec, q.k)
     blocks = -(-q.k // bs)
+    if scale.shape[-1] != blocks:  # per channel
+        scale = np.repeat(scale.reshape(q.n, 1), blocks, axis=1)
+        zero = np.repeat(zero.reshape(q.n, 1), blocks, axis=1)
     padded = np.zeros((q.n, blocks * bs), dtype=np.uint8)
     padded[:, : q.k] = codes
     # the K tail (ragged last block) decodes to exactly zero: code = the block's zero point
     padded[:, q.k:] = zero[:, -1:]
-    pairs = padded.reshape(q.n, -1, 2)
-    b = (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(q.n, blocks, bs // 2)
-    zpad = np.concatenate([zero, np.zeros((q.n, blocks % 2), np.uint8)], axis=1)
-    zp = (zpad[:, 0::2] | (zpad[:, 1::2] << 4)).reshape(-1)
+    if bits == 4:
+        pairs = padded.reshape(q.n, -1, 2)
+        b = (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(q.n, blocks, bs // 2)
+        zpad = np.concatenate([zero, np.zeros((q.n, blocks % 2), np.uint8)], axis=1)
+        zp = (zpad[:, 0::2] | (zpad[:, 1::2] << 4)).reshape(-1)
+    else:
+        b, zp = padded.reshape(q.n, blocks, bs), zero.astype(np.uint8).reshape(-1)
     inputs = [x, t.b.initializer(f"{q.name}.qweight{label}", b),
               t.b.initializer(f"{q.name}.scales{label}", scale.astype(np.float32).reshape(-1)),
               t.b.initializer(f"{q.name}.zero_points{label}", zp)]
     return t.b.op("MatMulNBits", inputs, f"{q.name}.matmul{label}", domain=MS_DOMAIN, K=q.k,
-                  N=q.n, bits=4, block_size=bs, accuracy_level=t.options.accuracy_level)
+                  N=q.n, bits=bits, block_size=bs, accuracy_level=t.options.accuracy_level)
 
 
 def _matmul_nbits(t: Translator, q: _QWeight, x: str) -> str:
     scale, _ = q.effective()
     codes = q.codes().numpy().astype(np.uint8)
     blocks = scale.shape[-1]
-    if q.zero is None:
-        zero = np.full((q.n, blocks), 8, dtype=np.uint8)
+    if q.zero is None:  # symmetric: the code of 0 is -min (8 for INT4, 128 for INT8)
+        zero = np.full((q.n, blocks), -int(q.spec.element.min), dtype=np.uint8)
     else:
         zero = q.zero.float().numpy().astype(np.uint8)
-    return _nbits_node(t, q, x, codes, zero, scale, "")
+    return _nbits_node(t, q, x, codes, zero, scale, "", bits=q.spec.bits)
 
 
 def _matmul_fp4_nbits(t: Translator, q: _QWeight, x: str) -> str:
@@ -322,9 +346,17 @@ def _dequantize_weight(t: Translator, node: fx.Node) -> Any:
                 deferred.lowering = "dq"
             elif deferred.lowering == "fp4nbits":
                 deferred.lowering = "function"
+        elif q.spec.bits == 8 and deferred.lowering == "nbits" and _quantized_input(user):
+            deferred.lowering = "dq"  # W8A8: keep the QDQ pair ORT fuses into integer GEMMs
     t.dtypes[node] = q.dtype
     t.ranks[node] = 2
     return deferred
+
+
+def _quantized_input(linear: fx.Node) -> bool:
+    x = linear.args[0]
+    return isinstance(x, fx.Node) and x.target in (qc.quantize_activation.default,
+                                                   qc.quantize_activation_static.default)
 
 
 def _quantize_activation(t: Translator, node: fx.Node) -> str:

@@ -3,8 +3,9 @@
 ``onnx.reference`` knows only standard ops (and model-local functions). This module adds a
 numpy ``MatMulNBits`` following ONNX Runtime's contrib-op specification (4-bit ``B``
 ``[N, blocks, block_size / 2]``, two codes per byte with the first in the low nibble, fp32
-``scales [N * blocks]``, packed 4-bit ``zero_points`` (default 8), ``K`` may end inside
-the last block). It computes in fp32 whatever ``accuracy_level`` says, so it is the exact
+``scales [N * blocks]``, packed 4-bit ``zero_points`` (default 8); 8-bit ``B``
+``[N, blocks, block_size]`` with one uint8 zero point per block (default 128); ``K`` may end
+inside the last block). It computes in fp32 whatever ``accuracy_level`` says, so it is the exact
 function ORT approximates at accuracy level 4.
 """
 
@@ -25,21 +26,25 @@ def _nibbles(packed: np.ndarray) -> np.ndarray:
 
 
 def matmul_nbits(a: np.ndarray, b: np.ndarray, scales: np.ndarray,
-                 zero_points: np.ndarray | None, k: int, block_size: int) -> np.ndarray:
-    """``a @ dequant(b)^T`` in fp32 for 4-bit blocked ``b`` (MatMulNBits without bias)."""
+                 zero_points: np.ndarray | None, k: int, block_size: int,
+                 bits: int = 4) -> np.ndarray:
+    """``a @ dequant(b)^T`` in fp32 for 4- or 8-bit blocked ``b`` (MatMulNBits, no bias)."""
     n, blocks = b.shape[0], b.shape[1]
-    codes = _nibbles(b.reshape(n, -1)).astype(np.float32).reshape(n, blocks, block_size)
-    if zero_points is None:
-        zero = np.full((n, blocks), 8.0, dtype=np.float32)
+    if bits == 8:
+        codes = b.reshape(n, blocks, block_size).astype(np.float32)
+        zero = (np.full((n, blocks), 128.0, dtype=np.float32) if zero_points is None
+                else zero_points.reshape(n, blocks).astype(np.float32))
     else:
-        zero = _nibbles(zero_points.reshape(n, -1))[:, :blocks].astype(np.float32)
+        codes = _nibbles(b.reshape(n, -1)).astype(np.float32).reshape(n, blocks, block_size)
+        zero = (np.full((n, blocks), 8.0, dtype=np.float32) if zero_points is None
+                else _nibbles(zero_points.reshape(n, -1))[:, :blocks].astype(np.float32))
     s = scales.reshape(n, blocks).astype(np.float32)
     w = ((codes - zero[..., None]) * s[..., None]).reshape(n, -1)[:, :k]
     return a.astype(np.float32) @ w.T
 
 
 class MatMulNBits(OpRun):
-    """``Y = A @ dequant(B)^T (+ bias)`` for 4-bit blocked ``B``."""
+    """``Y = A @ dequant(B)^T (+ bias)`` for 4- or 8-bit blocked ``B``."""
 
     op_domain = "com.microsoft"
 
@@ -48,9 +53,9 @@ class MatMulNBits(OpRun):
              K: int | None = None, N: int | None = None, bits: int | None = None,  # noqa: N803
              block_size: int | None = None, accuracy_level: int | None = None,
              **_: Any) -> tuple[np.ndarray]:
-        if bits != 4 or g_idx is not None:
-            raise NotImplementedError("reference MatMulNBits handles bits=4 without g_idx")
-        y = matmul_nbits(a, b, scales, zero_points, int(K), int(block_size))
+        if bits not in (4, 8) or g_idx is not None:
+            raise NotImplementedError("reference MatMulNBits handles bits 4 and 8 without g_idx")
+        y = matmul_nbits(a, b, scales, zero_points, int(K), int(block_size), int(bits))
         if bias is not None:
             y = y + bias
         return (y.astype(a.dtype),)
