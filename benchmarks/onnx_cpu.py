@@ -1,8 +1,11 @@
 """SmolLM2-135M decode-step latency on ONNX Runtime CPU: fp32 vs INT4 MatMulNBits vs FP4 functions.
 
 Each variant is exported with the KV cache; a 64-token prompt runs once, then single-token
-decode steps (M = 1) with a growing cache are timed. Ratios are to the fp32 export measured in
-the same run. ORT folds constant subgraphs when a session starts, so the FP4 function path
+decode steps (M = 1) with a growing cache are timed. Ratios are to the fp32 export (fused
+attention/RMSNorm/RoPE, like every variant not marked ``unfused``) measured in the same run.
+SmolLM2 ties its 49152 x 576 output head to the embedding: in fp32 the head is a fifth of the
+weights a decode step reads, so the ``int8-head`` / ``int4-head`` variants quantize it too
+(8- or 4-bit MatMulNBits). ORT folds constant subgraphs when a session starts, so the FP4 function path
 (weights dequantized by standard ops) becomes fp32 MatMuls in memory; the ``no-folding``
 variant keeps the dequantization in every step, which is what a runtime without constant
 folding (or one that keeps weights packed) would pay.
@@ -26,15 +29,30 @@ import numpy as np
 
 # name -> (pipeline or None for fp32, export options, session options). MatMulNBits runs at
 # accuracy_level 4 (int8 activations in the kernel) unless the variant says fp32-compute
-# (level 1, the export default: exact against the reference backend).
+# (level 1, the export default: exact against the reference backend). Exports fuse attention,
+# RMSNorm and RoPE into opset-23 ops unless the variant says unfused.
+_INT4 = "quantize{w=int4/g128/asym}"
+_NBITS4 = {"int4": "matmulnbits", "accuracy_level": 4}
 VARIANTS = {
     "fp32": (None, {}, {}),
-    "int4-matmulnbits": ("quantize{w=int4/g128/asym},cleanup",
-                         {"int4": "matmulnbits", "accuracy_level": 4}, {}),
-    "int4-matmulnbits-fp32-compute": ("quantize{w=int4/g128/asym},cleanup",
+    "fp32-unfused": (None, {"fuse": False}, {}),
+    "int4-matmulnbits": (f"{_INT4},cleanup", _NBITS4, {}),
+    "int4-matmulnbits-unfused": (f"{_INT4},cleanup", {**_NBITS4, "fuse": False}, {}),
+    "int4-matmulnbits-fp32-compute": (f"{_INT4},cleanup",
                                       {"int4": "matmulnbits", "accuracy_level": 1}, {}),
-    "int4-matmulnbits+lm_head": ("quantize{w=int4/g128/asym lm_head=true},cleanup",
-                                 {"int4": "matmulnbits", "accuracy_level": 4}, {}),
+    "int4-matmulnbits+int8-head": (f"{_INT4},quantize{{w=int8/channel lm_head=true}},cleanup",
+                                   _NBITS4, {}),
+    "int4-matmulnbits+int8-head-fp32-compute": (
+        f"{_INT4},quantize{{w=int8/channel lm_head=true}},cleanup",
+        {"int4": "matmulnbits", "accuracy_level": 1}, {}),
+    "int4-matmulnbits+int8-head-block64": (
+        f"{_INT4},quantize{{w=int8/channel lm_head=true}},cleanup",
+        {**_NBITS4, "nbits_block": 64}, {}),
+    "int4-matmulnbits+int8-head-block32": (
+        f"{_INT4},quantize{{w=int8/channel lm_head=true}},cleanup",
+        {**_NBITS4, "nbits_block": 32}, {}),
+    "int4-matmulnbits+int4-head": ("quantize{w=int4/g128/asym lm_head=true},cleanup",
+                                   _NBITS4, {}),
     "fp4-afpq-matmulnbits": ("quantize{w=fp4_e2m1/g128/asym},cleanup",
                              {"fp4": "matmulnbits", "accuracy_level": 4}, {}),
     "fp4-afpq-functions": ("quantize{w=fp4_e2m1/g128/asym},cleanup", {}, {}),
@@ -112,6 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "file_mb": round(size / 2**20, 1),
                 "opset": report["opset"],
                 "domains": report["domains"],
+                "nodes": report["nodes"],
+                "fused": {k: v for k, v in (report["fused"] or {}).items() if k != "skipped"},
             }
             print(f"{name}: {result['variants'][name]['decode_ms_median']} ms/step",
                   file=sys.stderr)

@@ -39,6 +39,11 @@ RECIPES: dict[str, Recipe] = {
                "W4A16 AFPQ with per-group MSE clip search"),
         Recipe("w4-int4", f"quantize{{w=int4/{_G}/asym}},cleanup",
                "W4A16, INT4 asymmetric (scale + zero point) per 128, RTN"),
+        Recipe("w4-int4-head8", f"quantize{{w=int4/{_G}/asym}},"
+               "quantize{w=int8/channel lm_head=true},cleanup",
+               "W4A16 INT4 asymmetric per 128, and the output head INT8 per channel (in a "
+               "small model the head is a large share of a decode step's weight reads; "
+               "ONNX: 4- and 8-bit MatMulNBits)"),
         Recipe("w4-int4-sym", f"quantize{{w=int4/{_G}}},cleanup",
                "W4A16, INT4 symmetric per 128, RTN"),
         Recipe("w4-nf4", "quantize{w=nf4/g64},cleanup",

@@ -76,6 +76,11 @@ CASES = {
     "int4-body-int8-head": ("llama-tied", "quantize{w=int4/g32/asym},"
                             "quantize{w=int8/channel lm_head=true},cleanup",
                             {"accuracy_level": 0}, "MatMulNBits"),
+    "int4-split-into-16-blocks": ("qwen2", "quantize{w=int4/g64/asym},cleanup",
+                                  {"accuracy_level": 0, "nbits_block": 16}, "MatMulNBits"),
+    "afpq-matmulnbits-16-blocks": ("llama", "quantize{w=fp4_e2m1/g32/asym},cleanup",
+                                   {"fp4": "matmulnbits", "accuracy_level": 0,
+                                    "nbits_block": 16}, "MatMulNBits"),
     "zqfp-m2-lorc": ("qwen2", "lorc{w=fp4_e2m1/g32/m2 rank=4 bits=8},"
                      "quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token},cleanup", {},
                      "DequantizeWeight"),
@@ -313,6 +318,32 @@ def test_bad_lowering_option_is_rejected(tmp_path):
 
     with pytest.raises(QCompileError, match="int4 lowering must be"):
         export_onnx(_graph("llama", None), tmp_path / "m.onnx", int4="gptq")
+    with pytest.raises(QCompileError, match="int8 lowering must be"):
+        export_onnx(_graph("llama", None), tmp_path / "m.onnx", int8="fast")
+    for bad in (24, 8, True, 32.0):
+        with pytest.raises(QCompileError, match="nbits_block must be a power of two >= 16"):
+            export_onnx(_graph("llama", None), tmp_path / "m.onnx", nbits_block=bad)
+
+
+def test_split_blocks_repeat_the_group_scales():
+    """nbits_block=16 on g64: four blocks per group, each with the group's scale and zero."""
+    gm = _graph("qwen2", "quantize{w=int4/g64/asym},cleanup")
+    coarse = build_model(gm)
+    fine = build_model(gm, export_options(nbits_block=16))
+    for a, b in zip([n for n in coarse.graph.node if n.op_type == "MatMulNBits"],
+                    [n for n in fine.graph.node if n.op_type == "MatMulNBits"], strict=True):
+        ia = {i.name: onnx.numpy_helper.to_array(i) for i in coarse.graph.initializer}
+        ib = {i.name: onnx.numpy_helper.to_array(i) for i in fine.graph.initializer}
+        k = next(x.i for x in b.attribute if x.name == "K")
+        n = ia[a.input[1]].shape[0]
+        sa, sb = ia[a.input[2]].reshape(n, -1), ib[a.input[2]].reshape(n, -1)
+        groups, blocks = -(-k // 64), -(-k // 16)
+        assert sa.shape[1] == groups and sb.shape[1] == blocks
+        owner = np.minimum(np.arange(blocks) // 4, groups - 1)
+        np.testing.assert_array_equal(sb, sa[:, owner])
+        # same codes (two per byte), the K tail padded with the last group's zero point
+        codes_a, codes_b = ia[a.input[1]].reshape(n, -1), ib[a.input[1]].reshape(n, -1)
+        np.testing.assert_array_equal(codes_b, codes_a[:, : blocks * 8])
 
 
 def test_non_float32_graph_is_refused():

@@ -119,17 +119,20 @@ def _block_ok(spec: FormatSpec) -> bool:
     return spec.granularity == "group" and g >= 16 and g & (g - 1) == 0
 
 
-def nbits_block(spec: FormatSpec, k: int) -> int | None:
+def nbits_block(spec: FormatSpec, k: int, at_most: int | None = None) -> int | None:
     """MatMulNBits ``block_size`` for a weight format, or None if it has no such layout.
 
     Groups of a power of two >= 16 are the blocks; a per-channel scale is the same scale
-    repeated over blocks of 128 (fewer for short rows), which is exact.
+    repeated over blocks of 128 (fewer for short rows), which is exact. ``at_most`` (a power
+    of two >= 16) splits larger blocks, repeating their scales and zero points (exact too).
     """
     if _block_ok(spec):
-        return int(spec.group_size)
-    if spec.granularity == "channel":
-        return max(16, min(128, 1 << max(k - 1, 1).bit_length()))
-    return None
+        block = int(spec.group_size)
+    elif spec.granularity == "channel":
+        block = max(16, min(128, 1 << max(k - 1, 1).bit_length()))
+    else:
+        return None
+    return min(block, at_most) if at_most else block
 
 
 def _scale_layout(q: _QWeight, scale: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
@@ -226,11 +229,12 @@ def _nbits_node(t: Translator, q: _QWeight, x: str, codes: np.ndarray, zero: np.
                 scale: np.ndarray, label: str, bits: int = 4) -> str:
     """One 4- or 8-bit MatMulNBits from codes ``[N, K]``, per-block zero points and scales
     (``[N, blocks]``, or ``[N, 1]`` for a per-channel format: repeated over the blocks)."""
-    bs = nbits_block(q.spec, q.k)
+    bs = nbits_block(q.spec, q.k, t.options.nbits_block)
     blocks = -(-q.k // bs)
-    if scale.shape[-1] != blocks:  # per channel
-        scale = np.repeat(scale.reshape(q.n, 1), blocks, axis=1)
-        zero = np.repeat(zero.reshape(q.n, 1), blocks, axis=1)
+    if scale.shape[-1] != blocks:  # per channel, or groups split into smaller blocks
+        group = q.k if scale.shape[-1] == 1 else int(q.spec.group_size)
+        owner = np.minimum(np.arange(blocks) * bs // group, scale.shape[-1] - 1)
+        scale, zero = scale.reshape(q.n, -1)[:, owner], zero.reshape(q.n, -1)[:, owner]
     padded = np.zeros((q.n, blocks * bs), dtype=np.uint8)
     padded[:, : q.k] = codes
     # the K tail (ragged last block) decodes to exactly zero: code = the block's zero point
