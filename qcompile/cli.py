@@ -58,9 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--fp4", choices=("function", "matmulnbits", "dq"), default="function",
                     help="FP4 weights: qcompile function (default), two exact 4-bit "
                          "MatMulNBits, or opset-23 FLOAT4E2M1 DequantizeLinear")
+    ex.add_argument("--int8", choices=("matmulnbits", "dq"), default="matmulnbits",
+                    help="weight-only INT8: 8-bit MatMulNBits (default) or DequantizeLinear "
+                         "(W8A8 linears always get standard QDQ)")
     ex.add_argument("--accuracy-level", type=int, default=1, choices=range(5),
                     help="MatMulNBits accuracy_level (default 1: fp32 compute, exact; "
                          "4: int8 compute on CPU, faster)")
+    ex.add_argument("--nbits-block", type=int, default=None,
+                    help="largest MatMulNBits block (power of two >= 16; scales repeated): "
+                         "finer int8 activation blocks at accuracy level 4")
+    ex.add_argument("--no-fuse", action="store_true",
+                    help="keep attention, RMSNorm and RoPE as basic ops (opset < 23)")
     ex.add_argument("--external-data", choices=("auto", "yes", "no"), default="auto",
                     help="write weights to <out>.data (auto: when above 64 MiB)")
 
@@ -197,7 +205,9 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     t0 = time.perf_counter()
     onnx_report = export_onnx(gm, args.out, kv_cache=args.kv_cache, int4=args.int4,
-                              fp4=args.fp4, accuracy_level=args.accuracy_level,
+                              int8=args.int8, fp4=args.fp4,
+                              accuracy_level=args.accuracy_level,
+                              nbits_block=args.nbits_block, fuse=not args.no_fuse,
                               external_data=external)
     seconds["export"] = time.perf_counter() - t0
     tokenizer_dir = None

@@ -70,6 +70,35 @@ def test_export_then_generate(capsys, tmp_path, tiny_dir):
     assert gen["tokens"] == greedy_reference(compile_reference(gm), [5, 9, 12], 6)
 
 
+def test_export_speed_options(capsys, tmp_path, tiny_dir):
+    """The decode-speed export: INT4 body + INT8 head, level 4 with 32-wide blocks, fused ops;
+    --no-fuse keeps the basic ops (and a lower opset)."""
+    import onnx
+
+    out = tmp_path / "fast.onnx"
+    code, stdout, _ = _run(capsys, "export", "--model", str(tiny_dir), "--recipe",
+                           "w4-int4-head8", "--out", str(out), "--kv-cache", "--accuracy-level",
+                           "4", "--nbits-block", "32", "--json")
+    assert code == 0
+    res = json.loads(stdout)["onnx"]
+    assert res["opset"] == 23 and res["fused"]["Attention"] >= 1
+    model = onnx.load(out, load_external_data=False)
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert {a["bits"] for a in attrs} == {4, 8} and {a["block_size"] for a in attrs} == {32}
+    assert {a["accuracy_level"] for a in attrs} == {4}
+
+    code, stdout, _ = _run(capsys, "export", "--model", str(tiny_dir), "--out",
+                           str(tmp_path / "plain.onnx"), "--no-fuse", "--json")
+    assert code == 0
+    res = json.loads(stdout)["onnx"]
+    assert res["opset"] == 18 and res["fused"] is None
+
+    code, out_text, err = _run(capsys, "export", "--model", str(tiny_dir), "--out",
+                               str(tmp_path / "bad.onnx"), "--nbits-block", "24", "--json")
+    assert code == 2 and out_text == "" and "nbits_block must be a power of two" in err
+
+
 def test_export_fp32_without_pipeline_matches_model(capsys, tmp_path, tiny_dir):
     out = tmp_path / "fp32.onnx"
     code, stdout, _ = _run(capsys, "export", "--model", str(tiny_dir), "--out", str(out),
