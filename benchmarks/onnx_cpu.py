@@ -12,7 +12,8 @@ folding (or one that keeps weights packed) would pay.
 
 Usage::
 
-    python benchmarks/onnx_cpu.py [--threads 1] [--steps 32] [--out result.json]
+    python benchmarks/onnx_cpu.py [--threads 1] [--steps 32] [--rounds 3] [--out result.json]
+    (``--out`` also writes a markdown table next to the JSON)
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def _decode_times(lm, prompt: np.ndarray, steps: int, warmup: int = 3) -> list[f
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
-    ap.add_argument("--steps", type=int, default=32, help="timed decode steps per variant")
+    ap.add_argument("--steps", type=int, default=32,
+                    help="timed decode steps per variant and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all variants")
     ap.add_argument("--prompt", type=int, default=64, help="prompt tokens before decoding")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     ap.add_argument("--out", default=None, help="also write the JSON here")
@@ -106,9 +109,14 @@ def main(argv: list[str] | None = None) -> dict:
     prompt = np.array([ids], dtype=np.int64)
     result: dict = {"model": "smollm2-135m", "onnxruntime": ort.__version__,
                     "torch": torch.__version__, "threads": args.threads, "steps": args.steps,
-                    "prompt_tokens": len(ids), "variants": {}}
+                    "prompt_tokens": len(ids), "rounds": args.rounds, "variants": {}}
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.variants.split(","):
+        sessions, times = {}, {}
+        for name in names:
             pipeline, export_opts, session_opts = VARIANTS[name]
             gm = capture(model)
             if pipeline:
@@ -116,16 +124,14 @@ def main(argv: list[str] | None = None) -> dict:
             path = Path(tmp) / f"{name}.onnx"
             report = export_onnx(gm, path, kv_cache=True, **export_opts)
             start = time.perf_counter()
-            lm = _session(path, args.threads, **session_opts)
+            sessions[name] = _session(path, args.threads, **session_opts)
             load = time.perf_counter() - start
-            times = _decode_times(lm, prompt, args.steps)
             size = path.stat().st_size + sum(p.stat().st_size for p in Path(tmp).glob(
                 f"{name}.onnx.data"))
+            times[name] = []
             result["variants"][name] = {
                 "pipeline": pipeline or "",
-                "decode_ms_median": round(1000 * statistics.median(times), 3),
-                "decode_ms_mean": round(1000 * statistics.fmean(times), 3),
-                "decode_ms_min": round(1000 * min(times), 3),
+                "export_options": export_opts,
                 "session_load_s": round(load, 3),
                 "file_mb": round(size / 2**20, 1),
                 "opset": report["opset"],
@@ -133,6 +139,17 @@ def main(argv: list[str] | None = None) -> dict:
                 "nodes": report["nodes"],
                 "fused": {k: v for k, v in (report["fused"] or {}).items() if k != "skipped"},
             }
+        # rounds interleave the variants, so a change of machine load hits all of them alike
+        for _ in range(args.rounds):
+            for name in names:
+                times[name] += _decode_times(sessions[name], prompt, args.steps)
+        for name in names:
+            t = times[name]
+            result["variants"][name].update({
+                "decode_ms_median": round(1000 * statistics.median(t), 3),
+                "decode_ms_mean": round(1000 * statistics.fmean(t), 3),
+                "decode_ms_min": round(1000 * min(t), 3),
+            })
             print(f"{name}: {result['variants'][name]['decode_ms_median']} ms/step",
                   file=sys.stderr)
     base = result["variants"].get("fp32", {}).get("decode_ms_median")
@@ -143,7 +160,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(text_out)
     if args.out:
         Path(args.out).write_text(text_out)
+        Path(args.out).with_suffix(".md").write_text(_markdown(result))
     return result
+
+
+def _markdown(result: dict) -> str:
+    lines = [f"SmolLM2-135M decode step (M = 1, {result['prompt_tokens']}-token prompt), ONNX "
+             f"Runtime {result['onnxruntime']} CPU, {result['threads']} thread(s), median of "
+             f"{result['steps']} steps x {result.get('rounds', 1)} rounds.", "",
+             "| variant | ms/step | x fp32 | nodes | opset | MB |", "|---|---|---|---|---|---|"]
+    for name, v in result["variants"].items():
+        lines.append(f"| {name} | {v['decode_ms_median']:.2f} | "
+                     f"{v.get('speedup_vs_fp32', float('nan')):.2f} | {v['nodes']} | "
+                     f"{v['opset']} | {v['file_mb']} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
