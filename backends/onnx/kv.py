@@ -17,6 +17,12 @@ keeps that graph and changes, at translation time:
 
 Per-token KV quantization commutes with the concatenation (each token is quantized on its
 own), so a cache of quantize-dequantized values gives the reference's numerics.
+
+With fusion on (the export default) steps 1 and 3 are one opset-23 ``Attention`` node per
+layer instead: it reads the cached key/value and ``past_key_values`` and returns ``present``
+(see :mod:`qcompile.backends.onnx.fuse`); the graph's own mask and head repeat go dead.
+The causal probe (:func:`causal_masks`) is made longer than the model's sliding window
+(``gm.meta["sliding_window"]``), so a window the probe would not reach cannot pass as causal.
 """
 
 from __future__ import annotations
