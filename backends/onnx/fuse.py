@@ -36,7 +36,7 @@ from torch import fx
 from qcompile.attention import AttentionSite, find_attention
 from qcompile.backends.onnx.translate import Translator
 from qcompile.errors import UnsupportedGraphError
-from qcompile.patterns import find_norms, is_cast
+from qcompile.patterns import _call, _last_dim, _ndim, find_norms, is_cast
 
 __all__ = ["FusionPlan", "attention_node", "plan_fusions"]
 
@@ -53,11 +53,6 @@ class FusionPlan:
     rmsnorm: int = 0
     rope: int = 0
     skipped: dict[str, str] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        """JSON-ready counts and reasons."""
-        return {"attention": self.attention, "rmsnorm": self.rmsnorm, "rope": self.rope,
-                "skipped": dict(self.skipped)}
 
 
 def plan_fusions(t: Translator, *, causal: dict[fx.Node, bool] | None = None) -> FusionPlan:
@@ -167,25 +162,6 @@ class _Rope:
     half: int
 
 
-def _call(node: object, *targets: object) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
-
-
-def _ndim(node: fx.Node) -> int | None:
-    val = node.meta.get("val")
-    return val.dim() if isinstance(val, torch.Tensor) else None
-
-
-def _last(node: fx.Node) -> int | None:
-    val = node.meta.get("val")
-    if isinstance(val, torch.Tensor) and val.dim():
-        try:
-            return int(val.shape[-1])
-        except (TypeError, ValueError):
-            return None
-    return None
-
-
 def _is_last_dim(node: fx.Node, dim: object) -> bool:
     nd = _ndim(node)
     return isinstance(dim, int) and nd is not None and dim % nd == nd - 1
@@ -197,7 +173,7 @@ def _slice(node: object, of: fx.Node, start: int, end: int) -> bool:
     args = list(node.args) + [None] * (5 - len(node.args))
     dim, lo, hi, step = args[1], args[2] or 0, args[3], args[4] or 1
     return (_is_last_dim(of, dim) and lo == start and step == 1
-            and (hi == end or (end == _INT_MAX and isinstance(hi, int) and hi >= _last(of))))
+            and (hi == end or (end == _INT_MAX and isinstance(hi, int) and hi >= _last_dim(of))))
 
 
 def _rotate_half_of(node: object) -> fx.Node | None:
@@ -208,7 +184,7 @@ def _rotate_half_of(node: object) -> fx.Node | None:
     if not _call(neg, aten.neg.default) or not _call(first, aten.slice.Tensor):
         return None
     x = first.args[0]
-    d = _last(x)
+    d = _last_dim(x)
     dim = node.args[1] if len(node.args) > 1 else 0
     if d is None or d % 2 or not _is_last_dim(node, dim):
         return None
@@ -258,8 +234,8 @@ def _match_rope(node: fx.Node) -> _Rope | None:
                 cos, sin = _table(c, aten.cos.default), _table(s, aten.sin.default)
                 if cos is None or sin is None or cos[1] is not sin[1] or cos[2] != sin[2]:
                     continue
-                d = _last(x)
-                if d is None or _last(cos[0]) != d:
+                d = _last_dim(x)
+                if d is None or _last_dim(cos[0]) != d:
                     continue
                 return _Rope(x, cos[0], sin[0], d // 2)
     return None
