@@ -11,20 +11,21 @@ from torch import fx
 
 import qcompile.ops  # noqa: F401  (registers torch.ops.qcompile.hadamard)
 from qcompile.attention import AttentionSite, find_attention, insert_on_edge
-from qcompile.errors import PreconditionError, UnsupportedGraphError
+from qcompile.errors import UnsupportedGraphError
 from qcompile.graph import get_attr_value, is_linear, set_attr_value
 from qcompile.hadamard import has_hadamard, orthogonal_matrix, random_orthogonal
 from qcompile.pass_base import Pass, PassResult
 from qcompile.passes.calibrate import drop_stats
 from qcompile.passes.fuse_norms import check_invariance, default_tol, probe_ids, run_probe
-from qcompile.patterns import (
-    Norm,
-    find_norms,
-    find_residual_stream,
-    linear_name,
-    stream_writers,
-)
+from qcompile.patterns import linear_name
 from qcompile.registry import register_pass
+from qcompile.stream_rotation import (
+    fold_r1,
+    plan_r1,
+    require_weightless_stream,
+    retie,
+    weight_attr,
+)
 
 __all__ = ["RotatePass"]
 
@@ -69,22 +70,6 @@ class RotateOptions:
     seed: int = 0
     seq: int = 16
     tol: float | None = None
-
-
-def _weightless(norm: Norm, gm: fx.GraphModule) -> bool:
-    scale, shift = norm.scale(gm), norm.shift(gm)
-    return norm.kind == "rms" and (scale is None or bool((scale == 1).all())) and (
-        shift is None or not bool(shift.any()))
-
-
-def _attr(node: fx.Node, index: int) -> str | None:
-    arg = node.args[index] if len(node.args) > index else None
-    if arg is None:
-        return None
-    if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
-        raise UnsupportedGraphError(f"{node.name} reads its weight/bias from {arg}, not an "
-                                    "attribute (rotate must run before quantize)")
-    return str(arg.target)
 
 
 @register_pass
@@ -136,16 +121,7 @@ class RotatePass(Pass):
     def requires(self, gm: fx.GraphModule) -> None:
         if self.options.r1 == "none":
             return
-        norms = find_norms(gm)
-        stream = find_residual_stream(gm, norms)
-        for norm in [*stream.pre_norms, *([stream.final_norm] if stream.final_norm else [])]:
-            if not _weightless(norm, gm):
-                what = "LayerNorm (mean subtraction)" if norm.kind == "layer" else "a weight"
-                raise PreconditionError(
-                    f"rotate r1 needs weightless RMSNorms on the residual stream, but norm "
-                    f"{norm.name} (node {norm.output.name}) has {what}: run fuse-norms first "
-                    "(e.g. 'fuse-norms,rotate'), or set r1=none"
-                )
+        require_weightless_stream(gm, "rotate r1", "(e.g. 'fuse-norms,rotate'), or set r1=none")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         o = self.options
@@ -153,7 +129,7 @@ class RotatePass(Pass):
             return PassResult(gm, False, {})
         sites = find_attention(gm)
         # plan everything first: errors leave the graph untouched
-        r1 = self._plan_r1(gm) if o.r1 != "none" else None
+        r1 = plan_r1(gm) if o.r1 != "none" else None
         if o.r2 != "none":
             self._check_r2(gm, sites)
         downs = _check_online(gm, _mlp_downs(gm), "r4") if o.r4 != "none" else []
@@ -173,7 +149,9 @@ class RotatePass(Pass):
         facts: dict[str, Any] = {}
         changed: list[str] = []
         if r1 is not None:
-            facts["r1"] = self._apply_r1(gm, *r1, changed)
+            kind = "randomized-hadamard" if o.r1 == "hadamard" else "random"
+            rot = orthogonal_matrix(r1.hidden_of(gm), kind, o.seed)
+            facts["r1"] = fold_r1(gm, r1, rot, changed)
         if o.r2 != "none" and sites:
             facts["r2"] = self._apply_r2(gm, sites, changed)
         if o.r3 != "none" and sites:
@@ -194,101 +172,12 @@ class RotatePass(Pass):
             tol = o.tol if o.tol is not None else default_tol(gm)
             facts.update(check_invariance(before, run_probe(gm, ids), tol, "rotate"))
             facts["stats_dropped"] = drop_stats(gm, sorted(set(changed)))
-            self._retie(gm)
+            retie(gm)
             gm.meta[ROTATE_KEY] = {k: facts[k] for k in ("r1", "r2", "r3", "r4", "ro")
                                    if k in facts}
         return PassResult(gm, modified, facts)
 
     # ------------------------------------------------------------------------------ R1
-
-    def _plan_r1(self, gm: fx.GraphModule) -> tuple[fx.Node, list[fx.Node], list[fx.Node]]:
-        norms = find_norms(gm)
-        stream = find_residual_stream(gm, norms)
-        reading = [*stream.pre_norms, *([stream.final_norm] if stream.final_norm else [])]
-        for norm in reading:
-            if norm.other_users:
-                u = norm.other_users[0]
-                raise UnsupportedGraphError(f"r1: output of norm {norm.name} is read by {u.name} "
-                                            f"({u.target}), not a linear; R1 cannot be exact")
-        if stream.other_readers:
-            u = stream.other_readers[0]
-            raise UnsupportedGraphError(f"r1: the residual stream is read by {u.name} "
-                                        f"({u.target}), not a norm or residual add")
-        emb = stream.embedding
-        if emb is None or emb.args[0].op != "get_attr":
-            raise UnsupportedGraphError(f"r1: the residual stream starts at {stream.start.name} "
-                                        f"({stream.start.target}), not an embedding lookup")
-        readers = [c for n in reading for c in n.consumers]
-        if stream.final_norm is None:
-            readers.append(stream.head)
-        writers = []
-        for w in stream_writers(stream, norms):
-            if w.linear is None:
-                raise UnsupportedGraphError(f"r1: {w.reason}; R1 cannot be exact")
-            if w.post_norm is not None and not _weightless(w.post_norm, gm):
-                raise UnsupportedGraphError(
-                    f"r1: post-norm {w.post_norm.name} (node {w.post_norm.output.name}) scales "
-                    f"the output of {w.linear.name} before residual add {w.add.name}; its "
-                    "weight cannot be folded, so rotating the stream would not be exact: use "
-                    "r1=none for this model")
-            outside = [u for u in w.linear.users if u not in {*w.path, w.add}]
-            if outside:
-                raise UnsupportedGraphError(f"r1: writer {w.linear.name} is also read by "
-                                            f"{outside[0].name}; R1 cannot be exact")
-            writers.append(w.linear)
-        planned = {emb, *readers, *writers}
-        for node in planned:
-            targets = [_attr(emb, 0)] if node is emb else [_attr(node, 1), _attr(node, 2)]
-            for target in targets:
-                for g in gm.graph.find_nodes(op="get_attr", target=target) if target else []:
-                    extra = [u for u in g.users if u not in planned]
-                    if extra:
-                        raise UnsupportedGraphError(f"r1: attribute {target} is also read by "
-                                                    f"{extra[0].name}; R1 cannot be exact")
-        return emb, readers, writers
-
-    def _apply_r1(self, gm, emb, readers, writers, changed) -> dict[str, Any]:
-        hidden = get_attr_value(gm, str(emb.args[0].target)).shape[1]
-        kind = "randomized-hadamard" if self.options.r1 == "hadamard" else "random"
-        rot = orthogonal_matrix(hidden, kind, self.options.seed)
-        ops: dict[str, tuple[bool, bool]] = {}  # target -> (left Q^T, right Q)
-        for node in (emb, *readers, *writers):
-            t = _attr(node, 0 if node is emb else 1)
-            left, right = ops.get(t, (False, False))
-            ops[t] = (left or node in writers, right or node is emb or node in readers)
-            if node in writers and _attr(node, 2):
-                ops[_attr(node, 2)] = (True, False)
-        made: dict[tuple[int, bool, bool], torch.Tensor] = {}
-        for target, (left, right) in ops.items():
-            old = get_attr_value(gm, target)
-            key = (id(old), left, right)
-            if key not in made:
-                w = old.detach()
-                if w.dim() == 1:  # bias: b -> b Q
-                    w = rot.apply(w)
-                else:
-                    w = rot.apply(w.T).T if left else w  # Q^T W = (W^T Q)^T
-                    w = rot.apply(w) if right else w
-                new = w.to(old.dtype).contiguous()
-                if isinstance(old, torch.nn.Parameter):  # one Parameter for every tied name
-                    new = torch.nn.Parameter(new, requires_grad=False)
-                made[key] = new
-            set_attr_value(gm, target, made[key])
-        changed.extend(linear_name(n) for n in readers)
-        log.debug("rotate r1: %s on %d readers, %d writers", rot.description, len(readers),
-                  len(writers))
-        return {"rotation": rot.description, "method": rot.method, "hidden": hidden,
-                "readers": len(readers), "writers": len(writers), "embeddings": 1,
-                "attributes_rotated": len(ops)}
-
-    @staticmethod
-    def _retie(gm: fx.GraphModule) -> None:
-        groups: dict[int, list[str]] = {}
-        for node in gm.graph.find_nodes(op="get_attr"):
-            names = groups.setdefault(id(get_attr_value(gm, str(node.target))), [])
-            if node.target not in names:
-                names.append(str(node.target))
-        gm.meta["tied_params"] = [tuple(g) for g in groups.values() if len(g) > 1]
 
     # ------------------------------------------------------------------------------ R2
 
@@ -300,8 +189,8 @@ class RotatePass(Pass):
                     raise UnsupportedGraphError(f"r2: attention {s.node.name}: "
                                                 f"{s.problems[key]}; set r2=none")
             for lin in (s.v_proj.linear, s.o_proj):
-                _attr(lin, 1)
-                _attr(lin, 2)
+                weight_attr(lin, 1)
+                weight_attr(lin, 2)
 
     def _apply_r2(self, gm, sites: list[AttentionSite], changed: list[str]) -> dict[str, Any]:
         desc = ""
@@ -318,15 +207,15 @@ class RotatePass(Pass):
             r = torch.stack(mats)  # [kv_heads, d, d]
             proj = s.v_proj
             rows = slice(proj.start, proj.start + proj.width)
-            for t, eq in ((_attr(proj.linear, 1), "gji,gjk->gik"),  # W_g -> R_g^T W_g
-                          (_attr(proj.linear, 2), "gjk,gj->gk")):  # b_g -> b_g R_g
+            for t, eq in ((weight_attr(proj.linear, 1), "gji,gjk->gik"),  # W_g -> R_g^T W_g
+                          (weight_attr(proj.linear, 2), "gjk,gj->gk")):  # b_g -> b_g R_g
                 if t is not None:
                     old = get_attr_value(gm, t)
                     new = old.detach().double().clone()
                     block = new[rows].reshape(s.kv_heads, d, *new.shape[1:])
                     new[rows] = torch.einsum(eq, r, block).reshape(proj.width, *new.shape[1:])
                     set_attr_value(gm, t, new.to(old.dtype))
-            ot = _attr(s.o_proj, 1)
+            ot = weight_attr(s.o_proj, 1)
             old = get_attr_value(gm, ot)
             wo = old.detach().double().reshape(old.shape[0], s.heads, d)
             per_head = r.repeat_interleave(s.n_rep, dim=0)  # query head h uses R_{h // n_rep}
@@ -364,7 +253,7 @@ def _check_online(gm: fx.GraphModule, linears: list[fx.Node], rule: str) -> list
         if not has_hadamard(int(k)):
             raise UnsupportedGraphError(f"{rule}: input width {k} of {node.name} has no "
                                         f"Hadamard construction; set {rule}=none")
-        target = _attr(node, 1)
+        target = weight_attr(node, 1)
         for g in gm.graph.find_nodes(op="get_attr", target=target):
             if any(u is not node for u in g.users):
                 raise UnsupportedGraphError(f"{rule}: weight {target} of {node.name} is read "
@@ -380,7 +269,7 @@ def _apply_online(gm: fx.GraphModule, linears: list[fx.Node], changed: list[str]
     for node in linears:
         k = int(node.args[0].meta["val"].shape[-1])
         sizes.add(k)
-        target = _attr(node, 1)
+        target = weight_attr(node, 1)
         w = get_attr_value(gm, target)
         h = orthogonal_matrix(k, "hadamard")  # the H the online op applies
         set_attr_value(gm, target, h.apply(w.detach()).to(w.dtype))

@@ -21,6 +21,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "calibrate": "qcompile.passes.calibrate",
     "smooth": "qcompile.passes.smooth",
     "rotate": "qcompile.passes.rotate",
+    "learn-rotation": "qcompile.passes.learn_rotation",
     "gptq": "qcompile.passes.gptq",
     "lorc": "qcompile.passes.lorc",
     "lower-triton": "qcompile.passes.lower_triton",

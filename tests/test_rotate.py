@@ -228,7 +228,7 @@ def test_orders_without_hadamard_fall_back_or_refuse():
 
 def test_rotate_after_quantize_is_refused():
     gm, _ = _run(capture(tiny_model("llama")), "fuse-norms,quantize{w=int4/g32}")
-    with pytest.raises(UnsupportedGraphError, match="rotate must run before quantize"):
+    with pytest.raises(UnsupportedGraphError, match="rotations must run before quantize"):
         _run(gm, "rotate")
 
 
