@@ -20,6 +20,8 @@ from qcompile.passes.calibrate import drop_stats
 from qcompile.passes.fuse_norms import check_invariance, default_tol, probe_ids, run_probe
 from qcompile.passes.quantize import head_linears
 from qcompile.passes.rotate import ROTATE_KEY
+from qcompile.passes.smooth import smooth_norm
+from qcompile.patterns import Norm, find_norms, find_residual_stream
 from qcompile.registry import register_pass
 from qcompile.rotation_training import RotatedQuantInterpreter, skew_rotation
 from qcompile.stream_rotation import fold_r1, plan_r1, require_weightless_stream, retie
@@ -44,6 +46,11 @@ class LearnRotationOptions:
         loss: ``kl``: the mean KL divergence of the quantized model's next-token distribution
             from the full-precision model's (distillation, needs one extra forward per
             step); ``ce``: the next-token cross entropy of the text (SpinQuant's loss).
+        scales: Also learn per-channel smoothing scales for the readers of each stream norm
+            (OSTQuant-style, one scale per channel shared by the norm's readers, starting at
+            1), folded like ``smooth``'s norm rule: the norm's gamma divided, the readers'
+            input columns multiplied.
+        lr_scales: Adam learning rate of the log scales (decays linearly to 0).
         steps: Optimizer steps, one calibration window each.
         lr: Adam learning rate of the skew-symmetric generator (decays linearly to 0).
         samples: Training windows (cycled through when ``steps > samples``).
@@ -60,6 +67,8 @@ class LearnRotationOptions:
     a: str = "fp4_e2m1/token/asym"
     w: str = "none"
     loss: Literal["kl", "ce"] = "kl"
+    scales: bool = False
+    lr_scales: float = 0.02
     steps: int = 100
     lr: float = 2e-3
     samples: int = 64
@@ -78,8 +87,10 @@ class LearnRotationOptions:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        for key in ("lr", "lr_scales"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{key} must be a positive number, got {value}")
         if self.text.strip().lower() in _TEST_TEXTS:
             raise ValueError(f"text={self.text} is evaluation (test) text; training on it "
                              "would leak the test set into the model: use text=wikitext2-valid")
@@ -143,6 +154,7 @@ class LearnRotationPass(Pass):
                      if node.op == "call_function" and node.target is torch.ops.aten.linear.default}
         if not o.lm_head:
             quantized -= head_linears(gm)
+        norms = _scalable_norms(gm, quantized) if o.scales else []
         a_spec: FormatSpec = parse_format(o.a)
         w_spec = None if o.w == "none" else parse_format(o.w)
         batch = int(gm.meta.get("batch", 1))
@@ -156,9 +168,15 @@ class LearnRotationPass(Pass):
         start = time.perf_counter()
         try:
             interp = RotatedQuantInterpreter(gm, plan.readers, plan.writers, quantized, a_spec,
-                                             w_spec)
+                                             w_spec, {c: i for i, norm in enumerate(norms)
+                                                      for c in norm.consumers})
             gen = torch.zeros(n, n, device=device, requires_grad=True)
-            opt = torch.optim.Adam([gen], lr=o.lr)
+            log_s = torch.zeros(len(norms), n, device=device, requires_grad=bool(norms))
+            groups = [{"params": [gen], "lr": o.lr}]
+            if norms:
+                groups.append({"params": [log_s], "lr": o.lr_scales})
+            opt = torch.optim.Adam(groups)
+            scales = log_s if norms else None
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / o.steps)
             kl = o.loss == "kl"
             held_ref = [_reference(gm, ids, kl) for ids in _chunks(held, batch, device)]
@@ -171,14 +189,15 @@ class LearnRotationPass(Pass):
                 if ids.shape[0] < batch:  # wrap around a window count not a batch multiple
                     ids = torch.cat([ids, train[:batch - ids.shape[0]]])
                 ids = ids.to(device)
-                loss = interp.loss(skew_rotation(gen), ids, _reference(gm, ids, kl))
+                loss = interp.loss(skew_rotation(gen), ids, _reference(gm, ids, kl), scales)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 losses.append(loss.item())
             rot = skew_rotation(gen.detach().double())
-            held_after = _loss(interp, rot.float(), held, batch, device, held_ref)
+            held_after = _loss(interp, rot.float(), held, batch, device, held_ref,
+                               None if scales is None else scales.detach())
         finally:
             for p in frozen:
                 p.requires_grad_(True)
@@ -199,6 +218,11 @@ class LearnRotationPass(Pass):
         desc = f"learned ({o.steps} steps, a={str(a_spec)}, w={facts['w']})"
         changed: list[str] = []
         facts["r1"] = fold_r1(gm, plan, Rotation(n, "learned", desc, dense=rot.cpu()), changed)
+        if scales is not None:
+            s = scales.detach().double().exp().cpu()
+            for norm, row in zip(norms, s, strict=True):
+                smooth_norm(gm, norm, row)
+            facts["scales"] = {"norms": len(norms), "min": float(s.min()), "max": float(s.max())}
         gm.graph.lint()
         gm.recompile()
         tol = o.tol if o.tol is not None else default_tol(gm)
@@ -208,6 +232,22 @@ class LearnRotationPass(Pass):
         gm.meta.setdefault(ROTATE_KEY, {})["r1_learned"] = facts["r1"]
         facts["kept"] = "learned"
         return PassResult(gm, True, facts)
+
+
+def _scalable_norms(gm: fx.GraphModule, quantized: set[fx.Node]) -> list[Norm]:
+    """Stream norms with a weight attribute of their own, read only by quantized linears."""
+    stream = find_residual_stream(gm, find_norms(gm))
+    out = []
+    for norm in [*stream.pre_norms, *([stream.final_norm] if stream.final_norm else [])]:
+        if norm.weight is None or norm.other_users or not norm.consumers:
+            continue
+        if not set(norm.consumers) <= quantized:
+            continue
+        readers = {u for g in gm.graph.find_nodes(op="get_attr", target=norm.weight.target)
+                   for u in g.users}
+        if readers <= set(norm.nodes):
+            out.append(norm)
+    return out
 
 
 def _chunks(windows: torch.Tensor, batch: int, device: torch.device) -> list[torch.Tensor]:
@@ -225,9 +265,11 @@ def _reference(gm: fx.GraphModule, ids: torch.Tensor, kl: bool) -> torch.Tensor 
 
 
 def _loss(interp: RotatedQuantInterpreter, rot: torch.Tensor | None, windows: torch.Tensor,
-          batch: int, device: torch.device, refs: list[torch.Tensor | None]) -> float:
+          batch: int, device: torch.device, refs: list[torch.Tensor | None],
+          log_scales: torch.Tensor | None = None) -> float:
     """Mean loss of ``windows`` through the fake-quantized graph (no grad)."""
     chunks = _chunks(windows, batch, device)
     with torch.no_grad():
-        losses = [float(interp.loss(rot, ids, ref)) for ids, ref in zip(chunks, refs, strict=True)]
+        losses = [float(interp.loss(rot, ids, ref, log_scales))
+                  for ids, ref in zip(chunks, refs, strict=True)]
     return sum(losses) / len(losses)

@@ -24,7 +24,7 @@ from qcompile.passes.quantize import head_linears
 from qcompile.patterns import Norm, find_norms, is_ancestor, is_cast, linear_name, strip_casts
 from qcompile.registry import register_pass
 
-__all__ = ["SmoothPass"]
+__all__ = ["SmoothPass", "smooth_norm"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -128,7 +128,7 @@ class SmoothPass(Pass):
                 skipped[g.name] = reason
                 continue
             s = self._scales(gm, g)
-            self._apply(gm, g, s)
+            _apply(gm, g, s)
             done[g.kind] += 1
             smin, smax = min(smin, float(s.min())), max(smax, float(s.max()))
             log.debug("smooth: %s group %s, s in [%.3g, %.3g]", g.kind, g.name, s.min(), s.max())
@@ -184,35 +184,42 @@ class SmoothPass(Pass):
         s = torch.where((a > 0) & (w > 0) & torch.isfinite(s), s, torch.ones_like(s))
         return s.clamp(1e-5, 1e5)
 
-    def _apply(self, gm: fx.GraphModule, g: _Group, s: torch.Tensor) -> None:
-        s_in = s[g.row_groups] if g.row_groups is not None else s
-        for c in g.consumers:
-            wt = str(c.args[1].target)
-            w = get_attr_value(gm, wt)
-            set_attr_value(gm, wt, (w.double() * s_in).to(w.dtype))
-            rescale_input(gm, linear_name(c), s_in.float())
-        if g.norm is not None:
-            norm = g.norm
-            wt = str(norm.weight.target)
-            w = get_attr_value(gm, wt)
-            set_attr_value(gm, wt, ((w.double() + norm.offset) / s - norm.offset).to(w.dtype))
-            if norm.bias is not None:
-                bt = str(norm.bias.target)
-                b = get_attr_value(gm, bt)
-                set_attr_value(gm, bt, (b.double() / s).to(b.dtype))
-            record = gm.meta.get(FUSED_NORMS_KEY)
-            if record and norm.name in record.get("fused", {}):
-                record.setdefault("smoothed", {})[norm.name] = record["fused"].pop(norm.name)
-            return
-        assert g.producer is not None and g.rows is not None
-        for arg in g.producer.args[1:3]:
-            if arg is None:
-                continue
-            t = get_attr_value(gm, str(arg.target))
-            div = torch.ones(t.shape[0], dtype=torch.float64)
-            div[g.rows] = s
-            new = t.double() / (div[:, None] if t.dim() == 2 else div)
-            set_attr_value(gm, str(arg.target), new.to(t.dtype))
+def _apply(gm: fx.GraphModule, g: _Group, s: torch.Tensor) -> None:
+    """Readers' input columns times s, the producer (norm gamma, or linear rows) divided."""
+    s_in = s[g.row_groups] if g.row_groups is not None else s
+    for c in g.consumers:
+        wt = str(c.args[1].target)
+        w = get_attr_value(gm, wt)
+        set_attr_value(gm, wt, (w.double() * s_in).to(w.dtype))
+        rescale_input(gm, linear_name(c), s_in.float())
+    if g.norm is not None:
+        norm = g.norm
+        wt = str(norm.weight.target)
+        w = get_attr_value(gm, wt)
+        set_attr_value(gm, wt, ((w.double() + norm.offset) / s - norm.offset).to(w.dtype))
+        if norm.bias is not None:
+            bt = str(norm.bias.target)
+            b = get_attr_value(gm, bt)
+            set_attr_value(gm, bt, (b.double() / s).to(b.dtype))
+        record = gm.meta.get(FUSED_NORMS_KEY)
+        if record and norm.name in record.get("fused", {}):
+            record.setdefault("smoothed", {})[norm.name] = record["fused"].pop(norm.name)
+        return
+    assert g.producer is not None and g.rows is not None
+    for arg in g.producer.args[1:3]:
+        if arg is None:
+            continue
+        t = get_attr_value(gm, str(arg.target))
+        div = torch.ones(t.shape[0], dtype=torch.float64)
+        div[g.rows] = s
+        new = t.double() / (div[:, None] if t.dim() == 2 else div)
+        set_attr_value(gm, str(arg.target), new.to(t.dtype))
+
+
+def smooth_norm(gm: fx.GraphModule, norm: Norm, s: torch.Tensor) -> None:
+    """Rule 1 with given scales: ``norm``'s gamma (and beta) divided by ``s``, its readers'
+    input columns multiplied (their calibration statistics rescaled)."""
+    _apply(gm, _Group("norm", norm.name, list(norm.consumers), norm=norm), s)
 
 
 # ----------------------------------------------------------------------- group matching

@@ -46,7 +46,10 @@ class RotatedQuantInterpreter(fx.Interpreter):
         writer (writes the stream):    ``y = (Q_a(x) Q_w(R^T W)^T + b R) R^T``
         any other:                     ``y = Q_a(x) Q_w(W)^T + b``
     which is the function of the graph with R folded in and then quantized (the residual
-    stream is kept in the unrotated basis: weightless RMSNorm commutes with R). Linears not
+    stream is kept in the unrotated basis: weightless RMSNorm commutes with R). Readers in
+    ``groups`` (group index per linear) also take learned smoothing scales
+    ``s = exp(log_scales[group])``: ``Q_a(x R / s) Q_w((W R) diag(s))^T``, the function of
+    the graph with R folded and then ``s`` smoothed into the norm the group reads. Linears not
     in ``quantized`` (heads) run as they are, since R cancels there exactly. Online
     ``qcompile::hadamard`` ops run as dense matmuls so gradients flow through them.
 
@@ -57,21 +60,25 @@ class RotatedQuantInterpreter(fx.Interpreter):
         quantized: Linears fake-quantized in the loop.
         a_spec: Activation format (every quantized linear's input).
         w_spec: Weight format, or None for full-precision weights.
+        groups: Reader -> index of its smoothing-scale row (readers of one norm share one).
     """
 
     def __init__(self, gm: fx.GraphModule, readers: Iterable[fx.Node], writers: Iterable[fx.Node],
-                 quantized: Iterable[fx.Node], a_spec: FormatSpec, w_spec: FormatSpec | None
-                 ) -> None:
+                 quantized: Iterable[fx.Node], a_spec: FormatSpec, w_spec: FormatSpec | None,
+                 groups: dict[fx.Node, int] | None = None) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.readers, self.writers = set(readers), set(writers)
         self.quantized = set(quantized)
         self.a_spec, self.w_spec = a_spec, w_spec
+        self.groups = dict(groups or {})
         self.rot: torch.Tensor | None = None
+        self.log_scales: torch.Tensor | None = None
         self._inputs: dict[tuple[fx.Node, bool], torch.Tensor] = {}
         self._hadamards: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
     def loss(self, rot: torch.Tensor | None, ids: torch.Tensor,
-             reference: torch.Tensor | None = None) -> torch.Tensor:
+             reference: torch.Tensor | None = None,
+             log_scales: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of ``ids`` (``[batch, seq]``) under ``rot``.
 
         Args:
@@ -80,12 +87,13 @@ class RotatedQuantInterpreter(fx.Interpreter):
             reference: Full-precision logits of ``ids``: the loss is then the mean over
                 tokens of ``KL(softmax(reference) || softmax(logits))`` (distillation);
                 without it, the mean next-token cross entropy.
+            log_scales: ``[groups, hidden]`` log smoothing scales (None: no smoothing).
         """
-        self.rot = rot
+        self.rot, self.log_scales = rot, log_scales
         try:
             logits = self.run(ids)
         finally:
-            self.rot = None
+            self.rot, self.log_scales = None, None
         if not isinstance(logits, torch.Tensor):
             logits = logits[0]
         v = logits.shape[-1]
@@ -106,11 +114,13 @@ class RotatedQuantInterpreter(fx.Interpreter):
     def _wq(self, w: torch.Tensor) -> torch.Tensor:
         return w if self.w_spec is None else ste_fake_quantize(w, self.w_spec)
 
-    def _input(self, node: fx.Node, x: torch.Tensor, rotate: bool) -> torch.Tensor:
-        # q/k/v (gate/up) read one input: rotate and quantize it once per run
+    def _input(self, node: fx.Node, x: torch.Tensor, rotate: bool,
+               scale: torch.Tensor | None = None) -> torch.Tensor:
+        # q/k/v (gate/up) read one input: rotate, scale and quantize it once per run
         key = (node, rotate)
         if key not in self._inputs:
-            xr = x @ self.rot.to(x.dtype) if rotate else x
+            xr = x @ self.rot.to(x.dtype) if rotate and self.rot is not None else x
+            xr = xr / scale.to(x.dtype) if scale is not None else xr
             self._inputs[key] = ste_fake_quantize(xr, self.a_spec)
         return self._inputs[key]
 
@@ -133,9 +143,14 @@ class RotatedQuantInterpreter(fx.Interpreter):
         x, w = args[0], args[1].detach()
         b = args[2].detach() if len(args) > 2 and args[2] is not None else None
         rot = self.rot
-        if rot is not None and n in self.readers:
-            r = rot.to(w.dtype)
-            return F.linear(self._input(n.args[0], x, True), self._wq(w @ r), b)
+        group = self.groups.get(n) if self.log_scales is not None else None
+        if n in self.readers and (rot is not None or group is not None):
+            wr = w @ rot.to(w.dtype) if rot is not None else w
+            scale = None
+            if group is not None:
+                scale = self.log_scales[group].exp()
+                wr = wr * scale.to(w.dtype)
+            return F.linear(self._input(n.args[0], x, True, scale), self._wq(wr), b)
         if rot is not None and n in self.writers:
             r = rot.to(w.dtype)
             y = F.linear(self._input(n.args[0], x, False), self._wq(r.T @ w),

@@ -70,12 +70,13 @@ def _interp(gm, a="fp4_e2m1/token/asym", w=None):
 
 
 def test_options_round_trip_and_validation():
-    text = "learn-rotation{a=nvfp4 w=int4/g32/asym steps=5 lr=0.5 samples=3 seqlen=16 holdout=2}"
+    text = ("learn-rotation{a=nvfp4 w=int4/g32/asym loss=ce scales=true lr_scales=0.1 steps=5 "
+            "lr=0.5 samples=3 seqlen=16 holdout=2}")
     assert str(parse_pipeline(text)) == text
     assert str(parse_pipeline("learn-rotation{steps=100 w=none}")) == "learn-rotation"
     with pytest.raises((PipelineError, FormatError), match="fp5"):
         parse_pipeline("learn-rotation{a=fp5}")
-    for bad in ("steps=0", "samples=-1", "lr=0", "holdout=0"):
+    for bad in ("steps=0", "samples=-1", "lr=0", "holdout=0", "lr_scales=-1", "loss=mse"):
         with pytest.raises(PipelineError, match=bad.split("=")[0]):
             parse_pipeline(f"learn-rotation{{{bad}}}")
     with pytest.raises(PipelineError, match="test"):
@@ -113,6 +114,35 @@ def test_interpreter_rotation_equals_folding():
     with torch.no_grad():
         assert float(folded.loss(None, ids[:1])) == pytest.approx(rotated, abs=2e-4)
     assert plain != pytest.approx(rotated, abs=1e-6)  # R matters
+
+
+def test_interpreter_scales_equal_smoothing_the_norms():
+    """Loss under (R, s) in the interpreter == loss after folding R and smoothing the norms."""
+    from qcompile.passes.learn_rotation import _scalable_norms
+    from qcompile.passes.smooth import smooth_norm
+
+    gm, _ = _run(capture(tiny_model("llama")), "fuse-norms")
+    ids = _windows(1)
+    plan = plan_r1(gm)
+    quantized = {n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default}
+    quantized -= head_linears(gm)
+    norms = _scalable_norms(gm, quantized)
+    assert len(norms) == 4  # two layers x (attention, MLP) norms; the head's norm is not
+    groups = {c: i for i, norm in enumerate(norms) for c in norm.consumers}
+    interp = RotatedQuantInterpreter(gm, plan.readers, plan.writers, quantized,
+                                     parse_format("fp4_e2m1/token/asym"), None, groups)
+    n = plan.hidden_of(gm)
+    rot = random_orthogonal(n, 2)
+    log_s = 0.3 * torch.randn(len(norms), n, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expect = float(interp.loss(rot.float(), ids, log_scales=log_s))
+        assert float(interp.loss(rot.float(), ids)) != pytest.approx(expect, abs=1e-6)
+    fold_r1(gm, plan, Rotation(n, "random", "test", dense=rot), [])
+    for norm, row in zip(norms, log_s.double().exp(), strict=True):
+        smooth_norm(gm, norm, row)
+    _, folded = _interp(gm)
+    with torch.no_grad():
+        assert float(folded.loss(None, ids)) == pytest.approx(expect, abs=2e-4)
 
 
 def test_skew_rotation_is_orthogonal_and_differentiable():
@@ -153,6 +183,27 @@ def test_learned_rotation_keeps_the_function_and_lowers_the_quantized_loss(famil
     assert after == pytest.approx(facts["heldout_loss_after"], abs=2e-5)
     assert before == pytest.approx(facts["heldout_loss_before"], abs=2e-5)
     assert after < before
+
+
+def test_learned_scales_are_smoothed_into_the_norms():
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    gm, _ = _run(capture(tiny_model("llama")), "fuse-norms,rotate")
+    with torch.no_grad():
+        ref = gm(ids)
+    gm, report = _run(gm, f"learn-rotation{{{FAST} scales=true}}")
+    facts = _facts(report)
+    assert facts["kept"] == "learned" and facts["scales"]["norms"] == 4
+    assert facts["scales"]["min"] < 0.95 and facts["scales"]["max"] > 1.0
+    gamma = get_attr_value(gm, "model.layers.0.input_layernorm.weight")
+    assert not torch.allclose(gamma, torch.ones_like(gamma))
+    assert "model.layers.0.input_layernorm" in gm.meta["qcompile.fuse_norms"]["smoothed"]
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), ref, rtol=1e-4, atol=1e-4)
+    q = "quantize{a=fp4_e2m1/token/asym},cleanup"
+    learned, _ = _run(gm, q)
+    after = _kl(compile_reference(learned), capture(tiny_model("llama")), HELD)
+    assert after == pytest.approx(facts["heldout_loss_after"], abs=2e-5)
+    assert after < facts["heldout_loss_before"]
 
 
 def test_same_options_give_the_same_bits():
