@@ -80,6 +80,8 @@ GRIDS: dict[str, list[tuple[str, str]]] = {
         ("w4a8-m1-gptq", "recipe:zqfp-w4a8-m1"),
         ("w4a4kv4-fp4-rot-gptq", "recipe:quarot-w4a4-gptq"),
         ("w4a4kv4-nvfp4-rot-gptq", "recipe:quarot-w4a4-nvfp4-gptq"),
+        ("w4a4kv4-fp4-spin-gptq", "recipe:spinquant-w4a4-gptq"),
+        ("w4a4kv4-nvfp4-spin-gptq", "recipe:spinquant-w4a4-nvfp4-gptq"),
         ("fp3-asym-gptq", "recipe:afpq-w3-gptq"),
         ("int3-asym-gptq", _gptq("int3/g128/asym clip=search")),
         ("fp3-sym-gptq", _gptq("fp3_e1m1/g128 clip=search")),
