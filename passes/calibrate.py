@@ -47,6 +47,7 @@ __all__ = [
     "drop_stats",
     "linear_stats",
     "require_calibration",
+    "require_text_windows",
     "rescale_input",
 ]
 
@@ -90,6 +91,18 @@ def _summarize(x: torch.Tensor, hessian: bool) -> tuple[torch.Tensor, int, torch
     x2 = x.detach().reshape(-1, x.shape[-1]).float()
     am = torch.linalg.vector_norm(x2, ord=float("inf"), dim=0)  # max |x_j|, exactly
     return am, x2.shape[0], (x2.t() @ x2 if hessian else None)
+
+
+def require_text_windows(p: Pass, gm: fx.GraphModule) -> None:
+    """The checks of a pass reading ``text`` in ``seqlen``-token windows: a tokenizer in the
+    context and a ``seqlen`` inside the graph's sequence range (``PreconditionError``)."""
+    opts = p.options
+    if p.context.tokenizer is None:
+        p.fail_requires(f"{p.name} needs a tokenizer (PassContext.tokenizer) to read "
+                        f"text={opts.text}")
+    lo, hi = gm.meta.get("seq_range", (1, opts.seqlen))
+    if not lo <= opts.seqlen <= hi:
+        p.fail_requires(f"seqlen={opts.seqlen} is outside the graph's sequence range {lo}..{hi}")
 
 
 class _Stats:
@@ -166,13 +179,7 @@ class CalibratePass(Pass):
     summary = "record per-linear input absmax (and Hessians) on calibration text"
 
     def requires(self, gm: fx.GraphModule) -> None:
-        if self.context.tokenizer is None:
-            self.fail_requires("calibrate needs a tokenizer (PassContext.tokenizer) to read "
-                               f"text={self.options.text}")
-        lo, hi = gm.meta.get("seq_range", (1, self.options.seqlen))
-        if not lo <= self.options.seqlen <= hi:
-            self.fail_requires(f"seqlen={self.options.seqlen} is outside the graph's sequence "
-                               f"range {lo}..{hi}")
+        require_text_windows(self, gm)
         if not linear_nodes(gm):
             self.fail_requires("graph has no linear with a plain weight attribute to calibrate")
 

@@ -19,7 +19,7 @@ from qcompile.formats.scales import Scales
 from qcompile.gptq import gptq_quantize, output_error, prepare
 from qcompile.graph import get_attr_value
 from qcompile.pass_base import Pass, PassResult
-from qcompile.passes.calibrate import _TEST_TEXTS, _device_of
+from qcompile.passes.calibrate import _TEST_TEXTS, _device_of, require_text_windows
 from qcompile.passes.quantize import _canonical_format, _linear_name, select_linears
 from qcompile.planned import set_plan
 from qcompile.refine import refine_scales
@@ -126,13 +126,7 @@ class GPTQPass(Pass):
     summary = "GPTQ weight quantization from calibration Hessians (planned for quantize)"
 
     def requires(self, gm: fx.GraphModule) -> None:
-        if self.context.tokenizer is None:
-            self.fail_requires(f"gptq needs a tokenizer (PassContext.tokenizer) to read "
-                               f"text={self.options.text}")
-        lo, hi = gm.meta.get("seq_range", (1, self.options.seqlen))
-        if not lo <= self.options.seqlen <= hi:
-            self.fail_requires(f"seqlen={self.options.seqlen} is outside the graph's sequence "
-                               f"range {lo}..{hi}")
+        require_text_windows(self, gm)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         from tqdm.auto import tqdm

@@ -16,15 +16,15 @@ from qcompile.data import calibration_batches, load_text
 from qcompile.formats.spec import FormatSpec, parse_format
 from qcompile.hadamard import Rotation
 from qcompile.pass_base import Pass, PassResult
-from qcompile.passes.calibrate import drop_stats
-from qcompile.passes.fuse_norms import check_invariance, default_tol, probe_ids, run_probe
+from qcompile.passes.calibrate import require_text_windows
+from qcompile.passes.fuse_norms import probe_ids, run_probe
 from qcompile.passes.quantize import head_linears
-from qcompile.passes.rotate import ROTATE_KEY
+from qcompile.passes.rotate import ROTATE_KEY, finish_rewrite
 from qcompile.passes.smooth import smooth_norm
 from qcompile.patterns import Norm, find_norms, find_residual_stream
 from qcompile.registry import register_pass
 from qcompile.rotation_training import RotatedQuantInterpreter, skew_rotation
-from qcompile.stream_rotation import fold_r1, plan_r1, require_weightless_stream, retie
+from qcompile.stream_rotation import fold_r1, plan_r1, require_weightless_stream
 
 __all__ = ["LearnRotationPass"]
 
@@ -129,13 +129,7 @@ class LearnRotationPass(Pass):
     summary = "train R1 through fake quantizers (SpinQuant) and fold it into the weights"
 
     def requires(self, gm: fx.GraphModule) -> None:
-        if self.context.tokenizer is None:
-            self.fail_requires(f"learn-rotation needs a tokenizer (PassContext.tokenizer) to "
-                               f"read text={self.options.text}")
-        lo, hi = gm.meta.get("seq_range", (1, self.options.seqlen))
-        if not lo <= self.options.seqlen <= hi:
-            self.fail_requires(f"seqlen={self.options.seqlen} is outside the graph's sequence "
-                               f"range {lo}..{hi}")
+        require_text_windows(self, gm)
         batch = int(gm.meta.get("batch", 1))
         if self.options.samples < batch or self.options.holdout < batch:
             self.fail_requires(f"samples={self.options.samples} and holdout="
@@ -223,12 +217,7 @@ class LearnRotationPass(Pass):
             for norm, row in zip(norms, s, strict=True):
                 smooth_norm(gm, norm, row)
             facts["scales"] = {"norms": len(norms), "min": float(s.min()), "max": float(s.max())}
-        gm.graph.lint()
-        gm.recompile()
-        tol = o.tol if o.tol is not None else default_tol(gm)
-        facts.update(check_invariance(before, run_probe(gm, ids), tol, "learn-rotation"))
-        facts["stats_dropped"] = drop_stats(gm, sorted(set(changed)))
-        retie(gm)
+        facts.update(finish_rewrite(gm, before, ids, o.tol, "learn-rotation", changed))
         gm.meta.setdefault(ROTATE_KEY, {})["r1_learned"] = facts["r1"]
         facts["kept"] = "learned"
         return PassResult(gm, True, facts)

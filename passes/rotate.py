@@ -27,7 +27,7 @@ from qcompile.stream_rotation import (
     weight_attr,
 )
 
-__all__ = ["RotatePass"]
+__all__ = ["RotatePass", "finish_rewrite"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -167,12 +167,7 @@ class RotatePass(Pass):
             facts["ro"] = _apply_online(gm, outs, changed)
         modified = bool(facts)
         if modified:
-            gm.graph.lint()
-            gm.recompile()
-            tol = o.tol if o.tol is not None else default_tol(gm)
-            facts.update(check_invariance(before, run_probe(gm, ids), tol, "rotate"))
-            facts["stats_dropped"] = drop_stats(gm, sorted(set(changed)))
-            retie(gm)
+            facts.update(finish_rewrite(gm, before, ids, o.tol, "rotate", changed))
             gm.meta[ROTATE_KEY] = {k: facts[k] for k in ("r1", "r2", "r3", "r4", "ro")
                                    if k in facts}
         return PassResult(gm, modified, facts)
@@ -223,6 +218,20 @@ class RotatePass(Pass):
             set_attr_value(gm, ot, wo.to(old.dtype))
             changed.append(linear_name(s.o_proj))
         return {"attention": len(sites), "head_dim": sites[0].v_head_dim, "rotation": desc}
+
+
+def finish_rewrite(gm: fx.GraphModule, before: torch.Tensor, ids: torch.Tensor,
+                   tol: float | None, who: str, changed: list[str]) -> dict[str, Any]:
+    """After folding rotations: recompile, self-check the probe logits against ``before``
+    (``PostconditionError`` above ``tol``; none: :func:`default_tol`), drop the statistics of
+    linears whose input changed and record tied attributes. Returns the facts to report."""
+    gm.graph.lint()
+    gm.recompile()
+    tol = tol if tol is not None else default_tol(gm)
+    facts = check_invariance(before, run_probe(gm, ids), tol, who)
+    facts["stats_dropped"] = drop_stats(gm, sorted(set(changed)))
+    retie(gm)
+    return facts
 
 
 def _mlp_downs(gm: fx.GraphModule) -> list[fx.Node]:
