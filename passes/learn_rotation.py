@@ -16,7 +16,7 @@ from qcompile.data import calibration_batches, load_text
 from qcompile.formats.spec import FormatSpec, parse_format
 from qcompile.hadamard import Rotation
 from qcompile.pass_base import Pass, PassResult
-from qcompile.passes.calibrate import require_text_windows
+from qcompile.passes.calibrate import _device_of, require_text_windows
 from qcompile.passes.fuse_norms import probe_ids, run_probe
 from qcompile.passes.quantize import head_linears
 from qcompile.passes.rotate import ROTATE_KEY, finish_rewrite
@@ -155,7 +155,7 @@ class LearnRotationPass(Pass):
         windows = calibration_batches(self.context.tokenizer, load_text(o.text),
                                       o.samples + o.holdout, o.seqlen, o.seed)
         train, held = windows[:o.samples], windows[o.samples:]
-        device = self.context.device or next(iter(gm.buffers()), torch.empty(0)).device
+        device = self.context.device or _device_of(gm)
         frozen = [p for p in gm.parameters() if p.requires_grad]
         for p in frozen:
             p.requires_grad_(False)
@@ -197,8 +197,8 @@ class LearnRotationPass(Pass):
                 p.requires_grad_(True)
         facts: dict[str, Any] = {
             "steps": o.steps, "a": str(a_spec), "w": o.w if w_spec is None else str(w_spec),
-            "loss": o.loss, "quantized_linears": len(quantized), "heldout_loss_before": round(held_before, 5),
-            "heldout_loss_after": round(held_after, 5),
+            "loss": o.loss, "quantized_linears": len(quantized),
+            "heldout_loss_before": round(held_before, 5), "heldout_loss_after": round(held_after, 5),
             "train_loss_first": round(sum(losses[:8]) / len(losses[:8]), 5),
             "train_loss_last": round(sum(losses[-8:]) / len(losses[-8:]), 5),
             "seconds": round(time.perf_counter() - start, 2),
@@ -209,7 +209,7 @@ class LearnRotationPass(Pass):
             return PassResult(gm, False, facts)
         ids = probe_ids(gm, 16, o.seed)
         before = run_probe(gm, ids)
-        desc = f"learned ({o.steps} steps, a={str(a_spec)}, w={facts['w']})"
+        desc = f"learned ({o.steps} steps, a={a_spec}, w={facts['w']})"
         changed: list[str] = []
         facts["r1"] = fold_r1(gm, plan, Rotation(n, "learned", desc, dense=rot.cpu()), changed)
         if scales is not None:
