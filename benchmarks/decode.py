@@ -112,10 +112,16 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
         model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        pad_token_id=0)
 
+    def stage(what: str) -> None:
+        print(f"decode.py: {name}: {what} at {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
     with torch.no_grad():
+        stage("built, compiling prefill and decode graphs")
         generate(args.decode)  # compiles prefill and decode graphs
+        stage("compiling the long-prefill graph")
         model(long, use_cache=False)  # compiles the long-prefill graph
         warm = time.perf_counter() - start
+        stage("warm, timing")
         t_full = _timed(lambda: generate(args.decode), args.device, args.repeats)
         t_one = _timed(lambda: generate(1), args.device, args.repeats)
         t_prefill = _timed(lambda: model(long, use_cache=False), args.device, args.repeats)

@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -36,6 +37,7 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
                            f"CUDA available: {torch.cuda.is_available()})")
     from triton.testing import do_bench
 
+    from qcompile.backends.triton import w4a16_gemv
     from qcompile.backends.triton.runtime import element_table
     from qcompile.backends.triton.w4a16 import w4a16_linear, w4a16_linear_ref
     from qcompile.formats import pack_codes, parse_format, quantize
@@ -52,18 +54,25 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
             q = quantize(w, spec)
             args = (pack_codes(q.codes, 4), element_table(spec.elem, dev), q.scale, q.scale_neg,
                     q.zero, q.outer, spec.group_size)
-            out = w4a16_linear(x, *args)  # also runs the autotuner once
             ref = w4a16_linear_ref(x, *args)
-            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-            ms = do_bench(lambda x=x, a=args: w4a16_linear(x, *a))
             read = (args[0], q.scale, q.scale_neg, q.zero, q.outer)  # what the kernel streams
             nbytes = sum(t.numel() * t.element_size() for t in read if t is not None)
-            rows.append({
-                "format": fmt, "M": 1, "N": n, "K": k, "device": torch.cuda.get_device_name(dev),
-                "w4a16_us": ms * 1e3, "bf16_us": bf16_ms * 1e3, "speedup_vs_bf16": bf16_ms / ms,
-                "weight_bytes": nbytes, "weight_gbps": nbytes / (ms * 1e-3) / 1e9,
-                "max_rel_err_vs_ref": err,
-            })
+            # "gemv1": what w4a16_linear runs at M = 1 (hoisted group scales); "gemv": the
+            # general split-K GEMV it uses for 2..16 rows, timed here at M = 1 for comparison.
+            for kernel, general in (("gemv1", False), ("gemv", True)):
+                with mock.patch.object(w4a16_gemv, "gemv1_eligible",
+                                       (lambda m, g: False) if general
+                                       else w4a16_gemv.gemv1_eligible):
+                    out = w4a16_linear(x, *args)  # also runs the autotuner once
+                    ms = do_bench(lambda x=x, a=args: w4a16_linear(x, *a))
+                err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                rows.append({
+                    "format": fmt, "kernel": kernel, "M": 1, "N": n, "K": k,
+                    "device": torch.cuda.get_device_name(dev),
+                    "w4a16_us": ms * 1e3, "bf16_us": bf16_ms * 1e3,
+                    "speedup_vs_bf16": bf16_ms / ms, "weight_bytes": nbytes,
+                    "weight_gbps": nbytes / (ms * 1e-3) / 1e9, "max_rel_err_vs_ref": err,
+                })
         del w, dense
     return rows
 

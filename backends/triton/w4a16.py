@@ -27,7 +27,12 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.jit import tile_coords
-from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting
+from qcompile.backends.triton.runtime import (
+    KernelInputError,
+    check_tensor,
+    element_table,
+    interpreting,
+)
 from qcompile.formats.packing import unpack_codes
 
 __all__ = ["GEMM_CONFIGS", "GEMV_CONFIGS", "GEMV_MAX_M", "w4a16_linear", "w4a16_linear_ref"]
@@ -286,6 +291,13 @@ def _w4a16_gemm_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_pt
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_n < N)[None, :])
 
 
+def _gemv1():
+    """The batch-1 GEMV module (imported late: it builds on this one's jit helpers)."""
+    from qcompile.backends.triton import w4a16_gemv
+
+    return w4a16_gemv
+
+
 def _bucket(table: dict[int, list[triton.Config]], m: int) -> int:
     return min(b for b in table if b >= m)
 
@@ -423,7 +435,13 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                   HAS_BIAS=bias is not None, KIND=_DTYPE_KIND[x.dtype], EXACT=exact)
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
     args = (x2, packed, table, scale, neg, zer, out_t, bias_t)
-    if m <= GEMV_MAX_M:
+    if m == 1 and _gemv1().gemv1_eligible(m, group_size):
+        fp4 = table is element_table("fp4_e2m1", x.device)  # the cached table: no device sync
+        out = _gemv1().w4a16_gemv1(x2, packed, table, scale, None if scale_neg is None else neg,
+                                   None if zero is None else zer, None if outer is None
+                                   else out_t, group_size, None if bias is None else bias_t,
+                                   fp4)
+    elif m <= GEMV_MAX_M:
         split = _pick_split(n, k, x.device)
         part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32,
                                                   device=x.device)

@@ -1,0 +1,163 @@
+"""Batch-1 W4A16 GEMV with the group scales hoisted out of the inner product.
+
+For one activation row ``x`` and a weight tile that lies inside one scale group, the kernel sums
+the raw code values times ``x`` and multiplies the group's scale once per row:
+``y[n] += eff[n, g] * sum_k v[n, k] * x[k]`` (AFPQ: positive and negative values summed apart,
+each with its own scale; INT asym: ``- zero * sum_k x[k]``). That leaves a table lookup (or, for
+FP4 E2M1, a few integer ops that build the value as an fp16) and a fused multiply-add per weight
+element: the kernel streams the packed codes at close to the memory rate instead of paying a
+scale load, a select and a rounding per element like the general GEMV in
+:mod:`qcompile.backends.triton.w4a16`.
+
+Numerics: the weight is not rounded to ``x``'s dtype before the multiply (the reference
+rounds ``W`` to bf16/fp16 first), so 16-bit results can differ from
+:func:`~qcompile.backends.triton.w4a16.w4a16_linear_ref` by the weight's rounding (an ulp of the
+output); fp32 results differ by summation order only. Split-K partial sums are reduced in a
+fixed order (same inputs, same bits).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.backends.triton.runtime import interpreting
+from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _splitk_reduce_kernel
+
+__all__ = ["GEMV1_CONFIGS", "gemv1_eligible", "w4a16_gemv1"]
+
+#: Autotune configs; a config is used only when its BLOCK_K divides the group size.
+GEMV1_CONFIGS: list[triton.Config] = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in ((32, 256, 4, 3), (64, 128, 4, 3), (64, 256, 8, 3), (128, 128, 8, 3),
+                         (16, 512, 4, 4), (32, 128, 4, 4), (64, 64, 4, 4), (128, 64, 4, 3))
+]
+
+_INTERP = {"BLOCK_N": 32, "BLOCK_K": 64}  # one config under the interpreter (group size % 64)
+
+
+@triton.jit
+def _fp4_units(c):
+    """FP4 E2M1 value of 4-bit ``c`` in units of 2^-14: the code's bits placed in an fp16."""
+    h = ((c & 8) << 12) | ((c & 7) << 9)
+    return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
+                  bias_ptr, part_ptr, N, K, KB, G, outer_stride,
+                  GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr,
+                  HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                  FP4: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial sums of K tiles [pid_s*per, (pid_s+1)*per) into ``part[pid_s]`` (or ``y``)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    kb = tl.arange(0, BLOCK_K // 2)
+    rows = packed_ptr + offs_n.to(tl.int64)[:, None] * KB
+    tiles = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(tiles, SPLIT)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for t in range(pid_s * per, tl.minimum(pid_s * per + per, tiles)):
+        k0 = t * BLOCK_K
+        kbt = k0 // 2 + kb
+        byte = tl.load(rows + kbt[None, :], mask=n_ok[:, None] & (kbt < KB)[None, :],
+                       other=0).to(tl.int32)
+        # x beyond K is 0, so padding nibbles and rows past N add nothing.
+        x_lo = tl.load(x_ptr + 2 * kbt, mask=2 * kbt < K, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_ptr + 2 * kbt + 1, mask=2 * kbt + 1 < K, other=0.0).to(tl.float32)
+        if FP4:
+            v_lo = _fp4_units(byte & 0xF)
+            v_hi = _fp4_units(byte >> 4)
+        else:
+            v_lo = tl.load(table_ptr + (byte & 0xF))
+            v_hi = tl.load(table_ptr + (byte >> 4))
+        s_off = offs_n * G + k0 // GROUP_SIZE  # the tile lies in one group
+        eff = tl.load(scale_ptr + s_off, mask=n_ok, other=0.0)
+        if HAS_NEG:
+            pos = tl.sum(tl.maximum(v_lo, 0.0) * x_lo[None, :]
+                         + tl.maximum(v_hi, 0.0) * x_hi[None, :], axis=1)
+            neg = tl.sum(tl.minimum(v_lo, 0.0) * x_lo[None, :]
+                         + tl.minimum(v_hi, 0.0) * x_hi[None, :], axis=1)
+            acc += pos * eff + neg * tl.load(neg_ptr + s_off, mask=n_ok, other=0.0)
+        else:
+            dot = tl.sum(v_lo * x_lo[None, :] + v_hi * x_hi[None, :], axis=1)
+            if HAS_ZERO:
+                dot -= tl.load(zero_ptr + s_off, mask=n_ok, other=0.0) * tl.sum(x_lo + x_hi)
+            acc += dot * eff
+    if FP4:
+        acc = acc * 16384.0  # 2^14: the fp16 placement's unit
+    if HAS_OUTER:
+        acc = acc * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = _round_to(acc, KIND, EXACT)
+        tl.store(part_ptr + offs_n, acc.to(part_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(part_ptr + pid_s.to(tl.int64) * N + offs_n, acc, mask=n_ok)
+
+
+def _eligible_configs(group_size: int) -> tuple[triton.Config, ...]:
+    return tuple(c for c in GEMV1_CONFIGS if group_size % c.kwargs["BLOCK_K"] == 0)
+
+
+def gemv1_eligible(m: int, group_size: int) -> bool:
+    """Whether :func:`w4a16_gemv1` runs this call: one row and a group size that some
+    config's BLOCK_K divides (every group of 64, 128, ... and per-channel K of such)."""
+    if interpreting():
+        return m == 1 and group_size % _INTERP["BLOCK_K"] == 0
+    return m == 1 and bool(_eligible_configs(group_size))
+
+
+@functools.cache
+def _tuned(group_size: int) -> triton.runtime.Autotuner:
+    return triton.autotune(list(_eligible_configs(group_size)),
+                           key=["N", "K", "GROUP_SIZE", "SPLIT"])(_gemv1_kernel)
+
+
+def _split(n: int, k: int, device: torch.device) -> int:
+    """K splits: about four programs per multiprocessor at BLOCK_N = 64, >= 512 K each."""
+    cap = max(1, min(16, k // 512))
+    if device.type != "cuda":
+        return min(2, cap)  # interpreter: exercise the split path
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(cap, -(-4 * sms // -(-n // 64))))
+
+
+def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
+                scale: torch.Tensor, scale_neg: torch.Tensor | None, zero: torch.Tensor | None,
+                outer: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
+                fp4: bool) -> torch.Tensor:
+    """``y[1, N]`` for a validated, contiguous ``x[1, K]`` (see ``w4a16.w4a16_linear``).
+
+    ``fp4``: ``table`` is the FP4 E2M1 table in code order, decoded with integer ops.
+    The caller checks :func:`gemv1_eligible` and the inputs.
+    """
+    k = x.shape[-1]
+    n, g = packed.shape[0], scale.shape[1]
+    split = _split(n, k, x.device)
+    exact = interpreting()
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    part = out if split == 1 else torch.empty(split, n, dtype=torch.float32, device=x.device)
+    neg = scale if scale_neg is None else scale_neg
+    zer = scale if zero is None else zero
+    out_t = scale if outer is None else outer
+    bias_t = scale if bias is None else bias
+    o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
+    kern = _gemv1_kernel if exact else _tuned(group_size)
+    cfg = _INTERP if exact else {}
+    kern[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
+        x, packed, table, scale, neg, zer, out_t, bias_t, part, n, k, packed.shape[1], g,
+        o_stride, GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
+        HAS_ZERO=zero is not None, HAS_OUTER=outer is not None, HAS_BIAS=bias is not None,
+        SPLIT=split, FP4=fp4, KIND=_DTYPE_KIND[x.dtype], EXACT=exact, **cfg)
+    if split > 1:
+        _splitk_reduce_kernel[(triton.cdiv(n, 1024),)](
+            part, bias_t, out, 1, n, SPLIT=split, HAS_BIAS=bias is not None,
+            KIND=_DTYPE_KIND[x.dtype], EXACT=exact, BLOCK=1024)
+    return out
