@@ -69,11 +69,16 @@ def ppl_rows(windows: int = 40, seqlen: int = 512, dtype: str = "bfloat16") -> l
     for pipe in PPL_PIPELINES:
         text_pipe = get_recipe(pipe.removeprefix("recipe:")).pipeline if pipe.startswith(
             "recipe:") else pipe
-        gm, _ = quantize_graph(capture(model), text_pipe, tokenizer=tok, progress=False)
-        ref = perplexity(compile_reference(gm, fold=False), tok, text, seqlen=seqlen,
+        try:
+            graph = capture(model)
+        except Exception as exc:  # some torch/transformers pairs refuse the dynamic length
+            print(f"dynamic capture failed ({str(exc)[:120]}); static {seqlen}", file=sys.stderr)
+            graph = capture(model, example_seq=seqlen, dynamic_seq=False)
+        gm, _ = quantize_graph(graph, text_pipe, tokenizer=tok, progress=False)
+        ref = perplexity(compile_reference(gm, fold=False), tok, text, seqlen=seqlen, device="cuda",
                          windows=windows, progress=False)
         gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)
-        low = perplexity(compile_reference(gm, fold=False), tok, text, seqlen=seqlen,
+        low = perplexity(compile_reference(gm, fold=False), tok, text, seqlen=seqlen, device="cuda",
                          windows=windows, progress=False)
         facts = report["passes"][0]["facts"]
         rows.append({

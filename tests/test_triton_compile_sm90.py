@@ -100,6 +100,18 @@ CASES: list[tuple[str, str, dict]] = [
                                                 zero=True, bias=False)),
     ("w4a16-gemv-fp32-g32-afpq", "w4a16_gemv", dict(dtype="fp32", m=4, group_size=32, split=5,
                                                     neg=True, outer=True, bias=True)),
+    # M = 7 (BLOCK_M 8) with group 1000 (per channel, K = 1000): the picked-rows path that
+    # Triton 3.6 failed to compile with tl.gather (TritonGPUOptimizeThreadLocality). Triton
+    # 3.6's ptxas stops this 4-warp kernel at 64 registers and spills two words.
+    ("w4a16-gemv-bf16-m7-g1000", "w4a16_gemv", dict(dtype="bf16", m=7, group_size=1000,
+                                                    split=2, bias=True, spills=2)),
+    # Batch-1 GEMV with hoisted group scales: FP4 integer decode, AFPQ, and table + zero.
+    ("w4a16-gemv1-bf16-g128-fp4", "w4a16_gemv1", dict(dtype="bf16", group_size=128, split=5,
+                                                      fp4=True, bias=False)),
+    ("w4a16-gemv1-bf16-g128-afpq", "w4a16_gemv1", dict(dtype="bf16", group_size=128, split=5,
+                                                       fp4=True, neg=True, bias=True)),
+    ("w4a16-gemv1-fp32-g64-int4", "w4a16_gemv1", dict(dtype="fp32", group_size=64, split=1,
+                                                      zero=True, outer=True, bias=True)),
     ("w4a16-splitk-reduce-bf16", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True)),
     ("w4a16-gemm-bf16-g128", "w4a16_gemm", dict(dtype="bf16", m=4000, group_size=128,
                                                 zero=True, bias=True, mma="bf16")),
@@ -111,7 +123,8 @@ CASES: list[tuple[str, str, dict]] = [
 ]
 
 _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant",
-            "w4a16_gemv": "w4a16", "w4a16_reduce": "w4a16", "w4a16_gemm": "w4a16"}
+            "w4a16_gemv": "w4a16", "w4a16_reduce": "w4a16", "w4a16_gemm": "w4a16",
+            "w4a16_gemv1": "w4a16_gemv"}
 #: Module that another engineer may still be editing: failures to import it or a kernel
 #: signature this file does not know skip its cases instead of failing them.
 _IN_PROGRESS = "w4a16"
@@ -238,6 +251,19 @@ def _build_w4a16_gemv(mod, p: dict, all_configs: bool):
     return mod._w4a16_gemv_kernel, args, consts, configs
 
 
+def _build_w4a16_gemv1(mod, p: dict, all_configs: bool):
+    n, k, gs = 4096, 4096, p["group_size"]
+    args = dict(_w4a16_pointers(p), part_ptr="*fp32" if p["split"] > 1 else "*" + p["dtype"],
+                N=n, K=k, KB=(k + 1) // 2, G=-(-k // gs), outer_stride=int(p.get("outer", 0)))
+    flags = _w4a16_flags(mod, p)
+    consts = dict(flags, SPLIT=p["split"], FP4=p.get("fp4", False))
+    configs = list(mod._eligible_configs(gs))
+    if not all_configs:  # the widest tile per thread
+        configs = _heaviest(configs, lambda c: (c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"]
+                                                // c.num_warps,))
+    return mod._gemv1_kernel, args, consts, configs
+
+
 def _build_w4a16_reduce(mod, p: dict, all_configs: bool):
     import triton
 
@@ -263,7 +289,7 @@ def _build_w4a16_gemm(mod, p: dict, all_configs: bool):
 
 _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_quant,
              "w4a16_gemv": _build_w4a16_gemv, "w4a16_reduce": _build_w4a16_reduce,
-             "w4a16_gemm": _build_w4a16_gemm}
+             "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1}
 
 
 def _resources(cubin: bytes, cuobjdump: str, name: str) -> tuple[int, int]:

@@ -131,16 +131,30 @@ def _decode(codes, table_ptr, eff, eff_neg, z, valid, HAS_NEG: tl.constexpr):
 
 
 @triton.jit
+def _pick_rows(t, idx, NG: tl.constexpr, GATHER: tl.constexpr):
+    """``t[idx[i, j], j]`` of a small ``[NG, BLOCK_N]`` tile: ``tl.gather``, or NG selects
+    (Triton 3.6 fails to compile the GEMV's gather + reduction: TritonGPUOptimizeThreadLocality)."""
+    if GATHER:
+        out = tl.gather(t, idx, 0)
+    else:
+        rows = tl.arange(0, NG)[:, None]
+        out = tl.zeros_like(idx).to(tl.float32)
+        for j in tl.static_range(NG):
+            out = tl.where(idx == j, tl.sum(tl.where(rows == j, t, 0.0), axis=0)[None, :], out)
+    return out
+
+
+@triton.jit
 def _decode_at(codes, table_ptr, e, en, z, idx, valid, HAS_NEG: tl.constexpr,
-               HAS_ZERO: tl.constexpr):
-    """:func:`_decode` with group parameters gathered from ``[NG, BLOCK_N]`` rows ``idx``."""
-    e_k = tl.gather(e, idx, 0)
+               HAS_ZERO: tl.constexpr, NG: tl.constexpr, GATHER: tl.constexpr):
+    """:func:`_decode` with group parameters picked from ``[NG, BLOCK_N]`` rows ``idx``."""
+    e_k = _pick_rows(e, idx, NG, GATHER)
     en_k = e_k
     z_k = e_k * 0.0
     if HAS_NEG:
-        en_k = tl.gather(en, idx, 0)
+        en_k = _pick_rows(en, idx, NG, GATHER)
     if HAS_ZERO:
-        z_k = tl.gather(z, idx, 0)
+        z_k = _pick_rows(z, idx, NG, GATHER)
     return _decode(codes, table_ptr, e_k, en_k, z_k, valid, HAS_NEG)
 
 
@@ -148,7 +162,7 @@ def _decode_at(codes, table_ptr, e, en, z, idx, valid, HAS_NEG: tl.constexpr,
 def _weight_tile(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
                  k0, offs_n, N, K, KB, G, outer_stride,
                  GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr,
-                 HAS_OUTER: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_OUTER: tl.constexpr, BLOCK_K: tl.constexpr, GATHER: tl.constexpr):
     """Decoded fp32 weights ``[BLOCK_K/2, BLOCK_N]`` of elements k0+2j (lo) and k0+2j+1 (hi)."""
     kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     k_lo = 2 * kb
@@ -180,10 +194,12 @@ def _weight_tile(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
                               offs_n[None, :] * G + gid[:, None], o_off[None, :], g_ok,
                               HAS_NEG, HAS_ZERO, HAS_OUTER)
         idx = tl.broadcast_to((k_lo // GROUP_SIZE - g0)[:, None], byte.shape)
-        w_lo = _decode_at(byte & 0xF, table_ptr, e, en, z, idx, lo_ok, HAS_NEG, HAS_ZERO)
+        w_lo = _decode_at(byte & 0xF, table_ptr, e, en, z, idx, lo_ok, HAS_NEG, HAS_ZERO, NG,
+                          GATHER)
         if GROUP_SIZE % 2 == 1:  # an odd group size can split a byte's two codes
             idx = tl.broadcast_to((k_hi // GROUP_SIZE - g0)[:, None], byte.shape)
-        w_hi = _decode_at(byte >> 4, table_ptr, e, en, z, idx, hi_ok, HAS_NEG, HAS_ZERO)
+        w_hi = _decode_at(byte >> 4, table_ptr, e, en, z, idx, hi_ok, HAS_NEG, HAS_ZERO, NG,
+                          GATHER)
     return w_lo, w_hi
 
 
@@ -208,7 +224,7 @@ def _w4a16_gemv_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_pt
         k0 = t * BLOCK_K
         w_lo, w_hi = _weight_tile(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr,
                                   outer_ptr, k0, offs_n, N, K, KB, G, outer_stride,
-                                  GROUP_SIZE, HAS_NEG, HAS_ZERO, HAS_OUTER, BLOCK_K)
+                                  GROUP_SIZE, HAS_NEG, HAS_ZERO, HAS_OUTER, BLOCK_K, False)
         w_lo = _round_to(w_lo, KIND, EXACT)
         w_hi = _round_to(w_hi, KIND, EXACT)
         k_lo = k0 + 2 * tl.arange(0, BLOCK_K // 2)
@@ -263,7 +279,7 @@ def _w4a16_gemm_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_pt
     for k0 in range(0, K, BLOCK_K):
         w_lo, w_hi = _weight_tile(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr,
                                   outer_ptr, k0, offs_n, N, K, KB, G, outer_stride,
-                                  GROUP_SIZE, HAS_NEG, HAS_ZERO, HAS_OUTER, BLOCK_K)
+                                  GROUP_SIZE, HAS_NEG, HAS_ZERO, HAS_OUTER, BLOCK_K, True)
         k_lo = k0 + 2 * tl.arange(0, BLOCK_K // 2)
         x_lo = tl.load(x_row + k_lo[None, :], mask=m_ok[:, None] & (k_lo < K)[None, :],
                        other=0.0)
