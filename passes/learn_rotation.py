@@ -61,7 +61,7 @@ class LearnRotationOptions:
         seed: Seed of the window positions.
         lm_head: Also quantize output heads in the loop (they are not quantized by default).
         tol: Largest allowed max |delta logits| / max |logits| on the probe after folding;
-            none: 1e-3 for fp32 graphs, 3e-2 for 16-bit ones.
+            none: 1e-3 for fp32 graphs, 3e-2 for fp16 and 1e-1 for bf16 ones.
     """
 
     a: str = "fp4_e2m1/token/asym"

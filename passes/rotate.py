@@ -59,7 +59,7 @@ class RotateOptions:
         seed: Seed of the R1 signs / random matrices and of the probe input.
         seq: Length of the probe input of the self-check.
         tol: Largest allowed max |delta logits| / max |logits| on the probe; none: 1e-3 for
-            fp32 graphs, 3e-2 for 16-bit ones.
+            fp32 graphs, 3e-2 for fp16 and 1e-1 for bf16 ones.
     """
 
     r1: Literal["hadamard", "random", "none"] = "hadamard"

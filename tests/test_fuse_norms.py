@@ -228,3 +228,22 @@ def test_smollm2_logits_invariant(smollm2, smollm2_graph):
     with torch.no_grad():
         assert _rel(gm(ids), want) < 1e-4
     assert facts["rel_dlogits"] < 1e-4
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.float16, 3e-2),
+                                       (torch.bfloat16, 1e-1)])
+def test_default_tolerance_follows_the_weight_dtype(dtype, tol):
+    from qcompile.passes.fuse_norms import default_tol
+
+    gm = fx.symbolic_trace(nn.Sequential(nn.Linear(4, 4)).to(dtype))
+    assert default_tol(gm) == tol
+
+
+def test_bf16_tiny_llama_folds_within_the_default_tolerance():
+    model = tiny_model("llama", seed=3).to(torch.bfloat16)
+    gm = capture(model)
+    from qcompile.api import quantize_graph
+
+    gm, report = quantize_graph(gm, "fuse-norms", progress=False)
+    facts = report["passes"][0]["facts"]
+    assert 0 < facts["rel_dlogits"] <= 1e-1
