@@ -154,9 +154,22 @@ def capture(
         dynamic = {"input_ids": {1: torch.export.Dim("seq", min=1, max=max_seq)}}
     was_training = model.training
     model.eval()
+    seq_range = (1, max_seq) if dynamic_seq else (example_seq, example_seq)
     try:
         with torch.no_grad():
-            ep = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic, strict=False)
+            try:
+                ep = torch.export.export(wrapper, (example,), dynamic_shapes=dynamic,
+                                         strict=False)
+            except Exception as exc:
+                if not dynamic_seq or "Constraints violated" not in str(exc):
+                    raise
+                # Some torch/transformers pairs emit a guard export cannot prove for every
+                # length (torch 2.11 + transformers 5.17 on CUDA: min(16*seq, 32*seq) ==
+                # 16*seq). Let export narrow the range itself, then report what it kept.
+                ep = torch.export.export(
+                    wrapper, (example,), strict=False,
+                    dynamic_shapes={"input_ids": {1: torch.export.Dim.AUTO}})
+                seq_range = _auto_seq_range(ep, max_seq, name, exc)
         unlifted = ep.module()
     except CaptureError as exc:  # raised by the wrapper: the output has no logits
         raise CaptureError(f"cannot capture {name}: {exc}") from exc
@@ -170,11 +183,38 @@ def capture(
 
     gm = _rebuild(unlifted, model)
     gm.meta["source_model"] = f"{type(model).__module__}.{name}"
-    gm.meta["seq_range"] = (1, max_seq) if dynamic_seq else (example_seq, example_seq)
+    gm.meta["seq_range"] = seq_range
     gm.meta["batch"] = batch
     gm.meta["tied_params"] = _tied_groups(gm)
     gm.meta["sliding_window"] = _sliding_window(model)
     return gm
+
+
+def _auto_seq_range(ep, max_seq: int, name: str, first: Exception) -> tuple[int, int]:
+    """The sequence range an ``Dim.AUTO`` export kept, within ``1..max_seq``.
+
+    Raises:
+        CaptureError: Export made the length static (naming the first export's guard).
+    """
+    user = set(ep.graph_signature.user_inputs)
+    seq = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name in user
+               ).meta["val"].shape[1]
+    if isinstance(seq, int):
+        guard = str(first).strip().splitlines()[0]
+        raise CaptureError(
+            f"cannot capture {name} with a dynamic sequence length: torch.export specialized "
+            f"it to {seq} ({guard}); capture with dynamic_seq=False and example_seq=<length>")
+    bounds = ep.range_constraints.get(seq.node.expr)
+
+    def bound(value, default: int) -> int:
+        try:
+            return int(value)
+        except (TypeError, ValueError, OverflowError, AttributeError):  # sympy/torch infinity
+            return default
+
+    lower = bound(bounds.lower, 1) if bounds is not None else 1
+    upper = bound(bounds.upper, max_seq) if bounds is not None else max_seq
+    return max(1, lower), min(max_seq, upper)
 
 
 def _sliding_window(model: torch.nn.Module) -> int | None:

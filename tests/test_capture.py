@@ -195,3 +195,44 @@ def test_bad_arguments_and_missing_attribute():
     _, gm = _captured("llama")
     with pytest.raises(AttributeError, match="nope"):
         get_attr_value(gm, "model.nope.weight")
+
+
+def _refuse_named_dims(monkeypatch):
+    """Make torch.export refuse a named sequence Dim the way torch 2.11 did on CUDA."""
+    real = torch.export.export
+
+    def export(mod, args, *a, dynamic_shapes=None, **kw):
+        dims = dynamic_shapes["input_ids"] if dynamic_shapes else {}
+        if any(isinstance(d, torch.export.Dim) for d in dims.values()):
+            raise torch._dynamo.exc.UserError(
+                torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION,
+                "Constraints violated (seq)! min(16*s, 32*s) == 16*s")
+        return real(mod, args, *a, dynamic_shapes=dynamic_shapes, **kw)
+
+    monkeypatch.setattr(torch.export, "export", export)
+
+
+def test_unprovable_guard_falls_back_to_an_auto_length(monkeypatch):
+    model = tiny_model("llama")
+    _refuse_named_dims(monkeypatch)
+    gm = capture(model, max_seq=64)
+    assert gm.meta["seq_range"][0] <= 2 and gm.meta["seq_range"][1] == 64
+    for seq in (3, 11):
+        ids = torch.randint(0, model.config.vocab_size, (1, seq))
+        with torch.no_grad():
+            torch.testing.assert_close(gm(ids), model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_length_that_export_specializes_is_an_error(monkeypatch):
+    real = torch.export.export
+
+    def export(mod, args, *a, dynamic_shapes=None, **kw):
+        if any(isinstance(d, torch.export.Dim) for d in dynamic_shapes["input_ids"].values()):
+            raise torch._dynamo.exc.UserError(
+                torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION,
+                "Constraints violated (seq)! min(16*s, 32*s) == 16*s")
+        return real(mod, args, *a, dynamic_shapes=None, **kw)  # AUTO, but made static
+
+    monkeypatch.setattr(torch.export, "export", export)
+    with pytest.raises(CaptureError, match=r"specialized it to 8 .*dynamic_seq=False"):
+        capture(tiny_model("llama"))
