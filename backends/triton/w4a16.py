@@ -5,8 +5,10 @@
 ``v = table[code]`` (``- zero`` for INT asym), ``w = v * (eff_neg if v < 0 else eff)`` for AFPQ,
 else ``v * eff``. Group of element ``k`` is ``k // group_size`` (ragged last group).
 
-Two kernels decode the weight in registers, never materializing ``W``:
+Three kernels decode the weight in registers, never materializing ``W``:
 
+* M == 1 with a group size that a config's BLOCK_K divides: the batch-1 GEMV of
+  :mod:`qcompile.backends.triton.w4a16_gemv` (group scales hoisted out of the inner product).
 * M <= 16 (decode): split-K GEMV. Programs tile (N blocks x K splits) and write fp32 partial
   sums ``[SPLIT, M, N]``; a second kernel sums them in a fixed order (no atomics, so the same
   inputs give the same bits), adds the bias and casts. With one split the GEMV writes ``y``.
