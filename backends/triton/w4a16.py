@@ -15,7 +15,7 @@ Three kernels decode the weight in registers, never materializing ``W``:
 * M > 16 (prefill): tiled GEMM with ``tl.dot`` on the decoded tile cast to ``x``'s dtype,
   fp32 accumulator, grouped program order for L2 reuse.
 
-Both round the decoded weight to ``x``'s dtype before multiplying, like the reference. Under the
+The last two round the decoded weight to ``x``'s dtype before multiplying, like the reference. Under the
 interpreter (which truncates fp32 -> bf16 casts, and whose ``tl.dot`` misreads bf16) the
 kernels round to bf16 with integer bit tricks and multiply in fp32, which is exact.
 """
