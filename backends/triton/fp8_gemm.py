@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.jit import tile_coords
-from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting
+from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting, tuning
 
 __all__ = ["FP8_CONFIGS", "OUT_DTYPES", "fp8_scaled_mm", "fp8_scaled_mm_ref", "m_bucket"]
 
@@ -206,7 +206,7 @@ def _fp8_mm_persistent_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, 
                      pid_m, pid_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
-_PRUNE = {"early_config_prune": prune_configs_by_m}
+_PRUNE = tuning(prune_configs_by_m)
 _fp8_mm_tuned = triton.autotune(FP8_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS"],
                                 prune_configs_by=_PRUNE)(_fp8_mm_kernel)
 _fp8_mm_persistent_tuned = triton.autotune(

@@ -23,6 +23,7 @@ __all__ = [
     "interpreting",
     "kernel_device",
     "triton_available",
+    "tuning",
 ]
 
 
@@ -38,6 +39,22 @@ def triton_available() -> bool:
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def tuning(prune=None) -> dict:
+    """``prune_configs_by`` for ``triton.autotune``: ``prune`` (or keep all), and with
+    ``QCOMPILE_TRITON_TUNE=first`` in the environment only the first config that survives it.
+
+    The variable is for test runs on a GPU: the numerics grid then compiles one config per
+    kernel and shape instead of every candidate (each config's numerics are checked once
+    elsewhere); it is read at each autotuning, so it never changes a normal run.
+    """
+
+    def early_config_prune(configs, named_args, **kwargs):
+        kept = list(prune(configs, named_args, **kwargs)) if prune is not None else list(configs)
+        return kept[:1] if os.environ.get("QCOMPILE_TRITON_TUNE") == "first" else kept
+
+    return {"early_config_prune": early_config_prune}
 
 
 def kernel_device(t: torch.Tensor) -> bool:

@@ -34,6 +34,7 @@ from qcompile.backends.triton.runtime import (
     check_tensor,
     element_table,
     interpreting,
+    tuning,
 )
 from qcompile.formats.packing import unpack_codes
 
@@ -324,10 +325,10 @@ def _bucket(table: dict[int, list[triton.Config]], m: int) -> int:
 def _tuned(kind: str, bucket: int) -> triton.runtime.Autotuner:
     """The autotuned kernel for one M bucket (each bucket has its own config list)."""
     if kind == "gemv":
-        return triton.autotune(GEMV_CONFIGS[bucket], key=["N", "K", "GROUP_SIZE", "SPLIT"])(
-            _w4a16_gemv_kernel)
-    return triton.autotune(GEMM_CONFIGS[bucket], key=["M_BUCKET", "N", "K", "GROUP_SIZE"])(
-        _w4a16_gemm_kernel)
+        return triton.autotune(GEMV_CONFIGS[bucket], key=["N", "K", "GROUP_SIZE", "SPLIT"],
+                               prune_configs_by=tuning())(_w4a16_gemv_kernel)
+    return triton.autotune(GEMM_CONFIGS[bucket], key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+                           prune_configs_by=tuning())(_w4a16_gemm_kernel)
 
 
 def _pick_split(n: int, k: int, device: torch.device) -> int:

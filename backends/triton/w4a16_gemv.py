@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton.runtime import interpreting
+from qcompile.backends.triton.runtime import interpreting, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _splitk_reduce_kernel
 
 __all__ = ["GEMV1_CONFIGS", "gemv1_eligible", "w4a16_gemv1"]
@@ -117,7 +117,8 @@ def gemv1_eligible(m: int, group_size: int) -> bool:
 @functools.cache
 def _tuned(group_size: int) -> triton.runtime.Autotuner:
     return triton.autotune(list(_eligible_configs(group_size)),
-                           key=["N", "K", "GROUP_SIZE", "SPLIT"])(_gemv1_kernel)
+                           key=["N", "K", "GROUP_SIZE", "SPLIT"],
+                           prune_configs_by=tuning())(_gemv1_kernel)
 
 
 def _split(n: int, k: int, device: torch.device) -> int:

@@ -29,7 +29,7 @@ from qcompile.backends.triton.fp8_gemm import (
     prune_configs_by_m,
 )
 from qcompile.backends.triton.jit import tile_coords
-from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting
+from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting, tuning
 from qcompile.backends.triton.scales import (
     GEXP_RANGE,
     W4A8ScaleError,
@@ -193,7 +193,7 @@ W4A8_CONFIGS = [
 ]
 
 _w4a8_tuned = triton.autotune(W4A8_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_BIAS"],
-                              prune_configs_by={"early_config_prune": prune_configs_by_m})(
+                              prune_configs_by=tuning(prune_configs_by_m))(
     _w4a8_kernel)
 
 
