@@ -38,9 +38,11 @@ def kernel_rows() -> list[dict]:
     sys.path.insert(0, str(Path(__file__).parent))
     rows: list[dict] = []
     for name in FAMILIES:
-        mod = importlib.import_module(name)
         start = time.perf_counter()
-        got = mod.run()
+        try:
+            got = importlib.import_module(name).run()
+        except Exception as exc:  # one family's failure must not lose the others' rows
+            got = [{"error": f"{type(exc).__name__}: {str(exc)[:300]}"}]
         for r in got:
             r.setdefault("family", name.removeprefix("kernels_"))
         rows += got
@@ -52,13 +54,8 @@ def ppl_rows(windows: int = 40, seqlen: int = 512, dtype: str = "bfloat16") -> l
     """SmolLM2 perplexity per pipeline: reference ops vs ``lower-triton`` kernels (CUDA)."""
     import torch
 
-    from qcompile.api import quantize_graph
-    from qcompile.backends.reference import compile_reference
-    from qcompile.capture import capture
     from qcompile.data import load_text
-    from qcompile.evaluate import perplexity
     from qcompile.models import load_model
-    from qcompile.recipes import get_recipe
 
     if not torch.cuda.is_available():
         raise SystemExit("the perplexity check of the lowering needs CUDA")
@@ -67,30 +64,47 @@ def ppl_rows(windows: int = 40, seqlen: int = 512, dtype: str = "bfloat16") -> l
     text = load_text("wikitext2-test")
     rows = []
     for pipe in PPL_PIPELINES:
-        text_pipe = get_recipe(pipe.removeprefix("recipe:")).pipeline if pipe.startswith(
-            "recipe:") else pipe
         try:
-            graph = capture(model)
-        except Exception as exc:  # some torch/transformers pairs refuse the dynamic length
-            print(f"dynamic capture failed ({str(exc)[:120]}); static {seqlen}", file=sys.stderr)
-            graph = capture(model, example_seq=seqlen, dynamic_seq=False)
-        gm, _ = quantize_graph(graph, text_pipe, tokenizer=tok, progress=False)
-        ref = perplexity(compile_reference(gm, fold=False), tok, text, seqlen=seqlen, device="cuda",
-                         windows=windows, progress=False)
-        gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)
-        low = perplexity(compile_reference(gm, fold=False), tok, text, seqlen=seqlen, device="cuda",
-                         windows=windows, progress=False)
-        facts = report["passes"][0]["facts"]
-        rows.append({
-            "family": "smollm2-ppl", "pipeline": pipe, "dtype": dtype,
-            "ppl_reference": ref["ppl"], "ppl_lowered": low["ppl"],
-            "rel_diff": low["ppl"] / ref["ppl"] - 1,
-            "lowered": {k: facts[k] for k in ("w4a16", "fp8", "w4a8", "act")},
-            "not_lowered": len(facts["not_lowered"]),
-            "seconds_reference": ref["seconds"], "seconds_lowered": low["seconds"],
-        })
-        print(f"{pipe}: ref {ref['ppl']:.4f} lowered {low['ppl']:.4f}", file=sys.stderr)
+            rows.append(_ppl_row(model, tok, text, pipe, windows, seqlen, dtype))
+        except Exception as exc:  # one pipeline's failure must not lose the others' rows
+            rows.append({"family": "smollm2-ppl", "pipeline": pipe, "dtype": dtype,
+                         "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+        print(f"{pipe}: " + (f"ref {rows[-1]['ppl_reference']:.4f} lowered "
+                             f"{rows[-1]['ppl_lowered']:.4f}" if "error" not in rows[-1]
+                             else rows[-1]["error"]), file=sys.stderr)
     return rows
+
+
+def _ppl_row(model, tok, text: str, pipe: str, windows: int, seqlen: int, dtype: str) -> dict:
+    """One pipeline: quantize, perplexity through the reference ops, lower, perplexity again."""
+    from qcompile.api import quantize_graph
+    from qcompile.backends.reference import compile_reference
+    from qcompile.capture import capture
+    from qcompile.evaluate import perplexity
+    from qcompile.recipes import get_recipe
+
+    text_pipe = get_recipe(pipe.removeprefix("recipe:")).pipeline if pipe.startswith(
+        "recipe:") else pipe
+    try:
+        graph = capture(model)
+    except Exception as exc:  # a torch/transformers pair that keeps no dynamic length
+        print(f"dynamic capture failed ({str(exc)[:120]}); static {seqlen}", file=sys.stderr)
+        graph = capture(model, example_seq=seqlen, dynamic_seq=False)
+    gm, _ = quantize_graph(graph, text_pipe, tokenizer=tok, progress=False)
+    ref = perplexity(compile_reference(gm, fold=False), tok, text, seqlen=seqlen, device="cuda",
+                     windows=windows, progress=False)
+    gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)
+    low = perplexity(compile_reference(gm, fold=False), tok, text, seqlen=seqlen, device="cuda",
+                     windows=windows, progress=False)
+    facts = report["passes"][0]["facts"]
+    return {
+        "family": "smollm2-ppl", "pipeline": pipe, "dtype": dtype,
+        "ppl_reference": ref["ppl"], "ppl_lowered": low["ppl"],
+        "rel_diff": low["ppl"] / ref["ppl"] - 1,
+        "lowered": {k: facts[k] for k in ("w4a16", "fp8", "w4a8", "act")},
+        "not_lowered": len(facts["not_lowered"]),
+        "seconds_reference": ref["seconds"], "seconds_lowered": low["seconds"],
+    }
 
 
 def _markdown(rows: list[dict]) -> str:
