@@ -13,14 +13,19 @@ from torch import fx
 
 from qcompile.data import calibration_batches, load_text
 from qcompile.errors import PreconditionError
-from qcompile.formats import dequantize, parse_format, quantize, search_clip
+from qcompile.formats import dequantize, fake_quantize, parse_format, quantize, search_clip
 from qcompile.formats.quantize import QTensor
 from qcompile.formats.scales import Scales
 from qcompile.gptq import gptq_quantize, output_error, prepare
 from qcompile.graph import get_attr_value
 from qcompile.pass_base import Pass, PassResult
 from qcompile.passes.calibrate import _TEST_TEXTS, _device_of, require_text_windows
-from qcompile.passes.quantize import _canonical_format, _linear_name, select_linears
+from qcompile.passes.quantize import (
+    _ACT_GRANULARITIES,
+    _canonical_format,
+    _linear_name,
+    select_linears,
+)
 from qcompile.planned import set_plan
 from qcompile.refine import refine_scales
 from qcompile.registry import register_pass
@@ -64,6 +69,11 @@ class GPTQOptions:
         rounds: GPTQ + refit rounds; each later round reruns GPTQ from the original weight
             with the previous round's refit scales (a few % lower error per round, one more
             GPTQ solve per linear; the calibration forward is not repeated).
+        act: The activation format the linears' inputs get at inference (``quantize``'s
+            ``a=``), or ``none``. The Hessian (and ``target=fp``'s cross term) is formed from
+            the dynamically fake-quantized inputs, so GPTQ fits the weight to the inputs it
+            will really see and, with ``target=fp``, also compensates the activations'
+            quantization error. The run itself (``sequential``) keeps unquantized activations.
     """
 
     w: str = "int4/g128/asym"
@@ -82,10 +92,14 @@ class GPTQOptions:
     refine: bool = True
     rounds: int = 1
     target: Literal["quantized", "fp"] = "quantized"
+    act: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "w", _canonical_format(self.w, "weight",
                                                         ("tensor", "channel", "group")))
+        if self.act != "none":
+            object.__setattr__(self, "act", _canonical_format(self.act, "activation",
+                                                              _ACT_GRANULARITIES))
         if min(self.block, self.samples, self.seqlen, self.rounds) < 1:
             raise ValueError(f"block, samples, seqlen and rounds must be >= 1, got "
                              f"{self.block}, {self.samples}, {self.seqlen}, {self.rounds}")
@@ -133,6 +147,7 @@ class GPTQPass(Pass):
 
         opts = self.options
         spec = parse_format(opts.w)
+        act = None if opts.act == "none" else parse_format(opts.act)
         selected, skipped = select_linears(gm, opts.include, opts.exclude, opts.lm_head)
         readers: dict[str, list[fx.Node]] = {}
         for node in selected:
@@ -166,6 +181,8 @@ class GPTQPass(Pass):
                  xs_fp: list[torch.Tensor] | None = None) -> torch.Tensor | None:
             x = node.args[0]
             if x not in hessians:
+                if act is not None:  # what the linear reads once quantize inserts a=
+                    xs = [fake_quantize(t, act).to(t.dtype) for t in xs]
                 h = _hessian(xs)
                 cross = _hessian(xs_fp, xs) if xs_fp is not None else None
                 hessians[x] = [h, prepare(h, opts.damp, opts.act_order), 0, cross]
@@ -216,6 +233,7 @@ class GPTQPass(Pass):
         worst = sorted(per_linear.items(), key=lambda kv: -(kv[1]["error_vs_rtn"] or 0))[:3]
         facts = {
             "weight_format": str(spec),
+            "activation_format": opts.act,
             "linears_planned": len(planned),
             "skipped": skipped,
             "windows": len(ids),
