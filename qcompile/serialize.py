@@ -220,6 +220,28 @@ def is_artifact(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def _restore_values(gm: torch.fx.GraphModule) -> None:
+    """Give every node the fake ``meta["val"]`` a capture has (shapes, dtypes), by fake-tensor
+    propagation with a symbolic sequence length: the graph JSON does not store them, and the
+    passes that find attention, heads or single-row linears read them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    lo, hi = gm.meta.get("seq_range", (1, 4096))
+    seq = lo if lo == hi else min(max(lo, 8), hi)
+    seq_dim = DimDynamic.STATIC if lo == hi else DimDynamic.DYNAMIC
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    example = mode.from_tensor(
+        torch.zeros(int(gm.meta.get("batch", 1)), seq, dtype=torch.long),
+        symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, seq_dim]))
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(example)
+
+
 def load_quantized(path: str | Path, *, with_tokenizer: bool = True
                    ) -> tuple[torch.fx.GraphModule, Any, dict[str, Any]]:
     """Load an artifact written by ``save_quantized``.
@@ -260,6 +282,7 @@ def load_quantized(path: str | Path, *, with_tokenizer: bool = True
         if key in meta:  # JSON lists back to the tuples capture records
             value = meta[key]
             gm.meta[key] = tuple(value) if key == "seq_range" else value
+    _restore_values(gm)
     tokenizer = None
     if with_tokenizer and (path / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
