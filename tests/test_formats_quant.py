@@ -21,6 +21,7 @@ from qcompile.formats import (
     quantize,
     search_clip,
 )
+from qcompile.formats.scales import group_reduce
 
 FAMILIES = [
     "int4/g128",
@@ -321,3 +322,45 @@ def test_fuzz_any_finite_input_round_trips(values: list[float], text: str) -> No
     assert int(q.codes.max()) < 2**spec.bits
     # Sign is never flipped.
     assert not ((out > 0) & (x < 0)).any() and not ((out < 0) & (x > 0)).any()
+
+
+# --------------------------------------------------------------- mse block scales
+
+
+@pytest.mark.parametrize("text", ["nvfp4", "mxfp4", "mxfp8_e4m3", "fp6_e2m3/g32/e4m3"])
+def test_mse_block_scales_are_grid_neighbours_and_never_worse(text: str) -> None:
+    """``/mse``: each group's scale is one of the two grid values around its exact scale (the
+    rounded one among them), both representable, nothing on the grid between them, and no
+    group's squared error exceeds the default's; over Gaussian rows the total drops."""
+    from qcompile.formats.scales import block_scale_neighbours, compute_scales, group_stats
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(48, 200, generator=gen) * torch.rand(48, 1, generator=gen) * 4
+    base, mse = parse_format(text), parse_format(text + "/mse")
+    assert str(mse) == f"{base}/mse" and parse_format(str(mse)) == mse
+    stats = group_stats(x, base)
+    sc = compute_scales(base, stats, None)
+    lo, hi = block_scale_neighbours(base, stats, None, sc.outer)
+    exact = stats.amax / (base.element.max * (1.0 if sc.outer is None else sc.outer))
+    assert bool((lo <= exact).all()) and bool((exact <= hi).all())
+    assert bool(((sc.scale == lo) | (sc.scale == hi)).all())
+    if base.scale == "e4m3":
+        grid = torch.arange(1, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+        assert bool(torch.isin(lo, grid).all()) and bool(torch.isin(hi, grid).all())
+        between = ((grid[None, :] > lo.reshape(-1, 1)) & (grid[None, :] < hi.reshape(-1, 1)))
+        assert not bool(between.any())
+    else:  # e8m0: powers of two, a factor of two apart (or equal)
+        assert bool((torch.frexp(lo)[0] == 0.5).all()) and bool(((hi == lo) | (hi == 2 * lo)).all())
+    q = quantize(x, mse)
+    assert bool(((q.scale == lo) | (q.scale == hi)).all())
+    assert torch.equal(dequantize(q), fake_quantize(x, mse))
+    err = {s: group_reduce((fake_quantize(x, s) - x).square(), base, torch.sum) for s in (base, mse)}
+    assert bool((err[mse] <= err[base]).all())
+    assert err[mse].sum() < 0.95 * err[base].sum()
+
+
+def test_mse_needs_block_scales() -> None:
+    with pytest.raises(FormatError, match="mse .*e8m0 or e4m3"):
+        parse_format("int4/g128/mse")
+    with pytest.raises(FormatError, match="mse given twice"):
+        parse_format("nvfp4/mse/mse")

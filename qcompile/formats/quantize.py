@@ -22,7 +22,14 @@ import torch
 
 from qcompile.errors import FormatError, WeightError
 from qcompile.formats.elements import _decode_f32, _encode_f32, _round_f32
-from qcompile.formats.scales import Scales, compute_scales, expand_groups, group_stats
+from qcompile.formats.scales import (
+    Scales,
+    block_scale_neighbours,
+    compute_scales,
+    expand_groups,
+    group_reduce,
+    group_stats,
+)
 from qcompile.formats.spec import FormatSpec
 
 __all__ = ["QTensor", "dequantize", "fake_quantize", "quantize"]
@@ -128,6 +135,20 @@ def _clip_ratio(
     return ratio
 
 
+def _scales(xf: torch.Tensor, spec: FormatSpec, clip: torch.Tensor | None) -> Scales:
+    """:func:`compute_scales` of ``xf``; with ``spec.mse`` each group's block scale is the
+    grid neighbour of its exact scale with the smaller squared round-trip error."""
+    st = group_stats(xf, spec)
+    ratio = _clip_ratio(spec, clip, st.hi.shape)
+    sc = compute_scales(spec, st, ratio)
+    if not spec.mse:
+        return sc
+    lo, hi = block_scale_neighbours(spec, st, ratio, sc.outer)
+    errs = [group_reduce((_fake_quantize_f32(xf, spec, Scales(s, outer=sc.outer)) - xf).square(),
+                         spec, torch.sum) for s in (lo, hi)]
+    return Scales(torch.where(errs[0] <= errs[1], lo, hi), outer=sc.outer)
+
+
 def _quantize_f32(xf: torch.Tensor, spec: FormatSpec, sc: Scales) -> torch.Tensor:
     """int64 codes of fp32 ``xf`` under scales ``sc``."""
     k = xf.shape[-1]
@@ -190,8 +211,7 @@ def quantize(x: torch.Tensor, spec: FormatSpec, clip: torch.Tensor | None = None
             is malformed.
     """
     xf = _as_f32(x)
-    st = group_stats(xf, spec)
-    sc = compute_scales(spec, st, _clip_ratio(spec, clip, st.hi.shape))
+    sc = _scales(xf, spec, clip)
     codes = _quantize_f32(xf, spec, sc).to(torch.uint8)
     return QTensor(spec, codes, sc.scale, sc.scale_neg, sc.zero, sc.outer, xf.shape[-1])
 
@@ -241,6 +261,4 @@ def fake_quantize(
         FormatError: As :func:`quantize`.
     """
     xf = _as_f32(x)
-    st = group_stats(xf, spec)
-    sc = compute_scales(spec, st, _clip_ratio(spec, clip, st.hi.shape))
-    return _fake_quantize_f32(xf, spec, sc).to(x.dtype)
+    return _fake_quantize_f32(xf, spec, _scales(xf, spec, clip)).to(x.dtype)

@@ -43,7 +43,8 @@ from qcompile.errors import FormatError
 from qcompile.formats.elements import _round_f32
 from qcompile.formats.spec import FormatSpec
 
-__all__ = ["GroupStats", "Scales", "compute_scales", "expand_groups", "group_reduce", "group_stats"]
+__all__ = ["GroupStats", "Scales", "block_scale_neighbours", "compute_scales", "expand_groups",
+           "group_reduce", "group_stats"]
 
 _Reduce = Callable[..., torch.Tensor]
 # Exponent range of po2 / m2 scales: normal fp32 powers of two, storable as int8.
@@ -234,6 +235,36 @@ def compute_scales(spec: FormatSpec, st: GroupStats, ratio: torch.Tensor | float
     pos = _constrain(spec, hi / limit, hi, limit, outer)
     neg = _constrain(spec, lo / limit_neg, lo, limit_neg, outer)
     return Scales(pos, scale_neg=neg, outer=outer)
+
+
+def block_scale_neighbours(spec: FormatSpec, st: GroupStats, ratio: torch.Tensor | float | None,
+                           outer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two block scales on the e8m0/e4m3 grid around each group's exact scale
+    ``amax / (max * outer)`` (below-or-equal, above-or-equal; the grid's ends clamp), for the
+    ``mse`` choice. Groups that are all zero get 1 like :func:`compute_scales`."""
+    info = spec.element
+    amax = st.amax if ratio is None else st.amax * ratio
+    exact = amax / (info.max * (1.0 if outer is None else outer))
+    if spec.scale == "e8m0":
+        _, e = torch.frexp(exact)
+        lo = _pow2((e - 1).clamp(-127, 126))
+        hi = torch.where(lo == exact, lo, lo * 2.0)
+    elif spec.scale == "e4m3":
+        grid = _e4m3_grid(exact.device)
+        idx = torch.searchsorted(grid, exact.contiguous()).clamp(1, grid.numel() - 1)
+        hi, lo = grid[idx], grid[idx - 1]
+        lo = torch.where(hi == exact, hi, lo)
+    else:
+        raise FormatError(f"{spec} has no block-scale grid (mse needs e8m0 or e4m3 scales)")
+    zero = exact <= 0
+    return (torch.where(zero, torch.ones_like(lo), lo),
+            torch.where(zero, torch.ones_like(hi), hi))
+
+
+def _e4m3_grid(device: torch.device) -> torch.Tensor:
+    """Every positive finite FP8 E4M3 value, ascending, fp32."""
+    codes = torch.arange(1, 0x7F, dtype=torch.uint8)  # 0x7F is NaN
+    return codes.view(torch.float8_e4m3fn).to(torch.float32).to(device)
 
 
 def _m2_row_scale(spec: FormatSpec, unclipped: list[torch.Tensor],

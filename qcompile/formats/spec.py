@@ -12,10 +12,12 @@ Grammar (case-insensitive, surrounding whitespace ignored)::
   consecutive elements along the last dim; N need not divide the row).
 * modifiers, in any order: ``sym`` (default) or ``asym``; at most one scale modifier,
   ``po2`` | ``m2`` | ``bf16`` | ``fp16`` | ``e8m0`` | ``e4m3`` (default: fp32 scales);
-  ``clip<ratio>`` with ratio in (0, 1] (default 1).
+  ``clip<ratio>`` with ratio in (0, 1] (default 1); ``mse`` (e8m0/e4m3 block scales only:
+  each group's scale is whichever of the two scale-grid neighbours of its exact scale gives
+  the smaller squared error on the group, instead of the rounded one).
 
-``str(spec)`` is canonical: ``elem/granularity`` then ``asym``, the scale modifier and
-``clip`` in that order, omitting defaults; specs matching an alias print as the alias.
+``str(spec)`` is canonical: ``elem/granularity`` then ``asym``, the scale modifier, ``clip``
+and ``mse`` in that order, omitting defaults; specs matching an alias print as the alias.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ _ALIASES = {
 }
 _ACCEPTED_ELEMS = ", ".join((*_QUANT_ELEMENTS, *_ALIASES))
 _ACCEPTED_PARTS = (
-    "tensor, channel, token, g<N>, sym, asym, po2, m2, bf16, fp16, e8m0, e4m3, clip<r>"
+    "tensor, channel, token, g<N>, sym, asym, po2, m2, bf16, fp16, e8m0, e4m3, clip<r>, mse"
 )
 _CLIP_RE = re.compile(r"clip((?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)")
 _GROUP_RE = re.compile(r"g(\d+)")
@@ -68,6 +70,8 @@ class FormatSpec:
             (ZeroQuant-FP M1), ``"m2"`` (M2: fp32 row scale x power-of-two group factor),
             ``"e8m0"`` (MX block scales), ``"e4m3"`` (NVFP4 block scales + fp32 tensor scale).
         clip: Range ratio in (0, 1] applied to each group's range before computing scales.
+        mse: e8m0/e4m3 block scales: each group takes the scale-grid neighbour (below or above
+            its exact scale) with the smaller squared error on the group's values.
 
     Raises:
         FormatError: On construction, for any invalid field or combination.
@@ -79,6 +83,7 @@ class FormatSpec:
     asym: bool = False
     scale: str = "fp32"
     clip: float = 1.0
+    mse: bool = False
 
     def __post_init__(self) -> None:
         if self.elem not in _QUANT_ELEMENTS:
@@ -107,6 +112,9 @@ class FormatSpec:
             raise FormatError(
                 "scale 'm2' needs a group granularity g<N> (row scale x group factor)"
             )
+        if self.mse and self.scale not in ("e8m0", "e4m3"):
+            raise FormatError("mse picks between block-scale neighbours: it needs e8m0 or e4m3 "
+                              f"scales (mxfp4, nvfp4, ...), not {self.scale!r}")
         if self.scale in ("e8m0", "e4m3"):
             if not self.element.is_float:
                 raise FormatError(
@@ -193,6 +201,8 @@ class FormatSpec:
                 parts.append(self.scale)
         if self.clip != 1.0:
             parts.append(f"clip{self.clip!r}")
+        if self.mse:
+            parts.append("mse")
         return "/".join(parts)
 
     def _alias(self) -> str | None:
@@ -238,6 +248,7 @@ def parse_format(text: str) -> FormatSpec:
     sym_mod: str | None = None
     scale: str | None = None
     clip: float | None = None
+    mse = False
     for part in rest:
         if not part:
             raise _bad(text, "empty part between '/'; accepted parts: " + _ACCEPTED_PARTS)
@@ -263,6 +274,10 @@ def parse_format(text: str) -> FormatSpec:
                     f"{what} scale modifiers {scale!r} and {part!r}; give at most one of po2, m2, bf16, fp16, e8m0, e4m3",
                 )
             scale = part
+        elif part == "mse":
+            if mse:
+                raise _bad(text, "mse given twice")
+            mse = True
         elif part.startswith("clip"):
             if clip is not None:
                 raise _bad(text, f"clip given twice ({part!r}); give one clip<ratio>")
@@ -289,6 +304,7 @@ def parse_format(text: str) -> FormatSpec:
             asym=sym_mod == "asym",
             scale=scale or "fp32",
             clip=1.0 if clip is None else clip,
+            mse=mse,
         )
     except FormatError as err:
         raise _bad(text, str(err)) from None
