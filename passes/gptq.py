@@ -182,7 +182,7 @@ class GPTQPass(Pass):
             x = node.args[0]
             if x not in hessians:
                 if act is not None:  # what the linear reads once quantize inserts a=
-                    xs = [fake_quantize(t, act).to(t.dtype) for t in xs]
+                    xs = [fake_quantize(t, act) for t in xs]  # keeps each input's dtype
                 h = _hessian(xs)
                 cross = _hessian(xs_fp, xs) if xs_fp is not None else None
                 hessians[x] = [h, prepare(h, opts.damp, opts.act_order), 0, cross]

@@ -454,12 +454,12 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                   HAS_BIAS=bias is not None, KIND=_DTYPE_KIND[x.dtype], EXACT=exact)
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
     args = (x2, packed, table, scale, neg, zer, out_t, bias_t)
-    if m == 1 and _gemv1().gemv1_eligible(m, group_size):
+    gemv1 = _gemv1()
+    if m == 1 and gemv1.gemv1_eligible(m, group_size):
         fp4 = table is element_table("fp4_e2m1", x.device)  # the cached table: no device sync
-        out = _gemv1().w4a16_gemv1(x2, packed, table, scale, None if scale_neg is None else neg,
-                                   None if zero is None else zer, None if outer is None
-                                   else out_t, group_size, None if bias is None else bias_t,
-                                   fp4)
+        out = gemv1.w4a16_gemv1(x2, packed, table, scale, None if scale_neg is None else neg,
+                                None if zero is None else zer, None if outer is None
+                                else out_t, group_size, None if bias is None else bias_t, fp4)
     elif m <= GEMV_MAX_M:
         split = _pick_split(n, k, x.device)
         part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32,
