@@ -192,6 +192,48 @@ def test_hadamard_other_sizes(d, had):
     assert bool(((rot.double() - exact).abs() <= 1e-6 * exact.abs().amax(-1, keepdim=True)).all())
 
 
+@pytest.mark.parametrize(("rows", "d", "had", "dtype"), [
+    (5, 8192, 8192, torch.bfloat16), (2, 16384, 16384, torch.bfloat16),
+    (4, 4096, 256, torch.float16), (9, 1024, 1024, torch.float32), (6, 8192, 8192, torch.float32),
+])
+def test_hadamard_two_products(rows, d, had, dtype):
+    """Power-of-two sizes run as (I (x) H_R) @ X @ H_C (had_quant): the benchmark shape's
+    8192 = 64 x 128, 16384 = 128 x 128, two blocks of 256 per row (R = 2), fp32 rows (and
+    fp32 8192, which the general kernel takes); more rows than programs, so the row loop
+    repeats. Rotation to fp32 accuracy, quantization of it exact, codes as the reference's."""
+    from qcompile.backends.triton.had_quant import had2_plan
+
+    plan = had2_plan(had, d, dtype == torch.float32)
+    assert (plan is None) == (dtype == torch.float32 and d > 4096)
+    if plan is not None:
+        assert (plan.r, plan.c) == ((had // 128, 128) if had >= 128 else (1, had))
+    x = _x(rows, d, dtype, seed=had + rows)
+    rot = act_quant(x, "fp8_e4m3/token", had, out="rotated")
+    exact = hadamard(x.double(), had)
+    rowmax = exact.abs().amax(-1, keepdim=True)
+    if dtype == torch.float32:
+        assert bool(((rot.double() - exact).abs() <= 1e-6 * rowmax).all())
+    else:
+        assert float((rot != hadamard(x, had)).float().mean()) <= 0.002
+        assert bool(((rot.double() - exact).abs() <= exact.abs() * 2.0**-7 + 1e-6 * rowmax).all())
+    q, s = act_quant(x, "fp8_e4m3/token", had, out="codes")
+    rq, rs = act_quant_ref(rot, "fp8_e4m3/token", out="codes")
+    assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs)
+    for fmt in ("int4/token/asym", "fp4_e2m1/token/asym"):
+        assert torch.equal(act_quant(x, fmt, had), act_quant_ref(rot, fmt))
+
+
+def test_tiny_rows_divide_exactly():
+    """Rows whose scale is below 2^-64 are scaled by 2^64 before the reciprocal multiply
+    (1 / scale would overflow): still bit-exact with the reference's division."""
+    x = _x(3, 576, torch.float32, seed=9) * torch.tensor([[1e-30], [1e-36], [2e-38]], device=DEVICE)
+    for fmt in FORMATS:
+        assert torch.equal(act_quant(x, fmt), act_quant_ref(x, fmt)), fmt
+    q, s = act_quant(x, "fp8_e4m3/token", out="codes")
+    rq, rs = act_quant_ref(x, "fp8_e4m3/token", out="codes")
+    assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs)
+
+
 def test_hadamard_codes():
     x = _x(7, 1536, torch.bfloat16, seed=3)
     q, s = act_quant(x, "fp8_e4m3/token", 1536, out="codes")

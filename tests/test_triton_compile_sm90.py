@@ -78,17 +78,29 @@ CASES: list[tuple[str, str, dict]] = [
     ("w4a8-gexp-select-g192", "w4a8", dict(m=4000, block_m=128, group_size=192, mma="e4m3")),
     ("w4a8-gexp-tile-g32-decode", "w4a8", dict(m=1, block_m=16, group_size=32, mma="")),
     # Fused per-token quantize (bf16 rows): every warp count the kernel's own _prune keeps.
-    ("act-quant-had0-fp8-codes", "act_quant", dict(had_size=0, d=4096, fmt="fp8_e4m3/token",
-                                                   out="codes")),
-    ("act-quant-had4096-fp8-qdq", "act_quant", dict(had_size=4096, d=4096,
-                                                    fmt="fp8_e4m3/token", out="qdq",
-                                                    known_spills=_ACT_HAD_SPILLS)),
+    # The general kernel now runs the Kronecker (Paley) sizes, rows over 16384 and RMSNorm.
+    ("act-quant-had32768-fp8-qdq", "act_quant", dict(had_size=32768, d=32768,
+                                                     fmt="fp8_e4m3/token", out="qdq",
+                                                     known_spills=_ACT_HAD_SPILLS)),
     ("act-quant-had1536-kron-fp8-codes", "act_quant", dict(had_size=1536, d=1536,
                                                            fmt="fp8_e4m3/token", out="codes",
                                                            known_spills=_ACT_HAD_SPILLS)),
-    ("act-quant-had128-fp4-asym-qdq", "act_quant", dict(had_size=128, d=4096,
-                                                        fmt="fp4_e2m1/token/asym", out="qdq",
-                                                        known_spills=_ACT_HAD_SPILLS)),
+    # Power-of-two Hadamards (and none) as two products over a row loop (had_quant), every
+    # autotune config: 8192 = 64 x 128 (three bf16 parts on the left), 128-blocks (right
+    # product only), no Hadamard, fp16 and fp32 rows.
+    ("had2-8192-fp8-codes", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
+                                         out="codes", mma="bf16")),
+    ("had2-16384-int8-qdq", "had2", dict(had_size=16384, d=16384, fmt="int8/token", out="qdq",
+                                         mma="bf16")),
+    ("had2-128-fp4-asym-qdq", "had2", dict(had_size=128, d=4096, fmt="fp4_e2m1/token/asym",
+                                           out="qdq", mma="bf16")),
+    ("had2-0-fp8-codes", "had2", dict(had_size=0, d=4096, fmt="fp8_e4m3/token", out="codes")),
+    ("had2-4096-int4-asym-fp16", "had2", dict(had_size=4096, d=4096, fmt="int4/token/asym",
+                                              out="qdq", dtype="fp16", mma="")),
+    ("had2-2048-fp8-fp32", "had2", dict(had_size=2048, d=2048, fmt="fp8_e4m3/token",
+                                        out="qdq", dtype="fp32", mma="tf32")),
+    ("had2-8192-fp8-fp16", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
+                                        out="qdq", dtype="fp16")),
     # 4 warps: ptxas stops at 64 registers and spills one (8-byte stack frame).
     ("rmsnorm-quant-fp8-codes", "act_quant", dict(had_size=0, d=4096, fmt="fp8_e4m3/token",
                                                   out="codes", norm=True, spills=2)),
@@ -122,7 +134,7 @@ CASES: list[tuple[str, str, dict]] = [
                      "normal case, do not)")),
 ]
 
-_MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant",
+_MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2": "had_quant",
             "w4a16_gemv": "w4a16", "w4a16_reduce": "w4a16", "w4a16_gemm": "w4a16",
             "w4a16_gemv1": "w4a16_gemv"}
 #: Module that another engineer may still be editing: failures to import it or a kernel
@@ -222,6 +234,27 @@ def _build_act_quant(mod, p: dict, all_configs: bool):
     return mod._act_quant_kernel, args, consts, configs
 
 
+def _build_had2(mod, p: dict, all_configs: bool):
+    import torch
+
+    from qcompile.backends.triton.act_quant import _FORMATS, _OUTS, _XDT, _spec
+
+    d, had, out = p["d"], p["had_size"], p["out"]
+    dtype = p.get("dtype", "bf16")
+    spec = _spec(p["fmt"], out, _OUTS)
+    plan = mod.had2_plan(had, d)
+    elem, lmax = _FORMATS[(spec.elem, spec.asym)]
+    codes = {"fp8_e4m3": "*fp8e4nv", "int8": "*i8"}
+    args = dict(x_ptr="*" + dtype, out_ptr=codes[spec.elem] if out == "codes" else "*" + dtype,
+                scale_ptr="*fp32", M=4096, D=d, stride_x=d, stride_o=d,
+                inv_norm=plan.inv_norm, m_bucket=4096)
+    xdt = _XDT[{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]]
+    consts = dict(NR=plan.nr, RP=plan.rp, R=plan.r, C=plan.c, HAD=had > 0, ELEM=elem,
+                  ASYM=spec.asym, LMAX=lmax, OUT=_OUTS.index(out), XDT=xdt, NATIVE=True)
+    configs = mod.HAD2_CONFIGS if all_configs else mod._prune(mod.HAD2_CONFIGS, {}, **consts)
+    return mod._had2_quant_kernel, args, consts, configs
+
+
 def _w4a16_pointers(p: dict) -> dict:
     x = "*" + p["dtype"]
     return dict(x_ptr=x, packed_ptr="*u8", table_ptr="*fp32", scale_ptr="*fp32",
@@ -288,6 +321,7 @@ def _build_w4a16_gemm(mod, p: dict, all_configs: bool):
 
 
 _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_quant,
+             "had2": _build_had2,
              "w4a16_gemv": _build_w4a16_gemv, "w4a16_reduce": _build_w4a16_reduce,
              "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1}
 

@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton.jit import rint, round_fp, round_fp4_e2m1, round_fp8_e4m3, round_int
+from qcompile.backends.triton.act_jit import quantize_row, round_to, sylvester
+from qcompile.backends.triton.had_quant import had2_plan, launch_had2
 from qcompile.backends.triton.runtime import (
     KernelInputError,
     check_tensor,
@@ -96,37 +97,6 @@ def _prune(configs, named_args, **kwargs):
 # --- kernel ----------------------------------------------------------------------------------
 
 @triton.jit
-def _round_bf16(y):
-    """fp32 rounded to the nearest bf16 (ties to even), as fp32: the bf16 cast is then exact."""
-    b = y.to(tl.int32, bitcast=True)
-    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
-    return b.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _round_to(y, XDT: tl.constexpr):
-    """fp32 rounded onto the output dtype's grid (0 fp32, 1 bf16, 2 fp16), as fp32."""
-    if XDT == 1:
-        y = _round_bf16(y)
-    elif XDT == 2:
-        y = round_fp(y, 65504.0, -14, 10)
-    return y
-
-
-@triton.jit
-def _sylvester(P: tl.constexpr, R: tl.constexpr):
-    """``[P, P]`` fp32 Sylvester H_R (entry ``(-1)^popcount(i & j)``), zero-padded past R."""
-    i = tl.arange(0, P)[:, None]
-    j = tl.arange(0, P)[None, :]
-    t = i & j
-    t = t ^ (t >> 4)  # fold the parity of 8 bits into bit 0
-    t = t ^ (t >> 2)
-    t = t ^ (t >> 1)
-    h = 1.0 - 2.0 * (t & 1).to(tl.float32)
-    return tl.where((i < R) & (j < R), h, 0.0)
-
-
-@triton.jit
 def _hadamard(x, base_ptr, NB: tl.constexpr, P1: tl.constexpr, R1: tl.constexpr,
               P2: tl.constexpr, R2: tl.constexpr, Q: tl.constexpr):
     """Unnormalized ``H_R1 (x) H_R2 (x) base`` on each ``[P1, P2, Q]`` block of ``x``."""
@@ -137,53 +107,13 @@ def _hadamard(x, base_ptr, NB: tl.constexpr, P1: tl.constexpr, R1: tl.constexpr,
         x = tl.reshape(t, [NB, P1, P2, Q])
     if P2 > 1:
         t = tl.reshape(tl.permute(x, (0, 1, 3, 2)), [NB * P1 * Q, P2])
-        t = tl.dot(t, _sylvester(P2, R2), input_precision="tf32x3")
+        t = tl.dot(t, sylvester(P2, R2), input_precision="tf32x3")
         x = tl.permute(tl.reshape(t, [NB, P1, Q, P2]), (0, 1, 3, 2))
     if P1 > 1:
         t = tl.reshape(tl.permute(x, (0, 2, 3, 1)), [NB * P2 * Q, P1])
-        t = tl.dot(t, _sylvester(P1, R1), input_precision="tf32x3")
+        t = tl.dot(t, sylvester(P1, R1), input_precision="tf32x3")
         x = tl.permute(tl.reshape(t, [NB, P2, Q, P1]), (0, 3, 1, 2))
     return x
-
-
-@triton.jit
-def _round_elem(y, ELEM: tl.constexpr, LMAX: tl.constexpr):
-    """Scaled value onto the element grid: 0 fp8_e4m3, 1 fp4_e2m1, 2 int (sym, [-L-1, L])."""
-    if ELEM == 0:
-        v = round_fp8_e4m3(y)
-    elif ELEM == 1:
-        v = round_fp4_e2m1(y)
-    else:
-        v = round_int(y, -LMAX - 1.0, LMAX)
-    return v
-
-
-@triton.jit
-def _nonzero_or_one(s):
-    return tl.where(s > 0, s, 1.0)  # a zero scale is stored as 1 (compute_scales)
-
-
-@triton.jit
-def _quantize(x, ELEM: tl.constexpr, ASYM: tl.constexpr, LMAX: tl.constexpr):
-    """Per-row scales as compute_scales, then ``(grid value, scale, dequantized value)``."""
-    if ASYM:
-        hi = tl.maximum(tl.max(x), 0.0)
-        lo = tl.maximum(-tl.min(x), 0.0)
-        if ELEM == 2:
-            s = _nonzero_or_one(tl.div_rn(hi + lo, LMAX))
-            z = tl.minimum(tl.maximum(rint(tl.div_rn(lo, s)), 0.0), LMAX)
-            v = tl.minimum(tl.maximum(rint(tl.div_rn(x, s)) + z, 0.0), LMAX)
-            val = (v - z) * s
-        else:  # AFPQ: separate scales for the positive and negative side
-            s = _nonzero_or_one(tl.div_rn(hi, LMAX))
-            sn = _nonzero_or_one(tl.div_rn(lo, LMAX))
-            v = _round_elem(tl.where(x < 0, tl.div_rn(x, sn), tl.div_rn(x, s)), ELEM, LMAX)
-            val = tl.where(v < 0, v * sn, v * s)
-    else:
-        s = _nonzero_or_one(tl.div_rn(tl.max(tl.abs(x)), LMAX))
-        v = _round_elem(tl.div_rn(x, s), ELEM, LMAX)
-        val = v * s
-    return v, s, val
 
 
 @triton.jit
@@ -208,7 +138,7 @@ def _act_quant_kernel(
     x = tl.load(x_ptr + row * stride_x + off, mask=mask, other=0.0).to(tl.float32)
     if HAD:
         # Rounded to x's dtype like the unfused qcompile::hadamard op's output.
-        x = _round_to(_hadamard(x, base_ptr, NB, P1, R1, P2, R2, Q) * inv_norm, XDT)
+        x = round_to(_hadamard(x, base_ptr, NB, P1, R1, P2, R2, Q) * inv_norm, XDT)
     if NORM:
         ms = tl.div_rn(tl.sum(x * x), d_f)
         x = x * tl.div_rn(1.0, tl.sqrt_rn(ms + eps))
@@ -218,12 +148,12 @@ def _act_quant_kernel(
     if OUT == 2:
         tl.store(o_ptrs, x.to(out_ptr.dtype.element_ty), mask=mask)  # already exact
     else:
-        v, s, val = _quantize(x, ELEM, ASYM, LMAX)
+        v, s, val = quantize_row(x, ELEM, ASYM, LMAX)
         if OUT == 1:
             tl.store(o_ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)  # on the grid: exact
             tl.store(scale_ptr + row, s)
         else:
-            tl.store(o_ptrs, _round_to(val, XDT).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(o_ptrs, round_to(val, XDT).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 _act_quant_tuned = triton.autotune(
@@ -338,8 +268,9 @@ def _launch(x: torch.Tensor, spec: FormatSpec, had_size: int, out: str,
             weight: torch.Tensor | None = None, eps: float | None = None):
     x2 = _rows(x)
     m_rows, d = x2.shape
-    plan = _plan(had_size, d)
-    tile = plan.nb * plan.p1 * plan.p2 * plan.qp
+    plan2 = had2_plan(had_size, d, x.dtype == torch.float32) if eps is None else None
+    plan = _plan(had_size, d) if plan2 is None else None
+    tile = plan.nb * plan.p1 * plan.p2 * plan.qp if plan is not None else 0
     if tile > _MAX_TILE:
         raise ValueError(f"row of {d} elements (padded tile {tile}) is too long for the fused "
                          f"quantize kernel (at most {_MAX_TILE} padded elements)")
@@ -348,9 +279,12 @@ def _launch(x: torch.Tensor, spec: FormatSpec, had_size: int, out: str,
     else:
         y = torch.empty((m_rows, d), dtype=x.dtype, device=x.device)
     scale = torch.empty((m_rows, 1), dtype=torch.float32, device=x.device)
-    if m_rows:
+    elem, lmax = _FORMATS[(spec.elem, spec.asym)]
+    if m_rows and plan2 is not None:
+        launch_had2(x2, y, scale, plan2, had_size, elem, spec.asym, lmax, _OUTS.index(out),
+                    _XDT[x.dtype])
+    elif m_rows:
         base = _base_matrix(*plan.base, plan.qp, str(x.device)) if plan.base else scale
-        elem, lmax = _FORMATS[(spec.elem, spec.asym)]
         args = (x2, weight if weight is not None else x2, base, y, scale,
                 d, float(d), x2.stride(0), y.stride(0), plan.nblk, plan.size, plan.q,
                 plan.inv_norm, 0.0 if eps is None else float(eps))

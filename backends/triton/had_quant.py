@@ -1,0 +1,272 @@
+"""Per-token quantization with a power-of-two online Hadamard as two matrix products.
+
+The fast path of :func:`qcompile.backends.triton.act_quant.act_quant` for ``had_size`` 0 or a
+power of two ``2^k >= 16`` with ``D <= 16384``: each token row ``x`` (``D = nblk * size``) is
+viewed row-major as a matrix ``X`` ``[nblk * R, C]`` with ``C = min(size, 128)`` and
+``R = size / C``. The Sylvester matrix factors as ``H_size = H_R (x) H_C`` on that layout
+(``popcount(i & j)`` splits over the high and the low index bits), so the rotated row is
+
+    ``Y = (I_nblk (x) H_R) @ (X @ H_C) / sqrt(size)``
+
+two plain 2-D products and no permutes (the general kernel of ``act_quant`` moves its tile
+through three permutes per row). ``8192 = 64 x 128`` takes ``2 * (128 + 3 * 64)`` flops per
+element.
+
+Numerics. ``X @ H_C`` runs on bf16/fp16 tensor cores with the input as it is: +-1 products are
+exact and the sums are fp32, like the reference's fp32 butterfly up to order. Its fp32 result
+``T`` is then split into three bf16 parts (``T = hi + mid + lo`` to 24 bits) for the left
+product, so it keeps fp32 accuracy (two parts leave 0.24 % of bf16 outputs one ulp off the
+reference; three leave 0.002 %). fp32 inputs use ``tf32x3`` dots instead. The rotated row is
+rounded to ``x``'s dtype (RNE conversion), then quantized with the scale rule of
+:func:`qcompile.formats.scales.compute_scales`; the divide by the scale is a multiply by its
+reciprocal with one fma correction (Markstein), which gives the correctly rounded quotient of
+``x / s`` for every finite input without an IEEE division per element (rows whose scale is
+below 2^-64 are scaled up by 2^64 first, which changes no quotient). On the GPU the bf16/fp16
+and FP8 roundings are the hardware's RNE conversions; under the interpreter (whose RTNE casts
+drop the carry into the next binade) the bit-trick roundings of :mod:`jit`. Without a Hadamard the result is bit-exact with the reference.
+
+Each program walks rows ``pid, pid + programs, ...`` with the next row's load in flight
+(``tl.range`` pipelining), so the two constant matrices are built once per program.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.backends.triton.act_jit import nonzero_or_one, round_elem, round_to
+from qcompile.backends.triton.jit import rint
+from qcompile.backends.triton.runtime import interpreting, tuning
+
+__all__ = ["HAD2_CONFIGS", "had2_plan", "launch_had2"]
+
+_MAX_C = 128  # right factor: one [C, C] operand
+_MAX_RP = 128  # left factor (block diagonal over the blocks of a row), padded
+_MAX_TILE = 1 << 14  # elements of one row tile held by a program
+
+#: Autotune configs (CUDA): warps, pipeline stages of the row loop, programs per SM (PER_SM).
+HAD2_CONFIGS = [
+    triton.Config({"PER_SM": ps}, num_warps=w, num_stages=s)
+    for w, s, ps in ((4, 2, 2), (8, 2, 2), (4, 3, 2), (8, 2, 1), (4, 2, 4), (8, 3, 1))
+]
+
+
+@triton.jit
+def _div(x, s, inv):
+    """``x / s`` correctly rounded from ``inv = 1 / s`` (rounded): product + fma correction."""
+    q = x * inv
+    return tl.fma(tl.fma(-q, s, x), inv, q)
+
+
+@triton.jit
+def _operand(v, NATIVE: tl.constexpr):
+    """A bf16/fp16 dot operand as it is on the GPU; as fp32 holding the same values under the
+    interpreter (its dots read bf16 tensors as their raw bits)."""
+    if not NATIVE:
+        v = v.to(tl.float32)
+    return v
+
+
+@triton.jit
+def _to_dtype_grid(y, XDT: tl.constexpr, NATIVE: tl.constexpr):
+    """fp32 rounded (RNE) onto the grid of x's dtype (0 fp32, 1 bf16, 2 fp16), as fp32: by the
+    hardware conversion (``NATIVE``), else by the bit tricks (the interpreter's RTNE casts
+    lose the carry when a mantissa rounds up into the next binade)."""
+    if not NATIVE:
+        y = round_to(y, XDT)
+    elif XDT == 1:
+        y = y.to(tl.bfloat16, fp_downcast_rounding="rtne").to(tl.float32)
+    elif XDT == 2:
+        y = tl.minimum(tl.maximum(y, -65504.0), 65504.0)  # saturate like the fp16 reference
+        y = y.to(tl.float16, fp_downcast_rounding="rtne").to(tl.float32)
+    return y
+
+
+@triton.jit
+def _quantize_store(y, o_ptrs, mask, scale_ptr, ELEM: tl.constexpr, ASYM: tl.constexpr,
+                    LMAX: tl.constexpr, OUT: tl.constexpr, XDT: tl.constexpr,
+                    NATIVE: tl.constexpr):
+    """Per-row scale (compute_scales' rule), quantize ``y`` and store codes or qdq values."""
+    if ASYM:
+        hi = tl.maximum(tl.max(y), 0.0)
+        lo = tl.maximum(-tl.min(y), 0.0)
+        if ELEM == 2:
+            s = nonzero_or_one(tl.div_rn(hi + lo, LMAX))
+            k = tl.where(s < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
+            y = y * k
+            inv = tl.div_rn(1.0, s * k)
+            z = tl.minimum(tl.maximum(rint(tl.div_rn(lo, s)), 0.0), LMAX)
+            v = tl.minimum(tl.maximum(rint(_div(y, s * k, inv)) + z, 0.0), LMAX)
+            val = (v - z) * s
+        else:  # AFPQ: one scale per sign
+            s = nonzero_or_one(tl.div_rn(hi, LMAX))
+            sn = nonzero_or_one(tl.div_rn(lo, LMAX))
+            k = tl.where(tl.minimum(s, sn) < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
+            y = y * k
+            neg = y < 0
+            sy = tl.where(neg, sn * k, s * k)
+            invy = tl.where(neg, tl.div_rn(1.0, sn * k), tl.div_rn(1.0, s * k))
+            v = round_elem(_div(y, sy, invy), ELEM, LMAX)
+            val = tl.where(v < 0, v * sn, v * s)
+    else:
+        s = nonzero_or_one(tl.div_rn(tl.max(tl.abs(y)), LMAX))
+        k = tl.where(s < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)  # 2^-64, 2^64
+        q = _div(y * k, s * k, tl.div_rn(1.0, s * k))
+        if ELEM == 0 and NATIVE:
+            v = q.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
+        else:
+            v = round_elem(q, ELEM, LMAX)
+        val = v * s
+    if OUT == 1:
+        tl.store(o_ptrs, v.to(o_ptrs.dtype.element_ty), mask=mask)  # on the grid: exact
+        tl.store(scale_ptr, s)
+    else:
+        tl.store(o_ptrs, _to_dtype_grid(val, XDT, NATIVE).to(o_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _had2_quant_kernel(
+    x_ptr, out_ptr, scale_ptr, M, D, stride_x, stride_o, inv_norm,
+    NR: tl.constexpr, RP: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+    HAD: tl.constexpr, ELEM: tl.constexpr, ASYM: tl.constexpr, LMAX: tl.constexpr,
+    OUT: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr, PER_SM: tl.constexpr,
+    m_bucket=1,
+):
+    """Rows ``pid, pid + programs, ...``; element ``d = r * C + c`` of a row is ``X[r, c]``
+    (``r < NR``, ``d < D``); padding loads 0, which changes no statistic. ``PER_SM`` sizes
+    the grid and ``m_bucket`` (the row count's power-of-two bucket) keys the autotuning."""
+    r = tl.arange(0, RP)[:, None]
+    c = tl.arange(0, C)[None, :]
+    off = r * C + c
+    mask = (r < NR) & (off < D)
+    if HAD:
+        # Right factor H_C and left factor I (x) H_R (zero past NR), +-1 from bit parities.
+        t = tl.arange(0, C)[:, None] & tl.arange(0, C)[None, :]
+        t = t ^ (t >> 4)
+        t = t ^ (t >> 2)
+        t = t ^ (t >> 1)
+        h_c = 1.0 - 2.0 * (t & 1).to(tl.float32)
+        if XDT != 0 and NATIVE:
+            h_c = h_c.to(x_ptr.dtype.element_ty)  # exact; the dot then runs at bf16/fp16 rate
+        if R > 1:
+            i = tl.arange(0, RP)[:, None]
+            j = tl.arange(0, RP)[None, :]
+            u = i & j & (R - 1)
+            u = u ^ (u >> 4)
+            u = u ^ (u >> 2)
+            u = u ^ (u >> 1)
+            same = ((i // R) == (j // R)) & (i < NR) & (j < NR)
+            h_l = tl.where(same, 1.0 - 2.0 * (u & 1).to(tl.float32), 0.0)
+            if XDT != 0 and NATIVE:
+                h_l = h_l.to(tl.bfloat16)
+    pid = tl.program_id(0)
+    for row in tl.range(pid, M, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)
+        x = tl.load(x_ptr + row64 * stride_x + off, mask=mask, other=0.0)
+        if HAD:
+            if XDT == 0:
+                y = tl.dot(x, h_c, input_precision="tf32x3")
+                if R > 1:
+                    y = tl.dot(h_l, y, input_precision="tf32x3")
+            else:
+                y = tl.dot(_operand(x, NATIVE), h_c)
+                if R > 1:
+                    # fp32 T as hi + mid + lo in bf16 (24 bits), smallest part first.
+                    hi = y.to(tl.bfloat16)
+                    rest = y - hi.to(tl.float32)
+                    mid = rest.to(tl.bfloat16)
+                    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+                    y = tl.dot(h_l, _operand(lo, NATIVE))
+                    y = tl.dot(h_l, _operand(mid, NATIVE), y)
+                    y = tl.dot(h_l, _operand(hi, NATIVE), y)
+            # Rounded to x's dtype like the unfused qcompile::hadamard op's output.
+            y = _to_dtype_grid(y * inv_norm, XDT, NATIVE)
+        else:
+            y = x.to(tl.float32)
+        o_ptrs = out_ptr + row64 * stride_o + off
+        if OUT == 2:  # the rotated row, unquantized (already on x's grid)
+            tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            _quantize_store(y, o_ptrs, mask, scale_ptr + row64, ELEM, ASYM, LMAX, OUT, XDT,
+                            NATIVE)
+
+
+#: Row-tile elements per thread a config may hold (bf16 rows, fp16 rows, fp32 rows): beyond
+#: them ptxas spills on sm_90 (offline compile: 16384 bf16 at 128 per thread spilled 480 B,
+#: 4096 fp16 at 32 spilled 8 B; fp32's tf32x3 dots need the most registers).
+_PER_THREAD = {1: 64, 2: 16, 0: 8}
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop warp counts that would leave a thread more of the row tile than it holds without
+    spilling; if none is left, keep the configs with the most warps."""
+    tile = kwargs["RP"] * kwargs["C"]
+    limit = _PER_THREAD[kwargs["XDT"]]
+    keep = [c for c in configs if tile // (32 * c.num_warps) <= limit]
+    most = max(c.num_warps for c in configs)
+    return keep or [c for c in configs if c.num_warps == most]
+
+
+def _grid(m_rows: int, sms: int):
+    return lambda meta: (max(1, min(m_rows, sms * meta["PER_SM"])),)
+
+
+_had2_tuned = triton.autotune(
+    configs=HAD2_CONFIGS,
+    key=["D", "NR", "RP", "R", "C", "HAD", "ELEM", "ASYM", "OUT", "XDT", "NATIVE", "m_bucket"],
+    prune_configs_by=tuning(_prune),
+)(_had2_quant_kernel)
+
+
+@dataclass(frozen=True)
+class Had2Plan:
+    """Row matrix ``[nr (padded rp), c]`` of a launch; ``r`` the left factor's order."""
+
+    nr: int
+    rp: int
+    r: int
+    c: int
+    inv_norm: float
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=256)
+def had2_plan(had_size: int, d: int, fp32: bool = False) -> Had2Plan | None:
+    """The two-product layout for ``(had_size, D)``, or None when this kernel does not take it
+    (``had_size`` not 0 or a power of two >= 16, not dividing D, a row over 16384, or fp32
+    rows with a Hadamard over 4096: their tf32x3 tiles need more shared memory than sm_90
+    has with Triton 3.6, and the general kernel takes them)."""
+    if had_size == 0:
+        c = min(_pow2_ceil(d), _MAX_C)
+        r, nr = 1, -(-d // c)
+    elif had_size >= 16 and had_size & (had_size - 1) == 0 and d % had_size == 0:
+        c = min(had_size, _MAX_C)
+        r, nr = had_size // c, d // c
+    else:
+        return None
+    rp = max(16, _pow2_ceil(nr))
+    if rp * c > _MAX_TILE or (had_size and rp > _MAX_RP) or (had_size and fp32 and rp * c > 4096):
+        return None
+    return Had2Plan(nr, rp, r, c, 1.0 / math.sqrt(had_size) if had_size else 1.0)
+
+
+def launch_had2(x2: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, plan: Had2Plan,
+                had_size: int, elem: int, asym: bool, lmax: float, out: int, xdt: int) -> None:
+    """Launch on ``x2`` ``[M, D]`` (checked by the caller) into ``y`` and ``scale``."""
+    m_rows, d = x2.shape
+    args = (x2, y, scale, m_rows, d, x2.stride(0), y.stride(0), plan.inv_norm)
+    meta = dict(NR=plan.nr, RP=plan.rp, R=plan.r, C=plan.c, HAD=had_size > 0, ELEM=elem,
+                ASYM=asym, LMAX=lmax, OUT=out, XDT=xdt, NATIVE=not interpreting())
+    if interpreting():  # a few programs, so the row loop runs more than once
+        _had2_quant_kernel[(min(m_rows, 3),)](*args, **meta, PER_SM=1, num_warps=4)
+        return
+    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+    _had2_tuned[_grid(m_rows, sms)](*args, **meta, m_bucket=min(_pow2_ceil(m_rows), 4096))
