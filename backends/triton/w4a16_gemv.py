@@ -133,15 +133,18 @@ def _split(n: int, k: int, device: torch.device) -> int:
 def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                 scale: torch.Tensor, scale_neg: torch.Tensor | None, zero: torch.Tensor | None,
                 outer: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
-                fp4: bool) -> torch.Tensor:
+                fp4: bool, split: int | None = None,
+                config: triton.Config | None = None) -> torch.Tensor:
     """``y[1, N]`` for a validated, contiguous ``x[1, K]`` (see ``w4a16.w4a16_linear``).
 
     ``fp4``: ``table`` is the FP4 E2M1 table in code order, decoded with integer ops.
-    The caller checks :func:`gemv1_eligible` and the inputs.
+    ``split`` and ``config`` override the K split and the autotuner (tuning sweeps,
+    ``benchmarks/kernels_w4a16.py --sweep``). The caller checks :func:`gemv1_eligible` and
+    the inputs.
     """
     k = x.shape[-1]
     n, g = packed.shape[0], scale.shape[1]
-    split = _split(n, k, x.device)
+    split = split or _split(n, k, x.device)
     exact = interpreting()
     out = torch.empty(1, n, dtype=x.dtype, device=x.device)
     part = out if split == 1 else torch.empty(split, n, dtype=torch.float32, device=x.device)
@@ -150,8 +153,10 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     out_t = scale if outer is None else outer
     bias_t = scale if bias is None else bias
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
-    kern = _gemv1_kernel if exact else _tuned(group_size)
+    kern = _gemv1_kernel if exact or config is not None else _tuned(group_size)
     cfg = _INTERP if exact else {}
+    if config is not None and not exact:
+        cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     kern[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
         x, packed, table, scale, neg, zer, out_t, bias_t, part, n, k, packed.shape[1], g,
         o_stride, GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
