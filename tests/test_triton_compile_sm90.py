@@ -124,6 +124,14 @@ CASES: list[tuple[str, str, dict]] = [
                                                        fp4=True, neg=True, bias=True)),
     ("w4a16-gemv1-fp32-g64-int4", "w4a16_gemv1", dict(dtype="fp32", group_size=64, split=1,
                                                       zero=True, outer=True, bias=True)),
+    # The FP4 word kernel: 8 codes per int32, pairs of codes decoded as two fp16 at once;
+    # every config (tiles of 1..8 groups and inside one group), AFPQ and M2 outer scales.
+    ("w4a16-gemv1w-bf16-g128-fp4", "w4a16_gemv1w", dict(dtype="bf16", group_size=128, split=4,
+                                                        bias=False)),
+    ("w4a16-gemv1w-bf16-g128-afpq", "w4a16_gemv1w", dict(dtype="bf16", group_size=128, split=1,
+                                                         neg=True, bias=True)),
+    ("w4a16-gemv1w-fp16-g64-m2", "w4a16_gemv1w", dict(dtype="fp16", group_size=64, split=4,
+                                                      outer=True, bias=False)),
     ("w4a16-splitk-reduce-bf16", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True)),
     ("w4a16-gemm-bf16-g128", "w4a16_gemm", dict(dtype="bf16", m=4000, group_size=128,
                                                 zero=True, bias=True, mma="bf16")),
@@ -136,7 +144,7 @@ CASES: list[tuple[str, str, dict]] = [
 
 _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2": "had_quant",
             "w4a16_gemv": "w4a16", "w4a16_reduce": "w4a16", "w4a16_gemm": "w4a16",
-            "w4a16_gemv1": "w4a16_gemv"}
+            "w4a16_gemv1": "w4a16_gemv", "w4a16_gemv1w": "w4a16_gemv"}
 #: Module that another engineer may still be editing: failures to import it or a kernel
 #: signature this file does not know skip its cases instead of failing them.
 _IN_PROGRESS = "w4a16"
@@ -297,6 +305,19 @@ def _build_w4a16_gemv1(mod, p: dict, all_configs: bool):
     return mod._gemv1_kernel, args, consts, configs
 
 
+def _build_w4a16_gemv1w(mod, p: dict, all_configs: bool):
+    n, k, gs = 4096, 4096, p["group_size"]
+    x = "*" + p["dtype"]
+    args = dict(x_ptr=x, words_ptr="*i32", scale_ptr="*fp32", neg_ptr="*fp32",
+                outer_ptr="*fp32", bias_ptr=x if p.get("bias") else "*fp32",
+                part_ptr="*fp32" if p["split"] > 1 else x, N=n, K=k, KW=k // 8,
+                G=-(-k // gs), outer_stride=int(p.get("outer", 0)))
+    kind = {"fp32": 0, "bf16": 1, "fp16": 2}[p["dtype"]]
+    consts = dict(GROUP_SIZE=gs, HAS_NEG=p.get("neg", False), HAS_OUTER=p.get("outer", False),
+                  HAS_BIAS=p.get("bias", False), SPLIT=p["split"], KIND=kind, EXACT=False)
+    return mod._gemv1_fp4w_kernel, args, consts, list(mod._fp4w_configs(gs))
+
+
 def _build_w4a16_reduce(mod, p: dict, all_configs: bool):
     import triton
 
@@ -323,7 +344,8 @@ def _build_w4a16_gemm(mod, p: dict, all_configs: bool):
 _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_quant,
              "had2": _build_had2,
              "w4a16_gemv": _build_w4a16_gemv, "w4a16_reduce": _build_w4a16_reduce,
-             "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1}
+             "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1,
+             "w4a16_gemv1w": _build_w4a16_gemv1w}
 
 
 def _resources(cubin: bytes, cuobjdump: str, name: str) -> tuple[int, int]:

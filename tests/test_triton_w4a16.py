@@ -240,6 +240,45 @@ def test_gemv1_matches_reference(fmt, k, dtype):
         assert_matches_unrounded(out, ref, x, w)
 
 
+class _Spy:
+    """Counts launches of a JIT kernel and forwards them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize(("fmt", "k", "words"), [
+    ("fp4_e2m1/g128/asym", 1088, True),  # ragged last group, two groups per tile
+    ("fp4_e2m1/g64", 2048, True),  # four groups per tile, split over K
+    ("fp4_e2m1/channel", 1024, True),  # tiles inside one group
+    ("fp4_e2m1/g64/m2", 1024, True),  # outer (per-channel) scale
+    ("fp4_e2m1/g64", 1092, False),  # K % 8 != 0: the byte kernel
+    ("int4/g64/asym", 1024, False),  # a table format: the byte kernel
+])
+def test_gemv1_fp4_words(monkeypatch, fmt, k, words):
+    """FP4 rows whose K is a multiple of 8 are read as int32 words, eight codes at a time
+    (``_gemv1_fp4w_kernel``); the rest take the byte kernel. Both match the reference."""
+    from qcompile.backends.triton import w4a16_gemv as g1
+
+    spy_w, spy_b = _Spy(g1._gemv1_fp4w_kernel), _Spy(g1._gemv1_kernel)
+    monkeypatch.setattr(g1, "_gemv1_fp4w_kernel", spy_w)  # the interpreter's launches
+    monkeypatch.setattr(g1, "_gemv1_kernel", spy_b)
+    tuned_w, tuned_b = g1._tuned_fp4w, g1._tuned  # CUDA's (autotuned) launches
+    monkeypatch.setattr(g1, "_tuned_fp4w", lambda gs: setattr(spy_w, "kernel", tuned_w(gs))
+                        or spy_w)
+    monkeypatch.setattr(g1, "_tuned", lambda gs: setattr(spy_b, "kernel", tuned_b(gs)) or spy_b)
+    x, w, b = _inputs(fmt, 1, 72, k, torch.float32, bias=True)
+    if fmt.startswith("fp4"):
+        w = (w[0], w4.element_table("fp4_e2m1", x.device), *w[2:])
+    out = w4.w4a16_linear(x, *w, bias=b)
+    assert (spy_w.launches, spy_b.launches) == ((1, 0) if words else (0, 1))
+    assert_matches_unrounded(out, w4.w4a16_linear_ref(x, *w, bias=b), x, w)
+
+
 def test_gemv1_takes_only_what_it_can():
     from qcompile.backends.triton import w4a16_gemv as g1
 

@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton.runtime import interpreting, tuning
+from qcompile.backends.triton.runtime import graph_bench, interpreting, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _splitk_reduce_kernel
 
-__all__ = ["GEMV1_CONFIGS", "gemv1_eligible", "w4a16_gemv1"]
+__all__ = ["FP4W_CONFIGS", "GEMV1_CONFIGS", "gemv1_eligible", "w4a16_gemv1"]
 
 #: Autotune configs; a config is used only when its BLOCK_K divides the group size.
 GEMV1_CONFIGS: list[triton.Config] = [
@@ -37,6 +37,17 @@ GEMV1_CONFIGS: list[triton.Config] = [
 ]
 
 _INTERP = {"BLOCK_N": 32, "BLOCK_K": 64}  # one config under the interpreter (group size % 64)
+
+#: Autotune configs of the FP4 word kernel. BLOCK_K may span several groups (a power-of-two
+#: group size dividing it) or lie inside one group (dividing the group size).
+FP4W_CONFIGS: list[triton.Config] = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bn, bk, w, s in ((16, 512, 4, 4), (32, 256, 4, 3), (32, 512, 4, 3), (16, 1024, 4, 3),
+                         (64, 256, 8, 3), (64, 128, 4, 3), (8, 1024, 4, 4), (128, 128, 8, 3))
+]
+_INTERP_FP4W = {"BLOCK_N": 16, "BLOCK_K": 256}
+# 0x80008000 as an int32 (Triton would widen the unsigned literal to int64).
+_SIGNS = tl.constexpr(-2147450880)
 
 
 @triton.jit
@@ -102,6 +113,110 @@ def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, ou
         tl.store(part_ptr + pid_s.to(tl.int64) * N + offs_n, acc, mask=n_ok)
 
 
+@triton.jit
+def _fp4_pair(w, NIB: tl.constexpr):
+    """FP4 E2M1 nibbles ``NIB`` and ``NIB + 4`` of each int32 word as fp32 in units of 2^-14.
+
+    Both land in one 32-bit word as two fp16 bit patterns at once (the code's magnitude bits
+    under the fp16 exponent's low bits, its sign on the sign bit), so a pair costs two shifts
+    and masks, an or, and the two fp16 -> fp32 conversions.
+    """
+    if NIB < 3:
+        mag = (w << (9 - 4 * NIB)) & 0x0E000E00
+        sgn = (w << (12 - 4 * NIB)) & _SIGNS
+    else:
+        mag = (w >> 3) & 0x0E000E00
+        sgn = w & _SIGNS
+    t = mag | sgn
+    lo = t.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (t >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr, part_ptr,
+                       N, K, KW, G, outer_stride,
+                       GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_OUTER: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, KIND: tl.constexpr,
+                       EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """FP4 weights read as int32 words (8 codes, k = 8 * word + nibble): per tile, the raw
+    code sums of each group (AFPQ: the signed sum S and the magnitude sum A, so the positive
+    part is (S + A) / 2 and the negative (S - A) / 2) times the group scales."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    WK: tl.constexpr = BLOCK_K // 8
+    GT: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    kw = tl.arange(0, WK)
+    rows = words_ptr + offs_n.to(tl.int64)[:, None] * KW
+    tiles = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(tiles, SPLIT)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for t in range(pid_s * per, tl.minimum(pid_s * per + per, tiles)):
+        k0 = t * BLOCK_K
+        wcol = k0 // 8 + kw
+        w = tl.load(rows + wcol[None, :], mask=n_ok[:, None] & (wcol < KW)[None, :], other=0)
+        s_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
+        a_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
+        for i in tl.static_range(4):
+            lo, hi = _fp4_pair(w, i)
+            # x beyond K is 0, so padding codes and rows past N add nothing.
+            x_lo = tl.load(x_ptr + 8 * wcol + i, mask=8 * wcol + i < K, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + 8 * wcol + i + 4, mask=8 * wcol + i + 4 < K,
+                           other=0.0).to(tl.float32)
+            s_acc += lo * x_lo[None, :] + hi * x_hi[None, :]
+            if HAS_NEG:
+                a_acc += tl.abs(lo) * x_lo[None, :] + tl.abs(hi) * x_hi[None, :]
+        if GT > 1:
+            g_idx = k0 // GROUP_SIZE + tl.arange(0, GT)
+            g_off = offs_n[:, None] * G + g_idx[None, :]
+            g_ok = n_ok[:, None] & (g_idx < G)[None, :]
+            sg = tl.sum(tl.reshape(s_acc, [BLOCK_N, GT, WK // GT]), axis=2)
+            eff = tl.load(scale_ptr + g_off, mask=g_ok, other=0.0)
+            if HAS_NEG:
+                ag = tl.sum(tl.reshape(a_acc, [BLOCK_N, GT, WK // GT]), axis=2)
+                effn = tl.load(neg_ptr + g_off, mask=g_ok, other=0.0)
+                acc += 0.5 * tl.sum((sg + ag) * eff + (sg - ag) * effn, axis=1)
+            else:
+                acc += tl.sum(sg * eff, axis=1)
+        else:
+            s_off = offs_n * G + k0 // GROUP_SIZE  # the tile lies in one group
+            sg = tl.sum(s_acc, axis=1)
+            eff = tl.load(scale_ptr + s_off, mask=n_ok, other=0.0)
+            if HAS_NEG:
+                ag = tl.sum(a_acc, axis=1)
+                effn = tl.load(neg_ptr + s_off, mask=n_ok, other=0.0)
+                acc += 0.5 * ((sg + ag) * eff + (sg - ag) * effn)
+            else:
+                acc += sg * eff
+    acc = acc * 16384.0  # 2^14: the fp16 placement's unit
+    if HAS_OUTER:
+        acc = acc * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = _round_to(acc, KIND, EXACT)
+        tl.store(part_ptr + offs_n, acc.to(part_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(part_ptr + pid_s.to(tl.int64) * N + offs_n, acc, mask=n_ok)
+
+
+def _fp4w_configs(group_size: int) -> tuple[triton.Config, ...]:
+    pow2 = group_size >= 8 and group_size & (group_size - 1) == 0
+    return tuple(c for c in FP4W_CONFIGS
+                 if group_size % c.kwargs["BLOCK_K"] == 0
+                 or (pow2 and c.kwargs["BLOCK_K"] % group_size == 0))
+
+
+def _words(packed: torch.Tensor, k: int) -> torch.Tensor | None:
+    """``packed`` ``[N, K/2]`` uint8 viewed as int32 words ``[N, K/8]``, or None when K is not a
+    multiple of 8 or the storage is not 4-byte aligned."""
+    if k % 8 or packed.stride(-1) != 1 or packed.stride(0) % 4 or packed.data_ptr() % 4:
+        return None
+    return packed.view(torch.int32)
+
+
 def _eligible_configs(group_size: int) -> tuple[triton.Config, ...]:
     return tuple(c for c in GEMV1_CONFIGS if group_size % c.kwargs["BLOCK_K"] == 0)
 
@@ -118,7 +233,14 @@ def gemv1_eligible(m: int, group_size: int) -> bool:
 def _tuned(group_size: int) -> triton.runtime.Autotuner:
     return triton.autotune(list(_eligible_configs(group_size)),
                            key=["N", "K", "GROUP_SIZE", "SPLIT"],
-                           prune_configs_by=tuning())(_gemv1_kernel)
+                           prune_configs_by=tuning(), do_bench=graph_bench)(_gemv1_kernel)
+
+
+@functools.cache
+def _tuned_fp4w(group_size: int) -> triton.runtime.Autotuner:
+    return triton.autotune(list(_fp4w_configs(group_size)),
+                           key=["N", "K", "GROUP_SIZE", "SPLIT"],
+                           prune_configs_by=tuning(), do_bench=graph_bench)(_gemv1_fp4w_kernel)
 
 
 def _split(n: int, k: int, device: torch.device) -> int:
@@ -153,15 +275,30 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     out_t = scale if outer is None else outer
     bias_t = scale if bias is None else bias
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
-    kern = _gemv1_kernel if exact or config is not None else _tuned(group_size)
-    cfg = _INTERP if exact else {}
+    words = _words(packed, k) if fp4 and zero is None and _fp4w_configs(group_size) else None
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    cfg = {}
     if config is not None and not exact:
         cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    kern[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
-        x, packed, table, scale, neg, zer, out_t, bias_t, part, n, k, packed.shape[1], g,
-        o_stride, GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
-        HAS_ZERO=zero is not None, HAS_OUTER=outer is not None, HAS_BIAS=bias is not None,
-        SPLIT=split, FP4=fp4, KIND=_DTYPE_KIND[x.dtype], EXACT=exact, **cfg)
+    flags = dict(GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
+                 HAS_OUTER=outer is not None, HAS_BIAS=bias is not None, SPLIT=split,
+                 KIND=_DTYPE_KIND[x.dtype], EXACT=exact)
+    if words is not None:
+        if exact:
+            kern, cfg = _gemv1_fp4w_kernel, dict(_INTERP_FP4W)
+            if not (group_size % cfg["BLOCK_K"] == 0 or cfg["BLOCK_K"] % group_size == 0):
+                cfg["BLOCK_K"] = 64  # the interpreter's one config must fit the group too
+        else:
+            kern = _gemv1_fp4w_kernel if cfg else _tuned_fp4w(group_size)
+        kern[grid](x, words, scale, neg, out_t, bias_t, part, n, k, words.shape[1], g,
+                   o_stride, **flags, **cfg)
+    else:
+        kern = _gemv1_kernel if exact or cfg else _tuned(group_size)
+        if exact:
+            cfg = _INTERP
+        kern[grid](x, packed, table, scale, neg, zer, out_t, bias_t, part, n, k,
+                   packed.shape[1], g, o_stride, HAS_ZERO=zero is not None, FP4=fp4, **flags,
+                   **cfg)
     if split > 1:
         _splitk_reduce_kernel[(triton.cdiv(n, 1024),)](
             part, bias_t, out, 1, n, SPLIT=split, HAS_BIAS=bias is not None,

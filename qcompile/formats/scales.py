@@ -212,29 +212,37 @@ def compute_scales(spec: FormatSpec, st: GroupStats, ratio: torch.Tensor | float
         if outer is None:
             tensor_amax = st.amax.amax() if st.amax.numel() else st.amax.new_zeros(())
             outer = _ones_where_zero(
-                tensor_amax.reshape([1] * st.amax.dim()) / (info.max * 448.0))
+                _fdiv(tensor_amax.reshape([1] * st.amax.dim()), info.max * 448.0))
         block = _round_f32(clipped(st.amax) / (info.max * outer), "fp8_e4m3")
         return Scales(_ones_where_zero(block), outer=outer)
 
     if info.kind == "int" and spec.asym:
         levels = float((1 << info.bits) - 1)
         hi, lo = clipped(st.hi), clipped(st.lo)
-        outer = _m2_row_scale(spec, [(st.hi + st.lo) / levels], outer)
-        s = _constrain(spec, (hi + lo) / levels, None, levels, outer)
+        outer = _m2_row_scale(spec, [_fdiv(st.hi + st.lo, levels)], outer)
+        s = _constrain(spec, _fdiv(hi + lo, levels), None, levels, outer)
         zero = torch.round(lo / (s if outer is None else s * outer)).clamp(0, levels)
         return Scales(s, zero=zero, outer=outer)
 
     limit = info.max
     if not spec.asym:
         a = clipped(st.amax)
-        outer = _m2_row_scale(spec, [st.amax / limit], outer)
-        return Scales(_constrain(spec, a / limit, a, limit, outer), outer=outer)
+        outer = _m2_row_scale(spec, [_fdiv(st.amax, limit)], outer)
+        return Scales(_constrain(spec, _fdiv(a, limit), a, limit, outer), outer=outer)
     limit_neg = -info.min  # NF codebooks are not symmetric in count, but span [-1, 1]
     hi, lo = clipped(st.hi), clipped(st.lo)
-    outer = _m2_row_scale(spec, [st.hi / limit, st.lo / limit_neg], outer)
-    pos = _constrain(spec, hi / limit, hi, limit, outer)
-    neg = _constrain(spec, lo / limit_neg, lo, limit_neg, outer)
+    outer = _m2_row_scale(spec, [_fdiv(st.hi, limit), _fdiv(st.lo, limit_neg)], outer)
+    pos = _constrain(spec, _fdiv(hi, limit), hi, limit, outer)
+    neg = _constrain(spec, _fdiv(lo, limit_neg), lo, limit_neg, outer)
     return Scales(pos, scale_neg=neg, outer=outer)
+
+
+def _fdiv(t: torch.Tensor, c: float) -> torch.Tensor:
+    """``t / c`` correctly rounded on every device. PyTorch's CUDA kernel multiplies by the
+    reciprocal when the divisor is a Python number, which is an ulp off ``t / c`` for some
+    values (so scales, and the codes they give, would differ between CPU and GPU and from
+    the kernels' IEEE division); a 0-dim tensor on ``t``'s device takes the true division."""
+    return t / torch.tensor(c, dtype=t.dtype, device=t.device)
 
 
 def block_scale_neighbours(spec: FormatSpec, st: GroupStats, ratio: torch.Tensor | float | None,
@@ -244,7 +252,7 @@ def block_scale_neighbours(spec: FormatSpec, st: GroupStats, ratio: torch.Tensor
     ``mse`` choice. Groups that are all zero get 1 like :func:`compute_scales`."""
     info = spec.element
     amax = st.amax if ratio is None else st.amax * ratio
-    exact = amax / (info.max * (1.0 if outer is None else outer))
+    exact = _fdiv(amax, info.max) if outer is None else amax / (info.max * outer)
     if spec.scale == "e8m0":
         _, e = torch.frexp(exact)
         lo = _pow2((e - 1).clamp(-127, 126))
