@@ -9,7 +9,9 @@ Variants (each on a freshly built random-weight model; values do not change spee
 Measured per variant: decode tokens/s (``generate`` of N new tokens minus 1 new token, over
 N - 1 tokens, dynamic KV cache), prefill tokens/s (one forward over ``--prefill`` tokens), peak
 memory (CUDA: ``max_memory_allocated``; CPU: process max RSS, monotonic over the run), and the
-backend's counters (bytes quantized, freed, compile seconds). Output is one JSON document.
+backend's counters (bytes quantized, freed, compile seconds). Output is one JSON document,
+also written after each variant (``--out``); a variant that raises is recorded with its error
+and the rest still run (exit status 1).
 ``--cache static --mode reduce-overhead`` decodes with a fixed-shape KV cache replayed as CUDA
 graphs, which removes the per-kernel launch cost from batch-1 decode.
 
@@ -29,6 +31,7 @@ import platform
 import resource
 import sys
 import time
+import traceback
 from typing import Any
 
 import torch
@@ -174,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--stop-on-error", action="store_true",
+                        help="stop at the first variant that fails (it is recorded)")
     args = parser.parse_args(argv)
     if args.decode < 2:
         parser.error("--decode must be >= 2")
@@ -197,21 +202,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "prefill_tokens": args.prefill,
         "variants": {},
     }
+    failed = False
     for name in names:
-        result["variants"][name] = run_variant(name, args, dtype)
+        try:
+            result["variants"][name] = run_variant(name, args, dtype)
+        except Exception as exc:  # recorded; the other variants still run
+            failed = True
+            tail = traceback.format_exc().splitlines()[-12:]
+            result["variants"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000],
+                                        "traceback_tail": tail}
+            gc.collect()
+            if args.stop_on_error:
+                print(f"decode.py: {name}: {result['variants'][name]['error'][:600]}",
+                      file=sys.stderr)
+                break
+        print(f"decode.py: {name}: {json.dumps(result['variants'][name])[:600]}",
+              file=sys.stderr)
+        _ratios(result)
+        _write(result, args.out)  # after every variant: a run cut short keeps what it has
+    text = json.dumps(result, indent=1)
+    print(text)
+    if failed:
+        sys.exit(1)
+    return result
+
+
+def _ratios(result: dict[str, Any]) -> None:
     base = result["variants"].get("bf16")
-    if base is not None:
-        for v in result["variants"].values():
+    if base is None or "error" in base:
+        return
+    for v in result["variants"].values():
+        if "error" not in v:
             v["decode_speedup_vs_bf16"] = round(
                 v["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
             v["prefill_ratio_vs_bf16"] = round(
                 v["prefill_tokens_per_s"] / base["prefill_tokens_per_s"], 3)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    return result
+
+
+def _write(result: dict[str, Any], path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

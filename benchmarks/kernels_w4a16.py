@@ -87,9 +87,10 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
     return rows
 
 
-def sweep(device: str | torch.device = "cuda", splits: tuple[int, ...] = (1, 4, 12)
+def sweep(device: str | torch.device = "cuda", splits: tuple[int, ...] = (1, 4, 8)
           ) -> list[dict[str, Any]]:
-    """Batch-1 FP4 g128 GEMV time (CUDA-graph replays) for every config x K split, next to a
+    """Batch-1 FP4 g128 GEMV time (CUDA-graph replays) for every config of the FP4 word kernel
+    (``w4a16_gemv.FP4W_CONFIGS``) x K split, next to a
     read of the same packed bytes (``torch.sum`` over them as int32: what the memory system
     gives a plain streaming read) and bf16 ``F.linear``; one row per measurement."""
     from triton.testing import do_bench_cudagraph
@@ -117,7 +118,7 @@ def sweep(device: str | torch.device = "cuda", splits: tuple[int, ...] = (1, 4, 
             lambda x=x, d=dense: torch.nn.functional.linear(x, d))))
         rows.append(dict(base, kernel="read_packed_sum", us=1e3 * do_bench_cudagraph(
             lambda t=words: t.sum(dtype=torch.int32))))
-        for cfg in w4a16_gemv.GEMV1_CONFIGS:
+        for cfg in w4a16_gemv.FP4W_CONFIGS:
             for split in splits:
                 def call(cfg=cfg, split=split, a=(x, packed, table, q.scale)):
                     return w4a16_gemv.w4a16_gemv1(*a, None, None, None, 128, None, True,

@@ -196,13 +196,17 @@ def test_hadamard_other_sizes(d, had):
     (5, 8192, 8192, torch.bfloat16), (2, 16384, 16384, torch.bfloat16),
     (4, 4096, 256, torch.float16), (9, 1024, 1024, torch.float32), (6, 8192, 8192, torch.float32),
 ])
-def test_hadamard_two_products(rows, d, had, dtype):
+@pytest.mark.parametrize(("parts", "trans"), [(2, False), (2, True), (3, False)])
+def test_hadamard_two_products(monkeypatch, parts, trans, rows, d, had, dtype):
     """Power-of-two sizes run as (I (x) H_R) @ X @ H_C (had_quant): the benchmark shape's
     8192 = 64 x 128, 16384 = 128 x 128, two blocks of 256 per row (R = 2), fp32 rows (and
     fp32 8192, which the general kernel takes); more rows than programs, so the row loop
-    repeats. Rotation to fp32 accuracy, quantization of it exact, codes as the reference's."""
+    repeats; the left operand split in two fp16 or three bf16 parts, products transposed or not. Rotation to fp32 accuracy, quantization of it exact, codes as the reference's."""
+    from qcompile.backends.triton import had_quant
     from qcompile.backends.triton.had_quant import had2_plan
 
+    monkeypatch.setattr(had_quant, "DEFAULT_PARTS", parts)  # both splits of the left operand
+    monkeypatch.setattr(had_quant, "DEFAULT_TRANS", trans)  # and the transposed products
     plan = had2_plan(had, d, dtype == torch.float32)
     assert (plan is None) == (dtype == torch.float32 and d > 4096)
     if plan is not None:

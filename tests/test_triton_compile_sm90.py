@@ -89,9 +89,13 @@ CASES: list[tuple[str, str, dict]] = [
     # autotune config: 8192 = 64 x 128 (three bf16 parts on the left), 128-blocks (right
     # product only), no Hadamard, fp16 and fp32 rows.
     ("had2-8192-fp8-codes", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
-                                         out="codes", mma="bf16")),
+                                         out="codes", mma="16")),
+    ("had2-8192-fp8-codes-3parts", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
+                                                out="codes", parts=3, mma="bf16")),
+    ("had2-8192-fp8-codes-trans", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
+                                               out="codes", parts=2, trans=True, mma="f16")),
     ("had2-16384-int8-qdq", "had2", dict(had_size=16384, d=16384, fmt="int8/token", out="qdq",
-                                         mma="bf16")),
+                                         mma="16")),
     ("had2-128-fp4-asym-qdq", "had2", dict(had_size=128, d=4096, fmt="fp4_e2m1/token/asym",
                                            out="qdq", mma="bf16")),
     ("had2-0-fp8-codes", "had2", dict(had_size=0, d=4096, fmt="fp8_e4m3/token", out="codes")),
@@ -258,7 +262,8 @@ def _build_had2(mod, p: dict, all_configs: bool):
                 inv_norm=plan.inv_norm, m_bucket=4096)
     xdt = _XDT[{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]]
     consts = dict(NR=plan.nr, RP=plan.rp, R=plan.r, C=plan.c, HAD=had > 0, ELEM=elem,
-                  ASYM=spec.asym, LMAX=lmax, OUT=_OUTS.index(out), XDT=xdt, NATIVE=True)
+                  ASYM=spec.asym, LMAX=lmax, OUT=_OUTS.index(out), XDT=xdt, NATIVE=True,
+                  PARTS=p.get("parts", mod.DEFAULT_PARTS), TRANS=p.get("trans", mod.DEFAULT_TRANS))
     configs = mod.HAD2_CONFIGS if all_configs else mod._prune(mod.HAD2_CONFIGS, {}, **consts)
     return mod._had2_quant_kernel, args, consts, configs
 

@@ -14,9 +14,10 @@ element.
 
 Numerics. ``X @ H_C`` runs on bf16/fp16 tensor cores with the input as it is: +-1 products are
 exact and the sums are fp32, like the reference's fp32 butterfly up to order. Its fp32 result
-``T`` is then split into three bf16 parts (``T = hi + mid + lo`` to 24 bits) for the left
-product, so it keeps fp32 accuracy (two parts leave 0.24 % of bf16 outputs one ulp off the
-reference; three leave 0.002 %). fp32 inputs use ``tf32x3`` dots instead. The rotated row is
+``T`` is then split for the left product so that it keeps fp32 accuracy: scaled by a power of
+two into fp16's range and split as ``hi + lo`` in fp16 (22 bits; :data:`DEFAULT_PARTS`), or as
+three bf16 parts (24 bits). Two bf16 parts would leave 0.24 % of bf16 outputs one ulp off the
+reference; either split leaves 0.003 %, the fp32 summation-order floor. fp32 inputs use ``tf32x3`` dots instead. The rotated row is
 rounded to ``x``'s dtype (RNE conversion), then quantized with the scale rule of
 :func:`qcompile.formats.scales.compute_scales`; the divide by the scale is a multiply by its
 reciprocal with one fma correction (Markstein), which gives the correctly rounded quotient of
@@ -40,14 +41,23 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.act_jit import nonzero_or_one, round_elem, round_to
-from qcompile.backends.triton.jit import rint
-from qcompile.backends.triton.runtime import interpreting, tuning
+from qcompile.backends.triton.jit import exp2i, floor_log2, rint
+from qcompile.backends.triton.runtime import graph_bench, interpreting, tuning
 
 __all__ = ["HAD2_CONFIGS", "had2_plan", "launch_had2"]
 
 _MAX_C = 128  # right factor: one [C, C] operand
 _MAX_RP = 128  # left factor (block diagonal over the blocks of a row), padded
 _MAX_TILE = 1 << 14  # elements of one row tile held by a program
+#: Parts of the left product's fp32 operand: 3 (bf16 hi + mid + lo, 24 bits) or 2 (fp16 hi +
+#: lo of the tile scaled by a power of two, 22 bits, one MMA less). Emulated on 64 heavy-tailed
+#: bf16 rows of 8192, both leave 0.003 % of the bf16 outputs one ulp off the reference's
+#: (the fp32 summation-order floor); two bf16 parts would leave 0.24 %.
+DEFAULT_PARTS = 2
+#: With two parts: compute the transposed products (``T^T = H_C X^T``, ``Y^T = T^T H_L``), so
+#: the constant ``H_C`` and the split parts are register operands of the MMAs and only the
+#: loaded rows and ``H_L`` sit in shared memory.
+DEFAULT_TRANS = False
 
 #: Autotune configs (CUDA): warps, pipeline stages of the row loop, programs per SM (PER_SM).
 HAD2_CONFIGS = [
@@ -134,8 +144,8 @@ def _had2_quant_kernel(
     x_ptr, out_ptr, scale_ptr, M, D, stride_x, stride_o, inv_norm,
     NR: tl.constexpr, RP: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     HAD: tl.constexpr, ELEM: tl.constexpr, ASYM: tl.constexpr, LMAX: tl.constexpr,
-    OUT: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr, PER_SM: tl.constexpr,
-    m_bucket=1,
+    OUT: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr, PARTS: tl.constexpr,
+    TRANS: tl.constexpr, PER_SM: tl.constexpr, m_bucket=1,
 ):
     """Rows ``pid, pid + programs, ...``; element ``d = r * C + c`` of a row is ``X[r, c]``
     (``r < NR``, ``d < D``); padding loads 0, which changes no statistic. ``PER_SM`` sizes
@@ -162,7 +172,9 @@ def _had2_quant_kernel(
             u = u ^ (u >> 1)
             same = ((i // R) == (j // R)) & (i < NR) & (j < NR)
             h_l = tl.where(same, 1.0 - 2.0 * (u & 1).to(tl.float32), 0.0)
+            h_l16 = h_l
             if XDT != 0 and NATIVE:
+                h_l16 = h_l.to(tl.float16)
                 h_l = h_l.to(tl.bfloat16)
     pid = tl.program_id(0)
     for row in tl.range(pid, M, tl.num_programs(0)):
@@ -174,8 +186,9 @@ def _had2_quant_kernel(
                 if R > 1:
                     y = tl.dot(h_l, y, input_precision="tf32x3")
             else:
-                y = tl.dot(_operand(x, NATIVE), h_c)
-                if R > 1:
+                if not (TRANS and R > 1 and PARTS == 2):
+                    y = tl.dot(_operand(x, NATIVE), h_c)
+                if R > 1 and PARTS == 3:
                     # fp32 T as hi + mid + lo in bf16 (24 bits), smallest part first.
                     hi = y.to(tl.bfloat16)
                     rest = y - hi.to(tl.float32)
@@ -184,6 +197,23 @@ def _had2_quant_kernel(
                     y = tl.dot(h_l, _operand(lo, NATIVE))
                     y = tl.dot(h_l, _operand(mid, NATIVE), y)
                     y = tl.dot(h_l, _operand(hi, NATIVE), y)
+                elif R > 1:
+                    if TRANS:  # T^T = H_C X^T: the constant H_C is the register (A) operand
+                        y = tl.dot(h_c, tl.trans(_operand(x, NATIVE)))
+                    # T scaled by a power of two to put its largest magnitude in [2^14, 2^15),
+                    # then hi + lo in fp16 (22 bits; the scaling keeps both in fp16's range).
+                    e = floor_log2(tl.max(tl.abs(y)))
+                    e = tl.where(e < -126, 14, e)  # an all-zero tile: any scale
+                    y = y * exp2i(14 - e)
+                    hi = y.to(tl.float16)
+                    lo = (y - hi.to(tl.float32)).to(tl.float16)
+                    if TRANS:  # Y^T = T^T H_L: the parts stay in registers as A operands
+                        y = tl.dot(_operand(lo, NATIVE), h_l16)
+                        y = tl.trans(tl.dot(_operand(hi, NATIVE), h_l16, y))
+                    else:
+                        y = tl.dot(h_l16, _operand(lo, NATIVE))
+                        y = tl.dot(h_l16, _operand(hi, NATIVE), y)
+                    y = y * exp2i(e - 14)
             # Rounded to x's dtype like the unfused qcompile::hadamard op's output.
             y = _to_dtype_grid(y * inv_norm, XDT, NATIVE)
         else:
@@ -218,8 +248,9 @@ def _grid(m_rows: int, sms: int):
 
 _had2_tuned = triton.autotune(
     configs=HAD2_CONFIGS,
-    key=["D", "NR", "RP", "R", "C", "HAD", "ELEM", "ASYM", "OUT", "XDT", "NATIVE", "m_bucket"],
-    prune_configs_by=tuning(_prune),
+    key=["D", "NR", "RP", "R", "C", "HAD", "ELEM", "ASYM", "OUT", "XDT", "NATIVE", "PARTS",
+         "TRANS", "m_bucket"],
+    prune_configs_by=tuning(_prune), do_bench=graph_bench,
 )(_had2_quant_kernel)
 
 
@@ -259,12 +290,15 @@ def had2_plan(had_size: int, d: int, fp32: bool = False) -> Had2Plan | None:
 
 
 def launch_had2(x2: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, plan: Had2Plan,
-                had_size: int, elem: int, asym: bool, lmax: float, out: int, xdt: int) -> None:
-    """Launch on ``x2`` ``[M, D]`` (checked by the caller) into ``y`` and ``scale``."""
+                had_size: int, elem: int, asym: bool, lmax: float, out: int, xdt: int,
+                parts: int | None = None) -> None:
+    """Launch on ``x2`` ``[M, D]`` (checked by the caller) into ``y`` and ``scale``;
+    ``parts``: how the left product splits its fp32 operand (default :data:`DEFAULT_PARTS`)."""
     m_rows, d = x2.shape
     args = (x2, y, scale, m_rows, d, x2.stride(0), y.stride(0), plan.inv_norm)
     meta = dict(NR=plan.nr, RP=plan.rp, R=plan.r, C=plan.c, HAD=had_size > 0, ELEM=elem,
-                ASYM=asym, LMAX=lmax, OUT=out, XDT=xdt, NATIVE=not interpreting())
+                ASYM=asym, LMAX=lmax, OUT=out, XDT=xdt, NATIVE=not interpreting(),
+                PARTS=parts or DEFAULT_PARTS, TRANS=DEFAULT_TRANS)
     if interpreting():  # a few programs, so the row loop runs more than once
         _had2_quant_kernel[(min(m_rows, 3),)](*args, **meta, PER_SM=1, num_warps=4)
         return

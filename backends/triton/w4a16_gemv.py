@@ -39,11 +39,12 @@ GEMV1_CONFIGS: list[triton.Config] = [
 _INTERP = {"BLOCK_N": 32, "BLOCK_K": 64}  # one config under the interpreter (group size % 64)
 
 #: Autotune configs of the FP4 word kernel. BLOCK_K may span several groups (a power-of-two
-#: group size dividing it) or lie inside one group (dividing the group size).
+#: group size dividing it) or lie inside one group (dividing the group size). Tiles that give
+#: a thread several rows of the same words share its loads of x across those rows.
 FP4W_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in ((16, 512, 4, 4), (32, 256, 4, 3), (32, 512, 4, 3), (16, 1024, 4, 3),
-                         (64, 256, 8, 3), (64, 128, 4, 3), (8, 1024, 4, 4), (128, 128, 8, 3))
+    for bn, bk, w, s in ((64, 512, 4, 3), (32, 1024, 4, 3), (64, 256, 4, 3), (16, 512, 4, 4),
+                         (32, 512, 4, 3), (128, 256, 8, 3), (16, 1024, 4, 3), (64, 128, 4, 3))
 ]
 _INTERP_FP4W = {"BLOCK_N": 16, "BLOCK_K": 256}
 # 0x80008000 as an int32 (Triton would widen the unsigned literal to int64).
@@ -165,9 +166,11 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
             x_lo = tl.load(x_ptr + 8 * wcol + i, mask=8 * wcol + i < K, other=0.0).to(tl.float32)
             x_hi = tl.load(x_ptr + 8 * wcol + i + 4, mask=8 * wcol + i + 4 < K,
                            other=0.0).to(tl.float32)
-            s_acc += lo * x_lo[None, :] + hi * x_hi[None, :]
+            s_acc += lo * x_lo[None, :]  # one fma per code
+            s_acc += hi * x_hi[None, :]
             if HAS_NEG:
-                a_acc += tl.abs(lo) * x_lo[None, :] + tl.abs(hi) * x_hi[None, :]
+                a_acc += tl.abs(lo) * x_lo[None, :]
+                a_acc += tl.abs(hi) * x_hi[None, :]
         if GT > 1:
             g_idx = k0 // GROUP_SIZE + tl.arange(0, GT)
             g_off = offs_n[:, None] * G + g_idx[None, :]
