@@ -105,10 +105,15 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
     vocab = model.config.vocab_size
     recipe = VARIANTS[name]
     start = time.perf_counter()
+    # A static cache fixes every decode shape, so the graphs are compiled static too (with
+    # dynamic=True, Inductor 2.11 failed to lower the cache's index_copy_ under CUDA graphs:
+    # "indices must be int64, byte or bool. Got [torch.float64]").
+    dynamic = args.cache != "static"
     if recipe is None:
-        model.compile(dynamic=True, mode=args.mode)
+        model.compile(dynamic=dynamic, mode=args.mode)
     else:
-        qcompile.compile(model, recipe=recipe, dynamic=True, free_weights=True, mode=args.mode)
+        qcompile.compile(model, recipe=recipe, dynamic=dynamic, free_weights=True,
+                         mode=args.mode)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen).to(args.device)
     long = torch.randint(0, vocab, (1, args.prefill), generator=gen).to(args.device)

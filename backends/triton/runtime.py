@@ -131,6 +131,14 @@ def _table(elem: str, device: str) -> torch.Tensor:
     return info.table().to(device)
 
 
-def element_table(elem: str, device: torch.device) -> torch.Tensor:
-    """fp32 value of every code of ``elem`` (``2**bits`` entries), cached per device."""
-    return _table(elem, str(device))
+def element_table(elem: str, device: torch.device | str) -> torch.Tensor:
+    """fp32 value of every code of ``elem`` (``2**bits`` entries), cached per device.
+
+    ``"cuda"`` and ``"cuda:<current>"`` name one device and get the same tensor: the W4A16
+    dispatch recognises the FP4 table by identity (no device sync), and a benchmark that
+    built it with ``"cuda"`` measured the table-lookup kernel instead of the FP4 one.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _table(elem, str(dev))

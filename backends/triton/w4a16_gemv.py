@@ -40,11 +40,13 @@ _INTERP = {"BLOCK_N": 32, "BLOCK_K": 64}  # one config under the interpreter (gr
 
 #: Autotune configs of the FP4 word kernel. BLOCK_K may span several groups (a power-of-two
 #: group size dividing it) or lie inside one group (dividing the group size). Tiles that give
-#: a thread several rows of the same words share its loads of x across those rows.
+#: a thread several rows of the same words share its loads of x across those rows. Ordered by
+#: the H100 sweep (``benchmarks/kernels_w4a16.py --sweep``, FP4 g128): 32 x 1024 and
+#: 16 x 1024 ran 8192^2 in 19 us and 28672 x 8192 in 56-57 us; 16 x 512 took 41 / 129 us.
 FP4W_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in ((64, 512, 4, 3), (32, 1024, 4, 3), (64, 256, 4, 3), (16, 512, 4, 4),
-                         (32, 512, 4, 3), (128, 256, 8, 3), (16, 1024, 4, 3), (64, 128, 4, 3))
+    for bn, bk, w, s in ((32, 1024, 4, 3), (16, 1024, 4, 3), (64, 512, 4, 3), (128, 256, 8, 3),
+                         (64, 256, 4, 3), (64, 128, 4, 3))
 ]
 _INTERP_FP4W = {"BLOCK_N": 16, "BLOCK_K": 256}
 # 0x80008000 as an int32 (Triton would widen the unsigned literal to int64).
