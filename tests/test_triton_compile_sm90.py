@@ -136,6 +136,11 @@ CASES: list[tuple[str, str, dict]] = [
                                                          neg=True, bias=True)),
     ("w4a16-gemv1w-fp16-g64-m2", "w4a16_gemv1w", dict(dtype="fp16", group_size=64, split=4,
                                                       outer=True, bias=False)),
+    # Prefill: the weight decoded once to x's dtype (then cuBLAS), odd group sizes included.
+    ("w4a16-dequant-bf16-g128-afpq", "w4a16_dequant", dict(dtype="bf16", group_size=128,
+                                                           neg=True, outer=True)),
+    ("w4a16-dequant-fp16-g33-int4", "w4a16_dequant", dict(dtype="fp16", group_size=33,
+                                                          zero=True)),
     ("w4a16-splitk-reduce-bf16", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True)),
     ("w4a16-gemm-bf16-g128", "w4a16_gemm", dict(dtype="bf16", m=4000, group_size=128,
                                                 zero=True, bias=True, mma="bf16")),
@@ -148,7 +153,8 @@ CASES: list[tuple[str, str, dict]] = [
 
 _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2": "had_quant",
             "w4a16_gemv": "w4a16", "w4a16_reduce": "w4a16", "w4a16_gemm": "w4a16",
-            "w4a16_gemv1": "w4a16_gemv", "w4a16_gemv1w": "w4a16_gemv"}
+            "w4a16_gemv1": "w4a16_gemv", "w4a16_gemv1w": "w4a16_gemv",
+            "w4a16_dequant": "w4a16_dequant"}
 #: Module that another engineer may still be editing: failures to import it or a kernel
 #: signature this file does not know skip its cases instead of failing them.
 _IN_PROGRESS = "w4a16"
@@ -323,6 +329,20 @@ def _build_w4a16_gemv1w(mod, p: dict, all_configs: bool):
     return mod._gemv1_fp4w_kernel, args, consts, list(mod._fp4w_configs(gs))
 
 
+def _build_w4a16_dequant(mod, p: dict, all_configs: bool):
+    import triton
+
+    n, k, gs = 4096, 4096, p["group_size"]
+    args = dict(packed_ptr="*u8", table_ptr="*fp32", scale_ptr="*fp32", neg_ptr="*fp32",
+                zero_ptr="*fp32", outer_ptr="*fp32", w_ptr="*" + p["dtype"], N=n, K=k,
+                KB=k // 2, G=-(-k // gs), outer_stride=int(p.get("outer", 0)))
+    kind = {"fp32": 0, "bf16": 1, "fp16": 2}[p["dtype"]]
+    consts = dict(GROUP_SIZE=gs, HAS_NEG=p.get("neg", False), HAS_ZERO=p.get("zero", False),
+                  HAS_OUTER=p.get("outer", False), KIND=kind, EXACT=False,
+                  BLOCK_N=mod._BLOCK_N, BLOCK_K=mod._block_k(gs))
+    return mod._dequant_kernel, args, consts, [triton.Config({}, num_warps=4)]
+
+
 def _build_w4a16_reduce(mod, p: dict, all_configs: bool):
     import triton
 
@@ -350,7 +370,7 @@ _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_qua
              "had2": _build_had2,
              "w4a16_gemv": _build_w4a16_gemv, "w4a16_reduce": _build_w4a16_reduce,
              "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1,
-             "w4a16_gemv1w": _build_w4a16_gemv1w}
+             "w4a16_gemv1w": _build_w4a16_gemv1w, "w4a16_dequant": _build_w4a16_dequant}
 
 
 def _resources(cubin: bytes, cuobjdump: str, name: str) -> tuple[int, int]:

@@ -240,6 +240,39 @@ def test_gemv1_matches_reference(fmt, k, dtype):
         assert_matches_unrounded(out, ref, x, w)
 
 
+# --- prefill: decode the weight once, then cuBLAS (w4a16_dequant) -----------------------------
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize(("k", "dtype"), [(576, torch.bfloat16), (131, torch.float32),
+                                          (1000, torch.float16)])
+def test_dequant_is_the_reference_weight(fmt, k, dtype):
+    """The decoded weight is the reference's fp32 dequantization rounded to ``dtype``, bit for
+    bit (odd K, ragged last groups, every scale kind)."""
+    from qcompile.backends.triton.w4a16_dequant import w4a16_dequant
+
+    packed, table, scale, neg, zero, outer, gs = _weights(fmt, 200, k)
+    got = w4a16_dequant(packed, table, scale, neg, zero, outer, gs, k, dtype)
+    want = w4._dequant_ref(packed, table, scale, neg, zero, outer, gs, k).to(dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1/g128/asym", "int4/g64/asym", "fp4_e2m1/g32/m2"])
+def test_prefill_takes_dequant_and_cublas(monkeypatch, fmt):
+    """From DEQUANT_MIN_M rows, w4a16_linear decodes W and calls F.linear (spied), matching the
+    reference to summation order; one row fewer takes the tiled GEMM."""
+    from qcompile.backends.triton import w4a16_dequant as dq
+
+    monkeypatch.setattr(dq, "DEQUANT_MIN_M", 40)  # small enough for the interpreter
+    calls = []
+    real = dq.w4a16_dequant
+    monkeypatch.setattr(dq, "w4a16_dequant", lambda *a: calls.append(a[-2:]) or real(*a))
+    for m, used in ((40, True), (39, False)):
+        x, w, b = _inputs(fmt, m, 96, 1000, torch.bfloat16)
+        calls.clear()
+        assert_matches(w4.w4a16_linear(x, *w, bias=b), w4.w4a16_linear_ref(x, *w, bias=b))
+        assert calls == ([(1000, torch.bfloat16)] if used else [])
+
+
 class _Spy:
     """Counts launches of a JIT kernel and forwards them."""
 
@@ -332,6 +365,9 @@ def test_every_config_matches_the_reference(monkeypatch):
     cases = [(kind, bucket, c) for kind, table in (("gemv", w4.GEMV_CONFIGS),
                                                    ("gemm", w4.GEMM_CONFIGS))
              for bucket, cs in table.items() for c in cs]
+    from qcompile.backends.triton import w4a16_dequant as dq
+
+    monkeypatch.setattr(dq, "DEQUANT_MIN_M", 1 << 30)  # every GEMM bucket through the GEMM
     for kind, bucket, config in cases:
         kernel = w4._w4a16_gemv_kernel if kind == "gemv" else w4._w4a16_gemm_kernel
         monkeypatch.setattr(w4, "_tuned", lambda *a, k=kernel, c=config: _Pinned(k, c))

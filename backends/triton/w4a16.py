@@ -5,17 +5,21 @@
 ``v = table[code]`` (``- zero`` for INT asym), ``w = v * (eff_neg if v < 0 else eff)`` for AFPQ,
 else ``v * eff``. Group of element ``k`` is ``k // group_size`` (ragged last group).
 
-Three kernels decode the weight in registers, never materializing ``W``:
+Three kernels decode the weight in registers, never materializing ``W``; a fourth path
+materializes it for long prefills:
 
 * M == 1 with a group size that a config's BLOCK_K divides: the batch-1 GEMV of
   :mod:`qcompile.backends.triton.w4a16_gemv` (group scales hoisted out of the inner product).
 * M <= 16 (decode): split-K GEMV. Programs tile (N blocks x K splits) and write fp32 partial
   sums ``[SPLIT, M, N]``; a second kernel sums them in a fixed order (no atomics, so the same
   inputs give the same bits), adds the bias and casts. With one split the GEMV writes ``y``.
-* M > 16 (prefill): tiled GEMM with ``tl.dot`` on the decoded tile cast to ``x``'s dtype,
+* 16 < M < 256: tiled GEMM with ``tl.dot`` on the decoded tile cast to ``x``'s dtype,
   fp32 accumulator, grouped program order for L2 reuse.
+* M >= 256 (prefill): :mod:`qcompile.backends.triton.w4a16_dequant` writes the weight in
+  ``x``'s dtype once and cuBLAS multiplies (the tiled GEMM ran a 2048-token prefill at a tenth
+  of cuBLAS on an H100).
 
-The last two round the decoded weight to ``x``'s dtype before multiplying, like the reference. Under the
+The GEMV and the GEMM round the decoded weight to ``x``'s dtype before multiplying, like the reference. Under the
 interpreter (which truncates fp32 -> bf16 casts, and whose ``tl.dot`` misreads bf16) the
 kernels round to bf16 with integer bit tricks and multiply in fp32, which is exact.
 """
@@ -317,6 +321,13 @@ def _gemv1():
     return w4a16_gemv
 
 
+def _dequant():
+    """The prefill module (imported late: it builds on this one's jit helpers)."""
+    from qcompile.backends.triton import w4a16_dequant
+
+    return w4a16_dequant
+
+
 def _bucket(table: dict[int, list[triton.Config]], m: int) -> int:
     return min(b for b in table if b >= m)
 
@@ -430,7 +441,8 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     """W4A16 linear with Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Same arguments and result as :func:`w4a16_linear_ref` (up to fp32 summation order): the
-    split-K GEMV for at most :data:`GEMV_MAX_M` rows, the tiled GEMM above.
+    batch-1 or split-K GEMV for at most :data:`GEMV_MAX_M` rows, the tiled GEMM above, and
+    decode-then-cuBLAS from ``w4a16_dequant.DEQUANT_MIN_M`` rows.
 
     Raises:
         KernelInputError: A malformed input, mixed devices, or tensors no kernel can run on.
@@ -460,6 +472,11 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
         out = gemv1.w4a16_gemv1(x2, packed, table, scale, None if scale_neg is None else neg,
                                 None if zero is None else zer, None if outer is None
                                 else out_t, group_size, None if bias is None else bias_t, fp4)
+    elif m >= _dequant().DEQUANT_MIN_M:  # prefill: decode W once, then cuBLAS
+        w = _dequant().w4a16_dequant(packed, table, scale, scale_neg if scale_neg is None
+                                     else neg, zero if zero is None else zer, None if
+                                     outer is None else out_t, group_size, k, x.dtype)
+        out = torch.nn.functional.linear(x2, w, None if bias is None else bias_t)
     elif m <= GEMV_MAX_M:
         split = _pick_split(n, k, x.device)
         part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32,
