@@ -54,6 +54,7 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (256, 1024, 4096, 8192)) -> 
     if not torch.cuda.is_available():
         raise RuntimeError("benchmarks/kernels_fp8.py needs a CUDA GPU with FP8 tensor cores "
                            "(sm89+); the Triton interpreter's timings would be meaningless")
+    from qcompile.backends.triton import w4a8 as w4a8_mod
     from qcompile.backends.triton.fp8_gemm import fp8_scaled_mm
     from qcompile.backends.triton.w4a8 import w4a8_linear, w4a8_split_scales
     from qcompile.formats import pack_codes, parse_format, quantize
@@ -91,6 +92,12 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (256, 1024, 4096, 8192)) -> 
         record("torch._scaled_mm", m, base, None)
         ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128))
         record("w4a8_linear", m, ms, base)
+        try:  # the per-element exponent shift, for comparison with the bit placement
+            w4a8_mod.PLACE = False
+            ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128))
+        finally:
+            w4a8_mod.PLACE = True
+        record("w4a8_linear/shift", m, ms, base)
     return results
 
 

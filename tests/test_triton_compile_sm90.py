@@ -74,6 +74,8 @@ CASES: list[tuple[str, str, dict]] = [
     # W4A8: GROUP_SIZE % BLOCK_K == 0 (one exponent per row), BLOCK_K % GROUP_SIZE == 0 (an
     # exponent tile), neither (per-column select), all with BLOCK_K 128.
     ("w4a8-gexp-row-g128", "w4a8", dict(m=4000, block_m=128, group_size=128, mma="e4m3")),
+    ("w4a8-shift-row-g128", "w4a8", dict(m=4000, block_m=128, group_size=128, place=False,
+                                         mma="e4m3")),
     ("w4a8-gexp-tile-g32", "w4a8", dict(m=4000, block_m=128, group_size=32, mma="e4m3")),
     ("w4a8-gexp-select-g192", "w4a8", dict(m=4000, block_m=128, group_size=192, mma="e4m3")),
     ("w4a8-gexp-tile-g32-decode", "w4a8", dict(m=1, block_m=16, group_size=32, mma="")),
@@ -227,7 +229,7 @@ def _build_w4a8(mod, p: dict, all_configs: bool):
                 gexp_ptr="*i8", bias_ptr="*bf16", M=m, N=n, K=k, M_BUCKET=mod.m_bucket(m),
                 stride_am=k, stride_ak=1, stride_wn=(k + 1) // 2, stride_gn=groups,
                 stride_cm=n, stride_cn=1)
-    consts = dict(GROUP_SIZE=gs, HAS_BIAS=False)
+    consts = dict(GROUP_SIZE=gs, HAS_BIAS=False, PLACE=p.get("place", mod.PLACE))
     configs = [c for c in mod.W4A8_CONFIGS
                if all_configs or c.kwargs["BLOCK_M"] == p["block_m"]]
     return (mod._w4a8_kernel, args, consts,

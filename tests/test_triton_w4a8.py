@@ -103,12 +103,16 @@ def test_fp8_weight_is_exact_dequantized_weight(scale, group, k):
     torch.testing.assert_close(ref, lin, rtol=1e-5, atol=1e-5 * float(lin.abs().max()))
 
 
-@pytest.mark.parametrize("group", [64, 32, 24])
-def test_kernel_builds_every_code_at_every_exponent(group):
+@pytest.mark.parametrize(("group", "place"), [(64, True), (64, False), (32, True), (24, True)])
+def test_kernel_builds_every_code_at_every_exponent(monkeypatch, group, place):
     """Identity activations expose W8 itself: all 16 codes x all 15 exponents, bit-exact.
 
-    Under the interpreter's BLOCK_K 64 the group sizes take the kernel's three exponent paths:
-    one per row and block (64), a per-group tile (32), a per-column select (24)."""
+    Under the interpreter's BLOCK_K 64 the group sizes take the kernel's four decode paths:
+    one group per row and block (64) by bit placement and a scaled partial sum (``PLACE``) or
+    by the exponent shift, a per-group tile (32), a per-column select (24)."""
+    from qcompile.backends.triton import w4a8
+
+    monkeypatch.setattr(w4a8, "PLACE", place)
     lo, hi = GEXP_RANGE
     n, k = hi - lo + 1, 64
     codes = torch.arange(16, dtype=torch.uint8).repeat(n, k // 16)

@@ -28,7 +28,7 @@ from qcompile.backends.triton.fp8_gemm import (
     m_bucket,
     prune_configs_by_m,
 )
-from qcompile.backends.triton.jit import tile_coords
+from qcompile.backends.triton.jit import exp2i, tile_coords
 from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting, tuning
 from qcompile.backends.triton.scales import (
     GEXP_RANGE,
@@ -50,6 +50,10 @@ __all__ = [
 ]
 
 _FP8 = torch.float8_e4m3fn
+#: Decode by bit placement where a K block lies in one group (``_w4a8_kernel``'s ``PLACE``);
+#: False keeps the per-element exponent shift everywhere (``benchmarks/kernels_fp8.py`` times
+#: both). The H100 run measured the shift alone at 0.15-0.19x cuBLAS FP8.
+PLACE = True
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
 
 
@@ -116,9 +120,11 @@ def fp4_to_fp8_bits(code, g):
 @triton.jit
 def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, K, M_BUCKET,
                  stride_am, stride_ak, stride_wn, stride_gn, stride_cm, stride_cn,
-                 GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """One program per output tile; packed rows and gexp rows are contiguous."""
+                 GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PLACE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """One program per output tile; packed rows and gexp rows are contiguous. ``PLACE``: the
+    bit-placement decode where a K block lies in one group (else the exponent shift)."""
     pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -132,42 +138,61 @@ def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, 
     k_bytes = (K + 1) // 2
     n_groups = tl.cdiv(K, GROUP_SIZE)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    g_prev = tl.zeros((BLOCK_N,), dtype=tl.int32)  # PLACE: the accumulator's exponent
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = kb * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
         byte = tl.load(w_ptrs, mask=offs_p[None, :] < k_bytes - k0 // 2, other=0)
         # Element 2i is the low nibble of byte i: interleaving restores K order.
-        codes = tl.interleave(byte & 0xF, byte >> 4).to(tl.int32)
-        if GROUP_SIZE % BLOCK_K == 0:
-            # The whole K block is in one group: one exponent per row.
-            g = tl.load(g_row + k0 // GROUP_SIZE).to(tl.int32)[:, None]
-            bits = fp4_to_fp8_bits(codes, g)
-        elif BLOCK_K % GROUP_SIZE == 0:
-            # Whole groups per K block: a [BLOCK_N, groups] exponent tile, broadcast over a
-            # [BLOCK_N, groups, GROUP_SIZE] view (a per-element gather would spill registers).
-            gi = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
-            g = tl.load(g_row[:, None] + gi[None, :], mask=gi[None, :] < n_groups, other=0)
-            codes3 = tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
-            bits3 = fp4_to_fp8_bits(codes3, g.to(tl.int32)[:, :, None])
-            bits = tl.reshape(bits3, (BLOCK_N, BLOCK_K))
+        if PLACE and GROUP_SIZE % BLOCK_K == 0:
+            # One group per K block and row: place each code's bits in an E4M3 byte (exactly
+            # fp4 * 2^-6, subnormal 0.5 included) and apply 2^(gexp + 6) per column to the
+            # accumulator - a few byte ops per weight instead of the per-element exponent
+            # arithmetic below.
+            # The accumulator is kept in units of the current block's 2^(gexp + 6) (exact
+            # power-of-two rescales), so the MMA still accumulates in place: a second
+            # 128 x 256 fp32 accumulator spilled on sm_90.
+            lo = ((byte & 8) << 4) | ((byte & 7) << 2)
+            hi = (byte & 0x80) | ((byte & 0x70) >> 2)
+            w = tl.interleave(lo, hi).to(tl.float8e4nv, bitcast=True)
+            g = tl.load(g_row + k0 // GROUP_SIZE).to(tl.int32)
+            acc = acc * exp2i(g_prev - g)[None, :]
+            acc = tl.dot(a, tl.trans(w), acc)
+            g_prev = g
         else:
-            # Other group sizes (e.g. 50, 192): the block spans at most (BLOCK_K-1)//GROUP_SIZE
-            # + 2 groups; load each one's [BLOCK_N] exponents and select per column (a
-            # per-element pointer gather would spill registers).
-            grp = (k0 + offs_k) // GROUP_SIZE
-            g_lo = k0 // GROUP_SIZE
-            g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
-            for j in tl.static_range((BLOCK_K - 1) // GROUP_SIZE + 2):
-                # Clamped in bounds; a clamped column lies past K, where activations are 0.
-                gj = tl.load(g_row + tl.minimum(g_lo + j, n_groups - 1))
-                g = tl.where((grp == g_lo + j)[None, :], gj.to(tl.int32)[:, None], g)
-            bits = fp4_to_fp8_bits(codes, g)
-        # Past K (tail, odd K's pad nibble) the activations are zero and W8 is finite (never
-        # NaN), so those products vanish without masking W8.
-        w = bits.to(tl.float8e4nv, bitcast=True)
-        acc = tl.dot(a, tl.trans(w), acc)
+            codes = tl.interleave(byte & 0xF, byte >> 4).to(tl.int32)
+            if GROUP_SIZE % BLOCK_K == 0:
+                # The whole K block is in one group: one exponent per row.
+                g = tl.load(g_row + k0 // GROUP_SIZE).to(tl.int32)[:, None]
+                bits = fp4_to_fp8_bits(codes, g)
+            elif BLOCK_K % GROUP_SIZE == 0:
+                # Whole groups per K block: a [BLOCK_N, groups] exponent tile, broadcast over
+                # a [BLOCK_N, groups, GROUP_SIZE] view (a per-element gather would spill).
+                gi = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+                g = tl.load(g_row[:, None] + gi[None, :], mask=gi[None, :] < n_groups, other=0)
+                codes3 = tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
+                bits3 = fp4_to_fp8_bits(codes3, g.to(tl.int32)[:, :, None])
+                bits = tl.reshape(bits3, (BLOCK_N, BLOCK_K))
+            else:
+                # Other group sizes (e.g. 50, 192): the block spans at most
+                # (BLOCK_K-1)//GROUP_SIZE + 2 groups; load each one's [BLOCK_N] exponents and
+                # select per column (a per-element pointer gather would spill registers).
+                grp = (k0 + offs_k) // GROUP_SIZE
+                g_lo = k0 // GROUP_SIZE
+                g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+                for j in tl.static_range((BLOCK_K - 1) // GROUP_SIZE + 2):
+                    # Clamped in bounds; a clamped column lies past K, where activations are 0.
+                    gj = tl.load(g_row + tl.minimum(g_lo + j, n_groups - 1))
+                    g = tl.where((grp == g_lo + j)[None, :], gj.to(tl.int32)[:, None], g)
+                bits = fp4_to_fp8_bits(codes, g)
+            # Past K (tail, odd K's pad nibble) the activations are zero and W8 is finite
+            # (never NaN), so those products vanish without masking W8.
+            w = bits.to(tl.float8e4nv, bitcast=True)
+            acc = tl.dot(a, tl.trans(w), acc)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K // 2
+    if PLACE and GROUP_SIZE % BLOCK_K == 0:
+        acc = acc * exp2i(g_prev + 6)[None, :]
     out = acc * tl.load(as_ptr + rm)[:, None]
     out = out * tl.load(rs_ptr + rn)[None, :]
     if HAS_BIAS:
@@ -192,7 +217,8 @@ W4A8_CONFIGS = [
     _cfg(256, 128, 128, 3, 8), _cfg(128, 64, 128, 4, 4),
 ]
 
-_w4a8_tuned = triton.autotune(W4A8_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_BIAS"],
+_w4a8_tuned = triton.autotune(W4A8_CONFIGS,
+                              key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_BIAS", "PLACE"],
                               prune_configs_by=tuning(prune_configs_by_m))(
     _w4a8_kernel)
 
@@ -255,7 +281,7 @@ def w4a8_linear(
     args = (a, packed, c, a_scale, row_scale, gexp, c if bias is None else bias, m, n, k,
             m_bucket(m), a.stride(0), a.stride(1), packed.stride(0), gexp.stride(0),
             c.stride(0), c.stride(1))
-    flags = {"GROUP_SIZE": group_size, "HAS_BIAS": bias is not None}
+    flags = {"GROUP_SIZE": group_size, "HAS_BIAS": bias is not None, "PLACE": PLACE}
     if interpreting():
         meta = _INTERPRET_CONFIG  # autotuning is meaningless under the interpreter
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
