@@ -61,6 +61,22 @@ def _fp4_units(c):
 
 
 @triton.jit
+def _finish(acc, outer_ptr, bias_ptr, part_ptr, offs_n, n_ok, pid_s, N, outer_stride,
+            HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+            KIND: tl.constexpr, EXACT: tl.constexpr):
+    """Outer scale, then ``y`` (bias, rounded to x's dtype) or this split's fp32 partial."""
+    if HAS_OUTER:
+        acc = acc * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = _round_to(acc, KIND, EXACT)
+        tl.store(part_ptr + offs_n, acc.to(part_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(part_ptr + pid_s.to(tl.int64) * N + offs_n, acc, mask=n_ok)
+
+
+@triton.jit
 def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
                   bias_ptr, part_ptr, N, K, KB, G, outer_stride,
                   GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -105,15 +121,8 @@ def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, ou
             acc += dot * eff
     if FP4:
         acc = acc * 16384.0  # 2^14: the fp16 placement's unit
-    if HAS_OUTER:
-        acc = acc * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)
-    if SPLIT == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc = _round_to(acc, KIND, EXACT)
-        tl.store(part_ptr + offs_n, acc.to(part_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.store(part_ptr + pid_s.to(tl.int64) * N + offs_n, acc, mask=n_ok)
+    _finish(acc, outer_ptr, bias_ptr, part_ptr, offs_n, n_ok, pid_s, N, outer_stride,
+            HAS_OUTER, HAS_BIAS, SPLIT, KIND, EXACT)
 
 
 @triton.jit
@@ -196,15 +205,8 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
             else:
                 acc += sg * eff
     acc = acc * 16384.0  # 2^14: the fp16 placement's unit
-    if HAS_OUTER:
-        acc = acc * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)
-    if SPLIT == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc = _round_to(acc, KIND, EXACT)
-        tl.store(part_ptr + offs_n, acc.to(part_ptr.dtype.element_ty), mask=n_ok)
-    else:
-        tl.store(part_ptr + pid_s.to(tl.int64) * N + offs_n, acc, mask=n_ok)
+    _finish(acc, outer_ptr, bias_ptr, part_ptr, offs_n, n_ok, pid_s, N, outer_stride,
+            HAS_OUTER, HAS_BIAS, SPLIT, KIND, EXACT)
 
 
 def _fp4w_configs(group_size: int) -> tuple[triton.Config, ...]:
