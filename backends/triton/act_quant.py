@@ -34,6 +34,12 @@ only x's split into two TF32 parts rounds; ``ieee`` FMAs spilled kilobytes per t
 in the offline compile), normalized once at the end; the whole row,
 ``[blocks, P1, P2, Q]``, stays on chip (at most 2^16 padded elements).
 
+Dispatch. Without RMSNorm, ``had_size`` 0 or a power of two >= 16 on rows of at most 16384
+(fp32 rows with a Hadamard: at most 4096) run :mod:`qcompile.backends.triton.had_quant`: the row
+as a matrix, two plain products, a persistent row loop (on an H100, Hadamard-8192 + FP8 codes at
+1.28x a copy, where the kernel below took 100x). The kernel below takes the Kronecker (Paley)
+sizes, longer rows and RMSNorm.
+
 fp16 outputs saturate at +-65504 where a cast would give inf (only for values beyond fp16's
 range). NaN/inf inputs are not checked (the reference raises on them).
 """
