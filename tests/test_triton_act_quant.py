@@ -45,6 +45,7 @@ if not CUDA and not interpreting():
 from qcompile.backends.triton.act_quant import (  # noqa: E402
     act_quant,
     act_quant_ref,
+    fused_fits,
     rmsnorm_quant,
     rmsnorm_quant_ref,
 )
@@ -187,6 +188,10 @@ def test_hadamard_other_sizes(d, had):
     """Kronecker sizes with a large 2^k (split in two dots), small 2^k folded into the base,
     a padded 2^k axis (8 x 60, 2 x 76) and tiny sizes."""
     x = _x(1 if d > 4096 else 3, d, torch.float32, seed=had)
+    if not fused_fits(had, d, x.dtype, x.device):  # on a GPU: 14336 and fp32 16384
+        with pytest.raises(ValueError, match="shared memory"):
+            act_quant(x, "fp8_e4m3/token", had, out="rotated")
+        return
     rot = act_quant(x, "fp8_e4m3/token", had, out="rotated")
     exact = hadamard(x.double(), had)
     assert bool(((rot.double() - exact).abs() <= 1e-6 * exact.abs().amax(-1, keepdim=True)).all())
@@ -236,6 +241,21 @@ def test_tiny_rows_divide_exactly():
     q, s = act_quant(x, "fp8_e4m3/token", out="codes")
     rq, rs = act_quant_ref(x, "fp8_e4m3/token", out="codes")
     assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs)
+
+
+def test_fused_fits():
+    """Which rows a fused kernel holds: on a GPU the general kernel stages its tile through
+    shared memory (at most 8192 padded elements), the two-product kernel takes powers of two
+    up to 16384 for bf16/fp16 (4096 for fp32); the interpreter has no such limit."""
+    bf16, f32 = torch.bfloat16, torch.float32
+    assert fused_fits(8192, 8192, bf16, "cuda") and fused_fits(16384, 16384, bf16, "cuda")
+    assert fused_fits(8192, 8192, f32, "cuda")  # general kernel, 8192-element tile
+    assert not fused_fits(16384, 16384, f32, "cuda")
+    assert not fused_fits(14336, 14336, bf16, "cuda")  # 16 x 32 x 32 (Paley 28 padded)
+    assert fused_fits(14336, 14336, bf16, "cpu") and fused_fits(1536, 1536, bf16, "cuda")
+    assert not fused_fits(100, 64, bf16, "cpu")  # 100 does not divide 64
+    assert fused_fits(0, 8192, bf16, "cuda", norm=True)
+    assert not fused_fits(0, 16384, bf16, "cuda", norm=True)
 
 
 def test_hadamard_codes():

@@ -80,8 +80,9 @@ CASES: list[tuple[str, str, dict]] = [
     ("w4a8-gexp-select-g192", "w4a8", dict(m=4000, block_m=128, group_size=192, mma="e4m3")),
     ("w4a8-gexp-tile-g32-decode", "w4a8", dict(m=1, block_m=16, group_size=32, mma="")),
     # Fused per-token quantize (bf16 rows): every warp count the kernel's own _prune keeps.
-    # The general kernel now runs the Kronecker (Paley) sizes, rows over 16384 and RMSNorm.
-    ("act-quant-had32768-fp8-qdq", "act_quant", dict(had_size=32768, d=32768,
+    # The general kernel now runs the Kronecker (Paley) sizes, fp32 rows with a power-of-two
+    # Hadamard over 4096, and RMSNorm.
+    ("act-quant-had8192-fp8-qdq", "act_quant", dict(had_size=8192, d=8192,
                                                      fmt="fp8_e4m3/token", out="qdq",
                                                      known_spills=_ACT_HAD_SPILLS)),
     ("act-quant-had1536-kron-fp8-codes", "act_quant", dict(had_size=1536, d=1536,

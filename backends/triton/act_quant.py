@@ -69,7 +69,8 @@ from qcompile.formats.scales import compute_scales, group_stats
 from qcompile.hadamard import hadamard_base, hadamard_factors
 from qcompile.ops import hadamard, quantize_activation
 
-__all__ = ["CONFIGS", "act_quant", "act_quant_ref", "rmsnorm_quant", "rmsnorm_quant_ref"]
+__all__ = ["CONFIGS", "act_quant", "act_quant_ref", "fused_fits", "rmsnorm_quant",
+           "rmsnorm_quant_ref"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _XDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -87,6 +88,9 @@ _CODES = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 _OUTS = ("qdq", "codes", "rotated")
 _MAX_BASE = 128  # largest padded Paley base / Sylvester factor: one dot operand in registers
 _MAX_TILE = 1 << 16  # padded elements of one row held by one program
+# On a GPU: its permutes stage the tile through shared memory at 16 bytes per element (offline
+# sm_90 compile: 128 KiB at 8192, 256 KiB at 16384, over the 227 KiB a block may use).
+_MAX_TILE_GPU = 1 << 13
 
 #: Autotune configs (CUDA): the row is one tile, so only the warp count varies.
 CONFIGS = [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8, 16)]
@@ -280,6 +284,13 @@ def _launch(x: torch.Tensor, spec: FormatSpec, had_size: int, out: str,
     if tile > _MAX_TILE:
         raise ValueError(f"row of {d} elements (padded tile {tile}) is too long for the fused "
                          f"quantize kernel (at most {_MAX_TILE} padded elements)")
+    if x.is_cuda and tile > _MAX_TILE_GPU:
+        raise ValueError(
+            f"row of {d} elements with Hadamard size {had_size} (padded tile {tile}): the "
+            f"general fused quantize kernel needs 16 bytes of shared memory per tile element, "
+            f"more than a GPU block has above {_MAX_TILE_GPU}; powers of two up to 16384 run "
+            "in the two-product kernel for bf16/fp16 rows (up to 4096 for fp32); the "
+            "qcompile::hadamard_quantize op runs the reference ops for such rows instead")
     if out == "codes":
         y = torch.empty((m_rows, d), dtype=_CODES[spec.elem], device=x.device)
     else:
@@ -306,6 +317,21 @@ def _launch(x: torch.Tensor, spec: FormatSpec, had_size: int, out: str,
     if out == "codes":
         return y, scale.view(*x.shape[:-1], 1)
     return y
+
+
+def fused_fits(had_size: int, d: int, dtype: torch.dtype, device: torch.device,
+               norm: bool = False) -> bool:
+    """Whether a fused kernel takes rows of ``d`` ``dtype`` elements on ``device`` with this
+    Hadamard (``norm``: the RMSNorm variant, ``had_size`` 0); False for sizes the kernels
+    reject (callers then run the reference ops)."""
+    try:
+        if not norm and had2_plan(had_size, d, dtype == torch.float32) is not None:
+            return True
+        plan = _plan(had_size, d)
+    except ValueError:
+        return False
+    tile = plan.nb * plan.p1 * plan.p2 * plan.qp
+    return tile <= (_MAX_TILE_GPU if torch.device(device).type == "cuda" else _MAX_TILE)
 
 
 # --- public API ------------------------------------------------------------------------------

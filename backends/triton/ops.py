@@ -153,6 +153,12 @@ def _(x, packed, scale, scale_neg, zero, outer, bias, fmt, k):
 
 # --- per-token activation codes --------------------------------------------------------------
 
+def _fits(x: torch.Tensor, had_size: int, rms_eps: float) -> bool:
+    """Whether the fused quantize kernel takes these rows (sizes it cannot hold on the GPU,
+    e.g. a 14336 Kronecker Hadamard, run the reference ops instead of failing to launch)."""
+    return _kernels()[0].fused_fits(had_size, x.shape[-1], x.dtype, x.device, rms_eps >= 0)
+
+
 @torch.library.custom_op("qcompile::quantize_rows", mutates_args=())
 def quantize_rows(
     x: torch.Tensor,
@@ -163,7 +169,7 @@ def quantize_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token FP8/INT8 codes and fp32 scales; see the module docstring."""
     spec = _rows_spec(fmt)
-    if _use_kernel(x):
+    if _use_kernel(x) and _fits(x, had_size, rms_eps):
         if rms_eps >= 0:
             return _kernels()[0].rmsnorm_quant(x.contiguous(), rms_weight, rms_eps, fmt,
                                                out="codes")
@@ -262,7 +268,7 @@ def hadamard_quantize(
     rms_eps: float = -1.0,
 ) -> torch.Tensor:
     """``quantize_activation(hadamard(x, size), fmt)`` fused; see the module docstring."""
-    if _use_kernel(x):
+    if _use_kernel(x) and _fits(x, size, rms_eps):
         if rms_eps >= 0:
             return _kernels()[0].rmsnorm_quant(x.contiguous(), rms_weight, rms_eps, fmt,
                                                out="qdq")
