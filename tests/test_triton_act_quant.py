@@ -232,6 +232,31 @@ def test_hadamard_two_products(monkeypatch, parts, trans, rows, d, had, dtype):
         assert torch.equal(act_quant(x, fmt, had), act_quant_ref(rot, fmt))
 
 
+@pytest.mark.parametrize(("rows", "had", "dtype"), [(3, 14336, torch.bfloat16),
+                                                   (5, 12288, torch.float16)])
+def test_hadamard_kronecker_three_products(rows, had, dtype):
+    """Kronecker sizes too large for the general kernel's shared memory on a GPU run as three
+    products (kron_quant): 14336 = (16 x 32) x 28, 12288 = (32 x 32) x 12; more rows than
+    programs. Rotation to the reference's bf16/fp16 rounding but for near-ties, quantization
+    of it exact."""
+    from qcompile.backends.triton.kron_quant import kron_plan
+
+    plan = kron_plan(had, had)
+    assert plan is not None and plan.a * plan.b * plan.m == had
+    x = _x(rows, had, dtype, seed=had)
+    rot = act_quant(x, "fp8_e4m3/token", had, out="rotated")
+    exact = hadamard(x.double(), had)
+    rowmax = exact.abs().amax(-1, keepdim=True)
+    assert float((rot != hadamard(x, had)).float().mean()) <= 0.002
+    eps = torch.finfo(dtype).eps
+    assert bool(((rot.double() - exact).abs() <= exact.abs() * eps + 1e-6 * rowmax).all())
+    q, s = act_quant(x, "fp8_e4m3/token", had, out="codes")
+    rq, rs = act_quant_ref(rot, "fp8_e4m3/token", out="codes")
+    assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs)
+    for fmt in ("int4/token/asym", "fp4_e2m1/token/asym"):
+        assert torch.equal(act_quant(x, fmt, had), act_quant_ref(rot, fmt))
+
+
 def test_tiny_rows_divide_exactly():
     """Rows whose scale is below 2^-64 are scaled by 2^64 before the reciprocal multiply
     (1 / scale would overflow): still bit-exact with the reference's division."""
@@ -251,8 +276,10 @@ def test_fused_fits():
     assert fused_fits(8192, 8192, bf16, "cuda") and fused_fits(16384, 16384, bf16, "cuda")
     assert fused_fits(8192, 8192, f32, "cuda")  # general kernel, 8192-element tile
     assert not fused_fits(16384, 16384, f32, "cuda")
-    assert not fused_fits(14336, 14336, bf16, "cuda")  # 16 x 32 x 32 (Paley 28 padded)
-    assert fused_fits(14336, 14336, bf16, "cpu") and fused_fits(1536, 1536, bf16, "cuda")
+    assert fused_fits(14336, 14336, bf16, "cuda")  # kron_quant: 16 x 32 x 32 (28 padded)
+    assert not fused_fits(14336, 14336, f32, "cuda")  # fp32: only the general kernel
+    assert fused_fits(14336, 14336, f32, "cpu") and fused_fits(1536, 1536, bf16, "cuda")
+    assert not fused_fits(2 * 14336, 2 * 14336, bf16, "cuda")  # two blocks: too long
     assert not fused_fits(100, 64, bf16, "cpu")  # 100 does not divide 64
     assert fused_fits(0, 8192, bf16, "cuda", norm=True)
     assert not fused_fits(0, 16384, bf16, "cuda", norm=True)

@@ -93,6 +93,9 @@ CASES: list[tuple[str, str, dict]] = [
     # product only), no Hadamard, fp16 and fp32 rows.
     ("had2-8192-fp8-codes", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
                                          out="codes", mma="16")),
+    # Kronecker 14336 = (16 x 32) x 28 as three products (kron_quant), every config it keeps.
+    ("kron-14336-fp8-codes", "kron", dict(had_size=14336, fmt="fp8_e4m3/token", out="codes",
+                                          mma="f16")),
     ("had2-8192-fp8-codes-3parts", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
                                                 out="codes", parts=3, mma="bf16")),
     ("had2-8192-fp8-codes-trans", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
@@ -155,6 +158,7 @@ CASES: list[tuple[str, str, dict]] = [
 ]
 
 _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2": "had_quant",
+            "kron": "kron_quant",
             "w4a16_gemv": "w4a16", "w4a16_reduce": "w4a16", "w4a16_gemm": "w4a16",
             "w4a16_gemv1": "w4a16_gemv", "w4a16_gemv1w": "w4a16_gemv",
             "w4a16_dequant": "w4a16_dequant"}
@@ -277,6 +281,23 @@ def _build_had2(mod, p: dict, all_configs: bool):
     return mod._had2_quant_kernel, args, consts, configs
 
 
+def _build_kron(mod, p: dict, all_configs: bool):
+    from qcompile.backends.triton.act_quant import _FORMATS, _OUTS, _spec
+
+    had, out = p["had_size"], p["out"]
+    spec = _spec(p["fmt"], out, _OUTS)
+    plan = mod.kron_plan(had, had)
+    elem, lmax = _FORMATS[(spec.elem, spec.asym)]
+    codes = {"fp8_e4m3": "*fp8e4nv", "int8": "*i8"}
+    args = dict(x_ptr="*bf16", base_ptr="*i8",
+                out_ptr=codes[spec.elem] if out == "codes" else "*bf16", scale_ptr="*fp32",
+                M=4096, stride_x=had, stride_o=had, inv_norm=plan.inv_norm, m_bucket=4096)
+    consts = dict(A=plan.a, B=plan.b, Q=plan.q, MB=plan.m, ELEM=elem, ASYM=spec.asym,
+                  LMAX=lmax, OUT=_OUTS.index(out), XDT=1, NATIVE=True)
+    configs = mod.HAD2_CONFIGS if all_configs else mod._prune(mod.HAD2_CONFIGS, {})
+    return mod._kron_quant_kernel, args, consts, configs
+
+
 def _w4a16_pointers(p: dict) -> dict:
     x = "*" + p["dtype"]
     return dict(x_ptr=x, packed_ptr="*u8", table_ptr="*fp32", scale_ptr="*fp32",
@@ -370,7 +391,7 @@ def _build_w4a16_gemm(mod, p: dict, all_configs: bool):
 
 
 _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_quant,
-             "had2": _build_had2,
+             "had2": _build_had2, "kron": _build_kron,
              "w4a16_gemv": _build_w4a16_gemv, "w4a16_reduce": _build_w4a16_reduce,
              "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1,
              "w4a16_gemv1w": _build_w4a16_gemv1w, "w4a16_dequant": _build_w4a16_dequant}

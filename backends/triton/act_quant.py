@@ -37,8 +37,10 @@ in the offline compile), normalized once at the end; the whole row,
 Dispatch. Without RMSNorm, ``had_size`` 0 or a power of two >= 16 on rows of at most 16384
 (fp32 rows with a Hadamard: at most 4096) run :mod:`qcompile.backends.triton.had_quant`: the row
 as a matrix, two plain products, a persistent row loop (on an H100, Hadamard-8192 + FP8 codes at
-1.28x a copy, where the kernel below took 100x). The kernel below takes the Kronecker (Paley)
-sizes, longer rows and RMSNorm.
+1.28x a copy, where the kernel below took 100x). One Kronecker block per bf16/fp16 row whose
+tile this kernel cannot hold on a GPU (14336, 12288) runs
+:mod:`qcompile.backends.triton.kron_quant` (three products). The kernel below takes the other
+Kronecker (Paley) sizes, fp32 rows and RMSNorm.
 
 fp16 outputs saturate at +-65504 where a cast would give inf (only for values beyond fp16's
 range). NaN/inf inputs are not checked (the reference raises on them).
@@ -56,6 +58,7 @@ import triton.language as tl
 
 from qcompile.backends.triton.act_jit import quantize_row, round_to, sylvester
 from qcompile.backends.triton.had_quant import had2_plan, launch_had2
+from qcompile.backends.triton.kron_quant import base_matrix, kron_plan, launch_kron
 from qcompile.backends.triton.runtime import (
     KernelInputError,
     check_tensor,
@@ -66,7 +69,7 @@ from qcompile.errors import FormatError
 from qcompile.formats import FormatSpec, parse_format
 from qcompile.formats.elements import _round_f32
 from qcompile.formats.scales import compute_scales, group_stats
-from qcompile.hadamard import hadamard_base, hadamard_factors
+from qcompile.hadamard import hadamard_factors
 from qcompile.ops import hadamard, quantize_activation
 
 __all__ = ["CONFIGS", "act_quant", "act_quant_ref", "fused_fits", "rmsnorm_quant",
@@ -235,17 +238,6 @@ def _plan(had_size: int, d: int) -> _Plan:
                  1.0 / math.sqrt(had_size))
 
 
-@functools.lru_cache(maxsize=64)
-def _base_matrix(pow2: int, m: int, qp: int, device: str) -> torch.Tensor:
-    """int8 ``[qp, qp]``: H_pow2 (x) H_m (+-1, Sylvester x Paley) zero-padded."""
-    h = hadamard_base(m)
-    while h.shape[0] < pow2 * m:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)  # H_2 (x) h
-    out = torch.zeros(qp, qp, dtype=torch.int8)
-    out[: h.shape[0], : h.shape[1]] = h.to(torch.int8)
-    return out.to(device)
-
-
 def _spec(fmt: str, out: str, outs: tuple[str, ...]) -> FormatSpec:
     if out not in outs:
         raise ValueError(f"out must be one of {', '.join(map(repr, outs))}, got {out!r}")
@@ -278,8 +270,10 @@ def _launch(x: torch.Tensor, spec: FormatSpec, had_size: int, out: str,
             weight: torch.Tensor | None = None, eps: float | None = None):
     x2 = _rows(x)
     m_rows, d = x2.shape
-    plan2 = had2_plan(had_size, d, x.dtype == torch.float32) if eps is None else None
-    plan = _plan(had_size, d) if plan2 is None else None
+    fp32 = x.dtype == torch.float32
+    plan2 = had2_plan(had_size, d, fp32) if eps is None else None
+    kplan = kron_plan(had_size, d, fp32) if eps is None and plan2 is None else None
+    plan = _plan(had_size, d) if plan2 is None and kplan is None else None
     tile = plan.nb * plan.p1 * plan.p2 * plan.qp if plan is not None else 0
     if tile > _MAX_TILE:
         raise ValueError(f"row of {d} elements (padded tile {tile}) is too long for the fused "
@@ -300,8 +294,10 @@ def _launch(x: torch.Tensor, spec: FormatSpec, had_size: int, out: str,
     if m_rows and plan2 is not None:
         launch_had2(x2, y, scale, plan2, had_size, elem, spec.asym, lmax, _OUTS.index(out),
                     _XDT[x.dtype])
+    elif m_rows and kplan is not None:
+        launch_kron(x2, y, scale, kplan, elem, spec.asym, lmax, _OUTS.index(out), _XDT[x.dtype])
     elif m_rows:
-        base = _base_matrix(*plan.base, plan.qp, str(x.device)) if plan.base else scale
+        base = base_matrix(*plan.base, plan.qp, str(x.device)) if plan.base else scale
         args = (x2, weight if weight is not None else x2, base, y, scale,
                 d, float(d), x2.stride(0), y.stride(0), plan.nblk, plan.size, plan.q,
                 plan.inv_norm, 0.0 if eps is None else float(eps))
@@ -325,7 +321,9 @@ def fused_fits(had_size: int, d: int, dtype: torch.dtype, device: torch.device,
     Hadamard (``norm``: the RMSNorm variant, ``had_size`` 0); False for sizes the kernels
     reject (callers then run the reference ops)."""
     try:
-        if not norm and had2_plan(had_size, d, dtype == torch.float32) is not None:
+        fp32 = dtype == torch.float32
+        if not norm and (had2_plan(had_size, d, fp32) is not None
+                         or kron_plan(had_size, d, fp32) is not None):
             return True
         plan = _plan(had_size, d)
     except ValueError:

@@ -1,0 +1,181 @@
+"""Per-token quantization with a Kronecker online Hadamard ``H_2^k (x) H_m`` as three products.
+
+For Paley sizes whose row tile the general kernel of :mod:`qcompile.backends.triton.act_quant`
+cannot stage through a GPU block's shared memory (tiles over 8192 padded elements: 14336 =
+512 x 28 of Llama-3-8B's MLP, 12288 = 1024 x 12), with bf16/fp16 rows and one Hadamard block
+per row. The row is the tensor ``X[a, b, j]`` (``d = (a * B + b) * m + j``, ``2^k = A * B``,
+``B = 32``, ``m`` padded to ``Q``), and the transform, ``x @ H`` as in
+:func:`qcompile.hadamard.hadamard_transform`, is one product per axis:
+
+1. ``Z = X @ H_m`` on ``[A * B, Q]`` (tensor cores, the input as it is: exact products);
+2. ``H_B`` on the middle axis: the fp16 parts of ``Z`` permuted to ``[A, Q, B]``, ``@ H_B``;
+3. ``H_A`` from the left on ``[A, Q * B]``.
+
+The fp32 operands of steps 2 and 3 are split as in :mod:`qcompile.backends.triton.had_quant`
+(the tile scaled by a power of two into fp16's range, then ``hi + lo`` in fp16), so the rotation
+keeps fp32 accuracy; the output is stored from the ``[A, Q, B]`` order through matching
+offsets. Quantization is ``had_quant``'s (compute_scales' rule, correctly rounded division).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.backends.triton.act_jit import sylvester
+from qcompile.backends.triton.had_quant import (
+    HAD2_CONFIGS,
+    _grid,
+    _operand,
+    _quantize_store,
+    _to_dtype_grid,
+)
+from qcompile.backends.triton.jit import exp2i, floor_log2
+from qcompile.backends.triton.runtime import graph_bench, interpreting, tuning
+from qcompile.hadamard import hadamard_base, hadamard_factors
+
+__all__ = ["KronPlan", "base_matrix", "kron_plan", "launch_kron"]
+
+_B = 32  # middle factor
+_MAX_TILE = 1 << 14
+_GENERAL_TILE_GPU = 1 << 13  # what the general kernel holds on a GPU (act_quant._MAX_TILE_GPU)
+
+
+@functools.lru_cache(maxsize=64)
+def base_matrix(pow2: int, m: int, qp: int, device: str) -> torch.Tensor:
+    """int8 ``[qp, qp]``: H_pow2 (x) H_m (+-1, Sylvester x Paley) zero-padded."""
+    h = hadamard_base(m)
+    while h.shape[0] < pow2 * m:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)  # H_2 (x) h
+    out = torch.zeros(qp, qp, dtype=torch.int8)
+    out[: h.shape[0], : h.shape[1]] = h.to(torch.int8)
+    return out.to(device)
+
+
+@triton.jit
+def _split16(t):
+    """``t * 2^s`` (largest magnitude in [2^14, 2^15)) as fp16 ``hi + lo`` (22 bits), and
+    ``s``; an all-zero tile takes s = 0, tiny ones at most 2^114."""
+    e = floor_log2(tl.max(tl.abs(t)))
+    e = tl.minimum(tl.maximum(tl.where(e < -126, 14, e), -100), 113)
+    t = t * exp2i(14 - e)
+    hi = t.to(tl.float16)
+    lo = (t - hi.to(tl.float32)).to(tl.float16)
+    return hi, lo, 14 - e
+
+
+@triton.jit
+def _kron_quant_kernel(
+    x_ptr, base_ptr, out_ptr, scale_ptr, M, stride_x, stride_o, inv_norm,
+    A: tl.constexpr, B: tl.constexpr, Q: tl.constexpr, MB: tl.constexpr,
+    ELEM: tl.constexpr, ASYM: tl.constexpr, LMAX: tl.constexpr, OUT: tl.constexpr,
+    XDT: tl.constexpr, NATIVE: tl.constexpr, PER_SM: tl.constexpr, m_bucket=1,
+):
+    """Rows ``pid, pid + programs, ...``; element ``(a * B + b) * MB + j`` of a row is
+    ``X[a, b, j]`` (``j < MB``, the base order); padding columns load 0 and stay 0."""
+    ab = tl.arange(0, A * B)[:, None]
+    j = tl.arange(0, Q)[None, :]
+    off_in = ab * MB + j
+    mask_in = (ab >= 0) & (j < MB)
+    a3 = tl.arange(0, A)[:, None, None]
+    j3 = tl.arange(0, Q)[None, :, None]
+    b3 = tl.arange(0, B)[None, None, :]
+    off_out = tl.reshape((a3 * B + b3) * MB + j3, [A, Q * B])
+    mask_out = tl.reshape((a3 >= 0) & (j3 < MB) & (b3 >= 0), [A, Q * B])
+    k = tl.arange(0, Q)
+    h_m = tl.load(base_ptr + k[:, None] * Q + k[None, :]).to(tl.float32)
+    h_b = sylvester(B, B)
+    h_a = sylvester(A, A)
+    if NATIVE:
+        h_m = h_m.to(x_ptr.dtype.element_ty)  # exact: +-1 and 0
+        h_b = h_b.to(tl.float16)
+        h_a = h_a.to(tl.float16)
+    pid = tl.program_id(0)
+    for row in tl.range(pid, M, tl.num_programs(0)):
+        row64 = tl.cast(row, tl.int64)
+        x = tl.load(x_ptr + row64 * stride_x + off_in, mask=mask_in, other=0.0)
+        z = tl.dot(_operand(x, NATIVE), h_m)  # [A*B, Q]
+        hi, lo, s1 = _split16(z)
+        hi = tl.reshape(tl.permute(tl.reshape(hi, [A, B, Q]), (0, 2, 1)), [A * Q, B])
+        lo = tl.reshape(tl.permute(tl.reshape(lo, [A, B, Q]), (0, 2, 1)), [A * Q, B])
+        w = tl.dot(_operand(lo, NATIVE), h_b)
+        w = tl.dot(_operand(hi, NATIVE), h_b, w)  # [A*Q, B], scaled by 2^s1
+        hi, lo, s2 = _split16(tl.reshape(w, [A, Q * B]))
+        y = tl.dot(h_a, _operand(lo, NATIVE))
+        y = tl.dot(h_a, _operand(hi, NATIVE), y)  # [A, Q*B], scaled by 2^(s1 + s2)
+        y = (y * exp2i(-s2)) * exp2i(-s1)
+        y = _to_dtype_grid(y * inv_norm, XDT, NATIVE)
+        o_ptrs = out_ptr + row64 * stride_o + off_out
+        if OUT == 2:  # the rotated row, unquantized
+            tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask_out)
+        else:
+            _quantize_store(y, o_ptrs, mask_out, scale_ptr + row64, ELEM, ASYM, LMAX, OUT, XDT,
+                            NATIVE)
+
+
+def _prune(configs, named_args, **kwargs):
+    """8 warps or more: the three fp32/fp16 copies of the 16384-element tile need them."""
+    keep = [c for c in configs if c.num_warps >= 8]
+    return keep or list(configs)
+
+
+_kron_tuned = triton.autotune(
+    configs=HAD2_CONFIGS,
+    key=["A", "B", "Q", "MB", "ELEM", "ASYM", "OUT", "XDT", "NATIVE", "m_bucket"],
+    prune_configs_by=tuning(_prune), do_bench=graph_bench,
+)(_kron_quant_kernel)
+
+
+@dataclass(frozen=True)
+class KronPlan:
+    """``2^k = a * b``, base order ``m`` padded to ``q``."""
+
+    a: int
+    b: int
+    q: int
+    m: int
+    inv_norm: float
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=256)
+def kron_plan(had_size: int, d: int, fp32: bool = False) -> KronPlan | None:
+    """The three-product layout, or None: only one Kronecker block per row of bf16/fp16,
+    with a tile of 8193..16384 padded elements (smaller ones stay on the general kernel,
+    which holds them)."""
+    if fp32 or had_size != d or had_size < 16:
+        return None
+    factors = hadamard_factors(had_size)
+    if factors is None or factors[1] == 1:
+        return None
+    pow2, m = factors
+    q = max(16, _pow2_ceil(m))
+    if q > 32 or pow2 < 16 * _B:
+        return None
+    a = pow2 // _B
+    if not _GENERAL_TILE_GPU < a * _B * q <= _MAX_TILE:
+        return None
+    return KronPlan(a, _B, q, m, 1.0 / math.sqrt(had_size))
+
+
+def launch_kron(x2: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, plan: KronPlan,
+                elem: int, asym: bool, lmax: float, out: int, xdt: int) -> None:
+    """Launch on ``x2`` ``[M, D]`` (checked by the caller) into ``y`` and ``scale``."""
+    m_rows = x2.shape[0]
+    base = base_matrix(1, plan.m, plan.q, str(x2.device))
+    args = (x2, base, y, scale, m_rows, x2.stride(0), y.stride(0), plan.inv_norm)
+    meta = dict(A=plan.a, B=plan.b, Q=plan.q, MB=plan.m, ELEM=elem, ASYM=asym, LMAX=lmax,
+                OUT=out, XDT=xdt, NATIVE=not interpreting())
+    if interpreting():
+        _kron_quant_kernel[(min(m_rows, 2),)](*args, **meta, PER_SM=1, num_warps=8)
+        return
+    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+    _kron_tuned[_grid(m_rows, sms)](*args, **meta, m_bucket=min(_pow2_ceil(m_rows), 4096))
