@@ -91,8 +91,9 @@ _CODES = {"fp8_e4m3": torch.float8_e4m3fn, "int8": torch.int8}
 _OUTS = ("qdq", "codes", "rotated")
 _MAX_BASE = 128  # largest padded Paley base / Sylvester factor: one dot operand in registers
 _MAX_TILE = 1 << 16  # padded elements of one row held by one program
-# On a GPU: its permutes stage the tile through shared memory at 16 bytes per element (offline
-# sm_90 compile: 128 KiB at 8192, 256 KiB at 16384, over the 227 KiB a block may use).
+# On a GPU, with a Hadamard: its permutes stage the tile through shared memory at 16 bytes per
+# element (offline sm_90 compile: 128 KiB at 8192, 256 KiB at 16384, over the 227 KiB a block
+# may use). Without one (RMSNorm, plain rows) the tile stays in registers.
 _MAX_TILE_GPU = 1 << 13
 
 #: Autotune configs (CUDA): the row is one tile, so only the warp count varies.
@@ -278,7 +279,7 @@ def _launch(x: torch.Tensor, spec: FormatSpec, had_size: int, out: str,
     if tile > _MAX_TILE:
         raise ValueError(f"row of {d} elements (padded tile {tile}) is too long for the fused "
                          f"quantize kernel (at most {_MAX_TILE} padded elements)")
-    if x.is_cuda and tile > _MAX_TILE_GPU:
+    if x.is_cuda and had_size and tile > _MAX_TILE_GPU:
         raise ValueError(
             f"row of {d} elements with Hadamard size {had_size} (padded tile {tile}): the "
             f"general fused quantize kernel needs 16 bytes of shared memory per tile element, "
@@ -329,7 +330,8 @@ def fused_fits(had_size: int, d: int, dtype: torch.dtype, device: torch.device,
     except ValueError:
         return False
     tile = plan.nb * plan.p1 * plan.p2 * plan.qp
-    return tile <= (_MAX_TILE_GPU if torch.device(device).type == "cuda" else _MAX_TILE)
+    gpu = torch.device(device).type == "cuda" and had_size > 0  # only the permutes stage
+    return tile <= (_MAX_TILE_GPU if gpu else _MAX_TILE)
 
 
 # --- public API ------------------------------------------------------------------------------
