@@ -159,10 +159,11 @@ RECIPES: dict[str, Recipe] = {
                "activation quantizers), AFPQ weights per channel with GPTQ"),
         Recipe("spinquant-w4a4-nvfp4-gptq",
                f"fuse-norms,{_QUAROT},learn-rotation{{a=nvfp4 steps=60}},"
-               f"gptq{{w=fp4_e2m1/{_G}/asym clip=search}},"
+               f"gptq{{w=fp4_e2m1/{_G}/asym clip=search samples=128}},"
                f"quantize{{w=fp4_e2m1/{_G}/asym a=nvfp4/mse kv=nvfp4/mse}},cleanup",
                "W4A4KV4 with NVFP4 activations and K/V (block scales chosen by MSE), a learned "
-               "R1 (60 steps through the NVFP4 quantizers) and AFPQ g128 GPTQ weights"),
+               "R1 (60 steps through the NVFP4 quantizers) and AFPQ g128 GPTQ weights (128 "
+               "calibration windows)"),
         Recipe("quarot-w4a4-int4-gptq",
                f"fuse-norms,{_QUAROT},gptq{{w=int4/channel/asym}},"
                "quantize{w=int4/channel/asym a=int4/token/asym kv=int4/token/asym},cleanup",
