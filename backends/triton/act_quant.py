@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.act_jit import quantize_row, round_to, sylvester
-from qcompile.backends.triton.had_quant import had2_plan, launch_had2
+from qcompile.backends.triton.had_quant import _pow2_ceil, had2_plan, launch_had2
 from qcompile.backends.triton.kron_quant import base_matrix, kron_plan, launch_kron
 from qcompile.backends.triton.runtime import (
     KernelInputError,
@@ -177,10 +177,6 @@ _act_quant_tuned = triton.autotune(
 
 
 # --- planning --------------------------------------------------------------------------------
-
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
 
 @dataclass(frozen=True)
 class _Plan:

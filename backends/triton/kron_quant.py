@@ -32,6 +32,7 @@ from qcompile.backends.triton.had_quant import (
     HAD2_CONFIGS,
     _grid,
     _operand,
+    _pow2_ceil,
     _quantize_store,
     _to_dtype_grid,
 )
@@ -140,10 +141,6 @@ class KronPlan:
     q: int
     m: int
     inv_norm: float
-
-
-def _pow2_ceil(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
 
 
 @functools.lru_cache(maxsize=256)
