@@ -137,16 +137,28 @@ def _clip_ratio(
 
 def _scales(xf: torch.Tensor, spec: FormatSpec, clip: torch.Tensor | None) -> Scales:
     """:func:`compute_scales` of ``xf``; with ``spec.mse`` each group's block scale is the
-    grid neighbour of its exact scale with the smaller squared round-trip error."""
+    grid neighbour of its exact scale (and, with ``spec.mse_max``, of the scale putting its
+    absmax on ``mse_max``) with the smallest squared round-trip error."""
     st = group_stats(xf, spec)
     ratio = _clip_ratio(spec, clip, st.hi.shape)
     sc = compute_scales(spec, st, ratio)
     if not spec.mse:
         return sc
-    lo, hi = block_scale_neighbours(spec, st, ratio, sc.outer)
-    errs = [group_reduce((_fake_quantize_f32(xf, spec, Scales(s, outer=sc.outer)) - xf).square(),
-                         spec, torch.sum) for s in (lo, hi)]
-    return Scales(torch.where(errs[0] <= errs[1], lo, hi), outer=sc.outer)
+    # Candidates in a fixed order; a later one wins only when strictly better, so ties keep
+    # the lower neighbour of the element-max scale.
+    targets = (None,) if spec.mse_max is None else (None, spec.mse_max)
+    best = best_err = None
+    for target in targets:
+        for s in block_scale_neighbours(spec, st, ratio, sc.outer, target):
+            err = group_reduce(
+                (_fake_quantize_f32(xf, spec, Scales(s, outer=sc.outer)) - xf).square(),
+                spec, torch.sum)
+            if best is None:
+                best, best_err = s, err
+            else:
+                take = err < best_err
+                best, best_err = torch.where(take, s, best), torch.where(take, err, best_err)
+    return Scales(best, outer=sc.outer)
 
 
 def _quantize_f32(xf: torch.Tensor, spec: FormatSpec, sc: Scales) -> torch.Tensor:

@@ -246,13 +246,15 @@ def _fdiv(t: torch.Tensor, c: float) -> torch.Tensor:
 
 
 def block_scale_neighbours(spec: FormatSpec, st: GroupStats, ratio: torch.Tensor | float | None,
-                           outer: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                           outer: torch.Tensor | None, target: float | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two block scales on the e8m0/e4m3 grid around each group's exact scale
-    ``amax / (max * outer)`` (below-or-equal, above-or-equal; the grid's ends clamp), for the
-    ``mse`` choice. Groups that are all zero get 1 like :func:`compute_scales`."""
-    info = spec.element
+    ``amax / (target * outer)`` (below-or-equal, above-or-equal; the grid's ends clamp), for
+    the ``mse`` choice; ``target`` defaults to the element's max. Groups that are all zero
+    get 1 like :func:`compute_scales`."""
+    top = spec.element.max if target is None else target
     amax = st.amax if ratio is None else st.amax * ratio
-    exact = _fdiv(amax, info.max) if outer is None else amax / (info.max * outer)
+    exact = _fdiv(amax, top) if outer is None else amax / (top * outer)
     if spec.scale == "e8m0":
         _, e = torch.frexp(exact)
         lo = _pow2((e - 1).clamp(-127, 126))

@@ -14,7 +14,11 @@ Grammar (case-insensitive, surrounding whitespace ignored)::
   ``po2`` | ``m2`` | ``bf16`` | ``fp16`` | ``e8m0`` | ``e4m3`` (default: fp32 scales);
   ``clip<ratio>`` with ratio in (0, 1] (default 1); ``mse`` (e8m0/e4m3 block scales only:
   each group's scale is whichever of the two scale-grid neighbours of its exact scale gives
-  the smaller squared error on the group, instead of the rounded one).
+  the smaller squared error on the group, instead of the rounded one); ``mse<m>`` with
+  ``0 < m <`` the element's max (e.g. ``nvfp4/mse4``): the same, also trying the two grid
+  neighbours of the scale that puts the group's absmax on ``m`` instead of on the element's
+  max (for FP4, max 4 instead of 6 keeps a finer grid for a group's small values: the
+  adaptive block scaling of "Four Over Six", 2025).
 
 ``str(spec)`` is canonical: ``elem/granularity`` then ``asym``, the scale modifier, ``clip``
 and ``mse`` in that order, omitting defaults; specs matching an alias print as the alias.
@@ -49,10 +53,12 @@ _ALIASES = {
 }
 _ACCEPTED_ELEMS = ", ".join((*_QUANT_ELEMENTS, *_ALIASES))
 _ACCEPTED_PARTS = (
-    "tensor, channel, token, g<N>, sym, asym, po2, m2, bf16, fp16, e8m0, e4m3, clip<r>, mse"
+    "tensor, channel, token, g<N>, sym, asym, po2, m2, bf16, fp16, e8m0, e4m3, clip<r>, mse, "
+    "mse<m>"
 )
 _CLIP_RE = re.compile(r"clip((?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)")
 _GROUP_RE = re.compile(r"g(\d+)")
+_MSE_RE = re.compile(r"mse((?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)")
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,9 @@ class FormatSpec:
         clip: Range ratio in (0, 1] applied to each group's range before computing scales.
         mse: e8m0/e4m3 block scales: each group takes the scale-grid neighbour (below or above
             its exact scale) with the smaller squared error on the group's values.
+        mse_max: With ``mse``, a second target for each group's absmax (below the element's
+            max): the grid neighbours of ``absmax / mse_max`` are candidates too; None: only
+            the element's max.
 
     Raises:
         FormatError: On construction, for any invalid field or combination.
@@ -84,6 +93,7 @@ class FormatSpec:
     scale: str = "fp32"
     clip: float = 1.0
     mse: bool = False
+    mse_max: float | None = None
 
     def __post_init__(self) -> None:
         if self.elem not in _QUANT_ELEMENTS:
@@ -115,6 +125,15 @@ class FormatSpec:
         if self.mse and self.scale not in ("e8m0", "e4m3"):
             raise FormatError("mse picks between block-scale neighbours: it needs e8m0 or e4m3 "
                               f"scales (mxfp4, nvfp4, ...), not {self.scale!r}")
+        if self.mse_max is not None:
+            m = self.mse_max
+            if not self.mse:
+                raise FormatError("mse_max is a second target of the mse search: set mse too")
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not (
+                    0 < m < self.element.max):
+                raise FormatError(f"mse<m> needs 0 < m < {self.element.max:g} (the max of "
+                                  f"{self.elem}), got {m!r}")
+            object.__setattr__(self, "mse_max", float(m))
         if self.scale in ("e8m0", "e4m3"):
             if not self.element.is_float:
                 raise FormatError(
@@ -202,7 +221,9 @@ class FormatSpec:
         if self.clip != 1.0:
             parts.append(f"clip{self.clip!r}")
         if self.mse:
-            parts.append("mse")
+            m = self.mse_max
+            parts.append("mse" if m is None else f"mse{m:g}" if float(f"{m:g}") == m
+                         else f"mse{m!r}")
         return "/".join(parts)
 
     def _alias(self) -> str | None:
@@ -249,6 +270,7 @@ def parse_format(text: str) -> FormatSpec:
     scale: str | None = None
     clip: float | None = None
     mse = False
+    mse_max: float | None = None
     for part in rest:
         if not part:
             raise _bad(text, "empty part between '/'; accepted parts: " + _ACCEPTED_PARTS)
@@ -274,10 +296,16 @@ def parse_format(text: str) -> FormatSpec:
                     f"{what} scale modifiers {scale!r} and {part!r}; give at most one of po2, m2, bf16, fp16, e8m0, e4m3",
                 )
             scale = part
-        elif part == "mse":
+        elif part.startswith("mse"):
             if mse:
                 raise _bad(text, "mse given twice")
             mse = True
+            if part != "mse":
+                match = _MSE_RE.fullmatch(part)
+                if match is None:
+                    raise _bad(text, f"bad mse part {part!r}; expected mse or mse<m> with m a "
+                                     "number, e.g. mse4")
+                mse_max = float(match.group(1))
         elif part.startswith("clip"):
             if clip is not None:
                 raise _bad(text, f"clip given twice ({part!r}); give one clip<ratio>")
@@ -305,6 +333,7 @@ def parse_format(text: str) -> FormatSpec:
             scale=scale or "fp32",
             clip=1.0 if clip is None else clip,
             mse=mse,
+            mse_max=mse_max,
         )
     except FormatError as err:
         raise _bad(text, str(err)) from None
