@@ -56,9 +56,10 @@ _ACCEPTED_PARTS = (
     "tensor, channel, token, g<N>, sym, asym, po2, m2, bf16, fp16, e8m0, e4m3, clip<r>, mse, "
     "mse<m>"
 )
-_CLIP_RE = re.compile(r"clip((?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)")
+_NUMBER = r"((?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)"
+_CLIP_RE = re.compile("clip" + _NUMBER)
 _GROUP_RE = re.compile(r"g(\d+)")
-_MSE_RE = re.compile(r"mse((?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?)")
+_MSE_RE = re.compile("mse" + _NUMBER)
 
 
 @dataclass(frozen=True)
