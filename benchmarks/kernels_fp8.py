@@ -4,6 +4,9 @@
   (``scale_a [M, 1]``, ``scale_b [1, N]``, bf16 out) at M = N = K = 8192: TFLOP/s and ratio.
 * ``w4a8_linear`` (FP4 g128 m2 weights shifted to FP8) vs ``torch._scaled_mm`` on the same
   shape at M = 256, 1024, 4096, 8192 with N = K = 8192: ratio (> 1: faster than cuBLAS FP8).
+  The default path (``w4a8_linear (dequant)`` from ``DEQUANT_MIN_M`` rows: the weight shifted
+  to FP8 once, then the FP8 GEMM) at every M; the fused kernel with each weight decode
+  (``w4a8_linear/fused-<decode>``, ``w4a8.DECODES``) at M = 256 and 4096.
 
 Times are ``triton.testing.do_bench`` medians (ms). Needs CUDA with FP8 tensor cores (sm89+).
 
@@ -37,12 +40,14 @@ def _bench(fn: Callable[[], torch.Tensor]) -> float:
     return float(triton.testing.do_bench(fn, warmup=50, rep=200))
 
 
-def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (256, 1024, 4096, 8192)) -> list[dict]:
+def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (256, 1024, 4096, 8192),
+        fused_ms: tuple[int, ...] = (256, 4096)) -> list[dict]:
     """Benchmark the FP8 GEMM and the W4A8 kernel against ``torch._scaled_mm``.
 
     Args:
         mnk: M = N = K of the FP8 GEMM comparison (and N = K of the W4A8 one).
-        w4a8_ms: The M values of the W4A8 comparison.
+        w4a8_ms: The M values of the W4A8 comparison (default path).
+        fused_ms: The M values where the fused kernel is also timed with each decode.
 
     Returns:
         One dict per measurement: ``kernel``, ``m``, ``n``, ``k``, ``ms``, ``tflops`` and
@@ -55,6 +60,7 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (256, 1024, 4096, 8192)) -> 
         raise RuntimeError("benchmarks/kernels_fp8.py needs a CUDA GPU with FP8 tensor cores "
                            "(sm89+); the Triton interpreter's timings would be meaningless")
     from qcompile.backends.triton import w4a8 as w4a8_mod
+    from qcompile.backends.triton import w4a8_dequant
     from qcompile.backends.triton.fp8_gemm import fp8_scaled_mm
     from qcompile.backends.triton.w4a8 import w4a8_linear, w4a8_split_scales
     from qcompile.formats import pack_codes, parse_format, quantize
@@ -86,18 +92,33 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (256, 1024, 4096, 8192)) -> 
                                                        persistent=p))
         record(f"fp8_scaled_mm{'/persistent' if persistent else ''}", mnk, ms, base)
 
+    # The prefill path's weight shift alone, against a copy of the FP8 weight (which moves
+    # N*K bytes each way; the shift reads N*K/2 and writes N*K).
+    base = _bench(lambda: b.clone())
+    record("copy of the fp8 weight", 0, base, None)
+    ms = _bench(lambda: w4a8_dequant.w4a8_dequant(packed, gexp, 128, k))
+    record("w4a8_dequant (shift to fp8)", 0, ms, base)
+
     for m in w4a8_ms:
         a, a_scale = _rows_fp8(torch.randn(m, k, device=dev))
         base = _bench(lambda a=a, s=a_scale: scaled_mm(a, s))
         record("torch._scaled_mm", m, base, None)
+        # The default path: from DEQUANT_MIN_M rows, the weight shifted to FP8 once and the
+        # FP8 GEMM; below, the fused kernel.
         ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128))
-        record("w4a8_linear", m, ms, base)
-        try:  # the per-element exponent shift, for comparison with the bit placement
-            w4a8_mod.PLACE = False
-            ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128))
+        path = "dequant" if m >= w4a8_dequant.DEQUANT_MIN_M else "fused"
+        record(f"w4a8_linear ({path})", m, ms, base)
+        if m not in fused_ms:
+            continue
+        default = w4a8_mod.DECODE
+        try:  # the fused kernel with each weight decode (each autotunes its 12 configs)
+            for decode in w4a8_mod.DECODES:
+                w4a8_mod.DECODE = decode
+                ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale,
+                                                               128, path="fused"))
+                record(f"w4a8_linear/fused-{decode}", m, ms, base)
         finally:
-            w4a8_mod.PLACE = True
-        record("w4a8_linear/shift", m, ms, base)
+            w4a8_mod.DECODE = default
     return results
 
 

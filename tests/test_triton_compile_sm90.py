@@ -72,13 +72,20 @@ CASES: list[tuple[str, str, dict]] = [
     ("fp8-persistent-bm128-bias", "fp8", dict(persistent=True, m=4000, block_m=128, bias=True,
                                               mma="e4m3", spills=2)),
     # W4A8: GROUP_SIZE % BLOCK_K == 0 (one exponent per row), BLOCK_K % GROUP_SIZE == 0 (an
-    # exponent tile), neither (per-column select), all with BLOCK_K 128.
+    # exponent tile), neither (per-column select), all with BLOCK_K 128, with the default
+    # decode (w4a8.DECODE); the other two decodes on the row path.
     ("w4a8-gexp-row-g128", "w4a8", dict(m=4000, block_m=128, group_size=128, mma="e4m3")),
-    ("w4a8-shift-row-g128", "w4a8", dict(m=4000, block_m=128, group_size=128, place=False,
+    ("w4a8-place-row-g128", "w4a8", dict(m=4000, block_m=128, group_size=128, decode="place",
+                                         mma="e4m3")),
+    ("w4a8-shift-row-g128", "w4a8", dict(m=4000, block_m=128, group_size=128, decode="shift",
                                          mma="e4m3")),
     ("w4a8-gexp-tile-g32", "w4a8", dict(m=4000, block_m=128, group_size=32, mma="e4m3")),
     ("w4a8-gexp-select-g192", "w4a8", dict(m=4000, block_m=128, group_size=192, mma="e4m3")),
     ("w4a8-gexp-tile-g32-decode", "w4a8", dict(m=1, block_m=16, group_size=32, mma="")),
+    # W4A8 prefill: the FP4 -> FP8 shift of the whole weight, on each exponent path.
+    ("w4a8-shift-g512", "w4a8_shift", dict(group_size=512)),
+    ("w4a8-shift-g128", "w4a8_shift", dict(group_size=128)),
+    ("w4a8-shift-g50", "w4a8_shift", dict(group_size=50)),
     # Fused per-token quantize (bf16 rows): every warp count the kernel's own _prune keeps.
     # The general kernel now runs the Kronecker (Paley) sizes, fp32 rows with a power-of-two
     # Hadamard over 4096, and RMSNorm.
@@ -161,7 +168,7 @@ _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2":
             "kron": "kron_quant",
             "w4a16_gemv": "w4a16", "w4a16_reduce": "w4a16", "w4a16_gemm": "w4a16",
             "w4a16_gemv1": "w4a16_gemv", "w4a16_gemv1w": "w4a16_gemv",
-            "w4a16_dequant": "w4a16_dequant"}
+            "w4a16_dequant": "w4a16_dequant", "w4a8_shift": "w4a8_dequant"}
 #: Module that another engineer may still be editing: failures to import it or a kernel
 #: signature this file does not know skip its cases instead of failing them.
 _IN_PROGRESS = "w4a16"
@@ -234,7 +241,8 @@ def _build_w4a8(mod, p: dict, all_configs: bool):
                 gexp_ptr="*i8", bias_ptr="*bf16", M=m, N=n, K=k, M_BUCKET=mod.m_bucket(m),
                 stride_am=k, stride_ak=1, stride_wn=(k + 1) // 2, stride_gn=groups,
                 stride_cm=n, stride_cn=1)
-    consts = dict(GROUP_SIZE=gs, HAS_BIAS=False, PLACE=p.get("place", mod.PLACE))
+    consts = dict(GROUP_SIZE=gs, HAS_BIAS=False,
+                  DECODE=mod.DECODES.index(p.get("decode", mod.DECODE)))
     configs = [c for c in mod.W4A8_CONFIGS
                if all_configs or c.kwargs["BLOCK_M"] == p["block_m"]]
     return (mod._w4a8_kernel, args, consts,
@@ -367,6 +375,17 @@ def _build_w4a16_dequant(mod, p: dict, all_configs: bool):
     return mod._dequant_kernel, args, consts, [triton.Config({}, num_warps=4)]
 
 
+def _build_w4a8_shift(mod, p: dict, all_configs: bool):
+    import triton
+
+    n, k, gs = 4096, 4096, p["group_size"]
+    args = dict(packed_ptr="*u8", gexp_ptr="*i8", w_ptr="*u8", N=n, K=k, KB=k // 2,
+                G=-(-k // gs), stride_gn=-(-k // gs))
+    block_n, block_k = mod._blocks(gs)
+    consts = dict(GROUP_SIZE=gs, BLOCK_N=block_n, BLOCK_K=block_k)
+    return mod._shift_kernel, args, consts, [triton.Config({}, num_warps=4)]
+
+
 def _build_w4a16_reduce(mod, p: dict, all_configs: bool):
     import triton
 
@@ -394,7 +413,8 @@ _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_qua
              "had2": _build_had2, "kron": _build_kron,
              "w4a16_gemv": _build_w4a16_gemv, "w4a16_reduce": _build_w4a16_reduce,
              "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1,
-             "w4a16_gemv1w": _build_w4a16_gemv1w, "w4a16_dequant": _build_w4a16_dequant}
+             "w4a16_gemv1w": _build_w4a16_gemv1w, "w4a16_dequant": _build_w4a16_dequant,
+             "w4a8_shift": _build_w4a8_shift}
 
 
 def _resources(cubin: bytes, cuobjdump: str, name: str) -> tuple[int, int]:

@@ -103,16 +103,18 @@ def test_fp8_weight_is_exact_dequantized_weight(scale, group, k):
     torch.testing.assert_close(ref, lin, rtol=1e-5, atol=1e-5 * float(lin.abs().max()))
 
 
-@pytest.mark.parametrize(("group", "place"), [(64, True), (64, False), (32, True), (24, True)])
-def test_kernel_builds_every_code_at_every_exponent(monkeypatch, group, place):
+@pytest.mark.parametrize(("group", "how"), [
+    (64, "place"), (64, "shift"), (64, "mul"), (32, "place"), (32, "mul"), (24, "shift"),
+    (24, "mul")])
+def test_kernel_builds_every_code_at_every_exponent(monkeypatch, group, how):
     """Identity activations expose W8 itself: all 16 codes x all 15 exponents, bit-exact.
 
-    Under the interpreter's BLOCK_K 64 the group sizes take the kernel's four decode paths:
-    one group per row and block (64) by bit placement and a scaled partial sum (``PLACE``) or
-    by the exponent shift, a per-group tile (32), a per-column select (24)."""
+    Under the interpreter's BLOCK_K 64 the group sizes take each decode (``DECODES``) on each
+    exponent path: one group per row and block (64; ``place`` rescales the accumulator), a
+    per-group tile (32), a per-column select (24)."""
     from qcompile.backends.triton import w4a8
 
-    monkeypatch.setattr(w4a8, "PLACE", place)
+    monkeypatch.setattr(w4a8, "DECODE", how)
     lo, hi = GEXP_RANGE
     n, k = hi - lo + 1, 64
     codes = torch.arange(16, dtype=torch.uint8).repeat(n, k // 16)
@@ -162,6 +164,88 @@ def test_strided_activations():
                       out_dtype=torch.float32)
     assert_within_ulp(out, w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, 32,
                                         out_dtype=torch.float32))
+
+
+
+# --- prefill path: shift the weight to FP8 once, then the FP8 GEMM ------------------------------
+
+@pytest.mark.parametrize(("k", "n", "group"), [
+    (512, 33, 512),   # one group per 256-wide tile (scalar exponent per row)
+    (600, 37, 128),   # whole groups per tile, ragged last group and K tail
+    (257, 5, 32),     # odd K: the pad nibble is not stored
+    (131, 40, 50),    # a group size that does not tile 256: per-element exponents
+    (1000, 3, 192),
+])
+def test_shift_to_fp8_is_bit_exact(k, n, group):
+    from qcompile.backends.triton.w4a8_dequant import w4a8_dequant
+
+    gen = torch.Generator().manual_seed(k + n)
+    _, _, packed, gexp, _ = fp4_weight(n, k, group, "m2", gen)
+    w8 = w4a8_dequant(packed.to(DEV), gexp.to(DEV), group, k)
+    assert w8.dtype == FP8 and w8.shape == (n, k)
+    expect = w4a8_weight_fp8(packed, gexp, group, k)
+    assert torch.equal(w8.cpu().view(torch.uint8), expect.view(torch.uint8))
+
+
+@pytest.mark.parametrize("group", [256, 32, 24])
+def test_shift_to_fp8_every_code_at_every_exponent(group):
+    """All 16 codes (signed zero included) x all 15 exponents of GEXP_RANGE, bit-exact."""
+    from qcompile.backends.triton.w4a8_dequant import w4a8_dequant
+
+    lo, hi = GEXP_RANGE
+    n, k = hi - lo + 1, 768
+    codes = torch.arange(16, dtype=torch.uint8).repeat(n, k // 16)
+    g = torch.arange(lo, hi + 1)[:, None] + torch.arange(-(-k // group))[None, :]
+    gexp = (torch.remainder(g - lo, n) + lo).to(torch.int8)
+    packed = pack_codes(codes, 4)
+    w8 = w4a8_dequant(packed.to(DEV), gexp.to(DEV), group, k).cpu()
+    expect = torch.ldexp(decode(codes, "fp4_e2m1"),
+                         gexp.float().repeat_interleave(group, dim=1)[:, :k])
+    assert torch.equal(w8.view(torch.uint8), w4a8_weight_fp8(packed, gexp, group, k).view(
+        torch.uint8))
+    assert torch.equal(w8.float(), expect)
+    assert torch.equal(torch.signbit(w8.float()), torch.signbit(expect))
+
+
+@pytest.mark.parametrize(("m", "group", "bias", "out_dtype"), [
+    (256, 32, True, torch.bfloat16), (300, 128, False, torch.float32),
+    (257, 50, True, torch.float16)])
+def test_prefill_path_matches_reference(m, group, bias, out_dtype):
+    """From DEQUANT_MIN_M rows the weight is shifted once and the FP8 GEMM multiplies: the
+    same result as the reference and as the fused kernel (forced), to fp32 summation order."""
+    from qcompile.backends.triton import w4a8_dequant
+
+    assert m >= w4a8_dequant.DEQUANT_MIN_M
+    a, a_scale, packed, gexp, row_scale, c = make_inputs(m, 131, 48, group, bias=bias)
+    ref = w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, group, c, torch.float32)
+    auto = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype)
+    forced = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype,
+                         path="dequant")
+    fused = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype,
+                        path="fused")
+    assert auto.dtype == out_dtype and auto.shape == (m, 48)
+    assert torch.equal(auto, forced)
+    assert_within_ulp(auto, ref)
+    assert_within_ulp(fused, ref)
+
+
+def test_small_m_takes_the_fused_kernel(monkeypatch):
+    from qcompile.backends.triton import w4a8_dequant
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the shift-then-GEMM path ran below DEQUANT_MIN_M")
+
+    monkeypatch.setattr(w4a8_dequant, "w4a8_dequant", boom)
+    a, a_scale, packed, gexp, row_scale, _ = make_inputs(7, 130, 96, 32)
+    out = w4a8_linear(a, a_scale, packed, gexp, row_scale, 32, out_dtype=torch.float32)
+    assert_within_ulp(out, w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, 32,
+                                        out_dtype=torch.float32))
+
+
+def test_bad_path_raises():
+    a, a_scale, packed, gexp, row_scale, _ = make_inputs(7, 130, 96, 32)
+    with pytest.raises(KernelInputError, match="path must be"):
+        w4a8_linear(a, a_scale, packed, gexp, row_scale, 32, path="cublas")
 
 
 # --- clear errors --------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from qcompile.backends.triton.fp8_gemm import (
     check_bias_and_dtype,
     check_fp8_device,
     check_scale_vector,
+    fp8_scaled_mm,
     m_bucket,
     prune_configs_by_m,
 )
@@ -50,10 +51,19 @@ __all__ = [
 ]
 
 _FP8 = torch.float8_e4m3fn
-#: Decode by bit placement where a K block lies in one group (``_w4a8_kernel``'s ``PLACE``);
-#: False keeps the per-element exponent shift everywhere (``benchmarks/kernels_fp8.py`` times
-#: both). The H100 run measured the shift alone at 0.15-0.19x cuBLAS FP8.
-PLACE = True
+#: The fused kernel's weight decodes (``_w4a8_kernel``'s ``DECODE`` is the index):
+#: ``shift``: integer ops on the code bits, per element (:func:`fp4_to_fp8_bits`; measured at
+#: 0.15-0.19x cuBLAS FP8 on an H100 and an H200);
+#: ``place``: where a K block lies in one group, the bits placed in an E4M3 byte and 2^gexp
+#: applied per column to the accumulator (fewest ops, but the accumulator rescale sits between
+#: consecutive MMAs); elsewhere ``shift``;
+#: ``mul``: the placed bits times 2^gexp in fp32, per element (:func:`fp4_times_2g`).
+DECODES = ("shift", "place", "mul")
+#: The decode :func:`w4a8_linear` uses (``benchmarks/kernels_fp8.py`` times all three; only
+#: ``shift`` is measured on hardware yet). ``mul``: in the sm_90 compile of the 128 x 256 x 128
+#: tile, 2296 SASS instructions against 2464 for ``place`` and 3800 for ``shift``, on every
+#: group path, and no accumulator rescale between the MMAs.
+DECODE = "mul"
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
 
 
@@ -118,13 +128,31 @@ def fp4_to_fp8_bits(code, g):
 
 
 @triton.jit
+def fp4_times_2g(placed, g):
+    """E4M3 bits of ``fp4 * 2^g`` from ``placed``, the code's bits placed in an E4M3 byte
+    (exactly fp4 * 2^-6, subnormal 0.5 included): one fp32 multiply by 2^(g + 6) and a
+    round-to-nearest conversion, both exact for g in GEXP_RANGE. About a third of the
+    instructions of :func:`fp4_to_fp8_bits` (sm_90 PTX of the weight-shift kernel)."""
+    v = placed.to(tl.float8e4nv, bitcast=True).to(tl.float32) * exp2i(g + 6)
+    return v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+
+
+@triton.jit
+def _w8_bits(src, g, DECODE: tl.constexpr):
+    if DECODE == 2:
+        return fp4_times_2g(src, g)
+    return fp4_to_fp8_bits(src, g)
+
+
+@triton.jit
 def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, K, M_BUCKET,
                  stride_am, stride_ak, stride_wn, stride_gn, stride_cm, stride_cn,
-                 GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, PLACE: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DECODE: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
-    """One program per output tile; packed rows and gexp rows are contiguous. ``PLACE``: the
-    bit-placement decode where a K block lies in one group (else the exponent shift)."""
+    """One program per output tile; packed rows and gexp rows are contiguous. ``DECODE``: the
+    weight decode, an index into :data:`DECODES` (``place`` only where a K block lies in one
+    group; elsewhere it falls back to ``shift``)."""
     pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -138,13 +166,13 @@ def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, 
     k_bytes = (K + 1) // 2
     n_groups = tl.cdiv(K, GROUP_SIZE)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    g_prev = tl.zeros((BLOCK_N,), dtype=tl.int32)  # PLACE: the accumulator's exponent
+    g_prev = tl.zeros((BLOCK_N,), dtype=tl.int32)  # place: the accumulator's exponent
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = kb * BLOCK_K
         a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
         byte = tl.load(w_ptrs, mask=offs_p[None, :] < k_bytes - k0 // 2, other=0)
         # Element 2i is the low nibble of byte i: interleaving restores K order.
-        if PLACE and GROUP_SIZE % BLOCK_K == 0:
+        if DECODE == 1 and GROUP_SIZE % BLOCK_K == 0:
             # One group per K block and row: place each code's bits in an E4M3 byte (exactly
             # fp4 * 2^-6, subnormal 0.5 included) and apply 2^(gexp + 6) per column to the
             # accumulator - a few byte ops per weight instead of the per-element exponent
@@ -160,18 +188,22 @@ def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, 
             acc = tl.dot(a, tl.trans(w), acc)
             g_prev = g
         else:
-            codes = tl.interleave(byte & 0xF, byte >> 4).to(tl.int32)
+            if DECODE == 2:  # placed bits, scaled per element by a multiply (fp4_times_2g)
+                src = tl.interleave(((byte & 8) << 4) | ((byte & 7) << 2),
+                                    (byte & 0x80) | ((byte & 0x70) >> 2))
+            else:  # raw codes, shifted on the exponent field (fp4_to_fp8_bits)
+                src = tl.interleave(byte & 0xF, byte >> 4).to(tl.int32)
             if GROUP_SIZE % BLOCK_K == 0:
                 # The whole K block is in one group: one exponent per row.
                 g = tl.load(g_row + k0 // GROUP_SIZE).to(tl.int32)[:, None]
-                bits = fp4_to_fp8_bits(codes, g)
+                bits = _w8_bits(src, g, DECODE)
             elif BLOCK_K % GROUP_SIZE == 0:
                 # Whole groups per K block: a [BLOCK_N, groups] exponent tile, broadcast over
                 # a [BLOCK_N, groups, GROUP_SIZE] view (a per-element gather would spill).
                 gi = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
                 g = tl.load(g_row[:, None] + gi[None, :], mask=gi[None, :] < n_groups, other=0)
-                codes3 = tl.reshape(codes, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
-                bits3 = fp4_to_fp8_bits(codes3, g.to(tl.int32)[:, :, None])
+                src3 = tl.reshape(src, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
+                bits3 = _w8_bits(src3, g.to(tl.int32)[:, :, None], DECODE)
                 bits = tl.reshape(bits3, (BLOCK_N, BLOCK_K))
             else:
                 # Other group sizes (e.g. 50, 192): the block spans at most
@@ -184,14 +216,14 @@ def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, 
                     # Clamped in bounds; a clamped column lies past K, where activations are 0.
                     gj = tl.load(g_row + tl.minimum(g_lo + j, n_groups - 1))
                     g = tl.where((grp == g_lo + j)[None, :], gj.to(tl.int32)[:, None], g)
-                bits = fp4_to_fp8_bits(codes, g)
+                bits = _w8_bits(src, g, DECODE)
             # Past K (tail, odd K's pad nibble) the activations are zero and W8 is finite
             # (never NaN), so those products vanish without masking W8.
             w = bits.to(tl.float8e4nv, bitcast=True)
             acc = tl.dot(a, tl.trans(w), acc)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K // 2
-    if PLACE and GROUP_SIZE % BLOCK_K == 0:
+    if DECODE == 1 and GROUP_SIZE % BLOCK_K == 0:
         acc = acc * exp2i(g_prev + 6)[None, :]
     out = acc * tl.load(as_ptr + rm)[:, None]
     out = out * tl.load(rs_ptr + rn)[None, :]
@@ -218,7 +250,7 @@ W4A8_CONFIGS = [
 ]
 
 _w4a8_tuned = triton.autotune(W4A8_CONFIGS,
-                              key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_BIAS", "PLACE"],
+                              key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_BIAS", "DECODE"],
                               prune_configs_by=tuning(prune_configs_by_m))(
     _w4a8_kernel)
 
@@ -232,8 +264,13 @@ def w4a8_linear(
     group_size: int,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
+    path: str | None = None,
 ) -> torch.Tensor:
     """FP8 activations x FP4 weights (exponent-shifted to FP8) on FP8 tensor cores.
+
+    Below ``w4a8_dequant.DEQUANT_MIN_M`` rows the fused kernel shifts each weight tile in
+    registers; from there the weight is shifted to FP8 once and the FP8 GEMM multiplies
+    (:mod:`qcompile.backends.triton.w4a8_dequant`). Both give the same products.
 
     Args:
         a: float8_e4m3fn activations ``[M, K]`` (any strides).
@@ -246,14 +283,15 @@ def w4a8_linear(
             shorter).
         bias: Optional ``[N]`` bias (bf16, fp16 or fp32).
         out_dtype: bfloat16, float16 or float32.
+        path: ``"fused"`` or ``"dequant"`` to force one path (benchmarks); None picks by M.
 
     Returns:
         ``[M, N]`` tensor of ``out_dtype``: :func:`w4a8_linear_ref` up to fp32 accumulation
         order and the final rounding.
 
     Raises:
-        KernelInputError: A wrong dtype, shape, device or ``group_size``, or a GPU without
-            FP8 tensor cores.
+        KernelInputError: A wrong dtype, shape, device, ``group_size`` or ``path``, or a GPU
+            without FP8 tensor cores.
     """
     a = check_tensor(a, "a", (_FP8,), ndim=2)
     m, k = a.shape
@@ -272,16 +310,24 @@ def w4a8_linear(
     a_scale = check_scale_vector(a_scale, "a_scale", m, dev)
     row_scale = check_scale_vector(row_scale, "row_scale", n, dev)
     bias = check_bias_and_dtype(bias, n, dev, out_dtype)
+    if path not in (None, "fused", "dequant"):
+        raise KernelInputError(f"path must be 'fused', 'dequant' or None, got {path!r}")
     # The kernel steps through packed bytes and exponents with unit stride along K.
     packed = packed if packed.stride(1) == 1 else packed.contiguous()
     gexp = gexp if gexp.stride(1) == 1 or groups <= 1 else gexp.contiguous()
+    from qcompile.backends.triton import w4a8_dequant
+
+    if m and n and (path == "dequant" or (path is None and m >= w4a8_dequant.DEQUANT_MIN_M)):
+        w8 = w4a8_dequant.w4a8_dequant(packed, gexp, group_size, k)
+        return fp8_scaled_mm(a, a_scale, w8, row_scale, bias, out_dtype)
     c = torch.empty((m, n), dtype=out_dtype, device=dev)
     if m == 0 or n == 0:
         return c
     args = (a, packed, c, a_scale, row_scale, gexp, c if bias is None else bias, m, n, k,
             m_bucket(m), a.stride(0), a.stride(1), packed.stride(0), gexp.stride(0),
             c.stride(0), c.stride(1))
-    flags = {"GROUP_SIZE": group_size, "HAS_BIAS": bias is not None, "PLACE": PLACE}
+    flags = {"GROUP_SIZE": group_size, "HAS_BIAS": bias is not None,
+             "DECODE": DECODES.index(DECODE)}
     if interpreting():
         meta = _INTERPRET_CONFIG  # autotuning is meaningless under the interpreter
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
