@@ -50,14 +50,16 @@ def _dequant_kernel(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_p
     w_lo, w_hi = _weight_tile(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
                               k0, offs_n, N, K, KB, G, outer_stride, GROUP_SIZE, HAS_NEG,
                               HAS_ZERO, HAS_OUTER, BLOCK_K, False)
-    k_lo = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-    n_ok = (offs_n < N)[None, :]
-    row = offs_n.to(tl.int64)[None, :] * K
+    # Back to [BLOCK_N, BLOCK_K] in K order (element 2j is the low nibble), so each row's
+    # run of BLOCK_K outputs is one contiguous, vectorized store (the [BLOCK_K/2, BLOCK_N]
+    # tiles stored directly compiled to 2-byte stores on sm_90).
     ty = w_ptr.dtype.element_ty
-    tl.store(w_ptr + row + k_lo[:, None], _round_to(w_lo, KIND, EXACT).to(ty),
-             mask=n_ok & (k_lo < K)[:, None])
-    tl.store(w_ptr + row + k_lo[:, None] + 1, _round_to(w_hi, KIND, EXACT).to(ty),
-             mask=n_ok & (k_lo + 1 < K)[:, None])
+    w = tl.interleave(tl.trans(_round_to(w_lo, KIND, EXACT).to(ty)),
+                      tl.trans(_round_to(w_hi, KIND, EXACT).to(ty)))
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    n_ok = (offs_n < N)[:, None]
+    tl.store(w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w,
+             mask=n_ok & (offs_k < K)[None, :])
 
 
 def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
