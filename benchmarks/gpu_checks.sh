@@ -3,6 +3,11 @@
 #
 #   bash benchmarks/gpu_checks.sh OUTDIR [PHASE ...]     (default phases: tests kernels ppl decode)
 #
+# On a device machine, first: bash benchmarks/device_setup.sh && export PYTHONPATH=/tmp/site
+# (the wheels from benchmarks/device_prep.sh, carried as .whl, and this tree installed there).
+# pytest runs as `python3 -P -m pytest`: with the repository root on sys.path, `import
+# qcompile` would find the source folder instead of the installed package.
+#
 # tests    pytest over the Triton and lowering tests on CUDA (xdist when installed); failures are
 #          appended to OUTDIR/fails.txt as they happen (QCOMPILE_FAIL_LOG), so a run cut off by
 #          its limit still says what failed and why. Autotuning keeps one config per kernel
@@ -43,7 +48,7 @@ for phase in "${phases[@]}"; do
   case $phase in
   tests)
     say "tests"
-    QCOMPILE_TRITON_TUNE=first QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_TESTS:-150}" $py -m pytest -q "${xdist[@]}" \
+    QCOMPILE_TRITON_TUNE=first QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_TESTS:-150}" $py -P -m pytest -q "${xdist[@]}" \
       -p no:cacheprovider --tb=short tests/test_triton_w4a16.py tests/test_lower_triton.py \
       tests/test_triton_fp8.py tests/test_triton_w4a8.py tests/test_triton_act_quant.py \
       tests/test_lower_triton_gpu.py > "$out/tests.log" 2>&1
@@ -52,7 +57,7 @@ for phase in "${phases[@]}"; do
     grep -A2 '^FAILED' "$out/fails.txt" 2>/dev/null | cut -c1-240 | head -30 ;;
   acttests)
     say "acttests"
-    QCOMPILE_TRITON_TUNE=first QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_ACT:-90}" $py -m pytest -q "${xdist[@]}" \
+    QCOMPILE_TRITON_TUNE=first QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_ACT:-90}" $py -P -m pytest -q "${xdist[@]}" \
       -p no:cacheprovider --tb=short tests/test_triton_act_quant.py > "$out/acttests.log" 2>&1
     say "acttests exit $?"; grep -E "passed|failed" "$out/acttests.log" | tail -2
     grep -A2 '^FAILED' "$out/fails.txt" 2>/dev/null | cut -c1-240 | head -20 ;;
