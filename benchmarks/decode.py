@@ -40,7 +40,6 @@ import argparse
 import gc
 import json
 import platform
-import re
 import resource
 import sys
 import time
@@ -87,14 +86,20 @@ def build_model(shape: str, layers: int | None, device: str, dtype: torch.dtype,
 def with_lm_head(pipeline: str) -> str:
     """``pipeline`` with ``lm_head=true`` in every ``quantize{...}`` (the output head quantized
     like the other linears)."""
-    return re.sub(r"quantize\{([^}]*)\}", r"quantize{\1 lm_head=true}", pipeline)
+    import dataclasses
+
+    from qcompile.pipeline import Pipeline, PipelineStep, parse_pipeline
+
+    return str(Pipeline(tuple(
+        PipelineStep(s.name, dataclasses.replace(s.options, lm_head=True))
+        if s.name == "quantize" else s for s in parse_pipeline(pipeline))))
 
 
 def _direct_loop(model: torch.nn.Module, prompt: torch.Tensor, max_new: int,
-                 device: str) -> Callable[[int], None]:
+                 device: str) -> Callable[[int], torch.Tensor]:
     """A greedy decode of ``n`` tokens as plain forward calls over one static KV cache: the
     prompt's forward, then one forward per token, argmax on the device and no host sync until
-    the caller's. The cache is allocated once (its tensors keep their addresses, which CUDA
+    the caller's; returns the new tokens. The cache is allocated once (its tensors keep their addresses, which CUDA
     graphs need) and reset before each run."""
     from transformers import StaticCache
 
@@ -102,14 +107,15 @@ def _direct_loop(model: torch.nn.Module, prompt: torch.Tensor, max_new: int,
     cache = StaticCache(config=model.config, max_cache_len=p + max_new + 1)
     positions = torch.arange(p + max_new + 1, device=device)
 
-    def run(n: int) -> None:
+    def run(n: int) -> torch.Tensor:
         cache.reset()
         out = model(prompt, past_key_values=cache, cache_position=positions[:p], use_cache=True)
-        tok = out.logits[:, -1:].argmax(-1)
+        toks = [out.logits[:, -1:].argmax(-1)]
         for i in range(n - 1):
-            out = model(tok, past_key_values=cache, cache_position=positions[p + i:p + i + 1],
-                        use_cache=True)
-            tok = out.logits[:, -1:].argmax(-1)
+            out = model(toks[-1], past_key_values=cache,
+                        cache_position=positions[p + i:p + i + 1], use_cache=True)
+            toks.append(out.logits[:, -1:].argmax(-1))
+        return torch.cat(toks, dim=1)  # the new tokens [1, n]
 
     return run
 

@@ -1,0 +1,50 @@
+"""The decode benchmark's helpers (benchmarks/decode.py): its greedy loop, the output-head
+option and the full-depth extrapolation. Timings themselves are never asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from qcompile.pipeline import parse_pipeline
+from qcompile.recipes import RECIPES
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
+
+
+@pytest.fixture(scope="module")
+def decode_mod():
+    spec = importlib.util.spec_from_file_location("bench_decode", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_direct_loop_gives_generates_greedy_tokens(decode_mod):
+    model = decode_mod.build_model("tiny", 1, "cpu", torch.float32)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 7),
+                           generator=torch.Generator().manual_seed(0))
+    loop = decode_mod._direct_loop(model, prompt, 6, "cpu")
+    with torch.no_grad():
+        want = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                              pad_token_id=0)[:, 7:]
+        assert torch.equal(loop(6), want)
+        assert torch.equal(loop(3), want[:, :3])  # the cache is reset between runs
+
+
+@pytest.mark.parametrize("recipe", ["w4-afpq", "w4-int4-head8", "w4a8-fp4-fp8"])
+def test_lm_head_option_reaches_every_quantize(decode_mod, recipe):
+    text = decode_mod.with_lm_head(RECIPES[recipe].pipeline)
+    quantizes = [s for s in parse_pipeline(text) if s.name == "quantize"]
+    assert quantizes and all(s.options.lm_head for s in quantizes)
+    assert len(parse_pipeline(text)) == len(parse_pipeline(RECIPES[recipe].pipeline))
+
+
+def test_full_depth_extrapolation(decode_mod):
+    # 4 layers at 2 ms per token with a 0.4 ms head: 1.6 ms of layers -> 12.8 ms at 32.
+    tps = decode_mod.full_depth_tokens_per_s(500.0, 4, 32, 4e-4)
+    assert tps == pytest.approx(1.0 / (1.6e-3 * 8 + 4e-4))
+    assert decode_mod.full_depth_tokens_per_s(500.0, 32, 32, 4e-4) == pytest.approx(500.0)
