@@ -229,22 +229,45 @@ def test_prefill_path_matches_reference(m, group, bias, out_dtype):
     assert_within_ulp(fused, ref)
 
 
-def test_small_m_takes_the_fused_kernel(monkeypatch):
-    from qcompile.backends.triton import w4a8_dequant
+@pytest.mark.parametrize(("m", "group", "bias", "out_dtype"), [
+    (1, 128, True, torch.bfloat16), (1, 50, False, torch.float32), (7, 32, True, torch.float16),
+    (16, 64, False, torch.bfloat16)])
+def test_decode_sizes_take_the_gemv_and_match(monkeypatch, m, group, bias, out_dtype):
+    """Up to GEMV_MAX_M rows the W4A16 GEMVs run (never the FP8 shift); they, and the fused
+    kernel forced at the same sizes, match the reference."""
+    from qcompile.backends.triton import w4a8, w4a8_dequant
 
     def boom(*args, **kwargs):
-        raise AssertionError("the shift-then-GEMM path ran below DEQUANT_MIN_M")
+        raise AssertionError("the shift-then-GEMM path ran at a decode size")
 
     monkeypatch.setattr(w4a8_dequant, "w4a8_dequant", boom)
-    a, a_scale, packed, gexp, row_scale, _ = make_inputs(7, 130, 96, 32)
-    out = w4a8_linear(a, a_scale, packed, gexp, row_scale, 32, out_dtype=torch.float32)
-    assert_within_ulp(out, w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, 32,
-                                        out_dtype=torch.float32))
+    assert m <= w4a8.GEMV_MAX_M
+    a, a_scale, packed, gexp, row_scale, c = make_inputs(m, 200, 96, group, bias=bias, seed=m)
+    ref = w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, group, c, torch.float32)
+    auto = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype)
+    gemv = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype,
+                       path="gemv")
+    fused = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype,
+                        path="fused")
+    assert auto.dtype == out_dtype and torch.equal(auto, gemv)
+    assert_within_ulp(gemv, ref)
+    assert_within_ulp(fused, ref)
+
+
+def test_pow2_scales_are_cached_per_tensor():
+    from qcompile.backends.triton import w4a8
+
+    gexp = torch.tensor([[-8, 0, 6], [3, -1, 2]], dtype=torch.int8, device=DEV)
+    first = w4a8._pow2_scales(gexp)
+    assert torch.equal(first.cpu(), torch.ldexp(torch.ones(2, 3), gexp.cpu().float()))
+    assert w4a8._pow2_scales(gexp) is first
+    other = gexp.clone()
+    assert w4a8._pow2_scales(other) is not first
 
 
 def test_bad_path_raises():
     a, a_scale, packed, gexp, row_scale, _ = make_inputs(7, 130, 96, 32)
-    with pytest.raises(KernelInputError, match="path must be"):
+    with pytest.raises(KernelInputError, match="path must be 'fused', 'dequant', 'gemv'"):
         w4a8_linear(a, a_scale, packed, gexp, row_scale, 32, path="cublas")
 
 

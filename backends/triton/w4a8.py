@@ -17,6 +17,8 @@ kernel equals the fp32 reference up to accumulation order and the final rounding
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 import triton.language as tl
@@ -65,6 +67,10 @@ DECODES = ("shift", "place", "mul")
 #: group path, and no accumulator rescale between the MMAs.
 DECODE = "mul"
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
+#: Largest M that runs the W4A16 GEMVs (:func:`_gemv`): at decode sizes the weight read is
+#: the cost, and the fused kernel's 16-row tiles give an 8192-wide layer only a few dozen
+#: programs, no split-K.
+GEMV_MAX_M = 16
 
 
 # --- reference ---------------------------------------------------------------------------------
@@ -108,6 +114,41 @@ def w4a8_linear_ref(
     if bias is not None:
         out = out + bias.float()
     return out.to(out_dtype)
+
+
+# --- decode sizes: the W4A16 GEMVs ------------------------------------------------------------
+
+_POW2: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _pow2_scales(gexp: torch.Tensor) -> torch.Tensor:
+    """fp32 ``2^gexp``, cached per ``gexp`` tensor (a graph's constant: computed once, then
+    read like any group scale)."""
+    hit = _POW2.get(id(gexp))
+    if hit is not None and hit[0]() is gexp and hit[1].shape == gexp.shape:
+        return hit[1]
+    scale = torch.ldexp(torch.ones(gexp.shape, device=gexp.device), gexp.to(torch.int32))
+    for key in [k for k, (ref, _) in _POW2.items() if ref() is None]:
+        del _POW2[key]
+    _POW2[id(gexp)] = (weakref.ref(gexp), scale)
+    return scale
+
+
+def _gemv(a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype):
+    """``w4a8_linear`` for a few rows by the W4A16 GEMVs: the FP8 codes as fp32 activations
+    (exact), FP4 codes times group scales ``2^gexp`` and outer scale ``row_scale``, then
+    ``a_scale`` and the bias per row. Same products as the reference, summed in another order.
+    """
+    from qcompile.backends.triton import w4a16
+    from qcompile.backends.triton.runtime import element_table
+
+    y = w4a16.w4a16_linear(a.float(), packed, element_table("fp4_e2m1", a.device),
+                           _pow2_scales(gexp), None, None,
+                           row_scale.reshape(-1, 1).float().contiguous(), group_size)
+    y = y * a_scale.reshape(-1, 1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
 
 
 # --- kernel ------------------------------------------------------------------------------------
@@ -268,9 +309,11 @@ def w4a8_linear(
 ) -> torch.Tensor:
     """FP8 activations x FP4 weights (exponent-shifted to FP8) on FP8 tensor cores.
 
-    Below ``w4a8_dequant.DEQUANT_MIN_M`` rows the fused kernel shifts each weight tile in
-    registers; from there the weight is shifted to FP8 once and the FP8 GEMM multiplies
-    (:mod:`qcompile.backends.triton.w4a8_dequant`). Both give the same products.
+    Up to :data:`GEMV_MAX_M` rows the W4A16 GEMVs read the FP4 codes with group scales
+    ``2^gexp`` (decode: the weight read is the cost); below ``w4a8_dequant.DEQUANT_MIN_M``
+    rows the fused kernel shifts each weight tile to FP8 in registers; from there the weight
+    is shifted to FP8 once and the FP8 GEMM multiplies
+    (:mod:`qcompile.backends.triton.w4a8_dequant`). All give the same products.
 
     Args:
         a: float8_e4m3fn activations ``[M, K]`` (any strides).
@@ -283,7 +326,8 @@ def w4a8_linear(
             shorter).
         bias: Optional ``[N]`` bias (bf16, fp16 or fp32).
         out_dtype: bfloat16, float16 or float32.
-        path: ``"fused"`` or ``"dequant"`` to force one path (benchmarks); None picks by M.
+        path: ``"gemv"``, ``"fused"`` or ``"dequant"`` to force one path (benchmarks); None
+            picks by M.
 
     Returns:
         ``[M, N]`` tensor of ``out_dtype``: :func:`w4a8_linear_ref` up to fp32 accumulation
@@ -310,13 +354,15 @@ def w4a8_linear(
     a_scale = check_scale_vector(a_scale, "a_scale", m, dev)
     row_scale = check_scale_vector(row_scale, "row_scale", n, dev)
     bias = check_bias_and_dtype(bias, n, dev, out_dtype)
-    if path not in (None, "fused", "dequant"):
-        raise KernelInputError(f"path must be 'fused', 'dequant' or None, got {path!r}")
+    if path not in (None, "fused", "dequant", "gemv"):
+        raise KernelInputError(f"path must be 'fused', 'dequant', 'gemv' or None, got {path!r}")
     # The kernel steps through packed bytes and exponents with unit stride along K.
     packed = packed if packed.stride(1) == 1 else packed.contiguous()
     gexp = gexp if gexp.stride(1) == 1 or groups <= 1 else gexp.contiguous()
     from qcompile.backends.triton import w4a8_dequant
 
+    if m and n and (path == "gemv" or (path is None and m <= GEMV_MAX_M)):
+        return _gemv(a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype)
     if m and n and (path == "dequant" or (path is None and m >= w4a8_dequant.DEQUANT_MIN_M)):
         w8 = w4a8_dequant.w4a8_dequant(packed, gexp, group_size, k)
         return fp8_scaled_mm(a, a_scale, w8, row_scale, bias, out_dtype)
