@@ -149,6 +149,9 @@ CASES: list[tuple[str, str, dict]] = [
                                                          neg=True, bias=True)),
     ("w4a16-gemv1w-fp16-g64-m2", "w4a16_gemv1w", dict(dtype="fp16", group_size=64, split=4,
                                                       outer=True, bias=False)),
+    # fp32 rows: W4A8 at batch 1 (the FP8 codes as fp32, group scales 2^gexp, row scale).
+    ("w4a16-gemv1w-fp32-g128-w4a8", "w4a16_gemv1w", dict(dtype="fp32", group_size=128,
+                                                         split=4, outer=True, bias=False)),
     # Prefill: the weight decoded once to x's dtype (then cuBLAS), odd group sizes included.
     ("w4a16-dequant-bf16-g128-afpq", "w4a16_dequant", dict(dtype="bf16", group_size=128,
                                                            neg=True, outer=True)),
