@@ -14,7 +14,8 @@
 #          and shape (QCOMPILE_TRITON_TUNE=first; test_every_config_matches_the_reference runs
 #          every config once): the first run, autotuning every shape, got through a third of
 #          the grid in 150 s. Limit T_TESTS (s), workers NW.
-# kernels  benchmarks/kernels.py: every kernel against cuBLAS / copy (OUTDIR/kernels.{json,md}).
+# kernels  benchmarks/kernels.py: every kernel against cuBLAS / copy (OUTDIR/kernels.{json,md});
+#          FAMILIES=fp8 (or any of w4a16,fp8,act) for a subset.
 # acttests the fused activation-quantize tests alone (tests/test_triton_act_quant.py), limit T_ACT.
 # act      benchmarks/kernels_act.py: fused Hadamard-8192 + FP8 quantize vs a copy (act.json).
 # w4a16    benchmarks/kernels_w4a16.py (CUDA-graph times, w4a16.json) and its --sweep over every
@@ -77,7 +78,8 @@ for phase in "${phases[@]}"; do
     $py -c "import json; [print(r['N'], r['kernel'], r.get('split', ''), r.get('config', '')[:60], round(r['us'], 1) if 'us' in r else r.get('error'), round(r.get('weight_gbps', 0))) for r in json.load(open('$out/w4a16_sweep.json'))]" || tail -5 "$out/w4a16_sweep.log" ;;
   kernels)
     say "kernels"
-    timeout "${T_KERNELS:-150}" $py benchmarks/kernels.py --out "$out/kernels" > "$out/kernels.log" 2>&1
+    timeout "${T_KERNELS:-150}" $py benchmarks/kernels.py --families "${FAMILIES:-w4a16,fp8,act}" \
+      --out "$out/kernels" > "$out/kernels.log" 2>&1
     say "kernels exit $?"; tail -30 "$out/kernels.log" ;;
   ppl)
     say "ppl"

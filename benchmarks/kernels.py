@@ -33,11 +33,11 @@ PPL_PIPELINES = (
 )
 
 
-def kernel_rows() -> list[dict]:
-    """Run every family's ``run()`` (each needs CUDA and refuses clearly without it)."""
+def kernel_rows(families: tuple[str, ...] = FAMILIES) -> list[dict]:
+    """Run each family's ``run()`` (each needs CUDA and refuses clearly without it)."""
     sys.path.insert(0, str(Path(__file__).parent))
     rows: list[dict] = []
-    for name in FAMILIES:
+    for name in families:
         start = time.perf_counter()
         try:
             got = importlib.import_module(name).run()
@@ -128,14 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ppl", action="store_true", help="also SmolLM2 reference vs lowered")
     ap.add_argument("--only-ppl", action="store_true")
     ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--families", default=",".join(f.removeprefix("kernels_") for f in FAMILIES),
+                    help="comma-separated subset of w4a16, fp8, act")
     args = ap.parse_args(argv)
+    families = tuple(f"kernels_{f.strip()}" for f in args.families.split(",") if f.strip())
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        ap.error(f"unknown families {unknown}; choose from w4a16, fp8, act")
     import torch
 
     if not torch.cuda.is_available():
         print("benchmarks/kernels.py needs a CUDA GPU (the kernels are CUDA Triton kernels)",
               file=sys.stderr)
         return 2
-    rows = [] if args.only_ppl else kernel_rows()
+    rows = [] if args.only_ppl else kernel_rows(families)
     if args.ppl or args.only_ppl:
         rows += ppl_rows(args.windows)
     out = Path(args.out)
