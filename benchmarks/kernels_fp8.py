@@ -3,10 +3,11 @@
 * ``fp8_scaled_mm`` (tiled and persistent) vs ``torch._scaled_mm`` with row-wise scales
   (``scale_a [M, 1]``, ``scale_b [1, N]``, bf16 out) at M = N = K = 8192: TFLOP/s and ratio.
 * ``w4a8_linear`` (FP4 g128 m2 weights shifted to FP8) vs ``torch._scaled_mm`` on the same
-  shape at M = 256, 1024, 4096, 8192 with N = K = 8192: ratio (> 1: faster than cuBLAS FP8).
-  The default path (``w4a8_linear (dequant)`` from ``DEQUANT_MIN_M`` rows: the weight shifted
-  to FP8 once, then the FP8 GEMM) at every M; the fused kernel with each weight decode
-  (``w4a8_linear/fused-<decode>``, ``w4a8.DECODES``) at M = 256 and 4096.
+  shape at M = 128, 256, 1024, 4096, 8192 with N = K = 8192: ratio (> 1: faster than cuBLAS
+  FP8). The default path at every M (``w4a8_linear (dequant)`` from ``DEQUANT_MIN_M`` rows: the
+  weight shifted to FP8 once, then the FP8 GEMM; ``(fused)`` below), and at M = 128, where the
+  fused kernel is the default, that kernel with each weight decode
+  (``w4a8_linear/fused-<decode>``, ``w4a8.DECODES``; each autotunes its own configs).
 
 Times are ``triton.testing.do_bench`` medians (ms). Needs CUDA with FP8 tensor cores (sm89+).
 
@@ -40,8 +41,8 @@ def _bench(fn: Callable[[], torch.Tensor]) -> float:
     return float(triton.testing.do_bench(fn, warmup=50, rep=200))
 
 
-def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (256, 1024, 4096, 8192),
-        fused_ms: tuple[int, ...] = (256, 4096)) -> list[dict]:
+def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192),
+        fused_ms: tuple[int, ...] = (128,)) -> list[dict]:
     """Benchmark the FP8 GEMM and the W4A8 kernel against ``torch._scaled_mm``.
 
     Args:
