@@ -25,6 +25,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "gptq": "qcompile.passes.gptq",
     "lorc": "qcompile.passes.lorc",
     "lower-triton": "qcompile.passes.lower_triton",
+    "fuse-linears": "qcompile.passes.fuse_linears",
 }
 
 _REGISTRY: dict[str, type[Pass]] = {}
