@@ -75,7 +75,10 @@ class FuseLinearsPass(Pass):
            reported in ``facts["skipped"]``.
         4. With ``check`` (default), the fused weight must dequantize to exactly the members'
            concatenated weights, or the group is left alone and reported.
-        5. The members' buffers are left unread (``cleanup`` drops them).
+        5. The members' buffers are left unread (``cleanup`` drops them). ``facts["fused"]``
+           names, per group, the members' packed-code attributes, their rows and the new
+           attributes. Members whose buffers already lie back to back in one storage (the
+           rows of an earlier fusion) are viewed, not copied.
         6. Nothing to fuse: ``modified`` is False and the graph is untouched.
     """
 
@@ -101,8 +104,10 @@ class FuseLinearsPass(Pass):
             if why is not None:
                 skipped[",".join(names)] = why
                 continue
-            _rewrite(gm, members, tensors)
-            fused.append({"linears": names, "rows": [m.rows for m in members]})
+            weights = [str(m.deq.args[0].target) for m in members]
+            attrs = _rewrite(gm, members, tensors)  # erases the members' nodes
+            fused.append({"linears": names, "rows": [m.rows for m in members],
+                          "weights": weights, "attrs": attrs})
             log.debug("fuse-linears: %s -> one linear of %d rows", names,
                       sum(m.rows for m in members))
         if fused:
@@ -157,7 +162,7 @@ def _concat(members: list[_Member]) -> tuple[list[torch.Tensor | None], str | No
         if parts[0] is None:
             out.append(None)
         elif all(p.shape[0] == m.rows for p, m in zip(parts, members, strict=True)):
-            out.append(torch.cat(parts, dim=0))
+            out.append(_cat_rows(parts))
         elif all(p.shape[0] == 1 for p in parts) and all(torch.equal(p, parts[0])
                                                          for p in parts[1:]):
             out.append(parts[0])  # one value for the whole weight, equal across the group
@@ -171,6 +176,24 @@ def _concat(members: list[_Member]) -> tuple[list[torch.Tensor | None], str | No
     biases = [m.bias for m in members]
     out.append(None if biases[0] is None else torch.cat(biases, dim=0))
     return out, None
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``, or a view when the parts already lie back to back in one storage
+    (the rows of an earlier fusion: a later graph of the same model then shares its memory)."""
+    first = parts[0]
+    rest = tuple(first.shape[1:])
+    offset = first.storage_offset()
+    ptr = first.untyped_storage().data_ptr()
+    adjacent = first.is_contiguous()
+    for p in parts:
+        adjacent = (adjacent and p.is_contiguous() and tuple(p.shape[1:]) == rest
+                    and p.untyped_storage().data_ptr() == ptr and p.storage_offset() == offset)
+        offset += p.numel()
+    if not adjacent:
+        return torch.cat(parts, dim=0)
+    rows = sum(p.shape[0] for p in parts)
+    return first.as_strided((rows, *rest), first.stride(), first.storage_offset())
 
 
 def _check(members: list[_Member], tensors: list[torch.Tensor | None]) -> str | None:
@@ -211,7 +234,9 @@ def _fake(node: fx.Node) -> None:
 
 
 def _rewrite(gm: fx.GraphModule, members: list[_Member],
-             tensors: list[torch.Tensor | None]) -> None:
+             tensors: list[torch.Tensor | None]) -> list[str | None]:
+    """Insert the fused linear and its slices; return the new attribute names (packed codes,
+    scale, negative scale, zero point, outer scale, bias; None where absent)."""
     graph = gm.graph
     base = _fused_name(members)
     first = members[0]
@@ -243,6 +268,7 @@ def _rewrite(gm: fx.GraphModule, members: list[_Member],
     for m in members:
         graph.erase_node(m.linear)
         graph.erase_node(m.deq)
+    return [None if a is None else str(a.target) for a in attrs]
 
 
 def _fake_constant(like: fx.Node, t: torch.Tensor) -> torch.Tensor | None:

@@ -136,20 +136,24 @@ def test_fp8_dynamic_matches_reference():
     assert _stats(model).weights_quantized == 14
 
 
-@pytest.mark.parametrize("recipe, kind", [("w4-afpq", "w4a16"), ("fp8-dynamic", "fp8")])
-def test_lower_always_puts_the_fused_kernel_ops_in_the_compiled_graph(recipe, kind):
+@pytest.mark.parametrize("recipe, kind, fuse", [("w4-afpq", "w4a16", True),
+                                                ("w4-afpq", "w4a16", False),
+                                                ("fp8-dynamic", "fp8", True)])
+def test_lower_always_puts_the_fused_kernel_ops_in_the_compiled_graph(recipe, kind, fuse):
     """``lower=always`` runs ``lower-triton`` on CPU graphs too (CUDA graphs get it with the
-    default ``auto``): the fused ops' CPU references keep the reference backend's logits."""
+    default ``auto``): the fused ops' CPU references keep the reference backend's logits.
+    With ``fuse_linears`` (default) q/k/v and gate/up are one kernel each: 8 of 14."""
     model = tiny_model("llama")
     ids = _ids(9)
     _gm, ref = _reference(model, get_recipe(recipe).pipeline)
-    qcompile.compile(model, recipe=recipe, lower="always")
+    qcompile.compile(model, recipe=recipe, lower="always", fuse_linears=fuse)
     with torch.no_grad():
         out = model(ids).logits
     torch.testing.assert_close(out, ref(ids), atol=1e-4, rtol=1e-4)
     lowered = [r for r in _stats(model).reports
                if r["passes"] and r["passes"][0]["name"] == "lower-triton"]
-    assert lowered and lowered[0]["passes"][0]["facts"][kind] == 14
+    assert lowered and lowered[0]["passes"][0]["facts"][kind] == (8 if fuse else 14)
+    assert _stats(model).linears_fused == (10 if fuse else 0)
 
 
 def test_quantizes_once_across_calls_recompiles_and_reset():
@@ -449,3 +453,37 @@ def test_smollm2_w4_afpq_compiled_matches_reference(smollm2):
     torch.testing.assert_close(out, expected, atol=2e-3, rtol=1e-3)
     assert torch.equal(out.argmax(-1), expected.argmax(-1))
     assert stats.weights_quantized == quantized + 30 * 7  # every layer linear, once
+
+
+def test_fused_weights_are_held_once_across_graphs(monkeypatch):
+    """Each graph fuses q/k/v and gate/up; the cached per-weight tensors become row views of
+    the first graph's fused tensors, and later graphs view them instead of copying."""
+    from qcompile.passes import fuse_linears
+
+    real = fuse_linears._cat_rows
+    views: list[bool] = []
+
+    def spy(parts):
+        out = real(parts)
+        views.append(out.untyped_storage().data_ptr() == parts[0].untyped_storage().data_ptr())
+        return out
+
+    monkeypatch.setattr(fuse_linears, "_cat_rows", spy)
+    model = tiny_model("llama")
+    _gm, ref = _reference(model, W4)
+    qcompile.compile(model, pipeline=W4, dynamic=False)
+    with torch.no_grad():
+        for seq in (5, 9):  # two graphs
+            torch.testing.assert_close(model(_ids(seq)).logits, ref(_ids(seq)),
+                                       atol=1e-4, rtol=1e-4)
+    stats = _stats(model)
+    assert stats.graphs == 2 and stats.linears_fused == 20
+    per_graph = len(views) // 2
+    assert per_graph and not any(views[:per_graph]) and all(views[per_graph:])
+    plans = model.qcompile_backend._plans
+    storages = {}
+    for lp in plans.values():
+        for t in lp.weight.tensors:
+            if t is not None:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    assert sum(storages.values()) == stats.quantized_bytes  # nothing held twice

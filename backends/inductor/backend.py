@@ -20,6 +20,7 @@ Backends are shared by option set (:func:`backend_for`), so recompiles, graph br
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -35,7 +36,7 @@ from qcompile.backends.inductor.lift import LiftedGraph, lift_graph
 from qcompile.backends.inductor.options import BackendOptions, parse_options
 from qcompile.backends.inductor.plan import QuantPlan, apply_plan, harvest
 from qcompile.errors import PassError, PipelineError, QCompileError, UnsupportedGraphError
-from qcompile.graph import is_linear
+from qcompile.graph import get_attr_value, is_linear
 
 __all__ = ["CompileStats", "QCompileBackend", "backend_for", "qcompile_backend"]
 
@@ -64,6 +65,7 @@ class CompileStats:
         break_reasons: Their reasons, as dynamo words them.
         compile_seconds: Wall time spent in the backend (lift, quantize, Inductor).
         reports: The pipeline's reports, one per run.
+        linears_fused: Linears merged into wider ones by ``fuse-linears`` (all graphs).
     """
 
     graphs: int = 0
@@ -78,6 +80,7 @@ class CompileStats:
     break_reasons: list[str] = field(default_factory=list)
     compile_seconds: float = 0.0
     reports: list[dict[str, Any]] = field(default_factory=list)
+    linears_fused: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-able copy."""
@@ -268,8 +271,40 @@ class QCompileBackend:
         log.info("qcompile: pipeline %s quantized %d of %d new weights", self._pipeline,
                  quantized, len(fresh))
 
+    def _fuse(self, lifted: LiftedGraph) -> None:
+        """``fuse-linears`` (and ``cleanup``), then point the cached plans of the fused weights
+        at row views of the fused tensors: the members' own tensors are released, and a later
+        graph that reads them (views back to back) fuses them without copying."""
+        if not self.options.fuse_linears:
+            return
+        from qcompile.api import quantize_graph
+
+        gm = lifted.gm
+        before = {str(n.target): get_attr_value(gm, str(n.target))
+                  for n in gm.graph.nodes if n.op == "get_attr"}
+        lifted.gm, report = quantize_graph(gm, "fuse-linears,cleanup", progress=False)
+        self.stats.reports.append(report)
+        groups = report["passes"][0]["facts"]["fused"]
+        self.stats.linears_fused += sum(len(g["linears"]) for g in groups)
+        by_packed = {id(lp.weight.tensors[0]): lp for lp in self._plans.values()
+                     if lp.weight is not None}
+        for group in groups:
+            fused = [None if a is None else get_attr_value(lifted.gm, a)
+                     for a in group["attrs"][:5]]
+            total, start = sum(group["rows"]), 0
+            for name, rows in zip(group["weights"], group["rows"], strict=True):
+                lp = by_packed.get(id(before.get(name)))
+                if lp is not None and lp.weight is not None:
+                    lp.weight = dataclasses.replace(lp.weight, tensors=tuple(
+                        old if f is None or old is None or f.shape[0] != total
+                        or old.shape[0] != rows else f[start:start + rows]
+                        for old, f in zip(lp.weight.tensors, fused, strict=True)))
+                start += rows
+
     def _lower(self, lifted: LiftedGraph) -> None:
-        """Run ``lower-triton`` on CUDA graphs (``lower=auto``) or on every graph (``always``)."""
+        """``fuse-linears`` (option ``fuse_linears``), then ``lower-triton`` on CUDA graphs
+        (``lower=auto``) or on every graph (``always``)."""
+        self._fuse(lifted)
         if self.options.lower == "none":
             return
         on_cuda = any(t.is_cuda for t in lifted.state.values())

@@ -24,6 +24,7 @@ def compile(
     mode: str | None = None,
     inductor: bool = True,
     lower: str = "auto",
+    fuse_linears: bool = True,
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the ``qcompile`` backend and return it.
 
@@ -45,6 +46,8 @@ def compile(
         mode: Inductor mode.
         inductor: False runs the quantized graphs eagerly (reference numerics).
         lower: ``auto`` (fused Triton kernel ops on CUDA), ``always`` or ``none``.
+        fuse_linears: Merge the quantized linears that read one input (q/k/v, gate/up) into
+            one wider linear before lowering (``fuse-linears``).
 
     Returns:
         ``model``, compiled.
@@ -58,6 +61,7 @@ def compile(
         "recipe": recipe, "pipeline": pipeline,
         "artifact": str(artifact) if artifact is not None else None,
         "free_weights": free_weights, "inductor": inductor, "mode": mode, "lower": lower,
+        "fuse_linears": fuse_linears,
     })
     backend = QCompileBackend(options)
     backend.register_model(model)

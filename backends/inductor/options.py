@@ -38,6 +38,10 @@ class BackendOptions:
             graph (on the CPU the fused ops run their exact references: a numerics check);
             ``none`` never lowers.
         verify: Check the graph after every pass (fx lint, attributes exist).
+        fuse_linears: Run ``fuse-linears`` on every graph before lowering: the quantized
+            linears that read one input (q/k/v, gate/up) become one wider linear, one kernel
+            launch instead of several. The cached per-weight tensors become views of the
+            fused ones, so no weight is held twice.
     """
 
     recipe: str | None = None
@@ -48,6 +52,7 @@ class BackendOptions:
     mode: str | None = None
     lower: str = "auto"
     verify: bool = True
+    fuse_linears: bool = True
 
     def key(self) -> tuple:
         """Hashable identity: backends with equal keys share their quantized weights."""
@@ -63,6 +68,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "mode": (str,),
     "lower": (str,),
     "verify": (bool,),
+    "fuse_linears": (bool,),
 }
 _LOWER = ("auto", "always", "none")
 
