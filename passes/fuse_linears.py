@@ -257,18 +257,34 @@ def _rewrite(gm: fx.GraphModule, members: list[_Member],
         lin = graph.call_function(torch.ops.aten.linear.default, args)
         for node in (deq, lin):
             _fake(node)
+        # Graphs whose attribute reads carry no fake values (torch.export's): the members'.
+        _cat_vals(deq, [m.deq for m in members], 0)
+        _cat_vals(lin, [m.linear for m in members], -1)
         lin.meta.update({k: v for k, v in first.linear.meta.items() if k != "val"})
         lin.meta["source_module"] = base
         start = 0
         for m in members:
             sl = graph.call_function(_SLICE, (lin, -1, start, start + m.rows))
             _fake(sl)
+            if "val" not in sl.meta and "val" in m.linear.meta:
+                sl.meta["val"] = m.linear.meta["val"]
             start += m.rows
             m.linear.replace_all_uses_with(sl)
     for m in members:
         graph.erase_node(m.linear)
         graph.erase_node(m.deq)
     return [None if a is None else str(a.target) for a in attrs]
+
+
+def _cat_vals(node: fx.Node, parts: list[fx.Node], dim: int) -> None:
+    """``node``'s fake value as the concatenation of ``parts``' values, if it has none."""
+    vals = [p.meta.get("val") for p in parts]
+    if "val" in node.meta or any(v is None for v in vals):
+        return
+    mode = getattr(vals[0], "fake_mode", None)
+    if mode is not None:
+        with mode:
+            node.meta["val"] = torch.cat(vals, dim=dim)
 
 
 def _fake_constant(like: fx.Node, t: torch.Tensor) -> torch.Tensor | None:

@@ -81,6 +81,10 @@ CASES = {
     "afpq-matmulnbits-16-blocks": ("llama", "quantize{w=fp4_e2m1/g32/asym},cleanup",
                                    {"fp4": "matmulnbits", "accuracy_level": 0,
                                     "nbits_block": 16}, "MatMulNBits"),
+    # fuse-linears: q/k/v and gate/up as one wider weight, outputs sliced.
+    "fused-int4-matmulnbits": ("qwen2", "quantize{w=int4/g32/asym},fuse-linears,cleanup",
+                               {"accuracy_level": 0}, "MatMulNBits"),
+    "fused-nvfp4": ("llama", "quantize{w=nvfp4},fuse-linears,cleanup", {}, "DequantizeWeight"),
     "zqfp-m2-lorc": ("qwen2", "lorc{w=fp4_e2m1/g32/m2 rank=4 bits=8},"
                      "quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token},cleanup", {},
                      "DequantizeWeight"),
