@@ -7,6 +7,8 @@ Variants (each on a freshly built random-weight model; values do not change spee
 * ``w4a8``: ``backend="qcompile"`` with recipe ``w4a8-m2`` (FP4 weights with ZeroQuant-FP M2
   scales, FP8 activations: the format ``lower-triton`` gives the W4A8 kernel; the AFPQ weights
   of ``w4a8-fp4-fp8`` stay on the reference ops).
+* ``w4a16-fp4-unfused`` (only when named): ``w4a16-fp4`` without ``fuse_linears`` (q/k/v and
+  gate/up as separate kernels), to measure what the fusion gives.
 
 Measured per variant: decode tokens/s (``generate`` of N new tokens minus 1 new token, over
 N - 1 tokens, dynamic KV cache), prefill tokens/s (one forward over ``--prefill`` tokens), peak
@@ -63,7 +65,10 @@ SHAPES: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 4096,
     },
 }
-VARIANTS: dict[str, str | None] = {"bf16": None, "w4a16-fp4": "w4-afpq", "w4a8": "w4a8-m2"}
+VARIANTS: dict[str, str | None] = {"bf16": None, "w4a16-fp4": "w4-afpq", "w4a8": "w4a8-m2",
+                                   "w4a16-fp4-unfused": "w4-afpq"}
+#: Variants run unless --variants names others.
+DEFAULT_VARIANTS = ("bf16", "w4a16-fp4", "w4a8")
 
 
 def build_model(shape: str, layers: int | None, device: str, dtype: torch.dtype,
@@ -185,7 +190,8 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
         model.compile(dynamic=dynamic, mode=args.mode)
     else:
         qcompile.compile(model, recipe=None if pipeline else recipe, pipeline=pipeline,
-                         dynamic=dynamic, free_weights=True, mode=args.mode)
+                         dynamic=dynamic, free_weights=True, mode=args.mode,
+                         fuse_linears=not name.endswith("-unfused"))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen).to(args.device)
     long = torch.randint(0, vocab, (1, args.prefill), generator=gen).to(args.device)
@@ -232,7 +238,7 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
             "pipeline_runs": stats.pipeline_runs, "weights_quantized": stats.weights_quantized,
             "fp_weight_bytes": stats.fp_weight_bytes, "quantized_bytes": stats.quantized_bytes,
             "freed_bytes": stats.freed_bytes, "graphs": stats.graphs,
-            "graph_breaks": stats.graph_breaks,
+            "graph_breaks": stats.graph_breaks, "linears_fused": stats.linears_fused,
             "compile_seconds": round(stats.compile_seconds, 2),
         }
     model = None  # release before the next variant is built
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "needs --cache static)")
     parser.add_argument("--lm-head", action="store_true",
                         help="quantize the output head too (recipe variants)")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--stop-on-error", action="store_true",

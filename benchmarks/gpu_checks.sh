@@ -28,6 +28,8 @@
 #          reduce-overhead --loop direct, decode.json, with each variant's speedup extrapolated
 #          to 32 layers; a variant that fails is recorded with its error); if any fails, all
 #          once more with a dynamic cache, generate() and no CUDA graphs (decode_dynamic.json).
+#          DECODE_VARIANTS picks the variants (default bf16,w4a16-fp4,w4a8; w4a16-fp4-unfused
+#          measures fuse-linears).
 #
 # Limits (seconds): T_TESTS=150 T_KERNELS=150 T_PPL=200 T_DECODE=240. The first H200 run
 # (benchmarks/results/gpu_h200_2026-11-26.md) used about these; plan a device lease around
@@ -89,6 +91,7 @@ for phase in "${phases[@]}"; do
     say "decode"
     timeout "${T_DECODE:-240}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
       --cache static --mode reduce-overhead --loop direct --stop-on-error --out "$out/decode.json" \
+      --variants "${DECODE_VARIANTS:-bf16,w4a16-fp4,w4a8}" \
       > "$out/decode.log" 2>&1
     rc=$?
     grep "^decode.py" "$out/decode.log" | cut -c1-700
