@@ -98,7 +98,7 @@ for phase in "${phases[@]}"; do
     if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
       say "decode (static, CUDA graphs) exit $rc; again with a dynamic cache (decode_dynamic.*)"
       timeout "${T_DECODE:-240}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
-        --out "$out/decode_dynamic.json" > "$out/decode_dynamic.log" 2>&1
+        --variants "${DECODE_VARIANTS:-bf16,w4a16-fp4,w4a8}" --out "$out/decode_dynamic.json" > "$out/decode_dynamic.log" 2>&1
       rc=$?
       grep "^decode.py" "$out/decode_dynamic.log" | cut -c1-700
     fi
