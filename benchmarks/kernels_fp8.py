@@ -42,13 +42,16 @@ def _bench(fn: Callable[[], torch.Tensor]) -> float:
 
 
 def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192),
-        fused_ms: tuple[int, ...] = (128,)) -> list[dict]:
+        fused_ms: tuple[int, ...] = (128,), crossover_ms: tuple[int, ...] = (256, 1024)
+        ) -> list[dict]:
     """Benchmark the FP8 GEMM and the W4A8 kernel against ``torch._scaled_mm``.
 
     Args:
         mnk: M = N = K of the FP8 GEMM comparison (and N = K of the W4A8 one).
         w4a8_ms: The M values of the W4A8 comparison (default path).
         fused_ms: The M values where the fused kernel is also timed with each decode.
+        crossover_ms: M values of the shift-then-GEMM path where the fused kernel (default
+            decode) is timed too, to place ``DEQUANT_MIN_M``.
 
     Returns:
         One dict per measurement: ``kernel``, ``m``, ``n``, ``k``, ``ms``, ``tflops`` and
@@ -109,6 +112,10 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192)
         ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128))
         path = "dequant" if m >= w4a8_dequant.DEQUANT_MIN_M else "fused"
         record(f"w4a8_linear ({path})", m, ms, base)
+        if m in crossover_ms and path == "dequant":
+            ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128,
+                                                           path="fused"))
+            record(f"w4a8_linear/fused-{w4a8_mod.DECODE}", m, ms, base)
         if m not in fused_ms:
             continue
         default = w4a8_mod.DECODE
