@@ -13,6 +13,11 @@ activation scale and ``row_scale`` remain, applied in the epilogue:
 
 with ``W8 = decode(codes) * 2^gexp`` (:func:`w4a8_weight_fp8`, bit-exact in FP8), so the
 kernel equals the fp32 reference up to accumulation order and the final rounding.
+
+Paths of :func:`w4a8_linear` by M (rows): up to :data:`GEMV_MAX_M`, the batch-1 / split-K
+W4A16 GEMVs with group scales ``2^gexp`` (decode reads weights, it does not multiply much);
+then this fused kernel (weight decode in :data:`DECODES`); from
+``w4a8_dequant.DEQUANT_MIN_M``, the weight shifted to FP8 once and the FP8 GEMM.
 """
 
 from __future__ import annotations
