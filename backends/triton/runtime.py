@@ -32,8 +32,10 @@ class KernelInputError(ValueError):
     """A kernel wrapper was given a tensor of the wrong dtype, shape, device or layout."""
 
 
+@functools.cache
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (it is not a hard dependency)."""
+    """True when the ``triton`` package can be imported (it is not a hard dependency; looked
+    up once: kernel wrappers ask on every call)."""
     return importlib.util.find_spec("triton") is not None
 
 
