@@ -9,7 +9,13 @@ import torch
 import torch.fx as fx
 
 import qcompile.ops  # noqa: F401  (registers torch.ops.qcompile.*)
-from qcompile.graph import get_attr_value, is_linear, set_attr_value, unique_attr_name
+from qcompile.graph import (
+    get_attr_value,
+    is_linear,
+    propagate_fake,
+    set_attr_value,
+    unique_attr_name,
+)
 from qcompile.pass_base import Pass, PassResult
 from qcompile.registry import register_pass
 
@@ -216,23 +222,6 @@ def _fused_name(members: list[_Member]) -> str:
     return f"{prefix}.{leaf}" if prefix else leaf
 
 
-def _fake(node: fx.Node) -> None:
-    """Give ``node`` a fake ``val`` like captured nodes have, when its inputs have one."""
-    vals, mode = [], None
-    for a in node.args:
-        if isinstance(a, fx.Node):
-            v = a.meta.get("val")
-            if v is None:
-                return
-            mode = mode or getattr(v, "fake_mode", None)
-            vals.append(v)
-        else:
-            vals.append(a)
-    if mode is not None:
-        with mode:
-            node.meta["val"] = node.target(*vals)
-
-
 def _rewrite(gm: fx.GraphModule, members: list[_Member],
              tensors: list[torch.Tensor | None]) -> list[str | None]:
     """Insert the fused linear and its slices; return the new attribute names (packed codes,
@@ -256,7 +245,7 @@ def _rewrite(gm: fx.GraphModule, members: list[_Member],
         args = (x, deq) if attrs[5] is None else (x, deq, attrs[5])
         lin = graph.call_function(torch.ops.aten.linear.default, args)
         for node in (deq, lin):
-            _fake(node)
+            propagate_fake(node)
         # Graphs whose attribute reads carry no fake values (torch.export's): the members'.
         _cat_vals(deq, [m.deq for m in members], 0)
         _cat_vals(lin, [m.linear for m in members], -1)
@@ -265,7 +254,7 @@ def _rewrite(gm: fx.GraphModule, members: list[_Member],
         start = 0
         for m in members:
             sl = graph.call_function(_SLICE, (lin, -1, start, start + m.rows))
-            _fake(sl)
+            propagate_fake(sl)
             if "val" not in sl.meta and "val" in m.linear.meta:
                 sl.meta["val"] = m.linear.meta["val"]
             start += m.rows

@@ -38,7 +38,7 @@ import qcompile.backends.triton.ops  # noqa: F401  (registers the fused ops)
 from qcompile.backends.triton.ops import rms_norm
 from qcompile.backends.triton.runtime import triton_available
 from qcompile.backends.triton.scales import W4A8ScaleError, w4a8_split_scales
-from qcompile.graph import get_attr_value, set_attr_value, unique_attr_name
+from qcompile.graph import get_attr_value, propagate_fake, set_attr_value, unique_attr_name
 from qcompile.ops import spec_of
 from qcompile.pass_base import Pass, PassResult
 from qcompile.patterns import Norm, find_norms
@@ -235,9 +235,9 @@ class LowerTritonPass(Pass):
                 q = gm.graph.call_function(operator.getitem, (r, 0))
             with gm.graph.inserting_after(q):
                 s = gm.graph.call_function(operator.getitem, (r, 1))
-            _fake(gm, r)
-            _fake(gm, q)
-            _fake(gm, s)
+            propagate_fake(r)
+            propagate_fake(q)
+            propagate_fake(s)
             rows[act] = (q, s)
         return rows[act]
 
@@ -339,22 +339,3 @@ def _norm_reproduced(gm: fx.GraphModule, norm: Norm) -> bool:
     probe = (torch.randn(2, 5, dim, generator=gen) * 3).to(device=device, dtype=dtype)
     with torch.no_grad():
         return torch.equal(sub(probe), rms_norm(probe, weight, float(norm.eps)))
-
-
-def _fake(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Give ``node`` fake ``val`` metadata like captured nodes have (when its inputs do)."""
-    vals = []
-    mode = None
-    for a in node.args:
-        if isinstance(a, fx.Node):
-            v = a.meta.get("val")
-            if v is None:
-                return
-            mode = mode or getattr(v, "fake_mode", None)
-            vals.append(v)
-        else:
-            vals.append(a)
-    if mode is None:
-        return
-    with mode:
-        node.meta["val"] = node.target(*vals)

@@ -11,6 +11,7 @@ __all__ = [
     "has_attr",
     "is_linear",
     "linear_nodes",
+    "propagate_fake",
     "set_attr_value",
     "unique_attr_name",
 ]
@@ -101,3 +102,23 @@ def linear_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
             if node.args[1].op == "get_attr":
                 out.append(node)
     return out
+
+
+def propagate_fake(node: torch.fx.Node) -> None:
+    """Give a new call node fake ``val`` metadata like captured nodes have, by running its
+    target on its inputs' fake values (nothing when an input has none)."""
+    vals = []
+    mode = None
+    for a in node.args:
+        if isinstance(a, torch.fx.Node):
+            v = a.meta.get("val")
+            if v is None:
+                return
+            mode = mode or getattr(v, "fake_mode", None)
+            vals.append(v)
+        else:
+            vals.append(a)
+    if mode is None:
+        return
+    with mode:
+        node.meta["val"] = node.target(*vals)

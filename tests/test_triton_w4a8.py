@@ -103,6 +103,19 @@ def test_fp8_weight_is_exact_dequantized_weight(scale, group, k):
     torch.testing.assert_close(ref, lin, rtol=1e-5, atol=1e-5 * float(lin.abs().max()))
 
 
+def _every_code_at_every_exponent(k: int, group: int):
+    """Packed FP4 rows holding all 16 codes, one row per exponent of GEXP_RANGE (shifted by
+    one per group), and the exact fp32 weight they stand for."""
+    lo, hi = GEXP_RANGE
+    n = hi - lo + 1
+    codes = torch.arange(16, dtype=torch.uint8).repeat(n, k // 16)
+    g = torch.arange(lo, hi + 1)[:, None] + torch.arange(-(-k // group))[None, :]
+    gexp = (torch.remainder(g - lo, n) + lo).to(torch.int8)
+    expect = torch.ldexp(decode(codes, "fp4_e2m1"),
+                         gexp.float().repeat_interleave(group, dim=1)[:, :k])
+    return pack_codes(codes, 4), gexp, expect
+
+
 @pytest.mark.parametrize(("group", "how"), [
     (64, "place"), (64, "shift"), (64, "mul"), (32, "place"), (32, "mul"), (24, "shift"),
     (24, "mul")])
@@ -115,18 +128,13 @@ def test_kernel_builds_every_code_at_every_exponent(monkeypatch, group, how):
     from qcompile.backends.triton import w4a8
 
     monkeypatch.setattr(w4a8, "DECODE", how)
-    lo, hi = GEXP_RANGE
-    n, k = hi - lo + 1, 64
-    codes = torch.arange(16, dtype=torch.uint8).repeat(n, k // 16)
-    g = torch.arange(lo, hi + 1)[:, None] + torch.arange(-(-k // group))[None, :]
-    gexp = (torch.remainder(g - lo, n) + lo).to(torch.int8)
-    packed = pack_codes(codes, 4)
+    k = 64
+    packed, gexp, expect = _every_code_at_every_exponent(k, group)
+    n = packed.shape[0]
     a = torch.eye(k).to(FP8)
     out = w4a8_linear(a.to(DEV), torch.ones(k, 1, device=DEV), packed.to(DEV), gexp.to(DEV),
                       torch.ones(n, device=DEV), group, out_dtype=torch.float32)
     w8 = w4a8_weight_fp8(packed, gexp, group, k).float()
-    expect = torch.ldexp(decode(codes, "fp4_e2m1"),
-                         gexp.float().repeat_interleave(group, dim=1)[:, :k])
     assert torch.equal(w8, expect)
     assert torch.equal(out.T.cpu(), w8)
 
@@ -192,66 +200,36 @@ def test_shift_to_fp8_every_code_at_every_exponent(group):
     """All 16 codes (signed zero included) x all 15 exponents of GEXP_RANGE, bit-exact."""
     from qcompile.backends.triton.w4a8_dequant import w4a8_dequant
 
-    lo, hi = GEXP_RANGE
-    n, k = hi - lo + 1, 768
-    codes = torch.arange(16, dtype=torch.uint8).repeat(n, k // 16)
-    g = torch.arange(lo, hi + 1)[:, None] + torch.arange(-(-k // group))[None, :]
-    gexp = (torch.remainder(g - lo, n) + lo).to(torch.int8)
-    packed = pack_codes(codes, 4)
+    k = 768
+    packed, gexp, expect = _every_code_at_every_exponent(k, group)
     w8 = w4a8_dequant(packed.to(DEV), gexp.to(DEV), group, k).cpu()
-    expect = torch.ldexp(decode(codes, "fp4_e2m1"),
-                         gexp.float().repeat_interleave(group, dim=1)[:, :k])
     assert torch.equal(w8.view(torch.uint8), w4a8_weight_fp8(packed, gexp, group, k).view(
         torch.uint8))
     assert torch.equal(w8.float(), expect)
     assert torch.equal(torch.signbit(w8.float()), torch.signbit(expect))
 
 
-@pytest.mark.parametrize(("m", "group", "bias", "out_dtype"), [
-    (256, 32, True, torch.bfloat16), (300, 128, False, torch.float32),
-    (257, 50, True, torch.float16)])
-def test_prefill_path_matches_reference(m, group, bias, out_dtype):
-    """From DEQUANT_MIN_M rows the weight is shifted once and the FP8 GEMM multiplies: the
-    same result as the reference and as the fused kernel (forced), to fp32 summation order."""
-    from qcompile.backends.triton import w4a8_dequant
-
-    assert m >= w4a8_dequant.DEQUANT_MIN_M
-    a, a_scale, packed, gexp, row_scale, c = make_inputs(m, 131, 48, group, bias=bias)
-    ref = w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, group, c, torch.float32)
-    auto = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype)
-    forced = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype,
-                         path="dequant")
-    fused = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype,
-                        path="fused")
-    assert auto.dtype == out_dtype and auto.shape == (m, 48)
-    assert torch.equal(auto, forced)
-    assert_within_ulp(auto, ref)
-    assert_within_ulp(fused, ref)
-
-
-@pytest.mark.parametrize(("m", "group", "bias", "out_dtype"), [
-    (1, 128, True, torch.bfloat16), (1, 50, False, torch.float32), (7, 32, True, torch.float16),
-    (16, 64, False, torch.bfloat16)])
-def test_decode_sizes_take_the_gemv_and_match(monkeypatch, m, group, bias, out_dtype):
-    """Up to GEMV_MAX_M rows the W4A16 GEMVs run (never the FP8 shift); they, and the fused
-    kernel forced at the same sizes, match the reference."""
+@pytest.mark.parametrize(("m", "group", "bias", "out_dtype", "path"), [
+    (1, 128, True, torch.bfloat16, "gemv"), (1, 50, False, torch.float32, "gemv"),
+    (7, 32, True, torch.float16, "gemv"), (16, 64, False, torch.bfloat16, "gemv"),
+    (256, 32, True, torch.bfloat16, "dequant"), (300, 128, False, torch.float32, "dequant"),
+    (257, 50, True, torch.float16, "dequant")])
+def test_each_path_matches_the_reference(m, group, bias, out_dtype, path):
+    """The path M picks (up to GEMV_MAX_M the W4A16 GEMVs; from DEQUANT_MIN_M the weight
+    shifted to FP8 once, then the FP8 GEMM) gives what forcing it gives, and it and the fused
+    kernel forced at the same size match the reference to fp32 summation order."""
     from qcompile.backends.triton import w4a8, w4a8_dequant
 
-    def boom(*args, **kwargs):
-        raise AssertionError("the shift-then-GEMM path ran at a decode size")
-
-    monkeypatch.setattr(w4a8_dequant, "w4a8_dequant", boom)
-    assert m <= w4a8.GEMV_MAX_M
-    a, a_scale, packed, gexp, row_scale, c = make_inputs(m, 200, 96, group, bias=bias, seed=m)
+    assert m <= w4a8.GEMV_MAX_M if path == "gemv" else m >= w4a8_dequant.DEQUANT_MIN_M
+    a, a_scale, packed, gexp, row_scale, c = make_inputs(m, 131 if m > 16 else 200,
+                                                         48, group, bias=bias, seed=m)
     ref = w4a8_linear_ref(a, a_scale, packed, gexp, row_scale, group, c, torch.float32)
-    auto = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype)
-    gemv = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype,
-                       path="gemv")
-    fused = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype,
-                        path="fused")
-    assert auto.dtype == out_dtype and torch.equal(auto, gemv)
-    assert_within_ulp(gemv, ref)
-    assert_within_ulp(fused, ref)
+    outs = {p: w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c,
+                           out_dtype=out_dtype, path=p) for p in (None, path, "fused")}
+    assert outs[None].dtype == out_dtype and outs[None].shape == (m, 48)
+    assert torch.equal(outs[None], outs[path])
+    assert_within_ulp(outs[path], ref)
+    assert_within_ulp(outs["fused"], ref)
 
 
 def test_pow2_scales_are_cached_per_tensor():
