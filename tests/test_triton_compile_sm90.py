@@ -157,6 +157,11 @@ CASES: list[tuple[str, str, dict]] = [
                                                            neg=True, outer=True)),
     ("w4a16-dequant-fp16-g33-int4", "w4a16_dequant", dict(dtype="fp16", group_size=33,
                                                           zero=True)),
+    # FP4 prefill decode from int32 words (no table), AFPQ and M2.
+    ("w4a16-dequant-fp4w-bf16-g128-afpq", "w4a16_dequant_fp4w", dict(dtype="bf16",
+                                                                     group_size=128, neg=True)),
+    ("w4a16-dequant-fp4w-fp16-g32-m2", "w4a16_dequant_fp4w", dict(dtype="fp16", group_size=32,
+                                                                  outer=True)),
     ("w4a16-splitk-reduce-bf16", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True)),
     ("w4a16-gemm-bf16-g128", "w4a16_gemm", dict(dtype="bf16", m=4000, group_size=128,
                                                 zero=True, bias=True, mma="bf16")),
@@ -171,7 +176,8 @@ _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2":
             "kron": "kron_quant",
             "w4a16_gemv": "w4a16", "w4a16_reduce": "w4a16", "w4a16_gemm": "w4a16",
             "w4a16_gemv1": "w4a16_gemv", "w4a16_gemv1w": "w4a16_gemv",
-            "w4a16_dequant": "w4a16_dequant", "w4a8_shift": "w4a8_dequant"}
+            "w4a16_dequant": "w4a16_dequant", "w4a16_dequant_fp4w": "w4a16_dequant",
+            "w4a8_shift": "w4a8_dequant"}
 #: Module that another engineer may still be editing: failures to import it or a kernel
 #: signature this file does not know skip its cases instead of failing them.
 _IN_PROGRESS = "w4a16"
@@ -378,6 +384,19 @@ def _build_w4a16_dequant(mod, p: dict, all_configs: bool):
     return mod._dequant_kernel, args, consts, [triton.Config({}, num_warps=4)]
 
 
+def _build_w4a16_dequant_fp4w(mod, p: dict, all_configs: bool):
+    import triton
+
+    n, k, gs = 4096, 4096, p["group_size"]
+    args = dict(words_ptr="*i32", scale_ptr="*fp32", neg_ptr="*fp32", outer_ptr="*fp32",
+                w_ptr="*" + p["dtype"], N=n, K=k, KW=k // 8, G=-(-k // gs),
+                outer_stride=int(p.get("outer", 0)))
+    consts = dict(GROUP_SIZE=gs, HAS_NEG=p.get("neg", False), HAS_OUTER=p.get("outer", False),
+                  KIND={"fp32": 0, "bf16": 1, "fp16": 2}[p["dtype"]], EXACT=False,
+                  BLOCK_N=mod._FP4W_BLOCK_N, BLOCK_K=mod._FP4W_BLOCK_K)
+    return mod._dequant_fp4w_kernel, args, consts, [triton.Config({}, num_warps=4)]
+
+
 def _build_w4a8_shift(mod, p: dict, all_configs: bool):
     import triton
 
@@ -417,7 +436,7 @@ _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_qua
              "w4a16_gemv": _build_w4a16_gemv, "w4a16_reduce": _build_w4a16_reduce,
              "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1,
              "w4a16_gemv1w": _build_w4a16_gemv1w, "w4a16_dequant": _build_w4a16_dequant,
-             "w4a8_shift": _build_w4a8_shift}
+             "w4a16_dequant_fp4w": _build_w4a16_dequant_fp4w, "w4a8_shift": _build_w4a8_shift}
 
 
 def _resources(cubin: bytes, cuobjdump: str, name: str) -> tuple[int, int]:

@@ -240,6 +240,17 @@ def test_gemv1_matches_reference(fmt, k, dtype):
         assert_matches_unrounded(out, ref, x, w)
 
 
+class _Spy:
+    """Counts launches of a JIT kernel and forwards them."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
 # --- prefill: decode the weight once, then cuBLAS (w4a16_dequant) -----------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -251,9 +262,36 @@ def test_dequant_is_the_reference_weight(fmt, k, dtype):
     from qcompile.backends.triton.w4a16_dequant import w4a16_dequant
 
     packed, table, scale, neg, zero, outer, gs = _weights(fmt, 200, k)
-    got = w4a16_dequant(packed, table, scale, neg, zero, outer, gs, k, dtype)
     want = w4._dequant_ref(packed, table, scale, neg, zero, outer, gs, k).to(dtype)
-    assert got.dtype == dtype and torch.equal(got, want)
+    tables = [table]
+    if parse_format(fmt).elem == "fp4_e2m1":  # the cached table selects the FP4 word kernel
+        tables.append(w4.element_table("fp4_e2m1", DEV))
+    for t in tables:
+        got = w4a16_dequant(packed, t, scale, neg, zero, outer, gs, k, dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize(("fmt", "k", "words"), [
+    ("fp4_e2m1/g128/asym", 1000, True), ("fp4_e2m1/g32/m2", 576, True),
+    ("nvfp4", 1000, True), ("fp4_e2m1/channel", 1000, True),
+    ("fp4_e2m1/g128", 131, False),  # K not a multiple of 8: no int32 words
+    ("int4/g64/asym", 576, False)])
+def test_dequant_takes_the_fp4_word_kernel(monkeypatch, fmt, k, words):
+    """The cached FP4 table, whole-word groups and K % 8 == 0 take the word kernel; the rest
+    the general decode; both bit-exact (above)."""
+    from qcompile.backends.triton import w4a16_dequant as dq
+
+    spies = {name: _Spy(getattr(dq, name)) for name in ("_dequant_fp4w_kernel", "_dequant_kernel")}
+    for name, spy in spies.items():
+        monkeypatch.setattr(dq, name, spy)
+    packed, table, scale, neg, zero, outer, gs = _weights(fmt, 64, k)
+    if parse_format(fmt).elem == "fp4_e2m1":
+        table = w4.element_table("fp4_e2m1", DEV)
+    got = dq.w4a16_dequant(packed, table, scale, neg, zero, outer, gs, k, torch.bfloat16)
+    want = w4._dequant_ref(packed, table, scale, neg, zero, outer, gs, k).to(torch.bfloat16)
+    assert torch.equal(got, want)
+    assert spies["_dequant_fp4w_kernel"].launches == int(words)
+    assert spies["_dequant_kernel"].launches == int(not words)
 
 
 @pytest.mark.parametrize("fmt", ["fp4_e2m1/g128/asym", "int4/g64/asym", "fp4_e2m1/g32/m2"])
@@ -271,17 +309,6 @@ def test_prefill_takes_dequant_and_cublas(monkeypatch, fmt):
         calls.clear()
         assert_matches(w4.w4a16_linear(x, *w, bias=b), w4.w4a16_linear_ref(x, *w, bias=b))
         assert calls == ([(1000, torch.bfloat16)] if used else [])
-
-
-class _Spy:
-    """Counts launches of a JIT kernel and forwards them."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
 
 
 @pytest.mark.parametrize(("fmt", "k", "words"), [

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton.runtime import interpreting
+from qcompile.backends.triton.runtime import element_table, interpreting
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _weight_tile
+from qcompile.backends.triton.w4a16_gemv import _fp4_pair, _words
 
 __all__ = ["DEQUANT_MIN_M", "w4a16_dequant"]
 
@@ -29,6 +30,8 @@ __all__ = ["DEQUANT_MIN_M", "w4a16_dequant"]
 DEQUANT_MIN_M = 256
 
 _BLOCK_N = 64
+_FP4W_BLOCK_N = 32  # the FP4 word kernel's tile: 32 rows x 256 codes (32 words)
+_FP4W_BLOCK_K = 256
 
 
 def _block_k(group_size: int) -> int:
@@ -62,6 +65,78 @@ def _dequant_kernel(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_p
              mask=n_ok & (offs_k < K)[None, :])
 
 
+@triton.jit
+def _dequant_fp4w_kernel(words_ptr, scale_ptr, neg_ptr, outer_ptr, w_ptr, N, K, KW, G,
+                         outer_stride, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
+                         HAS_OUTER: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """FP4 E2M1 ``W[n, k]`` from int32 words (8 codes, k = 8 * word + nibble; a word lies in
+    one group): pairs of codes decoded as fp16 bit patterns (:func:`_fp4_pair`, value *
+    2^-14) times the word's scale * 2^14 (exact: the same fp32 product as ``code * scale``),
+    rounded to W's dtype, the 8 values of each word joined in K order for one contiguous
+    store per row. About a third of the instructions of the table decode."""
+    WK: tl.constexpr = BLOCK_K // 8
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    wcol = tl.program_id(1) * WK + tl.arange(0, WK)
+    w_ok = n_ok[:, None] & (wcol < KW)[None, :]
+    w = tl.load(words_ptr + offs_n.to(tl.int64)[:, None] * KW + wcol[None, :], mask=w_ok,
+                other=0)
+    s_off = offs_n[:, None] * G + (8 * wcol // GROUP_SIZE)[None, :]
+    eff = tl.load(scale_ptr + s_off, mask=w_ok, other=0.0)
+    effn = eff
+    if HAS_NEG:
+        effn = tl.load(neg_ptr + s_off, mask=w_ok, other=0.0)
+    if HAS_OUTER:
+        o = tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)[:, None]
+        eff = eff * o
+        effn = effn * o
+    eff = eff * 16384.0  # 2^14: the fp16 placement's unit
+    effn = effn * 16384.0
+    ty = w_ptr.dtype.element_ty
+    lo0, hi0 = _fp4_pair(w, 0)
+    lo1, hi1 = _fp4_pair(w, 1)
+    lo2, hi2 = _fp4_pair(w, 2)
+    lo3, hi3 = _fp4_pair(w, 3)
+    # Element j of a word: j < 4 is pair j's low code, j >= 4 pair j - 4's high code. Joins
+    # build axes (d0, d1, d2) with j = 4 d0 + 2 d1 + d2.
+    p0 = _scaled(lo0, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p1 = _scaled(lo1, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p2 = _scaled(lo2, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p3 = _scaled(lo3, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p4 = _scaled(hi0, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p5 = _scaled(hi1, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p6 = _scaled(hi2, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p7 = _scaled(hi3, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    even = tl.join(tl.join(p0, p4), tl.join(p2, p6))
+    odd = tl.join(tl.join(p1, p5), tl.join(p3, p7))
+    vals = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], vals,
+             mask=n_ok[:, None] & (offs_k < K)[None, :])
+
+
+@triton.jit
+def _scaled(v, eff, effn, HAS_NEG: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
+            ty: tl.constexpr):
+    """``v * eff`` (AFPQ: ``effn`` for negative ``v``), rounded to W's dtype."""
+    if HAS_NEG:
+        y = v * tl.where(v < 0, effn, eff)
+    else:
+        y = v * eff
+    return _round_to(y, KIND, EXACT).to(ty)
+
+
+def _fp4_words(packed: torch.Tensor, table: torch.Tensor, zero: torch.Tensor | None,
+               group_size: int, k: int) -> torch.Tensor | None:
+    """``packed`` as int32 words when the FP4 word kernel can decode it: the cached FP4 table
+    (recognized by identity, no device sync), no zero point, and groups of whole words."""
+    if zero is not None or group_size % 8 or table is not element_table("fp4_e2m1",
+                                                                        table.device):
+        return None
+    return _words(packed, k)
+
+
 def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
                   scale_neg: torch.Tensor | None, zero: torch.Tensor | None,
                   outer: torch.Tensor | None, group_size: int, k: int,
@@ -76,6 +151,16 @@ def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
     if n == 0 or k == 0:
         return w
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
+    words = _fp4_words(packed, table, zero, group_size, k)
+    if words is not None:
+        grid = (triton.cdiv(n, _FP4W_BLOCK_N), triton.cdiv(k, _FP4W_BLOCK_K))
+        _dequant_fp4w_kernel[grid](
+            words, scale, scale if scale_neg is None else scale_neg,
+            scale if outer is None else outer, w, n, k, words.shape[1], g, o_stride,
+            GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None, HAS_OUTER=outer is not None,
+            KIND=_DTYPE_KIND[dtype], EXACT=interpreting(), BLOCK_N=_FP4W_BLOCK_N,
+            BLOCK_K=_FP4W_BLOCK_K, num_warps=4)
+        return w
     block_k = _block_k(group_size)
     grid = (triton.cdiv(n, _BLOCK_N), triton.cdiv(k, block_k))
     _dequant_kernel[grid](
