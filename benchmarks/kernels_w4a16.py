@@ -12,6 +12,10 @@ launches), which at M = 1 is comparable to the kernel itself; those numbers are 
 ``*_eager_us``. Decoding under ``torch.compile(mode="reduce-overhead")`` replays CUDA graphs
 the same way.
 
+Prefill rows: at M = 2048, ``w4a16_linear`` (the weight decoded once to bf16, then cuBLAS) and
+the decode alone, against bf16 ``F.linear`` (``do_bench``; ``weight_gbps`` there is the
+decode's bytes moved per second).
+
 Usage::
 
     python benchmarks/kernels_w4a16.py [--out w4a16.json]
@@ -83,8 +87,45 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
                     "w4a16_eager_us": ms * 1e3, "bf16_eager_us": bf16_ms * 1e3,
                     "max_rel_err_vs_ref": err,
                 })
+        rows += _prefill_rows(w, dense, dev)
         del w, dense
     return rows
+
+
+def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
+                  m: int = 2048) -> list[dict[str, Any]]:
+    """The prefill path at ``m`` rows (AFPQ g128): ``w4a16_linear`` (decode W once into bf16,
+    then cuBLAS) against bf16 ``F.linear``, and the decode alone (``w4a16_dequant``) with its
+    bytes (packed codes and scales read, bf16 weight written)."""
+    from triton.testing import do_bench
+
+    from qcompile.backends.triton.runtime import element_table
+    from qcompile.backends.triton.w4a16 import w4a16_linear
+    from qcompile.backends.triton.w4a16_dequant import w4a16_dequant
+    from qcompile.formats import pack_codes, parse_format, quantize
+
+    n, k = w.shape
+    fmt = "fp4_e2m1/g128/asym"
+    spec = parse_format(fmt)
+    q = quantize(w, spec)
+    args = (pack_codes(q.codes, 4), element_table(spec.elem, dev), q.scale, q.scale_neg,
+            q.zero, q.outer, spec.group_size)
+    x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+    bf16_ms = do_bench(lambda: torch.nn.functional.linear(x, dense))
+    ms = do_bench(lambda: w4a16_linear(x, *args))
+    deq_ms = do_bench(lambda: w4a16_dequant(*args[:6], spec.group_size, k, torch.bfloat16))
+    moved = sum(t.numel() * t.element_size() for t in (args[0], q.scale, q.scale_neg))
+    moved += n * k * 2
+    common = {"format": fmt, "M": m, "N": n, "K": k, "bf16_us": bf16_ms * 1e3,
+              "device": torch.cuda.get_device_name(dev)}
+    return [
+        dict(common, kernel="prefill (dequant + cuBLAS)", w4a16_us=ms * 1e3,
+             speedup_vs_bf16=bf16_ms / ms, weight_gbps=moved / (deq_ms * 1e-3) / 1e9,
+             w4a16_eager_us=ms * 1e3),
+        dict(common, kernel="dequant alone", w4a16_us=deq_ms * 1e3,
+             speedup_vs_bf16=bf16_ms / deq_ms, weight_gbps=moved / (deq_ms * 1e-3) / 1e9,
+             w4a16_eager_us=deq_ms * 1e3),
+    ]
 
 
 def sweep(device: str | torch.device = "cuda", splits: tuple[int, ...] = (1, 4, 8)
