@@ -13,7 +13,7 @@
 #          its limit still says what failed and why. Autotuning keeps one config per kernel
 #          and shape (QCOMPILE_TRITON_TUNE=first; test_every_config_matches_the_reference runs
 #          every config once): the first run, autotuning every shape, got through a third of
-#          the grid in 150 s. Limit T_TESTS (s), workers NW.
+#          the grid in 150 s. Limit T_TESTS (s), workers NW; TEST_FILES overrides the files.
 # kernels  benchmarks/kernels.py: every kernel against cuBLAS / copy (OUTDIR/kernels.{json,md});
 #          FAMILIES=fp8 (or any of w4a16,fp8,act) for a subset.
 # acttests the fused activation-quantize tests alone (tests/test_triton_act_quant.py), limit T_ACT.
@@ -53,9 +53,9 @@ for phase in "${phases[@]}"; do
   tests)
     say "tests"
     QCOMPILE_TRITON_TUNE=first QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_TESTS:-150}" $py -P -m pytest -q "${xdist[@]}" \
-      -p no:cacheprovider --tb=short tests/test_triton_w4a16.py tests/test_lower_triton.py \
-      tests/test_triton_fp8.py tests/test_triton_w4a8.py tests/test_triton_act_quant.py \
-      tests/test_lower_triton_gpu.py > "$out/tests.log" 2>&1
+      -p no:cacheprovider --tb=short ${TEST_FILES:-tests/test_triton_w4a16.py \
+      tests/test_lower_triton.py tests/test_triton_fp8.py tests/test_triton_w4a8.py \
+      tests/test_triton_act_quant.py tests/test_lower_triton_gpu.py} > "$out/tests.log" 2>&1
     say "tests exit $? ($(grep -c '^FAILED' "$out/fails.txt" 2>/dev/null || echo 0) failures logged)"
     grep -E "passed|failed" "$out/tests.log" | tail -2
     grep -A2 '^FAILED' "$out/fails.txt" 2>/dev/null | cut -c1-240 | head -30 ;;
