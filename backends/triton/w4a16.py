@@ -287,26 +287,24 @@ def _w4a16_gemm_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_pt
         w_lo, w_hi = _weight_tile(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr,
                                   outer_ptr, k0, offs_n, N, K, KB, G, outer_stride,
                                   GROUP_SIZE, HAS_NEG, HAS_ZERO, HAS_OUTER, BLOCK_K, True)
-        k_lo = k0 + 2 * tl.arange(0, BLOCK_K // 2)
-        x_lo = tl.load(x_row + k_lo[None, :], mask=m_ok[:, None] & (k_lo < K)[None, :],
-                       other=0.0)
-        x_hi = tl.load(x_row + k_lo[None, :] + 1,
-                       mask=m_ok[:, None] & (k_lo + 1 < K)[None, :], other=0.0)
+        # Back to K order (row 2j: low nibbles, 2j + 1: high ones), so x loads as one
+        # contiguous [BLOCK_M, BLOCK_K] tile (two half tiles of every other element compiled
+        # to 2-byte loads on sm_90) and one MMA chain covers the block.
+        w = tl.trans(tl.interleave(tl.trans(w_lo), tl.trans(w_hi)))
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        xk = tl.load(x_row + offs_k[None, :], mask=m_ok[:, None] & (offs_k < K)[None, :],
+                     other=0.0)
         if KIND == 0:
             # fp32 activations: tf32x3 (three TF32 MMAs, about fp32 accuracy); ieee FMAs
             # spilled kilobytes per thread in the sm_90 compile.
-            acc = tl.dot(x_lo, w_lo, acc, input_precision="tf32x3")
-            acc = tl.dot(x_hi, w_hi, acc, input_precision="tf32x3")
+            acc = tl.dot(xk, w, acc, input_precision="tf32x3")
         elif EXACT:
             # Interpreter: its bf16 dot is wrong, so multiply the exactly rounded values in
             # fp32 (products of two 16-bit floats are exact in fp32).
-            acc = tl.dot(x_lo.to(tl.float32), _round_to(w_lo, KIND, EXACT), acc,
-                         input_precision="ieee")
-            acc = tl.dot(x_hi.to(tl.float32), _round_to(w_hi, KIND, EXACT), acc,
+            acc = tl.dot(xk.to(tl.float32), _round_to(w, KIND, EXACT), acc,
                          input_precision="ieee")
         else:
-            acc = tl.dot(x_lo, w_lo.to(x_ptr.dtype.element_ty), acc)
-            acc = tl.dot(x_hi, w_hi.to(x_ptr.dtype.element_ty), acc)
+            acc = tl.dot(xk, w.to(x_ptr.dtype.element_ty), acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     acc = _round_to(acc, KIND, EXACT)
