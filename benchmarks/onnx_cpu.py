@@ -54,6 +54,10 @@ VARIANTS = {
         {**_NBITS4, "nbits_block": 32}, {}),
     "int4-matmulnbits+int4-head": ("quantize{w=int4/g128/asym lm_head=true},cleanup",
                                    _NBITS4, {}),
+    # fuse-linears: q/k/v and gate/up as one MatMulNBits each (4 instead of 7 per layer).
+    "int4-matmulnbits+fuse-linears": (f"{_INT4},fuse-linears,cleanup", _NBITS4, {}),
+    "int4-matmulnbits+int4-head+fuse-linears": (
+        "quantize{w=int4/g128/asym lm_head=true},fuse-linears,cleanup", _NBITS4, {}),
     "fp4-afpq-matmulnbits": ("quantize{w=fp4_e2m1/g128/asym},cleanup",
                              {"fp4": "matmulnbits", "accuracy_level": 4}, {}),
     "fp4-afpq-functions": ("quantize{w=fp4_e2m1/g128/asym},cleanup", {}, {}),
