@@ -368,6 +368,29 @@ def test_tuning_first_keeps_the_first_surviving_config(monkeypatch):
     assert [c.kwargs["A"] for c in tuning()["early_config_prune"](configs, {})] == [0]
 
 
+def test_graph_bench_falls_back_to_eager_timing(monkeypatch, caplog):
+    """Autotuning times CUDA-graph replays; where a capture is refused (the model itself run
+    under CUDA graphs), it times eagerly instead of failing the call."""
+    import triton.testing
+
+    from qcompile.backends.triton.runtime import graph_bench
+
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph",
+                        lambda fn, rep, quantiles: calls.append("graph") or 2.0)
+    monkeypatch.setattr(triton.testing, "do_bench",
+                        lambda fn, quantiles: calls.append("eager") or 3.0)
+    assert graph_bench(lambda: None, None) == 2.0 and calls == ["graph"]
+
+    def refuse(fn, rep, quantiles):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", refuse)
+    with caplog.at_level("WARNING"):
+        assert graph_bench(lambda: None, [0.5]) == 3.0
+    assert calls == ["graph", "eager"] and "timing eagerly" in caplog.text
+
+
 class _Pinned:
     """Stands in for an autotuner: launches ``kernel`` with one fixed config."""
 
