@@ -55,7 +55,8 @@ for phase in "${phases[@]}"; do
     QCOMPILE_TRITON_TUNE=first QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_TESTS:-150}" $py -P -m pytest -q "${xdist[@]}" \
       -p no:cacheprovider --tb=short ${TEST_FILES:-tests/test_triton_w4a16.py \
       tests/test_lower_triton.py tests/test_triton_fp8.py tests/test_triton_w4a8.py \
-      tests/test_triton_act_quant.py tests/test_lower_triton_gpu.py} > "$out/tests.log" 2>&1
+      tests/test_triton_act_quant.py tests/test_lower_triton_gpu.py \
+      tests/test_device_cache.py} > "$out/tests.log" 2>&1
     say "tests exit $? ($(grep -c '^FAILED' "$out/fails.txt" 2>/dev/null || echo 0) failures logged)"
     grep -E "passed|failed" "$out/tests.log" | tail -2
     grep -A2 '^FAILED' "$out/fails.txt" 2>/dev/null | cut -c1-240 | head -30 ;;

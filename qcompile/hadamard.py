@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from qcompile.device_cache import outside_graph_pools
+
 __all__ = [
     "Rotation",
     "hadamard_base",
@@ -304,7 +306,8 @@ def orthogonal_matrix(n: int, kind: str, seed: int = 0) -> Rotation:
 
 @functools.lru_cache(maxsize=64)
 def _normalized_base(m: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return (hadamard_base(m).double() / math.sqrt(m)).to(dtype=dtype, device=device)
+    base = hadamard_base(m).double() / math.sqrt(m)
+    return outside_graph_pools(lambda: base.to(dtype=dtype, device=device), device)
 
 
 def hadamard_transform(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -38,6 +38,7 @@ from qcompile.backends.triton.had_quant import (
 )
 from qcompile.backends.triton.jit import exp2i, floor_log2
 from qcompile.backends.triton.runtime import graph_bench, interpreting, tuning
+from qcompile.device_cache import outside_graph_pools
 from qcompile.hadamard import hadamard_base, hadamard_factors
 
 __all__ = ["KronPlan", "base_matrix", "kron_plan", "launch_kron"]
@@ -55,7 +56,7 @@ def base_matrix(pow2: int, m: int, qp: int, device: str) -> torch.Tensor:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)  # H_2 (x) h
     out = torch.zeros(qp, qp, dtype=torch.int8)
     out[: h.shape[0], : h.shape[1]] = h.to(torch.int8)
-    return out.to(device)
+    return outside_graph_pools(lambda: out.to(device), device)  # kept by the cache
 
 
 @triton.jit

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.backends.triton.runtime import element_table, interpreting, triton_available
+from qcompile.device_cache import outside_graph_pools
 from qcompile.errors import FormatError
 from qcompile.formats.elements import _round_f32
 from qcompile.formats.scales import compute_scales, group_stats
@@ -109,7 +110,8 @@ def _pre(x: torch.Tensor, had_size: int, rms_weight: torch.Tensor | None,
 
 @functools.cache
 def _int_codes(bits: int, offset: int, device: str) -> torch.Tensor:
-    return torch.arange(1 << bits, dtype=torch.float32, device=device) + offset
+    return outside_graph_pools(
+        lambda: torch.arange(1 << bits, dtype=torch.float32, device=device) + offset, device)
 
 
 def _code_values(spec, device: torch.device) -> torch.Tensor:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from qcompile.device_cache import outside_graph_pools
 from qcompile.errors import FormatError
 from qcompile.formats.elements import element_info
 
@@ -141,7 +142,7 @@ def _table(elem: str, device: str) -> torch.Tensor:
     info = element_info(elem)
     if info.bits > 8:
         raise FormatError(f"element {elem!r} has no code table")
-    return info.table().to(device)
+    return outside_graph_pools(lambda: info.table().to(device), device)
 
 
 def element_table(elem: str, device: torch.device | str) -> torch.Tensor:

@@ -44,6 +44,7 @@ from qcompile.backends.triton.scales import (
     check_gexp_range,
     w4a8_split_scales,
 )
+from qcompile.device_cache import outside_graph_pools
 from qcompile.formats.elements import decode
 from qcompile.formats.packing import packed_len, unpack_codes
 
@@ -132,7 +133,9 @@ def _pow2_scales(gexp: torch.Tensor) -> torch.Tensor:
     hit = _POW2.get(id(gexp))
     if hit is not None and hit[0]() is gexp and hit[1].shape == gexp.shape:
         return hit[1]
-    scale = torch.ldexp(torch.ones(gexp.shape, device=gexp.device), gexp.to(torch.int32))
+    scale = outside_graph_pools(  # kept by the cache
+        lambda: torch.ldexp(torch.ones(gexp.shape, device=gexp.device), gexp.to(torch.int32)),
+        gexp.device)
     for key in [k for k, (ref, _) in _POW2.items() if ref() is None]:
         del _POW2[key]
     _POW2[id(gexp)] = (weakref.ref(gexp), scale)
