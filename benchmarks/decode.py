@@ -106,8 +106,8 @@ def _direct_loop(model: torch.nn.Module, prompt: torch.Tensor, max_new: int,
                  device: str) -> Callable[[int], torch.Tensor]:
     """A greedy decode of ``n`` tokens as plain forward calls over one static KV cache: the
     prompt's forward, then one forward per token, argmax on the device and no host sync until
-    the caller's; returns the new tokens. The cache is allocated once (its tensors keep their addresses, which CUDA
-    graphs need) and reset before each run."""
+    the caller's; returns the new tokens. The cache is allocated once (its tensors keep their
+    addresses, which CUDA graphs need) and reset before each run."""
     from transformers import StaticCache
 
     p = prompt.shape[1]
@@ -129,7 +129,8 @@ def _direct_loop(model: torch.nn.Module, prompt: torch.Tensor, max_new: int,
 
 def head_seconds(shape: str, device: str, dtype: torch.dtype, repeats: int = 50) -> float:
     """Time of the output head alone for one token: ``linear(x[1, H], W[V, H])`` in ``dtype``
-    (CUDA: replays of a CUDA graph, as the decode step runs it under ``reduce-overhead``)."""
+    (CUDA: replays of a CUDA graph, as the decode step runs it under ``reduce-overhead``;
+    elsewhere the best of ``repeats`` calls)."""
     cfg = SHAPES[shape]
     w = torch.randn(cfg["vocab_size"], cfg["hidden_size"], device=device, dtype=dtype) * 0.02
     x = torch.randn(1, cfg["hidden_size"], device=device, dtype=dtype)
@@ -139,7 +140,7 @@ def head_seconds(shape: str, device: str, dtype: torch.dtype, repeats: int = 50)
         return do_bench_cudagraph(lambda: torch.nn.functional.linear(x, w), rep=100) * 1e-3
     fn = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
     fn()
-    return min(_timed(fn, device, 1) for _ in range(repeats))
+    return _timed(fn, device, repeats)
 
 
 def _sync(device: str) -> None:

@@ -17,6 +17,7 @@ from qcompile.graph import (
     unique_attr_name,
 )
 from qcompile.pass_base import Pass, PassResult
+from qcompile.passes.quantize import DEQUANT_SUFFIXES
 from qcompile.registry import register_pass
 
 __all__ = ["FuseLinearsOptions", "FuseLinearsPass"]
@@ -25,7 +26,6 @@ log = logging.getLogger(__name__)
 
 _DEQUANT = torch.ops.qcompile.dequantize_weight.default
 _SLICE = torch.ops.aten.slice.Tensor
-_SUFFIXES = ("qweight", "wscale", "wscale_neg", "wzero", "wouter")
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ def _concat(members: list[_Member]) -> tuple[list[torch.Tensor | None], str | No
             out.append(torch.cat([p.expand(m.rows, 1) for p, m in zip(parts, members,
                                                                      strict=True)], dim=0))
         else:
-            return [], (f"{_SUFFIXES[j]} is neither per row nor equal across the group "
+            return [], (f"{DEQUANT_SUFFIXES[j]} is neither per row nor equal across the group "
                         "(per-tensor scales that differ)")
     biases = [m.bias for m in members]
     out.append(None if biases[0] is None else torch.cat(biases, dim=0))
@@ -232,7 +232,7 @@ def _rewrite(gm: fx.GraphModule, members: list[_Member],
     x = first.linear.args[0]
     attrs: list[fx.Node | None] = []
     with graph.inserting_before(first.linear):
-        for suffix, t in zip((*_SUFFIXES, "bias"), tensors, strict=True):
+        for suffix, t in zip((*DEQUANT_SUFFIXES, "bias"), tensors, strict=True):
             if t is None:
                 attrs.append(None)
                 continue

@@ -169,21 +169,19 @@ def select_linears(gm: torch.fx.GraphModule, include: str = "*", exclude: str = 
     return selected, skipped
 
 
+#: Attribute suffixes of a packed weight's tensors, in ``dequantize_weight``'s argument order.
+DEQUANT_SUFFIXES = ("qweight", "wscale", "wscale_neg", "wzero", "wouter")
+
+
 def insert_dequant(gm: torch.fx.GraphModule, anchor: torch.fx.Node, target: str, q: QTensor,
                    dtype: torch.dtype) -> torch.fx.Node:
     """Store ``q`` packed as buffers named after ``target`` and insert, before ``anchor``,
     the ``qcompile::dequantize_weight`` node that decodes it to ``dtype``."""
     base = _linear_name(target)
-    tensors = {
-        "qweight": pack_codes(q.codes, q.spec.bits),
-        "wscale": q.scale,
-        "wscale_neg": q.scale_neg,
-        "wzero": q.zero,
-        "wouter": q.outer,
-    }
+    tensors = (pack_codes(q.codes, q.spec.bits), q.scale, q.scale_neg, q.zero, q.outer)
     args = []
     with gm.graph.inserting_before(anchor):
-        for suffix, t in tensors.items():
+        for suffix, t in zip(DEQUANT_SUFFIXES, tensors, strict=True):
             if t is None:
                 args.append(None)
                 continue

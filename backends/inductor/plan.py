@@ -21,6 +21,7 @@ from torch import fx
 import qcompile.ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.errors import UnsupportedGraphError
 from qcompile.graph import get_attr_value, is_linear, set_attr_value, unique_attr_name
+from qcompile.passes.quantize import DEQUANT_SUFFIXES
 
 __all__ = [
     "InputOp", "LinearPlan", "QuantPlan", "WeightPlan", "apply_plan", "harvest", "move_plan",
@@ -34,7 +35,6 @@ _INPUT_OPS = (
     torch.ops.qcompile.quantize_activation_static.default,
     torch.ops.qcompile.hadamard.default,
 )
-_SUFFIXES = ("qweight", "wscale", "wscale_neg", "wzero", "wouter")
 _X = "__x__"  # stands for the chained input in an InputOp's arguments
 
 
@@ -287,7 +287,7 @@ def _insert_dequant(gm: fx.GraphModule, anchor: fx.Node, fqn: str, wp: WeightPla
     base = fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn + "_q"
     args: list[Any] = []
     with gm.graph.inserting_before(anchor):
-        for suffix, t in zip(_SUFFIXES, wp.tensors, strict=True):
+        for suffix, t in zip(DEQUANT_SUFFIXES, wp.tensors, strict=True):
             args.append(None if t is None else _attr(gm, f"{base}.{suffix}", t))
         node = gm.graph.call_function(_DEQUANT, (*args, wp.fmt, wp.k, wp.dtype))
     node.meta["source_module"] = base
