@@ -24,5 +24,26 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl \
   "gguf>=0.10" platformdirs "transformers==$tf" "huggingface_hub==$hub" "tokenizers==$tok"
+# The requirements of huggingface_hub (2.x imports httpx2 at `import transformers`) and of
+# transformers (regex, typer, safetensors at versions the image may lack), with their
+# dependencies; numpy and torch stay the image's.
+reqs=$(python3 - <<'PY'
+from importlib.metadata import requires
+out = []
+for dist in ("huggingface_hub", "transformers"):
+    for r in requires(dist) or []:
+        if "extra" in r or "python_version" in r:
+            continue
+        spec = r.split(";")[0].replace(" ", "")
+        name = spec.split("<")[0].split(">")[0].split("=")[0].split("!")[0].lower()
+        if name not in ("numpy", "torch", "huggingface-hub", "tokenizers"):
+            out.append(spec)
+print(" ".join(out))
+PY
+)
+# shellcheck disable=SC2086  # one word per requirement
+python3 -m pip download -q --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 -d .whl $reqs
 ls -la .whl
 du -sh .whl

@@ -17,6 +17,8 @@
 # kernels  benchmarks/kernels.py: every kernel against cuBLAS / copy (OUTDIR/kernels.{json,md});
 #          FAMILIES=fp8 (or any of w4a16,fp8,act) for a subset.
 # acttests the fused activation-quantize tests alone (tests/test_triton_act_quant.py), limit T_ACT.
+# accuracy benchmarks/fp8_accuracy.py: FP8 MMA accumulation error of our GEMMs and cuBLAS's,
+#          promoted and fast (accuracy.json), limit T_ACC.
 # act      benchmarks/kernels_act.py: fused Hadamard-8192 + FP8 quantize vs a copy (act.json).
 # w4a16    benchmarks/kernels_w4a16.py (CUDA-graph times, w4a16.json) and its --sweep over every
 #          batch-1 GEMV config x K split (w4a16_sweep.json), limit T_W4 each.
@@ -66,6 +68,11 @@ for phase in "${phases[@]}"; do
       -p no:cacheprovider --tb=short tests/test_triton_act_quant.py > "$out/acttests.log" 2>&1
     say "acttests exit $?"; grep -E "passed|failed" "$out/acttests.log" | tail -2
     grep -A2 '^FAILED' "$out/fails.txt" 2>/dev/null | cut -c1-240 | head -20 ;;
+  accuracy)
+    say "accuracy"
+    QCOMPILE_TRITON_TUNE=first timeout "${T_ACC:-60}" $py benchmarks/fp8_accuracy.py > "$out/accuracy.json" 2> "$out/accuracy.log"
+    say "accuracy exit $?"
+    $py -c "import json; [print(r['data'][:14], '|', r['gemm'], '|', r.get('err_rel_absmax'), '|', r.get('err_rel_abs_products'), r.get('error', '')) for r in json.load(open('$out/accuracy.json'))]" || tail -5 "$out/accuracy.log" ;;
   act)
     say "act"
     timeout "${T_KERNELS:-150}" $py benchmarks/kernels_act.py > "$out/act.json" 2> "$out/act.log"
@@ -104,7 +111,7 @@ for phase in "${phases[@]}"; do
       grep "^decode.py" "$out/decode_dynamic.log" | cut -c1-700
     fi
     say "decode exit $rc" ;;
-  *) echo "unknown phase $phase (tests acttests act w4a16 kernels ppl decode)"; exit 2 ;;
+  *) echo "unknown phase $phase (tests acttests accuracy act w4a16 kernels ppl decode)"; exit 2 ;;
   esac
 done
 say "done"

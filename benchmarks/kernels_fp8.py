@@ -7,7 +7,10 @@
   FP8). The default path at every M (``w4a8_linear (dequant)`` from ``DEQUANT_MIN_M`` rows: the
   weight shifted to FP8 once, then the FP8 GEMM; ``(fused)`` below), and at M = 128, where the
   fused kernel is the default, that kernel with each weight decode
-  (``w4a8_linear/fused-<decode>``, ``w4a8.DECODES``; each autotunes its own configs).
+  (``w4a8_linear/fused-<decode>``, ``w4a8.DECODES``; each autotunes its own configs); on the
+  shift-then-GEMM path, the GEMM of the shifted weight alone.
+* Both sides with fast accumulation (``fast_accum=True`` / ``use_fast_accum=True``) at 8192.
+* Every FP8 GEMM config forced at M = 256 (``sweep_configs``).
 
 Times are ``triton.testing.do_bench`` medians (ms). Needs CUDA with FP8 tensor cores (sm89+).
 
@@ -41,9 +44,47 @@ def _bench(fn: Callable[[], torch.Tensor]) -> float:
     return float(triton.testing.do_bench(fn, warmup=50, rep=200))
 
 
+def sweep_configs(m: int, n: int, k: int, promote: int) -> list[dict]:
+    """Time the tiled FP8 GEMM at ``[m, k] x [n, k]`` with each of ``FP8_CONFIGS`` forced
+    (no autotuning): which tiles suit a shape, and how far the autotuner's pick is."""
+    from qcompile.backends.triton import fp8_gemm
+
+    dev = torch.device("cuda")
+    a, a_scale = _rows_fp8(torch.randn(m, k, device=dev))
+    b, b_scale = _rows_fp8(torch.randn(n, k, device=dev))
+    c = torch.empty(m, n, dtype=torch.bfloat16, device=dev)
+    rows = []
+    for cfg in fp8_gemm.FP8_CONFIGS:
+        meta = dict(cfg.kwargs)
+        grid = (triton_cdiv(m, meta["BLOCK_M"]) * triton_cdiv(n, meta["BLOCK_N"]),)
+
+        def launch(meta=meta, grid=grid, cfg=cfg):
+            fp8_gemm._fp8_mm_kernel[grid](
+                a, b, c, a_scale.reshape(-1), b_scale.reshape(-1), c, m, n, k,
+                fp8_gemm.m_bucket(m), a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                c.stride(0), c.stride(1), HAS_BIAS=False, PROMOTE=promote,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+            return c
+
+        name = (f"{meta['BLOCK_M']}x{meta['BLOCK_N']}x{meta['BLOCK_K']} w{cfg.num_warps} "
+                f"s{cfg.num_stages}")
+        try:
+            ms = _bench(launch)
+            rows.append({"kernel": f"fp8 config {name} promote={promote}", "m": m, "n": n,
+                         "k": k, "ms": ms, "tflops": _tflops(m, n, k, ms), "ratio": None})
+        except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: recorded
+            rows.append({"kernel": f"fp8 config {name} promote={promote}", "m": m,
+                         "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    return rows
+
+
+def triton_cdiv(x: int, y: int) -> int:
+    return -(-x // y)
+
+
 def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192),
-        fused_ms: tuple[int, ...] = (128,), crossover_ms: tuple[int, ...] = (256, 1024)
-        ) -> list[dict]:
+        fused_ms: tuple[int, ...] = (128,), crossover_ms: tuple[int, ...] = (256, 1024),
+        sweep_ms: tuple[int, ...] = (256,)) -> list[dict]:
     """Benchmark the FP8 GEMM and the W4A8 kernel against ``torch._scaled_mm``.
 
     Args:
@@ -52,6 +93,8 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192)
         fused_ms: The M values where the fused kernel is also timed with each decode.
         crossover_ms: M values of the shift-then-GEMM path where the fused kernel (default
             decode) is timed too, to place ``DEQUANT_MIN_M``.
+        sweep_ms: M values (N = K = mnk) where every FP8 GEMM config is timed alone
+            (:func:`sweep_configs`, promoted accumulation).
 
     Returns:
         One dict per measurement: ``kernel``, ``m``, ``n``, ``k``, ``ms``, ``tflops`` and
@@ -95,6 +138,15 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192)
         ms = _bench(lambda p=persistent: fp8_scaled_mm(a, a_scale, b, b_scale.reshape(-1),
                                                        persistent=p))
         record(f"fp8_scaled_mm{'/persistent' if persistent else ''}", mnk, ms, base)
+    # Fast accumulation (no fp32 promotion) on both sides.
+    fast = _bench(lambda: torch._scaled_mm(a, b.t(), scale_a=a_scale,
+                                           scale_b=b_scale.reshape(1, -1),
+                                           out_dtype=torch.bfloat16, use_fast_accum=True))
+    record("torch._scaled_mm use_fast_accum", mnk, fast, None)
+    for persistent in (False, True):
+        ms = _bench(lambda p=persistent: fp8_scaled_mm(a, a_scale, b, b_scale.reshape(-1),
+                                                       persistent=p, fast_accum=True))
+        record(f"fp8_scaled_mm{'/persistent' if persistent else ''} fast_accum", mnk, ms, fast)
 
     # The prefill path's weight shift alone, against a copy of the FP8 weight (which moves
     # N*K bytes each way; the shift reads N*K/2 and writes N*K).
@@ -112,6 +164,10 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192)
         ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128))
         path = "dequant" if m >= w4a8_dequant.DEQUANT_MIN_M else "fused"
         record(f"w4a8_linear ({path})", m, ms, base)
+        if path == "dequant":  # its GEMM alone, on the shifted weight
+            w8 = w4a8_dequant.w4a8_dequant(packed, gexp, 128, k)
+            ms = _bench(lambda a=a, s=a_scale, w8=w8: fp8_scaled_mm(a, s, w8, row_scale))
+            record("fp8_scaled_mm of the shifted weight", m, ms, base)
         if m in crossover_ms and path == "dequant":
             ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128,
                                                            path="fused"))
@@ -127,6 +183,10 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192)
                 record(f"w4a8_linear/fused-{decode}", m, ms, base)
         finally:
             w4a8_mod.DECODE = default
+    from qcompile.backends.triton.fp8_gemm import PROMOTE_K
+
+    for m in sweep_ms:
+        results += sweep_configs(m, n, k, PROMOTE_K)
     return results
 
 

@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from qcompile.backends.triton import fp8_gemm  # noqa: E402
 from qcompile.backends.triton.fp8_gemm import (  # noqa: E402
     fp8_scaled_mm,
     fp8_scaled_mm_ref,
@@ -20,7 +21,7 @@ from qcompile.backends.triton.fp8_gemm import (  # noqa: E402
 )
 from qcompile.backends.triton.runtime import KernelInputError, interpreting  # noqa: E402
 from qcompile.formats import dequantize, parse_format, quantize  # noqa: E402
-from qcompile.testing import assert_within_ulp, fp8_rows  # noqa: E402
+from qcompile.testing import assert_within_ulp, fp8_mma_slack, fp8_rows  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEV = torch.device("cuda" if CUDA else "cpu")
@@ -58,12 +59,32 @@ def _cases() -> list[tuple]:
             for i, (m, k, n) in enumerate(shapes)]
 
 
+def check(out, a, a_scale, b, b_scale, c=None, chunks=1):
+    """``out`` against the fp32 reference computed on the CPU, with the FP8 MMA's accumulation
+    bound on CUDA (``chunks`` promotion intervals of it for fast accumulation)."""
+    ref = fp8_scaled_mm_ref(*(None if t is None else t.cpu() for t in (a, a_scale, b, b_scale, c)),
+                            out_dtype=torch.float32)
+    extra = fp8_mma_slack(a, a_scale, b, b_scale)
+    assert_within_ulp(out, ref, None if extra is None else extra * chunks)
+
+
 @pytest.mark.parametrize("m,k,n,out_dtype,persistent,bias", _cases())
 def test_kernel_matches_reference(m, k, n, out_dtype, persistent, bias):
     a, a_scale, b, b_scale, c = make_inputs(m, k, n, bias)
     out = fp8_scaled_mm(a, a_scale, b, b_scale, c, out_dtype=out_dtype, persistent=persistent)
     assert out.dtype == out_dtype and out.device == a.device
-    assert_within_ulp(out, fp8_scaled_mm_ref(a, a_scale, b, b_scale, c, out_dtype=torch.float32))
+    check(out, a, a_scale, b, b_scale, c)
+
+
+@pytest.mark.parametrize("m,k", [(7, 130), (33, 1000)])
+def test_fast_accumulation(m, k):
+    """fast_accum keeps sums in the MMA's accumulator: the same products, and under the
+    interpreter (fp32 throughout) the same bits as the default."""
+    a, a_scale, b, b_scale, c = make_inputs(m, k, 96, True, seed=5)
+    fast = fp8_scaled_mm(a, a_scale, b, b_scale, c, torch.float32, fast_accum=True)
+    if interpreting():
+        assert torch.equal(fast, fp8_scaled_mm(a, a_scale, b, b_scale, c, torch.float32))
+    check(fast, a, a_scale, b, b_scale, c, chunks=-(-k // fp8_gemm.PROMOTE_K))
 
 
 def test_persistent_and_tiled_agree():
@@ -74,7 +95,8 @@ def test_persistent_and_tiled_agree():
     if interpreting():
         assert torch.equal(tiled, pers)
     else:
-        assert_within_ulp(pers, tiled)
+        check(tiled, a, a_scale, b, b_scale, c)
+        check(pers, a, a_scale, b, b_scale, c)
 
 
 def test_reference_is_dequantized_linear():
@@ -90,14 +112,14 @@ def test_strided_inputs_and_column_scales():
     a_t = a.float().T.contiguous().to(FP8).T  # [M, K] view with stride (1, M)
     c = c.to(torch.bfloat16)
     out = fp8_scaled_mm(a_t, a_scale.reshape(-1), b, b_scale[:, None], c, torch.float32)
-    assert_within_ulp(out, fp8_scaled_mm_ref(a, a_scale, b, b_scale, c, torch.float32))
+    check(out, a, a_scale, b, b_scale, c)
 
 
 def test_empty_m_and_default_variant():
     a, a_scale, b, b_scale, _ = make_inputs(7, 130, 96, False, seed=4)
     assert fp8_scaled_mm(a[:0], a_scale[:0], b, b_scale).shape == (0, 96)
     out = fp8_scaled_mm(a, a_scale, b, b_scale, out_dtype=torch.float32)  # persistent=None
-    assert_within_ulp(out, fp8_scaled_mm_ref(a, a_scale, b, b_scale, out_dtype=torch.float32))
+    check(out, a, a_scale, b, b_scale)
     assert use_persistent(8192, 8192, 132) and not use_persistent(1, 4096, 132)
 
 

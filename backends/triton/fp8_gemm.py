@@ -5,6 +5,13 @@ FP8 E4M3 weights ``[N, K]`` with fp32 scales ``[N]``. The kernel multiplies FP8 
 ``tl.dot`` (fp32 accumulate; Hopper/Ada FP8 MMA on CUDA, exact fp32 products under the
 interpreter) and applies both scales and the bias in the epilogue, in the reference's order.
 
+Accumulation: Hopper's FP8 WGMMA keeps only about 14 significant bits in its accumulator, and
+Triton's sm_90 default never leaves it (``max_num_imprecise_acc`` = 2^30: cuBLAS's "fast
+accumulation"). On an H100 that put W4A8 outputs (FP8 weights spanning many binades) 2e-3 of
+their absmax off at K = 1000. By default each MMA instruction's K = 32 products are therefore
+added into a separate fp32 accumulator (:data:`PROMOTE_K`, cuBLAS's default mode);
+``fast_accum=True`` keeps the hardware accumulator, as ``torch._scaled_mm(use_fast_accum=True)``.
+
 Two launch schemes share one tile routine:
 
 * tiled: one program per output tile, in grouped ("super-grouping") order so ``GROUP_M``
@@ -30,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton.jit import tile_coords
+from qcompile.backends.triton.jit import fp8_dot, tile_coords
 from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting, tuning
 
 __all__ = ["FP8_CONFIGS", "OUT_DTYPES", "fp8_scaled_mm", "fp8_scaled_mm_ref", "m_bucket"]
@@ -38,6 +45,10 @@ __all__ = ["FP8_CONFIGS", "OUT_DTYPES", "fp8_scaled_mm", "fp8_scaled_mm_ref", "m
 #: Output dtypes the kernels store.
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FP8 = torch.float8_e4m3fn
+#: K elements an FP8 MMA accumulates in the tensor core's reduced-precision accumulator before
+#: they are added into the fp32 one (Triton's ``max_num_imprecise_acc``; 32 = one sm_90 WGMMA
+#: instruction); 0 leaves the hardware's choice (fast accumulation).
+PROMOTE_K = 32
 # Under the interpreter: small tiles (numpy cost grows with tile size) that still exercise
 # several K steps, K tails, grouped ordering and persistent striding on the test shapes.
 _INTERPRET_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}
@@ -148,7 +159,7 @@ def fp8_scaled_mm_ref(
 def _fp8_mm_tile(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
                  stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                  pid_m, pid_n, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PROMOTE: tl.constexpr):
     """Compute and store output tile (pid_m, pid_n)."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,7 +177,7 @@ def _fp8_mm_tile(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
         a = tl.load(a_ptrs, mask=k_mask, other=0.0)
         b = tl.load(b_ptrs, mask=k_mask, other=0.0)
         # b is K-major [BLOCK_N, BLOCK_K]; its transpose is the K-major B operand FP8 MMA needs.
-        acc = tl.dot(a, tl.trans(b), acc)
+        acc = fp8_dot(a, tl.trans(b), acc, PROMOTE)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     # Epilogue in the reference's order: ((acc * a_scale) * b_scale) + bias.
@@ -182,20 +193,20 @@ def _fp8_mm_tile(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
 @triton.jit
 def _fp8_mm_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, M_BUCKET,
                    stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
-                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, PROMOTE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One program per output tile. M_BUCKET only keys the autotuner."""
     pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     _fp8_mm_tile(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
                  stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
-                 pid_m, pid_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+                 pid_m, pid_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PROMOTE)
 
 
 @triton.jit
 def _fp8_mm_persistent_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K, M_BUCKET,
                               stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
                               NUM_PROGRAMS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              PROMOTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """NUM_PROGRAMS programs (one per SM) striding over the tiles in grouped order."""
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -203,14 +214,14 @@ def _fp8_mm_persistent_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, 
         pid_m, pid_n = tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         _fp8_mm_tile(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, N, K,
                      stride_am, stride_ak, stride_bn, stride_bk, stride_cm, stride_cn,
-                     pid_m, pid_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K)
+                     pid_m, pid_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PROMOTE)
 
 
 _PRUNE = tuning(prune_configs_by_m)
-_fp8_mm_tuned = triton.autotune(FP8_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS"],
+_fp8_mm_tuned = triton.autotune(FP8_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS", "PROMOTE"],
                                 prune_configs_by=_PRUNE)(_fp8_mm_kernel)
 _fp8_mm_persistent_tuned = triton.autotune(
-    FP8_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS", "NUM_PROGRAMS"],
+    FP8_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS", "PROMOTE", "NUM_PROGRAMS"],
     prune_configs_by=_PRUNE)(_fp8_mm_persistent_kernel)
 
 
@@ -251,6 +262,7 @@ def fp8_scaled_mm(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     persistent: bool | None = None,
+    fast_accum: bool = False,
 ) -> torch.Tensor:
     """FP8 x FP8 GEMM with per-token and per-channel scales (see :func:`fp8_scaled_mm_ref`).
 
@@ -263,6 +275,9 @@ def fp8_scaled_mm(
         out_dtype: bfloat16, float16 or float32.
         persistent: Launch one program per SM striding over tiles (True), one program per
             tile (False), or choose by problem size (None, :func:`use_persistent`).
+        fast_accum: Keep sums in the FP8 MMA's reduced-precision accumulator on sm_90 (faster,
+            about 14 significant bits) instead of adding every instruction's products into
+            fp32 (:data:`PROMOTE_K`).
 
     Returns:
         ``[M, N]`` tensor of ``out_dtype``: the reference up to fp32 accumulation order and
@@ -293,6 +308,7 @@ def fp8_scaled_mm(
     args = (a, b, c, a_scale, b_scale, c if bias is None else bias, m, n, k, m_bucket(m),
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
     has_bias = bias is not None
+    flags = {"HAS_BIAS": has_bias, "PROMOTE": 0 if fast_accum else PROMOTE_K}
 
     def tiles(meta: dict) -> int:
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
@@ -302,12 +318,12 @@ def fp8_scaled_mm(
         meta = _INTERPRET_CONFIG
         if persistent:
             grid = (min(progs, tiles(meta)),)
-            _fp8_mm_persistent_kernel[grid](*args, NUM_PROGRAMS=progs, HAS_BIAS=has_bias, **meta)
+            _fp8_mm_persistent_kernel[grid](*args, NUM_PROGRAMS=progs, **flags, **meta)
         else:
-            _fp8_mm_kernel[(tiles(meta),)](*args, HAS_BIAS=has_bias, **meta)
+            _fp8_mm_kernel[(tiles(meta),)](*args, **flags, **meta)
     elif persistent:
         _fp8_mm_persistent_tuned[lambda meta: (min(progs, tiles(meta)),)](
-            *args, NUM_PROGRAMS=progs, HAS_BIAS=has_bias)
+            *args, NUM_PROGRAMS=progs, **flags)
     else:
-        _fp8_mm_tuned[lambda meta: (tiles(meta),)](*args, HAS_BIAS=has_bias)
+        _fp8_mm_tuned[lambda meta: (tiles(meta),)](*args, **flags)
     return c

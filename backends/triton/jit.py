@@ -73,3 +73,14 @@ def tile_coords(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     pid_m = first_m + (tile_id % width) % size_m
     pid_n = (tile_id % width) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def fp8_dot(a, b, acc, PROMOTE: tl.constexpr):
+    """``acc + a @ b`` for FP8 tiles; PROMOTE > 0 adds the products into the fp32 ``acc`` every
+    PROMOTE elements of K (sm_90's WGMMA accumulator keeps about 14 bits), 0 keeps them in the
+    tensor core's accumulator (fast accumulation)."""
+    if PROMOTE == 0:
+        return tl.dot(a, b, acc)
+    else:
+        return tl.dot(a, b, acc, max_num_imprecise_acc=PROMOTE)

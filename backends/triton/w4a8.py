@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton import fp8_gemm
 from qcompile.backends.triton.fp8_gemm import (
     check_bias_and_dtype,
     check_fp8_device,
@@ -36,7 +37,7 @@ from qcompile.backends.triton.fp8_gemm import (
     m_bucket,
     prune_configs_by_m,
 )
-from qcompile.backends.triton.jit import exp2i, tile_coords
+from qcompile.backends.triton.jit import exp2i, fp8_dot, tile_coords
 from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting, tuning
 from qcompile.backends.triton.scales import (
     GEXP_RANGE,
@@ -197,11 +198,12 @@ def _w8_bits(src, g, DECODE: tl.constexpr):
 def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, K, M_BUCKET,
                  stride_am, stride_ak, stride_wn, stride_gn, stride_cm, stride_cn,
                  GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DECODE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr):
+                 PROMOTE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """One program per output tile; packed rows and gexp rows are contiguous. ``DECODE``: the
     weight decode, an index into :data:`DECODES` (``place`` only where a K block lies in one
-    group; elsewhere it falls back to ``shift``)."""
+    group; elsewhere it falls back to ``shift``). ``PROMOTE``: as in the FP8 GEMM
+    (:data:`qcompile.backends.triton.fp8_gemm.PROMOTE_K`)."""
     pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -234,7 +236,7 @@ def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, 
             w = tl.interleave(lo, hi).to(tl.float8e4nv, bitcast=True)
             g = tl.load(g_row + k0 // GROUP_SIZE).to(tl.int32)
             acc = acc * exp2i(g_prev - g)[None, :]
-            acc = tl.dot(a, tl.trans(w), acc)
+            acc = fp8_dot(a, tl.trans(w), acc, PROMOTE)
             g_prev = g
         else:
             if DECODE == 2:  # placed bits, scaled per element by a multiply (fp4_times_2g)
@@ -269,7 +271,7 @@ def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, 
             # Past K (tail, odd K's pad nibble) the activations are zero and W8 is finite
             # (never NaN), so those products vanish without masking W8.
             w = bits.to(tl.float8e4nv, bitcast=True)
-            acc = tl.dot(a, tl.trans(w), acc)
+            acc = fp8_dot(a, tl.trans(w), acc, PROMOTE)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K // 2
     if DECODE == 1 and GROUP_SIZE % BLOCK_K == 0:
@@ -299,7 +301,8 @@ W4A8_CONFIGS = [
 ]
 
 _w4a8_tuned = triton.autotune(W4A8_CONFIGS,
-                              key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_BIAS", "DECODE"],
+                              key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_BIAS", "DECODE",
+                                   "PROMOTE"],
                               prune_configs_by=tuning(prune_configs_by_m))(
     _w4a8_kernel)
 
@@ -381,7 +384,7 @@ def w4a8_linear(
             m_bucket(m), a.stride(0), a.stride(1), packed.stride(0), gexp.stride(0),
             c.stride(0), c.stride(1))
     flags = {"GROUP_SIZE": group_size, "HAS_BIAS": bias is not None,
-             "DECODE": DECODES.index(DECODE)}
+             "DECODE": DECODES.index(DECODE), "PROMOTE": fp8_gemm.PROMOTE_K}
     if interpreting():
         meta = _INTERPRET_CONFIG  # autotuning is meaningless under the interpreter
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
