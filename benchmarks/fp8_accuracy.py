@@ -3,10 +3,10 @@
 Hopper's FP8 MMA keeps about 14 significant bits in its accumulator. This measures, against a
 float64 CPU reference of the same FP8 operands (unit scales, so only accumulation is measured):
 
-* ``fp8_scaled_mm`` with the products promoted to fp32 every ``PROMOTE_K`` (default) and with
-  ``fast_accum=True``;
+* ``fp8_scaled_mm`` with fast accumulation (the default) and with the products promoted to fp32
+  every ``PROMOTE_K`` (``fast_accum=False``);
 * ``torch._scaled_mm`` (tensor-wise unit scales, fp32 out) with ``use_fast_accum`` off and on;
-* ``w4a8_linear``'s fused kernel and its shift-then-GEMM path on FP4 M2 weights;
+* ``w4a8_linear``'s fused kernel and its shift-then-GEMM path on FP4 M2 weights, both modes;
 
 on two operand sets: per-row FP8 Gaussian rows, and FP4 weights whose group exponents span
 eight binades (the ZeroQuant-FP M2 split). Each row gives ``err_rel_absmax`` (max error over
@@ -44,9 +44,10 @@ def _gemms(a: torch.Tensor, w: torch.Tensor, w4a8: tuple | None) -> dict:
     one = torch.ones((), device=dev)
     f32 = torch.float32
     gemms = {
-        "fp8_scaled_mm": lambda: fp8_scaled_mm(a, ones_m, w, ones_n, out_dtype=f32),
-        "fp8_scaled_mm fast_accum": lambda: fp8_scaled_mm(a, ones_m, w, ones_n, out_dtype=f32,
-                                                          fast_accum=True),
+        "fp8_scaled_mm fast_accum=False": lambda: fp8_scaled_mm(
+            a, ones_m, w, ones_n, out_dtype=f32, fast_accum=False),
+        "fp8_scaled_mm (fast accumulation)": lambda: fp8_scaled_mm(a, ones_m, w, ones_n,
+                                                                   out_dtype=f32),
         "torch._scaled_mm": lambda: torch._scaled_mm(a, w.t(), scale_a=one, scale_b=one,
                                                      out_dtype=f32),
         "torch._scaled_mm use_fast_accum": lambda: torch._scaled_mm(
@@ -55,8 +56,10 @@ def _gemms(a: torch.Tensor, w: torch.Tensor, w4a8: tuple | None) -> dict:
     if w4a8 is not None:
         packed, gexp, group = w4a8
         for path in ("fused", "dequant"):
-            gemms[f"w4a8_linear {path}"] = lambda p=path: w4a8_linear(
-                a, ones_m, packed, gexp, ones_n, group, out_dtype=f32, path=p)
+            for fast in (False, True):
+                gemms[f"w4a8_linear {path}{'' if fast else ' fast_accum=False'}"] = (
+                    lambda p=path, f=fast: w4a8_linear(a, ones_m, packed, gexp, ones_n, group,
+                                                       out_dtype=f32, path=p, fast_accum=f))
     return gemms
 
 

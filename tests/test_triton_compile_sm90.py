@@ -63,29 +63,31 @@ CASES: list[tuple[str, str, dict]] = [
     # FP8 GEMM: prefill / medium / decode tiles of the tiled kernel, one persistent config.
     # Tiles with BLOCK_M < 64 get mma.sync on fp16 (Triton converts the FP8 tiles; wgmma
     # needs 64 rows), hence "" for the decode cases.
-    # The 128x256 tiles hold a second fp32 accumulator for the promoted sums
-    # (fp8_gemm.PROMOTE_K): 255 registers and 64-78 spilled words; fast accumulation spills 2.
-    # The autotuner also has 128x128 tiles, which do not spill.
     ("fp8-tiled-bm128-bias", "fp8", dict(persistent=False, m=4000, block_m=128, bias=True,
-                                          mma="e4m3", spills=80)),
+                                          mma="e4m3")),
     ("fp8-tiled-bm64", "fp8", dict(persistent=False, m=100, block_m=64, bias=False, mma="e4m3")),
     ("fp8-tiled-bm16-decode", "fp8", dict(persistent=False, m=1, block_m=16, bias=False,
                                           mma="")),
+    # 128x256x128, 8 warps: 255 registers and one spilled register (8-byte stack frame).
     ("fp8-persistent-bm128-bias", "fp8", dict(persistent=True, m=4000, block_m=128, bias=True,
-                                              mma="e4m3", spills=80)),
-    ("fp8-persistent-bm128-fast", "fp8", dict(persistent=True, m=4000, block_m=128, bias=True,
-                                              mma="e4m3", spills=2, promote=0)),
+                                              mma="e4m3", spills=2)),
+    # fast_accum=False: a second fp32 accumulator for the promoted sums (fp8_gemm.PROMOTE_K):
+    # 255 registers and 64-78 spilled words at 128x256 (the autotuner also has 128x128 tiles).
+    ("fp8-tiled-bm128-promoted", "fp8", dict(persistent=False, m=4000, block_m=128, bias=True,
+                                             mma="e4m3", spills=80, promote=32)),
     # W4A8: GROUP_SIZE % BLOCK_K == 0 (one exponent per row), BLOCK_K % GROUP_SIZE == 0 (an
     # exponent tile), neither (per-column select), all with BLOCK_K 128, with the default
-    # decode (w4a8.DECODE); the other two decodes on the row path. The promoted accumulator
-    # (fp8_gemm.PROMOTE_K) spills 46-52 words at 128x256 (place, rescaling it, 342).
-    ("w4a8-gexp-row-g128", "w4a8", dict(m=4000, block_m=128, group_size=128, mma="e4m3", spills=56)),
+    # decode (w4a8.DECODE); the other two decodes on the row path; fast accumulation (the
+    # default) except the -promoted case (a second accumulator: 46 spilled words at 128x256).
+    ("w4a8-gexp-row-g128", "w4a8", dict(m=4000, block_m=128, group_size=128, mma="e4m3")),
     ("w4a8-place-row-g128", "w4a8", dict(m=4000, block_m=128, group_size=128, decode="place",
-                                         mma="e4m3", spills=350)),
+                                         mma="e4m3")),
     ("w4a8-shift-row-g128", "w4a8", dict(m=4000, block_m=128, group_size=128, decode="shift",
-                                         mma="e4m3", spills=56)),
-    ("w4a8-gexp-tile-g32", "w4a8", dict(m=4000, block_m=128, group_size=32, mma="e4m3", spills=56)),
-    ("w4a8-gexp-select-g192", "w4a8", dict(m=4000, block_m=128, group_size=192, mma="e4m3", spills=56)),
+                                         mma="e4m3")),
+    ("w4a8-gexp-row-g128-promoted", "w4a8", dict(m=4000, block_m=128, group_size=128,
+                                                 mma="e4m3", spills=56, promote=32)),
+    ("w4a8-gexp-tile-g32", "w4a8", dict(m=4000, block_m=128, group_size=32, mma="e4m3")),
+    ("w4a8-gexp-select-g192", "w4a8", dict(m=4000, block_m=128, group_size=192, mma="e4m3")),
     ("w4a8-gexp-tile-g32-decode", "w4a8", dict(m=1, block_m=16, group_size=32, mma="")),
     # W4A8 prefill: the FP4 -> FP8 shift of the whole weight, on each exponent path.
     ("w4a8-shift-g512", "w4a8_shift", dict(group_size=512)),
@@ -246,7 +248,7 @@ def _build_fp8(mod, p: dict, all_configs: bool):
     args = dict(a_ptr="*fp8e4nv", b_ptr="*fp8e4nv", c_ptr="*bf16", as_ptr="*fp32",
                 bs_ptr="*fp32", bias_ptr="*bf16", M=m, N=n, K=k, M_BUCKET=mod.m_bucket(m),
                 stride_am=k, stride_ak=1, stride_bn=k, stride_bk=1, stride_cm=n, stride_cn=1)
-    consts = dict(HAS_BIAS=p["bias"], PROMOTE=p.get("promote", mod.PROMOTE_K))
+    consts = dict(HAS_BIAS=p["bias"], PROMOTE=p.get("promote", 0))
     fn = mod._fp8_mm_kernel
     if p["persistent"]:
         fn, consts["NUM_PROGRAMS"] = mod._fp8_mm_persistent_kernel, H100_SMS
@@ -263,7 +265,7 @@ def _build_w4a8(mod, p: dict, all_configs: bool):
                 stride_cm=n, stride_cn=1)
     consts = dict(GROUP_SIZE=gs, HAS_BIAS=False,
                   DECODE=mod.DECODES.index(p.get("decode", mod.DECODE)),
-                  PROMOTE=mod.fp8_gemm.PROMOTE_K)
+                  PROMOTE=p.get("promote", 0))
     configs = [c for c in mod.W4A8_CONFIGS
                if all_configs or c.kwargs["BLOCK_M"] == p["block_m"]]
     return (mod._w4a8_kernel, args, consts,

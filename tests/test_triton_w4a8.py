@@ -167,6 +167,22 @@ def check(out, a, a_scale, packed, gexp, row_scale, group, c=None, mma=True):
     assert_within_ulp(out, ref, fp8_mma_slack(a.to(DEV), a_scale, w8, row_scale) if mma else None)
 
 
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+def test_promoted_accumulation(path):
+    """fast_accum=False reaches both FP8 MMA paths: under the interpreter the same bits as the
+    default, on CUDA within the promoted bound."""
+    a, a_scale, packed, gexp, row_scale, c = make_inputs(40, 600, 48, 64, bias=True, seed=9)
+    out = w4a8_linear(a, a_scale, packed, gexp, row_scale, 64, c, torch.float32, path=path,
+                      fast_accum=False)
+    if not CUDA:
+        assert torch.equal(out, w4a8_linear(a, a_scale, packed, gexp, row_scale, 64, c,
+                                            torch.float32, path=path))
+    ref = w4a8_linear_ref(*(t.cpu() for t in (a, a_scale, packed, gexp, row_scale)), 64,
+                          c.cpu(), torch.float32)
+    w8 = w4a8_weight_fp8(packed.cpu(), gexp.cpu(), 64, 600)
+    assert_within_ulp(out, ref, fp8_mma_slack(a, a_scale, w8, row_scale, fast=False))
+
+
 @pytest.mark.parametrize("m,k,n,group,scale,out_dtype,bias", _cases())
 def test_kernel_matches_reference(m, k, n, group, scale, out_dtype, bias):
     a, a_scale, packed, gexp, row_scale, c = make_inputs(m, k, n, group, scale, bias)

@@ -5,12 +5,15 @@ FP8 E4M3 weights ``[N, K]`` with fp32 scales ``[N]``. The kernel multiplies FP8 
 ``tl.dot`` (fp32 accumulate; Hopper/Ada FP8 MMA on CUDA, exact fp32 products under the
 interpreter) and applies both scales and the bias in the epilogue, in the reference's order.
 
-Accumulation: Hopper's FP8 WGMMA keeps only about 14 significant bits in its accumulator, and
-Triton's sm_90 default never leaves it (``max_num_imprecise_acc`` = 2^30: cuBLAS's "fast
-accumulation"). On an H100 that put W4A8 outputs (FP8 weights spanning many binades) 2e-3 of
-their absmax off at K = 1000. By default each MMA instruction's K = 32 products are therefore
-added into a separate fp32 accumulator (:data:`PROMOTE_K`, cuBLAS's default mode);
-``fast_accum=True`` keeps the hardware accumulator, as ``torch._scaled_mm(use_fast_accum=True)``.
+Accumulation: Hopper's FP8 WGMMA keeps about 14 significant bits in its accumulator. By default
+the kernels leave the sums there, as Triton's sm_90 default and
+``torch._scaled_mm(use_fast_accum=True)`` do (an H100 gave the same error bits as that mode:
+4.5e-3 of the output's absmax at K = 4096, ``benchmarks/fp8_accuracy.py``); it ran at
+1.04x cuBLAS's default (promoting) mode and 0.93x its fast mode at 8192^3.
+``fast_accum=False`` adds each MMA instruction's K = 32 products into a separate fp32
+accumulator (:data:`PROMOTE_K`): 4.5e-5 of absmax, three times more accurate than cuBLAS's
+default mode, but 0.55-0.60x its speed (the promoted sums serialize the asynchronous MMAs and
+the second accumulator spills at 128x256 tiles).
 
 Two launch schemes share one tile routine:
 
@@ -45,9 +48,9 @@ __all__ = ["FP8_CONFIGS", "OUT_DTYPES", "fp8_scaled_mm", "fp8_scaled_mm_ref", "m
 #: Output dtypes the kernels store.
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _FP8 = torch.float8_e4m3fn
-#: K elements an FP8 MMA accumulates in the tensor core's reduced-precision accumulator before
-#: they are added into the fp32 one (Triton's ``max_num_imprecise_acc``; 32 = one sm_90 WGMMA
-#: instruction); 0 leaves the hardware's choice (fast accumulation).
+#: With ``fast_accum=False``: K elements an FP8 MMA accumulates in the tensor core's
+#: reduced-precision accumulator before they are added into the fp32 one (Triton's
+#: ``max_num_imprecise_acc``; 32 = one sm_90 WGMMA instruction).
 PROMOTE_K = 32
 # Under the interpreter: small tiles (numpy cost grows with tile size) that still exercise
 # several K steps, K tails, grouped ordering and persistent striding on the test shapes.
@@ -262,7 +265,7 @@ def fp8_scaled_mm(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     persistent: bool | None = None,
-    fast_accum: bool = False,
+    fast_accum: bool = True,
 ) -> torch.Tensor:
     """FP8 x FP8 GEMM with per-token and per-channel scales (see :func:`fp8_scaled_mm_ref`).
 
@@ -275,9 +278,9 @@ def fp8_scaled_mm(
         out_dtype: bfloat16, float16 or float32.
         persistent: Launch one program per SM striding over tiles (True), one program per
             tile (False), or choose by problem size (None, :func:`use_persistent`).
-        fast_accum: Keep sums in the FP8 MMA's reduced-precision accumulator on sm_90 (faster,
-            about 14 significant bits) instead of adding every instruction's products into
-            fp32 (:data:`PROMOTE_K`).
+        fast_accum: Keep sums in the FP8 MMA's reduced-precision accumulator on sm_90 (about
+            14 significant bits; cuBLAS's fast mode); False adds every instruction's products
+            into fp32 (:data:`PROMOTE_K`; slower, see the module docstring).
 
     Returns:
         ``[M, N]`` tensor of ``out_dtype``: the reference up to fp32 accumulation order and

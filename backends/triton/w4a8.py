@@ -317,6 +317,7 @@ def w4a8_linear(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     path: str | None = None,
+    fast_accum: bool = True,
 ) -> torch.Tensor:
     """FP8 activations x FP4 weights (exponent-shifted to FP8) on FP8 tensor cores.
 
@@ -339,6 +340,9 @@ def w4a8_linear(
         out_dtype: bfloat16, float16 or float32.
         path: ``"gemv"``, ``"fused"`` or ``"dequant"`` to force one path (benchmarks); None
             picks by M.
+        fast_accum: As in :func:`~qcompile.backends.triton.fp8_gemm.fp8_scaled_mm`: sums stay
+            in the FP8 MMA's accumulator (False: promoted to fp32 every
+            ``fp8_gemm.PROMOTE_K`` products; the GEMVs always sum in fp32).
 
     Returns:
         ``[M, N]`` tensor of ``out_dtype``: :func:`w4a8_linear_ref` up to fp32 accumulation
@@ -376,7 +380,7 @@ def w4a8_linear(
         return _gemv(a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype)
     if m and n and (path == "dequant" or (path is None and m >= w4a8_dequant.DEQUANT_MIN_M)):
         w8 = w4a8_dequant.w4a8_dequant(packed, gexp, group_size, k)
-        return fp8_scaled_mm(a, a_scale, w8, row_scale, bias, out_dtype)
+        return fp8_scaled_mm(a, a_scale, w8, row_scale, bias, out_dtype, fast_accum=fast_accum)
     c = torch.empty((m, n), dtype=out_dtype, device=dev)
     if m == 0 or n == 0:
         return c
@@ -384,7 +388,8 @@ def w4a8_linear(
             m_bucket(m), a.stride(0), a.stride(1), packed.stride(0), gexp.stride(0),
             c.stride(0), c.stride(1))
     flags = {"GROUP_SIZE": group_size, "HAS_BIAS": bias is not None,
-             "DECODE": DECODES.index(DECODE), "PROMOTE": fp8_gemm.PROMOTE_K}
+             "DECODE": DECODES.index(DECODE),
+             "PROMOTE": 0 if fast_accum else fp8_gemm.PROMOTE_K}
     if interpreting():
         meta = _INTERPRET_CONFIG  # autotuning is meaningless under the interpreter
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
