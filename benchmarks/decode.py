@@ -21,6 +21,9 @@ graphs, which removes the per-kernel launch cost from batch-1 decode. ``--loop d
 cache only) times a plain greedy loop over the model's forward (argmax on the device, no host
 sync until the end, gpt-fast style) instead of ``generate()``, whose per-token host work (logits
 processors, stopping checks that sync) is a fixed cost that hides the kernels at a few layers.
+``--loop graph`` (static cache, no ``--mode``) captures that loop's step as one CUDA graph by
+hand and replays it per token: Inductor's own CUDA graphs skip the step (the cache mutates a
+non-buffer tensor), and ``reduce-overhead`` crashed on an H100 (torch 2.11, transformers 5.24).
 
 Depth. Compiling all 32 layers does not fit a device session, so runs use ``--layers L``. The
 output head (128256 x 4096, bf16 in every variant unless ``--lm-head``) is a fixed cost per
@@ -36,6 +39,7 @@ Usage::
     python benchmarks/decode.py --model-shape tiny --device cpu   # anywhere, in about a minute
     python benchmarks/decode.py --layers 4 --prefill 2048 --decode 64 --out decode.json
     python benchmarks/decode.py --layers 4 --cache static --mode reduce-overhead --loop direct
+    python benchmarks/decode.py --layers 4 --cache static --loop graph
 """
 
 from __future__ import annotations
@@ -127,6 +131,59 @@ def _direct_loop(model: torch.nn.Module, prompt: torch.Tensor, max_new: int,
     return run
 
 
+def _graph_loop(model: torch.nn.Module, prompt: torch.Tensor, max_new: int,
+                device: str) -> Callable[[int], torch.Tensor]:
+    """As :func:`_direct_loop`, with the per-token step captured once as a CUDA graph by hand
+    (``torch.cuda.graph``) and replayed: no Inductor CUDA-graph trees, which skip a graph whose
+    inputs are mutated (transformers' ``StaticCache`` bumps a ``cumulative_length`` tensor) and
+    crashed compiling the bf16 model on an H100. The step reads the current token and position
+    from device buffers and writes the next ones back, so every replay is the same graph. Off
+    CUDA the step runs eagerly (same code, no capture)."""
+    from transformers import StaticCache
+
+    p = prompt.shape[1]
+    cache = StaticCache(config=model.config, max_cache_len=p + max_new + 1)
+    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+    pos = torch.zeros(1, dtype=torch.long, device=device)
+    new = torch.zeros(1, max_new, dtype=torch.long, device=device)
+
+    def prefill() -> None:
+        cache.reset()
+        out = model(prompt, past_key_values=cache,
+                    cache_position=torch.arange(p, device=device), use_cache=True)
+        tok.copy_(out.logits[:, -1:].argmax(-1))
+        new[:, :1].copy_(tok)
+        pos.fill_(p)
+
+    def step() -> None:
+        out = model(tok, past_key_values=cache, cache_position=pos, use_cache=True)
+        tok.copy_(out.logits[:, -1:].argmax(-1))
+        new.index_copy_(1, pos - (p - 1), tok)  # token i + 1 of the new ones at position p + i
+        pos.add_(1)
+
+    replay = step
+    if device.startswith("cuda"):
+        prefill()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up (compiles, autotunes) off the capture
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        replay = graph.replay
+
+    def run(n: int) -> torch.Tensor:
+        prefill()
+        for _ in range(n - 1):
+            replay()
+        return new[:, :n]
+
+    return run
+
+
 def head_seconds(shape: str, device: str, dtype: torch.dtype, repeats: int = 50) -> float:
     """Time of the output head alone for one token: ``linear(x[1, H], W[V, H])`` in ``dtype``
     (CUDA: replays of a CUDA graph, as the decode step runs it under ``reduce-overhead``;
@@ -205,8 +262,9 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
         model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        pad_token_id=0, **extra)
 
-    if args.loop == "direct":
-        generate = _direct_loop(model, prompt, args.decode, args.device)
+    if args.loop in ("direct", "graph"):
+        loop = _direct_loop if args.loop == "direct" else _graph_loop
+        generate = loop(model, prompt, args.decode, args.device)
 
     def stage(what: str) -> None:
         print(f"decode.py: {name}: {what} at {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -214,7 +272,7 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
     with torch.no_grad():
         stage("built, compiling prefill and decode graphs")
         generate(args.decode)  # compiles prefill and decode graphs
-        if args.loop == "direct":
+        if args.loop != "generate":
             generate(args.decode)  # the prefill again, now over an initialized cache: a graph
         stage("compiling the long-prefill graph")
         model(long, use_cache=False)  # compiles the long-prefill graph
@@ -265,9 +323,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
                         help="KV cache of generate(); static keeps the decode step's shapes "
                         "fixed (HF's own compile of it is disabled: the model is compiled)")
-    parser.add_argument("--loop", choices=("generate", "direct"), default="generate",
-                        help="time model.generate() or a plain greedy forward loop (direct; "
-                        "needs --cache static)")
+    parser.add_argument("--loop", choices=("generate", "direct", "graph"), default="generate",
+                        help="time model.generate(), a plain greedy forward loop (direct), or "
+                        "that loop's step captured as one CUDA graph by hand (graph; use "
+                        "without --mode); both need --cache static")
     parser.add_argument("--lm-head", action="store_true",
                         help="quantize the output head too (recipe variants)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
@@ -278,8 +337,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.decode < 2:
         parser.error("--decode must be >= 2")
-    if args.loop == "direct" and args.cache != "static":
-        parser.error("--loop direct needs --cache static")
+    if args.loop != "generate" and args.cache != "static":
+        parser.error(f"--loop {args.loop} needs --cache static")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:

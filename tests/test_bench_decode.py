@@ -23,11 +23,14 @@ def decode_mod():
     return mod
 
 
-def test_direct_loop_gives_generates_greedy_tokens(decode_mod):
+@pytest.mark.parametrize("loop_name", ["_direct_loop", "_graph_loop"])
+def test_loops_give_generates_greedy_tokens(decode_mod, loop_name):
+    """Both timed loops (the graph loop's step runs eagerly off CUDA: the same step that is
+    captured on a GPU, reading and writing its token and position buffers)."""
     model = decode_mod.build_model("tiny", 1, "cpu", torch.float32)
     prompt = torch.randint(0, model.config.vocab_size, (1, 7),
                            generator=torch.Generator().manual_seed(0))
-    loop = decode_mod._direct_loop(model, prompt, 6, "cpu")
+    loop = getattr(decode_mod, loop_name)(model, prompt, 6, "cpu")
     with torch.no_grad():
         want = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, do_sample=False,
                               pad_token_id=0)[:, 7:]
@@ -50,8 +53,9 @@ def test_full_depth_extrapolation(decode_mod):
     assert decode_mod.full_depth_tokens_per_s(500.0, 32, 32, 4e-4) == pytest.approx(500.0)
 
 
-def test_direct_loop_through_the_backend_matches_its_reference(decode_mod):
-    """What the GPU run does (static cache, fixed shapes, the direct loop, fuse-linears), on
+@pytest.mark.parametrize("loop_name", ["_direct_loop", "_graph_loop"])
+def test_loop_through_the_backend_matches_its_reference(decode_mod, loop_name):
+    """What the GPU run does (static cache, fixed shapes, the timed loop, fuse-linears), on
     the CPU through Inductor: the same tokens as the backend's eager reference run, and no
     recompiles per step (prefill over a fresh and a used cache, decode)."""
     import qcompile
@@ -64,7 +68,8 @@ def test_direct_loop_through_the_backend_matches_its_reference(decode_mod):
     qcompile.compile(models[0], recipe="w4-afpq", dynamic=False)
     qcompile.compile(models[1], recipe="w4-afpq", dynamic=False, inductor=False)
     with torch.no_grad():
-        got = [decode_mod._direct_loop(models[0], prompt, 6, "cpu")(6) for _ in range(2)]
+        loop = getattr(decode_mod, loop_name)
+        got = [loop(models[0], prompt, 6, "cpu")(6) for _ in range(2)]
         want = decode_mod._direct_loop(models[1], prompt, 6, "cpu")(6)
     assert torch.equal(got[0], want) and torch.equal(got[1], want)
     stats = models[0].qcompile_backend.stats
