@@ -12,8 +12,11 @@
 * At 8192: ours (fast accumulation, the default) also against ``use_fast_accum=True``, and
   ours with ``fast_accum=False`` (sums promoted to fp32) against cuBLAS's default.
 * Every FP8 GEMM config forced at M = 256 (``sweep_configs``).
+* ``w4a8_linear(path="swap")`` (``w4a8_swap``: the decoded weight as the MMA's register
+  operand) at M = 128, 256, 1024, 4096.
 
-Times are ``triton.testing.do_bench`` medians (ms). Needs CUDA with FP8 tensor cores (sm89+).
+Times are CUDA-graph replays (``do_bench_cudagraph``, ms) unless a row says eager (``do_bench``
+of the calls, host work included). Needs CUDA with FP8 tensor cores (sm89+).
 
 Usage::
 
@@ -39,9 +42,20 @@ def _rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scale).to(FP8), scale.float()
 
 
-def _bench(fn: Callable[[], torch.Tensor]) -> float:
+def _bench(fn: Callable[[], torch.Tensor], eager: bool = False) -> float:
+    """Milliseconds per call: replays of a CUDA graph of ``fn`` (what a compiled model with
+    CUDA graphs sees: no host work; the first call, outside the graph, autotunes), or with
+    ``eager`` (or when capture fails) ``do_bench`` of the calls themselves, host work
+    included: a small-M kernel of tens of microseconds can be bounded by its Python wrapper."""
     import triton.testing
 
+    fn()
+    torch.cuda.synchronize()
+    if not eager:
+        try:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=100))
+        except Exception:  # noqa: BLE001 - not capturable: time it eagerly
+            torch.cuda.synchronize()
     return float(triton.testing.do_bench(fn, warmup=50, rep=200))
 
 
@@ -85,7 +99,8 @@ def triton_cdiv(x: int, y: int) -> int:
 
 def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192),
         fused_ms: tuple[int, ...] = (128,), crossover_ms: tuple[int, ...] = (256, 1024),
-        sweep_ms: tuple[int, ...] = (256,)) -> list[dict]:
+        sweep_ms: tuple[int, ...] = (256,),
+        swap_ms: tuple[int, ...] = (128, 256, 1024, 4096)) -> list[dict]:
     """Benchmark the FP8 GEMM and the W4A8 kernel against ``torch._scaled_mm``.
 
     Args:
@@ -96,6 +111,8 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192)
             decode) is timed too, to place ``DEQUANT_MIN_M``.
         sweep_ms: M values (N = K = mnk) where every FP8 GEMM config is timed alone
             (:func:`sweep_configs`, fast accumulation: the default).
+        swap_ms: M values where the fused kernel with swapped operands (``path="swap"``,
+            the decoded weight as the MMA's register operand) is timed too.
 
     Returns:
         One dict per measurement: ``kernel``, ``m``, ``n``, ``k``, ``ms``, ``tflops`` and
@@ -171,6 +188,10 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192)
         ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128))
         path = "dequant" if m >= w4a8_dequant.DEQUANT_MIN_M else "fused"
         record(f"w4a8_linear ({path})", m, ms, base)
+        ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128),
+                    eager=True)
+        record(f"w4a8_linear ({path}) eager, host work included", m, ms,
+               _bench(lambda a=a, s=a_scale: scaled_mm(a, s), eager=True))
         if path == "dequant":  # its GEMM alone, on the shifted weight
             w8 = w4a8_dequant.w4a8_dequant(packed, gexp, 128, k)
             ms = _bench(lambda a=a, s=a_scale, w8=w8: fp8_scaled_mm(a, s, w8, row_scale))
@@ -179,6 +200,10 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192)
             ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128,
                                                            path="fused"))
             record(f"w4a8_linear/fused-{w4a8_mod.DECODE}", m, ms, base)
+        if m in swap_ms:
+            ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128,
+                                                           path="swap"))
+            record(f"w4a8_linear/swap-{w4a8_mod.DECODE}", m, ms, base)
         if m not in fused_ms:
             continue
         default = w4a8_mod.DECODE

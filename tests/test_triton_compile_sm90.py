@@ -89,6 +89,12 @@ CASES: list[tuple[str, str, dict]] = [
     ("w4a8-gexp-tile-g32", "w4a8", dict(m=4000, block_m=128, group_size=32, mma="e4m3")),
     ("w4a8-gexp-select-g192", "w4a8", dict(m=4000, block_m=128, group_size=192, mma="e4m3")),
     ("w4a8-gexp-tile-g32-decode", "w4a8", dict(m=1, block_m=16, group_size=32, mma="")),
+    # W4A8 with the operands swapped (w4a8_swap): the decoded weight is the WGMMA's first
+    # operand, read from registers (``a_regs``), for a small and a large activation tile.
+    ("w4a8-swap-g128-m64", "w4a8_swap", dict(m=64, block_m=64, group_size=128, mma="e4m3",
+                                             a_regs=True)),
+    ("w4a8-swap-g32-m256", "w4a8_swap", dict(m=256, block_m=256, group_size=32, mma="e4m3",
+                                             a_regs=True)),
     # W4A8 prefill: the FP4 -> FP8 shift of the whole weight, on each exponent path.
     ("w4a8-shift-g512", "w4a8_shift", dict(group_size=512)),
     ("w4a8-shift-g128", "w4a8_shift", dict(group_size=128)),
@@ -190,7 +196,7 @@ _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2":
             "w4a16_gemv": "w4a16", "w4a16_reduce": "w4a16", "w4a16_gemm": "w4a16",
             "w4a16_gemv1": "w4a16_gemv", "w4a16_gemv1w": "w4a16_gemv",
             "w4a16_dequant": "w4a16_dequant", "w4a16_dequant_fp4w": "w4a16_dequant",
-            "w4a8_shift": "w4a8_dequant"}
+            "w4a8_shift": "w4a8_dequant", "w4a8_swap": "w4a8_swap"}
 #: Module that another engineer may still be editing: failures to import it or a kernel
 #: signature this file does not know skip its cases instead of failing them.
 _IN_PROGRESS = "w4a16"
@@ -270,6 +276,20 @@ def _build_w4a8(mod, p: dict, all_configs: bool):
                if all_configs or c.kwargs["BLOCK_M"] == p["block_m"]]
     return (mod._w4a8_kernel, args, consts,
             configs if all_configs else _heaviest(configs, _gemm_footprint))
+
+
+def _build_w4a8_swap(mod, p: dict, all_configs: bool):
+    m, n, k, gs = p["m"], 4096, 4096, p["group_size"]
+    args = dict(a_ptr="*fp8e4nv", w_ptr="*u8", c_ptr="*bf16", as_ptr="*fp32", rs_ptr="*fp32",
+                gexp_ptr="*i8", bias_ptr="*bf16", M=m, N=n, K=k, M_BUCKET=mod.m_bucket(m),
+                stride_am=k, stride_ak=1, stride_wn=(k + 1) // 2, stride_gn=-(-k // gs),
+                stride_cm=n, stride_cn=1)
+    consts = dict(GROUP_SIZE=gs, HAS_BIAS=False, DECODE=2, PROMOTE=0)
+    configs = [c for c in mod.SWAP_CONFIGS if all_configs or c.kwargs["BLOCK_M"] == p["block_m"]]
+    return (mod._w4a8_swap_kernel, args, consts,
+            configs if all_configs else _heaviest(
+                configs, lambda c: (c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]),
+                                    c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] // c.num_warps)))
 
 
 def _build_act_quant(mod, p: dict, all_configs: bool):
@@ -450,7 +470,8 @@ _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_qua
              "w4a16_gemv": _build_w4a16_gemv, "w4a16_reduce": _build_w4a16_reduce,
              "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1,
              "w4a16_gemv1w": _build_w4a16_gemv1w, "w4a16_dequant": _build_w4a16_dequant,
-             "w4a16_dequant_fp4w": _build_w4a16_dequant_fp4w, "w4a8_shift": _build_w4a8_shift}
+             "w4a16_dequant_fp4w": _build_w4a16_dequant_fp4w, "w4a8_shift": _build_w4a8_shift,
+             "w4a8_swap": _build_w4a8_swap}
 
 
 def _resources(cubin: bytes, cuobjdump: str, name: str) -> tuple[int, int]:
@@ -481,10 +502,14 @@ def _compile_one(fn, args: dict, consts: dict, config, cuobjdump: str) -> dict:
     seconds = time.perf_counter() - start
     regs, stack = _resources(kernel.asm["cubin"], cuobjdump, kernel.metadata.name)
     mma = sorted(set(re.findall(r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*", kernel.asm["ptx"])))
+    # A WGMMA whose A operand is in registers lists them in braces after the accumulator's;
+    # from shared memory it is a descriptor (a 64-bit register).
+    a_regs = bool(re.search(r"wgmma\.mma_async[\w.]*\s*\{[^}]*\},\s*\{", kernel.asm["ptx"]))
     return {"config": dict(config.kwargs, num_warps=config.num_warps,
                            num_stages=config.num_stages),
             "ok": True, "n_regs": regs, "n_spills": stack // 4, "stack_bytes": stack,
-            "shared": kernel.metadata.shared, "mma": mma, "seconds": round(seconds, 2)}
+            "shared": kernel.metadata.shared, "mma": mma, "a_regs": a_regs,
+            "seconds": round(seconds, 2)}
 
 
 def _worker(cases: list[tuple[str, str, dict]], all_configs: bool = False) -> dict:
@@ -545,7 +570,8 @@ def _format(report: dict) -> str:
                 continue
             mma = ",".join(v["mma"]) or "-"
             lines.append(f"{case_id:36} {cfg:44} {v['n_regs']:4} {v['n_spills']:5} "
-                         f"{v['shared']:7} {v['seconds']:5.1f}  {mma}")
+                         f"{v['shared']:7} {v['seconds']:5.1f}  {mma}"
+                         f"{' (A in registers)' if v.get('a_regs') else ''}")
     return "\n".join(lines)
 
 
@@ -614,6 +640,10 @@ def test_compiles_for_sm90(sm90_report, case_id, family, params):
         if "mma" in params:
             assert v["mma"] and all(params["mma"] in op for op in v["mma"]), (
                 f"{what} should use {params['mma'] or 'some'} MMA; its PTX has {v['mma']}")
+        if "a_regs" in params:
+            assert v["a_regs"] == params["a_regs"], (
+                f"{what}: the WGMMA's A operand should {'' if params['a_regs'] else 'not '}"
+                "come from registers")
         if v["n_spills"] > params.get("spills", 0):
             spilling.append(f"{what}: {v['stack_bytes']} bytes/thread of spills "
                             f"({v['n_regs']} registers)")

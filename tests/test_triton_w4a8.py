@@ -117,15 +117,16 @@ def _every_code_at_every_exponent(k: int, group: int):
     return pack_codes(codes, 4), gexp, expect
 
 
+@pytest.mark.parametrize("path", ["fused", "swap"])
 @pytest.mark.parametrize(("group", "how"), [
     (64, "place"), (64, "shift"), (64, "mul"), (32, "place"), (32, "mul"), (24, "shift"),
     (24, "mul")])
-def test_kernel_builds_every_code_at_every_exponent(monkeypatch, group, how):
+def test_kernel_builds_every_code_at_every_exponent(monkeypatch, group, how, path):
     """Identity activations expose W8 itself: all 16 codes x all 15 exponents, bit-exact.
 
     Under the interpreter's BLOCK_K 64 the group sizes take each decode (``DECODES``) on each
-    exponent path: one group per row and block (64; ``place`` rescales the accumulator), a
-    per-group tile (32), a per-column select (24)."""
+    exponent path: one group per row and block (64; ``place`` rescales the accumulator, the
+    swapped kernel multiplies instead), a per-group tile (32), a per-column select (24)."""
     from qcompile.backends.triton import w4a8
 
     monkeypatch.setattr(w4a8, "DECODE", how)
@@ -134,7 +135,7 @@ def test_kernel_builds_every_code_at_every_exponent(monkeypatch, group, how):
     n = packed.shape[0]
     a = torch.eye(k).to(FP8)
     out = w4a8_linear(a.to(DEV), torch.ones(k, 1, device=DEV), packed.to(DEV), gexp.to(DEV),
-                      torch.ones(n, device=DEV), group, out_dtype=torch.float32)
+                      torch.ones(n, device=DEV), group, out_dtype=torch.float32, path=path)
     w8 = w4a8_weight_fp8(packed, gexp, group, k).float()
     assert torch.equal(w8, expect)
     assert torch.equal(out.T.cpu(), w8)
@@ -234,6 +235,27 @@ def test_shift_to_fp8_every_code_at_every_exponent(group):
     assert torch.equal(torch.signbit(w8.float()), torch.signbit(expect))
 
 
+@pytest.mark.parametrize(("m", "k", "n", "group", "bias", "out_dtype"), [
+    (1, 200, 48, 64, True, torch.bfloat16), (7, 131, 96, 50, False, torch.float16),
+    (33, 576, 200, 32, True, torch.float32), (40, 257, 70, 128, False, torch.bfloat16),
+    (70, 1000, 96, 192, True, torch.float32)] + ([
+    (4097, 576, 200, 64, True, torch.bfloat16), (200, 8192, 256, 128, False, torch.float32)]
+    if CUDA else []))
+def test_swapped_kernel_matches_the_reference(m, k, n, group, bias, out_dtype):
+    """The fused kernel with the decoded weight as the first MMA operand (``path="swap"``):
+    odd M, K and N, ragged groups, every output dtype, with and without bias, both
+    accumulation modes."""
+    a, a_scale, packed, gexp, row_scale, c = make_inputs(m, k, n, group, bias=bias, seed=m + k)
+    for fast in (True, False):
+        out = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype,
+                          path="swap", fast_accum=fast)
+        assert out.dtype == out_dtype and out.shape == (m, n)
+        ref = w4a8_linear_ref(*(t.cpu() for t in (a, a_scale, packed, gexp, row_scale)), group,
+                              None if c is None else c.cpu(), torch.float32)
+        w8 = w4a8_weight_fp8(packed.cpu(), gexp.cpu(), group, k)
+        assert_within_ulp(out, ref, fp8_mma_slack(a, a_scale, w8, row_scale, fast=fast))
+
+
 @pytest.mark.parametrize(("m", "group", "bias", "out_dtype", "path"), [
     (1, 128, True, torch.bfloat16, "gemv"), (1, 50, False, torch.float32, "gemv"),
     (7, 32, True, torch.float16, "gemv"), (16, 64, False, torch.bfloat16, "gemv"),
@@ -269,7 +291,7 @@ def test_pow2_scales_are_cached_per_tensor():
 
 def test_bad_path_raises():
     a, a_scale, packed, gexp, row_scale, _ = make_inputs(7, 130, 96, 32)
-    with pytest.raises(KernelInputError, match="path must be 'fused', 'dequant', 'gemv'"):
+    with pytest.raises(KernelInputError, match="path must be 'fused', 'swap', 'dequant', 'gemv'"):
         w4a8_linear(a, a_scale, packed, gexp, row_scale, 32, path="cublas")
 
 

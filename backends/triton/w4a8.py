@@ -195,6 +195,47 @@ def _w8_bits(src, g, DECODE: tl.constexpr):
 
 
 @triton.jit
+def w8_tile(byte, g_row, k0, n_groups, offs_k, GROUP_SIZE: tl.constexpr, DECODE: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The FP8 weight tile ``[BLOCK_N, BLOCK_K]`` at K offset ``k0`` from its packed bytes
+    ``[BLOCK_N, BLOCK_K // 2]`` and the rows' exponent pointers ``g_row``: the ``shift`` (0)
+    or ``mul`` (2) decode, per group layout."""
+    if DECODE == 2:  # placed bits, scaled per element by a multiply (fp4_times_2g)
+        src = tl.interleave(((byte & 8) << 4) | ((byte & 7) << 2),
+                            (byte & 0x80) | ((byte & 0x70) >> 2))
+    else:  # raw codes, shifted on the exponent field (fp4_to_fp8_bits)
+        src = tl.interleave(byte & 0xF, byte >> 4).to(tl.int32)
+    if GROUP_SIZE % BLOCK_K == 0:
+        # The whole K block is in one group: one exponent per row.
+        g = tl.load(g_row + k0 // GROUP_SIZE).to(tl.int32)[:, None]
+        bits = _w8_bits(src, g, DECODE)
+    elif BLOCK_K % GROUP_SIZE == 0:
+        # Whole groups per K block: a [BLOCK_N, groups] exponent tile, broadcast over
+        # a [BLOCK_N, groups, GROUP_SIZE] view (a per-element gather would spill).
+        gi = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
+        g = tl.load(g_row[:, None] + gi[None, :], mask=gi[None, :] < n_groups, other=0)
+        src3 = tl.reshape(src, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
+        bits3 = _w8_bits(src3, g.to(tl.int32)[:, :, None], DECODE)
+        bits = tl.reshape(bits3, (BLOCK_N, BLOCK_K))
+    else:
+        # Other group sizes (e.g. 50, 192): the block spans at most
+        # (BLOCK_K-1)//GROUP_SIZE + 2 groups; load each one's [BLOCK_N] exponents and
+        # select per column (a per-element pointer gather would spill registers).
+        grp = (k0 + offs_k) // GROUP_SIZE
+        g_lo = k0 // GROUP_SIZE
+        g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+        for j in tl.static_range((BLOCK_K - 1) // GROUP_SIZE + 2):
+            # Clamped in bounds; a clamped column lies past K, where activations are 0.
+            gj = tl.load(g_row + tl.minimum(g_lo + j, n_groups - 1))
+            g = tl.where((grp == g_lo + j)[None, :], gj.to(tl.int32)[:, None], g)
+        bits = _w8_bits(src, g, DECODE)
+    # Past K (tail, odd K's pad nibble) the activations are zero and W8 is finite
+    # (never NaN), so those products vanish without masking W8.
+    w = bits.to(tl.float8e4nv, bitcast=True)
+    return w
+
+
+@triton.jit
 def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, K, M_BUCKET,
                  stride_am, stride_ak, stride_wn, stride_gn, stride_cm, stride_cn,
                  GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DECODE: tl.constexpr,
@@ -239,38 +280,8 @@ def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, 
             acc = fp8_dot(a, tl.trans(w), acc, PROMOTE)
             g_prev = g
         else:
-            if DECODE == 2:  # placed bits, scaled per element by a multiply (fp4_times_2g)
-                src = tl.interleave(((byte & 8) << 4) | ((byte & 7) << 2),
-                                    (byte & 0x80) | ((byte & 0x70) >> 2))
-            else:  # raw codes, shifted on the exponent field (fp4_to_fp8_bits)
-                src = tl.interleave(byte & 0xF, byte >> 4).to(tl.int32)
-            if GROUP_SIZE % BLOCK_K == 0:
-                # The whole K block is in one group: one exponent per row.
-                g = tl.load(g_row + k0 // GROUP_SIZE).to(tl.int32)[:, None]
-                bits = _w8_bits(src, g, DECODE)
-            elif BLOCK_K % GROUP_SIZE == 0:
-                # Whole groups per K block: a [BLOCK_N, groups] exponent tile, broadcast over
-                # a [BLOCK_N, groups, GROUP_SIZE] view (a per-element gather would spill).
-                gi = k0 // GROUP_SIZE + tl.arange(0, BLOCK_K // GROUP_SIZE)
-                g = tl.load(g_row[:, None] + gi[None, :], mask=gi[None, :] < n_groups, other=0)
-                src3 = tl.reshape(src, (BLOCK_N, BLOCK_K // GROUP_SIZE, GROUP_SIZE))
-                bits3 = _w8_bits(src3, g.to(tl.int32)[:, :, None], DECODE)
-                bits = tl.reshape(bits3, (BLOCK_N, BLOCK_K))
-            else:
-                # Other group sizes (e.g. 50, 192): the block spans at most
-                # (BLOCK_K-1)//GROUP_SIZE + 2 groups; load each one's [BLOCK_N] exponents and
-                # select per column (a per-element pointer gather would spill registers).
-                grp = (k0 + offs_k) // GROUP_SIZE
-                g_lo = k0 // GROUP_SIZE
-                g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
-                for j in tl.static_range((BLOCK_K - 1) // GROUP_SIZE + 2):
-                    # Clamped in bounds; a clamped column lies past K, where activations are 0.
-                    gj = tl.load(g_row + tl.minimum(g_lo + j, n_groups - 1))
-                    g = tl.where((grp == g_lo + j)[None, :], gj.to(tl.int32)[:, None], g)
-                bits = _w8_bits(src, g, DECODE)
-            # Past K (tail, odd K's pad nibble) the activations are zero and W8 is finite
-            # (never NaN), so those products vanish without masking W8.
-            w = bits.to(tl.float8e4nv, bitcast=True)
+            w = w8_tile(byte, g_row, k0, n_groups, offs_k, GROUP_SIZE, DECODE, BLOCK_N,
+                        BLOCK_K)
             acc = fp8_dot(a, tl.trans(w), acc, PROMOTE)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K // 2
@@ -338,8 +349,9 @@ def w4a8_linear(
             shorter).
         bias: Optional ``[N]`` bias (bf16, fp16 or fp32).
         out_dtype: bfloat16, float16 or float32.
-        path: ``"gemv"``, ``"fused"`` or ``"dequant"`` to force one path (benchmarks); None
-            picks by M.
+        path: ``"gemv"``, ``"fused"``, ``"swap"`` (the fused kernel with the decoded weight as
+            the MMA's register operand, :mod:`qcompile.backends.triton.w4a8_swap`; not yet
+            picked by M) or ``"dequant"`` to force one path (benchmarks); None picks by M.
         fast_accum: As in :func:`~qcompile.backends.triton.fp8_gemm.fp8_scaled_mm`: sums stay
             in the FP8 MMA's accumulator (False: promoted to fp32 every
             ``fp8_gemm.PROMOTE_K`` products; the GEMVs always sum in fp32).
@@ -369,8 +381,9 @@ def w4a8_linear(
     a_scale = check_scale_vector(a_scale, "a_scale", m, dev)
     row_scale = check_scale_vector(row_scale, "row_scale", n, dev)
     bias = check_bias_and_dtype(bias, n, dev, out_dtype)
-    if path not in (None, "fused", "dequant", "gemv"):
-        raise KernelInputError(f"path must be 'fused', 'dequant', 'gemv' or None, got {path!r}")
+    if path not in (None, "fused", "dequant", "gemv", "swap"):
+        raise KernelInputError(
+            f"path must be 'fused', 'swap', 'dequant', 'gemv' or None, got {path!r}")
     # The kernel steps through packed bytes and exponents with unit stride along K.
     packed = packed if packed.stride(1) == 1 else packed.contiguous()
     gexp = gexp if gexp.stride(1) == 1 or groups <= 1 else gexp.contiguous()
@@ -384,12 +397,19 @@ def w4a8_linear(
     c = torch.empty((m, n), dtype=out_dtype, device=dev)
     if m == 0 or n == 0:
         return c
+    promote = 0 if fast_accum else fp8_gemm.PROMOTE_K
+    if path == "swap":
+        from qcompile.backends.triton.w4a8_swap import w4a8_swap_launch
+
+        # place rescales the accumulator per weight column: the swapped kernel multiplies.
+        decode = DECODES.index("mul" if DECODE == "place" else DECODE)
+        return w4a8_swap_launch(a, a_scale, packed, gexp, row_scale, group_size, bias, c,
+                                decode, promote)
     args = (a, packed, c, a_scale, row_scale, gexp, c if bias is None else bias, m, n, k,
             m_bucket(m), a.stride(0), a.stride(1), packed.stride(0), gexp.stride(0),
             c.stride(0), c.stride(1))
     flags = {"GROUP_SIZE": group_size, "HAS_BIAS": bias is not None,
-             "DECODE": DECODES.index(DECODE),
-             "PROMOTE": 0 if fast_accum else fp8_gemm.PROMOTE_K}
+             "DECODE": DECODES.index(DECODE), "PROMOTE": promote}
     if interpreting():
         meta = _INTERPRET_CONFIG  # autotuning is meaningless under the interpreter
         grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
