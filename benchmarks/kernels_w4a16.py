@@ -95,8 +95,10 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
 def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
                   m: int = 2048) -> list[dict[str, Any]]:
     """The prefill path at ``m`` rows (AFPQ g128): ``w4a16_linear`` (decode W once into bf16,
-    then cuBLAS) against bf16 ``F.linear``, and the decode alone (``w4a16_dequant``) with its
-    bytes (packed codes and scales read, bf16 weight written)."""
+    then cuBLAS) against bf16 ``F.linear``, the decode alone (``w4a16_dequant``) with its
+    bytes (packed codes and scales read, bf16 weight written), and the fused GEMMs that decode
+    in registers: the tiled one (``path="gemm"``) and the one with swapped operands
+    (``path="swap"``, the decoded weight as the MMA's register operand), at ``m`` and 128."""
     from triton.testing import do_bench
 
     from qcompile.backends.triton.runtime import element_table
@@ -118,7 +120,16 @@ def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
     moved += n * k * 2
     common = {"format": fmt, "M": m, "N": n, "K": k, "bf16_us": bf16_ms * 1e3,
               "device": torch.cuda.get_device_name(dev)}
-    return [
+    fused = []
+    for rows in (m, 128):
+        xr = x[:rows]
+        base = do_bench(lambda xr=xr: torch.nn.functional.linear(xr, dense))
+        for path in ("gemm", "swap"):
+            t = do_bench(lambda xr=xr, p=path: w4a16_linear(xr, *args, path=p))
+            fused.append(dict(common, M=rows, bf16_us=base * 1e3,
+                              kernel=f"fused in-register decode ({path})", w4a16_us=t * 1e3,
+                              speedup_vs_bf16=base / t, w4a16_eager_us=t * 1e3))
+    return fused + [
         dict(common, kernel="prefill (dequant + cuBLAS)", w4a16_us=ms * 1e3,
              speedup_vs_bf16=bf16_ms / ms, weight_gbps=moved / (deq_ms * 1e-3) / 1e9,
              w4a16_eager_us=ms * 1e3),

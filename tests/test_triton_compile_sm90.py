@@ -184,6 +184,12 @@ CASES: list[tuple[str, str, dict]] = [
                                                 zero=True, bias=True, mma="bf16")),
     ("w4a16-gemm-bf16-g128-m4000", "w4a16_gemm", dict(dtype="bf16", m=4000, group_size=128,
                                                       zero=True, bias=True, mma="bf16")),
+    # The W4A16 GEMM with swapped operands (w4a16_swap): the decoded weight in registers as
+    # the WGMMA's first operand, at a medium and a prefill M (AFPQ: two scales per group).
+    ("w4a16-swap-bf16-g128-m200", "w4a16_swap", dict(dtype="bf16", m=200, group_size=128,
+                                                     neg=True, mma="bf16", a_regs=True)),
+    ("w4a16-swap-bf16-g32-m4000", "w4a16_swap", dict(dtype="bf16", m=4000, group_size=32,
+                                                      mma="bf16", a_regs=True)),
     ("w4a16-gemm-fp32-g32-afpq", "w4a16_gemm", dict(
         dtype="fp32", m=200, group_size=32, neg=True, outer=True, bias=False,
         known_spills="with fp32 activations _w4a16_gemm_kernel's fp32 tiles spill 0.2 to 1 "
@@ -196,7 +202,8 @@ _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2":
             "w4a16_gemv": "w4a16", "w4a16_reduce": "w4a16", "w4a16_gemm": "w4a16",
             "w4a16_gemv1": "w4a16_gemv", "w4a16_gemv1w": "w4a16_gemv",
             "w4a16_dequant": "w4a16_dequant", "w4a16_dequant_fp4w": "w4a16_dequant",
-            "w4a8_shift": "w4a8_dequant", "w4a8_swap": "w4a8_swap"}
+            "w4a8_shift": "w4a8_dequant", "w4a8_swap": "w4a8_swap",
+            "w4a16_swap": "w4a16_swap"}
 #: Module that another engineer may still be editing: failures to import it or a kernel
 #: signature this file does not know skip its cases instead of failing them.
 _IN_PROGRESS = "w4a16"
@@ -465,13 +472,29 @@ def _build_w4a16_gemm(mod, p: dict, all_configs: bool):
     return mod._w4a16_gemm_kernel, args, consts, configs
 
 
+def _build_w4a16_swap(mod, p: dict, all_configs: bool):
+    m, n, k, gs = p["m"], 4096, 4096, p["group_size"]
+    args = dict(_w4a16_pointers(p), out_ptr="*" + p["dtype"], M=m, N=n, K=k, KB=(k + 1) // 2,
+                G=-(-k // gs), outer_stride=int(p.get("outer", 0)),
+                M_BUCKET=min(1 << max(m - 1, 0).bit_length(), 1 << 16))
+    consts = dict(_w4a16_flags(mod, p), GROUP_N=8)
+    bucket = args["M_BUCKET"]
+    configs = [c for c in mod.SWAP_CONFIGS
+               if all_configs or c in mod._prune_by_m(mod.SWAP_CONFIGS, {"M_BUCKET": bucket})]
+    footprint = lambda c: (c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"])  # noqa: E731
+                           * c.kwargs["BLOCK_K"],
+                           c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] // c.num_warps)
+    return (mod._w4a16_swap_kernel, args, {k: v for k, v in consts.items() if k != "GROUP_M"},
+            configs if all_configs else _heaviest(configs, footprint))
+
+
 _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_quant,
              "had2": _build_had2, "kron": _build_kron,
              "w4a16_gemv": _build_w4a16_gemv, "w4a16_reduce": _build_w4a16_reduce,
              "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1,
              "w4a16_gemv1w": _build_w4a16_gemv1w, "w4a16_dequant": _build_w4a16_dequant,
              "w4a16_dequant_fp4w": _build_w4a16_dequant_fp4w, "w4a8_shift": _build_w4a8_shift,
-             "w4a8_swap": _build_w4a8_swap}
+             "w4a8_swap": _build_w4a8_swap, "w4a16_swap": _build_w4a16_swap}
 
 
 def _resources(cubin: bytes, cuobjdump: str, name: str) -> tuple[int, int]:

@@ -435,3 +435,34 @@ def test_every_config_matches_the_reference(monkeypatch):
             x, w, b = _inputs(fmt, 1, 200, 2048, torch.bfloat16)
             assert_matches_unrounded(w4.w4a16_linear(x, *w, bias=b),
                                      w4.w4a16_linear_ref(x, *w, bias=b), x, w)
+
+
+# --- the tiled GEMM with swapped operands (w4a16_swap) -------------------------------------------
+
+_SWAP_CASES = [(1, 96, 1000, torch.bfloat16), (7, 200, 130, torch.float16),
+               (33, 200, 576, torch.bfloat16), (40, 70, 131, torch.bfloat16)] + (
+    [(4097, 200, 1000, torch.bfloat16), (300, 256, 8192, torch.float16)] if CUDA else [])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m,n,k,dtype", _SWAP_CASES,
+                         ids=[f"m{m}-n{n}-k{k}-{str(d)[6:]}" for m, n, k, d in _SWAP_CASES])
+def test_swapped_gemm_matches_reference(fmt, m, n, k, dtype):
+    """``path="swap"``: every format, odd M, N and K, ragged groups, bf16 and fp16, with and
+    without bias; the same rounding of each weight as the reference."""
+    x, w, b = _inputs(fmt, m, n, k, dtype, bias=(m + k) % 2 == 0, seed=3)
+    assert_matches(w4.w4a16_linear(x, *w, bias=b, path="swap"),
+                   w4.w4a16_linear_ref(x, *w, bias=b))
+
+
+def test_forced_paths_agree_and_bad_paths_raise():
+    """Every forced path of one M gives the reference (to summation order); an unknown path
+    and fp32 activations on the swapped kernel are refused by name."""
+    x, w, b = _inputs("fp4_e2m1/g128/asym", 20, 96, 576, torch.bfloat16)
+    ref = w4.w4a16_linear_ref(x, *w, bias=b)
+    for path in (None, "gemm", "dequant", "swap"):
+        assert_matches(w4.w4a16_linear(x, *w, bias=b, path=path), ref)
+    with pytest.raises(KernelInputError, match="path must be 'gemm', 'dequant', 'swap'"):
+        w4.w4a16_linear(x, *w, bias=b, path="cublas")
+    with pytest.raises(KernelInputError, match="path 'swap' needs bf16 or fp16"):
+        w4.w4a16_linear(x.float(), *w, bias=None, path="swap")

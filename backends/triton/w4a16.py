@@ -435,18 +435,27 @@ def w4a16_linear_ref(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                  scale: torch.Tensor, scale_neg: torch.Tensor | None,
                  zero: torch.Tensor | None, outer: torch.Tensor | None, group_size: int,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
     """W4A16 linear with Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Same arguments and result as :func:`w4a16_linear_ref` (up to fp32 summation order): the
     batch-1 or split-K GEMV for at most :data:`GEMV_MAX_M` rows, the tiled GEMM above, and
-    decode-then-cuBLAS from ``w4a16_dequant.DEQUANT_MIN_M`` rows.
+    decode-then-cuBLAS from ``w4a16_dequant.DEQUANT_MIN_M`` rows. ``path`` forces one for any
+    M (benchmarks): ``"gemm"``, ``"dequant"``, or ``"swap"`` (the tiled GEMM with the decoded
+    weight as the MMA's register operand, :mod:`qcompile.backends.triton.w4a16_swap`; bf16 and
+    fp16 activations).
 
     Raises:
-        KernelInputError: A malformed input, mixed devices, or tensors no kernel can run on.
+        KernelInputError: A malformed input, mixed devices, tensors no kernel can run on, or
+            an unknown ``path``.
     """
     n, k, g = _validate(x, packed, table, scale, scale_neg, zero, outer, group_size, bias,
                         check_tensor)
+    if path not in (None, "gemm", "dequant", "swap"):
+        raise KernelInputError(
+            f"path must be 'gemm', 'dequant', 'swap' or None, got {path!r}")
+    if path == "swap" and x.dtype == torch.float32:
+        raise KernelInputError("path 'swap' needs bf16 or fp16 activations, got float32")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
@@ -465,17 +474,22 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
     args = (x2, packed, table, scale, neg, zer, out_t, bias_t)
     gemv1 = _gemv1()
-    if m == 1 and gemv1.gemv1_eligible(m, group_size):
+    if path == "swap":
+        from qcompile.backends.triton.w4a16_swap import w4a16_swap_launch
+
+        out = w4a16_swap_launch(args, out, m, n, k, packed.shape[1], g, o_stride, common)
+    elif path is None and m == 1 and gemv1.gemv1_eligible(m, group_size):
         fp4 = table is element_table("fp4_e2m1", x.device)  # the cached table: no device sync
         out = gemv1.w4a16_gemv1(x2, packed, table, scale, None if scale_neg is None else neg,
                                 None if zero is None else zer, None if outer is None
                                 else out_t, group_size, None if bias is None else bias_t, fp4)
-    elif m >= _dequant().DEQUANT_MIN_M:  # prefill: decode W once, then cuBLAS
+    elif path == "dequant" or (path is None and m >= _dequant().DEQUANT_MIN_M):
+        # prefill: decode W once, then cuBLAS
         w = _dequant().w4a16_dequant(packed, table, scale, scale_neg if scale_neg is None
                                      else neg, zero if zero is None else zer, None if
                                      outer is None else out_t, group_size, k, x.dtype)
         out = torch.nn.functional.linear(x2, w, None if bias is None else bias_t)
-    elif m <= GEMV_MAX_M:
+    elif path is None and m <= GEMV_MAX_M:
         split = _pick_split(n, k, x.device)
         part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32,
                                                   device=x.device)
