@@ -161,7 +161,7 @@ def _graph_loop(model: torch.nn.Module, prompt: torch.Tensor, max_new: int,
         new.index_copy_(1, pos - (p - 1), tok)  # token i + 1 of the new ones at position p + i
         pos.add_(1)
 
-    replay = step
+    replay, captured = step, None
     if device.startswith("cuda"):
         prefill()
         side = torch.cuda.Stream()
@@ -171,9 +171,15 @@ def _graph_loop(model: torch.nn.Module, prompt: torch.Tensor, max_new: int,
                 step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
-        replay = graph.replay
+        try:
+            with torch.cuda.graph(graph):
+                step()
+            replay, captured = graph.replay, True
+        except Exception as exc:  # e.g. a host sync in the step: time it uncaptured
+            captured = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(f"decode.py: CUDA-graph capture failed, timing the step eagerly: {captured}",
+                  file=sys.stderr)
+            torch.cuda.synchronize()
 
     def run(n: int) -> torch.Tensor:
         prefill()
@@ -181,6 +187,7 @@ def _graph_loop(model: torch.nn.Module, prompt: torch.Tensor, max_new: int,
             replay()
         return new[:, :n]
 
+    run.cuda_graph = captured  # True, the capture's error, or None off CUDA
     return run
 
 
@@ -292,6 +299,8 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
         "peak_memory_bytes": _peak_bytes(args.device),
         "warmup_seconds_including_compile": round(warm, 2),
     }
+    if hasattr(generate, "cuda_graph"):
+        out["cuda_graph"] = generate.cuda_graph
     backend = getattr(model, "qcompile_backend", None)
     if backend is not None:
         stats = backend.stats
