@@ -195,6 +195,22 @@ def _w8_bits(src, g, DECODE: tl.constexpr):
 
 
 @triton.jit
+def tile_setup(a_ptr, w_ptr, gexp_ptr, M, N, K, offs_m, offs_n, stride_am, stride_ak,
+               stride_wn, stride_gn, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Row indices (wrapped past M and N: unmasked loads, masked store), the first K block's
+    activation and packed-weight pointers, the weight rows' exponent pointers, the packed
+    row length and the group count of an output tile."""
+    rm = (offs_m % M).to(tl.int64)
+    rn = (offs_n % N).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = tl.arange(0, BLOCK_K // 2)
+    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_p[None, :]
+    g_row = gexp_ptr + rn * stride_gn
+    return rm, rn, offs_k, offs_p, a_ptrs, w_ptrs, g_row, (K + 1) // 2, tl.cdiv(K, GROUP_SIZE)
+
+
+@triton.jit
 def w8_tile(byte, g_row, k0, n_groups, offs_k, GROUP_SIZE: tl.constexpr, DECODE: tl.constexpr,
             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The FP8 weight tile ``[BLOCK_N, BLOCK_K]`` at K offset ``k0`` from its packed bytes
@@ -248,15 +264,9 @@ def _w4a8_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M, N, 
     pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = (offs_m % M).to(tl.int64)  # wrapped rows: unmasked loads, masked store
-    rn = (offs_n % N).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_p = tl.arange(0, BLOCK_K // 2)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_p[None, :]
-    g_row = gexp_ptr + rn * stride_gn
-    k_bytes = (K + 1) // 2
-    n_groups = tl.cdiv(K, GROUP_SIZE)
+    rm, rn, offs_k, offs_p, a_ptrs, w_ptrs, g_row, k_bytes, n_groups = tile_setup(
+        a_ptr, w_ptr, gexp_ptr, M, N, K, offs_m, offs_n, stride_am, stride_ak, stride_wn,
+        stride_gn, GROUP_SIZE, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     g_prev = tl.zeros((BLOCK_N,), dtype=tl.int32)  # place: the accumulator's exponent
     for kb in range(0, tl.cdiv(K, BLOCK_K)):

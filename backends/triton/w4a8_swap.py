@@ -26,7 +26,7 @@ import triton.language as tl
 from qcompile.backends.triton.fp8_gemm import m_bucket
 from qcompile.backends.triton.jit import fp8_dot, tile_coords
 from qcompile.backends.triton.runtime import interpreting, tuning
-from qcompile.backends.triton.w4a8 import w8_tile
+from qcompile.backends.triton.w4a8 import tile_setup, w8_tile
 
 __all__ = ["SWAP_CONFIGS", "w4a8_swap_launch"]
 
@@ -42,15 +42,9 @@ def _w4a8_swap_kernel(a_ptr, w_ptr, c_ptr, as_ptr, rs_ptr, gexp_ptr, bias_ptr, M
     pid_n, pid_m = tile_coords(tl.program_id(0), N, M, BLOCK_N, BLOCK_M, GROUP_N)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = (offs_n % N).to(tl.int64)  # wrapped rows and columns: unmasked loads, masked store
-    rm = (offs_m % M).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_p = tl.arange(0, BLOCK_K // 2)
-    a_ptrs = a_ptr + rm[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + rn[:, None] * stride_wn + offs_p[None, :]
-    g_row = gexp_ptr + rn * stride_gn
-    k_bytes = (K + 1) // 2
-    n_groups = tl.cdiv(K, GROUP_SIZE)
+    rm, rn, offs_k, offs_p, a_ptrs, w_ptrs, g_row, k_bytes, n_groups = tile_setup(
+        a_ptr, w_ptr, gexp_ptr, M, N, K, offs_m, offs_n, stride_am, stride_ak, stride_wn,
+        stride_gn, GROUP_SIZE, BLOCK_K)
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = kb * BLOCK_K
