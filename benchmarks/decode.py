@@ -12,8 +12,9 @@ Variants (each on a freshly built random-weight model; values do not change spee
 
 Measured per variant: decode tokens/s (``generate`` of N new tokens minus 1 new token, over
 N - 1 tokens, dynamic KV cache), prefill tokens/s (one forward over ``--prefill`` tokens), peak
-memory (CUDA: ``max_memory_allocated``; CPU: process max RSS, monotonic over the run), and the
-backend's counters (bytes quantized, freed, compile seconds). Output is one JSON document,
+memory (CUDA: ``max_memory_allocated`` over the whole variant, which includes the bf16 model
+before quantization, plus ``resident_bytes_after_compile`` and ``peak_memory_bytes_while_timed``,
+what serving needs; CPU: process max RSS, monotonic over the run), and the backend's counters (bytes quantized, freed, compile seconds). Output is one JSON document,
 also written after each variant (``--out``); a variant that raises is recorded with its error
 and the rest still run (exit status 1).
 ``--cache static --mode reduce-overhead`` decodes with a fixed-shape KV cache replayed as CUDA
@@ -285,6 +286,11 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
         model(long, use_cache=False)  # compiles the long-prefill graph
         warm = time.perf_counter() - start
         stage("warm, timing")
+        if args.device.startswith("cuda"):
+            # From here on: what serving needs (the full-precision weights are freed by now).
+            torch.cuda.synchronize()
+            resident = int(torch.cuda.memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
         t_full = _timed(lambda: generate(args.decode), args.device, args.repeats)
         t_one = _timed(lambda: generate(1), args.device, args.repeats)
         t_prefill = _timed(lambda: model(long, use_cache=False), args.device, args.repeats)
@@ -299,6 +305,9 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
         "peak_memory_bytes": _peak_bytes(args.device),
         "warmup_seconds_including_compile": round(warm, 2),
     }
+    if args.device.startswith("cuda"):
+        out["resident_bytes_after_compile"] = resident
+        out["peak_memory_bytes_while_timed"] = _peak_bytes(args.device)
     if hasattr(generate, "cuda_graph"):
         out["cuda_graph"] = generate.cuda_graph
     backend = getattr(model, "qcompile_backend", None)

@@ -13,7 +13,8 @@
 #          its limit still says what failed and why. Autotuning keeps one config per kernel
 #          and shape (QCOMPILE_TRITON_TUNE=first; test_every_config_matches_the_reference runs
 #          every config once): the first run, autotuning every shape, got through a third of
-#          the grid in 150 s. Limit T_TESTS (s), workers NW; TEST_FILES overrides the files.
+#          the grid in 150 s. Limit T_TESTS (s), workers NW; TEST_FILES overrides the files,
+#          TEST_K selects tests (pytest -k).
 # kernels  benchmarks/kernels.py: every kernel against cuBLAS / copy (OUTDIR/kernels.{json,md});
 #          FAMILIES=fp8 (or any of w4a16,fp8,act) for a subset.
 # acttests the fused activation-quantize tests alone (tests/test_triton_act_quant.py), limit T_ACT.
@@ -56,7 +57,7 @@ for phase in "${phases[@]}"; do
   tests)
     say "tests"
     QCOMPILE_TRITON_TUNE=first QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_TESTS:-150}" $py -P -m pytest -q "${xdist[@]}" \
-      -p no:cacheprovider --tb=short ${TEST_FILES:-tests/test_triton_w4a16.py \
+      -p no:cacheprovider --tb=short ${TEST_K:+-k "$TEST_K"} ${TEST_FILES:-tests/test_triton_w4a16.py \
       tests/test_lower_triton.py tests/test_triton_fp8.py tests/test_triton_w4a8.py \
       tests/test_triton_act_quant.py tests/test_lower_triton_gpu.py \
       tests/test_device_cache.py} > "$out/tests.log" 2>&1
