@@ -136,23 +136,27 @@ def test_fp8_dynamic_matches_reference():
     assert _stats(model).weights_quantized == 14
 
 
-@pytest.mark.parametrize("recipe, kind, fuse", [("w4-afpq", "w4a16", True),
-                                                ("w4-afpq", "w4a16", False),
-                                                ("fp8-dynamic", "fp8", True)])
-def test_lower_always_puts_the_fused_kernel_ops_in_the_compiled_graph(recipe, kind, fuse):
+@pytest.mark.parametrize("recipe, kind, fuse, acc", [("w4-afpq", "w4a16", True, False),
+                                                     ("w4-afpq", "w4a16", False, False),
+                                                     ("fp8-dynamic", "fp8", True, False),
+                                                     ("fp8-dynamic", "fp8", True, True)])
+def test_lower_always_puts_the_fused_kernel_ops_in_the_compiled_graph(recipe, kind, fuse, acc):
     """``lower=always`` runs ``lower-triton`` on CPU graphs too (CUDA graphs get it with the
     default ``auto``): the fused ops' CPU references keep the reference backend's logits.
-    With ``fuse_linears`` (default) q/k/v and gate/up are one kernel each: 8 of 14."""
+    With ``fuse_linears`` (default) q/k/v and gate/up are one kernel each: 8 of 14.
+    ``fp32_accumulate`` reaches the lowering's options."""
     model = tiny_model("llama")
     ids = _ids(9)
     _gm, ref = _reference(model, get_recipe(recipe).pipeline)
-    qcompile.compile(model, recipe=recipe, lower="always", fuse_linears=fuse)
+    qcompile.compile(model, recipe=recipe, lower="always", fuse_linears=fuse,
+                     fp32_accumulate=acc)
     with torch.no_grad():
         out = model(ids).logits
     torch.testing.assert_close(out, ref(ids), atol=1e-4, rtol=1e-4)
     lowered = [r for r in _stats(model).reports
                if r["passes"] and r["passes"][0]["name"] == "lower-triton"]
     assert lowered and lowered[0]["passes"][0]["facts"][kind] == (8 if fuse else 14)
+    assert lowered[0]["passes"][0]["options"]["fp32_accumulate"] is acc
     assert _stats(model).linears_fused == (10 if fuse else 0)
 
 

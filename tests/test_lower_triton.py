@@ -164,6 +164,25 @@ def test_options_round_trip_and_switch_families(llama):
     assert {e["reason"] for e in facts["not_lowered"]} == {"w4a8 lowering is off"}
 
 
+@pytest.mark.parametrize(("recipe", "target"), [
+    ("quantize{w=fp8_e4m3/channel a=fp8_e4m3/token}", Q.fp8_linear.default),
+    ("quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token}", Q.w4a8_linear.default)])
+def test_fp32_accumulate_option_reaches_every_fp8_linear(llama, recipe, target):
+    """``fp32_accumulate`` round-trips and sets the FP8 ops' ``fast_accum`` argument (the
+    kernels' accumulation mode); the CPU reference ops give the same logits either way."""
+    p = parse_pipeline("lower-triton{fp32_accumulate=true}")
+    assert str(p) == "lower-triton{fp32_accumulate=true}"
+    ids = _ids()
+    logits = []
+    for lowering, fast in ((p, False), ("lower-triton", True)):
+        gm, _ = quantize_graph(capture(llama), recipe, progress=False)
+        gm, _ = quantize_graph(gm, lowering, progress=False)
+        nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is target]
+        assert len(nodes) == 14 and all(n.args[-1] is fast for n in nodes)
+        logits.append(_logits(gm, ids))
+    assert torch.equal(*logits)
+
+
 # --- the fused ops' CPU references --------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

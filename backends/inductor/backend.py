@@ -312,7 +312,9 @@ class QCompileBackend:
             return
         from qcompile.api import quantize_graph
 
-        lifted.gm, report = quantize_graph(lifted.gm, "lower-triton", progress=False)
+        lowering = ("lower-triton{fp32_accumulate=true}" if self.options.fp32_accumulate
+                    else "lower-triton")
+        lifted.gm, report = quantize_graph(lifted.gm, lowering, progress=False)
         self.stats.reports.append(report)
 
     def _compile(self, lifted: LiftedGraph, example_inputs: Sequence[Any]) -> Callable[..., Any]:

@@ -25,6 +25,7 @@ def compile(
     inductor: bool = True,
     lower: str = "auto",
     fuse_linears: bool = True,
+    fp32_accumulate: bool = False,
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the ``qcompile`` backend and return it.
 
@@ -48,6 +49,8 @@ def compile(
         lower: ``auto`` (fused Triton kernel ops on CUDA), ``always`` or ``none``.
         fuse_linears: Merge the quantized linears that read one input (q/k/v, gate/up) into
             one wider linear before lowering (``fuse-linears``).
+        fp32_accumulate: Lowered FP8 / W4A8 linears promote their MMA sums to fp32 (more
+            accurate, slower; :class:`BackendOptions`).
 
     Returns:
         ``model``, compiled.
@@ -61,7 +64,7 @@ def compile(
         "recipe": recipe, "pipeline": pipeline,
         "artifact": str(artifact) if artifact is not None else None,
         "free_weights": free_weights, "inductor": inductor, "mode": mode, "lower": lower,
-        "fuse_linears": fuse_linears,
+        "fuse_linears": fuse_linears, "fp32_accumulate": fp32_accumulate,
     })
     backend = QCompileBackend(options)
     backend.register_model(model)

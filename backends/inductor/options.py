@@ -42,6 +42,10 @@ class BackendOptions:
             linears that read one input (q/k/v, gate/up) become one wider linear, one kernel
             launch instead of several. The cached per-weight tensors become views of the
             fused ones, so no weight is held twice.
+        fp32_accumulate: Lowered FP8 and W4A8 linears add each MMA instruction's products
+            into fp32 (``lower-triton{fp32_accumulate=true}``): about 3x more accurate than
+            cuBLAS's default mode, 0.55-0.6x the speed on an H100. Off: the sums stay in the
+            FP8 MMA's accumulator (cuBLAS's fast mode).
     """
 
     recipe: str | None = None
@@ -53,6 +57,7 @@ class BackendOptions:
     lower: str = "auto"
     verify: bool = True
     fuse_linears: bool = True
+    fp32_accumulate: bool = False
 
     def key(self) -> tuple:
         """Hashable identity: backends with equal keys share their quantized weights."""
@@ -69,6 +74,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "lower": (str,),
     "verify": (bool,),
     "fuse_linears": (bool,),
+    "fp32_accumulate": (bool,),
 }
 _LOWER = ("auto", "always", "none")
 

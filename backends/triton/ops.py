@@ -12,9 +12,10 @@ Ops:
         Per-token FP8/INT8 codes of ``hadamard(x, had_size)`` (or ``x`` when 0, or
         ``rms_norm(x, rms_weight, rms_eps)`` when ``rms_eps >= 0``) and their fp32 scales
         ``[..., 1]``: ``q * scale`` is ``quantize_activation(...)`` exactly.
-    ``qcompile::fp8_linear(q, q_scale, wq, w_scale, bias, dtype)``
+    ``qcompile::fp8_linear(q, q_scale, wq, w_scale, bias, dtype, fast_accum=True)``
         ``linear((q * q_scale).to(dtype), (wq * w_scale).to(dtype), bias)``: W8A8 FP8.
-    ``qcompile::w4a8_linear(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype)``
+    ``qcompile::w4a8_linear(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype,
+    fast_accum=True)``
         ``linear((q * q_scale).to(dtype), W.to(dtype), bias)`` with the FP4 weight
         ``W = decode(codes) * 2^gexp * row_scale`` (ZeroQuant-FP M1/M2 scales).
     ``qcompile::hadamard_quantize(x, size, fmt, rms_weight=None, rms_eps=-1)``
@@ -205,20 +206,23 @@ def fp8_linear(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     dtype: torch.dtype,
+    fast_accum: bool = True,
 ) -> torch.Tensor:
-    """FP8 activations x FP8 weights, scales in the epilogue; see the module docstring."""
+    """FP8 activations x FP8 weights, scales in the epilogue; see the module docstring.
+    ``fast_accum``: the kernel's accumulation mode (``fp8_gemm.fp8_scaled_mm``); the CPU
+    reference sums in fp32 either way."""
     if _use_kernel(q) and q.dtype == torch.float8_e4m3fn:
         lead = q.shape[:-1]
         out = _kernels()[1].fp8_scaled_mm(
             q.reshape(-1, q.shape[-1]), q_scale.reshape(-1, 1), wq, w_scale.reshape(-1),
-            bias, out_dtype=dtype)
+            bias, out_dtype=dtype, fast_accum=fast_accum)
         return out.reshape(*lead, wq.shape[0])
     w = (wq.float() * w_scale).to(dtype)
     return F.linear(_dq_rows(q, q_scale, dtype), w, bias)
 
 
 @fp8_linear.register_fake
-def _(q, q_scale, wq, w_scale, bias, dtype):
+def _(q, q_scale, wq, w_scale, bias, dtype, fast_accum=True):
     return q.new_empty((*q.shape[:-1], wq.shape[0]), dtype=dtype)
 
 
@@ -242,20 +246,22 @@ def w4a8_linear(
     group_size: int,
     k: int,
     dtype: torch.dtype,
+    fast_accum: bool = True,
 ) -> torch.Tensor:
-    """FP8 activations x FP4 weights shifted to FP8; see the module docstring."""
+    """FP8 activations x FP4 weights shifted to FP8; see the module docstring
+    (``fast_accum`` as in :func:`fp8_linear`)."""
     if _use_kernel(q):
         lead = q.shape[:-1]
         out = _kernels()[2].w4a8_linear(
             q.reshape(-1, q.shape[-1]), q_scale.reshape(-1, 1), packed, gexp, row_scale,
-            group_size, bias, out_dtype=dtype)
+            group_size, bias, out_dtype=dtype, fast_accum=fast_accum)
         return out.reshape(*lead, packed.shape[0])
     w = _w4a8_weight(packed, gexp, row_scale, group_size, k, dtype)
     return F.linear(_dq_rows(q, q_scale, dtype), w, bias)
 
 
 @w4a8_linear.register_fake
-def _(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype):
+def _(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype, fast_accum=True):
     return q.new_empty((*q.shape[:-1], packed.shape[0]), dtype=dtype)
 
 
