@@ -2,8 +2,9 @@
 
 ``a`` holds per-token FP8 E4M3 activations ``[M, K]`` with fp32 scales ``[M, 1]``, ``b`` per-channel
 FP8 E4M3 weights ``[N, K]`` with fp32 scales ``[N]``. The kernel multiplies FP8 tiles with
-``tl.dot`` (fp32 accumulate; Hopper/Ada FP8 MMA on CUDA, exact fp32 products under the
-interpreter) and applies both scales and the bias in the epilogue, in the reference's order.
+``tl.dot`` (an fp32 accumulator, summed as described under Accumulation below on Hopper; exact
+fp32 products under the interpreter) and applies both scales and the bias in the epilogue, in
+the reference's order.
 
 Accumulation: Hopper's FP8 WGMMA keeps about 14 significant bits in its accumulator. By default
 the kernels leave the sums there, as Triton's sm_90 default and
