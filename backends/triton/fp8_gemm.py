@@ -8,7 +8,7 @@ the reference's order.
 
 Accumulation: Hopper's FP8 WGMMA keeps about 14 significant bits in its accumulator. By default
 the kernels leave the sums there, as Triton's sm_90 default and
-``torch._scaled_mm(use_fast_accum=True)`` do (an H100 gave the same error bits as that mode:
+``torch._scaled_mm(use_fast_accum=True)`` do (an H100 gave the same maximum error as that mode:
 4.5e-3 of the output's absmax at K = 4096, ``benchmarks/fp8_accuracy.py``); it ran at
 1.04x cuBLAS's default (promoting) mode and 0.93x its fast mode at 8192^3.
 ``fast_accum=False`` adds each MMA instruction's K = 32 products into a separate fp32
