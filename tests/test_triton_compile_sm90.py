@@ -294,9 +294,7 @@ def _build_w4a8_swap(mod, p: dict, all_configs: bool):
     consts = dict(GROUP_SIZE=gs, HAS_BIAS=False, DECODE=2, PROMOTE=0)
     configs = [c for c in mod.SWAP_CONFIGS if all_configs or c.kwargs["BLOCK_M"] == p["block_m"]]
     return (mod._w4a8_swap_kernel, args, consts,
-            configs if all_configs else _heaviest(
-                configs, lambda c: (c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]),
-                                    c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] // c.num_warps)))
+            configs if all_configs else _heaviest(configs, _gemm_footprint))
 
 
 def _build_act_quant(mod, p: dict, all_configs: bool):
@@ -459,11 +457,17 @@ def _build_w4a16_reduce(mod, p: dict, all_configs: bool):
     return mod._splitk_reduce_kernel, args, consts, [triton.Config({})]  # launch defaults
 
 
-def _build_w4a16_gemm(mod, p: dict, all_configs: bool):
+def _w4a16_gemm_args(p: dict) -> dict:
+    """Arguments of the W4A16 tiled GEMMs (plain and swapped) on a 4096 x 4096 weight."""
     m, n, k, gs = p["m"], 4096, 4096, p["group_size"]
-    args = dict(_w4a16_pointers(p), out_ptr="*" + p["dtype"], M=m, N=n, K=k, KB=(k + 1) // 2,
+    return dict(_w4a16_pointers(p), out_ptr="*" + p["dtype"], M=m, N=n, K=k, KB=(k + 1) // 2,
                 G=-(-k // gs), outer_stride=int(p.get("outer", 0)),
                 M_BUCKET=min(1 << max(m - 1, 0).bit_length(), 1 << 16))
+
+
+def _build_w4a16_gemm(mod, p: dict, all_configs: bool):
+    m = p["m"]
+    args = _w4a16_gemm_args(p)
     consts = dict(_w4a16_flags(mod, p), GROUP_M=8)
     if all_configs:
         configs = [c for cs in mod.GEMM_CONFIGS.values() for c in cs]
@@ -473,19 +477,11 @@ def _build_w4a16_gemm(mod, p: dict, all_configs: bool):
 
 
 def _build_w4a16_swap(mod, p: dict, all_configs: bool):
-    m, n, k, gs = p["m"], 4096, 4096, p["group_size"]
-    args = dict(_w4a16_pointers(p), out_ptr="*" + p["dtype"], M=m, N=n, K=k, KB=(k + 1) // 2,
-                G=-(-k // gs), outer_stride=int(p.get("outer", 0)),
-                M_BUCKET=min(1 << max(m - 1, 0).bit_length(), 1 << 16))
+    args = _w4a16_gemm_args(p)
     consts = dict(_w4a16_flags(mod, p), GROUP_N=8)
-    bucket = args["M_BUCKET"]
-    configs = [c for c in mod.SWAP_CONFIGS
-               if all_configs or c in mod._prune_by_m(mod.SWAP_CONFIGS, {"M_BUCKET": bucket})]
-    footprint = lambda c: (c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"])  # noqa: E731
-                           * c.kwargs["BLOCK_K"],
-                           c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_M"] // c.num_warps)
-    return (mod._w4a16_swap_kernel, args, {k: v for k, v in consts.items() if k != "GROUP_M"},
-            configs if all_configs else _heaviest(configs, footprint))
+    kept = mod._prune_by_m(mod.SWAP_CONFIGS, {"M_BUCKET": args["M_BUCKET"]})
+    configs = mod.SWAP_CONFIGS if all_configs else _heaviest(kept, _gemm_footprint)
+    return mod._w4a16_swap_kernel, args, consts, configs
 
 
 _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_quant,
