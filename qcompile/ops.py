@@ -32,6 +32,7 @@ from qcompile.formats import FormatSpec, QTensor, dequantize, fake_quantize, par
 from qcompile.formats import unpack_codes as _unpack
 from qcompile.formats.elements import _round_f32
 from qcompile.hadamard import hadamard_transform
+from qcompile.oplib import define_op
 
 __all__ = [
     "dequantize_weight", "hadamard", "quantize_activation", "quantize_activation_static",
@@ -45,7 +46,14 @@ def spec_of(fmt: str) -> FormatSpec:
     return parse_format(fmt)
 
 
-@torch.library.custom_op("qcompile::dequantize_weight", mutates_args=())
+def _dequantize_weight_fake(packed, scale, scale_neg, zero, outer, fmt, k, dtype):
+    return packed.new_empty((*packed.shape[:-1], k), dtype=dtype)
+
+
+@define_op(
+    "dequantize_weight(Tensor packed, Tensor scale, Tensor? scale_neg, Tensor? zero, "
+    "Tensor? outer, str fmt, SymInt k, ScalarType dtype) -> Tensor",
+    _dequantize_weight_fake)
 def dequantize_weight(
     packed: torch.Tensor,
     scale: torch.Tensor,
@@ -64,20 +72,14 @@ def dequantize_weight(
     return dequantize(q, dtype=dtype)
 
 
-@dequantize_weight.register_fake
-def _(packed, scale, scale_neg, zero, outer, fmt, k, dtype):
-    return packed.new_empty((*packed.shape[:-1], k), dtype=dtype)
+def _quantize_activation_fake(x, fmt):
+    return torch.empty_like(x)
 
 
-@torch.library.custom_op("qcompile::quantize_activation", mutates_args=())
+@define_op("quantize_activation(Tensor x, str fmt) -> Tensor", _quantize_activation_fake)
 def quantize_activation(x: torch.Tensor, fmt: str) -> torch.Tensor:
     """Reference: dynamic quantize then dequantize along the last dim, in ``x``'s dtype."""
     return fake_quantize(x, spec_of(fmt)).to(x.dtype)
-
-
-@quantize_activation.register_fake
-def _(x, fmt):
-    return torch.empty_like(x)
 
 
 def _static_spec(fmt: str) -> FormatSpec:
@@ -88,7 +90,14 @@ def _static_spec(fmt: str) -> FormatSpec:
     return spec
 
 
-@torch.library.custom_op("qcompile::quantize_activation_static", mutates_args=())
+def _quantize_activation_static_fake(x, scale, fmt):
+    _static_spec(fmt)
+    return torch.empty_like(x)
+
+
+@define_op(
+    "quantize_activation_static(Tensor x, Tensor scale, str fmt) -> Tensor",
+    _quantize_activation_static_fake)
 def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
     """Reference: ``round(x / scale)`` onto the element grid (saturating), times ``scale``."""
     spec = _static_spec(fmt)
@@ -96,21 +105,14 @@ def quantize_activation_static(x: torch.Tensor, scale: torch.Tensor, fmt: str) -
     return (_round_f32(x.float() / s, spec.elem) * s).to(x.dtype)
 
 
-@quantize_activation_static.register_fake
-def _(x, scale, fmt):
-    _static_spec(fmt)
-    return torch.empty_like(x)
-
-
-@torch.library.custom_op("qcompile::hadamard", mutates_args=())
-def hadamard(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Reference: normalized Hadamard transform of each trailing block of ``size`` elements."""
-    return hadamard_transform(x, size)
-
-
-@hadamard.register_fake
-def _(x, size):
+def _hadamard_fake(x, size):
     last = x.shape[-1]
     if isinstance(last, int) and last % size:
         raise ValueError(f"Hadamard size {size} does not divide the last dim {last}")
     return x.new_empty(x.shape)  # the reference returns a contiguous tensor
+
+
+@define_op("hadamard(Tensor x, SymInt size) -> Tensor", _hadamard_fake)
+def hadamard(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Reference: normalized Hadamard transform of each trailing block of ``size`` elements."""
+    return hadamard_transform(x, size)

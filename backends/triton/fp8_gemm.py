@@ -42,7 +42,13 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.jit import fp8_dot, tile_coords
-from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting, tuning
+from qcompile.backends.triton.runtime import (
+    KernelInputError,
+    check_tensor,
+    interpreting,
+    sm_count,
+    tuning,
+)
 
 __all__ = ["FP8_CONFIGS", "OUT_DTYPES", "fp8_scaled_mm", "fp8_scaled_mm_ref", "m_bucket"]
 
@@ -97,11 +103,6 @@ def prune_configs_by_m(configs: list[triton.Config], named_args: dict,
     return kept or configs
 
 
-@functools.cache
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
@@ -123,7 +124,7 @@ def num_programs_cap(device: torch.device) -> int:
     """Programs of a persistent launch: the SM count (a fixed small number when interpreting)."""
     if device.type != "cuda":
         return _INTERPRET_SMS
-    return _num_sms(_index(device))
+    return sm_count(device)
 
 
 # --- reference ---------------------------------------------------------------------------------

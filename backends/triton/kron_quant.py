@@ -37,7 +37,7 @@ from qcompile.backends.triton.had_quant import (
     _to_dtype_grid,
 )
 from qcompile.backends.triton.jit import exp2i, floor_log2
-from qcompile.backends.triton.runtime import graph_bench, interpreting, tuning
+from qcompile.backends.triton.runtime import graph_bench, interpreting, sm_count, tuning
 from qcompile.device_cache import outside_graph_pools
 from qcompile.hadamard import hadamard_base, hadamard_factors
 
@@ -175,5 +175,5 @@ def launch_kron(x2: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, plan: Kr
     if interpreting():
         _kron_quant_kernel[(min(m_rows, 2),)](*args, **meta, PER_SM=1, num_warps=8)
         return
-    sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+    sms = sm_count(x2.device)
     _kron_tuned[_grid(m_rows, sms)](*args, **meta, m_bucket=min(_pow2_ceil(m_rows), 4096))

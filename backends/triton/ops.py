@@ -42,6 +42,7 @@ from qcompile.device_cache import outside_graph_pools
 from qcompile.errors import FormatError
 from qcompile.formats.elements import _round_f32
 from qcompile.formats.scales import compute_scales, group_stats
+from qcompile.oplib import define_op
 from qcompile.ops import dequantize_weight, hadamard, quantize_activation, spec_of
 
 __all__ = [
@@ -126,7 +127,14 @@ def _code_values(spec, device: torch.device) -> torch.Tensor:
 
 # --- W4A16 ---------------------------------------------------------------------------------
 
-@torch.library.custom_op("qcompile::w4a16_linear", mutates_args=())
+def _w4a16_linear_fake(x, packed, scale, scale_neg, zero, outer, bias, fmt, k):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+@define_op(
+    "w4a16_linear(Tensor x, Tensor packed, Tensor scale, Tensor? scale_neg, Tensor? zero, "
+    "Tensor? outer, Tensor? bias, str fmt, SymInt k) -> Tensor",
+    _w4a16_linear_fake)
 def w4a16_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -149,11 +157,6 @@ def w4a16_linear(
     return F.linear(x, w, bias)
 
 
-@w4a16_linear.register_fake
-def _(x, packed, scale, scale_neg, zero, outer, bias, fmt, k):
-    return x.new_empty((*x.shape[:-1], packed.shape[0]))
-
-
 # --- per-token activation codes --------------------------------------------------------------
 
 def _fits(x: torch.Tensor, had_size: int, rms_eps: float) -> bool:
@@ -162,7 +165,17 @@ def _fits(x: torch.Tensor, had_size: int, rms_eps: float) -> bool:
     return _kernels()[0].fused_fits(had_size, x.shape[-1], x.dtype, x.device, rms_eps >= 0)
 
 
-@torch.library.custom_op("qcompile::quantize_rows", mutates_args=())
+def _quantize_rows_fake(x, fmt, had_size, rms_weight=None, rms_eps=-1.0):
+    spec = _rows_spec(fmt)
+    dtype = torch.float8_e4m3fn if spec.elem == "fp8_e4m3" else torch.int8
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty((*x.shape[:-1], 1),
+                                                           dtype=torch.float32)
+
+
+@define_op(
+    "quantize_rows(Tensor x, str fmt, SymInt had_size, Tensor? rms_weight=None, "
+    "float rms_eps=-1.) -> (Tensor, Tensor)",
+    _quantize_rows_fake)
 def quantize_rows(
     x: torch.Tensor,
     fmt: str,
@@ -184,21 +197,20 @@ def quantize_rows(
     return q.to(dtype), s
 
 
-@quantize_rows.register_fake
-def _(x, fmt, had_size, rms_weight=None, rms_eps=-1.0):
-    spec = _rows_spec(fmt)
-    dtype = torch.float8_e4m3fn if spec.elem == "fp8_e4m3" else torch.int8
-    return x.new_empty(x.shape, dtype=dtype), x.new_empty((*x.shape[:-1], 1),
-                                                           dtype=torch.float32)
-
-
 def _dq_rows(q: torch.Tensor, q_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.float() * q_scale).to(dtype)
 
 
 # --- W8A8 FP8 ----------------------------------------------------------------------------
 
-@torch.library.custom_op("qcompile::fp8_linear", mutates_args=())
+def _fp8_linear_fake(q, q_scale, wq, w_scale, bias, dtype, fast_accum=True):
+    return q.new_empty((*q.shape[:-1], wq.shape[0]), dtype=dtype)
+
+
+@define_op(
+    "fp8_linear(Tensor q, Tensor q_scale, Tensor wq, Tensor w_scale, Tensor? bias, "
+    "ScalarType dtype, bool fast_accum=True) -> Tensor",
+    _fp8_linear_fake)
 def fp8_linear(
     q: torch.Tensor,
     q_scale: torch.Tensor,
@@ -221,11 +233,6 @@ def fp8_linear(
     return F.linear(_dq_rows(q, q_scale, dtype), w, bias)
 
 
-@fp8_linear.register_fake
-def _(q, q_scale, wq, w_scale, bias, dtype, fast_accum=True):
-    return q.new_empty((*q.shape[:-1], wq.shape[0]), dtype=dtype)
-
-
 # --- W4A8 (ZeroQuant-FP) -------------------------------------------------------------------
 
 def _w4a8_weight(packed, gexp, row_scale, group_size, k, dtype):
@@ -235,7 +242,15 @@ def _w4a8_weight(packed, gexp, row_scale, group_size, k, dtype):
                              fmt, k, dtype)
 
 
-@torch.library.custom_op("qcompile::w4a8_linear", mutates_args=())
+def _w4a8_linear_fake(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype, fast_accum=True):
+    return q.new_empty((*q.shape[:-1], packed.shape[0]), dtype=dtype)
+
+
+@define_op(
+    "w4a8_linear(Tensor q, Tensor q_scale, Tensor packed, Tensor gexp, Tensor row_scale, "
+    "Tensor? bias, SymInt group_size, SymInt k, ScalarType dtype, "
+    "bool fast_accum=True) -> Tensor",
+    _w4a8_linear_fake)
 def w4a8_linear(
     q: torch.Tensor,
     q_scale: torch.Tensor,
@@ -260,14 +275,16 @@ def w4a8_linear(
     return F.linear(_dq_rows(q, q_scale, dtype), w, bias)
 
 
-@w4a8_linear.register_fake
-def _(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype, fast_accum=True):
-    return q.new_empty((*q.shape[:-1], packed.shape[0]), dtype=dtype)
-
-
 # --- Hadamard + dynamic quantize (qdq) -----------------------------------------------------
 
-@torch.library.custom_op("qcompile::hadamard_quantize", mutates_args=())
+def _hadamard_quantize_fake(x, size, fmt, rms_weight=None, rms_eps=-1.0):
+    return torch.empty_like(x)
+
+
+@define_op(
+    "hadamard_quantize(Tensor x, SymInt size, str fmt, Tensor? rms_weight=None, "
+    "float rms_eps=-1.) -> Tensor",
+    _hadamard_quantize_fake)
 def hadamard_quantize(
     x: torch.Tensor,
     size: int,
@@ -282,8 +299,3 @@ def hadamard_quantize(
                                                out="qdq")
         return _kernels()[0].act_quant(x.contiguous(), fmt, size, out="qdq")
     return quantize_activation(_pre(x, size, rms_weight, rms_eps), fmt)
-
-
-@hadamard_quantize.register_fake
-def _(x, size, fmt, rms_weight=None, rms_eps=-1.0):
-    return torch.empty_like(x)

@@ -27,6 +27,7 @@ __all__ = [
     "graph_bench",
     "interpreting",
     "kernel_device",
+    "sm_count",
     "triton_available",
     "tuning",
 ]
@@ -82,6 +83,16 @@ def graph_bench(kernel_call, quantiles):
         return do_bench(kernel_call, quantiles=quantiles)
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device, looked up once (grids are sized on every call)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def kernel_device(t: torch.Tensor) -> bool:
     """True when a Triton kernel can run on ``t``: CUDA, or CPU under the interpreter."""
     if not triton_available():
@@ -110,6 +121,11 @@ def check_tensor(
     Returns:
         ``t``, unchanged.
     """
+    if (isinstance(t, torch.Tensor) and t.dtype in dtypes
+            and (device is None or t.device == device) and kernel_device(t)
+            and (_shape_ok(t.shape, shape) if shape is not None
+                 else ndim is None or t.dim() == ndim)):
+        return t  # the common case in few reads: wrappers check every input on every call
     if not torch.is_tensor(t):
         raise KernelInputError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
@@ -135,6 +151,15 @@ def check_tensor(
             "(or TRITON_INTERPRET=1 for CPU tensors)"
         )
     return t
+
+
+def _shape_ok(have: torch.Size, want: Sequence[int | None]) -> bool:
+    if len(have) != len(want):
+        return False
+    for h, w in zip(have, want, strict=True):
+        if w is not None and h != w:
+            return False
+    return True
 
 
 @functools.cache

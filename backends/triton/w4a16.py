@@ -38,6 +38,7 @@ from qcompile.backends.triton.runtime import (
     check_tensor,
     element_table,
     interpreting,
+    sm_count,
     tuning,
 )
 from qcompile.formats.packing import unpack_codes
@@ -345,7 +346,7 @@ def _pick_split(n: int, k: int, device: torch.device) -> int:
     cap = max(1, min(16, -(-k // 256)))
     if device.type != "cuda":
         return min(4, cap)  # interpreter: exercise the split path on small shapes
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     return max(1, min(cap, -(-2 * sms // -(-n // 64))))
 
 
@@ -459,8 +460,8 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0 or k == 0:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         return (out.zero_() if bias is None else out.copy_(bias.expand(m, n))).reshape(*lead, n)
     packed, table, scale = packed.contiguous(), table.contiguous(), scale.contiguous()
     neg = scale if scale_neg is None else scale_neg.contiguous()  # unused placeholders
@@ -474,22 +475,33 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
     args = (x2, packed, table, scale, neg, zer, out_t, bias_t)
     gemv1 = _gemv1()
-    if path == "swap":
+    route = path
+    if route is None:
+        if m == 1 and gemv1.gemv1_eligible(m, group_size):
+            route = "gemv1"
+        elif m >= _dequant().DEQUANT_MIN_M:
+            route = "dequant"
+        else:
+            route = "gemv" if m <= GEMV_MAX_M else "gemm"
+    # The batch-1 GEMV and the prefill path allocate their own result.
+    out = None if route in ("gemv1", "dequant") else torch.empty(m, n, dtype=x.dtype,
+                                                                device=x.device)
+    if route == "swap":
         from qcompile.backends.triton.w4a16_swap import w4a16_swap_launch
 
         out = w4a16_swap_launch(args, out, m, n, k, packed.shape[1], g, o_stride, common)
-    elif path is None and m == 1 and gemv1.gemv1_eligible(m, group_size):
+    elif route == "gemv1":
         fp4 = table is element_table("fp4_e2m1", x.device)  # the cached table: no device sync
         out = gemv1.w4a16_gemv1(x2, packed, table, scale, None if scale_neg is None else neg,
                                 None if zero is None else zer, None if outer is None
                                 else out_t, group_size, None if bias is None else bias_t, fp4)
-    elif path == "dequant" or (path is None and m >= _dequant().DEQUANT_MIN_M):
+    elif route == "dequant":
         # prefill: decode W once, then cuBLAS
         w = _dequant().w4a16_dequant(packed, table, scale, scale_neg if scale_neg is None
                                      else neg, zero if zero is None else zer, None if
                                      outer is None else out_t, group_size, k, x.dtype)
         out = torch.nn.functional.linear(x2, w, None if bias is None else bias_t)
-    elif path is None and m <= GEMV_MAX_M:
+    elif route == "gemv":
         split = _pick_split(n, k, x.device)
         part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32,
                                                   device=x.device)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton.runtime import graph_bench, interpreting, tuning
+from qcompile.backends.triton.runtime import graph_bench, interpreting, sm_count, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _splitk_reduce_kernel
 
 __all__ = ["FP4W_CONFIGS", "GEMV1_CONFIGS", "gemv1_eligible", "w4a16_gemv1"]
@@ -213,6 +213,7 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
             HAS_OUTER, HAS_BIAS, SPLIT, KIND, EXACT)
 
 
+@functools.cache
 def _fp4w_configs(group_size: int) -> tuple[triton.Config, ...]:
     pow2 = group_size >= 8 and group_size & (group_size - 1) == 0
     return tuple(c for c in FP4W_CONFIGS
@@ -228,6 +229,7 @@ def _words(packed: torch.Tensor, k: int) -> torch.Tensor | None:
     return packed.view(torch.int32)
 
 
+@functools.cache
 def _eligible_configs(group_size: int) -> tuple[triton.Config, ...]:
     return tuple(c for c in GEMV1_CONFIGS if group_size % c.kwargs["BLOCK_K"] == 0)
 
@@ -259,7 +261,7 @@ def _split(n: int, k: int, device: torch.device) -> int:
     cap = max(1, min(16, k // 512))
     if device.type != "cuda":
         return min(2, cap)  # interpreter: exercise the split path
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = sm_count(device)
     return max(1, min(cap, -(-4 * sms // -(-n // 64))))
 
 
