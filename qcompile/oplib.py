@@ -50,6 +50,20 @@ def _requires_grad(args: tuple) -> bool:
     return False
 
 
+def _autograd_kernel(op: torch._ops.OpOverload, name: str) -> Callable:
+    """The ``Autograd`` kernel of ``op`` (registered ``with_keyset``)."""
+
+    def below_autograd(keyset, *args):
+        return op.redispatch(keyset & _AFTER_AUTOGRAD, *args)
+
+    def autograd(keyset, *args):
+        if torch.is_grad_enabled() and _requires_grad(args):
+            return _NoDerivative.apply(name, lambda *a: below_autograd(keyset, *a), *args)
+        return below_autograd(keyset, *args)
+
+    return autograd
+
+
 def define_op(schema: str, fake: Callable) -> Callable[[Callable], torch._ops.OpOverload]:
     """Decorator: define ``qcompile::<schema>`` with the decorated function as its
     implementation and ``fake`` as its fake implementation.
@@ -70,16 +84,7 @@ def define_op(schema: str, fake: Callable) -> Callable[[Callable], torch._ops.Op
         _LIB.impl(name, impl, "CompositeExplicitAutograd")
         torch.library.register_fake(f"qcompile::{name}", fake, lib=_LIB)
         op = getattr(torch.ops.qcompile, name).default
-
-        def below_autograd(keyset, *args):
-            return op.redispatch(keyset & _AFTER_AUTOGRAD, *args)
-
-        def autograd(keyset, *args):
-            if torch.is_grad_enabled() and _requires_grad(args):
-                return _NoDerivative.apply(name, lambda *a: below_autograd(keyset, *a), *args)
-            return below_autograd(keyset, *args)
-
-        _LIB.impl(name, autograd, "Autograd", with_keyset=True)
+        _LIB.impl(name, _autograd_kernel(op, name), "Autograd", with_keyset=True)
         op.__doc__ = impl.__doc__
         return op
 

@@ -1,0 +1,172 @@
+"""Host time per call of the fused ``qcompile::`` ops at batch 1.
+
+Without CUDA graphs, batch-1 decoding is host-bound. Each linear is one op call, and the kernel
+behind it runs for a few microseconds. So the Python work per call (dispatcher, input checks,
+kernel choice, allocations, launches) sets the token rate. This benchmark measures that work.
+
+``--device cuda``: each op at M = 1 is called ``--calls`` times back to back, with one sync at
+the end. That gives the eager time per call, which is the host time whenever it exceeds the
+kernel's. Next to it are the same call's CUDA-graph replay time (the GPU time) and bf16
+``F.linear`` on the same shape, both from the same run.
+
+``--device cpu`` (needs triton; sets ``TRITON_INTERPRET=1``): the same calls on CPU tensors,
+with the Triton launch replaced by a no-op. What remains is our wrappers' and the dispatcher's
+time, without Triton's own launch cost. The dispatch rows compare a do-nothing op defined with
+:func:`qcompile.oplib.define_op` against the same op from ``torch.library.custom_op``.
+
+Usage::
+
+    python benchmarks/host_overhead.py [--device cpu|cuda] [--out host.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def _per_call_us(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
+    for _ in range(min(calls, 50)):
+        fn()
+    sync()
+    best = float("inf")
+    for _ in range(3):  # best of three: the least disturbed run
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        sync()
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return best * 1e6
+
+
+def _op_calls(dev: torch.device, n: int, k: int) -> dict[str, Callable[[], object]]:
+    """One batch-1 call of each fused op, on weights quantized as ``lower-triton`` leaves them."""
+    from qcompile.backends.triton import ops  # noqa: F401  (defines torch.ops.qcompile.*)
+    from qcompile.backends.triton.w4a8 import w4a8_split_scales
+    from qcompile.formats import pack_codes, parse_format, quantize
+
+    qc = torch.ops.qcompile
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g) * 0.02
+    x = torch.randn(1, 1, k, generator=g).to(dev, torch.bfloat16)
+    q4 = quantize(w, parse_format("fp4_e2m1/g128"))
+    packed4 = pack_codes(q4.codes, 4).to(dev)
+    scale4 = q4.scale.to(dev)
+    qm2 = quantize(w, parse_format("fp4_e2m1/g128/m2"))
+    gexp, row_scale = (t.to(dev) for t in w4a8_split_scales(qm2.scale, qm2.outer))
+    packed_m2 = pack_codes(qm2.codes, 4).to(dev)
+    w_scale = (w.abs().amax(1, keepdim=True) / 448.0).to(dev)
+    wq = (w.to(dev) / w_scale).to(torch.float8_e4m3fn)
+    a, a_scale = qc.quantize_rows(x, "fp8_e4m3/token", 0)
+    bf = torch.bfloat16
+    return {
+        "w4a16_linear fp4_e2m1/g128": lambda: qc.w4a16_linear(
+            x, packed4, scale4, None, None, None, None, "fp4_e2m1/g128", k),
+        "quantize_rows fp8_e4m3/token": lambda: qc.quantize_rows(x, "fp8_e4m3/token", 0),
+        f"quantize_rows fp8_e4m3/token + hadamard {k}": lambda: qc.quantize_rows(
+            x, "fp8_e4m3/token", k),
+        "fp8_linear": lambda: qc.fp8_linear(a, a_scale, wq, w_scale, None, bf),
+        "w4a8_linear g128": lambda: qc.w4a8_linear(a, a_scale, packed_m2, gexp, row_scale,
+                                                   None, 128, k, bf),
+    }
+
+
+def _dispatch_rows(calls: int) -> list[dict[str, Any]]:
+    """A do-nothing op (returns its input) defined both ways: the dispatch path alone."""
+    from qcompile import oplib
+
+    x = torch.zeros(4)
+    lib = torch.library.Library("qcompile_bench", "FRAGMENT")
+    lib.define("noop(Tensor x, str fmt, SymInt k) -> Tensor")
+    lib.impl("noop", lambda x, fmt, k: x.view_as(x), "CompositeExplicitAutograd")
+    torch.library.register_fake("qcompile_bench::noop", lambda x, fmt, k: x.view_as(x),
+                                lib=lib)
+    lib.impl("noop", oplib._autograd_kernel(torch.ops.qcompile_bench.noop.default, "noop"),
+             "Autograd", with_keyset=True)
+
+    @torch.library.custom_op("qcompile_bench::noop_custom_op", mutates_args=())
+    def noop_custom(x: torch.Tensor, fmt: str, k: int) -> torch.Tensor:
+        return x.clone()
+
+    clone = _per_call_us(lambda: x.clone(), calls, lambda: None)
+    rows = [
+        {"op": "dispatch: qcompile.oplib.define_op (view)",
+         "us_per_call": _per_call_us(lambda: torch.ops.qcompile_bench.noop(x, "f", 4), calls,
+                                     lambda: None)},
+        {"op": "dispatch: torch.library.custom_op (clone, minus a clone's time)",
+         "us_per_call": _per_call_us(lambda: noop_custom(x, "f", 4), calls, lambda: None)
+         - clone},
+    ]
+    return rows
+
+
+def run(device: str, calls: int, n: int, k: int) -> dict[str, Any]:
+    """Measure; returns the JSON document (see the module docstring)."""
+    dev = torch.device(device)
+    rows: list[dict[str, Any]] = []
+    if dev.type == "cuda":
+        from triton.testing import do_bench_cudagraph
+
+        sync = torch.cuda.synchronize
+        x = torch.randn(1, 1, k, device=dev, dtype=torch.bfloat16)
+        dense = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+        base = _per_call_us(lambda: torch.nn.functional.linear(x, dense), calls, sync)
+        rows.append({"op": "bf16 F.linear", "us_per_call": base,
+                     "graph_us": 1e3 * do_bench_cudagraph(
+                         lambda: torch.nn.functional.linear(x, dense))})
+        for name, fn in _op_calls(dev, n, k).items():
+            rows.append({"op": name, "us_per_call": _per_call_us(fn, calls, sync),
+                         "graph_us": 1e3 * do_bench_cudagraph(fn)})
+    else:
+        import triton.runtime.interpreter as interp
+
+        from qcompile.backends.triton.ops import kernels_on_cpu
+
+        launch = interp.InterpretedFunction.run
+        interp.InterpretedFunction.run = lambda self, *a, **kw: None  # no kernel: host work only
+        try:
+            with kernels_on_cpu():
+                for name, fn in _op_calls(dev, n, k).items():
+                    rows.append({"op": name, "us_per_call": _per_call_us(fn, calls,
+                                                                         lambda: None),
+                                 "launch": "mocked (no-op)"})
+        finally:
+            interp.InterpretedFunction.run = launch
+    rows += _dispatch_rows(calls)
+    return {"device": str(dev), "host": platform.processor() or platform.machine(),
+            "torch": torch.__version__, "n": n, "k": k, "calls": calls, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: print the JSON (and write it with ``--out``)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--out", help="write the JSON here as well")
+    args = ap.parse_args(argv)
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        # The interpreter decides at import: re-run this script with it switched on.
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__),
+                                  *(sys.argv[1:] if argv is None else argv)])
+    doc = run(args.device, args.calls, args.n, args.k)
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
