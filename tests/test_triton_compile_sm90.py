@@ -162,9 +162,14 @@ CASES: list[tuple[str, str, dict]] = [
                                                          neg=True, bias=True)),
     ("w4a16-gemv1w-fp16-g64-m2", "w4a16_gemv1w", dict(dtype="fp16", group_size=64, split=4,
                                                       outer=True, bias=False)),
-    # fp32 rows: W4A8 at batch 1 (the FP8 codes as fp32, group scales 2^gexp, row scale).
-    ("w4a16-gemv1w-fp32-g128-w4a8", "w4a16_gemv1w", dict(dtype="fp32", group_size=128,
-                                                         split=4, outer=True, bias=False)),
+    # W4A8 at batch 1: FP8 code rows, group scales 2^gexp, row scale, the rows' scale and a
+    # bias in the epilogue, bf16 out (split and not).
+    ("w4a16-gemv1w-fp8-g128-w4a8", "w4a16_gemv1w", dict(dtype="bf16", x="fp8e4nv",
+                                                        group_size=128, split=4, outer=True,
+                                                        xs=True, bias=True)),
+    ("w4a16-gemv1-fp8-g64-w4a8", "w4a16_gemv1", dict(dtype="fp16", x="fp8e4nv", group_size=64,
+                                                     split=1, fp4=True, outer=True, xs=True,
+                                                     bias=True)),
     # Prefill: the weight decoded once to x's dtype (then cuBLAS), odd group sizes included.
     ("w4a16-dequant-bf16-g128-afpq", "w4a16_dequant", dict(dtype="bf16", group_size=128,
                                                            neg=True, outer=True)),
@@ -176,6 +181,8 @@ CASES: list[tuple[str, str, dict]] = [
     ("w4a16-dequant-fp4w-fp16-g32-m2", "w4a16_dequant_fp4w", dict(dtype="fp16", group_size=32,
                                                                   outer=True)),
     ("w4a16-splitk-reduce-bf16", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True)),
+    ("w4a16-splitk-reduce-bf16-xs", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True,
+                                                         xs=True)),
     # The tiled GEMM runs 16 < M < 256 (from 256 rows the weight is decoded once and cuBLAS
     # multiplies), so its largest bucket in use is 256. (The M >= 256 bucket serves only a
     # raised DEQUANT_MIN_M; with x tiles pipelined through shared memory its fp32 128x128x128
@@ -356,7 +363,7 @@ def _build_kron(mod, p: dict, all_configs: bool):
 
 def _w4a16_pointers(p: dict) -> dict:
     x = "*" + p["dtype"]
-    return dict(x_ptr=x, packed_ptr="*u8", table_ptr="*fp32", scale_ptr="*fp32",
+    return dict(x_ptr="*" + p.get("x", p["dtype"]), packed_ptr="*u8", table_ptr="*fp32", scale_ptr="*fp32",
                 neg_ptr="*fp32", zero_ptr="*fp32", outer_ptr="*fp32",
                 bias_ptr=x if p.get("bias") else "*fp32")
 
@@ -386,9 +393,10 @@ def _build_w4a16_gemv(mod, p: dict, all_configs: bool):
 def _build_w4a16_gemv1(mod, p: dict, all_configs: bool):
     n, k, gs = 4096, 4096, p["group_size"]
     args = dict(_w4a16_pointers(p), part_ptr="*fp32" if p["split"] > 1 else "*" + p["dtype"],
-                N=n, K=k, KB=(k + 1) // 2, G=-(-k // gs), outer_stride=int(p.get("outer", 0)))
+                xs_ptr="*fp32", N=n, K=k, KB=(k + 1) // 2, G=-(-k // gs),
+                outer_stride=int(p.get("outer", 0)))
     flags = _w4a16_flags(mod, p)
-    consts = dict(flags, SPLIT=p["split"], FP4=p.get("fp4", False))
+    consts = dict(flags, SPLIT=p["split"], FP4=p.get("fp4", False), HAS_XS=p.get("xs", False))
     configs = list(mod._eligible_configs(gs))
     if not all_configs:  # the widest tile per thread
         configs = _heaviest(configs, lambda c: (c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"]
@@ -398,14 +406,15 @@ def _build_w4a16_gemv1(mod, p: dict, all_configs: bool):
 
 def _build_w4a16_gemv1w(mod, p: dict, all_configs: bool):
     n, k, gs = 4096, 4096, p["group_size"]
-    x = "*" + p["dtype"]
-    args = dict(x_ptr=x, words_ptr="*i32", scale_ptr="*fp32", neg_ptr="*fp32",
-                outer_ptr="*fp32", bias_ptr=x if p.get("bias") else "*fp32",
-                part_ptr="*fp32" if p["split"] > 1 else x, N=n, K=k, KW=k // 8,
-                G=-(-k // gs), outer_stride=int(p.get("outer", 0)))
+    out = "*" + p["dtype"]
+    args = dict(x_ptr="*" + p.get("x", p["dtype"]), words_ptr="*i32", scale_ptr="*fp32",
+                neg_ptr="*fp32", outer_ptr="*fp32", bias_ptr=out if p.get("bias") else "*fp32",
+                part_ptr="*fp32" if p["split"] > 1 else out, xs_ptr="*fp32", N=n, K=k,
+                KW=k // 8, G=-(-k // gs), outer_stride=int(p.get("outer", 0)))
     kind = {"fp32": 0, "bf16": 1, "fp16": 2}[p["dtype"]]
     consts = dict(GROUP_SIZE=gs, HAS_NEG=p.get("neg", False), HAS_OUTER=p.get("outer", False),
-                  HAS_BIAS=p.get("bias", False), SPLIT=p["split"], KIND=kind, EXACT=False)
+                  HAS_BIAS=p.get("bias", False), HAS_XS=p.get("xs", False), SPLIT=p["split"],
+                  KIND=kind, EXACT=False)
     return mod._gemv1_fp4w_kernel, args, consts, list(mod._fp4w_configs(gs))
 
 
@@ -452,8 +461,9 @@ def _build_w4a16_reduce(mod, p: dict, all_configs: bool):
 
     kind = {"fp32": 0, "bf16": 1, "fp16": 2}[p["dtype"]]
     args = dict(part_ptr="*fp32", bias_ptr="*" + p["dtype"] if p["bias"] else "*fp32",
-                out_ptr="*" + p["dtype"], M=p["m"], N=4096)
-    consts = dict(SPLIT=p["split"], HAS_BIAS=p["bias"], KIND=kind, EXACT=False, BLOCK=1024)
+                out_ptr="*" + p["dtype"], M=p["m"], N=4096, xs_ptr="*fp32")
+    consts = dict(SPLIT=p["split"], HAS_BIAS=p["bias"], KIND=kind, EXACT=False, BLOCK=1024,
+                  HAS_XS=p.get("xs", False))
     return mod._splitk_reduce_kernel, args, consts, [triton.Config({})]  # launch defaults
 
 

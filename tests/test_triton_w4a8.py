@@ -278,6 +278,35 @@ def test_each_path_matches_the_reference(m, group, bias, out_dtype, path):
     check(outs["fused"], a, a_scale, packed, gexp, row_scale, group, c)
 
 
+@pytest.mark.parametrize(("group", "k", "bias", "out_dtype"), [
+    (128, 1280, True, torch.bfloat16), (64, 200, False, torch.float16),
+    (64, 1100, True, torch.float32)])
+def test_batch1_gemv_applies_the_row_scale_in_its_epilogue(monkeypatch, group, k, bias,
+                                                          out_dtype):
+    """One row goes through one GEMV launch, which reads the FP8 codes and applies ``a_scale``,
+    the bias and the rounding itself. It gives the bits of the composed path (the GEMV on the
+    codes as fp32, then the scale, the bias and the cast in torch). The cases cover the int32
+    word kernel and the table kernel (K % 8 != 0), each with and without a K split."""
+    from qcompile.backends.triton import w4a8, w4a16, w4a16_gemv
+    from qcompile.backends.triton.runtime import element_table
+
+    a, a_scale, packed, gexp, row_scale, c = make_inputs(1, k, 72, group, bias=bias, seed=k)
+    table = element_table("fp4_e2m1", a.device)
+    y = w4a16_gemv.w4a16_gemv1(a.float(), packed, table, w4a8._pow2_scales(gexp), None, None,
+                               row_scale.reshape(-1, 1), group, None, True)
+    want = y * a_scale.reshape(-1, 1)
+    want = (want if c is None else want + c.float()).to(out_dtype)
+
+    def composed(*args, **kwargs):
+        raise AssertionError("one row took the composed GEMV path")
+
+    monkeypatch.setattr(w4a16, "w4a16_linear", composed)
+    got = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype)
+    assert got.dtype == out_dtype and got.shape == (1, 72)
+    assert torch.equal(got, want)
+    check(got, a, a_scale, packed, gexp, row_scale, group, c, mma=False)
+
+
 def test_pow2_scales_are_cached_per_tensor():
     from qcompile.backends.triton import w4a8
 

@@ -256,13 +256,16 @@ def _w4a16_gemv_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_pt
 @triton.jit
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, SPLIT: tl.constexpr,
                           HAS_BIAS: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
-                          BLOCK: tl.constexpr):
-    """out = cast(sum_s part[s] + bias), summing splits in index order (deterministic)."""
+                          BLOCK: tl.constexpr, xs_ptr=None, HAS_XS: tl.constexpr = False):
+    """out = cast(sum_s part[s] * xs[row] + bias), summing splits in index order
+    (deterministic); ``xs``: optional fp32 per-row activation scales (W4A8's FP8 rows)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
     for s in tl.static_range(1, SPLIT):
         acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
+    if HAS_XS:
+        acc = acc * tl.load(xs_ptr + offs // N, mask=mask, other=0.0)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     acc = _round_to(acc, KIND, EXACT)

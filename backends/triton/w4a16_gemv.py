@@ -65,13 +65,16 @@ def _fp4_units(c):
 
 
 @triton.jit
-def _finish(acc, outer_ptr, bias_ptr, part_ptr, offs_n, n_ok, pid_s, N, outer_stride,
-            HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-            KIND: tl.constexpr, EXACT: tl.constexpr):
-    """Outer scale, then ``y`` (bias, rounded to x's dtype) or this split's fp32 partial."""
+def _finish(acc, outer_ptr, bias_ptr, part_ptr, xs_ptr, offs_n, n_ok, pid_s, N, outer_stride,
+            HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
+            SPLIT: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr):
+    """Outer scale, then ``y`` (times the activation scale, plus bias, rounded to the output
+    dtype) or this split's fp32 partial (the reduce applies the rest, in the same order)."""
     if HAS_OUTER:
         acc = acc * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)
     if SPLIT == 1:
+        if HAS_XS:
+            acc = acc * tl.load(xs_ptr)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         acc = _round_to(acc, KIND, EXACT)
@@ -82,9 +85,10 @@ def _finish(acc, outer_ptr, bias_ptr, part_ptr, offs_n, n_ok, pid_s, N, outer_st
 
 @triton.jit
 def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
-                  bias_ptr, part_ptr, N, K, KB, G, outer_stride,
+                  bias_ptr, part_ptr, xs_ptr, N, K, KB, G, outer_stride,
                   GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr,
-                  HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                  HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
+                  SPLIT: tl.constexpr,
                   FP4: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial sums of K tiles [pid_s*per, (pid_s+1)*per) into ``part[pid_s]`` (or ``y``)."""
     pid_n = tl.program_id(0)
@@ -125,8 +129,8 @@ def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, ou
             acc += dot * eff
     if FP4:
         acc = acc * 16384.0  # 2^14: the fp16 placement's unit
-    _finish(acc, outer_ptr, bias_ptr, part_ptr, offs_n, n_ok, pid_s, N, outer_stride,
-            HAS_OUTER, HAS_BIAS, SPLIT, KIND, EXACT)
+    _finish(acc, outer_ptr, bias_ptr, part_ptr, xs_ptr, offs_n, n_ok, pid_s, N, outer_stride,
+            HAS_OUTER, HAS_BIAS, HAS_XS, SPLIT, KIND, EXACT)
 
 
 @triton.jit
@@ -151,9 +155,10 @@ def _fp4_pair(w, NIB: tl.constexpr):
 
 @triton.jit
 def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr, part_ptr,
-                       N, K, KW, G, outer_stride,
+                       xs_ptr, N, K, KW, G, outer_stride,
                        GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_OUTER: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, KIND: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, SPLIT: tl.constexpr,
+                       KIND: tl.constexpr,
                        EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """FP4 weights read as int32 words (8 codes, k = 8 * word + nibble): per tile, the raw
     code sums of each group (AFPQ: the signed sum S and the magnitude sum A, so the positive
@@ -209,8 +214,8 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
             else:
                 acc += sg * eff
     acc = acc * 16384.0  # 2^14: the fp16 placement's unit
-    _finish(acc, outer_ptr, bias_ptr, part_ptr, offs_n, n_ok, pid_s, N, outer_stride,
-            HAS_OUTER, HAS_BIAS, SPLIT, KIND, EXACT)
+    _finish(acc, outer_ptr, bias_ptr, part_ptr, xs_ptr, offs_n, n_ok, pid_s, N, outer_stride,
+            HAS_OUTER, HAS_BIAS, HAS_XS, SPLIT, KIND, EXACT)
 
 
 @functools.cache
@@ -269,19 +274,23 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                 scale: torch.Tensor, scale_neg: torch.Tensor | None, zero: torch.Tensor | None,
                 outer: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
                 fp4: bool, split: int | None = None,
-                config: triton.Config | None = None) -> torch.Tensor:
+                config: triton.Config | None = None, x_scale: torch.Tensor | None = None,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``y[1, N]`` for a validated, contiguous ``x[1, K]`` (see ``w4a16.w4a16_linear``).
 
     ``fp4``: ``table`` is the FP4 E2M1 table in code order, decoded with integer ops.
     ``split`` and ``config`` override the K split and the autotuner (tuning sweeps,
-    ``benchmarks/kernels_w4a16.py --sweep``). The caller checks :func:`gemv1_eligible` and
-    the inputs.
+    ``benchmarks/kernels_w4a16.py --sweep``). ``x_scale`` (one fp32 element) multiplies the
+    sums after ``outer`` and before ``bias``; with it ``x`` may hold FP8 E4M3 codes (W4A8
+    decoding: the codes are the activations up to that scale). ``out_dtype`` (default
+    ``x``'s) is the result's dtype. The caller checks :func:`gemv1_eligible` and the inputs.
     """
     k = x.shape[-1]
     n, g = packed.shape[0], scale.shape[1]
     split = split or _split(n, k, x.device)
     exact = interpreting()
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty(1, n, dtype=out_dtype, device=x.device)
     part = out if split == 1 else torch.empty(split, n, dtype=torch.float32, device=x.device)
     neg = scale if scale_neg is None else scale_neg
     zer = scale if zero is None else zero
@@ -293,9 +302,11 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     cfg = {}
     if config is not None and not exact:
         cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    xs = scale if x_scale is None else x_scale
     flags = dict(GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
-                 HAS_OUTER=outer is not None, HAS_BIAS=bias is not None, SPLIT=split,
-                 KIND=_DTYPE_KIND[x.dtype], EXACT=exact)
+                 HAS_OUTER=outer is not None, HAS_BIAS=bias is not None,
+                 HAS_XS=x_scale is not None, SPLIT=split, KIND=_DTYPE_KIND[out_dtype],
+                 EXACT=exact)
     if words is not None:
         if exact:
             kern, cfg = _gemv1_fp4w_kernel, dict(_INTERP_FP4W)
@@ -303,17 +314,18 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                 cfg["BLOCK_K"] = 64  # the interpreter's one config must fit the group too
         else:
             kern = _gemv1_fp4w_kernel if cfg else _tuned_fp4w(group_size)
-        kern[grid](x, words, scale, neg, out_t, bias_t, part, n, k, words.shape[1], g,
+        kern[grid](x, words, scale, neg, out_t, bias_t, part, xs, n, k, words.shape[1], g,
                    o_stride, **flags, **cfg)
     else:
         kern = _gemv1_kernel if exact or cfg else _tuned(group_size)
         if exact:
             cfg = _INTERP
-        kern[grid](x, packed, table, scale, neg, zer, out_t, bias_t, part, n, k,
+        kern[grid](x, packed, table, scale, neg, zer, out_t, bias_t, part, xs, n, k,
                    packed.shape[1], g, o_stride, HAS_ZERO=zero is not None, FP4=fp4, **flags,
                    **cfg)
     if split > 1:
         _splitk_reduce_kernel[(triton.cdiv(n, 1024),)](
             part, bias_t, out, 1, n, SPLIT=split, HAS_BIAS=bias is not None,
-            KIND=_DTYPE_KIND[x.dtype], EXACT=exact, BLOCK=1024)
+            KIND=_DTYPE_KIND[out_dtype], EXACT=exact, BLOCK=1024, xs_ptr=xs,
+            HAS_XS=x_scale is not None)
     return out

@@ -147,13 +147,23 @@ def _gemv(a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype):
     """``w4a8_linear`` for a few rows by the W4A16 GEMVs: the FP8 codes as fp32 activations
     (exact), FP4 codes times group scales ``2^gexp`` and outer scale ``row_scale``, then
     ``a_scale`` and the bias per row. Same products as the reference, summed in another order.
+
+    One row (decoding) takes a single GEMV launch (two with a K split). It reads the FP8
+    codes as they are and applies ``a_scale``, the bias and the rounding to ``out_dtype`` in
+    its epilogue, in the order the general path below applies them, so both give the same
+    bits. The general path spends four more launches on the conversions around the GEMV.
     """
-    from qcompile.backends.triton import w4a16
+    from qcompile.backends.triton import w4a16, w4a16_gemv
     from qcompile.backends.triton.runtime import element_table
 
-    y = w4a16.w4a16_linear(a.float(), packed, element_table("fp4_e2m1", a.device),
-                           _pow2_scales(gexp), None, None,
-                           row_scale.reshape(-1, 1).float().contiguous(), group_size)
+    table = element_table("fp4_e2m1", a.device)
+    outer = row_scale.reshape(-1, 1)  # checked: contiguous fp32 [N]
+    if a.shape[0] == 1 and w4a16_gemv.gemv1_eligible(1, group_size):
+        return w4a16_gemv.w4a16_gemv1(a.contiguous(), packed, table, _pow2_scales(gexp), None,
+                                      None, outer, group_size, bias, True, x_scale=a_scale,
+                                      out_dtype=out_dtype)
+    y = w4a16.w4a16_linear(a.float(), packed, table, _pow2_scales(gexp), None, None, outer,
+                           group_size)
     y = y * a_scale.reshape(-1, 1)
     if bias is not None:
         y = y + bias.float()
