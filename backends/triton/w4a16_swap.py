@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.jit import tile_coords
-from qcompile.backends.triton.runtime import interpreting, tuning
+from qcompile.backends.triton.runtime import cdiv, interpreting, next_pow2, tuning
 from qcompile.backends.triton.w4a16 import _round_to, _weight_tile
 
 __all__ = ["SWAP_CONFIGS", "w4a16_swap_launch"]
@@ -102,11 +102,11 @@ def w4a16_swap_launch(args: tuple, out: torch.Tensor, m: int, n: int, k: int, kb
                       o_stride: int, flags: dict) -> torch.Tensor:
     """Launch into ``out [M, N]`` with the tiled GEMM's prepared arguments (``args``: x,
     packed, table, scale, neg, zero, outer, bias tensors; ``flags``: its constexprs)."""
-    m_bucket = min(triton.next_power_of_2(m), 1 << 16)
+    m_bucket = min(next_pow2(m), 1 << 16)
     launch = (*args, out, m, n, k, kb, g, o_stride, m_bucket)
 
     def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
     if interpreting():
         _w4a16_swap_kernel[grid(_INTERPRET_CONFIG)](*launch, **flags, **_INTERPRET_CONFIG)

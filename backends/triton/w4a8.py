@@ -38,7 +38,13 @@ from qcompile.backends.triton.fp8_gemm import (
     prune_configs_by_m,
 )
 from qcompile.backends.triton.jit import exp2i, fp8_dot, tile_coords
-from qcompile.backends.triton.runtime import KernelInputError, check_tensor, interpreting, tuning
+from qcompile.backends.triton.runtime import (
+    KernelInputError,
+    cdiv,
+    check_tensor,
+    interpreting,
+    tuning,
+)
 from qcompile.backends.triton.scales import (
     GEXP_RANGE,
     W4A8ScaleError,
@@ -432,9 +438,9 @@ def w4a8_linear(
              "DECODE": DECODES.index(DECODE), "PROMOTE": promote}
     if interpreting():
         meta = _INTERPRET_CONFIG  # autotuning is meaningless under the interpreter
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        grid = (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
         _w4a8_kernel[grid](*args, **flags, **meta)
     else:
-        _w4a8_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"])
-                                  * triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+        _w4a8_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"])
+                                  * cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
     return c

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton.runtime import cdiv
 from qcompile.backends.triton.w4a8 import fp4_times_2g
 
 __all__ = ["DEQUANT_MIN_M", "w4a8_dequant"]
@@ -89,7 +90,7 @@ def w4a8_dequant(packed: torch.Tensor, gexp: torch.Tensor, group_size: int,
     w = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
     if n and k:
         block_n, block_k = _blocks(group_size)
-        grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+        grid = (cdiv(n, block_n), cdiv(k, block_k))
         _shift_kernel[grid](packed, gexp, w, n, k, packed.shape[1], gexp.shape[1],
                             gexp.stride(0), GROUP_SIZE=group_size, BLOCK_N=block_n,
                             BLOCK_K=block_k, num_warps=4)

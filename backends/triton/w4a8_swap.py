@@ -25,7 +25,7 @@ import triton.language as tl
 
 from qcompile.backends.triton.fp8_gemm import m_bucket
 from qcompile.backends.triton.jit import fp8_dot, tile_coords
-from qcompile.backends.triton.runtime import interpreting, tuning
+from qcompile.backends.triton.runtime import cdiv, interpreting, tuning
 from qcompile.backends.triton.w4a8 import tile_setup, w8_tile
 
 __all__ = ["SWAP_CONFIGS", "w4a8_swap_launch"]
@@ -111,7 +111,7 @@ def w4a8_swap_launch(a: torch.Tensor, a_scale: torch.Tensor, packed: torch.Tenso
              "PROMOTE": promote}
 
     def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
 
     if interpreting():
         _w4a8_swap_kernel[grid(_INTERPRET_CONFIG)](*args, **flags, **_INTERPRET_CONFIG)
