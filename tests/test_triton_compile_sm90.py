@@ -142,6 +142,10 @@ CASES: list[tuple[str, str, dict]] = [
                                                 zero=True, bias=False)),
     ("w4a16-gemv-fp32-g32-afpq", "w4a16_gemv", dict(dtype="fp32", m=4, group_size=32, split=5,
                                                     neg=True, outer=True, bias=True)),
+    # W4A8 at M = 2..16: FP8 code rows, fp32 weights, per-row scales, bf16 out.
+    ("w4a16-gemv-fp8-m7-g64-w4a8", "w4a16_gemv", dict(dtype="bf16", x="fp8e4nv", m=7,
+                                                      group_size=64, split=4, outer=True,
+                                                      xs=True, bias=True)),
     # M = 7 (BLOCK_M 8) with group 1000 (per channel, K = 1000): the picked-rows path that
     # Triton 3.6 failed to compile with tl.gather (TritonGPUOptimizeThreadLocality). Triton
     # 3.6's ptxas stops this 4-warp kernel at 64 registers and spills two words.
@@ -379,8 +383,13 @@ def _build_w4a16_gemv(mod, p: dict, all_configs: bool):
     m, n, k, gs = p["m"], 4096, 4096, p["group_size"]
     block_m = 1 << max(m - 1, 0).bit_length()
     args = dict(_w4a16_pointers(p), part_ptr="*fp32" if p["split"] > 1 else "*" + p["dtype"],
-                M=m, N=n, K=k, KB=(k + 1) // 2, G=-(-k // gs), outer_stride=int(p.get("outer", 0)))
-    consts = dict(_w4a16_flags(mod, p), SPLIT=p["split"], BLOCK_M=block_m)
+                xs_ptr="*fp32", M=m, N=n, K=k, KB=(k + 1) // 2, G=-(-k // gs),
+                outer_stride=int(p.get("outer", 0)))
+    flags = _w4a16_flags(mod, p)
+    consts = dict(flags, SPLIT=p["split"], BLOCK_M=block_m, HAS_XS=p.get("xs", False),
+                  OUT_KIND=flags["KIND"])
+    if "x" in p:  # FP8 code rows (W4A8): fp32 weights
+        consts["KIND"] = 0
     configs = mod.GEMV_CONFIGS[mod._bucket(mod.GEMV_CONFIGS, block_m)]
     if all_configs:
         configs = [c for cs in mod.GEMV_CONFIGS.values() for c in cs]

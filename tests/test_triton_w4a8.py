@@ -278,31 +278,34 @@ def test_each_path_matches_the_reference(m, group, bias, out_dtype, path):
     check(outs["fused"], a, a_scale, packed, gexp, row_scale, group, c)
 
 
-@pytest.mark.parametrize(("group", "k", "bias", "out_dtype"), [
-    (128, 1280, True, torch.bfloat16), (64, 200, False, torch.float16),
-    (64, 1100, True, torch.float32)])
-def test_batch1_gemv_applies_the_row_scale_in_its_epilogue(monkeypatch, group, k, bias,
-                                                          out_dtype):
-    """One row goes through one GEMV launch, which reads the FP8 codes and applies ``a_scale``,
-    the bias and the rounding itself. It gives the bits of the composed path (the GEMV on the
-    codes as fp32, then the scale, the bias and the cast in torch). The cases cover the int32
-    word kernel and the table kernel (K % 8 != 0), each with and without a K split."""
-    from qcompile.backends.triton import w4a8, w4a16, w4a16_gemv
+@pytest.mark.parametrize(("m", "group", "k", "bias", "out_dtype"), [
+    (1, 128, 1280, True, torch.bfloat16), (1, 64, 200, False, torch.float16),
+    (1, 64, 1100, True, torch.float32), (1, 50, 1100, True, torch.bfloat16),
+    (7, 32, 1100, True, torch.float16), (16, 64, 300, False, torch.bfloat16),
+    (3, 32, 200, True, torch.bfloat16)])
+def test_gemv_applies_the_row_scales_in_its_epilogue(monkeypatch, m, group, k, bias,
+                                                     out_dtype):
+    """Up to GEMV_MAX_M rows take one GEMV launch (two with a K split). It reads the FP8 codes
+    and applies ``a_scale``, the bias and the rounding itself, and gives the bits of the
+    composed computation: the same GEMV on the codes as fp32 (through the W4A16 entry point),
+    then the scale, the bias and the cast in torch. The cases cover the batch-1 word kernel,
+    its table kernel (K % 8 != 0), the general GEMV (group 50, M > 1), with and without a K
+    split."""
+    from qcompile.backends.triton import w4a8, w4a16
     from qcompile.backends.triton.runtime import element_table
 
-    a, a_scale, packed, gexp, row_scale, c = make_inputs(1, k, 72, group, bias=bias, seed=k)
-    table = element_table("fp4_e2m1", a.device)
-    y = w4a16_gemv.w4a16_gemv1(a.float(), packed, table, w4a8._pow2_scales(gexp), None, None,
-                               row_scale.reshape(-1, 1), group, None, True)
+    a, a_scale, packed, gexp, row_scale, c = make_inputs(m, k, 72, group, bias=bias, seed=k)
+    y = w4a16.w4a16_linear(a.float(), packed, element_table("fp4_e2m1", a.device),
+                           w4a8._pow2_scales(gexp), None, None, row_scale.reshape(-1, 1), group)
     want = y * a_scale.reshape(-1, 1)
     want = (want if c is None else want + c.float()).to(out_dtype)
 
     def composed(*args, **kwargs):
-        raise AssertionError("one row took the composed GEMV path")
+        raise AssertionError("the W4A8 GEMV went through the W4A16 entry point")
 
     monkeypatch.setattr(w4a16, "w4a16_linear", composed)
     got = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, out_dtype=out_dtype)
-    assert got.dtype == out_dtype and got.shape == (1, 72)
+    assert got.dtype == out_dtype and got.shape == (m, 72)
     assert torch.equal(got, want)
     check(got, a, a_scale, packed, gexp, row_scale, group, c, mma=False)
 

@@ -215,12 +215,16 @@ def _weight_tile(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
 
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
-                       bias_ptr, part_ptr, M, N, K, KB, G, outer_stride,
+                       bias_ptr, part_ptr, xs_ptr, M, N, K, KB, G, outer_stride,
                        GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr,
-                       HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                       KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Split-K GEMV: partial sums of K tiles [pid_s*per, (pid_s+1)*per) into part[pid_s]."""
+                       HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
+                       SPLIT: tl.constexpr, KIND: tl.constexpr, OUT_KIND: tl.constexpr,
+                       EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """Split-K GEMV: partial sums of K tiles [pid_s*per, (pid_s+1)*per) into part[pid_s].
+
+    The weight is rounded to ``KIND`` (x's dtype), the result to ``OUT_KIND``; ``xs`` (W4A8's
+    FP8 rows) holds per-row scales applied before the bias."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -247,9 +251,11 @@ def _w4a16_gemv_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_pt
     out_mask = m_ok[:, None] & (offs_n < N)[None, :]
     offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     if SPLIT == 1:  # the only partial is the result: finish here, no second kernel
+        if HAS_XS:
+            acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        acc = _round_to(acc, KIND, EXACT)
+        acc = _round_to(acc, OUT_KIND, EXACT)
         tl.store(part_ptr + offs, acc.to(part_ptr.dtype.element_ty), mask=out_mask)
     else:
         tl.store(part_ptr + pid_s.to(tl.int64) * M * N + offs, acc, mask=out_mask)
@@ -438,6 +444,36 @@ def w4a16_linear_ref(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     return torch.nn.functional.linear(x.float(), w.to(x.dtype).float(), b).to(x.dtype)
 
 
+def launch_gemv(args: tuple, out: torch.Tensor, k: int, kb: int, g: int, o_stride: int,
+                common: dict, x_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The split-K GEMV (and its reduce) of ``args[0]``'s rows into ``out`` ``[M, N]``.
+
+    ``args``: the kernel's pointer arguments up to the bias, validated and contiguous (unused
+    ones filled with placeholders); ``common``: its flags (``KIND`` is the dtype the weight is
+    rounded to). The result is rounded to ``out``'s dtype. ``x_scale`` (fp32 ``[M]``)
+    multiplies each row's sums before the bias.
+    """
+    x2 = args[0]
+    m, n = out.shape
+    exact = common["EXACT"]
+    split = _pick_split(n, k, x2.device)
+    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x2.device)
+    block_m = next_pow2(m)
+    kern = _w4a16_gemv_kernel if exact else _tuned("gemv", _bucket(GEMV_CONFIGS, block_m))
+    cfg = _INTERP_GEMV if exact else {}
+    xs = args[3] if x_scale is None else x_scale  # a placeholder when unused
+    out_kind = _DTYPE_KIND[out.dtype]
+    kern[lambda meta: (cdiv(n, meta["BLOCK_N"]), split)](
+        *args, part, xs, m, n, k, kb, g, o_stride, SPLIT=split, BLOCK_M=block_m,
+        HAS_XS=x_scale is not None, OUT_KIND=out_kind, **cfg, **common)
+    if split > 1:
+        block = 1024
+        _splitk_reduce_kernel[(cdiv(m * n, block),)](
+            part, args[-1], out, m, n, SPLIT=split, HAS_BIAS=common["HAS_BIAS"],
+            KIND=out_kind, EXACT=exact, BLOCK=block, xs_ptr=xs, HAS_XS=x_scale is not None)
+    return out
+
+
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                  scale: torch.Tensor, scale_neg: torch.Tensor | None,
                  zero: torch.Tensor | None, outer: torch.Tensor | None, group_size: int,
@@ -507,20 +543,7 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                                      outer is None else out_t, group_size, k, x.dtype)
         out = torch.nn.functional.linear(x2, w, None if bias is None else bias_t)
     elif route == "gemv":
-        split = _pick_split(n, k, x.device)
-        part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32,
-                                                  device=x.device)
-        block_m = next_pow2(m)
-        kern = _w4a16_gemv_kernel if exact else _tuned("gemv", _bucket(GEMV_CONFIGS, block_m))
-        cfg = _INTERP_GEMV if exact else {}
-        kern[lambda meta: (cdiv(n, meta["BLOCK_N"]), split)](
-            *args, part, m, n, k, packed.shape[1], g, o_stride, SPLIT=split, BLOCK_M=block_m,
-            **cfg, **common)
-        if split > 1:
-            block = 1024
-            _splitk_reduce_kernel[(cdiv(m * n, block),)](
-                part, bias_t, out, m, n, SPLIT=split, HAS_BIAS=bias is not None,
-                KIND=common["KIND"], EXACT=exact, BLOCK=block)
+        launch_gemv(args, out, k, packed.shape[1], g, o_stride, common)
     else:
         m_bucket = min(next_pow2(m), 1 << 16)
         kern = _w4a16_gemm_kernel if exact else _tuned("gemm", _bucket(GEMM_CONFIGS, m))

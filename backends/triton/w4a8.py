@@ -150,30 +150,28 @@ def _pow2_scales(gexp: torch.Tensor) -> torch.Tensor:
 
 
 def _gemv(a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype):
-    """``w4a8_linear`` for a few rows by the W4A16 GEMVs: the FP8 codes as fp32 activations
-    (exact), FP4 codes times group scales ``2^gexp`` and outer scale ``row_scale``, then
-    ``a_scale`` and the bias per row. Same products as the reference, summed in another order.
-
-    One row (decoding) takes a single GEMV launch (two with a K split). It reads the FP8
-    codes as they are and applies ``a_scale``, the bias and the rounding to ``out_dtype`` in
-    its epilogue, in the order the general path below applies them, so both give the same
-    bits. The general path spends four more launches on the conversions around the GEMV.
+    """``w4a8_linear`` for a few rows by the W4A16 GEMVs, in one launch (two with a K split):
+    the FP8 codes read as they are (exact in fp32), FP4 codes times group scales ``2^gexp``
+    and outer scale ``row_scale``, then in the epilogue each row's ``a_scale``, the bias and
+    the rounding to ``out_dtype``. Same products as the reference, summed in another order.
     """
     from qcompile.backends.triton import w4a16, w4a16_gemv
     from qcompile.backends.triton.runtime import element_table
 
+    m, k = a.shape
+    a = a.contiguous()
     table = element_table("fp4_e2m1", a.device)
+    pow2 = _pow2_scales(gexp)
     outer = row_scale.reshape(-1, 1)  # checked: contiguous fp32 [N]
-    if a.shape[0] == 1 and w4a16_gemv.gemv1_eligible(1, group_size):
-        return w4a16_gemv.w4a16_gemv1(a.contiguous(), packed, table, _pow2_scales(gexp), None,
-                                      None, outer, group_size, bias, True, x_scale=a_scale,
-                                      out_dtype=out_dtype)
-    y = w4a16.w4a16_linear(a.float(), packed, table, _pow2_scales(gexp), None, None, outer,
-                           group_size)
-    y = y * a_scale.reshape(-1, 1)
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(out_dtype)
+    if m == 1 and w4a16_gemv.gemv1_eligible(1, group_size):
+        return w4a16_gemv.w4a16_gemv1(a, packed, table, pow2, None, None, outer, group_size,
+                                      bias, True, x_scale=a_scale, out_dtype=out_dtype)
+    out = torch.empty(m, packed.shape[0], dtype=out_dtype, device=a.device)
+    args = (a, packed, table, pow2, pow2, pow2, outer, pow2 if bias is None else bias)
+    common = dict(GROUP_SIZE=group_size, HAS_NEG=False, HAS_ZERO=False, HAS_OUTER=True,
+                  HAS_BIAS=bias is not None, KIND=0, EXACT=interpreting())  # fp32 weights
+    return w4a16.launch_gemv(args, out, k, packed.shape[1], pow2.shape[1], 1, common,
+                             x_scale=a_scale)
 
 
 # --- kernel ------------------------------------------------------------------------------------
