@@ -66,11 +66,11 @@ from qcompile.backends.triton.runtime import (
     tuning,
 )
 from qcompile.errors import FormatError
-from qcompile.formats import FormatSpec, parse_format
+from qcompile.formats import FormatSpec
 from qcompile.formats.elements import _round_f32
 from qcompile.formats.scales import compute_scales, group_stats
 from qcompile.hadamard import hadamard_factors
-from qcompile.ops import hadamard, quantize_activation
+from qcompile.ops import hadamard, quantize_activation, spec_of
 
 __all__ = ["CONFIGS", "act_quant", "act_quant_ref", "fused_fits", "rmsnorm_quant",
            "rmsnorm_quant_ref"]
@@ -238,7 +238,7 @@ def _plan(had_size: int, d: int) -> _Plan:
 def _spec(fmt: str, out: str, outs: tuple[str, ...]) -> FormatSpec:
     if out not in outs:
         raise ValueError(f"out must be one of {', '.join(map(repr, outs))}, got {out!r}")
-    spec = parse_format(fmt)
+    spec = spec_of(fmt)
     if (spec.granularity != "token" or spec.scale != "fp32" or spec.clip != 1.0
             or (spec.elem, spec.asym) not in _FORMATS):
         raise FormatError(f"activation format {fmt!r} has no fused quantize kernel; "
