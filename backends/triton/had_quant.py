@@ -17,7 +17,9 @@ exact and the sums are fp32, like the reference's fp32 butterfly up to order. It
 ``T`` is then split for the left product so that it keeps fp32 accuracy: scaled by a power of
 two into fp16's range and split as ``hi + lo`` in fp16 (22 bits; :data:`DEFAULT_PARTS`), or as
 three bf16 parts (24 bits). Two bf16 parts would leave 0.24 % of bf16 outputs one ulp off the
-reference; either split leaves 0.003 %, the fp32 summation-order floor. fp32 inputs use ``tf32x3`` dots instead. The rotated row is
+reference; either split leaves 0.003 %, the fp32 summation-order floor. One fp16 part is a
+speed variant, not the default (its error: :data:`DEFAULT_PARTS`). fp32 inputs use ``tf32x3``
+dots instead. The rotated row is
 rounded to ``x``'s dtype (RNE conversion), then quantized with the scale rule of
 :func:`qcompile.formats.scales.compute_scales`; the divide by the scale is a multiply by its
 reciprocal with one fma correction (Markstein), which gives the correctly rounded quotient of
@@ -52,8 +54,15 @@ _MAX_TILE = 1 << 14  # elements of one row tile held by a program
 #: Parts of the left product's fp32 operand: 3 (bf16 hi + mid + lo, 24 bits) or 2 (fp16 hi +
 #: lo of the tile scaled by a power of two, 22 bits, one MMA less). Emulated on 64 heavy-tailed
 #: bf16 rows of 8192, both leave 0.003 % of the bf16 outputs one ulp off the reference's
-#: (the fp32 summation-order floor); two bf16 parts would leave 0.24 %.
+#: (the fp32 summation-order floor); two bf16 parts would leave 0.24 %. 1 (the fp16 hi part
+#: alone, one MMA less again) is a speed variant measured by ``benchmarks/kernels_act.py``:
+#: on 16 heavy-tailed rows of 8192 it left 10 % of the bf16 outputs one ulp off, 1.1 % of the
+#: FP8 codes one step off the reference's, and an error beyond the output's own rounding of
+#: at most 2^-12 of the row's absmax (:data:`ONE_PART_ERROR`, with margin, is what the tests
+#: allow). On the H100, going from three parts to two cut 37 us (1.63x -> 1.24x of a copy).
 DEFAULT_PARTS = 2
+#: Error bound of one part beyond the rounding to x's dtype, relative to the row's absmax.
+ONE_PART_ERROR = 2.0**-10
 #: With two parts: compute the transposed products (``T^T = H_C X^T``, ``Y^T = T^T H_L``), so
 #: the constant ``H_C`` and the split parts are register operands of the MMAs and only the
 #: loaded rows and ``H_L`` sit in shared memory.
@@ -186,7 +195,7 @@ def _had2_quant_kernel(
                 if R > 1:
                     y = tl.dot(h_l, y, input_precision="tf32x3")
             else:
-                if not (TRANS and R > 1 and PARTS == 2):
+                if not (TRANS and R > 1 and PARTS <= 2):
                     y = tl.dot(_operand(x, NATIVE), h_c)
                 if R > 1 and PARTS == 3:
                     # fp32 T as hi + mid + lo in bf16 (24 bits), smallest part first.
@@ -206,13 +215,19 @@ def _had2_quant_kernel(
                     e = tl.where(e < -126, 14, e)  # an all-zero tile: any scale
                     y = y * exp2i(14 - e)
                     hi = y.to(tl.float16)
-                    lo = (y - hi.to(tl.float32)).to(tl.float16)
-                    if TRANS:  # Y^T = T^T H_L: the parts stay in registers as A operands
-                        y = tl.dot(_operand(lo, NATIVE), h_l16)
-                        y = tl.trans(tl.dot(_operand(hi, NATIVE), h_l16, y))
+                    if PARTS == 1:  # hi alone: 11 bits, one MMA (see ONE_PART_REL_ERROR)
+                        if TRANS:
+                            y = tl.trans(tl.dot(_operand(hi, NATIVE), h_l16))
+                        else:
+                            y = tl.dot(h_l16, _operand(hi, NATIVE))
                     else:
-                        y = tl.dot(h_l16, _operand(lo, NATIVE))
-                        y = tl.dot(h_l16, _operand(hi, NATIVE), y)
+                        lo = (y - hi.to(tl.float32)).to(tl.float16)
+                        if TRANS:  # Y^T = T^T H_L: the parts stay in registers as A operands
+                            y = tl.dot(_operand(lo, NATIVE), h_l16)
+                            y = tl.trans(tl.dot(_operand(hi, NATIVE), h_l16, y))
+                        else:
+                            y = tl.dot(h_l16, _operand(lo, NATIVE))
+                            y = tl.dot(h_l16, _operand(hi, NATIVE), y)
                     y = y * exp2i(e - 14)
             # Rounded to x's dtype like the unfused qcompile::hadamard op's output.
             y = _to_dtype_grid(y * inv_norm, XDT, NATIVE)
