@@ -88,8 +88,8 @@ def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, ou
                   bias_ptr, part_ptr, xs_ptr, N, K, KB, G, outer_stride,
                   GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr,
                   HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
-                  SPLIT: tl.constexpr,
-                  FP4: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  SPLIT: tl.constexpr, FP4: tl.constexpr, KIND: tl.constexpr,
+                  EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial sums of K tiles [pid_s*per, (pid_s+1)*per) into ``part[pid_s]`` (or ``y``)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -158,8 +158,8 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
                        xs_ptr, N, K, KW, G, outer_stride,
                        GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_OUTER: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, SPLIT: tl.constexpr,
-                       KIND: tl.constexpr,
-                       EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
     """FP4 weights read as int32 words (8 codes, k = 8 * word + nibble): per tile, the raw
     code sums of each group (AFPQ: the signed sum S and the magnitude sum A, so the positive
     part is (S + A) / 2 and the negative (S - A) / 2) times the group scales."""
