@@ -460,14 +460,16 @@ def _build_w4a16_dequant_fp4w(mod, p: dict, all_configs: bool):
 
 
 def _build_w4a8_shift(mod, p: dict, all_configs: bool):
-    import triton
 
     n, k, gs = 4096, 4096, p["group_size"]
     args = dict(packed_ptr="*u8", gexp_ptr="*i8", w_ptr="*u8", N=n, K=k, KB=k // 2,
                 G=-(-k // gs), stride_gn=-(-k // gs))
-    block_n, block_k = mod._blocks(gs)
-    consts = dict(GROUP_SIZE=gs, BLOCK_N=block_n, BLOCK_K=block_k)
-    return mod._shift_kernel, args, consts, [triton.Config({}, num_warps=4)]
+    consts = dict(GROUP_SIZE=gs)
+    configs = mod._prune(mod.SHIFT_CONFIGS + mod.GATHER_CONFIGS, {}, GROUP_SIZE=gs)
+    if not all_configs:  # the most tile bytes per thread, then the widest rows
+        configs = _heaviest(configs, lambda c: (c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]
+                                                // c.num_warps, c.kwargs["BLOCK_K"]))
+    return mod._shift_kernel, args, consts, configs
 
 
 def _build_w4a16_reduce(mod, p: dict, all_configs: bool):

@@ -221,6 +221,30 @@ def test_shift_to_fp8_is_bit_exact(k, n, group):
     assert torch.equal(w8.cpu().view(torch.uint8), expect.view(torch.uint8))
 
 
+def _shift_tiles():
+    from qcompile.backends.triton import w4a8_dequant as dq
+
+    return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], 128 if c in dq.SHIFT_CONFIGS else 50)
+            for c in dq.SHIFT_CONFIGS + dq.GATHER_CONFIGS]
+
+
+@pytest.mark.parametrize(("block_n", "block_k", "group"), _shift_tiles())
+def test_shift_every_autotune_tile_is_bit_exact(monkeypatch, block_n, block_k, group):
+    """Each autotune config's tile (the GPU tunes over them) on ragged N and K, with whole
+    groups per tile (128) or per-element exponents (50): the same bytes as the reference."""
+    from qcompile.backends.triton import w4a8_dequant as dq
+
+    cfg = [c for c in dq.SHIFT_CONFIGS + dq.GATHER_CONFIGS
+           if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (block_n, block_k)]
+    assert dq._prune(cfg, {}, GROUP_SIZE=group) == cfg  # the tile takes this group size
+    monkeypatch.setattr(dq, "_blocks", lambda gs: (block_n, block_k))
+    n, k = block_n + 5, block_k + 344
+    _, _, packed, gexp, _ = fp4_weight(n, k, group, "m2", torch.Generator().manual_seed(k))
+    w8 = dq.w4a8_dequant(packed.to(DEV), gexp.to(DEV), group, k)
+    expect = w4a8_weight_fp8(packed, gexp, group, k)
+    assert torch.equal(w8.cpu().view(torch.uint8), expect.view(torch.uint8))
+
+
 @pytest.mark.parametrize("group", [256, 32, 24])
 def test_shift_to_fp8_every_code_at_every_exponent(group):
     """All 16 codes (signed zero included) x all 15 exponents of GEXP_RANGE, bit-exact."""
