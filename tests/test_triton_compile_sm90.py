@@ -477,7 +477,7 @@ def _build_w4a16_reduce(mod, p: dict, all_configs: bool):
 
     kind = {"fp32": 0, "bf16": 1, "fp16": 2}[p["dtype"]]
     args = dict(part_ptr="*fp32", bias_ptr="*" + p["dtype"] if p["bias"] else "*fp32",
-                out_ptr="*" + p["dtype"], M=p["m"], N=4096, xs_ptr="*fp32")
+                out_ptr="*" + p["dtype"], xs_ptr="*fp32", M=p["m"], N=4096)
     consts = dict(SPLIT=p["split"], HAS_BIAS=p["bias"], KIND=kind, EXACT=False, BLOCK=1024,
                   HAS_XS=p.get("xs", False))
     return mod._splitk_reduce_kernel, args, consts, [triton.Config({})]  # launch defaults

@@ -26,7 +26,8 @@ reciprocal with one fma correction (Markstein), which gives the correctly rounde
 ``x / s`` for every finite input without an IEEE division per element (rows whose scale is
 below 2^-64 are scaled up by 2^64 first, which changes no quotient). On the GPU the bf16/fp16
 and FP8 roundings are the hardware's RNE conversions; under the interpreter (whose RTNE casts
-drop the carry into the next binade) the bit-trick roundings of :mod:`jit`. Without a Hadamard the result is bit-exact with the reference.
+drop the carry into the next binade) the bit-trick roundings of :mod:`jit`. Without a
+Hadamard the result is bit-exact with the reference.
 
 Each program walks rows ``pid, pid + programs, ...`` with the next row's load in flight
 (``tl.range`` pipelining), so the two constant matrices are built once per program.

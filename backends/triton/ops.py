@@ -242,7 +242,8 @@ def _w4a8_weight(packed, gexp, row_scale, group_size, k, dtype):
                              fmt, k, dtype)
 
 
-def _w4a8_linear_fake(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype, fast_accum=True):
+def _w4a8_linear_fake(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype,
+                      fast_accum=True):
     return q.new_empty((*q.shape[:-1], packed.shape[0]), dtype=dtype)
 
 

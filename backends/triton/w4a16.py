@@ -262,9 +262,9 @@ def _w4a16_gemv_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_pt
 
 
 @triton.jit
-def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, SPLIT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
-                          BLOCK: tl.constexpr, xs_ptr=None, HAS_XS: tl.constexpr = False):
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, xs_ptr, M, N, SPLIT: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, KIND: tl.constexpr,
+                          EXACT: tl.constexpr, BLOCK: tl.constexpr):
     """out = cast(sum_s part[s] * xs[row] + bias), summing splits in index order
     (deterministic); ``xs``: optional fp32 per-row activation scales (W4A8's FP8 rows)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -469,8 +469,8 @@ def launch_gemv(args: tuple, out: torch.Tensor, k: int, kb: int, g: int, o_strid
     if split > 1:
         block = 1024
         _splitk_reduce_kernel[(cdiv(m * n, block),)](
-            part, args[-1], out, m, n, SPLIT=split, HAS_BIAS=common["HAS_BIAS"],
-            KIND=out_kind, EXACT=exact, BLOCK=block, xs_ptr=xs, HAS_XS=x_scale is not None)
+            part, args[-1], out, xs, m, n, SPLIT=split, HAS_BIAS=common["HAS_BIAS"],
+            HAS_XS=x_scale is not None, KIND=out_kind, EXACT=exact, BLOCK=block)
     return out
 
 

@@ -325,7 +325,6 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                    **cfg)
     if split > 1:
         _splitk_reduce_kernel[(cdiv(n, 1024),)](
-            part, bias_t, out, 1, n, SPLIT=split, HAS_BIAS=bias is not None,
-            KIND=_DTYPE_KIND[out_dtype], EXACT=exact, BLOCK=1024, xs_ptr=xs,
-            HAS_XS=x_scale is not None)
+            part, bias_t, out, xs, 1, n, SPLIT=split, HAS_BIAS=bias is not None,
+            HAS_XS=x_scale is not None, KIND=_DTYPE_KIND[out_dtype], EXACT=exact, BLOCK=1024)
     return out
