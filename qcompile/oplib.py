@@ -2,7 +2,7 @@
 
 ``torch.library.custom_op`` runs every call through a Python autograd wrapper and a
 dynamo-disabling decorator before the implementation. Dispatching a do-nothing op took 6.7 us
-that way on a 2-core CPU, and 4.5 us defined here (``benchmarks/host_overhead.py``). Batch-1
+that way on a 2-core CPU, and 3.7 us defined here (``benchmarks/host_overhead.py``). Batch-1
 decoding without CUDA graphs calls the fused linear
 ops over a hundred times per token, and the host pays that cost on every call. An op defined here
 is a plain ``torch.library`` schema with:
