@@ -272,7 +272,8 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
 
     if args.loop in ("direct", "graph"):
         loop = _direct_loop if args.loop == "direct" else _graph_loop
-        generate = loop(model, prompt, args.decode, args.device)
+        with torch.no_grad():  # the graph loop runs (and compiles) its step here
+            generate = loop(model, prompt, args.decode, args.device)
 
     def stage(what: str) -> None:
         print(f"decode.py: {name}: {what} at {time.perf_counter() - start:.1f} s", file=sys.stderr)

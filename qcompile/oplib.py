@@ -28,20 +28,48 @@ _LIB = torch.library.Library("qcompile", "FRAGMENT")
 _AFTER_AUTOGRAD = torch._C._after_autograd_keyset
 
 
+_LIB.define("no_derivative(Tensor grad, SymInt[] shape, ScalarType dtype, str op) -> Tensor")
+
+
+def _no_derivative(grad: torch.Tensor, shape: list[int], dtype: torch.dtype, op: str
+                   ) -> torch.Tensor:
+    raise RuntimeError(
+        f"qcompile::{op} has no derivative: quantized ops are for inference. Run the quantized "
+        "model under torch.no_grad() / torch.inference_mode(), or train the full-precision model.")
+
+
+def _no_derivative_fake(grad: torch.Tensor, shape: list[int], dtype: torch.dtype, op: str
+                        ) -> torch.Tensor:
+    return grad.new_empty(shape, dtype=dtype)
+
+
+_LIB.impl("no_derivative", _no_derivative, "CompositeExplicitAutograd")
+torch.library.register_fake("qcompile::no_derivative", _no_derivative_fake, lib=_LIB)
+
+
 class _NoDerivative(torch.autograd.Function):
-    """Runs the op below autograd; its backward names the op and refuses."""
+    """Runs the op below autograd; its backward names the op and refuses.
+
+    The refusal is an op (``qcompile::no_derivative``) rather than a ``raise`` in ``backward``:
+    AOTAutograd traces the backward of a graph compiled with grad enabled (a forward call
+    outside ``torch.no_grad()``), and a ``raise`` there would fail the compile although only the
+    forward is wanted. Traced, the op has a shapes-only implementation; run, it raises.
+    """
 
     @staticmethod
     def forward(ctx, name: str, call: Callable, *args):
         ctx.op_name = name
+        ctx.inputs = [(a.shape, a.dtype) if isinstance(a, torch.Tensor) else None for a in args]
         return call(*args)
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError(
-            f"qcompile::{ctx.op_name} has no derivative: quantized ops are for inference. "
-            "Run the quantized model under torch.no_grad() / torch.inference_mode(), or train "
-            "the full-precision model.")
+        grad = next(g for g in grads if g is not None)
+        out: list[torch.Tensor | None] = [None, None]
+        for needs, meta in zip(ctx.needs_input_grad[2:], ctx.inputs, strict=True):
+            out.append(torch.ops.qcompile.no_derivative(grad, list(meta[0]), meta[1],
+                                                        ctx.op_name) if needs else None)
+        return tuple(out)
 
 
 def _requires_grad(args: tuple) -> bool:

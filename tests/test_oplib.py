@@ -70,3 +70,23 @@ def test_ops_survive_export_and_compile():
     assert torch.ops.qcompile.w4a16_linear.default in targets
     assert torch.equal(ep.module()(x), m(x))
     assert torch.equal(torch.compile(m, backend="aot_eager", fullgraph=True)(x), m(x))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_with_grad_enabled_forward_runs_and_backward_names_the_op(backend):
+    """A forward outside no_grad() makes AOTAutograd trace the backward too: that trace must
+    succeed (it once raised there, failing the compile) and the refusal come at backward."""
+    args = _w4a16_args(torch.zeros(1, 64))
+    scale = torch.nn.Parameter(torch.ones(64))
+
+    def f(x):
+        return torch.ops.qcompile.w4a16_linear(x * scale, *args[1:]) * 2
+
+    x = torch.randn(5, 64, requires_grad=True)
+    y = torch.compile(f, backend=backend, fullgraph=True)(x)
+    with torch.no_grad():
+        ref = f(x)
+    assert y.requires_grad
+    torch.testing.assert_close(y.detach(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match=r"qcompile::w4a16_linear has no derivative"):
+        y.sum().backward()
