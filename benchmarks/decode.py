@@ -26,6 +26,9 @@ processors, stopping checks that sync) is a fixed cost that hides the kernels at
 hand and replays it per token: Inductor's own CUDA graphs skip the step (the cache mutates a
 non-buffer tensor), and ``reduce-overhead`` crashed on an H100 (torch 2.11, transformers 5.24).
 
+``--profile`` adds, per variant, each kernel's device time and launches per decode token
+(``benchmarks/step_profile.py``), next to the measured time per token.
+
 Depth. Compiling all 32 layers does not fit a device session, so runs use ``--layers L``. The
 output head (128256 x 4096, bf16 in every variant unless ``--lm-head``) is a fixed cost per
 token that a shallow model overweights: at 4 layers it is over a third of the bf16 weight reads,
@@ -295,6 +298,11 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
         t_full = _timed(lambda: generate(args.decode), args.device, args.repeats)
         t_one = _timed(lambda: generate(1), args.device, args.repeats)
         t_prefill = _timed(lambda: model(long, use_cache=False), args.device, args.repeats)
+        profiled = None
+        if args.profile:
+            from step_profile import profile_tokens
+
+            profiled = profile_tokens(generate, args.decode, args.device)
     decode_s = max(t_full - t_one, 1e-9)
     out: dict[str, Any] = {
         "recipe": recipe,
@@ -309,6 +317,9 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
     if args.device.startswith("cuda"):
         out["resident_bytes_after_compile"] = resident
         out["peak_memory_bytes_while_timed"] = _peak_bytes(args.device)
+    if profiled is not None:
+        profiled["measured_us_per_token"] = round(decode_s / (args.decode - 1) * 1e6, 2)
+        out["profile"] = profiled
     if hasattr(generate, "cuda_graph"):
         out["cuda_graph"] = generate.cuda_graph
     backend = getattr(model, "qcompile_backend", None)
@@ -351,6 +362,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--profile", action="store_true",
+                        help="also list each kernel's (CUDA) or op's (CPU) time per decode "
+                        "token (benchmarks/step_profile.py), after the timing")
     parser.add_argument("--stop-on-error", action="store_true",
                         help="stop at the first variant that fails (it is recorded)")
     args = parser.parse_args(argv)

@@ -35,7 +35,8 @@
 #          variant's speedup extrapolated to 32 layers; a variant that fails is recorded with
 #          its error; if any fails, all once more with a dynamic cache, generate() and no CUDA
 #          graphs (decode_dynamic.json). DECODE_VARIANTS picks the variants (default
-#          bf16,w4a16-fp4,w4a8; w4a16-fp4-unfused measures fuse-linears).
+#          bf16,w4a16-fp4,w4a8; w4a16-fp4-unfused measures fuse-linears). DECODE_PROFILE=1
+#          adds each variant's kernel times per token (--profile, benchmarks/step_profile.py).
 #
 # Limits (seconds): T_TESTS=150 T_KERNELS=150 T_PPL=200 T_DECODE=240. The first H200 run
 # (benchmarks/results/gpu_h200_2026-11-26.md) used about these; plan a device lease around
@@ -108,7 +109,7 @@ for phase in "${phases[@]}"; do
     say "decode"
     timeout "${T_DECODE:-240}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
       --cache static --loop "${DECODE_LOOP:-graph}" ${DECODE_MODE:+--mode "$DECODE_MODE"} \
-      --stop-on-error --out "$out/decode.json" \
+      --stop-on-error --out "$out/decode.json" ${DECODE_PROFILE:+--profile} \
       --variants "${DECODE_VARIANTS:-bf16,w4a16-fp4,w4a8}" \
       > "$out/decode.log" 2>&1
     rc=$?

@@ -21,6 +21,7 @@ import importlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 FAMILIES = ("kernels_w4a16", "kernels_fp8", "kernels_act")
@@ -33,8 +34,13 @@ PPL_PIPELINES = (
 )
 
 
-def kernel_rows(families: tuple[str, ...] = FAMILIES) -> list[dict]:
-    """Run each family's ``run()`` (each needs CUDA and refuses clearly without it)."""
+def kernel_rows(families: tuple[str, ...] = FAMILIES,
+                on_family: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """Run each family's ``run()`` (each needs CUDA and refuses clearly without it).
+
+    ``on_family`` gets the rows so far after each family: the caller writes them, so a run cut
+    off by its time limit keeps the families it finished.
+    """
     sys.path.insert(0, str(Path(__file__).parent))
     rows: list[dict] = []
     for name in families:
@@ -47,6 +53,8 @@ def kernel_rows(families: tuple[str, ...] = FAMILIES) -> list[dict]:
             r.setdefault("family", name.removeprefix("kernels_"))
         rows += got
         print(f"{name}: {len(got)} rows in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+        if on_family is not None:
+            on_family(rows)
     return rows
 
 
@@ -141,9 +149,6 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmarks/kernels.py needs a CUDA GPU (the kernels are CUDA Triton kernels)",
               file=sys.stderr)
         return 2
-    rows = [] if args.only_ppl else kernel_rows(families)
-    if args.ppl or args.only_ppl:
-        rows += ppl_rows(args.windows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
@@ -153,8 +158,15 @@ def main(argv: list[str] | None = None) -> int:
         meta["triton"] = triton.__version__
     except ImportError:
         pass
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(f"{meta}\n\n" + _markdown(rows))
+
+    def write(rows: list[dict]) -> None:
+        out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        out.with_suffix(".md").write_text(f"{meta}\n\n" + _markdown(rows))
+
+    rows = [] if args.only_ppl else kernel_rows(families, on_family=write)
+    if args.ppl or args.only_ppl:
+        rows += ppl_rows(args.windows)
+    write(rows)
     print(_markdown(rows))
     return 0
 

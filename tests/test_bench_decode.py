@@ -74,3 +74,29 @@ def test_loop_through_the_backend_matches_its_reference(decode_mod, loop_name):
     assert torch.equal(got[0], want) and torch.equal(got[1], want)
     stats = models[0].qcompile_backend.stats
     assert stats.graphs <= 3 and stats.pipeline_runs == 1 and stats.linears_fused > 0
+
+
+def test_step_profile_counts_one_tokens_ops(decode_mod):
+    """benchmarks/step_profile.py: the decode steps' ops per token, the prompt's forward taken
+    out. One layer: seven linears and the head are eight matmuls per token."""
+    import sys
+
+    sys.path.insert(0, str(_PATH.parent))
+    from step_profile import profile_tokens
+
+    model = decode_mod.build_model("tiny", 1, "cpu", torch.float32)
+    assert model.config.num_hidden_layers == 1
+    prompt = torch.randint(0, model.config.vocab_size, (1, 7),
+                           generator=torch.Generator().manual_seed(0))
+    loop = decode_mod._direct_loop(model, prompt, 6, "cpu")
+    with torch.no_grad():
+        loop(6)
+        got = profile_tokens(loop, 6, "cpu")
+    assert got["steps"] == 5 and got["what"] == "cpu ops, self time"
+    calls = {r["name"]: r["calls_per_token"] for r in got["rows"]}
+    assert calls["aten::mm"] == 8.0
+    times = [r["us_per_token"] for r in got["rows"]]
+    assert times == sorted(times, reverse=True) and 0 < sum(times) <= got["busy_us_per_token"]
+    assert got["rows"][0]["share"] == pytest.approx(times[0] / got["busy_us_per_token"], abs=1e-4)
+    with pytest.raises(ValueError, match="n >= 2"):
+        profile_tokens(loop, 1, "cpu")

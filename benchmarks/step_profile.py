@@ -1,0 +1,76 @@
+"""Where a decode step's time goes: the kernels (CUDA) or ops (CPU) of one token, from
+``torch.profiler``.
+
+``profile_tokens(generate, n, device)`` profiles ``generate(n)`` and ``generate(1)`` (the
+prompt's forward and the first token) and takes the second's per-name times from the first's,
+which leaves the ``n - 1`` decode steps; each name's time and count are then given per token.
+On CUDA the names are kernels (Inductor's, ours, cuBLAS's) and the times are device times, also
+inside CUDA-graph replays (CUPTI traces a replayed graph's kernels); elsewhere they are the CPU
+ops' self times. ``busy_us_per_token`` (the sum) next to the measured time per token says how
+much of a step is launch gaps rather than kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+
+def _times(fn: Callable[[], object], cuda: bool) -> dict[str, tuple[float, int]]:
+    """Self time (us) and call count of every kernel (CUDA) or op (CPU) that ``fn`` runs."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    out: dict[str, tuple[float, int]] = {}
+    for e in prof.key_averages():
+        if cuda:
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = e.self_device_time_total
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            out[e.key] = (float(us), int(e.count))
+    return out
+
+
+def profile_tokens(generate: Callable[[int], object], n: int, device: str,
+                   top: int = 40) -> dict[str, Any]:
+    """Per-token time and calls of each kernel/op over the decode steps of ``generate(n)``.
+
+    Args:
+        generate: Runs a greedy decode of its argument's new tokens (warm: compiled, captured).
+        n: New tokens of the long run (>= 2); ``n - 1`` decode steps are profiled.
+        device: ``"cuda..."`` for kernel device times, anything else for CPU op times.
+        top: How many names to list, longest first (the totals cover all of them).
+
+    Returns:
+        ``{"what", "steps", "busy_us_per_token", "names", "rows": [{"name", "us_per_token",
+        "calls_per_token", "share"}]}``.
+    """
+    if n < 2:
+        raise ValueError(f"profile_tokens needs n >= 2 new tokens, got {n}")
+    cuda = device.startswith("cuda")
+    long = _times(lambda: generate(n), cuda)
+    short = _times(lambda: generate(1), cuda)
+    steps = n - 1
+    rows = []
+    for name, (us, calls) in long.items():
+        us0, calls0 = short.get(name, (0.0, 0))
+        per = (us - us0) / steps
+        if per <= 0:
+            continue
+        rows.append({"name": name[:160], "us_per_token": round(per, 2),
+                     "calls_per_token": round((calls - calls0) / steps, 2)})
+    busy = sum(r["us_per_token"] for r in rows)
+    rows.sort(key=lambda r: -r["us_per_token"])
+    for r in rows:
+        r["share"] = round(r["us_per_token"] / busy, 4) if busy else 0.0
+    return {"what": "cuda kernels, device time" if cuda else "cpu ops, self time",
+            "steps": steps, "busy_us_per_token": round(busy, 2), "names": len(rows),
+            "rows": rows[:top]}
