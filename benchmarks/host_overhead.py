@@ -14,9 +14,13 @@ with the Triton launch replaced by a no-op. What remains is our wrappers' and th
 time, without Triton's own launch cost. The dispatch rows compare a do-nothing op defined with
 :func:`qcompile.oplib.define_op` against the same op from ``torch.library.custom_op``.
 
+``--pstats N`` adds to each op's row the N functions with the most own time over its calls
+(cProfile; microseconds per op call, profiler overhead included), to show which part of the
+host path (ours, the dispatcher's, Triton's launch) costs what.
+
 Usage::
 
-    python benchmarks/host_overhead.py [--device cpu|cuda] [--out host.json]
+    python benchmarks/host_overhead.py [--device cpu|cuda] [--pstats 12] [--out host.json]
 """
 
 from __future__ import annotations
@@ -45,6 +49,25 @@ def _per_call_us(fn: Callable[[], object], calls: int, sync: Callable[[], None])
         sync()
         best = min(best, (time.perf_counter() - t0) / calls)
     return best * 1e6
+
+
+def host_profile(fn: Callable[[], object], calls: int, top: int) -> list[dict[str, Any]]:
+    """The ``top`` functions by own time over ``calls`` calls of ``fn`` (cProfile), as
+    ``{"function": "file:line(name)", "us_per_call", "calls_per_call"}``."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+    rows = [{"function": f"{os.path.basename(f)}:{line}({name})",
+             "us_per_call": round(tt / calls * 1e6, 2), "calls_per_call": round(nc / calls, 2)}
+            for (f, line, name), (_, nc, tt, _, _) in stats.items()]
+    rows.sort(key=lambda r: -r["us_per_call"])
+    return rows[:top]
 
 
 def _op_calls(dev: torch.device, n: int, k: int) -> dict[str, Callable[[], object]]:
@@ -105,7 +128,7 @@ def _dispatch_rows(calls: int) -> list[dict[str, Any]]:
     return rows
 
 
-def run(device: str, calls: int, n: int, k: int) -> dict[str, Any]:
+def run(device: str, calls: int, n: int, k: int, pstats_top: int = 0) -> dict[str, Any]:
     """Measure; returns the JSON document (see the module docstring)."""
     dev = torch.device(device)
     rows: list[dict[str, Any]] = []
@@ -122,6 +145,9 @@ def run(device: str, calls: int, n: int, k: int) -> dict[str, Any]:
         for name, fn in _op_calls(dev, n, k).items():
             rows.append({"op": name, "us_per_call": _per_call_us(fn, calls, sync),
                          "graph_us": 1e3 * do_bench_cudagraph(fn)})
+            if pstats_top:
+                rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
+                sync()
     else:
         import triton.runtime.interpreter as interp
 
@@ -135,6 +161,9 @@ def run(device: str, calls: int, n: int, k: int) -> dict[str, Any]:
                     rows.append({"op": name, "us_per_call": _per_call_us(fn, calls,
                                                                          lambda: None),
                                  "launch": "mocked (no-op)"})
+                    if pstats_top:
+                        rows[-1]["host_profile"] = host_profile(fn, min(calls, 500),
+                                                                pstats_top)
         finally:
             interp.InterpretedFunction.run = launch
     rows += _dispatch_rows(calls)
@@ -149,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--pstats", type=int, default=0, metavar="N",
+                    help="add each op's N costliest host functions (cProfile)")
     ap.add_argument("--out", help="write the JSON here as well")
     args = ap.parse_args(argv)
     if args.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -156,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         os.execv(sys.executable, [sys.executable, os.path.abspath(__file__),
                                   *(sys.argv[1:] if argv is None else argv)])
-    doc = run(args.device, args.calls, args.n, args.k)
+    doc = run(args.device, args.calls, args.n, args.k, args.pstats)
     text = json.dumps(doc, indent=2)
     print(text)
     if args.out:
