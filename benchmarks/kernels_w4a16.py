@@ -68,12 +68,17 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
             ref = w4a16_linear_ref(x, *args)
             read = (args[0], q.scale, q.scale_neg, q.zero, q.outer)  # what the kernel streams
             nbytes = sum(t.numel() * t.element_size() for t in read if t is not None)
-            # "gemv1": what w4a16_linear runs at M = 1 (hoisted group scales); "gemv": the
-            # general split-K GEMV it uses for 2..16 rows, timed here at M = 1 for comparison.
-            for kernel, general in (("gemv1", False), ("gemv", True)):
+            # "gemv1": what w4a16_linear runs at M = 1 (hoisted group scales, split-K partials
+            # summed by each column tile's last program); "gemv1-reduce-kernel": the same with
+            # the partials summed by a second launch; "gemv": the general split-K GEMV it uses
+            # for 2..16 rows, timed here at M = 1 for comparison.
+            for kernel, general, fused in (("gemv1", False, True),
+                                           ("gemv1-reduce-kernel", False, False),
+                                           ("gemv", True, True)):
                 with mock.patch.object(w4a16_gemv, "gemv1_eligible",
                                        (lambda m, g: False) if general
-                                       else w4a16_gemv.gemv1_eligible):
+                                       else w4a16_gemv.gemv1_eligible), \
+                        mock.patch.object(w4a16_gemv, "FUSED_REDUCE", fused):
                     out = w4a16_linear(x, *args)  # also runs the autotuner once
                     ms = do_bench(lambda x=x, a=args: w4a16_linear(x, *a))
                     graph_ms = do_bench_cudagraph(lambda x=x, a=args: w4a16_linear(x, *a))

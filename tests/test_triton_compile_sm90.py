@@ -406,11 +406,13 @@ def _build_w4a16_gemv(mod, p: dict, all_configs: bool):
 
 def _build_w4a16_gemv1(mod, p: dict, all_configs: bool):
     n, k, gs = 4096, 4096, p["group_size"]
-    args = dict(_w4a16_pointers(p), part_ptr="*fp32" if p["split"] > 1 else "*" + p["dtype"],
-                xs_ptr="*fp32", N=n, K=k, KB=(k + 1) // 2, G=-(-k // gs),
-                outer_stride=int(p.get("outer", 0)))
+    out = "*" + p["dtype"]
+    args = dict(_w4a16_pointers(p), part_ptr="*fp32" if p["split"] > 1 else out,
+                out_ptr=out, count_ptr="*i32", xs_ptr="*fp32", N=n, K=k, KB=(k + 1) // 2,
+                G=-(-k // gs), outer_stride=int(p.get("outer", 0)))
     flags = _w4a16_flags(mod, p)
-    consts = dict(flags, SPLIT=p["split"], FP4=p.get("fp4", False), HAS_XS=p.get("xs", False))
+    consts = dict(flags, SPLIT=p["split"], FP4=p.get("fp4", False), HAS_XS=p.get("xs", False),
+                  REDUCE=p["split"] > 1)
     configs = list(mod._eligible_configs(gs))
     if not all_configs:  # the widest tile per thread
         configs = _heaviest(configs, lambda c: (c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"]
@@ -423,12 +425,13 @@ def _build_w4a16_gemv1w(mod, p: dict, all_configs: bool):
     out = "*" + p["dtype"]
     args = dict(x_ptr="*" + p.get("x", p["dtype"]), words_ptr="*i32", scale_ptr="*fp32",
                 neg_ptr="*fp32", outer_ptr="*fp32", bias_ptr=out if p.get("bias") else "*fp32",
-                part_ptr="*fp32" if p["split"] > 1 else out, xs_ptr="*fp32", N=n, K=k,
-                KW=k // 8, G=-(-k // gs), outer_stride=int(p.get("outer", 0)))
+                part_ptr="*fp32" if p["split"] > 1 else out, out_ptr=out, count_ptr="*i32",
+                xs_ptr="*fp32", N=n, K=k, KW=k // 8, G=-(-k // gs),
+                outer_stride=int(p.get("outer", 0)))
     kind = {"fp32": 0, "bf16": 1, "fp16": 2}[p["dtype"]]
     consts = dict(GROUP_SIZE=gs, HAS_NEG=p.get("neg", False), HAS_OUTER=p.get("outer", False),
                   HAS_BIAS=p.get("bias", False), HAS_XS=p.get("xs", False), SPLIT=p["split"],
-                  KIND=kind, EXACT=False)
+                  REDUCE=p["split"] > 1, KIND=kind, EXACT=False)
     return mod._gemv1_fp4w_kernel, args, consts, list(mod._fp4w_configs(gs))
 
 

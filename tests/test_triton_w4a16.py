@@ -240,6 +240,29 @@ def test_gemv1_matches_reference(fmt, k, dtype):
         assert_matches_unrounded(out, ref, x, w)
 
 
+@pytest.mark.parametrize("fmt", ["fp4_e2m1/g128", "fp4_e2m1/g128/asym", "int4/g64/asym"])
+@pytest.mark.parametrize("split", [2, 3, 7])
+def test_gemv1_reduces_in_its_last_program(monkeypatch, fmt, split):
+    """Split over K, the last program of each column tile sums the partials: one launch, the
+    same bits as the separate reduce kernel, and the arrival counts are left at zero."""
+    from qcompile.backends.triton import w4a16_gemv as g1
+
+    x, w, b = _inputs(fmt, 1, 200, 2048, torch.bfloat16, bias=True)
+    fp4 = fmt.startswith("fp4")
+    if fp4:
+        w = (w[0], w4.element_table("fp4_e2m1", x.device), *w[2:])
+    spy = _Spy(g1._splitk_reduce_kernel)
+    monkeypatch.setattr(g1, "_splitk_reduce_kernel", spy)
+    fused = g1.w4a16_gemv1(x, *w, bias=b, fp4=fp4, split=split)
+    assert spy.launches == 0
+    assert not g1._COUNTS[("cpu", 0)].any()
+    monkeypatch.setattr(g1, "FUSED_REDUCE", False)
+    separate = g1.w4a16_gemv1(x, *w, bias=b, fp4=fp4, split=split)
+    assert spy.launches == 1
+    assert torch.equal(fused, separate)
+    assert_matches_unrounded(fused, w4.w4a16_linear_ref(x, *w, bias=b), x, w)
+
+
 class _Spy:
     """Counts launches of a JIT kernel and forwards them."""
 

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from qcompile.backends.triton.runtime import cdiv, graph_bench, interpreting, sm_count, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _splitk_reduce_kernel
+from qcompile.device_cache import outside_graph_pools
 
 __all__ = ["FP4W_CONFIGS", "GEMV1_CONFIGS", "gemv1_eligible", "w4a16_gemv1"]
 
@@ -65,31 +66,55 @@ def _fp4_units(c):
 
 
 @triton.jit
-def _finish(acc, outer_ptr, bias_ptr, part_ptr, xs_ptr, offs_n, n_ok, pid_s, N, outer_stride,
-            HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
-            SPLIT: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr):
-    """Outer scale, then ``y`` (times the activation scale, plus bias, rounded to the output
-    dtype) or this split's fp32 partial (the reduce applies the rest, in the same order)."""
+def _epilogue(acc, bias_ptr, out_ptr, xs_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr,
+              HAS_XS: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr):
+    """``y = round(acc * xs + bias)`` into ``out`` (the order of ``_splitk_reduce_kernel``)."""
+    if HAS_XS:
+        acc = acc * tl.load(xs_ptr)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    acc = _round_to(acc, KIND, EXACT)
+    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, offs_n, n_ok,
+            pid_n, pid_s, N, outer_stride, HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr,
+            HAS_XS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
+            KIND: tl.constexpr, EXACT: tl.constexpr):
+    """Outer scale, then ``y`` (one split) or this split's fp32 partial. With ``REDUCE`` the
+    program that stores its column tile's last partial (an arrival count per tile) also sums
+    the tile's partials in split order and writes ``y``: no second launch, the same bits as
+    the reduce kernel. It then zeroes the count for the next call."""
     if HAS_OUTER:
         acc = acc * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)
     if SPLIT == 1:
-        if HAS_XS:
-            acc = acc * tl.load(xs_ptr)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc = _round_to(acc, KIND, EXACT)
-        tl.store(part_ptr + offs_n, acc.to(part_ptr.dtype.element_ty), mask=n_ok)
+        _epilogue(acc, bias_ptr, out_ptr, xs_ptr, offs_n, n_ok, HAS_BIAS, HAS_XS, KIND, EXACT)
     else:
         tl.store(part_ptr + pid_s.to(tl.int64) * N + offs_n, acc, mask=n_ok)
+        if REDUCE:
+            # Every thread's partial is stored before the (single-thread, gpu-scope release)
+            # arrival; the last arrival's acquire, then L2 reads (.cg), see all the partials.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:
+                tot = tl.load(part_ptr + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT):
+                    tot += tl.load(part_ptr + s * N + offs_n, mask=n_ok, other=0.0,
+                                   cache_modifier=".cg")
+                _epilogue(tot, bias_ptr, out_ptr, xs_ptr, offs_n, n_ok, HAS_BIAS, HAS_XS,
+                          KIND, EXACT)
+                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
 def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
-                  bias_ptr, part_ptr, xs_ptr, N, K, KB, G, outer_stride,
+                  bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, N, K, KB, G, outer_stride,
                   GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr,
                   HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
-                  SPLIT: tl.constexpr, FP4: tl.constexpr, KIND: tl.constexpr,
-                  EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  SPLIT: tl.constexpr, REDUCE: tl.constexpr, FP4: tl.constexpr,
+                  KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
     """Partial sums of K tiles [pid_s*per, (pid_s+1)*per) into ``part[pid_s]`` (or ``y``)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -129,8 +154,8 @@ def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, ou
             acc += dot * eff
     if FP4:
         acc = acc * 16384.0  # 2^14: the fp16 placement's unit
-    _finish(acc, outer_ptr, bias_ptr, part_ptr, xs_ptr, offs_n, n_ok, pid_s, N, outer_stride,
-            HAS_OUTER, HAS_BIAS, HAS_XS, SPLIT, KIND, EXACT)
+    _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, offs_n, n_ok, pid_n,
+            pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS, SPLIT, REDUCE, KIND, EXACT)
 
 
 @triton.jit
@@ -155,10 +180,10 @@ def _fp4_pair(w, NIB: tl.constexpr):
 
 @triton.jit
 def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr, part_ptr,
-                       xs_ptr, N, K, KW, G, outer_stride,
+                       out_ptr, count_ptr, xs_ptr, N, K, KW, G, outer_stride,
                        GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_OUTER: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, SPLIT: tl.constexpr,
-                       KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
+                       REDUCE: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
     """FP4 weights read as int32 words (8 codes, k = 8 * word + nibble): per tile, the raw
     code sums of each group (AFPQ: the signed sum S and the magnitude sum A, so the positive
@@ -214,8 +239,8 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
             else:
                 acc += sg * eff
     acc = acc * 16384.0  # 2^14: the fp16 placement's unit
-    _finish(acc, outer_ptr, bias_ptr, part_ptr, xs_ptr, offs_n, n_ok, pid_s, N, outer_stride,
-            HAS_OUTER, HAS_BIAS, HAS_XS, SPLIT, KIND, EXACT)
+    _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, offs_n, n_ok, pid_n,
+            pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS, SPLIT, REDUCE, KIND, EXACT)
 
 
 @functools.cache
@@ -261,6 +286,36 @@ def _tuned_fp4w(group_size: int) -> triton.runtime.Autotuner:
                            prune_configs_by=tuning(), do_bench=graph_bench)(_gemv1_fp4w_kernel)
 
 
+#: Fold the split-K reduction into the GEMV (its last program per column tile sums the
+#: partials): one launch per call instead of two. False: the separate reduce kernel (same bits).
+FUSED_REDUCE = True
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in (*GEMV1_CONFIGS, *FP4W_CONFIGS,
+                                                 triton.Config(_INTERP),
+                                                 triton.Config(_INTERP_FP4W)))
+_COUNT_SLOTS = 1 << 16  # column tiles: N up to a million at the smallest BLOCK_N
+_COUNTS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _arrival_counts(device: torch.device) -> torch.Tensor | None:
+    """The device's zeroed int32 arrival counts of the fused reduction, made on first use
+    (outside CUDA-graph pools; each kernel leaves them zero). None while a CUDA graph is being
+    captured before they exist (the caller then launches the reduce kernel).
+
+    One set per device, shared by every call: calls of these kernels that run at the same time
+    on two streams of one device are not supported (as with any one-workspace split-K GEMM).
+    """
+    index = (device.index if device.index is not None else torch.cuda.current_device()
+             ) if device.type == "cuda" else 0
+    counts = _COUNTS.get((device.type, index))
+    if counts is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counts = outside_graph_pools(
+            lambda: torch.zeros(_COUNT_SLOTS, dtype=torch.int32, device=device), device)
+        _COUNTS[(device.type, index)] = counts
+    return counts
+
+
 def _split(n: int, k: int, device: torch.device) -> int:
     """K splits: about four programs per multiprocessor at BLOCK_N = 64, >= 512 K each."""
     cap = max(1, min(16, k // 512))
@@ -292,6 +347,10 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     out_dtype = out_dtype or x.dtype
     out = torch.empty(1, n, dtype=out_dtype, device=x.device)
     part = out if split == 1 else torch.empty(split, n, dtype=torch.float32, device=x.device)
+    counts = None
+    if split > 1 and FUSED_REDUCE and cdiv(n, _MIN_BLOCK_N) <= _COUNT_SLOTS:
+        counts = _arrival_counts(x.device)
+    reduce = counts is not None
     neg = scale if scale_neg is None else scale_neg
     zer = scale if zero is None else zero
     out_t = scale if outer is None else outer
@@ -305,8 +364,9 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     xs = scale if x_scale is None else x_scale
     flags = dict(GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
                  HAS_OUTER=outer is not None, HAS_BIAS=bias is not None,
-                 HAS_XS=x_scale is not None, SPLIT=split, KIND=_DTYPE_KIND[out_dtype],
-                 EXACT=exact)
+                 HAS_XS=x_scale is not None, SPLIT=split, REDUCE=reduce,
+                 KIND=_DTYPE_KIND[out_dtype], EXACT=exact)
+    cnt = scale if counts is None else counts
     if words is not None:
         if exact:
             kern, cfg = _gemv1_fp4w_kernel, dict(_INTERP_FP4W)
@@ -314,16 +374,16 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                 cfg["BLOCK_K"] = 64  # the interpreter's one config must fit the group too
         else:
             kern = _gemv1_fp4w_kernel if cfg else _tuned_fp4w(group_size)
-        kern[grid](x, words, scale, neg, out_t, bias_t, part, xs, n, k, words.shape[1], g,
-                   o_stride, **flags, **cfg)
+        kern[grid](x, words, scale, neg, out_t, bias_t, part, out, cnt, xs, n, k,
+                   words.shape[1], g, o_stride, **flags, **cfg)
     else:
         kern = _gemv1_kernel if exact or cfg else _tuned(group_size)
         if exact:
             cfg = _INTERP
-        kern[grid](x, packed, table, scale, neg, zer, out_t, bias_t, part, xs, n, k,
+        kern[grid](x, packed, table, scale, neg, zer, out_t, bias_t, part, out, cnt, xs, n, k,
                    packed.shape[1], g, o_stride, HAS_ZERO=zero is not None, FP4=fp4, **flags,
                    **cfg)
-    if split > 1:
+    if split > 1 and not reduce:
         _splitk_reduce_kernel[(cdiv(n, 1024),)](
             part, bias_t, out, xs, 1, n, SPLIT=split, HAS_BIAS=bias is not None,
             HAS_XS=x_scale is not None, KIND=_DTYPE_KIND[out_dtype], EXACT=exact, BLOCK=1024)
