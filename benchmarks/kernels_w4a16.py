@@ -47,7 +47,7 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
                            f"CUDA available: {torch.cuda.is_available()})")
     from triton.testing import do_bench, do_bench_cudagraph
 
-    from qcompile.backends.triton import w4a16_gemv
+    from qcompile.backends.triton import runtime, w4a16_gemv
     from qcompile.backends.triton.runtime import element_table
     from qcompile.backends.triton.w4a16 import w4a16_linear, w4a16_linear_ref
     from qcompile.formats import pack_codes, parse_format, quantize
@@ -78,7 +78,7 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
                 with mock.patch.object(w4a16_gemv, "gemv1_eligible",
                                        (lambda m, g: False) if general
                                        else w4a16_gemv.gemv1_eligible), \
-                        mock.patch.object(w4a16_gemv, "FUSED_REDUCE", fused):
+                        mock.patch.object(runtime, "FUSED_REDUCE", fused):
                     out = w4a16_linear(x, *args)  # also runs the autotuner once
                     ms = do_bench(lambda x=x, a=args: w4a16_linear(x, *a))
                     graph_ms = do_bench_cudagraph(lambda x=x, a=args: w4a16_linear(x, *a))

@@ -387,12 +387,13 @@ def _w4a16_flags(mod, p: dict) -> dict:
 def _build_w4a16_gemv(mod, p: dict, all_configs: bool):
     m, n, k, gs = p["m"], 4096, 4096, p["group_size"]
     block_m = 1 << max(m - 1, 0).bit_length()
-    args = dict(_w4a16_pointers(p), part_ptr="*fp32" if p["split"] > 1 else "*" + p["dtype"],
-                xs_ptr="*fp32", M=m, N=n, K=k, KB=(k + 1) // 2, G=-(-k // gs),
-                outer_stride=int(p.get("outer", 0)))
+    out = "*" + p["dtype"]
+    args = dict(_w4a16_pointers(p), part_ptr="*fp32" if p["split"] > 1 else out, out_ptr=out,
+                count_ptr="*i32", xs_ptr="*fp32", M=m, N=n, K=k, KB=(k + 1) // 2,
+                G=-(-k // gs), outer_stride=int(p.get("outer", 0)))
     flags = _w4a16_flags(mod, p)
-    consts = dict(flags, SPLIT=p["split"], BLOCK_M=block_m, HAS_XS=p.get("xs", False),
-                  OUT_KIND=flags["KIND"])
+    consts = dict(flags, SPLIT=p["split"], REDUCE=p["split"] > 1, BLOCK_M=block_m,
+                  HAS_XS=p.get("xs", False), OUT_KIND=flags["KIND"])
     if "x" in p:  # FP8 code rows (W4A8): fp32 weights
         consts["KIND"] = 0
     configs = mod.GEMV_CONFIGS[mod._bucket(mod.GEMV_CONFIGS, block_m)]

@@ -245,6 +245,7 @@ def test_gemv1_matches_reference(fmt, k, dtype):
 def test_gemv1_reduces_in_its_last_program(monkeypatch, fmt, split):
     """Split over K, the last program of each column tile sums the partials: one launch, the
     same bits as the separate reduce kernel, and the arrival counts are left at zero."""
+    from qcompile.backends.triton import runtime
     from qcompile.backends.triton import w4a16_gemv as g1
 
     x, w, b = _inputs(fmt, 1, 200, 2048, torch.bfloat16, bias=True)
@@ -255,12 +256,33 @@ def test_gemv1_reduces_in_its_last_program(monkeypatch, fmt, split):
     monkeypatch.setattr(g1, "_splitk_reduce_kernel", spy)
     fused = g1.w4a16_gemv1(x, *w, bias=b, fp4=fp4, split=split)
     assert spy.launches == 0
-    assert not g1._COUNTS[("cpu", 0)].any()
-    monkeypatch.setattr(g1, "FUSED_REDUCE", False)
+    assert not runtime._COUNTS[("cpu", 0)].any()
+    monkeypatch.setattr(runtime, "FUSED_REDUCE", False)
     separate = g1.w4a16_gemv1(x, *w, bias=b, fp4=fp4, split=split)
     assert spy.launches == 1
     assert torch.equal(fused, separate)
     assert_matches_unrounded(fused, w4.w4a16_linear_ref(x, *w, bias=b), x, w)
+
+
+@pytest.mark.parametrize("m", [2, 7, 16])
+def test_gemv_reduces_in_its_last_program(monkeypatch, m):
+    """The general split-K GEMV (2..16 rows) sums its partials in place too: the same bits
+    as with the reduce kernel, which is then not launched."""
+    from qcompile.backends.triton import runtime
+    from qcompile.backends.triton import w4a16_gemv as g1
+
+    x, w, b = _inputs("fp4_e2m1/g128/asym", m, 200, 1000, torch.float16, bias=True)
+    monkeypatch.setattr(w4, "_pick_split", lambda n, k, device: 3)
+    spy = _Spy(w4._splitk_reduce_kernel)
+    monkeypatch.setattr(w4, "_splitk_reduce_kernel", spy)
+    fused = w4.w4a16_linear(x, *w, bias=b)
+    assert spy.launches == 0 and not runtime._COUNTS[("cpu", 0)].any()
+    monkeypatch.setattr(runtime, "FUSED_REDUCE", False)
+    separate = w4.w4a16_linear(x, *w, bias=b)
+    assert spy.launches == 1
+    assert torch.equal(fused, separate)
+    assert_matches(fused, w4.w4a16_linear_ref(x, *w, bias=b))
+    assert not g1.gemv1_eligible(m, 128)
 
 
 class _Spy:

@@ -21,7 +21,9 @@ from qcompile.formats.elements import element_info
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "FUSED_REDUCE",
     "KernelInputError",
+    "arrival_counts",
     "cdiv",
     "check_tensor",
     "element_table",
@@ -95,6 +97,38 @@ def next_pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for ``n <= 1``): ``triton.next_power_of_2``
     without its per-call constexpr wrapping."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+#: Split-K GEMVs sum their partials in the last program of each column tile (arrival counts,
+#: :func:`arrival_counts`): one launch per call instead of two, the same bits. False: a
+#: separate reduce kernel (benchmarks compare the two).
+FUSED_REDUCE = True
+_COUNT_SLOTS = 1 << 16  # column tiles: N up to a million at BLOCK_N = 16
+_COUNTS: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def arrival_counts(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """Zeroed int32 arrival counts for a split-K kernel of ``tiles`` column tiles that sums
+    its partials in place, or None where it should launch its reduce kernel instead
+    (:data:`FUSED_REDUCE` off, more tiles than slots, or a CUDA graph being captured before
+    the counts exist). Made once per device outside CUDA-graph pools; every kernel leaves its
+    counts at zero.
+
+    One set per device, shared by every call: split-K launches that run at the same time on
+    two streams of one device are not supported (as with any one-workspace split-K GEMM).
+    """
+    if not FUSED_REDUCE or tiles > _COUNT_SLOTS:
+        return None
+    index = ((device.index if device.index is not None else torch.cuda.current_device())
+             if device.type == "cuda" else 0)
+    counts = _COUNTS.get((device.type, index))
+    if counts is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counts = outside_graph_pools(
+            lambda: torch.zeros(_COUNT_SLOTS, dtype=torch.int32, device=device), device)
+        _COUNTS[(device.type, index)] = counts
+    return counts
 
 
 @functools.cache

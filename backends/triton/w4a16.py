@@ -35,6 +35,7 @@ import triton.language as tl
 from qcompile.backends.triton.jit import tile_coords
 from qcompile.backends.triton.runtime import (
     KernelInputError,
+    arrival_counts,
     cdiv,
     check_tensor,
     element_table,
@@ -87,6 +88,8 @@ GEMM_CONFIGS: dict[int, list[triton.Config]] = {
 # Every config above compiles for sm_90 within its shared memory (checked ahead of time for
 # group sizes 16, 33 and 128). One small fixed config each under the interpreter, where autotuning only costs time.
 _INTERP_GEMV = {"BLOCK_N": 64, "BLOCK_K": 128}
+_MIN_GEMV_BLOCK_N = min(min(c.kwargs["BLOCK_N"] for cs in GEMV_CONFIGS.values() for c in cs),
+                        _INTERP_GEMV["BLOCK_N"])
 _INTERP_GEMM = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 4}
 
 
@@ -214,17 +217,33 @@ def _weight_tile(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
 
 
 @triton.jit
+def _rows_epilogue(acc, bias_ptr, out_ptr, xs_ptr, offs_m, m_ok, offs_n, offs, out_mask, N,
+                   HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, OUT_KIND: tl.constexpr,
+                   EXACT: tl.constexpr):
+    """``out = round(acc * xs[row] + bias)`` (the order of ``_splitk_reduce_kernel``)."""
+    if HAS_XS:
+        acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    acc = _round_to(acc, OUT_KIND, EXACT)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
 def _w4a16_gemv_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
-                       bias_ptr, part_ptr, xs_ptr, M, N, K, KB, G, outer_stride,
-                       GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr,
-                       HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
-                       SPLIT: tl.constexpr, KIND: tl.constexpr, OUT_KIND: tl.constexpr,
+                       bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, M, N, K, KB, G,
+                       outer_stride, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
+                       HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       HAS_XS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
+                       KIND: tl.constexpr, OUT_KIND: tl.constexpr,
                        EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
     """Split-K GEMV: partial sums of K tiles [pid_s*per, (pid_s+1)*per) into part[pid_s].
 
     The weight is rounded to ``KIND`` (x's dtype), the result to ``OUT_KIND``; ``xs`` (W4A8's
-    FP8 rows) holds per-row scales applied before the bias."""
+    FP8 rows) holds per-row scales applied before the bias. With ``REDUCE`` the last program
+    of each column tile to store its partial sums them all into ``out`` (as
+    ``w4a16_gemv._finish`` does; ``count_ptr``: the arrival counts)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -251,14 +270,21 @@ def _w4a16_gemv_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_pt
     out_mask = m_ok[:, None] & (offs_n < N)[None, :]
     offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
     if SPLIT == 1:  # the only partial is the result: finish here, no second kernel
-        if HAS_XS:
-            acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        acc = _round_to(acc, OUT_KIND, EXACT)
-        tl.store(part_ptr + offs, acc.to(part_ptr.dtype.element_ty), mask=out_mask)
+        _rows_epilogue(acc, bias_ptr, out_ptr, xs_ptr, offs_m, m_ok, offs_n, offs, out_mask, N,
+                       HAS_BIAS, HAS_XS, OUT_KIND, EXACT)
     else:
         tl.store(part_ptr + pid_s.to(tl.int64) * M * N + offs, acc, mask=out_mask)
+        if REDUCE:  # see w4a16_gemv._finish: barrier, then one gpu-scope acq_rel arrival
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT - 1:
+                tot = tl.load(part_ptr + offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                for s in tl.static_range(1, SPLIT):
+                    tot += tl.load(part_ptr + s * M * N + offs, mask=out_mask, other=0.0,
+                                   cache_modifier=".cg")
+                _rows_epilogue(tot, bias_ptr, out_ptr, xs_ptr, offs_m, m_ok, offs_n, offs,
+                               out_mask, N, HAS_BIAS, HAS_XS, OUT_KIND, EXACT)
+                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -463,10 +489,12 @@ def launch_gemv(args: tuple, out: torch.Tensor, k: int, kb: int, g: int, o_strid
     cfg = _INTERP_GEMV if exact else {}
     xs = args[3] if x_scale is None else x_scale  # a placeholder when unused
     out_kind = _DTYPE_KIND[out.dtype]
+    counts = arrival_counts(x2.device, cdiv(n, _MIN_GEMV_BLOCK_N)) if split > 1 else None
     kern[lambda meta: (cdiv(n, meta["BLOCK_N"]), split)](
-        *args, part, xs, m, n, k, kb, g, o_stride, SPLIT=split, BLOCK_M=block_m,
-        HAS_XS=x_scale is not None, OUT_KIND=out_kind, **cfg, **common)
-    if split > 1:
+        *args, part, out, args[3] if counts is None else counts, xs, m, n, k, kb, g, o_stride,
+        SPLIT=split, REDUCE=counts is not None, BLOCK_M=block_m, HAS_XS=x_scale is not None,
+        OUT_KIND=out_kind, **cfg, **common)
+    if split > 1 and counts is None:
         block = 1024
         _splitk_reduce_kernel[(cdiv(m * n, block),)](
             part, args[-1], out, xs, m, n, SPLIT=split, HAS_BIAS=common["HAS_BIAS"],

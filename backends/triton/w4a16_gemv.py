@@ -24,9 +24,15 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton.runtime import cdiv, graph_bench, interpreting, sm_count, tuning
+from qcompile.backends.triton.runtime import (
+    arrival_counts,
+    cdiv,
+    graph_bench,
+    interpreting,
+    sm_count,
+    tuning,
+)
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _splitk_reduce_kernel
-from qcompile.device_cache import outside_graph_pools
 
 __all__ = ["FP4W_CONFIGS", "GEMV1_CONFIGS", "gemv1_eligible", "w4a16_gemv1"]
 
@@ -286,34 +292,9 @@ def _tuned_fp4w(group_size: int) -> triton.runtime.Autotuner:
                            prune_configs_by=tuning(), do_bench=graph_bench)(_gemv1_fp4w_kernel)
 
 
-#: Fold the split-K reduction into the GEMV (its last program per column tile sums the
-#: partials): one launch per call instead of two. False: the separate reduce kernel (same bits).
-FUSED_REDUCE = True
 _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in (*GEMV1_CONFIGS, *FP4W_CONFIGS,
                                                  triton.Config(_INTERP),
                                                  triton.Config(_INTERP_FP4W)))
-_COUNT_SLOTS = 1 << 16  # column tiles: N up to a million at the smallest BLOCK_N
-_COUNTS: dict[tuple[str, int], torch.Tensor] = {}
-
-
-def _arrival_counts(device: torch.device) -> torch.Tensor | None:
-    """The device's zeroed int32 arrival counts of the fused reduction, made on first use
-    (outside CUDA-graph pools; each kernel leaves them zero). None while a CUDA graph is being
-    captured before they exist (the caller then launches the reduce kernel).
-
-    One set per device, shared by every call: calls of these kernels that run at the same time
-    on two streams of one device are not supported (as with any one-workspace split-K GEMM).
-    """
-    index = (device.index if device.index is not None else torch.cuda.current_device()
-             ) if device.type == "cuda" else 0
-    counts = _COUNTS.get((device.type, index))
-    if counts is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        counts = outside_graph_pools(
-            lambda: torch.zeros(_COUNT_SLOTS, dtype=torch.int32, device=device), device)
-        _COUNTS[(device.type, index)] = counts
-    return counts
 
 
 def _split(n: int, k: int, device: torch.device) -> int:
@@ -347,9 +328,7 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     out_dtype = out_dtype or x.dtype
     out = torch.empty(1, n, dtype=out_dtype, device=x.device)
     part = out if split == 1 else torch.empty(split, n, dtype=torch.float32, device=x.device)
-    counts = None
-    if split > 1 and FUSED_REDUCE and cdiv(n, _MIN_BLOCK_N) <= _COUNT_SLOTS:
-        counts = _arrival_counts(x.device)
+    counts = arrival_counts(x.device, cdiv(n, _MIN_BLOCK_N)) if split > 1 else None
     reduce = counts is not None
     neg = scale if scale_neg is None else scale_neg
     zer = scale if zero is None else zero
