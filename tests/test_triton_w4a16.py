@@ -384,6 +384,27 @@ def test_gemv1_fp4_words(monkeypatch, fmt, k, words):
     assert_matches_unrounded(out, w4.w4a16_linear_ref(x, *w, bias=b), x, w)
 
 
+@pytest.mark.parametrize("fmt", ["fp4_e2m1/g128/asym", "fp4_e2m1/g64/m2", "fp4_e2m1/g128"])
+@pytest.mark.parametrize("k", [1024, 1088, 2304])
+def test_gemv1_fp4_words_prefetch_gives_the_same_bits(monkeypatch, fmt, k):
+    """Loading the next tile's words ahead (``PREFETCH``) changes when words are read, not
+    what is summed: the same bits as without, over splits whose tile counts differ (one
+    tile, several, a ragged last one)."""
+    from qcompile.backends.triton import w4a16_gemv as g1
+
+    x, w, b = _inputs(fmt, 1, 72, k, torch.bfloat16, bias=True)
+    w = (w[0], w4.element_table("fp4_e2m1", x.device), *w[2:])
+    outs = []
+    for prefetch in (0, 1):
+        monkeypatch.setattr(g1, "_INTERP_FP4W", {"BLOCK_N": 16, "BLOCK_K": 128,
+                                                 "PREFETCH": prefetch})
+        outs.append([g1.w4a16_gemv1(x, *w, bias=b, fp4=True, split=split)
+                     for split in (1, 3, 16)])
+    for off, on in zip(*outs, strict=True):
+        assert torch.equal(off, on)
+    assert_matches_unrounded(outs[1][1], w4.w4a16_linear_ref(x, *w, bias=b), x, w)
+
+
 def test_gemv1_takes_only_what_it_can():
     from qcompile.backends.triton import w4a16_gemv as g1
 

@@ -50,16 +50,21 @@ _INTERP = {"BLOCK_N": 32, "BLOCK_K": 64}  # one config under the interpreter (gr
 #: a thread several rows of the same words share its loads of x across those rows. Ordered by
 #: the H100 sweep (``benchmarks/kernels_w4a16.py --sweep``, FP4 g128): 32 x 1024 and
 #: 16 x 1024 ran 8192^2 in 19 us and 28672 x 8192 in 56-57 us; 16 x 512 took 41 / 129 us.
+#: ``PREFETCH``: load the next tile's words before multiplying the current one's. Without it a
+#: warp waits for each tile's loads, then computes (Triton does not pipeline loads that feed
+#: no dot; at 4.7-6 SASS instructions per code the compute is as long as the load).
 FP4W_CONFIGS: list[triton.Config] = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in ((32, 1024, 4, 3), (16, 1024, 4, 3), (64, 512, 4, 3), (128, 256, 8, 3),
-                         (64, 256, 4, 3), (64, 128, 4, 3),
-                         # Not swept yet: longer runs per row (the sweep's times fell with
-                         # BLOCK_K; 8 x 2048 spilled on sm_90), more warps or stages on the
-                         # best tile.
-                         (16, 2048, 4, 3), (32, 1024, 8, 3), (16, 1024, 4, 4))
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PREFETCH": pf}, num_warps=w, num_stages=s)
+    for bn, bk, w, s, pf in ((32, 1024, 4, 3, 0), (16, 1024, 4, 3, 0), (64, 512, 4, 3, 0),
+                             (128, 256, 8, 3, 0), (64, 256, 4, 3, 0), (64, 128, 4, 3, 0),
+                             # Not swept yet: longer runs per row (the sweep's times fell with
+                             # BLOCK_K; 8 x 2048 spilled on sm_90), more warps or stages on
+                             # the best tile, and the prefetching variants.
+                             (16, 2048, 4, 3, 0), (32, 1024, 8, 3, 0), (16, 1024, 4, 4, 0),
+                             (32, 1024, 4, 3, 1), (16, 1024, 4, 3, 1), (64, 512, 4, 3, 1),
+                             (32, 512, 4, 3, 1), (64, 256, 4, 3, 1))
 ]
-_INTERP_FP4W = {"BLOCK_N": 16, "BLOCK_K": 256}
+_INTERP_FP4W = {"BLOCK_N": 16, "BLOCK_K": 256, "PREFETCH": 1}
 # 0x80008000 as an int32 (Triton would widen the unsigned literal to int64).
 _SIGNS = tl.constexpr(-2147450880)
 
@@ -189,8 +194,8 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
                        out_ptr, count_ptr, xs_ptr, N, K, KW, G, outer_stride,
                        GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_OUTER: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, SPLIT: tl.constexpr,
-                       REDUCE: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_K: tl.constexpr):
+                       REDUCE: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
     """FP4 weights read as int32 words (8 codes, k = 8 * word + nibble): per tile, the raw
     code sums of each group (AFPQ: the signed sum S and the magnitude sum A, so the positive
     part is (S + A) / 2 and the negative (S - A) / 2) times the group scales."""
@@ -205,10 +210,22 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
     tiles = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(tiles, SPLIT)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for t in range(pid_s * per, tl.minimum(pid_s * per + per, tiles)):
+    t_end = tl.minimum(pid_s * per + per, tiles)
+    if PREFETCH:  # the first tile's words; each iteration then loads the next tile's first
+        w_lim = tl.minimum(KW, t_end * WK)  # words past the split's tiles are not read
+        w_next = tl.load(rows + (pid_s * per * WK + kw)[None, :],
+                         mask=n_ok[:, None] & (pid_s * per * WK + kw < w_lim)[None, :], other=0)
+    for t in range(pid_s * per, t_end):
         k0 = t * BLOCK_K
         wcol = k0 // 8 + kw
-        w = tl.load(rows + wcol[None, :], mask=n_ok[:, None] & (wcol < KW)[None, :], other=0)
+        if PREFETCH:
+            # The loads of tile t + 1 are in flight while tile t's codes are multiplied.
+            w = w_next
+            w_next = tl.load(rows + (wcol + WK)[None, :],
+                             mask=n_ok[:, None] & (wcol + WK < w_lim)[None, :], other=0)
+        else:
+            w = tl.load(rows + wcol[None, :], mask=n_ok[:, None] & (wcol < KW)[None, :],
+                        other=0)
         s_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
         a_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
         for i in tl.static_range(4):
