@@ -1,0 +1,132 @@
+"""Static cost of the batch-1 GEMV kernels on an H100, without a GPU: SASS instructions per
+weight code in each config's main loop.
+
+At batch 1 the FP4 GEMVs decode and multiply every code once, so their time is bounded both
+by the weight read and by instruction issue: an H100 issues about 30 T thread-instructions/s
+(132 SMs x 4 schedulers x 32 lanes x 1.75 GHz), and the weight read streams 6.7 G codes/ms at
+3.35 TB/s. At N SASS instructions per code the issue bound is ``N * codes / 30e12`` s, which
+for 8192^2 and N = 4.7 is 10.6 us (the read bound: about 10 us). This script compiles each
+config for sm_90 with Triton's own ``ptxas`` (as ``tests/test_triton_compile_sm90.py`` does, whose
+builders it reuses), disassembles the cubin with ``cuobjdump -sass``, takes the longest loop
+(the K-tile loop) and counts its instructions per code a thread handles per iteration, with
+the opcode mix, the barriers and the registers. A change to the decode can so be judged here
+before device time is spent on it; the times themselves come from ``kernels_w4a16.py``.
+
+Usage::
+
+    python benchmarks/sass_census.py [--cases w4a16-gemv1w-bf16-g128-afpq,...] [--out F.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ISSUE_PER_S = 132 * 4 * 32 * 1.75e9  # H100 SXM: thread-instructions issued per second
+_TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_triton_compile_sm90.py"
+DEFAULT_CASES = ("w4a16-gemv1w-bf16-g128-fp4", "w4a16-gemv1w-bf16-g128-afpq",
+                 "w4a16-gemv1w-fp8-g128-w4a8")
+_LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_BRANCH = re.compile(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
+
+
+def main_loop(sass: str) -> dict[str, Any]:
+    """The longest backward-branch loop of a kernel's SASS: its instruction count and opcode
+    counts (predicates stripped)."""
+    rows = [(int(m.group(1), 16), m.group(2).strip()) for m in map(_LINE.match,
+                                                                    sass.splitlines()) if m]
+    best: list[str] = []
+    for addr, op in rows:
+        m = _BRANCH.search(op)
+        if m and m.group(1) and int(m.group(1), 16) < addr:
+            body = [o for a, o in rows if int(m.group(1), 16) <= a <= addr]
+            if len(body) > len(best):
+                best = body
+    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", o).split()[0] for o in best)
+    return {"instructions": len(best), "opcodes": dict(ops.most_common())}
+
+
+def _compile_module():
+    spec = importlib.util.spec_from_file_location("compile_sm90", _TESTS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def census(case_names: list[str]) -> list[dict[str, Any]]:
+    """One row per (case, config) of the GEMV1 word kernel cases named."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from qcompile.backends.triton import w4a16_gemv
+
+    t = _compile_module()
+    cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    cases = {c[0]: c for c in t.CASES}
+    rows = []
+    for name in case_names:
+        if name not in cases or cases[name][1] != "w4a16_gemv1w":
+            raise SystemExit(f"sass_census: {name!r} is not a w4a16_gemv1w case of {_TESTS.name}")
+        params = dict(cases[name][2], split=max(2, cases[name][2].get("split", 1)))
+        fn, args, consts, configs = t._build_w4a16_gemv1w(w4a16_gemv, params, True)
+        for cfg in configs:
+            sig, ce, attrs = t._specialize(fn, args, dict(consts, **cfg.kwargs))
+            kernel = triton.compile(ASTSource(fn, sig, ce, attrs),
+                                    target=GPUTarget("cuda", 90, 32),
+                                    options={"num_warps": cfg.num_warps,
+                                             "num_stages": cfg.num_stages})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                sass = subprocess.run([cuobjdump, "-sass", f.name], check=True,
+                                      capture_output=True, text=True).stdout
+            regs, stack = t._resources(kernel.asm["cubin"], cuobjdump, kernel.metadata.name)
+            loop = main_loop(sass)
+            codes = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] / (cfg.num_warps * 32)
+            per_code = loop["instructions"] / codes
+            rows.append({
+                "case": name, "config": dict(cfg.kwargs, num_warps=cfg.num_warps,
+                                             num_stages=cfg.num_stages),
+                "loop_instructions": loop["instructions"], "codes_per_thread_per_iter": codes,
+                "instructions_per_code": round(per_code, 3),
+                "issue_bound_us_8192x8192": round(per_code * 8192 * 8192 / ISSUE_PER_S * 1e6,
+                                                  2),
+                "barriers_per_iter": loop["opcodes"].get("BAR.SYNC.DEFER_BLOCKING", 0),
+                "registers": regs, "spill_words": stack // 4,
+                "opcodes": dict(list(loop["opcodes"].items())[:12]),
+            })
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print a table (and write the JSON with ``--out``)."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", default=",".join(DEFAULT_CASES))
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        os.environ.pop("TRITON_INTERPRET")  # decided at import: compile needs the real JIT
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__),
+                                  *(sys.argv[1:] if argv is None else argv)])
+    rows = census([c.strip() for c in args.cases.split(",") if c.strip()])
+    for r in rows:
+        print(f"{r['case']:32s} {json.dumps(r['config']):90s} {r['instructions_per_code']:5.2f} "
+              f"instr/code  {r['issue_bound_us_8192x8192']:5.1f} us  bar {r['barriers_per_iter']:2d}"
+              f"  regs {r['registers']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

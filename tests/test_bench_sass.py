@@ -1,0 +1,36 @@
+"""benchmarks/sass_census.py's loop finder, on a hand-written SASS listing (the census itself
+compiles for sm_90 and is run as a benchmark)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "sass_census.py"
+
+_SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   S2R R0, SR_TID.X ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0030*/                   LOP3.LUT R8, R4, 0xe000e00, RZ, 0xc0, !PT ;
+        /*0040*/                   HADD2.F32 R9, -RZ, R8.H0_H0 ;
+        /*0050*/                   FFMA R10, R9, R11, R10 ;
+        /*0060*/               @P0 BRA 0x20 ;
+        /*0070*/                   ISETP.NE.AND P1, PT, R0, RZ, PT ;
+        /*0080*/                   FADD R12, R12, R13 ;
+        /*0090*/              @!P1 BRA 0x70 ;
+        /*00a0*/                   BRA 0xc0 ;
+        /*00b0*/                   EXIT ;
+"""
+
+
+def test_main_loop_is_the_longest_backward_branch():
+    spec = importlib.util.spec_from_file_location("bench_sass", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    loop = mod.main_loop(_SASS)
+    # 0x20..0x60: five instructions, the forward BRA 0xc0 and the 3-instruction loop ignored.
+    assert loop["instructions"] == 5
+    assert loop["opcodes"] == {"LDG.E.128": 1, "LOP3.LUT": 1, "HADD2.F32": 1, "FFMA": 1,
+                               "BRA": 1}
+    assert mod.main_loop("no code") == {"instructions": 0, "opcodes": {}}
