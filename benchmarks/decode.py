@@ -26,8 +26,8 @@ processors, stopping checks that sync) is a fixed cost that hides the kernels at
 hand and replays it per token: Inductor's own CUDA graphs skip the step (the cache mutates a
 non-buffer tensor), and ``reduce-overhead`` crashed on an H100 (torch 2.11, transformers 5.24).
 
-``--profile`` adds, per variant, each kernel's device time and launches per decode token
-(``benchmarks/step_profile.py``), next to the measured time per token.
+``--profile`` adds, per variant, each kernel's device time and launches per decode token and
+in one long prefill (``benchmarks/step_profile.py``), next to the measured times.
 
 Depth. Compiling all 32 layers does not fit a device session, so runs use ``--layers L``. The
 output head (128256 x 4096, bf16 in every variant unless ``--lm-head``) is a fixed cost per
@@ -300,9 +300,10 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
         t_prefill = _timed(lambda: model(long, use_cache=False), args.device, args.repeats)
         profiled = None
         if args.profile:
-            from step_profile import profile_tokens
+            from step_profile import profile_call, profile_tokens
 
             profiled = profile_tokens(generate, args.decode, args.device)
+            profiled_prefill = profile_call(lambda: model(long, use_cache=False), args.device)
     decode_s = max(t_full - t_one, 1e-9)
     out: dict[str, Any] = {
         "recipe": recipe,
@@ -320,6 +321,8 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
     if profiled is not None:
         profiled["measured_us_per_token"] = round(decode_s / (args.decode - 1) * 1e6, 2)
         out["profile"] = profiled
+        profiled_prefill["measured_us"] = round(t_prefill * 1e6, 1)
+        out["profile_prefill"] = profiled_prefill
     if hasattr(generate, "cuda_graph"):
         out["cuda_graph"] = generate.cuda_graph
     backend = getattr(model, "qcompile_backend", None)

@@ -39,6 +39,20 @@ def _times(fn: Callable[[], object], cuda: bool) -> dict[str, tuple[float, int]]
     return out
 
 
+def profile_call(fn: Callable[[], object], device: str, top: int = 40) -> dict[str, Any]:
+    """Time and calls of each kernel (CUDA) or op (CPU) in one warm call of ``fn`` (a prefill
+    forward, say), longest first: ``{"what", "busy_us", "names", "rows": [{"name", "us",
+    "calls", "share"}]}``."""
+    cuda = device.startswith("cuda")
+    times = _times(fn, cuda)
+    busy = sum(us for us, _ in times.values())
+    rows = [{"name": name[:160], "us": round(us, 2), "calls": calls,
+             "share": round(us / busy, 4) if busy else 0.0}
+            for name, (us, calls) in sorted(times.items(), key=lambda kv: -kv[1][0])]
+    return {"what": "cuda kernels, device time" if cuda else "cpu ops, self time",
+            "busy_us": round(busy, 2), "names": len(rows), "rows": rows[:top]}
+
+
 def profile_tokens(generate: Callable[[int], object], n: int, device: str,
                    top: int = 40) -> dict[str, Any]:
     """Per-token time and calls of each kernel/op over the decode steps of ``generate(n)``.

@@ -100,3 +100,9 @@ def test_step_profile_counts_one_tokens_ops(decode_mod):
     assert got["rows"][0]["share"] == pytest.approx(times[0] / got["busy_us_per_token"], abs=1e-4)
     with pytest.raises(ValueError, match="n >= 2"):
         profile_tokens(loop, 1, "cpu")
+    from step_profile import profile_call
+
+    with torch.no_grad():
+        one = profile_call(lambda: model(prompt, use_cache=False), "cpu")
+    calls = {r["name"]: r["calls"] for r in one["rows"]}
+    assert calls["aten::mm"] == 8 and one["busy_us"] >= sum(r["us"] for r in one["rows"])
