@@ -240,6 +240,16 @@ def test_gemv1_matches_reference(fmt, k, dtype):
         assert_matches_unrounded(out, ref, x, w)
 
 
+def _arrival_counts(x: torch.Tensor) -> torch.Tensor:
+    """The fused split-K reduction's counts on ``x``'s device (made by the first launch)."""
+    from qcompile.backends.triton import runtime
+
+    dev = x.device
+    index = (dev.index if dev.index is not None else torch.cuda.current_device()) \
+        if dev.type == "cuda" else 0
+    return runtime._COUNTS[(dev.type, index)]
+
+
 @pytest.mark.parametrize("fmt", ["fp4_e2m1/g128", "fp4_e2m1/g128/asym", "int4/g64/asym"])
 @pytest.mark.parametrize("split", [2, 3, 7])
 def test_gemv1_reduces_in_its_last_program(monkeypatch, fmt, split):
@@ -256,7 +266,7 @@ def test_gemv1_reduces_in_its_last_program(monkeypatch, fmt, split):
     monkeypatch.setattr(g1, "_splitk_reduce_kernel", spy)
     fused = g1.w4a16_gemv1(x, *w, bias=b, fp4=fp4, split=split)
     assert spy.launches == 0
-    assert not runtime._COUNTS[("cpu", 0)].any()
+    assert not _arrival_counts(x).any()
     monkeypatch.setattr(runtime, "FUSED_REDUCE", False)
     separate = g1.w4a16_gemv1(x, *w, bias=b, fp4=fp4, split=split)
     assert spy.launches == 1
@@ -276,7 +286,7 @@ def test_gemv_reduces_in_its_last_program(monkeypatch, m):
     spy = _Spy(w4._splitk_reduce_kernel)
     monkeypatch.setattr(w4, "_splitk_reduce_kernel", spy)
     fused = w4.w4a16_linear(x, *w, bias=b)
-    assert spy.launches == 0 and not runtime._COUNTS[("cpu", 0)].any()
+    assert spy.launches == 0 and not _arrival_counts(x).any()
     monkeypatch.setattr(runtime, "FUSED_REDUCE", False)
     separate = w4.w4a16_linear(x, *w, bias=b)
     assert spy.launches == 1
@@ -388,21 +398,38 @@ def test_gemv1_fp4_words(monkeypatch, fmt, k, words):
 @pytest.mark.parametrize("k", [1024, 1088, 2304])
 def test_gemv1_fp4_words_prefetch_gives_the_same_bits(monkeypatch, fmt, k):
     """Loading the next tile's words ahead (``PREFETCH``) changes when words are read, not
-    what is summed: the same bits as without, over splits whose tile counts differ (one
-    tile, several, a ragged last one)."""
+    what is summed: the same bits as the same tile without it, over splits whose tile counts
+    differ (one tile, several, a ragged last one). On CUDA every word-kernel config runs
+    (each also against the reference); in the interpreter one tile, both ways."""
+    import triton
+
     from qcompile.backends.triton import w4a16_gemv as g1
 
     x, w, b = _inputs(fmt, 1, 72, k, torch.bfloat16, bias=True)
     w = (w[0], w4.element_table("fp4_e2m1", x.device), *w[2:])
-    outs = []
-    for prefetch in (0, 1):
-        monkeypatch.setattr(g1, "_INTERP_FP4W", {"BLOCK_N": 16, "BLOCK_K": 128,
-                                                 "PREFETCH": prefetch})
-        outs.append([g1.w4a16_gemv1(x, *w, bias=b, fp4=True, split=split)
-                     for split in (1, 3, 16)])
-    for off, on in zip(*outs, strict=True):
-        assert torch.equal(off, on)
-    assert_matches_unrounded(outs[1][1], w4.w4a16_linear_ref(x, *w, bias=b), x, w)
+    ref = w4.w4a16_linear_ref(x, *w, bias=b)
+    if CUDA:
+        pairs = [(triton.Config(dict(c.kwargs, PREFETCH=0), num_warps=c.num_warps,
+                                num_stages=c.num_stages), c)
+                 for c in g1._fp4w_configs(w[-1]) if c.kwargs["PREFETCH"]]
+        assert pairs
+        for c in g1._fp4w_configs(w[-1]):
+            assert_matches_unrounded(g1.w4a16_gemv1(x, *w, bias=b, fp4=True, config=c), ref,
+                                     x, w)
+        runs = [[[g1.w4a16_gemv1(x, *w, bias=b, fp4=True, split=split, config=c)
+                  for split in (1, 3, 16)] for c in pair] for pair in pairs]
+    else:
+        runs = []
+        for prefetch in (0, 1):
+            monkeypatch.setattr(g1, "_INTERP_FP4W", {"BLOCK_N": 16, "BLOCK_K": 128,
+                                                     "PREFETCH": prefetch})
+            runs.append([g1.w4a16_gemv1(x, *w, bias=b, fp4=True, split=split)
+                         for split in (1, 3, 16)])
+        runs = [runs]
+    for off, on in runs:
+        for a, c in zip(off, on, strict=True):
+            assert torch.equal(a, c)
+        assert_matches_unrounded(on[1], ref, x, w)
 
 
 def test_gemv1_takes_only_what_it_can():
