@@ -217,6 +217,31 @@ def _weight_tile(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
 
 
 @triton.jit
+def _last_arrival(count_ptr, tile, SPLIT: tl.constexpr):
+    """Whether this program is the last of ``SPLIT`` to store its partial of column tile
+    ``tile``. Every thread's partial is stored before the arrival (a barrier, then one
+    thread's gpu-scope acq_rel atomic), so the last arrival sees all of them; it must then
+    read them through L2 (:func:`_sum_splits`) and zero the count (:func:`_reset_count`)."""
+    tl.debug_barrier()
+    return tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+
+
+@triton.jit
+def _reset_count(count_ptr, tile):
+    tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def _sum_splits(part_ptr, offs, mask, stride, SPLIT: tl.constexpr):
+    """``sum_s part[s * stride + offs]`` in split order (deterministic), read through L2:
+    other programs wrote the partials."""
+    tot = tl.load(part_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    for s in tl.static_range(1, SPLIT):
+        tot += tl.load(part_ptr + s * stride + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    return tot
+
+
+@triton.jit
 def _rows_epilogue(acc, bias_ptr, out_ptr, xs_ptr, offs_m, m_ok, offs_n, offs, out_mask, N,
                    HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, OUT_KIND: tl.constexpr,
                    EXACT: tl.constexpr):
@@ -274,17 +299,12 @@ def _w4a16_gemv_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_pt
                        HAS_BIAS, HAS_XS, OUT_KIND, EXACT)
     else:
         tl.store(part_ptr + pid_s.to(tl.int64) * M * N + offs, acc, mask=out_mask)
-        if REDUCE:  # see w4a16_gemv._finish: barrier, then one gpu-scope acq_rel arrival
-            tl.debug_barrier()
-            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT - 1:
-                tot = tl.load(part_ptr + offs, mask=out_mask, other=0.0, cache_modifier=".cg")
-                for s in tl.static_range(1, SPLIT):
-                    tot += tl.load(part_ptr + s * M * N + offs, mask=out_mask, other=0.0,
-                                   cache_modifier=".cg")
+        if REDUCE:
+            if _last_arrival(count_ptr, pid_n, SPLIT):
+                tot = _sum_splits(part_ptr, offs, out_mask, M * N, SPLIT)
                 _rows_epilogue(tot, bias_ptr, out_ptr, xs_ptr, offs_m, m_ok, offs_n, offs,
                                out_mask, N, HAS_BIAS, HAS_XS, OUT_KIND, EXACT)
-                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+                _reset_count(count_ptr, pid_n)
 
 
 @triton.jit
@@ -295,9 +315,7 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, xs_ptr, M, N, SPLIT: tl.c
     (deterministic); ``xs``: optional fp32 per-row activation scales (W4A8's FP8 rows)."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
-    acc = tl.load(part_ptr + offs, mask=mask, other=0.0)
-    for s in tl.static_range(1, SPLIT):
-        acc += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0.0)
+    acc = _sum_splits(part_ptr, offs, mask, M * N, SPLIT)
     if HAS_XS:
         acc = acc * tl.load(xs_ptr + offs // N, mask=mask, other=0.0)
     if HAS_BIAS:

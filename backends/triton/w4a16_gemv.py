@@ -32,7 +32,14 @@ from qcompile.backends.triton.runtime import (
     sm_count,
     tuning,
 )
-from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _splitk_reduce_kernel
+from qcompile.backends.triton.w4a16 import (
+    _DTYPE_KIND,
+    _last_arrival,
+    _reset_count,
+    _round_to,
+    _splitk_reduce_kernel,
+    _sum_splits,
+)
 
 __all__ = ["FP4W_CONFIGS", "GEMV1_CONFIGS", "gemv1_eligible", "w4a16_gemv1"]
 
@@ -104,18 +111,11 @@ def _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, offs
     else:
         tl.store(part_ptr + pid_s.to(tl.int64) * N + offs_n, acc, mask=n_ok)
         if REDUCE:
-            # Every thread's partial is stored before the (single-thread, gpu-scope release)
-            # arrival; the last arrival's acquire, then L2 reads (.cg), see all the partials.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT - 1:
-                tot = tl.load(part_ptr + offs_n, mask=n_ok, other=0.0, cache_modifier=".cg")
-                for s in tl.static_range(1, SPLIT):
-                    tot += tl.load(part_ptr + s * N + offs_n, mask=n_ok, other=0.0,
-                                   cache_modifier=".cg")
+            if _last_arrival(count_ptr, pid_n, SPLIT):
+                tot = _sum_splits(part_ptr, offs_n, n_ok, N, SPLIT)
                 _epilogue(tot, bias_ptr, out_ptr, xs_ptr, offs_n, n_ok, HAS_BIAS, HAS_XS,
                           KIND, EXACT)
-                tl.atomic_xchg(count_ptr + pid_n, 0, sem="relaxed", scope="gpu")
+                _reset_count(count_ptr, pid_n)
 
 
 @triton.jit
