@@ -309,9 +309,8 @@ def _tuned_fp4w(group_size: int) -> triton.runtime.Autotuner:
                            prune_configs_by=tuning(), do_bench=graph_bench)(_gemv1_fp4w_kernel)
 
 
-_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in (*GEMV1_CONFIGS, *FP4W_CONFIGS,
-                                                 triton.Config(_INTERP),
-                                                 triton.Config(_INTERP_FP4W)))
+_MIN_BLOCK_N = min([c.kwargs["BLOCK_N"] for c in GEMV1_CONFIGS + FP4W_CONFIGS]
+                   + [_INTERP["BLOCK_N"], _INTERP_FP4W["BLOCK_N"]])
 
 
 def _split(n: int, k: int, device: torch.device) -> int:
