@@ -298,12 +298,13 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
         t_full = _timed(lambda: generate(args.decode), args.device, args.repeats)
         t_one = _timed(lambda: generate(1), args.device, args.repeats)
         t_prefill = _timed(lambda: model(long, use_cache=False), args.device, args.repeats)
-        profiled = None
+        profiles: dict[str, Any] = {}
         if args.profile:
             from step_profile import profile_call, profile_tokens
 
-            profiled = profile_tokens(generate, args.decode, args.device)
-            profiled_prefill = profile_call(lambda: model(long, use_cache=False), args.device)
+            profiles["profile"] = profile_tokens(generate, args.decode, args.device)
+            profiles["profile_prefill"] = profile_call(lambda: model(long, use_cache=False),
+                                                       args.device)
     decode_s = max(t_full - t_one, 1e-9)
     out: dict[str, Any] = {
         "recipe": recipe,
@@ -318,11 +319,11 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
     if args.device.startswith("cuda"):
         out["resident_bytes_after_compile"] = resident
         out["peak_memory_bytes_while_timed"] = _peak_bytes(args.device)
-    if profiled is not None:
-        profiled["measured_us_per_token"] = round(decode_s / (args.decode - 1) * 1e6, 2)
-        out["profile"] = profiled
-        profiled_prefill["measured_us"] = round(t_prefill * 1e6, 1)
-        out["profile_prefill"] = profiled_prefill
+    if profiles:
+        profiles["profile"]["measured_us_per_token"] = round(decode_s / (args.decode - 1) * 1e6,
+                                                             2)
+        profiles["profile_prefill"]["measured_us"] = round(t_prefill * 1e6, 1)
+        out.update(profiles)
     if hasattr(generate, "cuda_graph"):
         out["cuda_graph"] = generate.cuda_graph
     backend = getattr(model, "qcompile_backend", None)
@@ -367,7 +368,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--profile", action="store_true",
                         help="also list each kernel's (CUDA) or op's (CPU) time per decode "
-                        "token (benchmarks/step_profile.py), after the timing")
+                        "token and in one long prefill (benchmarks/step_profile.py), after the "
+                        "timing")
     parser.add_argument("--stop-on-error", action="store_true",
                         help="stop at the first variant that fails (it is recorded)")
     args = parser.parse_args(argv)

@@ -39,18 +39,27 @@ def _times(fn: Callable[[], object], cuda: bool) -> dict[str, tuple[float, int]]
     return out
 
 
+def _what(cuda: bool) -> str:
+    return "cuda kernels, device time" if cuda else "cpu ops, self time"
+
+
+def _ranked(rows: list[dict[str, Any]], key: str) -> tuple[list[dict[str, Any]], float]:
+    """``rows`` longest first by ``key``, each with its ``share`` of the total; the total."""
+    busy = sum(r[key] for r in rows)
+    rows = sorted(rows, key=lambda r: -r[key])
+    for r in rows:
+        r["share"] = round(r[key] / busy, 4) if busy else 0.0
+    return rows, round(busy, 2)
+
+
 def profile_call(fn: Callable[[], object], device: str, top: int = 40) -> dict[str, Any]:
     """Time and calls of each kernel (CUDA) or op (CPU) in one warm call of ``fn`` (a prefill
     forward, say), longest first: ``{"what", "busy_us", "names", "rows": [{"name", "us",
     "calls", "share"}]}``."""
     cuda = device.startswith("cuda")
-    times = _times(fn, cuda)
-    busy = sum(us for us, _ in times.values())
-    rows = [{"name": name[:160], "us": round(us, 2), "calls": calls,
-             "share": round(us / busy, 4) if busy else 0.0}
-            for name, (us, calls) in sorted(times.items(), key=lambda kv: -kv[1][0])]
-    return {"what": "cuda kernels, device time" if cuda else "cpu ops, self time",
-            "busy_us": round(busy, 2), "names": len(rows), "rows": rows[:top]}
+    rows, busy = _ranked([{"name": name[:160], "us": round(us, 2), "calls": calls}
+                          for name, (us, calls) in _times(fn, cuda).items()], "us")
+    return {"what": _what(cuda), "busy_us": busy, "names": len(rows), "rows": rows[:top]}
 
 
 def profile_tokens(generate: Callable[[int], object], n: int, device: str,
@@ -81,10 +90,6 @@ def profile_tokens(generate: Callable[[int], object], n: int, device: str,
             continue
         rows.append({"name": name[:160], "us_per_token": round(per, 2),
                      "calls_per_token": round((calls - calls0) / steps, 2)})
-    busy = sum(r["us_per_token"] for r in rows)
-    rows.sort(key=lambda r: -r["us_per_token"])
-    for r in rows:
-        r["share"] = round(r["us_per_token"] / busy, 4) if busy else 0.0
-    return {"what": "cuda kernels, device time" if cuda else "cpu ops, self time",
-            "steps": steps, "busy_us_per_token": round(busy, 2), "names": len(rows),
+    rows, busy = _ranked(rows, "us_per_token")
+    return {"what": _what(cuda), "steps": steps, "busy_us_per_token": busy, "names": len(rows),
             "rows": rows[:top]}
