@@ -496,13 +496,21 @@ def _w4a16_gemm_args(p: dict) -> dict:
 
 
 def _build_w4a16_gemm(mod, p: dict, all_configs: bool):
+    import torch
+
     m = p["m"]
     args = _w4a16_gemm_args(p)
     consts = dict(_w4a16_flags(mod, p), GROUP_M=8)
     if all_configs:
         configs = [c for cs in mod.GEMM_CONFIGS.values() for c in cs]
     else:
-        configs = _heaviest(mod.GEMM_CONFIGS[mod._bucket(mod.GEMM_CONFIGS, m)], _gemm_footprint)
+        configs = mod.GEMM_CONFIGS[mod._bucket(mod.GEMM_CONFIGS, m)]
+    # The candidates the autotuner gets for this activation dtype (fewer stages for fp32).
+    x = torch.empty(0, dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+                              "fp16": torch.float16}[p["dtype"]])
+    configs = mod._fit_x_dtype(configs, {"x_ptr": x})
+    if not all_configs:
+        configs = _heaviest(configs, _gemm_footprint)
     return mod._w4a16_gemm_kernel, args, consts, configs
 
 

@@ -306,6 +306,24 @@ class _Spy:
         return self.kernel[grid]
 
 
+def _spy_tuned(monkeypatch, module, kernel: str, tuned: str) -> _Spy:
+    """A spy on ``module.<kernel>`` for both launch paths: direct (the interpreter) and through
+    the cached autotuner ``module.<tuned>(group_size)`` (CUDA), which is built around the real
+    kernel: an autotuner built around the spy itself fails (a spy has no ``arg_names``)."""
+    real, make = getattr(module, kernel), getattr(module, tuned)
+    spy = _Spy(real)
+
+    def spied_tuned(group_size):
+        with monkeypatch.context() as m:
+            m.setattr(module, kernel, real)
+            spy.kernel = make(group_size)
+        return spy
+
+    monkeypatch.setattr(module, kernel, spy)
+    monkeypatch.setattr(module, tuned, spied_tuned)
+    return spy
+
+
 # --- prefill: decode the weight once, then cuBLAS (w4a16_dequant) -----------------------------
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -379,13 +397,8 @@ def test_gemv1_fp4_words(monkeypatch, fmt, k, words):
     (``_gemv1_fp4w_kernel``); the rest take the byte kernel. Both match the reference."""
     from qcompile.backends.triton import w4a16_gemv as g1
 
-    spy_w, spy_b = _Spy(g1._gemv1_fp4w_kernel), _Spy(g1._gemv1_kernel)
-    monkeypatch.setattr(g1, "_gemv1_fp4w_kernel", spy_w)  # the interpreter's launches
-    monkeypatch.setattr(g1, "_gemv1_kernel", spy_b)
-    tuned_w, tuned_b = g1._tuned_fp4w, g1._tuned  # CUDA's (autotuned) launches
-    monkeypatch.setattr(g1, "_tuned_fp4w", lambda gs: setattr(spy_w, "kernel", tuned_w(gs))
-                        or spy_w)
-    monkeypatch.setattr(g1, "_tuned", lambda gs: setattr(spy_b, "kernel", tuned_b(gs)) or spy_b)
+    spy_w = _spy_tuned(monkeypatch, g1, "_gemv1_fp4w_kernel", "_tuned_fp4w")
+    spy_b = _spy_tuned(monkeypatch, g1, "_gemv1_kernel", "_tuned")
     x, w, b = _inputs(fmt, 1, 72, k, torch.float32, bias=True)
     if fmt.startswith("fp4"):
         w = (w[0], w4.element_table("fp4_e2m1", x.device), *w[2:])
@@ -453,6 +466,7 @@ def test_tuning_first_keeps_the_first_surviving_config(monkeypatch):
 
     from qcompile.backends.triton.runtime import tuning
 
+    monkeypatch.delenv("QCOMPILE_TRITON_TUNE", raising=False)  # gpu_checks.sh sets it
     configs = [triton.Config({"A": i}) for i in range(4)]
     prune = tuning(lambda cs, named, **kw: cs[1:])["early_config_prune"]
     assert [c.kwargs["A"] for c in prune(configs, {})] == [1, 2, 3]
@@ -497,6 +511,27 @@ class _Pinned:
             return self.kernel[grid_t](*args, **meta, num_warps=self.config.num_warps,
                                        num_stages=self.config.num_stages)
         return launch
+
+
+def test_fp32_activations_get_gemm_configs_that_fit():
+    """With fp32 activations every GEMM bucket keeps some configs, each within the stage and
+    weight-tile limits (the first candidate, all that QCOMPILE_TRITON_TUNE=first keeps, ran out
+    of shared memory on an H100 at four stages); bf16 keeps the table as it is."""
+    for bucket, configs in w4.GEMM_CONFIGS.items():
+        fp32 = w4._fit_x_dtype(configs, {"x_ptr": torch.empty(0, dtype=torch.float32)})
+        assert fp32, bucket
+        for c in fp32:
+            assert c.num_stages <= w4.FP32_MAX_STAGES
+            assert c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= w4.FP32_MAX_W_TILE
+        kept = {(tuple(sorted(c.kwargs.items())), c.num_warps) for c in fp32}
+        assert kept <= {(tuple(sorted(c.kwargs.items())), c.num_warps) for c in configs}
+        assert w4._fit_x_dtype(configs, {"x_ptr": torch.empty(0, dtype=torch.bfloat16)}) \
+            == configs
+    import triton
+
+    big = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8})]
+    with pytest.raises(ValueError, match="fits fp32 activations"):
+        w4._fit_x_dtype(big, {"x_ptr": torch.empty(0, dtype=torch.float32)})
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA: every autotune config on the GPU")

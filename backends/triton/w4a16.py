@@ -85,8 +85,10 @@ GEMM_CONFIGS: dict[int, list[triton.Config]] = {
               _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8),
               _cfg(4, 3, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8)],
 }
-# Every config above compiles for sm_90 within its shared memory (checked ahead of time for
-# group sizes 16, 33 and 128). One small fixed config each under the interpreter, where autotuning only costs time.
+# Every config above compiles for sm_90 within its shared memory with bf16/fp16 activations
+# (checked ahead of time for group sizes 16, 33 and 128); fp32 activations double the
+# pipelined tiles, and the GEMM then keeps at most FP32_MAX_STAGES stages (_fit_x_dtype).
+# One small fixed config each under the interpreter, where autotuning only costs time.
 _INTERP_GEMV = {"BLOCK_N": 64, "BLOCK_K": 128}
 _MIN_GEMV_BLOCK_N = min(min(c.kwargs["BLOCK_N"] for cs in GEMV_CONFIGS.values() for c in cs),
                         _INTERP_GEMV["BLOCK_N"])
@@ -386,6 +388,36 @@ def _bucket(table: dict[int, list[triton.Config]], m: int) -> int:
     return min(b for b in table if b >= m)
 
 
+#: The tiled GEMM's limits with fp32 activations: at most this many pipeline stages, and a
+#: decoded-weight tile (BLOCK_N x BLOCK_K) of at most FP32_MAX_W_TILE elements. Compiled for
+#: sm_90 (Triton 3.9), 2-stage tiles of 8192 weights take 86-172 KiB of shared memory, those of
+#: 16384 take 232-280 KiB (over the 227 KiB limit); on an H100 four stages of the 32x64x128
+#: tile asked for 232 KiB.
+FP32_MAX_STAGES = 2
+FP32_MAX_W_TILE = 8192
+
+
+def _fit_x_dtype(configs: list[triton.Config], named_args: dict,
+                 **kwargs) -> list[triton.Config]:
+    """GEMM configs for this call's activation dtype: with fp32 ``x`` those within the
+    :data:`FP32_MAX_W_TILE` weight tile, each at most :data:`FP32_MAX_STAGES` stages deep, so
+    that every candidate, the first one included, fits in shared memory."""
+    if named_args["x_ptr"].dtype != torch.float32:
+        return list(configs)
+    fitted: dict[tuple, triton.Config] = {}
+    for c in configs:
+        if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] > FP32_MAX_W_TILE:
+            continue
+        stages = min(c.num_stages, FP32_MAX_STAGES)
+        key = (tuple(sorted(c.kwargs.items())), c.num_warps, stages)
+        fitted.setdefault(key, triton.Config(dict(c.kwargs), num_warps=c.num_warps,
+                                             num_stages=stages))
+    if not fitted:
+        raise ValueError("no W4A16 GEMM config fits fp32 activations (every BLOCK_N x BLOCK_K "
+                         f"is over {FP32_MAX_W_TILE})")
+    return list(fitted.values())
+
+
 @functools.cache
 def _tuned(kind: str, bucket: int) -> triton.runtime.Autotuner:
     """The autotuned kernel for one M bucket (each bucket has its own config list)."""
@@ -393,7 +425,7 @@ def _tuned(kind: str, bucket: int) -> triton.runtime.Autotuner:
         return triton.autotune(GEMV_CONFIGS[bucket], key=["N", "K", "GROUP_SIZE", "SPLIT"],
                                prune_configs_by=tuning())(_w4a16_gemv_kernel)
     return triton.autotune(GEMM_CONFIGS[bucket], key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-                           prune_configs_by=tuning())(_w4a16_gemm_kernel)
+                           prune_configs_by=tuning(_fit_x_dtype))(_w4a16_gemm_kernel)
 
 
 def _pick_split(n: int, k: int, device: torch.device) -> int:
