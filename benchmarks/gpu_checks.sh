@@ -21,8 +21,9 @@
 # accuracy benchmarks/fp8_accuracy.py: FP8 MMA accumulation error of our GEMMs and cuBLAS's,
 #          promoted and fast (accuracy.json), limit T_ACC.
 # act      benchmarks/kernels_act.py: fused Hadamard-8192 + FP8 quantize vs a copy (act.json).
-# w4a16    benchmarks/kernels_w4a16.py (CUDA-graph times, w4a16.json) and its --sweep over every
-#          batch-1 GEMV config x K split (w4a16_sweep.json), limit T_W4 each.
+# w4a16    benchmarks/kernels_w4a16.py (batch-1 GEMVs on the Llama-3-8B layer's shapes, times on a
+#          cold L2 and hot, w4a16.json) and its --sweep over every batch-1 GEMV config x K
+#          split (w4a16_sweep.json), limit T_W4 each; W4_SWEEP=0 skips the sweep.
 # host     benchmarks/host_overhead.py: host time per fused-op call at batch 1 (eager, with its
 #          CUDA-graph replay time and bf16 F.linear's next to it), host.json, limit T_HOST.
 #          Each row lists its HOST_PSTATS (default 12) costliest host functions (cProfile).
@@ -88,7 +89,8 @@ for phase in "${phases[@]}"; do
     say "w4a16"
     timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py --out "$out/w4a16.json" > "$out/w4a16.log" 2>&1
     say "w4a16 exit $?"
-    $py -c "import json; [print(r['format'], r['kernel'], r['N'], round(r['w4a16_us'], 1), round(r['bf16_us'], 1), round(r['speedup_vs_bf16'], 3), round(r['weight_gbps']), round(r['w4a16_eager_us'], 1)) for r in json.load(open('$out/w4a16.json'))]" || tail -5 "$out/w4a16.log"
+    $py -c "import json; [print(r['format'], r['shape'], round(r['w4a16_us'], 1), round(r['bf16_us'], 1), round(r['speedup_vs_bf16'], 3), round(r['weight_gbps']), '| hot', round(r.get('speedup_vs_bf16_hot', 0), 3), '|', r.get('picked', '')) for r in json.load(open('$out/w4a16.json'))]" || tail -5 "$out/w4a16.log"
+    [ "${W4_SWEEP:-1}" = 0 ] && continue
     timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py --sweep --out "$out/w4a16_sweep.json" > "$out/w4a16_sweep.log" 2>&1
     say "w4a16 sweep exit $?"
     $py -c "import json; [print(r['N'], r['kernel'], r.get('split', ''), r.get('config', '')[:60], round(r['us'], 1) if 'us' in r else r.get('error'), round(r.get('weight_gbps', 0))) for r in json.load(open('$out/w4a16_sweep.json'))]" || tail -5 "$out/w4a16_sweep.log" ;;

@@ -1,42 +1,73 @@
 """W4A16 Triton kernel micro-benchmark: batch-1 (decode) GEMV against bf16 ``F.linear``.
 
-For FP4 E2M1 g128 (symmetric) and FP4 AFPQ g128 weights on the Llama-3-8B shapes
-8192 x 8192 and 28672 x 8192 (N x K), times ``w4a16_linear`` at M = 1 with
-``triton.testing.do_bench`` next to bf16 ``torch.nn.functional.linear`` on the same shape in the
-same run, and reports microseconds, the speedup over bf16, and the weight-read bandwidth
-(packed codes + fp32 scales, over the kernel time). CUDA only.
+For FP4 E2M1 g128 (symmetric) and FP4 AFPQ g128 weights, times ``w4a16_linear`` at M = 1 (what
+the autotuner picks, tile and K split) next to bf16 ``torch.nn.functional.linear`` on the same
+shape in the same run, on the Llama-3-8B projections a decode step runs (q/k/v and gate/up
+fused: 6144 x 4096, 4096 x 4096, 28672 x 4096, 4096 x 14336, N x K) and the issue's 8192 x
+8192 and 28672 x 8192. Reports microseconds, the speedup over bf16 and the weight-read
+bandwidth (packed codes + fp32 scales over the kernel time), and one ``layer`` row per format
+summing the four projections: the GEMV time of one decoder layer's step.
 
-Times are CUDA-graph replays (``do_bench_cudagraph``): the GPU time of the call. Plain
-``do_bench`` also counts the host's launch path (input checks, autotuner lookup, up to two
-launches), which at M = 1 is comparable to the kernel itself; those numbers are kept as
-``*_eager_us``. Decoding under ``torch.compile(mode="reduce-overhead")`` replays CUDA graphs
-the same way.
+Two timings, both CUDA-graph replays (the GPU time of the call, without the host's launch
+path, as a decode step captured in a graph runs it):
 
-Prefill rows: at M = 2048, ``w4a16_linear`` (the weight decoded once to bf16, then cuBLAS) and
-the decode alone, against bf16 ``F.linear`` (``do_bench``; ``weight_gbps`` there is the
-decode's bytes moved per second).
+- ``cold``: with L2 emptied before each call (``qcompile.backends.triton.cold_bench``), as a
+  decode step reads each weight once per token. The speedups that matter for decode.
+- ``hot``: the same call replayed back to back (``triton.testing.do_bench_cudagraph``): a
+  weight smaller than L2 (50 MB on an H100; an FP4 8192 x 8192 weight is 34 MB, its bf16 one
+  134 MB) is then read from L2 after the first replay, so this flatters small FP4 weights.
+
+``--prefill``: rows at M = 2048 instead: ``w4a16_linear`` (the weight decoded once to bf16,
+then cuBLAS) and the decode alone, against bf16 ``F.linear`` (``do_bench``; ``weight_gbps`` there
+is the decode's bytes moved per second), and the GEMMs that decode in registers.
 
 Usage::
 
-    python benchmarks/kernels_w4a16.py [--out w4a16.json]
+    python benchmarks/kernels_w4a16.py [--out w4a16.json] [--prefill | --sweep]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+from collections.abc import Callable
 from typing import Any
-from unittest import mock
 
 import torch
 
-SHAPES: list[tuple[int, int]] = [(8192, 8192), (28672, 8192)]  # (N, K)
+#: Llama-3-8B's projections at decode, N x K (q/k/v and gate/up fused by fuse-linears).
+LAYER_SHAPES: dict[str, tuple[int, int]] = {
+    "qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+#: The issue's shapes (N, K).
+SHAPES: list[tuple[int, int]] = [(8192, 8192), (28672, 8192)]
 FORMATS: list[str] = ["fp4_e2m1/g128", "fp4_e2m1/g128/asym"]
 
 
+def _timings(fn: Callable[[], object]) -> dict[str, float]:
+    """``{"cold_us", "hot_us"}`` of ``fn`` (CUDA-graph replays; module docstring)."""
+    from triton.testing import do_bench_cudagraph
+
+    from qcompile.backends.triton.cold_bench import cold_times
+
+    fn()
+    return {"cold_us": 1e3 * statistics.median(cold_times(fn)),
+            "hot_us": 1e3 * do_bench_cudagraph(fn)}
+
+
+def _picked() -> str:
+    """The tile and split the batch-1 autotuner picked in the last call."""
+    from qcompile.backends.triton import w4a16_gemv
+
+    tuned = w4a16_gemv._tuned_fp4w(128, None)  # the wrapper's autotuner (no split fixed)
+    cfg = getattr(tuned, "best_config", None)
+    return "" if cfg is None else ", ".join(
+        [f"{k}={v}" for k, v in cfg.kwargs.items()] + [f"warps={cfg.num_warps}"])
+
+
 def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
-    """Time the kernels; one row per (format, shape).
+    """Time the batch-1 GEMVs; one row per (format, shape) and a ``layer`` row per format.
 
     Raises:
         RuntimeError: ``device`` is not an available CUDA device (timings need a GPU).
@@ -45,21 +76,18 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError(f"the W4A16 kernel benchmark needs a CUDA device (got {dev}, "
                            f"CUDA available: {torch.cuda.is_available()})")
-    from triton.testing import do_bench, do_bench_cudagraph
-
-    from qcompile.backends.triton import runtime, w4a16_gemv
     from qcompile.backends.triton.runtime import element_table
     from qcompile.backends.triton.w4a16 import w4a16_linear, w4a16_linear_ref
     from qcompile.formats import pack_codes, parse_format, quantize
 
     torch.manual_seed(0)
-    rows = []
-    for n, k in SHAPES:
+    rows: list[dict[str, Any]] = []
+    shapes = list(LAYER_SHAPES.items()) + [(f"{n}x{k}", (n, k)) for n, k in SHAPES]
+    for name, (n, k) in shapes:
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=dev) * 0.02
         dense = w.to(torch.bfloat16)
-        bf16_ms = do_bench(lambda x=x, d=dense: torch.nn.functional.linear(x, d))
-        bf16_graph_ms = do_bench_cudagraph(lambda x=x, d=dense: torch.nn.functional.linear(x, d))
+        bf16 = _timings(lambda x=x, d=dense: torch.nn.functional.linear(x, d))
         for fmt in FORMATS:
             spec = parse_format(fmt)
             q = quantize(w, spec)
@@ -68,32 +96,45 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
             ref = w4a16_linear_ref(x, *args)
             read = (args[0], q.scale, q.scale_neg, q.zero, q.outer)  # what the kernel streams
             nbytes = sum(t.numel() * t.element_size() for t in read if t is not None)
-            # "gemv1": what w4a16_linear runs at M = 1 (hoisted group scales, split-K partials
-            # summed by each column tile's last program); "gemv1-reduce-kernel": the same with
-            # the partials summed by a second launch; "gemv": the general split-K GEMV it uses
-            # for 2..16 rows, timed here at M = 1 for comparison.
-            for kernel, general, fused in (("gemv1", False, True),
-                                           ("gemv1-reduce-kernel", False, False),
-                                           ("gemv", True, True)):
-                with mock.patch.object(w4a16_gemv, "gemv1_eligible",
-                                       (lambda m, g: False) if general
-                                       else w4a16_gemv.gemv1_eligible), \
-                        mock.patch.object(runtime, "FUSED_REDUCE", fused):
-                    out = w4a16_linear(x, *args)  # also runs the autotuner once
-                    ms = do_bench(lambda x=x, a=args: w4a16_linear(x, *a))
-                    graph_ms = do_bench_cudagraph(lambda x=x, a=args: w4a16_linear(x, *a))
-                err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-                rows.append({
-                    "format": fmt, "kernel": kernel, "M": 1, "N": n, "K": k,
-                    "device": torch.cuda.get_device_name(dev),
-                    "w4a16_us": graph_ms * 1e3, "bf16_us": bf16_graph_ms * 1e3,
-                    "speedup_vs_bf16": bf16_graph_ms / graph_ms, "weight_bytes": nbytes,
-                    "weight_gbps": nbytes / (graph_ms * 1e-3) / 1e9,
-                    "w4a16_eager_us": ms * 1e3, "bf16_eager_us": bf16_ms * 1e3,
-                    "max_rel_err_vs_ref": err,
-                })
-        rows += _prefill_rows(w, dense, dev)
+            out = w4a16_linear(x, *args)  # also runs the autotuner once
+            w4 = _timings(lambda x=x, a=args: w4a16_linear(x, *a))
+            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+            rows.append({
+                "format": fmt, "shape": name, "kernel": "gemv1", "M": 1, "N": n, "K": k,
+                "device": torch.cuda.get_device_name(dev), "picked": _picked(),
+                "w4a16_us": w4["cold_us"], "bf16_us": bf16["cold_us"],
+                "speedup_vs_bf16": bf16["cold_us"] / w4["cold_us"],
+                "w4a16_hot_us": w4["hot_us"], "bf16_hot_us": bf16["hot_us"],
+                "speedup_vs_bf16_hot": bf16["hot_us"] / w4["hot_us"],
+                "weight_bytes": nbytes, "weight_gbps": nbytes / (w4["cold_us"] * 1e-6) / 1e9,
+                "max_rel_err_vs_ref": err,
+            })
         del w, dense
+    for fmt in FORMATS:
+        layer = [r for r in rows if r["format"] == fmt and r["shape"] in LAYER_SHAPES]
+        if len(layer) == len(LAYER_SHAPES):
+            w4_us = sum(r["w4a16_us"] for r in layer)
+            bf_us = sum(r["bf16_us"] for r in layer)
+            nbytes = sum(r["weight_bytes"] for r in layer)
+            rows.append({"format": fmt, "shape": "layer", "kernel": "gemv1 x 4 (one layer)",
+                         "M": 1, "w4a16_us": w4_us, "bf16_us": bf_us,
+                         "speedup_vs_bf16": bf_us / w4_us, "weight_bytes": nbytes,
+                         "weight_gbps": nbytes / (w4_us * 1e-6) / 1e9,
+                         "device": layer[0]["device"]})
+    return rows
+
+
+def prefill(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
+    """The prefill rows (:func:`_prefill_rows`) on the issue's shapes."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"the W4A16 prefill benchmark needs a CUDA device (got {dev})")
+    torch.manual_seed(0)
+    rows: list[dict[str, Any]] = []
+    for n, k in SHAPES:
+        w = torch.randn(n, k, device=dev) * 0.02
+        rows += _prefill_rows(w, w.to(torch.bfloat16), dev)
+        del w
     return rows
 
 
@@ -144,15 +185,15 @@ def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
     ]
 
 
-def sweep(device: str | torch.device = "cuda", splits: tuple[int, ...] = (1, 4, 8)
+def sweep(device: str | torch.device = "cuda", splits: tuple[int, ...] | None = None
           ) -> list[dict[str, Any]]:
-    """Batch-1 FP4 g128 GEMV time (CUDA-graph replays) for every config of the FP4 word kernel
-    (``w4a16_gemv.FP4W_CONFIGS``) x K split, next to a
-    read of the same packed bytes (``torch.sum`` over them as int32: what the memory system
-    gives a plain streaming read) and bf16 ``F.linear``; one row per measurement."""
-    from triton.testing import do_bench_cudagraph
-
+    """Batch-1 FP4 g128 GEMV time on a cold L2 for every config of the FP4 word kernel
+    (``w4a16_gemv.FP4W_CONFIGS``) x K split (default ``w4a16_gemv.SPLITS``), next to a read of
+    the same packed bytes (``torch.sum`` over them as int32: what the memory system gives a
+    plain streaming read) and bf16 ``F.linear``, on the layer shapes and the issue's; one row
+    per measurement."""
     from qcompile.backends.triton import w4a16_gemv
+    from qcompile.backends.triton.cold_bench import cold_times
     from qcompile.backends.triton.runtime import element_table
     from qcompile.formats import pack_codes, parse_format, quantize
 
@@ -162,7 +203,12 @@ def sweep(device: str | torch.device = "cuda", splits: tuple[int, ...] = (1, 4, 
     torch.manual_seed(0)
     spec = parse_format("fp4_e2m1/g128")
     rows: list[dict[str, Any]] = []
-    for n, k in SHAPES:
+
+    def cold_us(fn: Callable[[], object]) -> float:
+        fn()
+        return 1e3 * statistics.median(cold_times(fn))
+
+    for n, k in list(LAYER_SHAPES.values()) + SHAPES:
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         w = torch.randn(n, k, device=dev) * 0.02
         q = quantize(w, spec)
@@ -171,18 +217,17 @@ def sweep(device: str | torch.device = "cuda", splits: tuple[int, ...] = (1, 4, 
         words = packed.view(torch.int32)
         base = {"N": n, "K": k, "weight_bytes": packed.numel() + q.scale.numel() * 4}
         dense = w.to(torch.bfloat16)
-        rows.append(dict(base, kernel="bf16_linear", us=1e3 * do_bench_cudagraph(
+        rows.append(dict(base, kernel="bf16_linear", us=cold_us(
             lambda x=x, d=dense: torch.nn.functional.linear(x, d))))
-        rows.append(dict(base, kernel="read_packed_sum", us=1e3 * do_bench_cudagraph(
+        rows.append(dict(base, kernel="read_packed_sum", us=cold_us(
             lambda t=words: t.sum(dtype=torch.int32))))
         for cfg in w4a16_gemv.FP4W_CONFIGS:
-            for split in splits:
+            for split in splits or w4a16_gemv.SPLITS:
                 def call(cfg=cfg, split=split, a=(x, packed, table, q.scale)):
                     return w4a16_gemv.w4a16_gemv1(*a, None, None, None, 128, None, True,
                                                   split=split, config=cfg)
                 try:
-                    call()
-                    us = 1e3 * do_bench_cudagraph(call)
+                    us = cold_us(call)
                 except Exception as e:  # a config that does not launch is a result too
                     rows.append(dict(base, kernel="gemv1", split=split, config=str(cfg),
                                      error=f"{type(e).__name__}: {e}"[:300]))
@@ -200,11 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", help="write the JSON here as well")
-    ap.add_argument("--sweep", action="store_true",
-                    help="time every GEMV1 config x K split (FP4 g128) instead")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true",
+                      help="time every GEMV1 config x K split (FP4 g128) instead")
+    mode.add_argument("--prefill", action="store_true", help="the M = 2048 rows instead")
     args = ap.parse_args(argv)
     try:
-        rows = sweep(args.device) if args.sweep else run(args.device)
+        rows = (sweep(args.device) if args.sweep else prefill(args.device) if args.prefill
+                else run(args.device))
     except RuntimeError as e:
         print(f"kernels_w4a16: {e}", file=sys.stderr)
         return 2

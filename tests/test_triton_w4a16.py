@@ -305,6 +305,9 @@ class _Spy:
         self.launches += 1
         return self.kernel[grid]
 
+    def __getattr__(self, name):  # an autotuner's best_config, ...
+        return getattr(self.__dict__["kernel"], name)
+
 
 def _spy_tuned(monkeypatch, module, kernel: str, tuned: str) -> _Spy:
     """A spy on ``module.<kernel>`` for both launch paths: direct (the interpreter) and through
@@ -461,6 +464,64 @@ def test_gemv1_split_is_deterministic():
         assert torch.equal(w4.w4a16_linear(x, *w, bias=b), first)
 
 
+def test_gemv1_tunes_the_split_with_the_tile():
+    """The batch-1 autotuner's candidates: every tile with every split of SPLITS (tile-major,
+    so the first is the first tile unsplit), or with one fixed split; splits past the K tile
+    count are pruned, a fixed one never."""
+    from qcompile.backends.triton import w4a16_gemv as g1
+
+    tiles = g1._fp4w_configs(128)
+    cands = g1._with_splits(tiles, None)
+    assert len(cands) == len(tiles) * len(g1.SPLITS)
+    assert cands[0].kwargs == {**tiles[0].kwargs, "SPLIT": 1}
+    assert [c.kwargs["SPLIT"] for c in cands[:len(g1.SPLITS)]] == list(g1.SPLITS)
+    for c, t in zip(cands[::len(g1.SPLITS)], tiles, strict=True):
+        assert (c.num_warps, c.num_stages) == (t.num_warps, t.num_stages)
+    assert {c.kwargs["SPLIT"] for c in g1._with_splits(tiles, 3)} == {3}
+    kept = g1._prune_splits(cands, {"K": 4096})
+    assert kept and all(c.kwargs["SPLIT"] <= -(-4096 // c.kwargs["BLOCK_K"]) for c in kept)
+    assert {(c.kwargs["BLOCK_K"], c.kwargs["SPLIT"]) for c in cands} - \
+        {(c.kwargs["BLOCK_K"], c.kwargs["SPLIT"]) for c in kept} == \
+        {(2048, 4), (2048, 8), (1024, 8)}
+    fixed = g1._with_splits(tiles, 16)
+    assert g1._prune_splits(fixed, {"K": 1024}) == fixed
+
+
+@pytest.mark.skipif(CUDA, reason="drives the interpreter's kernels through the tuned path")
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(("fmt", "tuned_name", "kernel_name"), [
+    ("fp4_e2m1/g128/asym", "_tuned_fp4w", "_gemv1_fp4w_kernel"),
+    ("int4/g64/asym", "_tuned", "_gemv1_kernel")])
+def test_gemv1_follows_the_split_its_autotuner_picked(monkeypatch, fmt, tuned_name,
+                                                      kernel_name, fused):
+    """On the autotuned path the wrapper sizes the partials for any split of SPLITS and, when
+    it cannot sum them in place, launches the reduce kernel with the split the autotuner
+    picked (its ``best_config``): the same bits as that split pinned."""
+    import triton
+
+    from qcompile.backends.triton import runtime
+    from qcompile.backends.triton import w4a16_gemv as g1
+
+    x, w, b = _inputs(fmt, 1, 200, 2048, torch.float32, bias=True)
+    fp4 = fmt.startswith("fp4")
+    if fp4:
+        w = (w[0], w4.element_table("fp4_e2m1", x.device), *w[2:])
+    want = g1.w4a16_gemv1(x, *w, bias=b, fp4=fp4, split=3)  # the interpreter's path
+    interp = g1._INTERP_FP4W if fp4 else g1._INTERP
+    picked = triton.Config(dict(interp, SPLIT=3))
+    asked = []
+    monkeypatch.setattr(g1, tuned_name, lambda gs, split=None: asked.append(split)
+                        or _Pinned(getattr(g1, kernel_name), picked))
+    monkeypatch.setattr(g1, "interpreting", lambda: False)  # take the CUDA (tuned) path
+    monkeypatch.setattr(runtime, "FUSED_REDUCE", fused)
+    spy = _Spy(g1._splitk_reduce_kernel)
+    monkeypatch.setattr(g1, "_splitk_reduce_kernel", spy)
+    got = g1.w4a16_gemv1(x, *w, bias=b, fp4=fp4)
+    assert asked == [None]
+    assert spy.launches == int(not fused)
+    assert torch.equal(got, want)
+
+
 def test_tuning_first_keeps_the_first_surviving_config(monkeypatch):
     import triton
 
@@ -503,6 +564,7 @@ class _Pinned:
 
     def __init__(self, kernel, config):
         self.kernel, self.config = kernel, config
+        self.best_config = config
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -556,8 +618,13 @@ def test_every_config_matches_the_reference(monkeypatch):
                 mp.setattr(g1, "gemv1_eligible", lambda *a: False)
                 assert_matches(w4.w4a16_linear(x, *w, bias=b),
                                w4.w4a16_linear_ref(x, *w, bias=b))
+    import triton
+
     for config in g1.GEMV1_CONFIGS:
-        monkeypatch.setattr(g1, "_tuned", lambda gs, c=config: _Pinned(g1._gemv1_kernel, c))
+        config = triton.Config({**config.kwargs, "SPLIT": 2}, num_warps=config.num_warps,
+                               num_stages=config.num_stages)
+        monkeypatch.setattr(g1, "_tuned",
+                            lambda gs, split=None, c=config: _Pinned(g1._gemv1_kernel, c))
         gs = max(128, config.kwargs["BLOCK_K"])
         for fmt in (f"fp4_e2m1/g{gs}/asym", f"int4/g{gs}/asym"):
             x, w, b = _inputs(fmt, 1, 200, 2048, torch.bfloat16)

@@ -24,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton.cold_bench import cold_graph_bench
 from qcompile.backends.triton.runtime import (
     arrival_counts,
     cdiv,
-    graph_bench,
     interpreting,
     sm_count,
     tuning,
@@ -54,23 +54,24 @@ _INTERP = {"BLOCK_N": 32, "BLOCK_K": 64}  # one config under the interpreter (gr
 
 #: Autotune configs of the FP4 word kernel. BLOCK_K may span several groups (a power-of-two
 #: group size dividing it) or lie inside one group (dividing the group size). Tiles that give
-#: a thread several rows of the same words share its loads of x across those rows. Ordered by
-#: the H100 sweep (``benchmarks/kernels_w4a16.py --sweep``, FP4 g128): 32 x 1024 and
-#: 16 x 1024 ran 8192^2 in 19 us and 28672 x 8192 in 56-57 us; 16 x 512 took 41 / 129 us.
-#: ``PREFETCH``: load the next tile's words before multiplying the current one's. Without it a
-#: warp waits for each tile's loads, then computes (Triton does not pipeline loads that feed
-#: no dot; at 4.7-6 SASS instructions per code the compute is as long as the load).
+#: a thread several rows of the same words share its loads of x across those rows. Kept from
+#: the H100 sweeps (``benchmarks/kernels_w4a16.py --sweep``, FP4 g128, 2026-11-27): 16 x 1024,
+#: 32 x 1024 and 16 x 2048 ran 8192^2 in 18-21 us and 28672 x 8192 in 57-61 us; 64 x 512 is
+#: next (20-33 / 62-68 us); 64 x 256 serves group sizes that 512 does not divide. Dropped as
+#: slower on both shapes: 8 warps on 32 x 1024 (40-46 / 132-149 us) or 128 x 256 (23-60 /
+#: 70-82 us), 64 x 128 (26-88 / 80-116 us), 4 stages (no change), and all but one of the
+#: ``PREFETCH`` variants (which load the next tile's words before multiplying the current
+#: one's: Triton does not pipeline loads that feed no dot); the kept one was the fastest tile
+#: at one split on 8192^2 (19.1 us) and slower on 28672 x 8192. The K split is tuned with
+#: the tile (:data:`SPLITS`).
 FP4W_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PREFETCH": pf}, num_warps=w, num_stages=s)
-    for bn, bk, w, s, pf in ((32, 1024, 4, 3, 0), (16, 1024, 4, 3, 0), (64, 512, 4, 3, 0),
-                             (128, 256, 8, 3, 0), (64, 256, 4, 3, 0), (64, 128, 4, 3, 0),
-                             # Not swept yet: longer runs per row (the sweep's times fell with
-                             # BLOCK_K; 8 x 2048 spilled on sm_90), more warps or stages on
-                             # the best tile, and the prefetching variants.
-                             (16, 2048, 4, 3, 0), (32, 1024, 8, 3, 0), (16, 1024, 4, 4, 0),
-                             (32, 1024, 4, 3, 1), (16, 1024, 4, 3, 1), (64, 512, 4, 3, 1),
-                             (32, 512, 4, 3, 1), (64, 256, 4, 3, 1))
+    for bn, bk, w, s, pf in ((16, 1024, 4, 3, 0), (32, 1024, 4, 3, 0), (16, 2048, 4, 3, 0),
+                             (64, 512, 4, 3, 0), (64, 256, 4, 3, 0), (16, 1024, 4, 3, 1))
 ]
+#: K splits the autotuner tries with each tile (those with at least one K tile per split): at
+#: batch 1 a small weight needs splits to fill the GPU, a large one runs fastest unsplit.
+SPLITS = (1, 2, 4, 8)
 _INTERP_FP4W = {"BLOCK_N": 16, "BLOCK_K": 256, "PREFETCH": 1}
 # 0x80008000 as an int32 (Triton would widen the unsigned literal to int64).
 _SIGNS = tl.constexpr(-2147450880)
@@ -295,18 +296,38 @@ def gemv1_eligible(m: int, group_size: int) -> bool:
     return m == 1 and bool(_eligible_configs(group_size))
 
 
-@functools.cache
-def _tuned(group_size: int) -> triton.runtime.Autotuner:
-    return triton.autotune(list(_eligible_configs(group_size)),
-                           key=["N", "K", "GROUP_SIZE", "SPLIT"],
-                           prune_configs_by=tuning(), do_bench=graph_bench)(_gemv1_kernel)
+def _with_splits(configs: tuple[triton.Config, ...],
+                 split: int | None) -> list[triton.Config]:
+    """Each tile with each of :data:`SPLITS` (or with ``split`` only), tile-major: the first
+    candidate, all that ``QCOMPILE_TRITON_TUNE=first`` keeps, is the first tile unsplit."""
+    return [triton.Config({**c.kwargs, "SPLIT": s}, num_warps=c.num_warps,
+                          num_stages=c.num_stages)
+            for c in configs for s in ((split,) if split else SPLITS)]
+
+
+def _prune_splits(configs: list[triton.Config], named_args: dict,
+                  **kwargs) -> list[triton.Config]:
+    """Candidates with at least one K tile per split (a fixed split is always kept)."""
+    k = named_args["K"]
+    kept = [c for c in configs if c.kwargs["SPLIT"] <= cdiv(k, c.kwargs["BLOCK_K"])]
+    return kept or list(configs)
 
 
 @functools.cache
-def _tuned_fp4w(group_size: int) -> triton.runtime.Autotuner:
-    return triton.autotune(list(_fp4w_configs(group_size)),
-                           key=["N", "K", "GROUP_SIZE", "SPLIT"],
-                           prune_configs_by=tuning(), do_bench=graph_bench)(_gemv1_fp4w_kernel)
+def _tuned(group_size: int, split: int | None = None) -> triton.runtime.Autotuner:
+    """The byte kernel autotuned over tiles and K splits (or tiles at a fixed ``split``), each
+    timed on a cold L2 as in a decode step (:mod:`qcompile.backends.triton.cold_bench`)."""
+    return triton.autotune(_with_splits(_eligible_configs(group_size), split),
+                           key=["N", "K", "GROUP_SIZE"], prune_configs_by=tuning(_prune_splits),
+                           do_bench=cold_graph_bench)(_gemv1_kernel)
+
+
+@functools.cache
+def _tuned_fp4w(group_size: int, split: int | None = None) -> triton.runtime.Autotuner:
+    """The FP4 word kernel, autotuned as :func:`_tuned`."""
+    return triton.autotune(_with_splits(_fp4w_configs(group_size), split),
+                           key=["N", "K", "GROUP_SIZE"], prune_configs_by=tuning(_prune_splits),
+                           do_bench=cold_graph_bench)(_gemv1_fp4w_kernel)
 
 
 _MIN_BLOCK_N = min([c.kwargs["BLOCK_N"] for c in GEMV1_CONFIGS + FP4W_CONFIGS]
@@ -314,7 +335,8 @@ _MIN_BLOCK_N = min([c.kwargs["BLOCK_N"] for c in GEMV1_CONFIGS + FP4W_CONFIGS]
 
 
 def _split(n: int, k: int, device: torch.device) -> int:
-    """K splits: about four programs per multiprocessor at BLOCK_N = 64, >= 512 K each."""
+    """K splits where the autotuner does not pick them (the interpreter; a pinned config):
+    about four programs per multiprocessor at BLOCK_N = 64, >= 512 K each."""
     cap = max(1, min(16, k // 512))
     if device.type != "cuda":
         return min(2, cap)  # interpreter: exercise the split path
@@ -330,21 +352,25 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``y[1, N]`` for a validated, contiguous ``x[1, K]`` (see ``w4a16.w4a16_linear``).
 
-    ``fp4``: ``table`` is the FP4 E2M1 table in code order, decoded with integer ops.
-    ``split`` and ``config`` override the K split and the autotuner (tuning sweeps,
-    ``benchmarks/kernels_w4a16.py --sweep``). ``x_scale`` (one fp32 element) multiplies the
+    ``fp4``: ``table`` is the FP4 E2M1 table in code order, decoded with integer ops. On
+    CUDA the autotuner picks the tile and the K split together, timing each on a cold L2 as a
+    decode step reads weights; ``split`` fixes the split and ``config`` the tile (tuning
+    sweeps, ``benchmarks/kernels_w4a16.py --sweep``). ``x_scale`` (one fp32 element) multiplies the
     sums after ``outer`` and before ``bias``; with it ``x`` may hold FP8 E4M3 codes (W4A8
     decoding: the codes are the activations up to that scale). ``out_dtype`` (default
     ``x``'s) is the result's dtype. The caller checks :func:`gemv1_eligible` and the inputs.
     """
     k = x.shape[-1]
     n, g = packed.shape[0], scale.shape[1]
-    split = split or _split(n, k, x.device)
     exact = interpreting()
+    tuned = split is None and config is None and not exact  # tile and split autotuned
+    if not tuned:
+        split = split or _split(n, k, x.device)
+    rows = max(SPLITS) if tuned else split  # partial rows for any split the tuner may pick
     out_dtype = out_dtype or x.dtype
     out = torch.empty(1, n, dtype=out_dtype, device=x.device)
-    part = out if split == 1 else torch.empty(split, n, dtype=torch.float32, device=x.device)
-    counts = arrival_counts(x.device, cdiv(n, _MIN_BLOCK_N)) if split > 1 else None
+    part = out if rows == 1 else torch.empty(rows, n, dtype=torch.float32, device=x.device)
+    counts = arrival_counts(x.device, cdiv(n, _MIN_BLOCK_N)) if rows > 1 else None
     reduce = counts is not None
     neg = scale if scale_neg is None else scale_neg
     zer = scale if zero is None else zero
@@ -352,34 +378,37 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     bias_t = scale if bias is None else bias
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
     words = _words(packed, k) if fp4 and zero is None and _fp4w_configs(group_size) else None
-    grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), split)  # noqa: E731
+    grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     cfg = {}
     if config is not None and not exact:
-        cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
+                   SPLIT=split)
     xs = scale if x_scale is None else x_scale
     flags = dict(GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
                  HAS_OUTER=outer is not None, HAS_BIAS=bias is not None,
-                 HAS_XS=x_scale is not None, SPLIT=split, REDUCE=reduce,
-                 KIND=_DTYPE_KIND[out_dtype], EXACT=exact)
+                 HAS_XS=x_scale is not None, REDUCE=reduce, KIND=_DTYPE_KIND[out_dtype],
+                 EXACT=exact)
     cnt = scale if counts is None else counts
     if words is not None:
         if exact:
-            kern, cfg = _gemv1_fp4w_kernel, dict(_INTERP_FP4W)
+            kern, cfg = _gemv1_fp4w_kernel, dict(_INTERP_FP4W, SPLIT=split)
             if not (group_size % cfg["BLOCK_K"] == 0 or cfg["BLOCK_K"] % group_size == 0):
                 cfg["BLOCK_K"] = 64  # the interpreter's one config must fit the group too
         else:
-            kern = _gemv1_fp4w_kernel if cfg else _tuned_fp4w(group_size)
+            kern = _gemv1_fp4w_kernel if cfg else _tuned_fp4w(group_size, split)
         kern[grid](x, words, scale, neg, out_t, bias_t, part, out, cnt, xs, n, k,
                    words.shape[1], g, o_stride, **flags, **cfg)
     else:
-        kern = _gemv1_kernel if exact or cfg else _tuned(group_size)
         if exact:
-            cfg = _INTERP
+            kern, cfg = _gemv1_kernel, dict(_INTERP, SPLIT=split)
+        else:
+            kern = _gemv1_kernel if cfg else _tuned(group_size, split)
         kern[grid](x, packed, table, scale, neg, zer, out_t, bias_t, part, out, cnt, xs, n, k,
                    packed.shape[1], g, o_stride, HAS_ZERO=zero is not None, FP4=fp4, **flags,
                    **cfg)
-    if split > 1 and not reduce:
+    used = cfg["SPLIT"] if cfg else kern.best_config.kwargs["SPLIT"]
+    if used > 1 and not reduce:
         _splitk_reduce_kernel[(cdiv(n, 1024),)](
-            part, bias_t, out, xs, 1, n, SPLIT=split, HAS_BIAS=bias is not None,
+            part, bias_t, out, xs, 1, n, SPLIT=used, HAS_BIAS=bias is not None,
             HAS_XS=x_scale is not None, KIND=_DTYPE_KIND[out_dtype], EXACT=exact, BLOCK=1024)
     return out
