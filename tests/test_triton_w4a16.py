@@ -412,11 +412,11 @@ def test_gemv1_fp4_words(monkeypatch, fmt, k, words):
 
 @pytest.mark.parametrize("fmt", ["fp4_e2m1/g128/asym", "fp4_e2m1/g64/m2", "fp4_e2m1/g128"])
 @pytest.mark.parametrize("k", [1024, 1088, 2304])
-def test_gemv1_fp4_words_prefetch_gives_the_same_bits(monkeypatch, fmt, k):
-    """Loading the next tile's words ahead (``PREFETCH``) changes when words are read, not
-    what is summed: the same bits as the same tile without it, over splits whose tile counts
-    differ (one tile, several, a ragged last one). On CUDA every word-kernel config runs
-    (each also against the reference); in the interpreter one tile, both ways."""
+def test_gemv1_fp4_words_pipelined_gives_the_same_bits(monkeypatch, fmt, k):
+    """Software-pipelining the K loop (``PIPE``) changes when words are read, not what is
+    summed: the same bits as the same tile without it, over splits whose tile counts differ
+    (one tile, several, a ragged last one). On CUDA every word-kernel config runs (each also
+    against the reference); in the interpreter one tile, both ways."""
     import triton
 
     from qcompile.backends.triton import w4a16_gemv as g1
@@ -425,9 +425,9 @@ def test_gemv1_fp4_words_prefetch_gives_the_same_bits(monkeypatch, fmt, k):
     w = (w[0], w4.element_table("fp4_e2m1", x.device), *w[2:])
     ref = w4.w4a16_linear_ref(x, *w, bias=b)
     if CUDA:
-        pairs = [(triton.Config(dict(c.kwargs, PREFETCH=0), num_warps=c.num_warps,
+        pairs = [(triton.Config(dict(c.kwargs, PIPE=1), num_warps=c.num_warps,
                                 num_stages=c.num_stages), c)
-                 for c in g1._fp4w_configs(w[-1]) if c.kwargs["PREFETCH"]]
+                 for c in g1._fp4w_configs(w[-1]) if c.kwargs["PIPE"] > 1]
         assert pairs
         for c in g1._fp4w_configs(w[-1]):
             assert_matches_unrounded(g1.w4a16_gemv1(x, *w, bias=b, fp4=True, config=c), ref,
@@ -436,9 +436,9 @@ def test_gemv1_fp4_words_prefetch_gives_the_same_bits(monkeypatch, fmt, k):
                   for split in (1, 3, 16)] for c in pair] for pair in pairs]
     else:
         runs = []
-        for prefetch in (0, 1):
+        for pipe in (1, 3):
             monkeypatch.setattr(g1, "_INTERP_FP4W", {"BLOCK_N": 16, "BLOCK_K": 128,
-                                                     "PREFETCH": prefetch})
+                                                     "PIPE": pipe})
             runs.append([g1.w4a16_gemv1(x, *w, bias=b, fp4=True, split=split)
                          for split in (1, 3, 16)])
         runs = [runs]

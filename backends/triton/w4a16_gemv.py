@@ -57,22 +57,22 @@ _INTERP = {"BLOCK_N": 32, "BLOCK_K": 64}  # one config under the interpreter (gr
 #: a thread several rows of the same words share its loads of x across those rows. Kept from
 #: the H100 sweeps (``benchmarks/kernels_w4a16.py --sweep``, FP4 g128, 2026-11-27): 16 x 1024,
 #: 32 x 1024 and 16 x 2048 ran 8192^2 in 18-21 us and 28672 x 8192 in 57-61 us; 64 x 512 is
-#: next (20-33 / 62-68 us); 64 x 256 serves group sizes that 512 does not divide. Dropped as
-#: slower on both shapes: 8 warps on 32 x 1024 (40-46 / 132-149 us) or 128 x 256 (23-60 /
-#: 70-82 us), 64 x 128 (26-88 / 80-116 us), 4 stages (no change), and all but one of the
-#: ``PREFETCH`` variants (which load the next tile's words before multiplying the current
-#: one's: Triton does not pipeline loads that feed no dot); the kept one was the fastest tile
-#: at one split on 8192^2 (19.1 us) and slower on 28672 x 8192. The K split is tuned with
-#: the tile (:data:`SPLITS`).
+#: next (20-33 / 62-68 us). Dropped as slower on both shapes: 8 warps on 32 x 1024 (40-46 /
+#: 132-149 us) or 128 x 256 (23-60 / 70-82 us), 64 x 128 and 64 x 256 (24-88 / 67-116 us), 4
+#: stages (no change), and loading the next tile's words by hand before multiplying the
+#: current one's (no faster: Triton then kept both tiles in registers). ``PIPE``: stages of
+#: Triton's software pipeline over the K tiles (``tl.range(num_stages=PIPE)``); at 3 the next
+#: tiles' words and x are copied into shared memory (``cp.async``) while this one is
+#: multiplied, which Triton does not do by itself for loads that feed no dot; 1 loads, then
+#: computes. Every tile runs both ways; the K split is tuned with them (:data:`SPLITS`).
 FP4W_CONFIGS: list[triton.Config] = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PREFETCH": pf}, num_warps=w, num_stages=s)
-    for bn, bk, w, s, pf in ((16, 1024, 4, 3, 0), (32, 1024, 4, 3, 0), (16, 2048, 4, 3, 0),
-                             (64, 512, 4, 3, 0), (64, 256, 4, 3, 0), (16, 1024, 4, 3, 1))
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PIPE": pipe}, num_warps=4, num_stages=3)
+    for bn, bk in ((16, 1024), (32, 1024), (16, 2048), (64, 512)) for pipe in (1, 3)
 ]
 #: K splits the autotuner tries with each tile (those with at least one K tile per split): at
 #: batch 1 a small weight needs splits to fill the GPU, a large one runs fastest unsplit.
 SPLITS = (1, 2, 4, 8)
-_INTERP_FP4W = {"BLOCK_N": 16, "BLOCK_K": 256, "PREFETCH": 1}
+_INTERP_FP4W = {"BLOCK_N": 16, "BLOCK_K": 256, "PIPE": 3}
 # 0x80008000 as an int32 (Triton would widen the unsigned literal to int64).
 _SIGNS = tl.constexpr(-2147450880)
 
@@ -196,7 +196,7 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
                        GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_OUTER: tl.constexpr,
                        HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, SPLIT: tl.constexpr,
                        REDUCE: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
     """FP4 weights read as int32 words (8 codes, k = 8 * word + nibble): per tile, the raw
     code sums of each group (AFPQ: the signed sum S and the magnitude sum A, so the positive
     part is (S + A) / 2 and the negative (S - A) / 2) times the group scales."""
@@ -212,21 +212,10 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
     per = tl.cdiv(tiles, SPLIT)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     t_end = tl.minimum(pid_s * per + per, tiles)
-    if PREFETCH:  # the first tile's words; each iteration then loads the next tile's first
-        w_lim = tl.minimum(KW, t_end * WK)  # words past the split's tiles are not read
-        w_next = tl.load(rows + (pid_s * per * WK + kw)[None, :],
-                         mask=n_ok[:, None] & (pid_s * per * WK + kw < w_lim)[None, :], other=0)
-    for t in range(pid_s * per, t_end):
+    for t in tl.range(pid_s * per, t_end, num_stages=PIPE):
         k0 = t * BLOCK_K
         wcol = k0 // 8 + kw
-        if PREFETCH:
-            # The loads of tile t + 1 are in flight while tile t's codes are multiplied.
-            w = w_next
-            w_next = tl.load(rows + (wcol + WK)[None, :],
-                             mask=n_ok[:, None] & (wcol + WK < w_lim)[None, :], other=0)
-        else:
-            w = tl.load(rows + wcol[None, :], mask=n_ok[:, None] & (wcol < KW)[None, :],
-                        other=0)
+        w = tl.load(rows + wcol[None, :], mask=n_ok[:, None] & (wcol < KW)[None, :], other=0)
         s_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
         a_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
         for i in tl.static_range(4):
