@@ -63,6 +63,6 @@ def test_cold_reads_are_slower_than_hot_ones():
     fn = lambda: torch.sum(buf, dim=0, out=out)  # noqa: E731
     cold = sorted(cold_bench.cold_times(fn))
     hot = do_bench_cudagraph(fn)
-    assert cold[len(cold) // 2] > 1.3 * hot
+    assert cold[len(cold) // 2] > 1.2 * hot
     assert out.item() == buf.numel()
     assert len(cold_bench.cold_graph_bench(fn, (0.5, 0.2, 0.8))) == 3
