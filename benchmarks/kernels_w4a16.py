@@ -6,7 +6,9 @@ shape in the same run, on the Llama-3-8B projections a decode step runs (q/k/v a
 fused: 6144 x 4096, 4096 x 4096, 28672 x 4096, 4096 x 14336, N x K) and the issue's 8192 x
 8192 and 28672 x 8192. Reports microseconds, the speedup over bf16 and the weight-read
 bandwidth (packed codes + fp32 scales over the kernel time), and one ``layer`` row per format
-summing the four projections: the GEMV time of one decoder layer's step.
+and kernel summing the four projections: the GEMV time of one decoder layer's step. Two
+kernels: ``gemv1`` (FMA products; what ``w4a16_linear`` runs) and ``gemv1-mma`` (products on
+tensor cores, ``qcompile.backends.triton.w4a16_gemv_mma``), each with its own autotuned pick.
 
 Two timings, both CUDA-graph replays (the GPU time of the call, without the host's launch
 path, as a decode step captured in a graph runs it):
@@ -56,11 +58,8 @@ def _timings(fn: Callable[[], object]) -> dict[str, float]:
             "hot_us": 1e3 * do_bench_cudagraph(fn)}
 
 
-def _picked() -> str:
-    """The tile and split the batch-1 autotuner picked in the last call."""
-    from qcompile.backends.triton import w4a16_gemv
-
-    tuned = w4a16_gemv._tuned_fp4w(128, None)  # the wrapper's autotuner (no split fixed)
+def _picked(tuned: Any) -> str:
+    """The tile and split an autotuner picked in its last call."""
     cfg = getattr(tuned, "best_config", None)
     return "" if cfg is None else ", ".join(
         [f"{k}={v}" for k, v in cfg.kwargs.items()] + [f"warps={cfg.num_warps}"])
@@ -76,6 +75,7 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError(f"the W4A16 kernel benchmark needs a CUDA device (got {dev}, "
                            f"CUDA available: {torch.cuda.is_available()})")
+    from qcompile.backends.triton import w4a16_gemv, w4a16_gemv_mma
     from qcompile.backends.triton.runtime import element_table
     from qcompile.backends.triton.w4a16 import w4a16_linear, w4a16_linear_ref
     from qcompile.formats import pack_codes, parse_format, quantize
@@ -96,27 +96,41 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
             ref = w4a16_linear_ref(x, *args)
             read = (args[0], q.scale, q.scale_neg, q.zero, q.outer)  # what the kernel streams
             nbytes = sum(t.numel() * t.element_size() for t in read if t is not None)
-            out = w4a16_linear(x, *args)  # also runs the autotuner once
-            w4 = _timings(lambda x=x, a=args: w4a16_linear(x, *a))
-            err = ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-            rows.append({
-                "format": fmt, "shape": name, "kernel": "gemv1", "M": 1, "N": n, "K": k,
-                "device": torch.cuda.get_device_name(dev), "picked": _picked(),
-                "w4a16_us": w4["cold_us"], "bf16_us": bf16["cold_us"],
-                "speedup_vs_bf16": bf16["cold_us"] / w4["cold_us"],
-                "w4a16_hot_us": w4["hot_us"], "bf16_hot_us": bf16["hot_us"],
-                "speedup_vs_bf16_hot": bf16["hot_us"] / w4["hot_us"],
-                "weight_bytes": nbytes, "weight_gbps": nbytes / (w4["cold_us"] * 1e-6) / 1e9,
-                "max_rel_err_vs_ref": err,
-            })
+            words = w4a16_gemv._words(args[0], k)
+            # "gemv1": what w4a16_linear runs at M = 1 (FMA products); "gemv1-mma": the
+            # tensor-core kernel (w4a16_gemv_mma), benchmarked next to it before it is used.
+            kernels = {
+                "gemv1": (lambda x=x, a=args: w4a16_linear(x, *a),
+                          lambda g=spec.group_size: w4a16_gemv._tuned_fp4w(g, None)),
+                "gemv1-mma": (lambda x=x, wd=words, q=q, g=spec.group_size:
+                              w4a16_gemv_mma.w4a16_gemv1_mma(x, wd, q.scale, q.scale_neg,
+                                                             q.outer, g, None),
+                              lambda g=spec.group_size: w4a16_gemv_mma._tuned(g, None))}
+            for kernel, (call, tuner) in kernels.items():
+                out = call()  # also runs the autotuner once
+                w4 = _timings(call)
+                err = ((out.float() - ref.float()).abs().max()
+                       / ref.float().abs().max()).item()
+                rows.append({
+                    "format": fmt, "shape": name, "kernel": kernel, "M": 1, "N": n, "K": k,
+                    "device": torch.cuda.get_device_name(dev), "picked": _picked(tuner()),
+                    "w4a16_us": w4["cold_us"], "bf16_us": bf16["cold_us"],
+                    "speedup_vs_bf16": bf16["cold_us"] / w4["cold_us"],
+                    "w4a16_hot_us": w4["hot_us"], "bf16_hot_us": bf16["hot_us"],
+                    "speedup_vs_bf16_hot": bf16["hot_us"] / w4["hot_us"],
+                    "weight_bytes": nbytes,
+                    "weight_gbps": nbytes / (w4["cold_us"] * 1e-6) / 1e9,
+                    "max_rel_err_vs_ref": err,
+                })
         del w, dense
-    for fmt in FORMATS:
-        layer = [r for r in rows if r["format"] == fmt and r["shape"] in LAYER_SHAPES]
+    for fmt, kernel in [(f, kn) for f in FORMATS for kn in ("gemv1", "gemv1-mma")]:
+        layer = [r for r in rows if r["format"] == fmt and r["kernel"] == kernel
+                 and r["shape"] in LAYER_SHAPES]
         if len(layer) == len(LAYER_SHAPES):
             w4_us = sum(r["w4a16_us"] for r in layer)
             bf_us = sum(r["bf16_us"] for r in layer)
             nbytes = sum(r["weight_bytes"] for r in layer)
-            rows.append({"format": fmt, "shape": "layer", "kernel": "gemv1 x 4 (one layer)",
+            rows.append({"format": fmt, "shape": "layer", "kernel": f"{kernel} x 4 (one layer)",
                          "M": 1, "w4a16_us": w4_us, "bf16_us": bf_us,
                          "speedup_vs_bf16": bf_us / w4_us, "weight_bytes": nbytes,
                          "weight_gbps": nbytes / (w4_us * 1e-6) / 1e9,

@@ -34,7 +34,8 @@ from typing import Any
 ISSUE_PER_S = 132 * 4 * 32 * 1.75e9  # H100 SXM: thread-instructions issued per second
 _TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_triton_compile_sm90.py"
 DEFAULT_CASES = ("w4a16-gemv1w-bf16-g128-fp4", "w4a16-gemv1w-bf16-g128-afpq",
-                 "w4a16-gemv1w-fp8-g128-w4a8")
+                 "w4a16-gemv1w-fp8-g128-w4a8", "w4a16-gemv1mma-bf16-g128-fp4",
+                 "w4a16-gemv1mma-bf16-g128-afpq", "w4a16-gemv1mma-fp8-g128-w4a8")
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
 
@@ -63,22 +64,27 @@ def _compile_module():
 
 
 def census(case_names: list[str]) -> list[dict[str, Any]]:
-    """One row per (case, config) of the GEMV1 word kernel cases named."""
+    """One row per (case, config) of the batch-1 FP4 GEMV cases named (the FMA word kernel,
+    ``w4a16_gemv1w``, and the tensor-core one, ``w4a16_gemv1mma``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from qcompile.backends.triton import w4a16_gemv
+    from qcompile.backends.triton import w4a16_gemv, w4a16_gemv_mma
 
     t = _compile_module()
+    builders = {"w4a16_gemv1w": (t._build_w4a16_gemv1w, w4a16_gemv),
+                "w4a16_gemv1mma": (t._build_w4a16_gemv1mma, w4a16_gemv_mma)}
     cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     cases = {c[0]: c for c in t.CASES}
     rows = []
     for name in case_names:
-        if name not in cases or cases[name][1] != "w4a16_gemv1w":
-            raise SystemExit(f"sass_census: {name!r} is not a w4a16_gemv1w case of {_TESTS.name}")
+        if name not in cases or cases[name][1] not in builders:
+            raise SystemExit(f"sass_census: {name!r} is not a {' or '.join(builders)} case of "
+                             f"{_TESTS.name}")
         params = dict(cases[name][2], split=max(2, cases[name][2].get("split", 1)))
-        fn, args, consts, configs = t._build_w4a16_gemv1w(w4a16_gemv, params, True)
+        build, module = builders[cases[name][1]]
+        fn, args, consts, configs = build(module, params, True)
         for cfg in configs:
             sig, ce, attrs = t._specialize(fn, args, dict(consts, **cfg.kwargs))
             kernel = triton.compile(ASTSource(fn, sig, ce, attrs),

@@ -171,6 +171,20 @@ CASES: list[tuple[str, str, dict]] = [
                                                          neg=True, bias=True)),
     ("w4a16-gemv1w-fp16-g64-m2", "w4a16_gemv1w", dict(dtype="fp16", group_size=64, split=4,
                                                       outer=True, bias=False)),
+    # The same on tensor cores (w4a16_gemv_mma): fp16 code tiles times an x column, every
+    # tile; symmetric FP4, AFPQ (two MMAs per tile), M2 outer scales and W4A8's FP8 codes.
+    ("w4a16-gemv1mma-bf16-g128-fp4", "w4a16_gemv1mma", dict(dtype="bf16", group_size=128,
+                                                            split=4, bias=False, mma="f16")),
+    ("w4a16-gemv1mma-bf16-g128-afpq", "w4a16_gemv1mma", dict(dtype="bf16", group_size=128,
+                                                             split=1, neg=True, bias=True,
+                                                             mma="f16")),
+    ("w4a16-gemv1mma-fp16-g64-m2", "w4a16_gemv1mma", dict(dtype="fp16", group_size=64,
+                                                          split=4, outer=True, bias=False,
+                                                          mma="f16")),
+    ("w4a16-gemv1mma-fp8-g128-w4a8", "w4a16_gemv1mma", dict(dtype="bf16", x="fp8e4nv",
+                                                            group_size=128, split=4,
+                                                            outer=True, xs=True, bias=True,
+                                                            mma="f16")),
     # W4A8 at batch 1: FP8 code rows, group scales 2^gexp, row scale, the rows' scale and a
     # bias in the epilogue, bf16 out (split and not).
     ("w4a16-gemv1w-fp8-g128-w4a8", "w4a16_gemv1w", dict(dtype="bf16", x="fp8e4nv",
@@ -217,6 +231,7 @@ _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2":
             "kron": "kron_quant",
             "w4a16_gemv": "w4a16", "w4a16_reduce": "w4a16", "w4a16_gemm": "w4a16",
             "w4a16_gemv1": "w4a16_gemv", "w4a16_gemv1w": "w4a16_gemv",
+            "w4a16_gemv1mma": "w4a16_gemv_mma",
             "w4a16_dequant": "w4a16_dequant", "w4a16_dequant_fp4w": "w4a16_dequant",
             "w4a8_shift": "w4a8_dequant", "w4a8_swap": "w4a8_swap",
             "w4a16_swap": "w4a16_swap"}
@@ -436,6 +451,13 @@ def _build_w4a16_gemv1w(mod, p: dict, all_configs: bool):
     return mod._gemv1_fp4w_kernel, args, consts, list(mod._fp4w_configs(gs))
 
 
+def _build_w4a16_gemv1mma(mod, p: dict, all_configs: bool):
+    from qcompile.backends.triton import w4a16_gemv
+
+    _, args, consts, _ = _build_w4a16_gemv1w(w4a16_gemv, p, all_configs)
+    return mod._gemv1_fp4mma_kernel, args, consts, list(mod._mma_configs(p["group_size"]))
+
+
 def _build_w4a16_dequant(mod, p: dict, all_configs: bool):
     import triton
 
@@ -526,6 +548,7 @@ _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_qua
              "had2": _build_had2, "kron": _build_kron,
              "w4a16_gemv": _build_w4a16_gemv, "w4a16_reduce": _build_w4a16_reduce,
              "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1,
+             "w4a16_gemv1mma": _build_w4a16_gemv1mma,
              "w4a16_gemv1w": _build_w4a16_gemv1w, "w4a16_dequant": _build_w4a16_dequant,
              "w4a16_dequant_fp4w": _build_w4a16_dequant_fp4w, "w4a8_shift": _build_w4a8_shift,
              "w4a8_swap": _build_w4a8_swap, "w4a16_swap": _build_w4a16_swap}

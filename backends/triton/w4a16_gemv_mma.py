@@ -1,0 +1,209 @@
+"""Batch-1 FP4 GEMV whose products run on tensor cores (an alternative to the FMA kernel).
+
+Measured on an H100 (``benchmarks/results/gpu_h100_2026-11-27b.md``), the FMA kernel of
+:mod:`qcompile.backends.triton.w4a16_gemv` spends about 5 SASS instructions per FP4 code (6
+for AFPQ, whose second sum doubles the multiplies). At that rate an H100 issues codes no faster
+than its DRAM delivers them, and small projections run at a third of the memory rate. Here
+only the decode stays on the ALUs: each pair of codes becomes two fp16 bit patterns with a few
+integer ops (value * 2^-14, exact, subnormals included), and the products go to MMAs:
+
+    S[n, :] = W16[n, tile] @ X[tile, :16]      (AFPQ also A = |W16| @ X)
+
+``X`` holds the tile of ``x`` in its column 0 and zeros elsewhere (an MMA needs 16 columns;
+the idle ones cost tensor-core time, which a GEMV has to spare). ``x`` goes to fp16 through a
+power of two per K tile: the tile's largest magnitude is mapped into [2^14, 2^15), so bf16, fp16
+and FP8 E4M3 activations convert exactly (a value below 2^-28 of the tile's largest loses
+bits; its share of the sum is below 2^-28). The power is divided out of the group scales.
+Products are exact and sums fp32 (the order differs from the FMA kernel: tensor cores add in
+their own order), so results match the reference as the FMA kernel's do. fp32 activations
+would round to fp16 and are not taken.
+
+Status: numerics checked in the interpreter, every tile compiled for sm_90 (warpgroup MMAs
+with the decoded tile in registers at BLOCK_N >= 64, no spills), not yet timed on a GPU, so
+``w4a16_linear`` does not route to it; ``benchmarks/kernels_w4a16.py`` times it next to the
+FMA kernel. The SASS census (``benchmarks/sass_census.py``,
+``results/sass_census_sm90_2026-11-27b.json``) counts 4.2 instructions per code at 128 x 128
+(FMA kernel: 4.7 at best) and 5.7 for AFPQ (6.0): the decode to fp16 pairs (about 2.5 per
+code) and moving the tile into the MMA's operand layout (LDSM/STS) now dominate, so a cheaper
+decode matters more than the products did.
+
+A K tile lies inside one scale group (BLOCK_K divides the group size), so a tile's sums are
+scaled once per row: ``acc[n, :] += S * eff[n]`` (AFPQ: ``((S + A) * eff + (S - A) * eff_neg)
+/ 2``). Split-K partials are summed in each column tile's last program as in the FMA kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.backends.triton.cold_bench import cold_graph_bench
+from qcompile.backends.triton.runtime import arrival_counts, cdiv, interpreting, tuning
+from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _splitk_reduce_kernel
+from qcompile.backends.triton.w4a16_gemv import _SIGNS, SPLITS, _finish, _prune_splits
+
+__all__ = ["MMA_CONFIGS", "mma_eligible", "w4a16_gemv1_mma"]
+
+#: Autotune tiles; a tile is used when its BLOCK_K divides the group size. BLOCK_N >= 64 lets
+#: Hopper use a warpgroup MMA (its M is 64); 16 and 32 take mma.sync.
+MMA_CONFIGS: list[triton.Config] = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PIPE": pipe}, num_warps=w, num_stages=3)
+    for bn, bk, w, pipe in ((64, 128, 4, 3), (64, 128, 4, 1), (128, 128, 4, 3),
+                            (64, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3))
+]
+_INTERP_MMA = {"BLOCK_N": 16, "BLOCK_K": 32, "PIPE": 1}
+#: Activation dtypes that convert to fp16 exactly (after the per-tile power of two).
+X_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+
+
+@triton.jit
+def _fp16_pair(w, NIB: tl.constexpr, MAG_ONLY: tl.constexpr):
+    """Nibbles ``NIB`` and ``NIB + 4`` of each int32 word as fp16 FP4 values * 2^-14 (see
+    ``w4a16_gemv._fp4_pair``); ``MAG_ONLY`` drops the signs (|value|)."""
+    if NIB < 3:
+        t = (w << (9 - 4 * NIB)) & 0x0E000E00
+        if not MAG_ONLY:
+            t = t | ((w << (12 - 4 * NIB)) & _SIGNS)
+    else:
+        t = (w >> 3) & 0x0E000E00
+        if not MAG_ONLY:
+            t = t | (w & _SIGNS)
+    lo = t.to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _fp16_tile(w, MAG_ONLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_N, BLOCK_K]`` fp16 codes of words ``w [BLOCK_N, BLOCK_K / 8]`` in K order
+    (element j of a word is nibble j; joins build it as 4 d0 + 2 d1 + d2)."""
+    lo0, hi0 = _fp16_pair(w, 0, MAG_ONLY)
+    lo1, hi1 = _fp16_pair(w, 1, MAG_ONLY)
+    lo2, hi2 = _fp16_pair(w, 2, MAG_ONLY)
+    lo3, hi3 = _fp16_pair(w, 3, MAG_ONLY)
+    even = tl.join(tl.join(lo0, hi0), tl.join(lo2, hi2))
+    odd = tl.join(tl.join(lo1, hi1), tl.join(lo3, hi3))
+    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr, part_ptr,
+                         out_ptr, count_ptr, xs_ptr, N, K, KW, G, outer_stride,
+                         GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
+                         HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
+                         SPLIT: tl.constexpr, REDUCE: tl.constexpr, KIND: tl.constexpr,
+                         EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         PIPE: tl.constexpr):
+    """Partial sums of the K tiles of split ``pid_s`` (module docstring)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    WK: tl.constexpr = BLOCK_K // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    kw = tl.arange(0, WK)
+    kk = tl.arange(0, BLOCK_K)
+    col0 = (tl.arange(0, 16) == 0)[None, :]
+    rows = words_ptr + offs_n.to(tl.int64)[:, None] * KW
+    tiles = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(tiles, SPLIT)
+    acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    for t in tl.range(pid_s * per, tl.minimum(pid_s * per + per, tiles), num_stages=PIPE):
+        k0 = t * BLOCK_K
+        wcol = k0 // 8 + kw
+        w = tl.load(rows + wcol[None, :], mask=n_ok[:, None] & (wcol < KW)[None, :], other=0)
+        xt = tl.load(x_ptr + k0 + kk, mask=k0 + kk < K, other=0.0).to(tl.float32)
+        # 2^(14 - floor(log2 max|x|)) from the exponent bits; clamped for an all-zero tile.
+        top = (tl.max(tl.abs(xt), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF
+        pw_exp = tl.minimum(tl.maximum(268 - top, 1), 253)
+        pw = (pw_exp << 23).to(tl.float32, bitcast=True)
+        inv = ((254 - pw_exp) << 23).to(tl.float32, bitcast=True)  # exactly 1 / pw
+        xs = (xt * pw).to(tl.float16)
+        xm = tl.where(col0, xs[:, None], tl.zeros([BLOCK_K, 16], dtype=tl.float16))
+        s = tl.dot(_fp16_tile(w, False, BLOCK_N, BLOCK_K), xm)
+        g_off = offs_n * G + k0 // GROUP_SIZE  # the tile lies in one group
+        eff = tl.load(scale_ptr + g_off, mask=n_ok, other=0.0) * inv
+        if HAS_NEG:
+            a = tl.dot(_fp16_tile(w, True, BLOCK_N, BLOCK_K), xm)
+            effn = tl.load(neg_ptr + g_off, mask=n_ok, other=0.0) * inv
+            acc += 0.5 * ((s + a) * eff[:, None] + (s - a) * effn[:, None])
+        else:
+            acc += s * eff[:, None]
+    res = tl.sum(acc, axis=1) * 16384.0  # column 0 only; 2^14: the fp16 placement's unit
+    _finish(res, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, offs_n, n_ok, pid_n,
+            pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS, SPLIT, REDUCE, KIND, EXACT)
+
+
+@functools.cache
+def _mma_configs(group_size: int) -> tuple[triton.Config, ...]:
+    return tuple(c for c in MMA_CONFIGS if group_size % c.kwargs["BLOCK_K"] == 0)
+
+
+def mma_eligible(x: torch.Tensor, group_size: int) -> bool:
+    """Whether :func:`w4a16_gemv1_mma` takes this call: one row whose dtype converts to fp16
+    exactly, and a group size some tile's BLOCK_K divides (under the interpreter: its one
+    tile's)."""
+    if x.dtype not in X_DTYPES or x.shape[0] != 1:
+        return False
+    if interpreting():
+        return group_size % _INTERP_MMA["BLOCK_K"] == 0
+    return bool(_mma_configs(group_size))
+
+
+@functools.cache
+def _tuned(group_size: int, split: int | None) -> triton.runtime.Autotuner:
+    from qcompile.backends.triton.w4a16_gemv import _with_splits
+
+    return triton.autotune(_with_splits(_mma_configs(group_size), split),
+                           key=["N", "K", "GROUP_SIZE"], prune_configs_by=tuning(_prune_splits),
+                           do_bench=cold_graph_bench)(_gemv1_fp4mma_kernel)
+
+
+def w4a16_gemv1_mma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
+                    scale_neg: torch.Tensor | None, outer: torch.Tensor | None,
+                    group_size: int, bias: torch.Tensor | None, split: int | None = None,
+                    config: triton.Config | None = None, x_scale: torch.Tensor | None = None,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``y[1, N]`` for a contiguous ``x[1, K]`` and FP4 E2M1 weights as int32 words
+    ``[N, K / 8]`` (see ``w4a16_gemv.w4a16_gemv1``; the caller checks :func:`mma_eligible`).
+
+    On CUDA the autotuner picks the tile and the K split (cold L2); ``split`` fixes the split,
+    ``config`` the tile. ``x_scale`` and ``out_dtype`` as in ``w4a16_gemv1``.
+    """
+    k = x.shape[-1]
+    n, g = words.shape[0], scale.shape[1]
+    exact = interpreting()
+    tuned = split is None and config is None and not exact
+    if not tuned and split is None:
+        split = 2 if exact else 1  # the interpreter exercises the split path
+    rows = max(SPLITS) if tuned else split
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty(1, n, dtype=out_dtype, device=x.device)
+    part = out if rows == 1 else torch.empty(rows, n, dtype=torch.float32, device=x.device)
+    counts = arrival_counts(x.device, cdiv(n, 16)) if rows > 1 else None
+    reduce = counts is not None
+    cfg: dict = {}
+    if exact:
+        cfg = dict(_INTERP_MMA, SPLIT=split)
+    elif config is not None:
+        cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
+                   SPLIT=split)
+    kern = _gemv1_fp4mma_kernel if cfg else _tuned(group_size, split)
+    xs = scale if x_scale is None else x_scale
+    bias_t = scale if bias is None else bias
+    kern[lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])](
+        x, words, scale, scale if scale_neg is None else scale_neg,
+        scale if outer is None else outer, bias_t, part, out,
+        scale if counts is None else counts, xs, n, k, words.shape[1], g,
+        0 if outer is None or outer.shape[0] == 1 else 1, GROUP_SIZE=group_size,
+        HAS_NEG=scale_neg is not None, HAS_OUTER=outer is not None, HAS_BIAS=bias is not None,
+        HAS_XS=x_scale is not None, REDUCE=reduce, KIND=_DTYPE_KIND[out_dtype], EXACT=exact,
+        **cfg)
+    used = cfg["SPLIT"] if cfg else kern.best_config.kwargs["SPLIT"]
+    if used > 1 and not reduce:
+        _splitk_reduce_kernel[(cdiv(n, 1024),)](
+            part, bias_t, out, xs, 1, n, SPLIT=used, HAS_BIAS=bias is not None,
+            HAS_XS=x_scale is not None, KIND=_DTYPE_KIND[out_dtype], EXACT=exact, BLOCK=1024)
+    return out
