@@ -11,7 +11,7 @@ from qcompile.backends.triton import w4a16 as w4
 from qcompile.backends.triton import w4a16_gemv as g1
 from qcompile.backends.triton import w4a16_gemv_mma as mm
 
-FORMATS = ["fp4_e2m1/g128/asym", "fp4_e2m1/g64", "fp4_e2m1/g32/m2", "fp4_e2m1/channel"]
+FORMATS = ["fp4_e2m1/g128/asym", "fp4_e2m1/g64", "fp4_e2m1/g64/m2", "fp4_e2m1/channel"]
 
 
 def _fp4(fmt, n, k, dtype, bias=True, seed=0):

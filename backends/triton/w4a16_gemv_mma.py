@@ -19,13 +19,18 @@ their own order), so results match the reference as the FMA kernel's do. fp32 ac
 would round to fp16 and are not taken.
 
 Status: numerics checked in the interpreter, every tile compiled for sm_90 (warpgroup MMAs
-with the decoded tile in registers at BLOCK_N >= 64, no spills), not yet timed on a GPU, so
-``w4a16_linear`` does not route to it; ``benchmarks/kernels_w4a16.py`` times it next to the
-FMA kernel. The SASS census (``benchmarks/sass_census.py``,
-``results/sass_census_sm90_2026-11-27b.json``) counts 4.2 instructions per code at 128 x 128
-(FMA kernel: 4.7 at best) and 5.7 for AFPQ (6.0): the decode to fp16 pairs (about 2.5 per
-code) and moving the tile into the MMA's operand layout (LDSM/STS) now dominate, so a cheaper
-decode matters more than the products did.
+with the decoded tile in registers, no spills), not yet timed on a GPU, so ``w4a16_linear``
+does not route to it; ``benchmarks/kernels_w4a16.py`` times it next to the FMA kernel. The
+SASS census (``benchmarks/sass_census.py``, ``results/sass_census_sm90_2026-11-27b.json``)
+counts 3.1-3.6 instructions per code for symmetric FP4 and 3.8-4.1 for AFPQ at 128 x 128,
+where the FMA kernel needs 4.7 and 6.0 at best: 7.1 and 8.5 us of issue for 8192^2, under the
+read's 10 us, where the FMA kernel's 10.6 and 13.6 are over it. What is left is mostly the decode (about 1.8 per
+code) and moving each tile into the MMA's operand layout through shared memory.
+
+K order: within each word, the tile holds nibble ``a + 2 b + 4 h`` at position ``4 a + 2 b +
+h``, so that each decoded fp16 pair (nibbles i and i + 4) stays one register and joining the
+pairs needs no byte shuffles; ``x`` is loaded in the same order (a dot product does not care
+which order its terms come in).
 
 A K tile lies inside one scale group (BLOCK_K divides the group size), so a tile's sums are
 scaled once per row: ``acc[n, :] += S * eff[n]`` (AFPQ: ``((S + A) * eff + (S - A) * eff_neg)
@@ -47,12 +52,16 @@ from qcompile.backends.triton.w4a16_gemv import _SIGNS, SPLITS, _finish, _prune_
 
 __all__ = ["MMA_CONFIGS", "mma_eligible", "w4a16_gemv1_mma"]
 
-#: Autotune tiles; a tile is used when its BLOCK_K divides the group size. BLOCK_N >= 64 lets
-#: Hopper use a warpgroup MMA (its M is 64); 16 and 32 take mma.sync.
+#: Autotune tiles; a tile is used when its BLOCK_K divides the group size (so groups of 64
+#: and up; smaller groups stay on the FMA kernel, which spans them in one tile). Kept by the
+#: SASS census: 128 x 128 costs 3.1-4.1 instructions per code, 256 x 128 on 8 warps 3.5-4.1,
+#: 64 x 128 4.1-4.6, 128 x 64 4.6-5.6; 16 and 32 rows (mma.sync) cost 7.6-18.5 and 128 x 32
+#: 8.3-10.8, 128 x 128 on 8 warps 4.6-5.3: the per-tile work (x's power of two and fp16 tile,
+#: the scales) is shared by fewer codes.
 MMA_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PIPE": pipe}, num_warps=w, num_stages=3)
-    for bn, bk, w, pipe in ((64, 128, 4, 3), (64, 128, 4, 1), (128, 128, 4, 3),
-                            (64, 64, 4, 3), (32, 128, 4, 3), (16, 128, 4, 3))
+    for bn, bk, w, pipe in ((128, 128, 4, 3), (128, 128, 4, 1), (64, 128, 4, 1),
+                            (256, 128, 8, 3), (128, 64, 4, 3))
 ]
 _INTERP_MMA = {"BLOCK_N": 16, "BLOCK_K": 32, "PIPE": 1}
 #: Activation dtypes that convert to fp16 exactly (after the per-tile power of two).
@@ -84,9 +93,9 @@ def _fp16_tile(w, MAG_ONLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.con
     lo1, hi1 = _fp16_pair(w, 1, MAG_ONLY)
     lo2, hi2 = _fp16_pair(w, 2, MAG_ONLY)
     lo3, hi3 = _fp16_pair(w, 3, MAG_ONLY)
-    even = tl.join(tl.join(lo0, hi0), tl.join(lo2, hi2))
-    odd = tl.join(tl.join(lo1, hi1), tl.join(lo3, hi3))
-    return tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+    lo = tl.join(tl.join(lo0, lo1), tl.join(lo2, lo3))
+    hi = tl.join(tl.join(hi0, hi1), tl.join(hi2, hi3))
+    return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -105,6 +114,8 @@ def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_p
     n_ok = offs_n < N
     kw = tl.arange(0, WK)
     kk = tl.arange(0, BLOCK_K)
+    # Tile position p = 8 j + 4 a + 2 b + h holds nibble a + 2 b + 4 h of word j (_fp16_tile).
+    xperm = (kk // 8) * 8 + (kk // 4) % 2 + ((kk // 2) % 2) * 2 + (kk % 2) * 4
     col0 = (tl.arange(0, 16) == 0)[None, :]
     rows = words_ptr + offs_n.to(tl.int64)[:, None] * KW
     tiles = tl.cdiv(K, BLOCK_K)
@@ -114,14 +125,15 @@ def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_p
         k0 = t * BLOCK_K
         wcol = k0 // 8 + kw
         w = tl.load(rows + wcol[None, :], mask=n_ok[:, None] & (wcol < KW)[None, :], other=0)
-        xt = tl.load(x_ptr + k0 + kk, mask=k0 + kk < K, other=0.0).to(tl.float32)
+        xk = k0 + xperm
+        xt = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
         # 2^(14 - floor(log2 max|x|)) from the exponent bits; clamped for an all-zero tile.
         top = (tl.max(tl.abs(xt), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF
         pw_exp = tl.minimum(tl.maximum(268 - top, 1), 253)
         pw = (pw_exp << 23).to(tl.float32, bitcast=True)
         inv = ((254 - pw_exp) << 23).to(tl.float32, bitcast=True)  # exactly 1 / pw
         xs = (xt * pw).to(tl.float16)
-        xm = tl.where(col0, xs[:, None], tl.zeros([BLOCK_K, 16], dtype=tl.float16))
+        xm = tl.broadcast_to(xs[:, None], [BLOCK_K, 16])  # 16 equal columns: no select
         s = tl.dot(_fp16_tile(w, False, BLOCK_N, BLOCK_K), xm)
         g_off = offs_n * G + k0 // GROUP_SIZE  # the tile lies in one group
         eff = tl.load(scale_ptr + g_off, mask=n_ok, other=0.0) * inv
@@ -131,7 +143,8 @@ def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_p
             acc += 0.5 * ((s + a) * eff[:, None] + (s - a) * effn[:, None])
         else:
             acc += s * eff[:, None]
-    res = tl.sum(acc, axis=1) * 16384.0  # column 0 only; 2^14: the fp16 placement's unit
+    # Column 0 (the others are equal copies); 2^14: the fp16 placement's unit.
+    res = tl.sum(tl.where(col0, acc, 0.0), axis=1) * 16384.0
     _finish(res, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, offs_n, n_ok, pid_n,
             pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS, SPLIT, REDUCE, KIND, EXACT)
 
