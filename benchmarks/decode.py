@@ -363,6 +363,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "without --mode); both need --cache static")
     parser.add_argument("--lm-head", action="store_true",
                         help="quantize the output head too (recipe variants)")
+    parser.add_argument("--gemv1", choices=("fma", "mma"), default="fma",
+                        help="batch-1 FP4 GEMV kernel of the quantized variants: products on "
+                        "FMAs (the default) or on tensor cores (w4a16_gemv_mma, "
+                        "runtime.GEMV1_MMA)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -383,6 +387,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
+    if args.gemv1 == "mma":
+        from qcompile.backends.triton import runtime
+
+        runtime.GEMV1_MMA = True
     result: dict[str, Any] = {
         "benchmark": "decode",
         "command": " ".join(["python", "benchmarks/decode.py", *(argv or sys.argv[1:])]),
@@ -394,7 +402,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "batch": 1, "prompt": args.prompt, "decode_tokens": args.decode,
         "kv_cache": args.cache, "mode": args.mode, "loop": args.loop,
-        "lm_head_quantized_in_recipes": args.lm_head,
+        "lm_head_quantized_in_recipes": args.lm_head, "gemv1": args.gemv1,
         "prefill_tokens": args.prefill,
         "variants": {},
     }

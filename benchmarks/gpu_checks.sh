@@ -38,7 +38,8 @@
 #          its error; if any fails, all once more with a dynamic cache, generate() and no CUDA
 #          graphs (decode_dynamic.json). DECODE_VARIANTS picks the variants (default
 #          bf16,w4a16-fp4,w4a8; w4a16-fp4-unfused measures fuse-linears). DECODE_PROFILE=1
-#          adds each variant's kernel times per token (--profile, benchmarks/step_profile.py).
+#          adds each variant's kernel times per token (--profile, benchmarks/step_profile.py);
+#          DECODE_GEMV1=mma runs the batch-1 FP4 GEMVs on tensor cores (w4a16_gemv_mma).
 #
 # Limits (seconds): T_TESTS=150 T_KERNELS=150 T_PPL=200 T_DECODE=240. The first H200 run
 # (benchmarks/results/gpu_h200_2026-11-26.md) used about these; plan a device lease around
@@ -65,7 +66,7 @@ for phase in "${phases[@]}"; do
       -p no:cacheprovider --tb=short ${TEST_K:+-k "$TEST_K"} ${TEST_FILES:-tests/test_triton_w4a16.py \
       tests/test_lower_triton.py tests/test_triton_fp8.py tests/test_triton_w4a8.py \
       tests/test_triton_act_quant.py tests/test_lower_triton_gpu.py \
-      tests/test_device_cache.py} > "$out/tests.log" 2>&1
+      tests/test_device_cache.py tests/test_triton_w4a16_mma.py tests/test_cold_bench.py} > "$out/tests.log" 2>&1
     say "tests exit $? ($(grep -c '^FAILED' "$out/fails.txt" 2>/dev/null || echo 0) failures logged)"
     grep -E "passed|failed" "$out/tests.log" | tail -2
     grep -A2 '^FAILED' "$out/fails.txt" 2>/dev/null | cut -c1-240 | head -30 ;;
@@ -89,7 +90,7 @@ for phase in "${phases[@]}"; do
     say "w4a16"
     timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py --out "$out/w4a16.json" > "$out/w4a16.log" 2>&1
     say "w4a16 exit $?"
-    $py -c "import json; [print(r['format'], r['shape'], round(r['w4a16_us'], 1), round(r['bf16_us'], 1), round(r['speedup_vs_bf16'], 3), round(r['weight_gbps']), '| hot', round(r.get('speedup_vs_bf16_hot', 0), 3), '|', r.get('picked', '')) for r in json.load(open('$out/w4a16.json'))]" || tail -5 "$out/w4a16.log"
+    $py -c "import json; [print(r['format'], r['shape'], r['kernel'].split()[0], round(r['w4a16_us'], 1), round(r['bf16_us'], 1), round(r['speedup_vs_bf16'], 3), round(r['weight_gbps']), '| hot', round(r.get('speedup_vs_bf16_hot', 0), 3), '|', r.get('picked', '')) for r in json.load(open('$out/w4a16.json'))]" || tail -5 "$out/w4a16.log"
     [ "${W4_SWEEP:-1}" = 0 ] && continue
     timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py --sweep --out "$out/w4a16_sweep.json" > "$out/w4a16_sweep.log" 2>&1
     say "w4a16 sweep exit $?"
@@ -113,7 +114,7 @@ for phase in "${phases[@]}"; do
     timeout "${T_DECODE:-240}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
       --cache static --loop "${DECODE_LOOP:-graph}" ${DECODE_MODE:+--mode "$DECODE_MODE"} \
       --stop-on-error --out "$out/decode.json" ${DECODE_PROFILE:+--profile} \
-      --variants "${DECODE_VARIANTS:-bf16,w4a16-fp4,w4a8}" \
+      --variants "${DECODE_VARIANTS:-bf16,w4a16-fp4,w4a8}" --gemv1 "${DECODE_GEMV1:-fma}" \
       > "$out/decode.log" 2>&1
     rc=$?
     grep "^decode.py" "$out/decode.log" | cut -c1-700

@@ -311,15 +311,15 @@ class _Spy:
 
 def _spy_tuned(monkeypatch, module, kernel: str, tuned: str) -> _Spy:
     """A spy on ``module.<kernel>`` for both launch paths: direct (the interpreter) and through
-    the cached autotuner ``module.<tuned>(group_size)`` (CUDA), which is built around the real
+    the cached autotuner ``module.<tuned>(group_size, ...)`` (CUDA), which is built around the real
     kernel: an autotuner built around the spy itself fails (a spy has no ``arg_names``)."""
     real, make = getattr(module, kernel), getattr(module, tuned)
     spy = _Spy(real)
 
-    def spied_tuned(group_size):
+    def spied_tuned(*args):
         with monkeypatch.context() as m:
             m.setattr(module, kernel, real)
-            spy.kernel = make(group_size)
+            spy.kernel = make(*args)
         return spy
 
     monkeypatch.setattr(module, kernel, spy)

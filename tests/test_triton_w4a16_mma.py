@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_triton_w4a16 import CUDA, DEV, _inputs, _Spy, assert_matches_unrounded
+from test_triton_w4a16 import (
+    CUDA,
+    DEV,
+    _inputs,
+    _Spy,
+    _spy_tuned,
+    assert_matches_unrounded,
+)
 
 from qcompile.backends.triton import w4a16 as w4
 from qcompile.backends.triton import w4a16_gemv as g1
@@ -104,3 +111,23 @@ def test_every_tile_matches_the_reference():
             out = mm.w4a16_gemv1_mma(x, words, w[2], w[3], w[5], w[6], b, split=split,
                                      config=config)
             assert_matches_unrounded(out, ref, x, w)
+
+
+def test_runtime_flag_routes_batch1_fp4_to_tensor_cores(monkeypatch):
+    """With ``runtime.GEMV1_MMA`` on, ``w4a16_linear`` at one row sends FP4 words here (W4A16
+    and W4A8's batch-1 path alike) and keeps what this kernel cannot take (fp32 activations,
+    a table format) on the FMA kernels; off, nothing comes here."""
+    from qcompile.backends.triton import runtime
+
+    spy_mma = _spy_tuned(monkeypatch, mm, "_gemv1_fp4mma_kernel", "_tuned")
+    spy_fma = _spy_tuned(monkeypatch, g1, "_gemv1_fp4w_kernel", "_tuned_fp4w")
+    x, w, b, _ = _fp4("fp4_e2m1/g128/asym", 72, 1024, torch.bfloat16)
+    ref = w4.w4a16_linear_ref(x, *w, bias=b)
+    w4.w4a16_linear(x, *w, bias=b)
+    assert (spy_mma.launches, spy_fma.launches) == (0, 1)
+    monkeypatch.setattr(runtime, "GEMV1_MMA", True)
+    out = w4.w4a16_linear(x, *w, bias=b)
+    assert (spy_mma.launches, spy_fma.launches) == (1, 1)
+    assert_matches_unrounded(out, ref, x, w)
+    w4.w4a16_linear(x.float(), *w, bias=b.float())  # fp32: the FMA kernel
+    assert (spy_mma.launches, spy_fma.launches) == (1, 2)

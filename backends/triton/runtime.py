@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "FUSED_REDUCE",
+    "GEMV1_MMA",
     "KernelInputError",
     "arrival_counts",
     "cdiv",
@@ -98,6 +99,11 @@ def next_pow2(n: int) -> int:
     without its per-call constexpr wrapping."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
+
+#: Batch-1 FP4 GEMVs on tensor cores (``w4a16_gemv_mma``) where eligible, instead of the FMA
+#: kernel. Off until timed on a GPU (``benchmarks/kernels_w4a16.py`` times both;
+#: ``benchmarks/decode.py --gemv1 mma`` turns it on for a decode run).
+GEMV1_MMA = False
 
 #: Split-K GEMVs sum their partials in the last program of each column tile (arrival counts,
 #: :func:`arrival_counts`): one launch per call instead of two, the same bits. False: a

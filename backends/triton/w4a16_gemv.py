@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton import runtime
 from qcompile.backends.triton.cold_bench import cold_graph_bench
 from qcompile.backends.triton.runtime import (
     arrival_counts,
@@ -348,7 +349,17 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     sums after ``outer`` and before ``bias``; with it ``x`` may hold FP8 E4M3 codes (W4A8
     decoding: the codes are the activations up to that scale). ``out_dtype`` (default
     ``x``'s) is the result's dtype. The caller checks :func:`gemv1_eligible` and the inputs.
+    With ``runtime.GEMV1_MMA`` set, FP4 words that the tensor-core kernel takes go there
+    (``w4a16_gemv_mma``; not with a pinned split or config).
     """
+    words = _words(packed, x.shape[-1]) if fp4 and zero is None and _fp4w_configs(group_size) \
+        else None
+    if runtime.GEMV1_MMA and words is not None and split is None and config is None:
+        from qcompile.backends.triton import w4a16_gemv_mma as mma
+
+        if mma.mma_eligible(x, group_size):
+            return mma.w4a16_gemv1_mma(x, words, scale, scale_neg, outer, group_size, bias,
+                                       x_scale=x_scale, out_dtype=out_dtype)
     k = x.shape[-1]
     n, g = packed.shape[0], scale.shape[1]
     exact = interpreting()
@@ -366,7 +377,6 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     out_t = scale if outer is None else outer
     bias_t = scale if bias is None else bias
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
-    words = _words(packed, k) if fp4 and zero is None and _fp4w_configs(group_size) else None
     grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
     cfg = {}
     if config is not None and not exact:
