@@ -19,24 +19,24 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 
-def _times(fn: Callable[[], object], cuda: bool) -> dict[str, tuple[float, int]]:
-    """Self time (us) and call count of every kernel (CUDA) or op (CPU) that ``fn`` runs."""
+def _times(fn: Callable[[], object], cuda: bool
+           ) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[float, int]]]:
+    """Self time (us) and call count of every kernel (CUDA; empty elsewhere) and of every CPU
+    op that ``fn`` runs: ``(kernels, cpu_ops)``."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         fn()
         if cuda:
             torch.cuda.synchronize()
-    out: dict[str, tuple[float, int]] = {}
+    kernels: dict[str, tuple[float, int]] = {}
+    ops: dict[str, tuple[float, int]] = {}
     for e in prof.key_averages():
-        if cuda:
-            if e.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            us = e.self_device_time_total
-        else:
-            us = e.self_cpu_time_total
-        if us > 0:
-            out[e.key] = (float(us), int(e.count))
-    return out
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            if cuda and e.self_device_time_total > 0:
+                kernels[e.key] = (float(e.self_device_time_total), int(e.count))
+        elif e.self_cpu_time_total > 0:
+            ops[e.key] = (float(e.self_cpu_time_total), int(e.count))
+    return kernels, ops
 
 
 def _what(cuda: bool) -> str:
@@ -55,11 +55,21 @@ def _ranked(rows: list[dict[str, Any]], key: str) -> tuple[list[dict[str, Any]],
 def profile_call(fn: Callable[[], object], device: str, top: int = 40) -> dict[str, Any]:
     """Time and calls of each kernel (CUDA) or op (CPU) in one warm call of ``fn`` (a prefill
     forward, say), longest first: ``{"what", "busy_us", "names", "rows": [{"name", "us",
-    "calls", "share"}]}``."""
+    "calls", "share"}]}``. On CUDA also ``"host"``: the CPU ops' self times the same way (the
+    profiler inflates them; their ranking says where a call that leaves the GPU idle spends
+    its host time)."""
     cuda = device.startswith("cuda")
-    rows, busy = _ranked([{"name": name[:160], "us": round(us, 2), "calls": calls}
-                          for name, (us, calls) in _times(fn, cuda).items()], "us")
-    return {"what": _what(cuda), "busy_us": busy, "names": len(rows), "rows": rows[:top]}
+    kernels, ops = _times(fn, cuda)
+
+    def table(times: dict[str, tuple[float, int]]) -> dict[str, Any]:
+        rows, busy = _ranked([{"name": name[:160], "us": round(us, 2), "calls": calls}
+                              for name, (us, calls) in times.items()], "us")
+        return {"busy_us": busy, "names": len(rows), "rows": rows[:top]}
+
+    out = {"what": _what(cuda), **table(kernels if cuda else ops)}
+    if cuda:
+        out["host"] = {"what": _what(False), **table(ops)}
+    return out
 
 
 def profile_tokens(generate: Callable[[int], object], n: int, device: str,
@@ -79,8 +89,8 @@ def profile_tokens(generate: Callable[[int], object], n: int, device: str,
     if n < 2:
         raise ValueError(f"profile_tokens needs n >= 2 new tokens, got {n}")
     cuda = device.startswith("cuda")
-    long = _times(lambda: generate(n), cuda)
-    short = _times(lambda: generate(1), cuda)
+    long = _times(lambda: generate(n), cuda)[0 if cuda else 1]
+    short = _times(lambda: generate(1), cuda)[0 if cuda else 1]
     steps = n - 1
     rows = []
     for name, (us, calls) in long.items():

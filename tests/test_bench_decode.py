@@ -106,3 +106,4 @@ def test_step_profile_counts_one_tokens_ops(decode_mod):
         one = profile_call(lambda: model(prompt, use_cache=False), "cpu")
     calls = {r["name"]: r["calls"] for r in one["rows"]}
     assert calls["aten::mm"] == 8 and one["busy_us"] >= sum(r["us"] for r in one["rows"])
+    assert "host" not in one  # the host table comes with CUDA kernels
