@@ -172,23 +172,32 @@ def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, ou
 
 
 @triton.jit
-def _fp4_pair(w, NIB: tl.constexpr):
-    """FP4 E2M1 nibbles ``NIB`` and ``NIB + 4`` of each int32 word as fp32 in units of 2^-14.
+def _fp16_pair(w, NIB: tl.constexpr, MAG_ONLY: tl.constexpr):
+    """FP4 E2M1 nibbles ``NIB`` and ``NIB + 4`` of each int32 word as fp16 in units of 2^-14
+    (exact, subnormals included); ``MAG_ONLY`` drops the signs (|value|).
 
     Both land in one 32-bit word as two fp16 bit patterns at once (the code's magnitude bits
     under the fp16 exponent's low bits, its sign on the sign bit), so a pair costs two shifts
-    and masks, an or, and the two fp16 -> fp32 conversions.
+    and masks and an or.
     """
     if NIB < 3:
-        mag = (w << (9 - 4 * NIB)) & 0x0E000E00
-        sgn = (w << (12 - 4 * NIB)) & _SIGNS
+        t = (w << (9 - 4 * NIB)) & 0x0E000E00
+        if not MAG_ONLY:
+            t = t | ((w << (12 - 4 * NIB)) & _SIGNS)
     else:
-        mag = (w >> 3) & 0x0E000E00
-        sgn = w & _SIGNS
-    t = mag | sgn
-    lo = t.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (t >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        t = (w >> 3) & 0x0E000E00
+        if not MAG_ONLY:
+            t = t | (w & _SIGNS)
+    lo = t.to(tl.int16).to(tl.float16, bitcast=True)
+    hi = (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)
     return lo, hi
+
+
+@triton.jit
+def _fp4_pair(w, NIB: tl.constexpr):
+    """:func:`_fp16_pair` (signed) as fp32: two fp16 -> fp32 conversions more."""
+    lo, hi = _fp16_pair(w, NIB, False)
+    return lo.to(tl.float32), hi.to(tl.float32)
 
 
 @triton.jit

@@ -48,7 +48,7 @@ import triton.language as tl
 from qcompile.backends.triton.cold_bench import cold_graph_bench
 from qcompile.backends.triton.runtime import arrival_counts, cdiv, interpreting, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _splitk_reduce_kernel
-from qcompile.backends.triton.w4a16_gemv import _SIGNS, SPLITS, _finish, _prune_splits
+from qcompile.backends.triton.w4a16_gemv import SPLITS, _finish, _fp16_pair, _prune_splits
 
 __all__ = ["MMA_CONFIGS", "mma_eligible", "w4a16_gemv1_mma"]
 
@@ -69,26 +69,10 @@ X_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 
 
 @triton.jit
-def _fp16_pair(w, NIB: tl.constexpr, MAG_ONLY: tl.constexpr):
-    """Nibbles ``NIB`` and ``NIB + 4`` of each int32 word as fp16 FP4 values * 2^-14 (see
-    ``w4a16_gemv._fp4_pair``); ``MAG_ONLY`` drops the signs (|value|)."""
-    if NIB < 3:
-        t = (w << (9 - 4 * NIB)) & 0x0E000E00
-        if not MAG_ONLY:
-            t = t | ((w << (12 - 4 * NIB)) & _SIGNS)
-    else:
-        t = (w >> 3) & 0x0E000E00
-        if not MAG_ONLY:
-            t = t | (w & _SIGNS)
-    lo = t.to(tl.int16).to(tl.float16, bitcast=True)
-    hi = (t >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-    return lo, hi
-
-
-@triton.jit
 def _fp16_tile(w, MAG_ONLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``[BLOCK_N, BLOCK_K]`` fp16 codes of words ``w [BLOCK_N, BLOCK_K / 8]`` in K order
-    (element j of a word is nibble j; joins build it as 4 d0 + 2 d1 + d2)."""
+    """``[BLOCK_N, BLOCK_K]`` fp16 codes (``w4a16_gemv._fp16_pair``) of words
+    ``w [BLOCK_N, BLOCK_K / 8]`` in the tile's K order: position ``4 a + 2 b + h`` of a word
+    holds nibble ``a + 2 b + 4 h`` (each pair stays one register; module docstring)."""
     lo0, hi0 = _fp16_pair(w, 0, MAG_ONLY)
     lo1, hi1 = _fp16_pair(w, 1, MAG_ONLY)
     lo2, hi2 = _fp16_pair(w, 2, MAG_ONLY)
