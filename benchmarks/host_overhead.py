@@ -4,8 +4,9 @@ Without CUDA graphs, batch-1 decoding is host-bound. Each linear is one op call,
 behind it runs for a few microseconds. So the Python work per call (dispatcher, input checks,
 kernel choice, allocations, launches) sets the token rate. This benchmark measures that work.
 
-``--device cuda``: each op at M = 1 is called ``--calls`` times back to back, with one sync at
-the end. That gives the eager time per call, which is the host time whenever it exceeds the
+``--device cuda``: each op at M = 1 (``--m`` rows: 2048 times a prefill's calls, where the
+W4A8 path decodes the weight and launches the FP8 GEMM) is called ``--calls`` times back to
+back, with one sync at the end. That gives the eager time per call, which is the host time whenever it exceeds the
 kernel's. Next to it are the same call's CUDA-graph replay time (the GPU time) and bf16
 ``F.linear`` on the same shape, both from the same run.
 
@@ -70,8 +71,10 @@ def host_profile(fn: Callable[[], object], calls: int, top: int) -> list[dict[st
     return rows[:top]
 
 
-def _op_calls(dev: torch.device, n: int, k: int) -> dict[str, Callable[[], object]]:
-    """One batch-1 call of each fused op, on weights quantized as ``lower-triton`` leaves them."""
+def _op_calls(dev: torch.device, n: int, k: int,
+              m: int = 1) -> dict[str, Callable[[], object]]:
+    """One call of each fused op on ``m`` rows (1: decode), on weights quantized as
+    ``lower-triton`` leaves them."""
     from qcompile.backends.triton import ops  # noqa: F401  (defines torch.ops.qcompile.*)
     from qcompile.backends.triton.w4a8 import w4a8_split_scales
     from qcompile.formats import pack_codes, parse_format, quantize
@@ -79,7 +82,7 @@ def _op_calls(dev: torch.device, n: int, k: int) -> dict[str, Callable[[], objec
     qc = torch.ops.qcompile
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g) * 0.02
-    x = torch.randn(1, 1, k, generator=g).to(dev, torch.bfloat16)
+    x = torch.randn(1, m, k, generator=g).to(dev, torch.bfloat16)
     q4 = quantize(w, parse_format("fp4_e2m1/g128"))
     packed4 = pack_codes(q4.codes, 4).to(dev)
     scale4 = q4.scale.to(dev)
@@ -128,7 +131,8 @@ def _dispatch_rows(calls: int) -> list[dict[str, Any]]:
     return rows
 
 
-def run(device: str, calls: int, n: int, k: int, pstats_top: int = 0) -> dict[str, Any]:
+def run(device: str, calls: int, n: int, k: int, pstats_top: int = 0,
+        m: int = 1) -> dict[str, Any]:
     """Measure; returns the JSON document (see the module docstring)."""
     dev = torch.device(device)
     rows: list[dict[str, Any]] = []
@@ -136,13 +140,13 @@ def run(device: str, calls: int, n: int, k: int, pstats_top: int = 0) -> dict[st
         from triton.testing import do_bench_cudagraph
 
         sync = torch.cuda.synchronize
-        x = torch.randn(1, 1, k, device=dev, dtype=torch.bfloat16)
+        x = torch.randn(1, m, k, device=dev, dtype=torch.bfloat16)
         dense = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
         base = _per_call_us(lambda: torch.nn.functional.linear(x, dense), calls, sync)
         rows.append({"op": "bf16 F.linear", "us_per_call": base,
                      "graph_us": 1e3 * do_bench_cudagraph(
                          lambda: torch.nn.functional.linear(x, dense))})
-        for name, fn in _op_calls(dev, n, k).items():
+        for name, fn in _op_calls(dev, n, k, m).items():
             rows.append({"op": name, "us_per_call": _per_call_us(fn, calls, sync),
                          "graph_us": 1e3 * do_bench_cudagraph(fn)})
             if pstats_top:
@@ -157,7 +161,7 @@ def run(device: str, calls: int, n: int, k: int, pstats_top: int = 0) -> dict[st
         interp.InterpretedFunction.run = lambda self, *a, **kw: None  # no kernel: host work only
         try:
             with kernels_on_cpu():
-                for name, fn in _op_calls(dev, n, k).items():
+                for name, fn in _op_calls(dev, n, k, m).items():
                     rows.append({"op": name, "us_per_call": _per_call_us(fn, calls,
                                                                          lambda: None),
                                  "launch": "mocked (no-op)"})
@@ -168,7 +172,7 @@ def run(device: str, calls: int, n: int, k: int, pstats_top: int = 0) -> dict[st
             interp.InterpretedFunction.run = launch
     rows += _dispatch_rows(calls)
     return {"device": str(dev), "host": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "n": n, "k": k, "calls": calls, "rows": rows}
+            "torch": torch.__version__, "m": m, "n": n, "k": k, "calls": calls, "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--m", type=int, default=1, help="activation rows (1: decode; 2048: a "
+                    "prefill, whose W4A8 path decodes the weight and calls the FP8 GEMM)")
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--pstats", type=int, default=0, metavar="N",
@@ -187,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         os.execv(sys.executable, [sys.executable, os.path.abspath(__file__),
                                   *(sys.argv[1:] if argv is None else argv)])
-    doc = run(args.device, args.calls, args.n, args.k, args.pstats)
+    doc = run(args.device, args.calls, args.n, args.k, args.pstats, args.m)
     text = json.dumps(doc, indent=2)
     print(text)
     if args.out:

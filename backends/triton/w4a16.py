@@ -86,8 +86,8 @@ GEMM_CONFIGS: dict[int, list[triton.Config]] = {
               _cfg(4, 3, BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8)],
 }
 # Every config above compiles for sm_90 within its shared memory with bf16/fp16 activations
-# (checked ahead of time for group sizes 16, 33 and 128); fp32 activations double the
-# pipelined tiles, and the GEMM then keeps at most FP32_MAX_STAGES stages (_fit_x_dtype).
+# (checked ahead of time for group sizes 16, 33 and 128); with fp32 activations the GEMM keeps
+# the smaller tiles at fewer stages (_fit_x_dtype).
 # One small fixed config each under the interpreter, where autotuning only costs time.
 _INTERP_GEMV = {"BLOCK_N": 64, "BLOCK_K": 128}
 _MIN_GEMV_BLOCK_N = min(min(c.kwargs["BLOCK_N"] for cs in GEMV_CONFIGS.values() for c in cs),

@@ -343,6 +343,48 @@ def _split(n: int, k: int, device: torch.device) -> int:
     return max(1, min(cap, -(-4 * sms // -(-n // 64))))
 
 
+def _plan_split(split: int | None, config: triton.Config | None, n: int, k: int,
+                device: torch.device) -> tuple[int | None, int]:
+    """``(split, rows)`` of a batch-1 launch: the K split (None where the autotuner picks it
+    with the tile: CUDA, nothing pinned) and the partial-sum rows to allocate (enough for any
+    split it may pick)."""
+    if split is None and config is None and not interpreting():
+        return None, max(SPLITS)
+    split = split or _split(n, k, device)
+    return split, split
+
+
+def _pinned(config: triton.Config | None, split: int | None) -> dict:
+    """Launch options of a pinned ``config`` at ``split`` ({} for none)."""
+    if config is None:
+        return {}
+    return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
+                SPLIT=split)
+
+
+def _split_buffers(x: torch.Tensor, n: int, out_dtype: torch.dtype,
+                   rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(out, part, counts)``: the result ``[1, N]``, the fp32 partials (``out`` itself when
+    unsplit) and the arrival counts for summing them in place (None: the reduce kernel)."""
+    out = torch.empty(1, n, dtype=out_dtype, device=x.device)
+    part = out if rows == 1 else torch.empty(rows, n, dtype=torch.float32, device=x.device)
+    counts = arrival_counts(x.device, cdiv(n, _MIN_BLOCK_N)) if rows > 1 else None
+    return out, part, counts
+
+
+def _sum_leftover_splits(kern, cfg: dict, counts: torch.Tensor | None, part: torch.Tensor,
+                         bias_t: torch.Tensor, has_bias: bool, out: torch.Tensor,
+                         xs: torch.Tensor, has_xs: bool, exact: bool) -> None:
+    """After a launch: the split it ran with (``cfg``'s, or the autotuner's pick) and, where
+    its partials could not be summed in place, the reduce kernel over them."""
+    used = cfg["SPLIT"] if cfg else kern.best_config.kwargs["SPLIT"]
+    if used > 1 and counts is None:
+        n = out.shape[1]
+        _splitk_reduce_kernel[(cdiv(n, 1024),)](
+            part, bias_t, out, xs, 1, n, SPLIT=used, HAS_BIAS=has_bias, HAS_XS=has_xs,
+            KIND=_DTYPE_KIND[out.dtype], EXACT=exact, BLOCK=1024)
+
+
 def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                 scale: torch.Tensor, scale_neg: torch.Tensor | None, zero: torch.Tensor | None,
                 outer: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
@@ -372,14 +414,8 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     k = x.shape[-1]
     n, g = packed.shape[0], scale.shape[1]
     exact = interpreting()
-    tuned = split is None and config is None and not exact  # tile and split autotuned
-    if not tuned:
-        split = split or _split(n, k, x.device)
-    rows = max(SPLITS) if tuned else split  # partial rows for any split the tuner may pick
-    out_dtype = out_dtype or x.dtype
-    out = torch.empty(1, n, dtype=out_dtype, device=x.device)
-    part = out if rows == 1 else torch.empty(rows, n, dtype=torch.float32, device=x.device)
-    counts = arrival_counts(x.device, cdiv(n, _MIN_BLOCK_N)) if rows > 1 else None
+    split, rows = _plan_split(split, config, n, k, x.device)
+    out, part, counts = _split_buffers(x, n, out_dtype or x.dtype, rows)
     reduce = counts is not None
     neg = scale if scale_neg is None else scale_neg
     zer = scale if zero is None else zero
@@ -387,14 +423,11 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     bias_t = scale if bias is None else bias
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
     grid = lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])  # noqa: E731
-    cfg = {}
-    if config is not None and not exact:
-        cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
-                   SPLIT=split)
+    cfg = {} if exact else _pinned(config, split)
     xs = scale if x_scale is None else x_scale
     flags = dict(GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
                  HAS_OUTER=outer is not None, HAS_BIAS=bias is not None,
-                 HAS_XS=x_scale is not None, REDUCE=reduce, KIND=_DTYPE_KIND[out_dtype],
+                 HAS_XS=x_scale is not None, REDUCE=reduce, KIND=_DTYPE_KIND[out.dtype],
                  EXACT=exact)
     cnt = scale if counts is None else counts
     if words is not None:
@@ -414,9 +447,6 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
         kern[grid](x, packed, table, scale, neg, zer, out_t, bias_t, part, out, cnt, xs, n, k,
                    packed.shape[1], g, o_stride, HAS_ZERO=zero is not None, FP4=fp4, **flags,
                    **cfg)
-    used = cfg["SPLIT"] if cfg else kern.best_config.kwargs["SPLIT"]
-    if used > 1 and not reduce:
-        _splitk_reduce_kernel[(cdiv(n, 1024),)](
-            part, bias_t, out, xs, 1, n, SPLIT=used, HAS_BIAS=bias is not None,
-            HAS_XS=x_scale is not None, KIND=_DTYPE_KIND[out_dtype], EXACT=exact, BLOCK=1024)
+    _sum_leftover_splits(kern, cfg, counts, part, bias_t, bias is not None, out, xs,
+                         x_scale is not None, exact)
     return out

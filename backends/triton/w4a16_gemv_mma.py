@@ -46,9 +46,18 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.cold_bench import cold_graph_bench
-from qcompile.backends.triton.runtime import arrival_counts, cdiv, interpreting, tuning
-from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _splitk_reduce_kernel
-from qcompile.backends.triton.w4a16_gemv import SPLITS, _finish, _fp16_pair, _prune_splits
+from qcompile.backends.triton.runtime import cdiv, interpreting, tuning
+from qcompile.backends.triton.w4a16 import _DTYPE_KIND
+from qcompile.backends.triton.w4a16_gemv import (
+    _finish,
+    _fp16_pair,
+    _pinned,
+    _plan_split,
+    _prune_splits,
+    _split_buffers,
+    _sum_leftover_splits,
+    _with_splits,
+)
 
 __all__ = ["MMA_CONFIGS", "mma_eligible", "w4a16_gemv1_mma"]
 
@@ -151,8 +160,7 @@ def mma_eligible(x: torch.Tensor, group_size: int) -> bool:
 
 @functools.cache
 def _tuned(group_size: int, split: int | None) -> triton.runtime.Autotuner:
-    from qcompile.backends.triton.w4a16_gemv import _with_splits
-
+    """The kernel autotuned over tiles and K splits (or at a fixed ``split``) on a cold L2."""
     return triton.autotune(_with_splits(_mma_configs(group_size), split),
                            key=["N", "K", "GROUP_SIZE"], prune_configs_by=tuning(_prune_splits),
                            do_bench=cold_graph_bench)(_gemv1_fp4mma_kernel)
@@ -172,21 +180,9 @@ def w4a16_gemv1_mma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
     k = x.shape[-1]
     n, g = words.shape[0], scale.shape[1]
     exact = interpreting()
-    tuned = split is None and config is None and not exact
-    if not tuned and split is None:
-        split = 2 if exact else 1  # the interpreter exercises the split path
-    rows = max(SPLITS) if tuned else split
-    out_dtype = out_dtype or x.dtype
-    out = torch.empty(1, n, dtype=out_dtype, device=x.device)
-    part = out if rows == 1 else torch.empty(rows, n, dtype=torch.float32, device=x.device)
-    counts = arrival_counts(x.device, cdiv(n, 16)) if rows > 1 else None
-    reduce = counts is not None
-    cfg: dict = {}
-    if exact:
-        cfg = dict(_INTERP_MMA, SPLIT=split)
-    elif config is not None:
-        cfg = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
-                   SPLIT=split)
+    split, rows = _plan_split(split, config, n, k, x.device)
+    out, part, counts = _split_buffers(x, n, out_dtype or x.dtype, rows)
+    cfg = dict(_INTERP_MMA, SPLIT=split) if exact else _pinned(config, split)
     kern = _gemv1_fp4mma_kernel if cfg else _tuned(group_size, split)
     xs = scale if x_scale is None else x_scale
     bias_t = scale if bias is None else bias
@@ -196,11 +192,8 @@ def w4a16_gemv1_mma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
         scale if counts is None else counts, xs, n, k, words.shape[1], g,
         0 if outer is None or outer.shape[0] == 1 else 1, GROUP_SIZE=group_size,
         HAS_NEG=scale_neg is not None, HAS_OUTER=outer is not None, HAS_BIAS=bias is not None,
-        HAS_XS=x_scale is not None, REDUCE=reduce, KIND=_DTYPE_KIND[out_dtype], EXACT=exact,
-        **cfg)
-    used = cfg["SPLIT"] if cfg else kern.best_config.kwargs["SPLIT"]
-    if used > 1 and not reduce:
-        _splitk_reduce_kernel[(cdiv(n, 1024),)](
-            part, bias_t, out, xs, 1, n, SPLIT=used, HAS_BIAS=bias is not None,
-            HAS_XS=x_scale is not None, KIND=_DTYPE_KIND[out_dtype], EXACT=exact, BLOCK=1024)
+        HAS_XS=x_scale is not None, REDUCE=counts is not None, KIND=_DTYPE_KIND[out.dtype],
+        EXACT=exact, **cfg)
+    _sum_leftover_splits(kern, cfg, counts, part, bias_t, bias is not None, out, xs,
+                         x_scale is not None, exact)
     return out
