@@ -13,7 +13,9 @@ kernel's. Next to it are the same call's CUDA-graph replay time (the GPU time) a
 ``--device cpu`` (needs triton; sets ``TRITON_INTERPRET=1``): the same calls on CPU tensors,
 with the Triton launch replaced by a no-op. What remains is our wrappers' and the dispatcher's
 time, without Triton's own launch cost. The dispatch rows compare a do-nothing op defined with
-:func:`qcompile.oplib.define_op` against the same op from ``torch.library.custom_op``.
+:func:`qcompile.oplib.define_op` against the same op from ``torch.library.custom_op``. From
+256 rows W4A16 decodes its weight and calls ``F.linear``, which is no Triton launch: on the CPU
+its ``--m 2048`` row is mostly that matmul.
 
 ``--pstats N`` adds to each op's row the N functions with the most own time over its calls
 (cProfile; microseconds per op call, profiler overhead included), to show which part of the
