@@ -9,8 +9,9 @@ integer ops (value * 2^-14, exact, subnormals included), and the products go to 
 
     S[n, :] = W16[n, tile] @ X[tile, :16]      (AFPQ also A = |W16| @ X)
 
-``X`` holds the tile of ``x`` in its column 0 and zeros elsewhere (an MMA needs 16 columns;
-the idle ones cost tensor-core time, which a GEMV has to spare). ``x`` goes to fp16 through a
+``X`` holds the tile of ``x`` in each of its 16 columns (an MMA needs 16; the copies cost
+tensor-core time, which a GEMV has to spare, and spare a select per tile); column 0 of the
+sums is taken once at the end. ``x`` goes to fp16 through a
 power of two per K tile: the tile's largest magnitude is mapped into [2^14, 2^15), so bf16, fp16
 and FP8 E4M3 activations convert exactly (a value below 2^-28 of the tile's largest loses
 bits; its share of the sum is below 2^-28). The power is divided out of the group scales.
@@ -20,12 +21,14 @@ would round to fp16 and are not taken.
 
 Status: numerics checked in the interpreter, every tile compiled for sm_90 (warpgroup MMAs
 with the decoded tile in registers, no spills), not yet timed on a GPU, so ``w4a16_linear``
-does not route to it; ``benchmarks/kernels_w4a16.py`` times it next to the FMA kernel. The
+routes to it only with ``runtime.GEMV1_MMA`` set; ``benchmarks/kernels_w4a16.py`` times it
+next to the FMA kernel. The
 SASS census (``benchmarks/sass_census.py``, ``results/sass_census_sm90_2026-11-27b.json``)
 counts 3.1-3.6 instructions per code for symmetric FP4 and 3.8-4.1 for AFPQ at 128 x 128,
 where the FMA kernel needs 4.7 and 6.0 at best: 7.1 and 8.5 us of issue for 8192^2, under the
-read's 10 us, where the FMA kernel's 10.6 and 13.6 are over it. What is left is mostly the decode (about 1.8 per
-code) and moving each tile into the MMA's operand layout through shared memory.
+read's 10 us, where the FMA kernel's 10.6 and 13.6 are over it. What is left is mostly the
+decode (about 1.8 per code) and moving each tile into the MMA's operand layout through shared
+memory.
 
 K order: within each word, the tile holds nibble ``a + 2 b + 4 h`` at position ``4 a + 2 b +
 h``, so that each decoded fp16 pair (nibbles i and i + 4) stays one register and joining the
