@@ -203,6 +203,10 @@ CASES: list[tuple[str, str, dict]] = [
                                                                      group_size=128, neg=True)),
     ("w4a16-dequant-fp4w-fp16-g32-m2", "w4a16_dequant_fp4w", dict(dtype="fp16", group_size=32,
                                                                   outer=True)),
+    ("w4a16-dequant-fp4w-bf16-g40-afpq", "w4a16_dequant_fp4w", dict(dtype="bf16",
+                                                                    group_size=40, neg=True)),
+    ("w4a16-dequant-fp4w-bf16-g1024-afpq", "w4a16_dequant_fp4w", dict(dtype="bf16",
+                                                                      group_size=1024, neg=True)),
     ("w4a16-splitk-reduce-bf16", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True)),
     ("w4a16-splitk-reduce-bf16-xs", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True,
                                                          xs=True)),
@@ -473,16 +477,16 @@ def _build_w4a16_dequant(mod, p: dict, all_configs: bool):
 
 
 def _build_w4a16_dequant_fp4w(mod, p: dict, all_configs: bool):
-    import triton
 
     n, k, gs = 4096, 4096, p["group_size"]
     args = dict(words_ptr="*i32", scale_ptr="*fp32", neg_ptr="*fp32", outer_ptr="*fp32",
                 w_ptr="*" + p["dtype"], N=n, K=k, KW=k // 8, G=-(-k // gs),
                 outer_stride=int(p.get("outer", 0)))
     consts = dict(GROUP_SIZE=gs, HAS_NEG=p.get("neg", False), HAS_OUTER=p.get("outer", False),
-                  KIND={"fp32": 0, "bf16": 1, "fp16": 2}[p["dtype"]], EXACT=False,
-                  BLOCK_N=mod._FP4W_BLOCK_N, BLOCK_K=mod._FP4W_BLOCK_K)
-    return mod._dequant_fp4w_kernel, args, consts, [triton.Config({}, num_warps=4)]
+                  KIND={"fp32": 0, "bf16": 1, "fp16": 2}[p["dtype"]], EXACT=False)
+    configs = mod.FP4W_CONFIGS if all_configs else _heaviest(
+        mod.FP4W_CONFIGS, lambda c: c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // c.num_warps)
+    return mod._dequant_fp4w_kernel, args, consts, configs
 
 
 def _build_w4a8_shift(mod, p: dict, all_configs: bool):

@@ -347,6 +347,32 @@ def test_dequant_is_the_reference_weight(fmt, k, dtype):
         assert got.dtype == dtype and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("tile", range(len(__import__(
+    "qcompile.backends.triton.w4a16_dequant", fromlist=["x"]).FP4W_CONFIGS)))
+@pytest.mark.parametrize(("fmt", "k"), [
+    ("fp4_e2m1/g32/asym", 1000),  # whole groups in a tile; K ragged past the last tile
+    ("fp4_e2m1/g1024/m2", 2056),  # tiles inside one group (ragged last group), outer scales
+    ("fp4_e2m1/g40", 400),  # groups that tile no BLOCK_K: a scale per word
+    ("nvfp4", 520)])
+def test_dequant_fp4_word_kernel_every_tile(monkeypatch, tile, fmt, k):
+    """Each autotune tile of the FP4 word kernel, in each of its scale layouts, decodes the
+    reference weight bit for bit (N not a multiple of any BLOCK_N)."""
+    from qcompile.backends.triton import w4a16_dequant as dq
+
+    cfg = dq.FP4W_CONFIGS[tile]
+    monkeypatch.setattr(dq, "FP4W_CONFIGS", [cfg])  # the interpreter's tile
+    if DEV.type == "cuda":
+        import triton
+
+        monkeypatch.setattr(dq, "_dequant_fp4w_tuned", triton.autotune(
+            [cfg], key=["N", "K", "GROUP_SIZE"])(dq._dequant_fp4w_kernel))
+    packed, _, scale, neg, zero, outer, gs = _weights(fmt, 37, k)
+    table = w4.element_table("fp4_e2m1", DEV)
+    want = w4._dequant_ref(packed, table, scale, neg, zero, outer, gs, k).to(torch.bfloat16)
+    assert torch.equal(dq.w4a16_dequant(packed, table, scale, neg, zero, outer, gs, k,
+                                        torch.bfloat16), want)
+
+
 @pytest.mark.parametrize(("fmt", "k", "words"), [
     ("fp4_e2m1/g128/asym", 1000, True), ("fp4_e2m1/g32/m2", 576, True),
     ("nvfp4", 1000, True), ("fp4_e2m1/channel", 1000, True),
@@ -357,7 +383,8 @@ def test_dequant_takes_the_fp4_word_kernel(monkeypatch, fmt, k, words):
     the general decode; both bit-exact (above)."""
     from qcompile.backends.triton import w4a16_dequant as dq
 
-    spies = {name: _Spy(getattr(dq, name)) for name in ("_dequant_fp4w_kernel", "_dequant_kernel")}
+    spies = {name: _Spy(getattr(dq, name))
+             for name in ("_dequant_fp4w_kernel", "_dequant_fp4w_tuned", "_dequant_kernel")}
     for name, spy in spies.items():
         monkeypatch.setattr(dq, name, spy)
     packed, table, scale, neg, zero, outer, gs = _weights(fmt, 64, k)
@@ -366,7 +393,9 @@ def test_dequant_takes_the_fp4_word_kernel(monkeypatch, fmt, k, words):
     got = dq.w4a16_dequant(packed, table, scale, neg, zero, outer, gs, k, torch.bfloat16)
     want = w4._dequant_ref(packed, table, scale, neg, zero, outer, gs, k).to(torch.bfloat16)
     assert torch.equal(got, want)
-    assert spies["_dequant_fp4w_kernel"].launches == int(words)
+    # Directly under the interpreter, through the autotuner on CUDA.
+    assert (spies["_dequant_fp4w_kernel"].launches
+            + spies["_dequant_fp4w_tuned"].launches) == int(words)
     assert spies["_dequant_kernel"].launches == int(not words)
 
 

@@ -18,9 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton.runtime import cdiv, element_table, interpreting
+from qcompile.backends.triton.cold_bench import cold_graph_bench
+from qcompile.backends.triton.runtime import cdiv, element_table, interpreting, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _weight_tile
-from qcompile.backends.triton.w4a16_gemv import _fp4_pair, _words
+from qcompile.backends.triton.w4a16_gemv import _words
 
 __all__ = ["DEQUANT_MIN_M", "w4a16_dequant"]
 
@@ -30,8 +31,20 @@ __all__ = ["DEQUANT_MIN_M", "w4a16_dequant"]
 DEQUANT_MIN_M = 256
 
 _BLOCK_N = 64
-_FP4W_BLOCK_N = 32  # the FP4 word kernel's tile: 32 rows x 256 codes (32 words)
-_FP4W_BLOCK_K = 256
+
+
+def _fp4w_cfg(block_n: int, block_k: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps)
+
+
+#: Tiles of the FP4 word kernel, autotuned on a cold L2 (a prefill reads each weight once).
+#: The first, 32 rows x 256 codes, is the tile the H100 runs timed (1.21 ms for the 16 weights
+#: of a 4-layer Llama-3-8B prefill: 1.8 TB/s, where a copy moves 2.9); the others give a
+#: program more or fewer bytes and warps. In the offline sm_90 compile the 64 codes a thread
+#: owns in the 4-warp tiles of 8192 codes move through shared memory as words only (3
+#: barriers); the larger tiles take 7-11.
+FP4W_CONFIGS = [_fp4w_cfg(32, 256, 4), _fp4w_cfg(16, 512, 4), _fp4w_cfg(64, 256, 4),
+                _fp4w_cfg(32, 512, 4), _fp4w_cfg(64, 512, 8), _fp4w_cfg(128, 256, 8)]
 
 
 def _block_k(group_size: int) -> int:
@@ -66,65 +79,70 @@ def _dequant_kernel(packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_p
 
 
 @triton.jit
+def _fp4_code(w, j):
+    """Code ``j`` (nibble j: k = 8 * word + j) of int32 words ``w`` as fp32 in units of 2^-14
+    (exact, subnormals included): the E2M1 magnitude bits placed under the fp16 exponent's low
+    bits and the sign on the sign bit, read as fp16."""
+    c = w >> (4 * j)
+    bits = ((c & 7) << 9) | ((c & 8) << 12)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _dequant_fp4w_kernel(words_ptr, scale_ptr, neg_ptr, outer_ptr, w_ptr, N, K, KW, G,
                          outer_stride, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
                          HAS_OUTER: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """FP4 E2M1 ``W[n, k]`` from int32 words (8 codes, k = 8 * word + nibble; a word lies in
-    one group): pairs of codes decoded as fp16 bit patterns (:func:`_fp4_pair`, value *
-    2^-14) times the word's scale * 2^14 (exact: the same fp32 product as ``code * scale``),
-    rounded to W's dtype, the 8 values of each word joined in K order for one contiguous
-    store per row. About a third of the instructions of the table decode."""
+    one group) for one ``[BLOCK_N, BLOCK_K]`` tile, as ``[BLOCK_N, NG, WPG, 8]``: NG scale
+    groups of WPG words, each word's 8 codes in one thread's registers in K order, so the
+    tile is stored as it is computed (16-byte stores) and only the words, a quarter of the
+    output's bytes, change layout on the way in. One scale load per (row, group) in the
+    tile. Each code is ``value * 2^-14`` (:func:`_fp4_code`) times ``scale * 2^14``: the same
+    fp32 product as ``code * scale``, rounded to W's dtype."""
     WK: tl.constexpr = BLOCK_K // 8
+    if BLOCK_K % GROUP_SIZE == 0:
+        NG: tl.constexpr = BLOCK_K // GROUP_SIZE
+    elif GROUP_SIZE % BLOCK_K == 0:
+        NG: tl.constexpr = 1
+    else:
+        NG: tl.constexpr = WK  # groups that do not tile BLOCK_K: a scale per word
+    WPG: tl.constexpr = WK // NG
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
-    wcol = tl.program_id(1) * WK + tl.arange(0, WK)
-    w_ok = n_ok[:, None] & (wcol < KW)[None, :]
-    w = tl.load(words_ptr + offs_n.to(tl.int64)[:, None] * KW + wcol[None, :], mask=w_ok,
-                other=0)
-    s_off = offs_n[:, None] * G + (8 * wcol // GROUP_SIZE)[None, :]
-    eff = tl.load(scale_ptr + s_off, mask=w_ok, other=0.0)
+    rn = offs_n.to(tl.int64)
+    w0 = tl.program_id(1) * WK + tl.arange(0, NG) * WPG  # each group's first word
+    wcol = w0[:, None] + tl.arange(0, WPG)[None, :]  # [NG, WPG]
+    w = tl.load(words_ptr + rn[:, None, None] * KW + wcol[None, :, :],
+                mask=n_ok[:, None, None] & (wcol < KW)[None, :, :], other=0)
+    gi = 8 * w0 // GROUP_SIZE  # a word lies in one group
+    g_ok = n_ok[:, None] & (gi < G)[None, :]
+    s_off = offs_n[:, None] * G + gi[None, :]
+    eff = tl.load(scale_ptr + s_off, mask=g_ok, other=0.0)
     effn = eff
     if HAS_NEG:
-        effn = tl.load(neg_ptr + s_off, mask=w_ok, other=0.0)
+        effn = tl.load(neg_ptr + s_off, mask=g_ok, other=0.0)
     if HAS_OUTER:
         o = tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)[:, None]
         eff = eff * o
         effn = effn * o
-    eff = eff * 16384.0  # 2^14: the fp16 placement's unit
-    effn = effn * 16384.0
-    ty = w_ptr.dtype.element_ty
-    lo0, hi0 = _fp4_pair(w, 0)
-    lo1, hi1 = _fp4_pair(w, 1)
-    lo2, hi2 = _fp4_pair(w, 2)
-    lo3, hi3 = _fp4_pair(w, 3)
-    # Element j of a word: j < 4 is pair j's low code, j >= 4 pair j - 4's high code. Joins
-    # build axes (d0, d1, d2) with j = 4 d0 + 2 d1 + d2.
-    p0 = _scaled(lo0, eff, effn, HAS_NEG, KIND, EXACT, ty)
-    p1 = _scaled(lo1, eff, effn, HAS_NEG, KIND, EXACT, ty)
-    p2 = _scaled(lo2, eff, effn, HAS_NEG, KIND, EXACT, ty)
-    p3 = _scaled(lo3, eff, effn, HAS_NEG, KIND, EXACT, ty)
-    p4 = _scaled(hi0, eff, effn, HAS_NEG, KIND, EXACT, ty)
-    p5 = _scaled(hi1, eff, effn, HAS_NEG, KIND, EXACT, ty)
-    p6 = _scaled(hi2, eff, effn, HAS_NEG, KIND, EXACT, ty)
-    p7 = _scaled(hi3, eff, effn, HAS_NEG, KIND, EXACT, ty)
-    even = tl.join(tl.join(p0, p4), tl.join(p2, p6))
-    odd = tl.join(tl.join(p1, p5), tl.join(p3, p7))
-    vals = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    tl.store(w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], vals,
-             mask=n_ok[:, None] & (offs_k < K)[None, :])
-
-
-@triton.jit
-def _scaled(v, eff, effn, HAS_NEG: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
-            ty: tl.constexpr):
-    """``v * eff`` (AFPQ: ``effn`` for negative ``v``), rounded to W's dtype."""
+    eff = (eff * 16384.0)[:, :, None, None]  # 2^14: the fp16 placement's unit
+    effn = (effn * 16384.0)[:, :, None, None]
+    j = tl.arange(0, 8)[None, None, None, :]
+    v = _fp4_code(w[:, :, :, None], j)
     if HAS_NEG:
         y = v * tl.where(v < 0, effn, eff)
     else:
         y = v * eff
-    return _round_to(y, KIND, EXACT).to(ty)
+    y = _round_to(y, KIND, EXACT).to(w_ptr.dtype.element_ty)
+    offs_k = 8 * wcol[None, :, :, None] + j
+    tl.store(w_ptr + rn[:, None, None, None] * K + offs_k, y,
+             mask=n_ok[:, None, None, None] & (offs_k < K))
+
+
+_dequant_fp4w_tuned = triton.autotune(
+    FP4W_CONFIGS, key=["N", "K", "GROUP_SIZE"], prune_configs_by=tuning(),
+    do_bench=cold_graph_bench)(_dequant_fp4w_kernel)
 
 
 def _fp4_words(packed: torch.Tensor, table: torch.Tensor, zero: torch.Tensor | None,
@@ -153,13 +171,18 @@ def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
     words = _fp4_words(packed, table, zero, group_size, k)
     if words is not None:
-        grid = (cdiv(n, _FP4W_BLOCK_N), cdiv(k, _FP4W_BLOCK_K))
-        _dequant_fp4w_kernel[grid](
-            words, scale, scale if scale_neg is None else scale_neg,
-            scale if outer is None else outer, w, n, k, words.shape[1], g, o_stride,
-            GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None, HAS_OUTER=outer is not None,
-            KIND=_DTYPE_KIND[dtype], EXACT=interpreting(), BLOCK_N=_FP4W_BLOCK_N,
-            BLOCK_K=_FP4W_BLOCK_K, num_warps=4)
+        args = (words, scale, scale if scale_neg is None else scale_neg,
+                scale if outer is None else outer, w, n, k, words.shape[1], g, o_stride)
+        flags = dict(GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
+                     HAS_OUTER=outer is not None, KIND=_DTYPE_KIND[dtype])
+        if interpreting():  # one tile: autotuning is meaningless under the interpreter
+            meta = FP4W_CONFIGS[0].kwargs
+            _dequant_fp4w_kernel[(cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))](
+                *args, **flags, EXACT=True, **meta, num_warps=4)
+        else:
+            _dequant_fp4w_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),
+                                              cdiv(k, meta["BLOCK_K"]))](
+                *args, **flags, EXACT=False)
         return w
     block_k = _block_k(group_size)
     grid = (cdiv(n, _BLOCK_N), cdiv(k, block_k))
