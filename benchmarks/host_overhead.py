@@ -7,8 +7,11 @@ kernel choice, allocations, launches) sets the token rate. This benchmark measur
 ``--device cuda``: each op at M = 1 (``--m`` rows: 2048 times a prefill's calls, where the
 W4A8 path decodes the weight and launches the FP8 GEMM) is called ``--calls`` times back to
 back, with one sync at the end. That gives the eager time per call, which is the host time whenever it exceeds the
-kernel's. Next to it are the same call's CUDA-graph replay time (the GPU time) and bf16
-``F.linear`` on the same shape, both from the same run.
+kernel's. Next to it are the same call's CUDA-graph replay time (the GPU time), its eager
+time with every launch through ``kernel[grid](...)`` instead of
+:func:`qcompile.backends.triton.launch.launch` (``us_per_call_triton_launch``), and bf16
+``F.linear`` on the same shape, all from the same run. (``benchmarks/launch_overhead.py``
+times the two launch paths alone on any machine.)
 
 ``--device cpu`` (needs triton; sets ``TRITON_INTERPRET=1``): the same calls on CPU tensors,
 with the Triton launch replaced by a no-op. What remains is our wrappers' and the dispatcher's
@@ -148,9 +151,16 @@ def run(device: str, calls: int, n: int, k: int, pstats_top: int = 0,
         rows.append({"op": "bf16 F.linear", "us_per_call": base,
                      "graph_us": 1e3 * do_bench_cudagraph(
                          lambda: torch.nn.functional.linear(x, dense))})
+        from qcompile.backends.triton import launch
+
         for name, fn in _op_calls(dev, n, k, m).items():
             rows.append({"op": name, "us_per_call": _per_call_us(fn, calls, sync),
                          "graph_us": 1e3 * do_bench_cudagraph(fn)})
+            launch.FAST = False  # the same calls through kernel[grid](...)
+            try:
+                rows[-1]["us_per_call_triton_launch"] = _per_call_us(fn, calls, sync)
+            finally:
+                launch.FAST = True
             if pstats_top:
                 rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
                 sync()

@@ -59,6 +59,7 @@ import triton.language as tl
 from qcompile.backends.triton.act_jit import quantize_row, round_to, sylvester
 from qcompile.backends.triton.had_quant import _pow2_ceil, had2_plan, launch_had2
 from qcompile.backends.triton.kron_quant import base_matrix, kron_plan, launch_kron
+from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import (
     KernelInputError,
     check_tensor,
@@ -305,7 +306,7 @@ def _launch(x: torch.Tensor, spec: FormatSpec, had_size: int, out: str,
         if interpreting():  # autotuning under the interpreter only costs time
             _act_quant_kernel[(m_rows,)](*args, **meta, num_warps=4)
         else:
-            _act_quant_tuned[(m_rows,)](*args, **meta)
+            launch(_act_quant_tuned, (m_rows,), *args, **meta)
     y = y.view(x.shape)
     if out == "codes":
         return y, scale.view(*x.shape[:-1], 1)

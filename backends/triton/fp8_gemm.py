@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.jit import fp8_dot, tile_coords
+from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import (
     KernelInputError,
     cdiv,
@@ -329,8 +330,8 @@ def fp8_scaled_mm(
         else:
             _fp8_mm_kernel[(tiles(meta),)](*args, **flags, **meta)
     elif persistent:
-        _fp8_mm_persistent_tuned[lambda meta: (min(progs, tiles(meta)),)](
-            *args, NUM_PROGRAMS=progs, **flags)
+        launch(_fp8_mm_persistent_tuned, lambda meta: (min(progs, tiles(meta)),), *args,
+               NUM_PROGRAMS=progs, **flags)
     else:
-        _fp8_mm_tuned[lambda meta: (tiles(meta),)](*args, **flags)
+        launch(_fp8_mm_tuned, lambda meta: (tiles(meta),), *args, **flags)
     return c

@@ -45,6 +45,7 @@ import triton.language as tl
 
 from qcompile.backends.triton.act_jit import nonzero_or_one, round_elem, round_to
 from qcompile.backends.triton.jit import exp2i, floor_log2, rint
+from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import graph_bench, interpreting, sm_count, tuning
 
 __all__ = ["HAD2_CONFIGS", "had2_plan", "launch_had2"]
@@ -319,4 +320,5 @@ def launch_had2(x2: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, plan: Ha
         _had2_quant_kernel[(min(m_rows, 3),)](*args, **meta, PER_SM=1, num_warps=4)
         return
     sms = sm_count(x2.device)
-    _had2_tuned[_grid(m_rows, sms)](*args, **meta, m_bucket=min(_pow2_ceil(m_rows), 4096))
+    launch(_had2_tuned, _grid(m_rows, sms), *args, **meta,
+           m_bucket=min(_pow2_ceil(m_rows), 4096))

@@ -37,6 +37,7 @@ from qcompile.backends.triton.had_quant import (
     _to_dtype_grid,
 )
 from qcompile.backends.triton.jit import exp2i, floor_log2
+from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import graph_bench, interpreting, sm_count, tuning
 from qcompile.device_cache import outside_graph_pools
 from qcompile.hadamard import hadamard_base, hadamard_factors
@@ -176,4 +177,5 @@ def launch_kron(x2: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, plan: Kr
         _kron_quant_kernel[(min(m_rows, 2),)](*args, **meta, PER_SM=1, num_warps=8)
         return
     sms = sm_count(x2.device)
-    _kron_tuned[_grid(m_rows, sms)](*args, **meta, m_bucket=min(_pow2_ceil(m_rows), 4096))
+    launch(_kron_tuned, _grid(m_rows, sms), *args, **meta,
+           m_bucket=min(_pow2_ceil(m_rows), 4096))

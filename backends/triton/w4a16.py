@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.jit import tile_coords
+from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import (
     KernelInputError,
     arrival_counts,
@@ -540,14 +541,14 @@ def launch_gemv(args: tuple, out: torch.Tensor, k: int, kb: int, g: int, o_strid
     xs = args[3] if x_scale is None else x_scale  # a placeholder when unused
     out_kind = _DTYPE_KIND[out.dtype]
     counts = arrival_counts(x2.device, cdiv(n, _MIN_GEMV_BLOCK_N)) if split > 1 else None
-    kern[lambda meta: (cdiv(n, meta["BLOCK_N"]), split)](
-        *args, part, out, args[3] if counts is None else counts, xs, m, n, k, kb, g, o_stride,
+    launch(
+        kern, lambda meta: (cdiv(n, meta["BLOCK_N"]), split), *args, part, out, args[3] if counts is None else counts, xs, m, n, k, kb, g, o_stride,
         SPLIT=split, REDUCE=counts is not None, BLOCK_M=block_m, HAS_XS=x_scale is not None,
         OUT_KIND=out_kind, **cfg, **common)
     if split > 1 and counts is None:
         block = 1024
-        _splitk_reduce_kernel[(cdiv(m * n, block),)](
-            part, args[-1], out, xs, m, n, SPLIT=split, HAS_BIAS=common["HAS_BIAS"],
+        launch(
+            _splitk_reduce_kernel, (cdiv(m * n, block),), part, args[-1], out, xs, m, n, SPLIT=split, HAS_BIAS=common["HAS_BIAS"],
             HAS_XS=x_scale is not None, KIND=out_kind, EXACT=exact, BLOCK=block)
     return out
 
@@ -627,5 +628,6 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
         kern = _w4a16_gemm_kernel if exact else _tuned("gemm", _bucket(GEMM_CONFIGS, m))
         cfg = _INTERP_GEMM if exact else {}
         grid = lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        kern[grid](*args, out, m, n, k, packed.shape[1], g, o_stride, m_bucket, **cfg, **common)
+        launch(kern, grid, *args, out, m, n, k, packed.shape[1], g, o_stride, m_bucket, **cfg,
+               **common)
     return out.reshape(*lead, n)

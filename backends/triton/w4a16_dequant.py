@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.cold_bench import cold_graph_bench
+from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import cdiv, element_table, interpreting, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _weight_tile
 from qcompile.backends.triton.w4a16_gemv import _words
@@ -180,14 +181,14 @@ def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
             _dequant_fp4w_kernel[(cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))](
                 *args, **flags, EXACT=True, **meta, num_warps=4)
         else:
-            _dequant_fp4w_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]),
-                                              cdiv(k, meta["BLOCK_K"]))](
-                *args, **flags, EXACT=False)
+            launch(_dequant_fp4w_tuned,
+                   lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"])), *args,
+                   **flags, EXACT=False)
         return w
     block_k = _block_k(group_size)
     grid = (cdiv(n, _BLOCK_N), cdiv(k, block_k))
-    _dequant_kernel[grid](
-        packed, table, scale, scale if scale_neg is None else scale_neg,
+    launch(
+        _dequant_kernel, grid, packed, table, scale, scale if scale_neg is None else scale_neg,
         scale if zero is None else zero, scale if outer is None else outer, w,
         n, k, packed.shape[1], g, o_stride, GROUP_SIZE=group_size,
         HAS_NEG=scale_neg is not None, HAS_ZERO=zero is not None, HAS_OUTER=outer is not None,

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from qcompile.backends.triton import runtime
 from qcompile.backends.triton.cold_bench import cold_graph_bench
+from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import (
     arrival_counts,
     cdiv,
@@ -380,8 +381,8 @@ def _sum_leftover_splits(kern, cfg: dict, counts: torch.Tensor | None, part: tor
     used = cfg["SPLIT"] if cfg else kern.best_config.kwargs["SPLIT"]
     if used > 1 and counts is None:
         n = out.shape[1]
-        _splitk_reduce_kernel[(cdiv(n, 1024),)](
-            part, bias_t, out, xs, 1, n, SPLIT=used, HAS_BIAS=has_bias, HAS_XS=has_xs,
+        launch(
+            _splitk_reduce_kernel, (cdiv(n, 1024),), part, bias_t, out, xs, 1, n, SPLIT=used, HAS_BIAS=has_bias, HAS_XS=has_xs,
             KIND=_DTYPE_KIND[out.dtype], EXACT=exact, BLOCK=1024)
 
 
@@ -437,16 +438,16 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                 cfg["BLOCK_K"] = 64  # the interpreter's one config must fit the group too
         else:
             kern = _gemv1_fp4w_kernel if cfg else _tuned_fp4w(group_size, split)
-        kern[grid](x, words, scale, neg, out_t, bias_t, part, out, cnt, xs, n, k,
-                   words.shape[1], g, o_stride, **flags, **cfg)
+        launch(kern, grid, x, words, scale, neg, out_t, bias_t, part, out, cnt, xs, n, k,
+               words.shape[1], g, o_stride, **flags, **cfg)
     else:
         if exact:
             kern, cfg = _gemv1_kernel, dict(_INTERP, SPLIT=split)
         else:
             kern = _gemv1_kernel if cfg else _tuned(group_size, split)
-        kern[grid](x, packed, table, scale, neg, zer, out_t, bias_t, part, out, cnt, xs, n, k,
-                   packed.shape[1], g, o_stride, HAS_ZERO=zero is not None, FP4=fp4, **flags,
-                   **cfg)
+        launch(kern, grid, x, packed, table, scale, neg, zer, out_t, bias_t, part, out, cnt, xs,
+               n, k, packed.shape[1], g, o_stride, HAS_ZERO=zero is not None, FP4=fp4, **flags,
+               **cfg)
     _sum_leftover_splits(kern, cfg, counts, part, bias_t, bias is not None, out, xs,
                          x_scale is not None, exact)
     return out

@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.cold_bench import cold_graph_bench
+from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import cdiv, interpreting, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND
 from qcompile.backends.triton.w4a16_gemv import (
@@ -189,8 +190,8 @@ def w4a16_gemv1_mma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
     kern = _gemv1_fp4mma_kernel if cfg else _tuned(group_size, split)
     xs = scale if x_scale is None else x_scale
     bias_t = scale if bias is None else bias
-    kern[lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"])](
-        x, words, scale, scale if scale_neg is None else scale_neg,
+    launch(
+        kern, lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"]), x, words, scale, scale if scale_neg is None else scale_neg,
         scale if outer is None else outer, bias_t, part, out,
         scale if counts is None else counts, xs, n, k, words.shape[1], g,
         0 if outer is None or outer.shape[0] == 1 else 1, GROUP_SIZE=group_size,

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.jit import tile_coords
+from qcompile.backends.triton.launch import launch as launch_kernel
 from qcompile.backends.triton.runtime import cdiv, interpreting, next_pow2, tuning
 from qcompile.backends.triton.w4a16 import _round_to, _weight_tile
 
@@ -111,5 +112,5 @@ def w4a16_swap_launch(args: tuple, out: torch.Tensor, m: int, n: int, k: int, kb
     if interpreting():
         _w4a16_swap_kernel[grid(_INTERPRET_CONFIG)](*launch, **flags, **_INTERPRET_CONFIG)
     else:
-        _swap_tuned[grid](*launch, **flags)
+        launch_kernel(_swap_tuned, grid, *launch, **flags)
     return out

@@ -38,6 +38,7 @@ from qcompile.backends.triton.fp8_gemm import (
     prune_configs_by_m,
 )
 from qcompile.backends.triton.jit import exp2i, fp8_dot, tile_coords
+from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import (
     KernelInputError,
     cdiv,
@@ -439,6 +440,6 @@ def w4a8_linear(
         grid = (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),)
         _w4a8_kernel[grid](*args, **flags, **meta)
     else:
-        _w4a8_tuned[lambda meta: (cdiv(m, meta["BLOCK_M"])
-                                  * cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+        launch(_w4a8_tuned, lambda meta: (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]),),
+               *args, **flags)
     return c

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import cdiv, graph_bench, interpreting, tuning
 from qcompile.backends.triton.w4a8 import fp4_times_2g
 
@@ -124,6 +125,7 @@ def w4a8_dequant(packed: torch.Tensor, gexp: torch.Tensor, group_size: int,
             _shift_kernel[(cdiv(n, block_n), cdiv(k, block_k))](
                 *args, GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k)
         else:
-            _shift_tuned[lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))](
-                *args, GROUP_SIZE=group_size)
+            launch(_shift_tuned,
+                   lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"])), *args,
+                   GROUP_SIZE=group_size)
     return w.view(torch.float8_e4m3fn)

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from qcompile.backends.triton.fp8_gemm import m_bucket
 from qcompile.backends.triton.jit import fp8_dot, tile_coords
+from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import cdiv, interpreting, tuning
 from qcompile.backends.triton.w4a8 import tile_setup, w8_tile
 
@@ -116,5 +117,5 @@ def w4a8_swap_launch(a: torch.Tensor, a_scale: torch.Tensor, packed: torch.Tenso
     if interpreting():
         _w4a8_swap_kernel[grid(_INTERPRET_CONFIG)](*args, **flags, **_INTERPRET_CONFIG)
     else:
-        _swap_tuned[grid](*args, **flags)
+        launch(_swap_tuned, grid, *args, **flags)
     return c

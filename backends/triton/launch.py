@@ -1,0 +1,154 @@
+"""Kernel launches that cost a fraction of ``kernel[grid](...)``'s host time.
+
+Without CUDA graphs (prefill, ``generate()`` with a dynamic cache) every fused op's Python
+runs before its kernels start, and on the H100 host a Triton launch through an autotuner cost
+about 70 us, where the kernel itself runs a few (``benchmarks/results/
+gpu_h100_2026-11-27.md``): the W4A8 prefill left its GPU idle a third of the time. Most of
+that time goes to work that gives the same answer on every call at a call site:
+
+* ``Autotuner.run`` builds the tuning key (a dict of every argument, ``str`` of each dtype)
+  and the config's keyword dict;
+* ``JITFunction.run`` reads environment knobs, formats its compile options into the cache
+  key, re-checks the kernel's global values and asks for launch metadata.
+
+:func:`launch` keeps Triton's own binder, which classifies each argument (dtype, 16-byte
+alignment of pointers, integers equal to 1 or divisible by 16) exactly as the compile did,
+and keys the compiled kernel on that classification: a call whose arguments would compile a
+different specialization never reuses a kernel built for another. The first call of each
+tuning key goes through the autotuner (which times its configs) and the first of each
+specialization through ``JITFunction.run`` (which compiles); later ones call the compiled
+kernel's launcher directly, with the same arguments Triton would pass it.
+
+Triton's own path is taken whenever launch hooks are installed (profilers such as Proton
+read launch metadata through them) and for interpreted kernels (``TRITON_INTERPRET=1``); without hooks the launcher
+gets None for the metadata and the hooks, which it would only have passed to the hooks. Compile options from the
+environment (``TRITON_DEBUG``) are read at each first call, as Triton reads them when it
+compiles: changing them later in the process does not recompile kernels already launched
+here. :data:`FAST` off restores ``kernel[grid](...)`` everywhere (benchmarks compare both).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from triton import knobs
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+__all__ = ["FAST", "clear", "launch"]
+
+#: Launch through :func:`launch`'s cache (False: ``kernel[grid](...)`` at every call).
+FAST = True
+
+# Keys hold ids; each value holds the object itself too, so that an id stays taken (no other
+# kernel can reuse it) while its entries exist.
+# (id(autotuner), key values, dtypes) -> (autotuner, config, its keyword arguments)
+_CONFIGS: dict[tuple, tuple[Any, Any, dict[str, Any]]] = {}
+# (id(jit function), device, specialization, options) -> (jit function, compiled kernel)
+_COMPILED: dict[tuple, tuple[Any, Any]] = {}
+# id(autotuner) -> (autotuner, positions of its key arguments, their names)
+_KEY_POS: dict[int, tuple[Any, tuple[int, ...], tuple[str, ...]]] = {}
+
+
+def clear() -> None:
+    """Forget every cached config and compiled kernel (tests; a reloaded kernel module)."""
+    _CONFIGS.clear()
+    _COMPILED.clear()
+    _KEY_POS.clear()
+
+
+def _hooked(hook: Any) -> bool:
+    """Whether a launch hook would do anything: Triton >= 3.5 keeps an (empty) chain of hooks
+    where older releases kept None. With no hook to call, Triton's launcher does nothing with
+    the launch metadata, so :func:`launch` passes None for it and the hooks."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _tune_key(tuner: Autotuner, args: tuple, kwargs: dict[str, Any]) -> tuple:
+    """What ``Autotuner.run`` keys its choice on: the named key arguments' values and the
+    dtypes of the tensor arguments (here as dtype objects, not strings)."""
+    pos = _KEY_POS.get(id(tuner))
+    if pos is None:
+        names = tuple(tuner.arg_names)
+        keys = tuple(k for k in tuner.keys if k in names)
+        pos = (tuner, tuple(names.index(k) for k in keys), keys)
+        _KEY_POS[id(tuner)] = pos
+    n = len(args)
+    vals = tuple(args[i] if i < n else kwargs.get(name)
+                 for i, name in zip(pos[1], pos[2], strict=True))
+    dtypes = tuple(a.dtype for a in args if hasattr(a, "dtype"))
+    kw_dtypes = tuple(v.dtype for v in kwargs.values() if hasattr(v, "dtype"))
+    return id(tuner), vals, dtypes, kw_dtypes
+
+
+def _bind(jit: JITFunction, args: tuple, kwargs: dict[str, Any]) -> tuple[int, dict, Any]:
+    """(device, bound arguments, cache key) of a call: Triton's binder classifies the
+    arguments as its compile would; the key is None where a constexpr is unhashable."""
+    device = driver.active.get_current_device()
+    bound, spec, options = jit.device_caches[device][4](*args, **kwargs)
+    try:
+        ckey = (id(jit), device, tuple(spec), tuple(options.items()))
+        hash(ckey)
+    except TypeError:
+        ckey = None
+    return device, bound, ckey
+
+
+def _remember(jit: JITFunction, compiled: Any, args: tuple, kwargs: dict[str, Any],
+              ckey: Any = False) -> None:
+    """Cache the kernel Triton's path compiled or found for this call (not an unfinished
+    asynchronous compile)."""
+    if ckey is False:
+        ckey = _bind(jit, args, kwargs)[2]
+    if ckey is not None and compiled is not None and not hasattr(compiled, "result"):
+        _COMPILED[ckey] = (jit, compiled)
+
+
+def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
+    """``kernel[grid](*args, **kwargs)`` with less host work once a call site has run.
+
+    Args:
+        kernel: A ``@triton.jit`` function or a ``triton.autotune`` autotuner around one.
+        grid: The launch grid: a tuple, or a function of the bound arguments (with the
+            autotuner's config in them), as for ``kernel[grid]``.
+        *args: The kernel's arguments, as for ``kernel[grid]``.
+        **kwargs: Its keyword arguments (constexprs, ``num_warps``, ...).
+
+    Returns:
+        What ``kernel[grid](...)`` returns (the compiled kernel).
+    """
+    # Interpreted kernels (TRITON_INTERPRET=1) are not JITFunctions: Triton's path.
+    jit = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    if not FAST or not isinstance(jit, JITFunction) or _hooked(knobs.runtime.launch_enter_hook) \
+            or _hooked(knobs.runtime.launch_exit_hook):
+        return kernel[grid](*args, **kwargs)
+    if jit is not kernel:
+        tkey = _tune_key(kernel, args, kwargs)
+        hit = _CONFIGS.get(tkey)
+        if hit is None:
+            out = kernel[grid](*args, **kwargs)  # tunes, or finds its own cached choice
+            cfg = kernel.best_config
+            _CONFIGS[tkey] = (kernel, cfg, cfg.all_kwargs())
+            if cfg.pre_hook is None:
+                _remember(jit, out, args, {**kwargs, **cfg.all_kwargs()})
+            return out
+        _, cfg, cfg_kwargs = hit
+        if cfg.pre_hook is not None:
+            return kernel[grid](*args, **kwargs)  # a hook that runs at every launch
+        kernel.best_config = cfg  # as Autotuner.run leaves it: wrappers read it
+        kwargs = {**kwargs, **cfg_kwargs}
+    device, bound, ckey = _bind(jit, args, kwargs)
+    hit = _COMPILED.get(ckey) if ckey is not None else None
+    if hit is None:
+        compiled = jit.run(*args, grid=grid, warmup=False, **kwargs)
+        _remember(jit, compiled, args, kwargs, ckey)
+        return compiled
+    compiled = hit[1]
+    if callable(grid):
+        grid = grid(bound)
+    size = len(grid)
+    compiled.run(grid[0], grid[1] if size > 1 else 1, grid[2] if size > 2 else 1,
+                 driver.active.get_current_stream(device), compiled.function,
+                 compiled.packed_metadata, None, None, None, *bound.values())
+    return compiled
