@@ -136,9 +136,60 @@ def _dispatch_rows(calls: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list[dict]:
+    """The ops' whole host path as on a GPU, on a machine without one: the wrappers take their
+    CUDA branches (kernel choice, autotuned launches) on CPU tensors, the kernels compile for
+    sm_90, and Triton's launch path runs up to the launcher, which the stand-in driver of
+    ``tests/fake_cuda.py`` replaces by a no-op (no ``cuLaunchKernel``, no output). Each op is
+    timed with :func:`~qcompile.backends.triton.launch.launch` and with
+    ``kernel[grid](...)``. Autotuners keep their first config (``QCOMPILE_TRITON_TUNE=first``:
+    nothing is timed on a device)."""
+    import importlib
+    import pkgutil
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import fake_cuda
+
+    import qcompile.backends.triton as pkg
+    from qcompile.backends.triton import launch, ops, runtime
+
+    fake_cuda.install()
+    fake_cuda.RECORD = False
+    os.environ["QCOMPILE_TRITON_TUNE"] = "first"
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if hasattr(mod, "interpreting"):
+            mod.interpreting = lambda: False  # the CUDA branches, on CPU tensors
+        if hasattr(mod, "sm_count"):
+            mod.sm_count = lambda device: 132
+    runtime.kernel_device = lambda t: True
+    ops._use_kernel = lambda t: True
+    from qcompile.backends.triton.w4a16_dequant import DEQUANT_MIN_M
+
+    rows = []
+    for name, fn in _op_calls(torch.device("cpu"), n, k, m).items():
+        if name.startswith("w4a16") and m >= DEQUANT_MIN_M:
+            continue  # its GEMM is cuBLAS, here a CPU matmul
+        rows.append({"op": name, "us_per_call": _per_call_us(fn, calls, lambda: None),
+                     "launch": "fake CUDA driver (no-op launcher)"})
+        launch.FAST = False
+        try:
+            rows[-1]["us_per_call_triton_launch"] = _per_call_us(fn, calls, lambda: None)
+        finally:
+            launch.FAST = True
+        if pstats_top:
+            rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
+    return rows
+
+
 def run(device: str, calls: int, n: int, k: int, pstats_top: int = 0,
         m: int = 1) -> dict[str, Any]:
     """Measure; returns the JSON document (see the module docstring)."""
+    if device == "fake-cuda":
+        return {"device": device, "host": platform.machine(), "torch": torch.__version__,
+                "n": n, "k": k, "m": m, "calls": calls,
+                "rows": _fake_cuda_rows(calls, n, k, m, pstats_top) + _dispatch_rows(calls)}
     dev = torch.device(device)
     rows: list[dict[str, Any]] = []
     if dev.type == "cuda":
@@ -190,7 +241,8 @@ def run(device: str, calls: int, n: int, k: int, pstats_top: int = 0,
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: print the JSON (and write it with ``--out``)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    choices=["cuda", "cpu", "fake-cuda"])
     ap.add_argument("--calls", type=int, default=2000)
     ap.add_argument("--m", type=int, default=1, help="activation rows (1: decode; 2048: a "
                     "prefill, whose W4A8 path decodes the weight and calls the FP8 GEMM)")
@@ -200,9 +252,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="add each op's N costliest host functions (cProfile)")
     ap.add_argument("--out", help="write the JSON here as well")
     args = ap.parse_args(argv)
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        # The interpreter decides at import: re-run this script with it switched on.
-        os.environ["TRITON_INTERPRET"] = "1"
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if (args.device == "cpu") != interpret:
+        # The interpreter is decided at import: re-run this script with it switched on (cpu)
+        # or off (fake-cuda: real JIT kernels).
+        if args.device == "cpu":
+            os.environ["TRITON_INTERPRET"] = "1"
+        else:
+            os.environ.pop("TRITON_INTERPRET")
         os.execv(sys.executable, [sys.executable, os.path.abspath(__file__),
                                   *(sys.argv[1:] if argv is None else argv)])
     doc = run(args.device, args.calls, args.n, args.k, args.pstats, args.m)

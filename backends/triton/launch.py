@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
 from triton import knobs
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
@@ -75,10 +76,10 @@ def _tune_key(tuner: Autotuner, args: tuple, kwargs: dict[str, Any]) -> tuple:
         pos = (tuner, tuple(names.index(k) for k in keys), keys)
         _KEY_POS[id(tuner)] = pos
     n = len(args)
-    vals = tuple(args[i] if i < n else kwargs.get(name)
-                 for i, name in zip(pos[1], pos[2], strict=True))
-    dtypes = tuple(a.dtype for a in args if hasattr(a, "dtype"))
-    kw_dtypes = tuple(v.dtype for v in kwargs.values() if hasattr(v, "dtype"))
+    vals = tuple([args[i] if i < n else kwargs.get(name)
+                  for i, name in zip(pos[1], pos[2], strict=True)])
+    dtypes = tuple([a.dtype for a in args if isinstance(a, Tensor)])
+    kw_dtypes = tuple([v.dtype for v in kwargs.values() if isinstance(v, Tensor)])
     return id(tuner), vals, dtypes, kw_dtypes
 
 
