@@ -33,9 +33,12 @@ Depth. Compiling all 32 layers does not fit a device session, so runs use ``--la
 output head (128256 x 4096, bf16 in every variant unless ``--lm-head``) is a fixed cost per
 token that a shallow model overweights: at 4 layers it is over a third of the bf16 weight reads,
 which caps the quantized speedup near 1.9x where the 32-layer model allows 3x. The head's own
-time is measured in the same run (``lm_head_seconds``), and each variant whose head is bf16
-also gets ``decode_tokens_per_s_at_full_depth``: ``(t - t_head) * 32 / L + t_head`` per token,
-an extrapolation (linear in layers; labelled as such), with its ratio to bf16's.
+time is measured in the same run (``lm_head_seconds``), and so is all of a step's work outside
+the layers (``outside_layers_seconds``: embedding, final norm, head, argmax). Each variant
+whose head is bf16 also gets ``decode_tokens_per_s_at_full_depth``: ``(t - t_out) * 32 / L +
+t_out`` per token with ``t_out`` that outside time, an extrapolation (linear in layers;
+labelled as such), with its ratio to bf16's. (Until 2026-11-27 ``t_out`` was the head alone,
+which counted the argmax, 38 us per token on an H100, as layer time.)
 
 Usage::
 
@@ -195,18 +198,35 @@ def _graph_loop(model: torch.nn.Module, prompt: torch.Tensor, max_new: int,
     return run
 
 
-def head_seconds(shape: str, device: str, dtype: torch.dtype, repeats: int = 50) -> float:
+def head_seconds(shape: str, device: str, dtype: torch.dtype, repeats: int = 50,
+                 whole: bool = False) -> float:
     """Time of the output head alone for one token: ``linear(x[1, H], W[V, H])`` in ``dtype``
     (CUDA: replays of a CUDA graph, as the decode step runs it under ``reduce-overhead``;
-    elsewhere the best of ``repeats`` calls)."""
+    elsewhere the best of ``repeats`` calls). ``whole``: all of a greedy step's work outside
+    the layers, as the loops run it - the embedding lookup, the final RMSNorm, the head and
+    the argmax over the vocabulary (the argmax alone took 38 us per token on an H100, a tenth
+    of the head)."""
     cfg = SHAPES[shape]
-    w = torch.randn(cfg["vocab_size"], cfg["hidden_size"], device=device, dtype=dtype) * 0.02
-    x = torch.randn(1, cfg["hidden_size"], device=device, dtype=dtype)
+    vocab, hidden = cfg["vocab_size"], cfg["hidden_size"]
+    w = torch.randn(vocab, hidden, device=device, dtype=dtype) * 0.02
+    x = torch.randn(1, hidden, device=device, dtype=dtype)
+    if whole:
+        emb = torch.randn(vocab, hidden, device=device, dtype=dtype) * 0.02
+        norm_w = torch.ones(hidden, device=device, dtype=dtype)
+        tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+
+        def fn() -> torch.Tensor:
+            h = torch.nn.functional.embedding(tok, emb).float()
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)
+            logits = torch.nn.functional.linear(norm_w * h.to(dtype), w)
+            return logits.argmax(-1)
+    else:
+        def fn() -> torch.Tensor:
+            return torch.nn.functional.linear(x, w)
     if device.startswith("cuda"):
         from triton.testing import do_bench_cudagraph
 
-        return do_bench_cudagraph(lambda: torch.nn.functional.linear(x, w), rep=100) * 1e-3
-    fn = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
+        return do_bench_cudagraph(fn, rep=100) * 1e-3
     fn()
     return _timed(fn, device, repeats)
 
@@ -410,6 +430,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if result["layers"] < full:
         result["full_depth_layers"] = full
         result["lm_head_seconds"] = head_seconds(args.model_shape, args.device, dtype)
+        result["outside_layers_seconds"] = head_seconds(args.model_shape, args.device, dtype,
+                                                        whole=True)
         gc.collect()
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -447,7 +469,7 @@ def full_depth_tokens_per_s(tokens_per_s: float, layers: int, full: int,
 
 
 def _ratios(result: dict[str, Any]) -> None:
-    head_s = result.get("lm_head_seconds")
+    head_s = result.get("outside_layers_seconds", result.get("lm_head_seconds"))
     for v in result["variants"].values():
         if "error" not in v and head_s is not None and not v.get("lm_head_quantized"):
             v["decode_tokens_per_s_at_full_depth"] = round(full_depth_tokens_per_s(

@@ -53,6 +53,21 @@ def test_full_depth_extrapolation(decode_mod):
     assert decode_mod.full_depth_tokens_per_s(500.0, 32, 32, 4e-4) == pytest.approx(500.0)
 
 
+def test_extrapolation_takes_all_work_outside_the_layers(decode_mod):
+    """The full-depth number keeps the whole per-token outside work (embedding, final norm,
+    head, argmax) fixed, not the head alone; the outside work is timed as a greedy step
+    runs it."""
+    result = {"layers": 4, "full_depth_layers": 32, "lm_head_seconds": 4e-4,
+              "outside_layers_seconds": 5e-4,
+              "variants": {"bf16": {"decode_tokens_per_s": 500.0, "prefill_tokens_per_s": 1.0}}}
+    decode_mod._ratios(result)
+    got = result["variants"]["bf16"]["decode_tokens_per_s_at_full_depth"]
+    assert got == pytest.approx(decode_mod.full_depth_tokens_per_s(500.0, 4, 32, 5e-4), abs=0.01)
+    assert got != pytest.approx(decode_mod.full_depth_tokens_per_s(500.0, 4, 32, 4e-4), abs=0.01)
+    whole = decode_mod.head_seconds("tiny", "cpu", torch.float32, repeats=2, whole=True)
+    assert 0.0 < whole < 10.0
+
+
 @pytest.mark.parametrize("loop_name", ["_direct_loop", "_graph_loop"])
 def test_loop_through_the_backend_matches_its_reference(decode_mod, loop_name):
     """What the GPU run does (static cache, fixed shapes, the timed loop, fuse-linears), on
