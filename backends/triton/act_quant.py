@@ -173,7 +173,7 @@ def _act_quant_kernel(
 
 _act_quant_tuned = triton.autotune(
     configs=CONFIGS, key=["D", "NB", "P1", "P2", "Q", "HAD", "NORM", "ELEM", "ASYM", "OUT"],
-    prune_configs_by=tuning(_prune),
+    prune_configs_by=tuning(_prune, _act_quant_kernel),
 )(_act_quant_kernel)
 
 

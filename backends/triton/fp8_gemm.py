@@ -225,12 +225,13 @@ def _fp8_mm_persistent_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, 
                      pid_m, pid_n, HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, PROMOTE)
 
 
-_PRUNE = tuning(prune_configs_by_m)
 _fp8_mm_tuned = triton.autotune(FP8_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS", "PROMOTE"],
-                                prune_configs_by=_PRUNE)(_fp8_mm_kernel)
+                                prune_configs_by=tuning(prune_configs_by_m, _fp8_mm_kernel))(
+    _fp8_mm_kernel)
 _fp8_mm_persistent_tuned = triton.autotune(
     FP8_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS", "PROMOTE", "NUM_PROGRAMS"],
-    prune_configs_by=_PRUNE)(_fp8_mm_persistent_kernel)
+    prune_configs_by=tuning(prune_configs_by_m, _fp8_mm_persistent_kernel))(
+    _fp8_mm_persistent_kernel)
 
 
 # --- wrapper -----------------------------------------------------------------------------------

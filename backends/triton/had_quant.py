@@ -267,7 +267,7 @@ _had2_tuned = triton.autotune(
     configs=HAD2_CONFIGS,
     key=["D", "NR", "RP", "R", "C", "HAD", "ELEM", "ASYM", "OUT", "XDT", "NATIVE", "PARTS",
          "TRANS", "m_bucket"],
-    prune_configs_by=tuning(_prune), do_bench=graph_bench,
+    prune_configs_by=tuning(_prune, _had2_quant_kernel), do_bench=graph_bench,
 )(_had2_quant_kernel)
 
 

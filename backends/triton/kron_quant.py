@@ -130,7 +130,7 @@ def _prune(configs, named_args, **kwargs):
 _kron_tuned = triton.autotune(
     configs=HAD2_CONFIGS,
     key=["A", "B", "Q", "MB", "ELEM", "ASYM", "OUT", "XDT", "NATIVE", "m_bucket"],
-    prune_configs_by=tuning(_prune), do_bench=graph_bench,
+    prune_configs_by=tuning(_prune, _kron_quant_kernel), do_bench=graph_bench,
 )(_kron_quant_kernel)
 
 

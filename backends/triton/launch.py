@@ -20,11 +20,12 @@ specialization through ``JITFunction.run`` (which compiles); later ones call the
 kernel's launcher directly, with the same arguments Triton would pass it.
 
 Triton's own path is taken whenever launch hooks are installed (profilers such as Proton
-read launch metadata through them) and for interpreted kernels (``TRITON_INTERPRET=1``); without hooks the launcher
-gets None for the metadata and the hooks, which it would only have passed to the hooks. Compile options from the
-environment (``TRITON_DEBUG``) are read at each first call, as Triton reads them when it
-compiles: changing them later in the process does not recompile kernels already launched
-here. :data:`FAST` off restores ``kernel[grid](...)`` everywhere (benchmarks compare both).
+read launch metadata through them) and for interpreted kernels (``TRITON_INTERPRET=1``);
+without hooks the launcher gets None for the metadata and the hooks, which it would only
+have passed to the hooks. Compile options from the environment (``TRITON_DEBUG``) are read
+at each first call, as Triton reads them when it compiles: changing them later in the
+process does not recompile kernels already launched here. :data:`FAST` off restores
+``kernel[grid](...)`` everywhere (benchmarks compare both).
 """
 
 from __future__ import annotations

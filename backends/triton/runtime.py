@@ -27,6 +27,8 @@ __all__ = [
     "arrival_counts",
     "cdiv",
     "check_tensor",
+    "compile_ahead",
+    "compile_threads",
     "element_table",
     "graph_bench",
     "interpreting",
@@ -62,9 +64,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def tuning(prune=None) -> dict:
+def tuning(prune=None, kernel=None) -> dict:
     """``prune_configs_by`` for ``triton.autotune``: ``prune`` (or keep all), and with
     ``QCOMPILE_TRITON_TUNE=first`` in the environment only the first config that survives it.
+    With the autotuned ``kernel`` given, the configs kept are compiled on a thread pool
+    (:func:`compile_ahead`) before the autotuner times them one after another.
 
     The variable is for test runs on a GPU: the numerics grid then compiles one config per
     kernel and shape instead of every candidate (each config's numerics are checked once
@@ -73,9 +77,67 @@ def tuning(prune=None) -> dict:
 
     def early_config_prune(configs, named_args, **kwargs):
         kept = list(prune(configs, named_args, **kwargs)) if prune is not None else list(configs)
-        return kept[:1] if os.environ.get("QCOMPILE_TRITON_TUNE") == "first" else kept
+        kept = kept[:1] if os.environ.get("QCOMPILE_TRITON_TUNE") == "first" else kept
+        if kernel is not None and len(kept) > 1:
+            compile_ahead(kernel, kept, named_args, kwargs)
+        return kept
 
     return {"early_config_prune": early_config_prune}
+
+
+def compile_threads() -> int:
+    """Threads for :func:`compile_ahead`: ``QCOMPILE_COMPILE_THREADS``, else the CPUs (at most
+    16); 1 turns it off."""
+    env = os.environ.get("QCOMPILE_COMPILE_THREADS", "")
+    if env.strip():
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"QCOMPILE_COMPILE_THREADS must be a positive integer, got "
+                             f"{env!r}") from None
+    return min(16, os.cpu_count() or 1)
+
+
+def compile_ahead(kernel, configs, named_args: dict, kwargs: dict) -> int:
+    """Compile ``kernel`` for each of an autotuner's ``configs`` at once, on a thread pool.
+
+    An autotuner compiles each candidate when it first times it, one after another: the
+    batch-1 GEMVs have up to 32 candidates per shape, and a Llama-3-8B-shaped model's first
+    decode step spent about 40 s compiling them on an H100 host. Triton's asynchronous
+    compile mode runs the compiles (their ``ptxas`` runs, their C++ passes) in parallel and
+    leaves the kernels in the JIT cache, where the timing then finds them. A config that fails
+    to compile here is skipped: the autotuner compiles it again and handles the error as
+    usual. Nothing happens under the interpreter, with one thread, or on a Triton without
+    the asynchronous mode.
+
+    Returns:
+        How many compiles were submitted.
+    """
+    threads = compile_threads()
+    if threads < 2 or interpreting():
+        return 0
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return 0
+    # The autotuner hands its pruning the launch's own grid and warmup flag: not the kernel's.
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    submitted = 0
+    try:
+        with ThreadPoolExecutor(min(threads, len(configs))) as pool, \
+                AsyncCompileMode(pool, ignore_errors=True):
+            for cfg in configs:
+                try:
+                    kernel.warmup(grid=(1,), **named_args, **kwargs, **cfg.all_kwargs())
+                    submitted += 1
+                except Exception as exc:  # the autotuner meets it again and reports it
+                    log.debug("compile_ahead: %s %s: %s", getattr(kernel, "__name__", kernel),
+                              cfg, exc)
+    except RuntimeError as exc:  # another asynchronous compile mode is active
+        log.debug("compile_ahead skipped: %s", exc)
+    return submitted
 
 
 def graph_bench(kernel_call, quantiles):

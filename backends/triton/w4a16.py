@@ -424,9 +424,11 @@ def _tuned(kind: str, bucket: int) -> triton.runtime.Autotuner:
     """The autotuned kernel for one M bucket (each bucket has its own config list)."""
     if kind == "gemv":
         return triton.autotune(GEMV_CONFIGS[bucket], key=["N", "K", "GROUP_SIZE", "SPLIT"],
-                               prune_configs_by=tuning())(_w4a16_gemv_kernel)
+                               prune_configs_by=tuning(None, _w4a16_gemv_kernel))(
+            _w4a16_gemv_kernel)
     return triton.autotune(GEMM_CONFIGS[bucket], key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-                           prune_configs_by=tuning(_fit_x_dtype))(_w4a16_gemm_kernel)
+                           prune_configs_by=tuning(_fit_x_dtype, _w4a16_gemm_kernel))(
+        _w4a16_gemm_kernel)
 
 
 def _pick_split(n: int, k: int, device: torch.device) -> int:
@@ -542,13 +544,15 @@ def launch_gemv(args: tuple, out: torch.Tensor, k: int, kb: int, g: int, o_strid
     out_kind = _DTYPE_KIND[out.dtype]
     counts = arrival_counts(x2.device, cdiv(n, _MIN_GEMV_BLOCK_N)) if split > 1 else None
     launch(
-        kern, lambda meta: (cdiv(n, meta["BLOCK_N"]), split), *args, part, out, args[3] if counts is None else counts, xs, m, n, k, kb, g, o_stride,
+        kern, lambda meta: (cdiv(n, meta["BLOCK_N"]), split), *args, part, out,
+        args[3] if counts is None else counts, xs, m, n, k, kb, g, o_stride,
         SPLIT=split, REDUCE=counts is not None, BLOCK_M=block_m, HAS_XS=x_scale is not None,
         OUT_KIND=out_kind, **cfg, **common)
     if split > 1 and counts is None:
         block = 1024
         launch(
-            _splitk_reduce_kernel, (cdiv(m * n, block),), part, args[-1], out, xs, m, n, SPLIT=split, HAS_BIAS=common["HAS_BIAS"],
+            _splitk_reduce_kernel, (cdiv(m * n, block),), part, args[-1], out, xs, m, n,
+            SPLIT=split, HAS_BIAS=common["HAS_BIAS"],
             HAS_XS=x_scale is not None, KIND=out_kind, EXACT=exact, BLOCK=block)
     return out
 

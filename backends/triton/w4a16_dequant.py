@@ -142,8 +142,9 @@ def _dequant_fp4w_kernel(words_ptr, scale_ptr, neg_ptr, outer_ptr, w_ptr, N, K, 
 
 
 _dequant_fp4w_tuned = triton.autotune(
-    FP4W_CONFIGS, key=["N", "K", "GROUP_SIZE"], prune_configs_by=tuning(),
-    do_bench=cold_graph_bench)(_dequant_fp4w_kernel)
+    FP4W_CONFIGS, key=["N", "K", "GROUP_SIZE"],
+    prune_configs_by=tuning(None, _dequant_fp4w_kernel), do_bench=cold_graph_bench)(
+    _dequant_fp4w_kernel)
 
 
 def _fp4_words(packed: torch.Tensor, table: torch.Tensor, zero: torch.Tensor | None,

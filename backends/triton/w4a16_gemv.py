@@ -318,7 +318,8 @@ def _tuned(group_size: int, split: int | None = None) -> triton.runtime.Autotune
     """The byte kernel autotuned over tiles and K splits (or tiles at a fixed ``split``), each
     timed on a cold L2 as in a decode step (:mod:`qcompile.backends.triton.cold_bench`)."""
     return triton.autotune(_with_splits(_eligible_configs(group_size), split),
-                           key=["N", "K", "GROUP_SIZE"], prune_configs_by=tuning(_prune_splits),
+                           key=["N", "K", "GROUP_SIZE"],
+                           prune_configs_by=tuning(_prune_splits, _gemv1_kernel),
                            do_bench=cold_graph_bench)(_gemv1_kernel)
 
 
@@ -326,7 +327,8 @@ def _tuned(group_size: int, split: int | None = None) -> triton.runtime.Autotune
 def _tuned_fp4w(group_size: int, split: int | None = None) -> triton.runtime.Autotuner:
     """The FP4 word kernel, autotuned as :func:`_tuned`."""
     return triton.autotune(_with_splits(_fp4w_configs(group_size), split),
-                           key=["N", "K", "GROUP_SIZE"], prune_configs_by=tuning(_prune_splits),
+                           key=["N", "K", "GROUP_SIZE"],
+                           prune_configs_by=tuning(_prune_splits, _gemv1_fp4w_kernel),
                            do_bench=cold_graph_bench)(_gemv1_fp4w_kernel)
 
 
@@ -382,7 +384,8 @@ def _sum_leftover_splits(kern, cfg: dict, counts: torch.Tensor | None, part: tor
     if used > 1 and counts is None:
         n = out.shape[1]
         launch(
-            _splitk_reduce_kernel, (cdiv(n, 1024),), part, bias_t, out, xs, 1, n, SPLIT=used, HAS_BIAS=has_bias, HAS_XS=has_xs,
+            _splitk_reduce_kernel, (cdiv(n, 1024),), part, bias_t, out, xs, 1, n, SPLIT=used,
+            HAS_BIAS=has_bias, HAS_XS=has_xs,
             KIND=_DTYPE_KIND[out.dtype], EXACT=exact, BLOCK=1024)
 
 

@@ -166,7 +166,8 @@ def mma_eligible(x: torch.Tensor, group_size: int) -> bool:
 def _tuned(group_size: int, split: int | None) -> triton.runtime.Autotuner:
     """The kernel autotuned over tiles and K splits (or at a fixed ``split``) on a cold L2."""
     return triton.autotune(_with_splits(_mma_configs(group_size), split),
-                           key=["N", "K", "GROUP_SIZE"], prune_configs_by=tuning(_prune_splits),
+                           key=["N", "K", "GROUP_SIZE"],
+                           prune_configs_by=tuning(_prune_splits, _gemv1_fp4mma_kernel),
                            do_bench=cold_graph_bench)(_gemv1_fp4mma_kernel)
 
 
@@ -191,7 +192,8 @@ def w4a16_gemv1_mma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
     xs = scale if x_scale is None else x_scale
     bias_t = scale if bias is None else bias
     launch(
-        kern, lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"]), x, words, scale, scale if scale_neg is None else scale_neg,
+        kern, lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"]), x, words, scale,
+        scale if scale_neg is None else scale_neg,
         scale if outer is None else outer, bias_t, part, out,
         scale if counts is None else counts, xs, n, k, words.shape[1], g,
         0 if outer is None or outer.shape[0] == 1 else 1, GROUP_SIZE=group_size,

@@ -93,7 +93,8 @@ def _prune_by_m(configs: list[triton.Config], named_args: dict,
 
 
 _swap_tuned = triton.autotune(SWAP_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-                              prune_configs_by=tuning(_prune_by_m))(_w4a16_swap_kernel)
+                              prune_configs_by=tuning(_prune_by_m, _w4a16_swap_kernel))(
+    _w4a16_swap_kernel)
 
 # Under the interpreter: small tiles that still take several K steps and ragged edges.
 _INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_M": 16, "BLOCK_K": 64, "GROUP_N": 2}

@@ -339,7 +339,7 @@ W4A8_CONFIGS = [
 _w4a8_tuned = triton.autotune(W4A8_CONFIGS,
                               key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_BIAS", "DECODE",
                                    "PROMOTE"],
-                              prune_configs_by=tuning(prune_configs_by_m))(
+                              prune_configs_by=tuning(prune_configs_by_m, _w4a8_kernel))(
     _w4a8_kernel)
 
 

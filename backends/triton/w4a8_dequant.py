@@ -104,7 +104,7 @@ def _shift_kernel(packed_ptr, gexp_ptr, w_ptr, N, K, KB, G, stride_gn,
 
 _shift_tuned = triton.autotune(
     SHIFT_CONFIGS + GATHER_CONFIGS, key=["N", "K", "GROUP_SIZE"],
-    prune_configs_by=tuning(_prune), do_bench=graph_bench)(_shift_kernel)
+    prune_configs_by=tuning(_prune, _shift_kernel), do_bench=graph_bench)(_shift_kernel)
 
 
 def w4a8_dequant(packed: torch.Tensor, gexp: torch.Tensor, group_size: int,
