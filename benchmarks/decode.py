@@ -356,6 +356,13 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
             "graph_breaks": stats.graph_breaks, "linears_fused": stats.linears_fused,
             "compile_seconds": round(stats.compile_seconds, 2),
         }
+        try:  # the kernel paths timed fastest (prefill shapes), as "op M N K ...": path
+            from qcompile.backends.triton import path_tuning
+
+            out["kernel_paths"] = {" ".join(map(str, key)): p
+                                   for key, p in path_tuning.choices().items()}
+        except ImportError:  # no triton: the reference ops ran
+            pass
     model = None  # release before the next variant is built
     gc.collect()
     return out

@@ -124,9 +124,10 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192)
     if not torch.cuda.is_available():
         raise RuntimeError("benchmarks/kernels_fp8.py needs a CUDA GPU with FP8 tensor cores "
                            "(sm89+); the Triton interpreter's timings would be meaningless")
+    from qcompile.backends.triton import path_tuning, w4a8_dequant
     from qcompile.backends.triton import w4a8 as w4a8_mod
-    from qcompile.backends.triton import w4a8_dequant
     from qcompile.backends.triton.fp8_gemm import fp8_scaled_mm
+    from qcompile.backends.triton.runtime import next_pow2
     from qcompile.backends.triton.w4a8 import w4a8_linear, w4a8_split_scales
     from qcompile.formats import pack_codes, parse_format, quantize
 
@@ -183,15 +184,22 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192)
         a, a_scale = _rows_fp8(torch.randn(m, k, device=dev))
         base = _bench(lambda a=a, s=a_scale: scaled_mm(a, s))
         record("torch._scaled_mm", m, base, None)
-        # The default path: from DEQUANT_MIN_M rows, the weight shifted to FP8 once and the
-        # FP8 GEMM; below, the fused kernel.
+        # The default path: the fastest of fused / swap / shift-then-GEMM, timed at the first
+        # call of the shape (path_tuning); without timing, shift-then-GEMM from
+        # DEQUANT_MIN_M rows and the fused kernel below.
         ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128))
         path = "dequant" if m >= w4a8_dequant.DEQUANT_MIN_M else "fused"
-        record(f"w4a8_linear ({path})", m, ms, base)
+        tuned = [p for key, p in path_tuning.choices().items()
+                 if key[:4] == ("w4a8", min(next_pow2(m), 1 << 16), n, k)]
+        record(f"w4a8_linear (default: {'/'.join(tuned) or path})", m, ms, base)
         ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128),
                     eager=True)
-        record(f"w4a8_linear ({path}) eager, host work included", m, ms,
-               _bench(lambda a=a, s=a_scale: scaled_mm(a, s), eager=True))
+        record(f"w4a8_linear (default: {'/'.join(tuned) or path}) eager, host work included",
+               m, ms, _bench(lambda a=a, s=a_scale: scaled_mm(a, s), eager=True))
+        if tuned and tuned[0] != path:  # the threshold's path too, for comparison
+            ms = _bench(lambda a=a, s=a_scale, p=path: w4a8_linear(a, s, packed, gexp,
+                                                                   row_scale, 128, path=p))
+            record(f"w4a8_linear ({path}, forced)", m, ms, base)
         if path == "dequant":  # its GEMM alone, on the shifted weight
             w8 = w4a8_dequant.w4a8_dequant(packed, gexp, 128, k)
             ms = _bench(lambda a=a, s=a_scale, w8=w8: fp8_scaled_mm(a, s, w8, row_scale))

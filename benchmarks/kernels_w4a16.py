@@ -154,13 +154,15 @@ def prefill(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
 
 def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
                   m: int = 2048) -> list[dict[str, Any]]:
-    """The prefill path at ``m`` rows (AFPQ g128): ``w4a16_linear`` (decode W once into bf16,
-    then cuBLAS) against bf16 ``F.linear``, the decode alone (``w4a16_dequant``) with its
+    """The prefill paths at ``m`` rows (AFPQ g128) against bf16 ``F.linear``: ``w4a16_linear``
+    as it runs by default (the path timed fastest, ``path_tuning``), decode W once into bf16
+    then cuBLAS (``path="dequant"``), the decode alone (``w4a16_dequant``) with its
     bytes (packed codes and scales read, bf16 weight written), and the fused GEMMs that decode
     in registers: the tiled one (``path="gemm"``) and the one with swapped operands
     (``path="swap"``, the decoded weight as the MMA's register operand), at ``m`` and 128."""
     from triton.testing import do_bench
 
+    from qcompile.backends.triton import path_tuning
     from qcompile.backends.triton.runtime import element_table
     from qcompile.backends.triton.w4a16 import w4a16_linear
     from qcompile.backends.triton.w4a16_dequant import w4a16_dequant
@@ -174,7 +176,8 @@ def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
             q.zero, q.outer, spec.group_size)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
     bf16_ms = do_bench(lambda: torch.nn.functional.linear(x, dense))
-    ms = do_bench(lambda: w4a16_linear(x, *args))
+    ms = do_bench(lambda: w4a16_linear(x, *args, path="dequant"))
+    tuned_ms = do_bench(lambda: w4a16_linear(x, *args))  # the path timed fastest for it
     deq_ms = do_bench(lambda: w4a16_dequant(*args[:6], spec.group_size, k, torch.bfloat16))
     moved = sum(t.numel() * t.element_size() for t in (args[0], q.scale, q.scale_neg))
     moved += n * k * 2
@@ -189,7 +192,11 @@ def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
             fused.append(dict(common, M=rows, bf16_us=base * 1e3,
                               kernel=f"fused in-register decode ({path})", w4a16_us=t * 1e3,
                               speedup_vs_bf16=base / t, w4a16_eager_us=t * 1e3))
+    chosen = [p for key, p in path_tuning.choices().items() if key[:4] == ("w4a16", m, n, k)]
     return fused + [
+        dict(common, kernel=f"w4a16_linear, path tuned ({'/'.join(chosen) or 'default'})",
+             w4a16_us=tuned_ms * 1e3, speedup_vs_bf16=bf16_ms / tuned_ms,
+             w4a16_eager_us=tuned_ms * 1e3),
         dict(common, kernel="prefill (dequant + cuBLAS)", w4a16_us=ms * 1e3,
              speedup_vs_bf16=bf16_ms / ms, weight_gbps=moved / (deq_ms * 1e-3) / 1e9,
              w4a16_eager_us=ms * 1e3),

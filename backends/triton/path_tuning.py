@@ -1,0 +1,92 @@
+"""Choosing between an op's whole implementations by timing them on the device, once per shape.
+
+Above batch 16 the W4A16 and W4A8 linears have several complete paths that compute the same
+products (up to fp32 summation order): a tiled GEMM that decodes the 4-bit weight in its main
+loop, the same with the decoded weight as the tensor-core MMA's register operand ("swap"),
+and decode-once-then-one-GEMM ("dequant"). Which is fastest depends on M, the weight's shape
+and the GPU: on an H100 decode-then-cuBLAS ran the 2048-token prefill at 0.80-0.86x of bf16
+because it writes and rereads a 16-bit copy of each weight, and at M = 256 the W4A8
+shift-then-GEMM path ran at 0.27x of cuBLAS FP8 where the fused kernels avoid the copy. A
+fixed M threshold guesses; :func:`pick` measures. Each autotuner still picks its own tiles:
+this chooses among the tuned paths.
+
+The first call of each key (the op, M rounded up to a power of two, the weight's shape and
+format) runs every candidate once (its own autotuning and compiles), times each as CUDA-graph
+replays, and keeps the fastest for the rest of the process. Where nothing can be timed - not
+CUDA, a CUDA graph being captured (Inductor's or a decode loop's; the warm-up calls before a
+capture do the tuning), or :data:`ENABLED` off - the op's default path runs and nothing is
+cached. A candidate that fails for a shape (a kernel out of resources) is dropped from its
+key with a debug log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ENABLED", "choices", "clear", "pick"]
+
+#: Time the candidate paths (False: every op keeps its default, M-threshold path).
+ENABLED = True
+_CHOICES: dict[tuple, str] = {}
+
+
+def clear() -> None:
+    """Forget every choice (tests; benchmarks that compare paths)."""
+    _CHOICES.clear()
+
+
+def choices() -> dict[tuple, str]:
+    """The choices made so far, ``{key: path}`` (reports)."""
+    return dict(_CHOICES)
+
+
+def _can_time(device: torch.device) -> bool:
+    return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    """Milliseconds per call, replayed in a CUDA graph (host launch costs left out, as in a
+    compiled model's replay; eager timing where capture is refused)."""
+    from qcompile.backends.triton.runtime import graph_bench
+
+    t = graph_bench(fn, None)
+    return float(t[0] if isinstance(t, (list, tuple)) else t)
+
+
+def pick(key: tuple, default: str, candidates: dict[str, Callable[[], object]],
+         device: torch.device) -> str:
+    """The path to run for ``key``: the fastest of ``candidates`` (each a call of the op with
+    its path forced), timed at the first call of the key, or ``default`` where timing is not
+    possible (module docstring).
+
+    Args:
+        key: Hashable; calls that share it share the choice.
+        default: The path when nothing can be timed, and when every candidate fails.
+        candidates: Path name -> a call that runs the op on this call's inputs by that path.
+        device: Where the op runs.
+
+    Returns:
+        A key of ``candidates`` (or ``default``).
+    """
+    hit = _CHOICES.get(key)
+    if hit is not None:
+        return hit
+    if not ENABLED or len(candidates) < 2 or not _can_time(device):
+        return default
+    times: dict[str, float] = {}
+    for name, call in candidates.items():
+        try:
+            call()  # the path's own autotuning and compiles, outside the timing
+            times[name] = _time_ms(call)
+        except Exception as exc:  # a path that cannot run this shape is no candidate
+            log.debug("path tuning %s: %s failed: %s", key, name, exc)
+    best = min(times, key=times.__getitem__) if times else default
+    _CHOICES[key] = best
+    log.info("qcompile path tuning %s: %s (%s)", key, best,
+             ", ".join(f"{n} {t * 1e3:.1f} us" for n, t in sorted(times.items())))
+    return best

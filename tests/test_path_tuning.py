@@ -1,0 +1,106 @@
+"""``path_tuning.pick``: the fastest whole path of an op per shape, and the W4A16 / W4A8 linears
+choosing through it.
+
+Timing needs a GPU; here the timer is replaced by one that reports set times per path, so what
+is checked is the choice, its caching, the fallbacks, and that the linears run (and give the
+bits of) the path it picks, under the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qcompile.backends.triton import path_tuning
+
+
+@pytest.fixture
+def tuner(monkeypatch):
+    """``path_tuning`` with timing allowed on any device and a timer that reports
+    ``times[path]`` for candidates that are ``functools.partial(..., path=...)`` or are
+    registered in ``names``; returns ``(times, names, timed)``."""
+    path_tuning.clear()
+    times: dict[str, float] = {}
+    names: dict[object, str] = {}
+    timed: list[str] = []
+
+    def fake_time(fn):
+        name = names.get(fn) or fn.keywords["path"]
+        timed.append(name)
+        fn()
+        return times[name]
+
+    monkeypatch.setattr(path_tuning, "ENABLED", True)  # conftest turns it off for other tests
+    monkeypatch.setattr(path_tuning, "_can_time", lambda device: True)
+    monkeypatch.setattr(path_tuning, "_time_ms", fake_time)
+    yield times, names, timed
+    path_tuning.clear()
+
+
+def test_pick_takes_the_fastest_once(tuner):
+    times, names, timed = tuner
+    calls = []
+    cands = {p: (lambda p=p: calls.append(p)) for p in ("a", "b", "c")}
+    names.update({f: p for p, f in cands.items()})
+    times.update(a=3.0, b=1.0, c=2.0)
+    dev = torch.device("cpu")
+    assert path_tuning.pick(("k", 1), "a", cands, dev) == "b"
+    assert sorted(timed) == ["a", "b", "c"] and sorted(calls) == ["a", "a", "b", "b", "c", "c"]
+    times.update(b=9.0)  # a later timing would pick "c": the key is not timed again
+    assert path_tuning.pick(("k", 1), "a", cands, dev) == "b" and len(timed) == 3
+    assert path_tuning.choices() == {("k", 1): "b"}
+
+
+def test_pick_drops_failing_paths_and_falls_back(tuner, monkeypatch):
+    times, names, _ = tuner
+
+    def boom():
+        raise RuntimeError("out of resources")
+
+    ok = lambda: None  # noqa: E731
+    names.update({boom: "x", ok: "y"})
+    times.update(x=0.1, y=5.0)
+    dev = torch.device("cpu")
+    assert path_tuning.pick(("f", 1), "x", {"x": boom, "y": ok}, dev) == "y"
+    assert path_tuning.pick(("f", 2), "x", {"x": boom, "x2": boom}, dev) == "x"
+    # Nothing timed: no CUDA (or a capture), disabled, or a single candidate.
+    monkeypatch.setattr(path_tuning, "_can_time", lambda device: False)
+    assert path_tuning.pick(("g", 1), "y", {"x": boom, "y": ok}, dev) == "y"
+    monkeypatch.setattr(path_tuning, "_can_time", lambda device: True)
+    monkeypatch.setattr(path_tuning, "ENABLED", False)
+    assert path_tuning.pick(("g", 1), "x", {"x": boom, "y": ok}, dev) == "x"
+    assert ("g", 1) not in path_tuning.choices()
+
+
+def test_w4a16_linear_runs_the_path_picked(tuner):
+    """Above the GEMVs the W4A16 linear asks for the fastest of gemm / dequant / swap; with
+    swap reported fastest it runs swap: the same bits as forcing it, the reference's values."""
+    pytest.importorskip("triton")
+    from test_triton_w4a16 import _inputs, assert_matches
+
+    from qcompile.backends.triton import w4a16 as w4
+
+    times, _, timed = tuner
+    times.update(gemm=2.0, dequant=3.0, swap=1.0)
+    x, w, b = _inputs("fp4_e2m1/g128/asym", 40, 96, 256, torch.bfloat16, bias=True)
+    got = w4.w4a16_linear(x, *w, bias=b)
+    assert sorted(timed) == ["dequant", "gemm", "swap"]
+    assert list(path_tuning.choices().values()) == ["swap"]
+    assert torch.equal(got, w4.w4a16_linear(x, *w, bias=b, path="swap"))
+    assert_matches(got, w4.w4a16_linear_ref(x, *w, bias=b))
+
+
+def test_w4a8_linear_runs_the_path_picked(tuner):
+    pytest.importorskip("triton")
+    from test_triton_w4a8 import make_inputs
+
+    from qcompile.backends.triton import w4a8
+
+    times, _, timed = tuner
+    times.update(fused=2.0, swap=3.0, dequant=1.0)
+    a, a_scale, packed, gexp, row_scale, bias = make_inputs(40, 256, 96, 64, bias=True)
+    got = w4a8.w4a8_linear(a, a_scale, packed, gexp, row_scale, 64, bias)
+    assert sorted(timed) == ["dequant", "fused", "swap"]
+    assert list(path_tuning.choices().values()) == ["dequant"]
+    assert torch.equal(got, w4a8.w4a8_linear(a, a_scale, packed, gexp, row_scale, 64, bias,
+                                             path="dequant"))
