@@ -40,7 +40,8 @@
 #          graphs (decode_dynamic.json). DECODE_VARIANTS picks the variants (default
 #          bf16,w4a16-fp4,w4a8; w4a16-fp4-unfused measures fuse-linears). DECODE_PROFILE=1
 #          adds each variant's kernel times per token (--profile, benchmarks/step_profile.py);
-#          DECODE_GEMV1=mma runs the batch-1 FP4 GEMVs on tensor cores (w4a16_gemv_mma).
+#          DECODE_GEMV1=mma runs the batch-1 FP4 GEMVs on tensor cores (w4a16_gemv_mma);
+#          DECODE_GEMV1=auto times both kernels per shape and keeps the faster.
 #
 # Limits (seconds): T_TESTS=150 T_KERNELS=150 T_PPL=200 T_DECODE=240. The first H200 run
 # (benchmarks/results/gpu_h200_2026-11-26.md) used about these; plan a device lease around

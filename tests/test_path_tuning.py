@@ -24,9 +24,9 @@ def tuner(monkeypatch):
     names: dict[object, str] = {}
     timed: list[str] = []
 
-    def fake_time(fn):
-        name = names.get(fn) or fn.keywords["path"]
-        timed.append(name)
+    def fake_time(fn, cold=False):
+        name = names.get(fn) or fn.keywords.get("path") or fn.keywords["kernel"]
+        timed.append(name + (" (cold)" if cold else ""))
         fn()
         return times[name]
 
@@ -104,3 +104,35 @@ def test_w4a8_linear_runs_the_path_picked(tuner):
     assert list(path_tuning.choices().values()) == ["dequant"]
     assert torch.equal(got, w4a8.w4a8_linear(a, a_scale, packed, gexp, row_scale, 64, bias,
                                              path="dequant"))
+
+
+def test_batch1_fp4_gemv_auto_takes_the_faster_kernel(tuner, monkeypatch):
+    """``runtime.GEMV1_MMA = "auto"``: the batch-1 FP4 GEMV times the FMA and tensor-core
+    kernels on a cold L2 at the shape's first call, then runs the faster (counted launches),
+    with the reference's values."""
+    pytest.importorskip("triton")
+    from test_triton_w4a16 import _spy_tuned, assert_matches_unrounded
+    from test_triton_w4a16_mma import _fp4
+
+    from qcompile.backends.triton import runtime
+    from qcompile.backends.triton import w4a16 as w4
+    from qcompile.backends.triton import w4a16_gemv as g1
+    from qcompile.backends.triton import w4a16_gemv_mma as mm
+
+    times, _, timed = tuner
+    monkeypatch.setattr(runtime, "GEMV1_MMA", "auto")
+    spy_mma = _spy_tuned(monkeypatch, mm, "_gemv1_fp4mma_kernel", "_tuned")
+    spy_fma = _spy_tuned(monkeypatch, g1, "_gemv1_fp4w_kernel", "_tuned_fp4w")
+    x, w, b, _ = _fp4("fp4_e2m1/g128/asym", 72, 1024, torch.bfloat16)
+    ref = w4.w4a16_linear_ref(x, *w, bias=b)
+    for faster, other in (("mma", "fma"), ("fma", "mma")):
+        path_tuning.clear()
+        times.update({faster: 1.0, other: 2.0})
+        w4.w4a16_linear(x, *w, bias=b)  # times both (each run twice: warm-up, timing)
+        assert sorted(timed[-2:]) == ["fma (cold)", "mma (cold)"]
+        assert list(path_tuning.choices().values()) == [faster]
+        before = (spy_mma.launches, spy_fma.launches)
+        out = w4.w4a16_linear(x, *w, bias=b)
+        after = (spy_mma.launches - before[0], spy_fma.launches - before[1])
+        assert after == ((1, 0) if faster == "mma" else (0, 1))
+        assert_matches_unrounded(out, ref, x, w)

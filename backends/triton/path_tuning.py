@@ -49,17 +49,21 @@ def _can_time(device: torch.device) -> bool:
     return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
 
 
-def _time_ms(fn: Callable[[], object]) -> float:
+def _time_ms(fn: Callable[[], object], cold: bool = False) -> float:
     """Milliseconds per call, replayed in a CUDA graph (host launch costs left out, as in a
-    compiled model's replay; eager timing where capture is refused)."""
-    from qcompile.backends.triton.runtime import graph_bench
-
-    t = graph_bench(fn, None)
+    compiled model's replay; eager timing where capture is refused). ``cold``: with L2
+    flushed before each call, as a decode step reads its weights
+    (:mod:`qcompile.backends.triton.cold_bench`)."""
+    if cold:
+        from qcompile.backends.triton.cold_bench import cold_graph_bench as bench
+    else:
+        from qcompile.backends.triton.runtime import graph_bench as bench
+    t = bench(fn, None)
     return float(t[0] if isinstance(t, (list, tuple)) else t)
 
 
 def pick(key: tuple, default: str, candidates: dict[str, Callable[[], object]],
-         device: torch.device) -> str:
+         device: torch.device, cold: bool = False) -> str:
     """The path to run for ``key``: the fastest of ``candidates`` (each a call of the op with
     its path forced), timed at the first call of the key, or ``default`` where timing is not
     possible (module docstring).
@@ -69,6 +73,8 @@ def pick(key: tuple, default: str, candidates: dict[str, Callable[[], object]],
         default: The path when nothing can be timed, and when every candidate fails.
         candidates: Path name -> a call that runs the op on this call's inputs by that path.
         device: Where the op runs.
+        cold: Time each candidate on a cold L2 (weight-streaming calls such as batch-1
+            GEMVs, whose weights a decode step reads from DRAM).
 
     Returns:
         A key of ``candidates`` (or ``default``).
@@ -82,7 +88,7 @@ def pick(key: tuple, default: str, candidates: dict[str, Callable[[], object]],
     for name, call in candidates.items():
         try:
             call()  # the path's own autotuning and compiles, outside the timing
-            times[name] = _time_ms(call)
+            times[name] = _time_ms(call, cold)
         except Exception as exc:  # a path that cannot run this shape is no candidate
             log.debug("path tuning %s: %s failed: %s", key, name, exc)
     best = min(times, key=times.__getitem__) if times else default

@@ -170,10 +170,11 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-#: Batch-1 FP4 GEMVs on tensor cores (``w4a16_gemv_mma``) where eligible, instead of the FMA
-#: kernel. Off until timed on a GPU (``benchmarks/kernels_w4a16.py`` times both;
-#: ``benchmarks/decode.py --gemv1 mma`` turns it on for a decode run).
-GEMV1_MMA = False
+#: Batch-1 FP4 GEMVs on tensor cores (``w4a16_gemv_mma``) where eligible: True always,
+#: ``"auto"`` where it times faster than the FMA kernel at the shape's first call
+#: (``path_tuning``, cold L2), False never. Off until a GPU has run it
+#: (``benchmarks/kernels_w4a16.py`` times both; ``benchmarks/decode.py --gemv1 mma|auto``).
+GEMV1_MMA: bool | str = False
 
 #: Split-K GEMVs sum their partials in the last program of each column tile (arrival counts,
 #: :func:`arrival_counts`): one launch per call instead of two, the same bits. False: a

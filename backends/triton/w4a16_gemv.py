@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton import runtime
+from qcompile.backends.triton import path_tuning, runtime
 from qcompile.backends.triton.cold_bench import cold_graph_bench
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import (
@@ -394,7 +394,7 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                 outer: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
                 fp4: bool, split: int | None = None,
                 config: triton.Config | None = None, x_scale: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, kernel: str | None = None) -> torch.Tensor:
     """``y[1, N]`` for a validated, contiguous ``x[1, K]`` (see ``w4a16.w4a16_linear``).
 
     ``fp4``: ``table`` is the FP4 E2M1 table in code order, decoded with integer ops. On
@@ -404,15 +404,28 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     sums after ``outer`` and before ``bias``; with it ``x`` may hold FP8 E4M3 codes (W4A8
     decoding: the codes are the activations up to that scale). ``out_dtype`` (default
     ``x``'s) is the result's dtype. The caller checks :func:`gemv1_eligible` and the inputs.
-    With ``runtime.GEMV1_MMA`` set, FP4 words that the tensor-core kernel takes go there
-    (``w4a16_gemv_mma``; not with a pinned split or config).
+    FP4 words that the tensor-core kernel takes (``w4a16_gemv_mma``; not with a pinned split
+    or config) go there with ``runtime.GEMV1_MMA`` True, and with ``"auto"`` where it timed
+    faster than this kernel on a cold L2 at the shape's first call
+    (:mod:`qcompile.backends.triton.path_tuning`). ``kernel`` (``"fma"`` or ``"mma"``) forces
+    one.
     """
     words = _words(packed, x.shape[-1]) if fp4 and zero is None and _fp4w_configs(group_size) \
         else None
-    if runtime.GEMV1_MMA and words is not None and split is None and config is None:
+    if words is not None and split is None and config is None and kernel != "fma" and (
+            kernel == "mma" or runtime.GEMV1_MMA is True or runtime.GEMV1_MMA == "auto"):
         from qcompile.backends.triton import w4a16_gemv_mma as mma
 
-        if mma.mma_eligible(x, group_size):
+        use = mma.mma_eligible(x, group_size)
+        if use and kernel is None and runtime.GEMV1_MMA == "auto":
+            key = ("w4a16-gemv1", packed.shape[0], x.shape[-1], group_size, x.dtype, out_dtype,
+                   scale_neg is not None, outer is not None, bias is not None,
+                   x_scale is not None)
+            use = path_tuning.pick(key, "fma", {p: functools.partial(
+                w4a16_gemv1, x, packed, table, scale, scale_neg, zero, outer, group_size,
+                bias, fp4, x_scale=x_scale, out_dtype=out_dtype, kernel=p)
+                for p in ("fma", "mma")}, x.device, cold=True) == "mma"
+        if use:
             return mma.w4a16_gemv1_mma(x, words, scale, scale_neg, outer, group_size, bias,
                                        x_scale=x_scale, out_dtype=out_dtype)
     k = x.shape[-1]
