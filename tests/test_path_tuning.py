@@ -72,6 +72,28 @@ def test_pick_drops_failing_paths_and_falls_back(tuner, monkeypatch):
     assert ("g", 1) not in path_tuning.choices()
 
 
+def test_pick_never_takes_a_path_that_disagrees(tuner):
+    """A faster path whose result is not the default's (a kernel broken on some GPU) is not
+    timed, let alone chosen; one that differs by summation-order noise is."""
+    times, names, timed = tuner
+    ref = torch.linspace(-3, 5, 64)
+    good = lambda: ref + 1e-3  # noqa: E731
+    bad = lambda: ref * 1.5  # noqa: E731
+    nan = lambda: torch.where(ref > 4, float("nan"), ref)  # noqa: E731
+    base = lambda: ref.clone()  # noqa: E731
+    names.update({good: "good", bad: "bad", nan: "nan", base: "base"})
+    times.update(base=3.0, bad=0.5, nan=0.1, good=1.0)
+    cands = {"base": base, "bad": bad, "nan": nan, "good": good}
+    assert path_tuning.pick(("d", 1), "base", cands, torch.device("cpu")) == "good"
+    assert sorted(timed) == ["base", "good"]
+    assert path_tuning.agrees(ref.bfloat16(), ref.bfloat16())
+    assert not path_tuning.agrees(ref, ref.bfloat16())  # dtype
+    assert not path_tuning.agrees(ref[:8], ref)  # shape
+    inf = ref.clone()
+    inf[3] = float("inf")
+    assert path_tuning.agrees(inf, inf) and not path_tuning.agrees(ref, inf)
+
+
 def test_w4a16_linear_runs_the_path_picked(tuner):
     """Above the GEMVs the W4A16 linear asks for the fastest of gemm / dequant / swap; with
     swap reported fastest it runs swap: the same bits as forcing it, the reference's values."""

@@ -11,8 +11,9 @@ fixed M threshold guesses; :func:`pick` measures. Each autotuner still picks its
 this chooses among the tuned paths.
 
 The first call of each key (the op, M rounded up to a power of two, the weight's shape and
-format) runs every candidate once (its own autotuning and compiles), times each as CUDA-graph
-replays, and keeps the fastest for the rest of the process. Where nothing can be timed - not
+format) runs every candidate once (its own autotuning and compiles), checks that each gives
+the default path's result (:func:`agrees`: a path that breaks on some GPU is never chosen),
+times each as CUDA-graph replays, and keeps the fastest for the rest of the process. Where nothing can be timed - not
 CUDA, a CUDA graph being captured (Inductor's or a decode loop's; the warm-up calls before a
 capture do the tuning), or :data:`ENABLED` off - the op's default path runs and nothing is
 cached. A candidate that fails for a shape (a kernel out of resources) is dropped from its
@@ -28,7 +29,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENABLED", "choices", "clear", "pick"]
+__all__ = ["ENABLED", "agrees", "choices", "clear", "pick"]
 
 #: Time the candidate paths (False: every op keeps its default, M-threshold path).
 ENABLED = True
@@ -43,6 +44,25 @@ def clear() -> None:
 def choices() -> dict[tuple, str]:
     """The choices made so far, ``{key: path}`` (reports)."""
     return dict(_CHOICES)
+
+
+def agrees(out: object, want: object, tol: float = 0.05) -> bool:
+    """Whether a candidate path's result can be the default path's: same shape and dtype,
+    finite where it is, and within ``tol`` of its largest magnitude everywhere. The paths
+    differ only by fp32 summation order (and FP8 fast accumulation), far inside ``tol``; a
+    path that breaks on some GPU or shape (garbage, NaNs) is kept from being chosen."""
+    if not (isinstance(out, torch.Tensor) and isinstance(want, torch.Tensor)):
+        return out is want
+    if out.shape != want.shape or out.dtype != want.dtype:
+        return False
+    if not want.numel():
+        return True
+    o, w = out.float(), want.float()
+    finite = torch.isfinite(w)
+    if not bool(torch.equal(torch.isfinite(o), finite)):
+        return False
+    scale = float(w[finite].abs().max()) if bool(finite.any()) else 0.0
+    return bool(((o - w).abs()[finite] <= tol * scale).all())
 
 
 def _can_time(device: torch.device) -> bool:
@@ -70,7 +90,8 @@ def pick(key: tuple, default: str, candidates: dict[str, Callable[[], object]],
 
     Args:
         key: Hashable; calls that share it share the choice.
-        default: The path when nothing can be timed, and when every candidate fails.
+        default: The path when nothing can be timed, and when every candidate fails; the
+            others must give its result (:func:`agrees`) to be timed.
         candidates: Path name -> a call that runs the op on this call's inputs by that path.
         device: Where the op runs.
         cold: Time each candidate on a cold L2 (weight-streaming calls such as batch-1
@@ -82,12 +103,20 @@ def pick(key: tuple, default: str, candidates: dict[str, Callable[[], object]],
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit
-    if not ENABLED or len(candidates) < 2 or not _can_time(device):
+    if not ENABLED or len(candidates) < 2 or not _can_time(device) or default not in candidates:
         return default
     times: dict[str, float] = {}
-    for name, call in candidates.items():
+    want = None
+    for name in (default, *(n for n in candidates if n != default)):
+        call = candidates[name]
         try:
-            call()  # the path's own autotuning and compiles, outside the timing
+            out = call()  # the path's own autotuning and compiles, outside the timing
+            if name == default:
+                want = out
+            elif want is not None and not agrees(out, want):
+                log.warning("qcompile path tuning %s: path %r disagrees with %r on this "
+                            "shape; not used", key, name, default)
+                continue
             times[name] = _time_ms(call, cold)
         except Exception as exc:  # a path that cannot run this shape is no candidate
             log.debug("path tuning %s: %s failed: %s", key, name, exc)
