@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,20 +27,10 @@ _TESTS = Path(__file__).resolve().parents[1] / "tests"
 CASES = ("w4a16-gemv1w-bf16-g128-afpq", "w4a16-gemv1mma-bf16-g128-afpq",
          "w4a16-dequant-fp4w-bf16-g128-afpq", "w4a8-shift-g128", "fp8-persistent-bm128-bias",
          "fp8-tiled-bm16-decode")
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "i32": "int32",
-           "u8": "uint8", "i8": "int8", "fp8e4nv": "float8_e4m3fn", "i64": "int64"}
-
-
 def _per_call_us(fn, calls: int) -> float:
-    for _ in range(50):
-        fn()
-    best = float("inf")
-    for _ in range(3):  # best of three: the least disturbed loop
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return best * 1e6
+    from host_overhead import _per_call_us as per_call
+
+    return per_call(fn, calls, lambda: None)
 
 
 def _timings(fast, fn, tuned, pos: list, kw: dict, consts: dict, calls: int) -> dict:
@@ -57,6 +46,7 @@ def _timings(fast, fn, tuned, pos: list, kw: dict, consts: dict, calls: int) -> 
 def run(calls: int) -> dict[str, Any]:
     """One row per case: microseconds per launch on each path."""
     sys.path.insert(0, str(_TESTS))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import fake_cuda
     import test_triton_compile_sm90 as c90
     import torch
@@ -73,8 +63,7 @@ def run(calls: int) -> dict[str, Any]:
         mod = importlib.import_module(f"qcompile.backends.triton.{c90._MODULES[family]}")
         fn, args, consts, configs = c90._BUILDERS[family](mod, params, False)
         cfg = configs[0]
-        named = {k: (torch.zeros(256, dtype=getattr(torch, _DTYPES[v[1:]]))
-                     if isinstance(v, str) else v) for k, v in args.items()}
+        named = fake_cuda.placeholders(args)
         pos = [named[n] for n in fn.arg_names if n in named]
         kw = dict(consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         tuned = triton.autotune(

@@ -12,6 +12,13 @@ when the kernel modules are imported), and call :func:`install` before the first
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver as _driver
@@ -62,3 +69,47 @@ class FakeCuda:
 def install() -> None:
     """Make :class:`FakeCuda` Triton's active driver."""
     _driver.set_active(FakeCuda())
+
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "i32": "int32",
+           "u8": "uint8", "i8": "int8", "fp8e4nv": "float8_e4m3fn", "i64": "int64"}
+
+
+def placeholders(args: dict) -> dict:
+    """Kernel arguments as ``tests/test_triton_compile_sm90.py``'s builders describe them
+    (``"*bf16"`` for a pointer, numbers as they are), with each pointer a small zero tensor of
+    that dtype (16-byte aligned, as Triton's specialization assumes there)."""
+    return {k: (torch.zeros(256, dtype=getattr(torch, _DTYPES[v[1:]]))
+                if isinstance(v, str) else v) for k, v in args.items()}
+
+
+def run_worker(script: str, what: str) -> dict:
+    """Run ``python script OUT`` without ``TRITON_INTERPRET`` and with a fresh Triton cache,
+    and return the JSON it wrote to OUT (``pytest.fail`` with its stderr otherwise; a skip
+    where Triton's ``ptxas`` does not run)."""
+    import pytest
+
+    if not ptxas_runs():
+        pytest.skip("Triton's ptxas does not run here")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report.json"
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
+        proc = subprocess.run([sys.executable, script, str(out)], env=env,
+                              cwd=Path(script).parent, capture_output=True, text=True,
+                              timeout=900)
+        if proc.returncode != 0 or not out.exists():
+            pytest.fail(f"{what} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def ptxas_runs() -> bool:
+    """Whether Triton's bundled ``ptxas`` runs here (the workers compile for sm_90)."""
+    try:
+        from triton import knobs
+
+        subprocess.run([knobs.nvidia.ptxas.path, "--version"], check=True,
+                       capture_output=True, timeout=60)
+        return True
+    except Exception:
+        return False

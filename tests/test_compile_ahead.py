@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,7 +23,6 @@ def _worker(out: str) -> None:
     sys.path.insert(0, str(HERE))
     import fake_cuda
     import test_triton_compile_sm90 as c90
-    import torch
     import triton
 
     from qcompile.backends.triton import runtime, w4a8_dequant
@@ -33,8 +30,7 @@ def _worker(out: str) -> None:
     fake_cuda.install()
     _, family, params = next(c for c in c90.CASES if c[0] == "w4a8-shift-g128")
     fn, args, consts, _ = c90._BUILDERS[family](w4a8_dequant, params, False)
-    named = {k: (torch.zeros(256, dtype=torch.uint8) if isinstance(v, str) else v)
-             for k, v in args.items()}
+    named = fake_cuda.placeholders(args)
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
                for bn, bk, w in ((32, 256, 4), (64, 256, 4), (16, 512, 4), (32, 512, 8))]
     cached_at_first_timing = []
@@ -63,20 +59,9 @@ def _worker(out: str) -> None:
 @pytest.fixture(scope="module")
 def report() -> dict:
     pytest.importorskip("triton")
-    from test_triton_launch import _ptxas_runs
+    import fake_cuda
 
-    if not _ptxas_runs():
-        pytest.skip("Triton's ptxas does not run here")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "report.json"
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
-        proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=HERE,
-                              capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0 or not out.exists():
-            pytest.fail(f"compile-ahead worker failed ({proc.returncode}):\n"
-                        f"{proc.stderr[-4000:]}")
-        return json.loads(out.read_text())
+    return fake_cuda.run_worker(__file__, "compile-ahead")
 
 
 def test_candidates_compiled_before_the_first_timing(report):

@@ -23,9 +23,7 @@ import importlib
 import json
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,8 +32,6 @@ HERE = Path(__file__).resolve().parent
 #: (compile-test case, its integer argument to perturb) for the kernels checked.
 CASES = [("w4a16-dequant-fp4w-bf16-g128-afpq", "N"), ("w4a8-shift-g128", "K"),
          ("w4a16-gemv1w-bf16-g128-afpq", "N"), ("fp8-persistent-bm128-bias", "M")]
-_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "i32": "int32",
-           "u8": "uint8", "i8": "int8", "fp8e4nv": "float8_e4m3fn", "i64": "int64"}
 
 
 def _same(a: tuple, b: tuple) -> str | None:
@@ -71,10 +67,6 @@ def _worker(out: str) -> None:
     cases = {c[0]: c for c in c90.CASES}
     report: dict[str, dict] = {}
 
-    def tensors(args: dict) -> dict:
-        return {k: (torch.zeros(256, dtype=getattr(torch, _DTYPES[v[1:]]))
-                    if isinstance(v, str) else v) for k, v in args.items()}
-
     def call(kernel, grid, named: dict, kw: dict, fast_path: bool):
         names = list(kernel.arg_names)
         pos = [named[n] for n in names if n in named]
@@ -91,7 +83,7 @@ def _worker(out: str) -> None:
             fn, args, consts, configs = c90._BUILDERS[family](mod, params, False)
             cfg = configs[0]
             kw = dict(consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            named = tensors(args)
+            named = fake_cuda.placeholders(args)
             grid = (3, 2)
             meta_grid = lambda meta, g=grid: g  # noqa: E731
             fast.clear()
@@ -143,31 +135,12 @@ def _worker(out: str) -> None:
     Path(out).write_text(json.dumps(report))
 
 
-def _ptxas_runs() -> bool:
-    try:
-        from triton import knobs
-
-        subprocess.run([knobs.nvidia.ptxas.path, "--version"], check=True, capture_output=True,
-                       timeout=60)
-        return True
-    except Exception:
-        return False
-
-
 @pytest.fixture(scope="module")
 def report() -> dict:
     pytest.importorskip("triton")
-    if not _ptxas_runs():
-        pytest.skip("Triton's ptxas does not run here")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "report.json"
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
-        proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=HERE,
-                              capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0 or not out.exists():
-            pytest.fail(f"launch worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        return json.loads(out.read_text())
+    import fake_cuda
+
+    return fake_cuda.run_worker(__file__, "launch")
 
 
 @pytest.mark.parametrize("case", [c for c, _ in CASES])

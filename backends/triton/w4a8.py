@@ -34,9 +34,9 @@ from qcompile.backends.triton.fp8_gemm import (
     check_bias_and_dtype,
     check_fp8_device,
     check_scale_vector,
-    fp8_scaled_mm,
     m_bucket,
     prune_configs_by_m,
+    scaled_mm_checked,
 )
 from qcompile.backends.triton.jit import exp2i, fp8_dot, tile_coords
 from qcompile.backends.triton.launch import launch
@@ -429,7 +429,8 @@ def w4a8_linear(
             path=p, fast_accum=fast_accum) for p in ("fused", "swap", "dequant")}, dev)
     if m and n and (path == "dequant" or (path is None and m >= w4a8_dequant.DEQUANT_MIN_M)):
         w8 = w4a8_dequant.w4a8_dequant(packed, gexp, group_size, k)
-        return fp8_scaled_mm(a, a_scale, w8, row_scale, bias, out_dtype, fast_accum=fast_accum)
+        # Checked above (a, scales, bias, out_dtype); w8 is [N, K] FP8 by construction.
+        return scaled_mm_checked(a, a_scale, w8, row_scale, bias, out_dtype, None, fast_accum)
     c = torch.empty((m, n), dtype=out_dtype, device=dev)
     if m == 0 or n == 0:
         return c
