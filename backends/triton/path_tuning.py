@@ -13,11 +13,11 @@ this chooses among the tuned paths.
 The first call of each key (the op, M rounded up to a power of two, the weight's shape and
 format) runs every candidate once (its own autotuning and compiles), checks that each gives
 the default path's result (:func:`agrees`: a path that breaks on some GPU is never chosen),
-times each as CUDA-graph replays, and keeps the fastest for the rest of the process. Where nothing can be timed - not
-CUDA, a CUDA graph being captured (Inductor's or a decode loop's; the warm-up calls before a
-capture do the tuning), or :data:`ENABLED` off - the op's default path runs and nothing is
-cached. A candidate that fails for a shape (a kernel out of resources) is dropped from its
-key with a debug log.
+times each as CUDA-graph replays, and keeps the fastest for the rest of the process. Where
+nothing can be timed - not CUDA, a CUDA graph being captured (Inductor's or a decode loop's;
+the warm-up calls before a capture do the tuning), or :data:`ENABLED` off - the op's default
+path runs and nothing is cached. A candidate that fails for a shape (a kernel out of
+resources) is dropped from its key with a debug log.
 """
 
 from __future__ import annotations
