@@ -23,7 +23,8 @@
 # act      benchmarks/kernels_act.py: fused Hadamard-8192 + FP8 quantize vs a copy (act.json).
 # w4a16    benchmarks/kernels_w4a16.py (batch-1 GEMVs on the Llama-3-8B layer's shapes, times on a
 #          cold L2 and hot, w4a16.json) and its --sweep over every batch-1 GEMV config x K
-#          split (w4a16_sweep.json), limit T_W4 each; W4_SWEEP=0 skips the sweep.
+#          split (w4a16_sweep.json), limit T_W4 each; W4_SWEEP=0 skips the sweep; W4_PREFILL=1
+#          times the M = 2048 rows instead (each prefill path, the dequant alone, the tuned pick).
 # host     benchmarks/host_overhead.py: host time per fused-op call at batch 1 (eager, with its
 #          CUDA-graph replay time and bf16 F.linear's next to it), host.json, limit T_HOST.
 #          Each row lists its HOST_PSTATS (default 12) costliest host functions (cProfile);
@@ -90,9 +91,9 @@ for phase in "${phases[@]}"; do
     $py -c "import json; [print(r['op'], r.get('had_size', ''), r.get('variant'), round(r['us'], 1), round(r['ratio_to_copy'], 3)) for r in json.load(open('$out/act.json'))]" || tail -5 "$out/act.log" ;;
   w4a16)
     say "w4a16"
-    timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py --out "$out/w4a16.json" > "$out/w4a16.log" 2>&1
+    timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py ${W4_PREFILL:+--prefill} --out "$out/w4a16.json" > "$out/w4a16.log" 2>&1
     say "w4a16 exit $?"
-    $py -c "import json; [print(r['format'], r['shape'], r['kernel'].split()[0], round(r['w4a16_us'], 1), round(r['bf16_us'], 1), round(r['speedup_vs_bf16'], 3), round(r['weight_gbps']), '| hot', round(r.get('speedup_vs_bf16_hot', 0), 3), '|', r.get('picked', '')) for r in json.load(open('$out/w4a16.json'))]" || tail -5 "$out/w4a16.log"
+    $py -c "import json; [print(r['format'], r.get('shape', (r.get('M'), r.get('N'), r.get('K'))), r['kernel'][:44], round(r['w4a16_us'], 1), round(r['bf16_us'], 1), round(r['speedup_vs_bf16'], 3), round(r.get('weight_gbps', 0)), '| hot', round(r.get('speedup_vs_bf16_hot', 0), 3), '|', r.get('picked', '')) for r in json.load(open('$out/w4a16.json'))]" || tail -5 "$out/w4a16.log"
     [ "${W4_SWEEP:-1}" = 0 ] && continue
     timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py --sweep --out "$out/w4a16_sweep.json" > "$out/w4a16_sweep.log" 2>&1
     say "w4a16 sweep exit $?"
@@ -106,7 +107,7 @@ for phase in "${phases[@]}"; do
     say "host"
     timeout "${T_HOST:-60}" $py benchmarks/host_overhead.py --device cuda --pstats "${HOST_PSTATS:-12}" --m "${HOST_M:-1}" --out "$out/host.json" > "$out/host.log" 2>&1
     say "host exit $?"
-    $py -c "import json; [print(r['op'], '|', round(r['us_per_call'], 1), '|', round(r.get('graph_us', 0), 1)) for r in json.load(open('$out/host.json'))['rows']]" || tail -5 "$out/host.log" ;;
+    $py -c "import json; [print(r['op'], '|', round(r['us_per_call'], 1), '| kernel[grid]:', round(r.get('us_per_call_triton_launch', 0), 1), '| graph', round(r.get('graph_us', 0), 1)) for r in json.load(open('$out/host.json'))['rows']]" || tail -5 "$out/host.log" ;;
   ppl)
     say "ppl"
     timeout "${T_PPL:-200}" $py benchmarks/kernels.py --only-ppl --out "$out/ppl" > "$out/ppl.log" 2>&1
