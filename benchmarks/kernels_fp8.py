@@ -190,7 +190,7 @@ def run(mnk: int = 8192, w4a8_ms: tuple[int, ...] = (128, 256, 1024, 4096, 8192)
         ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128))
         path = "dequant" if m >= w4a8_dequant.DEQUANT_MIN_M else "fused"
         tuned = [p for key, p in path_tuning.choices().items()
-                 if key[:4] == ("w4a8", min(next_pow2(m), 1 << 16), n, k)]
+                 if key[:4] == ("w4a8", next_pow2(m), n, k)]
         record(f"w4a8_linear (default: {'/'.join(tuned) or path})", m, ms, base)
         ms = _bench(lambda a=a, s=a_scale: w4a8_linear(a, s, packed, gexp, row_scale, 128),
                     eager=True)

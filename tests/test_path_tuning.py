@@ -94,7 +94,7 @@ def test_pick_never_takes_a_path_that_disagrees(tuner):
     assert path_tuning.agrees(inf, inf) and not path_tuning.agrees(ref, inf)
 
 
-def test_w4a16_linear_runs_the_path_picked(tuner):
+def test_w4a16_linear_runs_the_path_picked(tuner, monkeypatch):
     """Above the GEMVs the W4A16 linear asks for the fastest of gemm / dequant / swap; with
     swap reported fastest it runs swap: the same bits as forcing it, the reference's values."""
     pytest.importorskip("triton")
@@ -110,6 +110,13 @@ def test_w4a16_linear_runs_the_path_picked(tuner):
     assert list(path_tuning.choices().values()) == ["swap"]
     assert torch.equal(got, w4.w4a16_linear(x, *w, bias=b, path="swap"))
     assert_matches(got, w4.w4a16_linear_ref(x, *w, bias=b))
+    # Above MAX_M rows nothing is timed: the default path runs.
+    path_tuning.clear()
+    timed.clear()
+    monkeypatch.setattr(path_tuning, "MAX_M", 32)
+    assert torch.equal(w4.w4a16_linear(x, *w, bias=b),
+                       w4.w4a16_linear(x, *w, bias=b, path="gemm"))
+    assert timed == [] and path_tuning.choices() == {}
 
 
 def test_w4a8_linear_runs_the_path_picked(tuner):

@@ -29,10 +29,13 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENABLED", "agrees", "choices", "clear", "pick"]
+__all__ = ["ENABLED", "MAX_M", "agrees", "choices", "clear", "pick"]
 
 #: Time the candidate paths (False: every op keeps its default, M-threshold path).
 ENABLED = True
+#: Largest M timed: above it every path is deep in the compute-bound regime, where decoding
+#: the weight once is amortized best, and timing would hold several outputs of gigabytes.
+MAX_M = 8192
 _CHOICES: dict[tuple, str] = {}
 
 

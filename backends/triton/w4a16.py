@@ -610,9 +610,9 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
             route = "dequant"
         else:
             route = "gemv" if m <= GEMV_MAX_M else "gemm"
-        if route in ("gemm", "dequant"):  # above the GEMVs: the fastest path, timed once
+        if route in ("gemm", "dequant") and m <= path_tuning.MAX_M:  # the fastest, timed once
             paths = ("gemm", "dequant") + (("swap",) if x.dtype != torch.float32 else ())
-            key = ("w4a16", min(next_pow2(m), 1 << 16), n, k, group_size, x.dtype,
+            key = ("w4a16", next_pow2(m), n, k, group_size, x.dtype,
                    scale_neg is not None, zero is not None, outer is not None,
                    bias is not None, table is element_table("fp4_e2m1", x.device))
             route = path_tuning.pick(key, route, {p: functools.partial(

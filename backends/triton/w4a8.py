@@ -420,9 +420,9 @@ def w4a8_linear(
 
     if m and n and (path == "gemv" or (path is None and m <= GEMV_MAX_M)):
         return _gemv(a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype)
-    if m and n and path is None:  # above the GEMVs: the fastest path, timed once per shape
+    if m and n and path is None and m <= path_tuning.MAX_M:  # the fastest path, timed once
         default = "dequant" if m >= w4a8_dequant.DEQUANT_MIN_M else "fused"
-        key = ("w4a8", min(next_pow2(m), 1 << 16), n, k, group_size, bias is not None,
+        key = ("w4a8", next_pow2(m), n, k, group_size, bias is not None,
                out_dtype, fast_accum)
         path = path_tuning.pick(key, default, {p: functools.partial(
             w4a8_linear, a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype,
