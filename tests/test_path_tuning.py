@@ -17,15 +17,14 @@ from qcompile.backends.triton import path_tuning
 @pytest.fixture
 def tuner(monkeypatch):
     """``path_tuning`` with timing allowed on any device and a timer that reports
-    ``times[path]`` for candidates that are ``functools.partial(..., path=...)`` or are
-    registered in ``names``; returns ``(times, names, timed)``."""
+    ``times[path]`` (it runs the call it is given, ``functools.partial(run, path)``, once);
+    returns ``(times, timed)``, ``timed`` listing the paths timed in order."""
     path_tuning.clear()
     times: dict[str, float] = {}
-    names: dict[object, str] = {}
     timed: list[str] = []
 
     def fake_time(fn, cold=False):
-        name = names.get(fn) or fn.keywords.get("path") or fn.keywords["kernel"]
+        name = fn.args[0]
         timed.append(name + (" (cold)" if cold else ""))
         fn()
         return times[name]
@@ -33,58 +32,57 @@ def tuner(monkeypatch):
     monkeypatch.setattr(path_tuning, "ENABLED", True)  # conftest turns it off for other tests
     monkeypatch.setattr(path_tuning, "_can_time", lambda device: True)
     monkeypatch.setattr(path_tuning, "_time_ms", fake_time)
-    yield times, names, timed
+    yield times, timed
     path_tuning.clear()
 
 
 def test_pick_takes_the_fastest_once(tuner):
-    times, names, timed = tuner
+    times, timed = tuner
     calls = []
-    cands = {p: (lambda p=p: calls.append(p)) for p in ("a", "b", "c")}
-    names.update({f: p for p, f in cands.items()})
     times.update(a=3.0, b=1.0, c=2.0)
     dev = torch.device("cpu")
-    assert path_tuning.pick(("k", 1), "a", cands, dev) == "b"
+    assert path_tuning.pick(("k", 1), "a", ("a", "b", "c"), calls.append, dev) == "b"
     assert sorted(timed) == ["a", "b", "c"] and sorted(calls) == ["a", "a", "b", "b", "c", "c"]
     times.update(b=9.0)  # a later timing would pick "c": the key is not timed again
-    assert path_tuning.pick(("k", 1), "a", cands, dev) == "b" and len(timed) == 3
+    assert path_tuning.pick(("k", 1), "a", ("a", "b", "c"), calls.append, dev) == "b"
+    assert len(timed) == 3 and len(calls) == 6
     assert path_tuning.choices() == {("k", 1): "b"}
 
 
+def _runner(behaviour: dict):
+    return lambda path: behaviour[path]()
+
+
 def test_pick_drops_failing_paths_and_falls_back(tuner, monkeypatch):
-    times, names, _ = tuner
+    times, _ = tuner
 
     def boom():
         raise RuntimeError("out of resources")
 
-    ok = lambda: None  # noqa: E731
-    names.update({boom: "x", ok: "y"})
-    times.update(x=0.1, y=5.0)
+    run = _runner({"x": boom, "x2": boom, "y": lambda: None})
+    times.update(x=0.1, x2=0.1, y=5.0)
     dev = torch.device("cpu")
-    assert path_tuning.pick(("f", 1), "x", {"x": boom, "y": ok}, dev) == "y"
-    assert path_tuning.pick(("f", 2), "x", {"x": boom, "x2": boom}, dev) == "x"
+    assert path_tuning.pick(("f", 1), "x", ("x", "y"), run, dev) == "y"
+    assert path_tuning.pick(("f", 2), "x", ("x", "x2"), run, dev) == "x"
     # Nothing timed: no CUDA (or a capture), disabled, or a single candidate.
     monkeypatch.setattr(path_tuning, "_can_time", lambda device: False)
-    assert path_tuning.pick(("g", 1), "y", {"x": boom, "y": ok}, dev) == "y"
+    assert path_tuning.pick(("g", 1), "y", ("x", "y"), run, dev) == "y"
     monkeypatch.setattr(path_tuning, "_can_time", lambda device: True)
     monkeypatch.setattr(path_tuning, "ENABLED", False)
-    assert path_tuning.pick(("g", 1), "x", {"x": boom, "y": ok}, dev) == "x"
+    assert path_tuning.pick(("g", 1), "x", ("x", "y"), run, dev) == "x"
     assert ("g", 1) not in path_tuning.choices()
 
 
 def test_pick_never_takes_a_path_that_disagrees(tuner):
     """A faster path whose result is not the default's (a kernel broken on some GPU) is not
     timed, let alone chosen; one that differs by summation-order noise is."""
-    times, names, timed = tuner
+    times, timed = tuner
     ref = torch.linspace(-3, 5, 64)
-    good = lambda: ref + 1e-3  # noqa: E731
-    bad = lambda: ref * 1.5  # noqa: E731
-    nan = lambda: torch.where(ref > 4, float("nan"), ref)  # noqa: E731
-    base = lambda: ref.clone()  # noqa: E731
-    names.update({good: "good", bad: "bad", nan: "nan", base: "base"})
+    run = _runner({"base": ref.clone, "bad": lambda: ref * 1.5, "good": lambda: ref + 1e-3,
+                   "nan": lambda: torch.where(ref > 4, float("nan"), ref)})
     times.update(base=3.0, bad=0.5, nan=0.1, good=1.0)
-    cands = {"base": base, "bad": bad, "nan": nan, "good": good}
-    assert path_tuning.pick(("d", 1), "base", cands, torch.device("cpu")) == "good"
+    paths = ("base", "bad", "nan", "good")
+    assert path_tuning.pick(("d", 1), "base", paths, run, torch.device("cpu")) == "good"
     assert sorted(timed) == ["base", "good"]
     assert path_tuning.agrees(ref.bfloat16(), ref.bfloat16())
     assert not path_tuning.agrees(ref, ref.bfloat16())  # dtype
@@ -102,7 +100,7 @@ def test_w4a16_linear_runs_the_path_picked(tuner, monkeypatch):
 
     from qcompile.backends.triton import w4a16 as w4
 
-    times, _, timed = tuner
+    times, timed = tuner
     times.update(gemm=2.0, dequant=3.0, swap=1.0)
     x, w, b = _inputs("fp4_e2m1/g128/asym", 40, 96, 256, torch.bfloat16, bias=True)
     got = w4.w4a16_linear(x, *w, bias=b)
@@ -125,7 +123,7 @@ def test_w4a8_linear_runs_the_path_picked(tuner):
 
     from qcompile.backends.triton import w4a8
 
-    times, _, timed = tuner
+    times, timed = tuner
     times.update(fused=2.0, swap=3.0, dequant=1.0)
     a, a_scale, packed, gexp, row_scale, bias = make_inputs(40, 256, 96, 64, bias=True)
     got = w4a8.w4a8_linear(a, a_scale, packed, gexp, row_scale, 64, bias)
@@ -148,7 +146,7 @@ def test_batch1_fp4_gemv_auto_takes_the_faster_kernel(tuner, monkeypatch):
     from qcompile.backends.triton import w4a16_gemv as g1
     from qcompile.backends.triton import w4a16_gemv_mma as mm
 
-    times, _, timed = tuner
+    times, timed = tuner
     monkeypatch.setattr(runtime, "GEMV1_MMA", "auto")
     spy_mma = _spy_tuned(monkeypatch, mm, "_gemv1_fp4mma_kernel", "_tuned")
     spy_fma = _spy_tuned(monkeypatch, g1, "_gemv1_fp4w_kernel", "_tuned_fp4w")

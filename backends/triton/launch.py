@@ -98,12 +98,9 @@ def _bind(jit: JITFunction, args: tuple, kwargs: dict[str, Any]) -> tuple[int, d
     return device, bound, ckey
 
 
-def _remember(jit: JITFunction, compiled: Any, args: tuple, kwargs: dict[str, Any],
-              ckey: Any = False) -> None:
-    """Cache the kernel Triton's path compiled or found for this call (not an unfinished
-    asynchronous compile)."""
-    if ckey is False:
-        ckey = _bind(jit, args, kwargs)[2]
+def _remember(jit: JITFunction, compiled: Any, ckey: Any) -> None:
+    """Cache the kernel Triton's path compiled or found for a call of key ``ckey`` (not an
+    unfinished asynchronous compile; nothing for an unhashable key)."""
     if ckey is not None and compiled is not None and not hasattr(compiled, "result"):
         _COMPILED[ckey] = (jit, compiled)
 
@@ -134,7 +131,7 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
             cfg = kernel.best_config
             _CONFIGS[tkey] = (kernel, cfg, cfg.all_kwargs())
             if cfg.pre_hook is None:
-                _remember(jit, out, args, {**kwargs, **cfg.all_kwargs()})
+                _remember(jit, out, _bind(jit, args, {**kwargs, **cfg.all_kwargs()})[2])
             return out
         _, cfg, cfg_kwargs = hit
         if cfg.pre_hook is not None:
@@ -145,7 +142,7 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
     hit = _COMPILED.get(ckey) if ckey is not None else None
     if hit is None:
         compiled = jit.run(*args, grid=grid, warmup=False, **kwargs)
-        _remember(jit, compiled, args, kwargs, ckey)
+        _remember(jit, compiled, ckey)
         return compiled
     compiled = hit[1]
     if callable(grid):

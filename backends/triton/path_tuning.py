@@ -22,6 +22,7 @@ resources) is dropped from its key with a debug log.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -85,33 +86,34 @@ def _time_ms(fn: Callable[[], object], cold: bool = False) -> float:
     return float(t[0] if isinstance(t, (list, tuple)) else t)
 
 
-def pick(key: tuple, default: str, candidates: dict[str, Callable[[], object]],
+def pick(key: tuple, default: str, paths: tuple[str, ...], run: Callable[[str], object],
          device: torch.device, cold: bool = False) -> str:
-    """The path to run for ``key``: the fastest of ``candidates`` (each a call of the op with
-    its path forced), timed at the first call of the key, or ``default`` where timing is not
-    possible (module docstring).
+    """The path to run for ``key``: the fastest of ``paths``, timed at the first call of the
+    key, or ``default`` where timing is not possible (module docstring).
 
     Args:
         key: Hashable; calls that share it share the choice.
         default: The path when nothing can be timed, and when every candidate fails; the
-            others must give its result (:func:`agrees`) to be timed.
-        candidates: Path name -> a call that runs the op on this call's inputs by that path.
+            others must give its result (:func:`agrees`) to be timed. One of ``paths``.
+        paths: The candidate paths' names.
+        run: ``run(path)`` runs the op on this call's inputs by that path (called only while
+            the key is tuned: a cached choice costs a dictionary lookup).
         device: Where the op runs.
         cold: Time each candidate on a cold L2 (weight-streaming calls such as batch-1
             GEMVs, whose weights a decode step reads from DRAM).
 
     Returns:
-        A key of ``candidates`` (or ``default``).
+        One of ``paths``.
     """
     hit = _CHOICES.get(key)
     if hit is not None:
         return hit
-    if not ENABLED or len(candidates) < 2 or not _can_time(device) or default not in candidates:
+    if not ENABLED or len(paths) < 2 or not _can_time(device) or default not in paths:
         return default
     times: dict[str, float] = {}
     want = None
-    for name in (default, *(n for n in candidates if n != default)):
-        call = candidates[name]
+    for name in (default, *(p for p in paths if p != default)):
+        call = functools.partial(run, name)
         try:
             out = call()  # the path's own autotuning and compiles, outside the timing
             if name == default:

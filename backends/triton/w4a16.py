@@ -615,9 +615,9 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
             key = ("w4a16", next_pow2(m), n, k, group_size, x.dtype,
                    scale_neg is not None, zero is not None, outer is not None,
                    bias is not None, table is element_table("fp4_e2m1", x.device))
-            route = path_tuning.pick(key, route, {p: functools.partial(
-                w4a16_linear, x2, packed, table, scale, scale_neg, zero, outer, group_size,
-                bias, path=p) for p in paths}, x.device)
+            route = path_tuning.pick(key, route, paths, lambda p: w4a16_linear(
+                x2, packed, table, scale, scale_neg, zero, outer, group_size, bias, path=p),
+                x.device)
     # The batch-1 GEMV and the prefill path allocate their own result.
     out = None if route in ("gemv1", "dequant") else torch.empty(m, n, dtype=x.dtype,
                                                                 device=x.device)

@@ -421,10 +421,9 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
             key = ("w4a16-gemv1", packed.shape[0], x.shape[-1], group_size, x.dtype, out_dtype,
                    scale_neg is not None, outer is not None, bias is not None,
                    x_scale is not None)
-            use = path_tuning.pick(key, "fma", {p: functools.partial(
-                w4a16_gemv1, x, packed, table, scale, scale_neg, zero, outer, group_size,
-                bias, fp4, x_scale=x_scale, out_dtype=out_dtype, kernel=p)
-                for p in ("fma", "mma")}, x.device, cold=True) == "mma"
+            use = path_tuning.pick(key, "fma", ("fma", "mma"), lambda p: w4a16_gemv1(
+                x, packed, table, scale, scale_neg, zero, outer, group_size, bias, fp4,
+                x_scale=x_scale, out_dtype=out_dtype, kernel=p), x.device, cold=True) == "mma"
         if use:
             return mma.w4a16_gemv1_mma(x, words, scale, scale_neg, outer, group_size, bias,
                                        x_scale=x_scale, out_dtype=out_dtype)

@@ -22,7 +22,6 @@ then this fused kernel (weight decode in :data:`DECODES`); from
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
@@ -424,9 +423,9 @@ def w4a8_linear(
         default = "dequant" if m >= w4a8_dequant.DEQUANT_MIN_M else "fused"
         key = ("w4a8", next_pow2(m), n, k, group_size, bias is not None,
                out_dtype, fast_accum)
-        path = path_tuning.pick(key, default, {p: functools.partial(
-            w4a8_linear, a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype,
-            path=p, fast_accum=fast_accum) for p in ("fused", "swap", "dequant")}, dev)
+        path = path_tuning.pick(key, default, ("fused", "swap", "dequant"), lambda p: w4a8_linear(
+            a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype, path=p,
+            fast_accum=fast_accum), dev)
     if m and n and (path == "dequant" or (path is None and m >= w4a8_dequant.DEQUANT_MIN_M)):
         w8 = w4a8_dequant.w4a8_dequant(packed, gexp, group_size, k)
         # Checked above (a, scales, bias, out_dtype); w8 is [N, K] FP8 by construction.
