@@ -86,11 +86,11 @@ def placeholders(args: dict) -> dict:
 def run_worker(script: str, what: str) -> dict:
     """Run ``python script OUT`` without ``TRITON_INTERPRET`` and with a fresh Triton cache,
     and return the JSON it wrote to OUT (``pytest.fail`` with its stderr otherwise; a skip
-    where Triton's ``ptxas`` does not run)."""
+    where the sm_90 toolchain is missing, as for the compile tests the workers build on)."""
     import pytest
+    from test_triton_compile_sm90 import _require_toolchain
 
-    if not ptxas_runs():
-        pytest.skip("Triton's ptxas does not run here")
+    _require_toolchain()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.json"
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -101,15 +101,3 @@ def run_worker(script: str, what: str) -> dict:
         if proc.returncode != 0 or not out.exists():
             pytest.fail(f"{what} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
-
-
-def ptxas_runs() -> bool:
-    """Whether Triton's bundled ``ptxas`` runs here (the workers compile for sm_90)."""
-    try:
-        from triton import knobs
-
-        subprocess.run([knobs.nvidia.ptxas.path, "--version"], check=True,
-                       capture_output=True, timeout=60)
-        return True
-    except Exception:
-        return False
