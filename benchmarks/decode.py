@@ -9,6 +9,10 @@ Variants (each on a freshly built random-weight model; values do not change spee
   of ``w4a8-fp4-fp8`` stay on the reference ops).
 * ``w4a16-fp4-unfused`` (only when named): ``w4a16-fp4`` without ``fuse_linears`` (q/k/v and
   gate/up as separate kernels), to measure what the fusion gives.
+* ``w4a16-fp4-nodf`` (only when named): ``w4a16-fp4`` without the decode fusions (RMSNorm and
+  SiLU gate in front of the GEMVs, residual adds behind them stay Inductor kernels).
+* ``w4a16-fp4sym`` (only when named): recipe ``w4-fp4`` (symmetric FP4 E2M1, g128: one sum per
+  code where AFPQ has two).
 
 Measured per variant: decode tokens/s (``generate`` of N new tokens minus 1 new token, over
 N - 1 tokens, dynamic KV cache), prefill tokens/s (one forward over ``--prefill`` tokens), peak
@@ -77,7 +81,8 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
 }
 VARIANTS: dict[str, str | None] = {"bf16": None, "w4a16-fp4": "w4-afpq", "w4a8": "w4a8-m2",
-                                   "w4a16-fp4-unfused": "w4-afpq"}
+                                   "w4a16-fp4-unfused": "w4-afpq", "w4a16-fp4-nodf": "w4-afpq",
+                                   "w4a16-fp4sym": "w4-fp4"}
 #: Variants run unless --variants names others.
 DEFAULT_VARIANTS = ("bf16", "w4a16-fp4", "w4a8")
 
@@ -280,7 +285,8 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
     else:
         qcompile.compile(model, recipe=None if pipeline else recipe, pipeline=pipeline,
                          dynamic=dynamic, free_weights=True, mode=args.mode,
-                         fuse_linears=not name.endswith("-unfused"))
+                         fuse_linears=not name.endswith("-unfused"),
+                         decode_fusion=not name.endswith("-nodf"))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen).to(args.device)
     long = torch.randint(0, vocab, (1, args.prefill), generator=gen).to(args.device)
@@ -355,6 +361,11 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
             "freed_bytes": stats.freed_bytes, "graphs": stats.graphs,
             "graph_breaks": stats.graph_breaks, "linears_fused": stats.linears_fused,
             "compile_seconds": round(stats.compile_seconds, 2),
+            # What lower-triton did in each graph (e.g. gemv_residual: adds fused into GEMVs).
+            "lowered": [{k: v for k, v in p["facts"].items()
+                         if isinstance(v, int) and not isinstance(v, bool)}
+                        for r in stats.reports for p in r.get("passes", [])
+                        if p.get("name") == "lower-triton"],
         }
         try:  # the kernel paths timed fastest (prefill shapes), as "op M N K ...": path
             from qcompile.backends.triton import path_tuning

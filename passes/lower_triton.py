@@ -19,6 +19,11 @@ leaves them):
 * An RMSNorm (no offset, optional gamma) read only by an activation quantize folds into
   either op (``rms_weight``/``rms_eps``) once a probe shows the op's reference RMSNorm gives
   the graph's own bits; otherwise it stays and is reported.
+* Decode fusions (``decode_fusion``): a ``w4a16_linear`` whose input is statically one row (a
+  decode step's graph) takes in the RMSNorm (checked by the same probe) or the
+  ``silu(a) * b`` that feeds it, and the residual ``add`` that is its only reader: its batch-1
+  GEMV does them in the kernel (:mod:`qcompile.backends.triton.gemv_fusion`), saving a
+  launch each. Graphs with more rows keep them as Inductor's element-wise kernels.
 
 Everything else stays on the reference ops; the report lists each such linear or activation
 and why. On the CPU the fused ops run the exact reference composition, so lowering never
@@ -71,6 +76,8 @@ class LowerTritonOptions:
             (about 3x more accurate than cuBLAS's default mode, 0.55-0.6x the speed on an
             H100); by default the sums stay in the FP8 MMA's accumulator (about 14
             significant bits, cuBLAS's fast mode). No effect on the CPU reference ops.
+        decode_fusion: Fold the RMSNorm or SiLU gate in front of a one-row W4A16 linear, and
+            the residual add behind it, into the linear (module docstring).
     """
 
     w4a16: bool = True
@@ -79,6 +86,7 @@ class LowerTritonOptions:
     act: bool = True
     rmsnorm: bool = True
     fp32_accumulate: bool = False
+    decode_fusion: bool = True
 
 
 def _is(node: object, target: object) -> bool:
@@ -145,9 +153,13 @@ class LowerTritonPass(Pass):
         if self.options.act:
             counts["act"] = self._lower_acts(gm, skipped)
         counts["rmsnorm"] = len(self._fused_norms)
+        gemv_norms: list[Norm] = []
+        if self.options.decode_fusion:
+            counts.update(self._fuse_decode(gm, gemv_norms))
         modified = any(counts.values())
         if modified:
-            self._drop_dead(gm, {n for norm in self._fused_norms for n in norm.nodes})
+            self._drop_dead(gm, {n for norm in self._fused_norms + gemv_norms
+                                 for n in norm.nodes})
             gm.graph.lint()
             gm.recompile()
         facts = {**counts, "not_lowered": skipped, "triton_available": triton_available()}
@@ -302,6 +314,51 @@ class LowerTritonPass(Pass):
             n += 1
         return n
 
+    # -- decode fusions ----------------------------------------------------------------------
+
+    def _fuse_decode(self, gm: fx.GraphModule, norms: list[Norm]) -> dict[str, int]:
+        """Fold prologues, then residual adds, into one-row ``w4a16_linear`` nodes; return
+        the counts. Prologues first: a norm's input may be the add a residual fusion replaces
+        (``replace_all_uses_with`` then points the fused linear at the new node)."""
+        counts = {"gemv_rmsnorm": 0, "gemv_silu_gate": 0, "gemv_residual": 0}
+        ops = [n for n in gm.graph.nodes if _is(n, _W4A16) and _one_row(n.args[0])]
+        for op in ops:
+            x = op.args[0]
+            norm = self._norms.get(x) if self.options.rmsnorm else None
+            if norm is not None and len(x.users) == 1 and _same_dtype(norm.input, x) and (
+                    norm.weight is None or _same_dtype(norm.weight, x)):
+                if _norm_reproduced(gm, norm):
+                    op.args = _with(op.args, x=norm.input, rms_weight=norm.weight,
+                                    rms_eps=float(norm.eps))
+                    norms.append(norm)
+                    counts["gemv_rmsnorm"] += 1
+                else:
+                    self._skipped.append({"node": x.name, "reason": "RMSNorm computed "
+                                          "differently from the fused op's reference; left "
+                                          "unfused"})
+            elif (gate := _silu_gate(x)) is not None:
+                silu, up = gate
+                op.args = _with(op.args, x=silu.args[0], up=up)
+                gm.graph.erase_node(x)
+                if not silu.users:
+                    gm.graph.erase_node(silu)
+                counts["gemv_silu_gate"] += 1
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        for op in ops:
+            users = list(op.users)
+            if len(users) != 1 or not _is(users[0], _ADD) or users[0].kwargs:
+                continue
+            add = users[0]
+            res = add.args[1] if add.args[0] is op else add.args[0]
+            if (not isinstance(res, fx.Node) or res is op or order[res] > order[op]
+                    or not _same_value(res, add) or not _same_value(op, add)):
+                continue
+            op.args = _with(op.args, residual=res)
+            add.replace_all_uses_with(op)
+            gm.graph.erase_node(add)
+            counts["gemv_residual"] += 1
+        return counts
+
     @staticmethod
     def _drop_dead(gm: fx.GraphModule, norm_nodes: set[fx.Node]) -> None:
         # Reverse order: a dead Q/DQ frees its Hadamard, norm and attribute reads.
@@ -312,6 +369,55 @@ class LowerTritonPass(Pass):
             if (node.op == "get_attr" or node in norm_nodes
                     or (node.op == "call_function" and node.target in dead)):
                 gm.graph.erase_node(node)
+
+
+_W4A16 = _q.w4a16_linear.default
+_ADD = torch.ops.aten.add.Tensor
+_MUL = torch.ops.aten.mul.Tensor
+_SILU = torch.ops.aten.silu.default
+# w4a16_linear's fusion arguments after its 9 positional ones, and their defaults.
+_FUSION_ARGS = {"x": 0, "rms_weight": 9, "rms_eps": 10, "up": 11, "residual": 12}
+
+
+def _with(args: tuple, **new: object) -> tuple:
+    """``w4a16_linear`` arguments with ``new`` set (the fusion defaults filled in)."""
+    out = list(args) + [None, -1.0, None, None][len(args) - 9:]
+    for name, value in new.items():
+        out[_FUSION_ARGS[name]] = value
+    return tuple(out)
+
+
+def _one_row(x: object) -> bool:
+    """Whether ``x``'s rows (all dims but the last) are statically one: a decode step."""
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() < 1:
+        return False
+    return all(isinstance(d, int) and d == 1 for d in val.shape[:-1])
+
+
+def _same_dtype(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.dtype == vb.dtype
+
+
+def _same_value(a: fx.Node, b: fx.Node) -> bool:
+    """Same dtype and the same static shape (no broadcasting in a fused add or gate)."""
+    va, vb = a.meta.get("val"), b.meta.get("val")
+    return (_same_dtype(a, b) and all(isinstance(d, int) for d in va.shape)
+            and tuple(va.shape) == tuple(vb.shape))
+
+
+def _silu_gate(x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(silu, up)`` when ``x = silu(a) * up`` (either order), read only by its linear,
+    all in one dtype and shape."""
+    if not _is(x, _MUL) or x.kwargs or len(x.users) != 1 or len(x.args) != 2:
+        return None
+    for silu, up in (x.args, x.args[::-1]):
+        if (_is(silu, _SILU) and len(silu.users) == 1 and isinstance(up, fx.Node)
+                and up is not silu and _same_value(silu, x) and _same_value(up, x)
+                and _same_value(silu.args[0], x)):
+            return silu, up
+    return None
 
 
 def _norm_reproduced(gm: fx.GraphModule, norm: Norm) -> bool:

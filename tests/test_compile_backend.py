@@ -491,3 +491,25 @@ def test_fused_weights_are_held_once_across_graphs(monkeypatch):
             if t is not None:
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     assert sum(storages.values()) == stats.quantized_bytes  # nothing held twice
+
+
+@pytest.mark.parametrize("fusion", [True, False])
+def test_decode_graphs_fold_norms_gates_and_residuals_into_the_linears(fusion):
+    """A one-token call compiles a one-row graph: with ``decode_fusion`` (default) its lowered
+    W4A16 linears absorb both layers' RMSNorms, SiLU gates and residual adds (on the CPU the
+    fused ops compose the same ops, so the logits keep the reference backend's values);
+    ``decode_fusion=False`` reaches the lowering and leaves them."""
+    model = tiny_model("llama")
+    ids = _ids(1)
+    _gm, ref = _reference(model, get_recipe("w4-afpq").pipeline)
+    qcompile.compile(model, recipe="w4-afpq", lower="always", dynamic=False,
+                     decode_fusion=fusion)
+    with torch.no_grad():
+        out = model(ids).logits
+    torch.testing.assert_close(out, ref(ids), atol=1e-4, rtol=1e-4)
+    facts = [r["passes"][0]["facts"] for r in _stats(model).reports
+             if r["passes"] and r["passes"][0]["name"] == "lower-triton"][0]
+    if fusion:
+        assert (facts["gemv_rmsnorm"], facts["gemv_silu_gate"], facts["gemv_residual"]) == (4, 2, 4)
+    else:
+        assert "gemv_residual" not in facts and facts["w4a16"] == 8

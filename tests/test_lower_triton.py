@@ -282,3 +282,77 @@ def test_lowered_graph_through_kernels_matches_reference(llama, pipeline):
     out = out[0] if isinstance(out, (tuple, list)) else out
     err = (out.float() - ref.float()).abs().max().item()
     assert err <= 2e-3 * ref.abs().max().item(), err
+
+
+# --- decode fusions (one-row graphs) -----------------------------------------------------
+
+def _decode_graph(dtype: torch.dtype, pipeline: str):
+    """A one-token graph of the tiny Llama (a decode step's row count) quantized by
+    ``pipeline``, and its logits on a fixed token."""
+    model = __import__("copy").deepcopy(tiny_model("llama")).to(dtype)
+    gm, _ = quantize_graph(capture(model, example_seq=1, dynamic_seq=False), pipeline,
+                           progress=False)
+    ids = _ids(seq=1)
+    return gm, ids, _logits(gm, ids)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fuse", [True, False])
+def test_decode_graph_fuses_norms_gates_and_residuals(dtype, fuse):
+    """Every RMSNorm, SiLU gate and residual add around a one-row W4A16 linear folds into it
+    (2 layers: fused qkv and gate_up behind norms, down behind the gate, o and down before the
+    adds); the elementwise ops are gone and the CPU logits keep their bits."""
+    pipeline = "quantize{w=fp4_e2m1/g32}" + (",fuse-linears" if fuse else "")
+    gm, ids, ref = _decode_graph(dtype, pipeline)
+    n_rsqrt = _targets(gm).count(torch.ops.aten.rsqrt.default)
+    n_silu = _targets(gm).count(torch.ops.aten.silu.default)
+    gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)
+    facts = report["passes"][0]["facts"]
+    # Unfused q/k/v (gate/up) read one norm: it stays for the three siblings.
+    want = {"gemv_rmsnorm": 4 if fuse else 0, "gemv_silu_gate": 2}
+    assert {k: facts[k] for k in want} == want
+    assert facts["gemv_residual"] == 4 and facts["w4a16"] == (8 if fuse else 14)
+    targets = _targets(gm)
+    assert targets.count(torch.ops.aten.rsqrt.default) == n_rsqrt - want["gemv_rmsnorm"]
+    assert targets.count(torch.ops.aten.silu.default) == n_silu - want["gemv_silu_gate"]
+    fused = [n for n in gm.graph.nodes if n.target is Q.w4a16_linear.default and len(n.args) > 9]
+    assert sum(n.args[12] is not None for n in fused) == 4
+    assert torch.equal(_logits(gm, ids), ref)
+
+
+def test_decode_fusion_skips_prefill_graphs_and_can_be_turned_off(llama):
+    """Graphs of several rows keep the elementwise ops (Inductor fuses them there), and
+    ``decode_fusion=false`` keeps them in a decode graph too."""
+    gm, _ = quantize_graph(capture(llama), "quantize{w=fp4_e2m1/g32},fuse-linears",
+                           progress=False)
+    _, report = quantize_graph(gm, "lower-triton", progress=False)
+    facts = report["passes"][0]["facts"]
+    assert (facts["gemv_rmsnorm"], facts["gemv_silu_gate"], facts["gemv_residual"]) == (0, 0, 0)
+    gm, _, _ = _decode_graph(torch.float32, "quantize{w=fp4_e2m1/g32},fuse-linears")
+    p = parse_pipeline("lower-triton{decode_fusion=false}")
+    assert str(p) == "lower-triton{decode_fusion=false}"
+    _, report = quantize_graph(gm, p, progress=False)
+    facts = report["passes"][0]["facts"]
+    assert "gemv_residual" not in facts and facts["w4a16"] == 8
+
+
+def test_decode_fused_graph_through_kernels_matches_reference():
+    """The fused one-row graph through the batch-1 GEMV kernels (interpreter on CPU) gives the
+    reference logits (tolerance of the kernel cases above)."""
+    import contextlib
+
+    from qcompile.backends.reference import compile_reference
+    from qcompile.backends.triton.ops import kernels_on_cpu
+
+    device = _kernel_device()
+    gm, ids, _ = _decode_graph(torch.bfloat16, "quantize{w=fp4_e2m1/g32/asym},fuse-linears")
+    ref = compile_reference(gm, device, fold=False)(ids.to(device))
+    ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+    gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)
+    assert report["passes"][0]["facts"]["gemv_residual"] == 4
+    ctx = kernels_on_cpu() if device == "cpu" else contextlib.nullcontext()
+    with ctx:
+        out = compile_reference(gm, device, fold=False)(ids.to(device))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= 2e-2 * ref.float().abs().max().item(), err

@@ -193,6 +193,18 @@ CASES: list[tuple[str, str, dict]] = [
     ("w4a16-gemv1-fp8-g64-w4a8", "w4a16_gemv1", dict(dtype="fp16", x="fp8e4nv", group_size=64,
                                                      split=1, fp4=True, outer=True, xs=True,
                                                      bias=True)),
+    # Decode fusions (gemv_fusion): RMSNorm (pre-pass over the row, rounded products) or
+    # SiLU gate in front, residual add behind, on each batch-1 kernel, split and not.
+    ("w4a16-gemv1w-bf16-g128-fp4-rms-res", "w4a16_gemv1w", dict(dtype="bf16", group_size=128,
+                                                                split=4, pro=1, res=True)),
+    ("w4a16-gemv1w-bf16-g128-afpq-gate-res", "w4a16_gemv1w", dict(
+        dtype="bf16", group_size=128, split=1, neg=True, pro=2, res=True)),
+    ("w4a16-gemv1mma-bf16-g128-fp4-rms-res", "w4a16_gemv1mma", dict(
+        dtype="bf16", group_size=128, split=4, pro=1, res=True, mma="f16")),
+    ("w4a16-gemv1mma-bf16-g128-fp4-gate", "w4a16_gemv1mma", dict(
+        dtype="bf16", group_size=128, split=1, pro=2, mma="f16")),
+    ("w4a16-gemv1-bf16-g64-int4-rms-res", "w4a16_gemv1", dict(
+        dtype="bf16", group_size=64, split=5, zero=True, pro=1, res=True)),
     # Prefill: the weight decoded once to x's dtype (then cuBLAS), odd group sizes included.
     ("w4a16-dequant-bf16-g128-afpq", "w4a16_dequant", dict(dtype="bf16", group_size=128,
                                                            neg=True, outer=True)),
@@ -210,6 +222,8 @@ CASES: list[tuple[str, str, dict]] = [
     ("w4a16-splitk-reduce-bf16", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True)),
     ("w4a16-splitk-reduce-bf16-xs", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True,
                                                          xs=True)),
+    ("w4a16-splitk-reduce-bf16-res", "w4a16_reduce", dict(dtype="bf16", m=1, split=5,
+                                                          bias=True, res=True)),
     # The tiled GEMM runs 16 < M < 256 (from 256 rows the weight is decoded once and cuBLAS
     # multiplies), so its largest bucket in use is 256. (The M >= 256 bucket serves only a
     # raised DEQUANT_MIN_M; with x tiles pipelined through shared memory its fp32 128x128x128
@@ -424,6 +438,20 @@ def _build_w4a16_gemv(mod, p: dict, all_configs: bool):
     return mod._w4a16_gemv_kernel, args, consts, configs
 
 
+def _fusion(p: dict, args: dict, consts: dict) -> None:
+    """The batch-1 GEMVs' decode-fusion arguments (``p["pro"]``: 1 RMSNorm, 2 SiLU gate;
+    ``p["res"]``: residual add), inserted after ``xs_ptr`` and ``outer_stride``."""
+    x = "*" + p.get("x", p["dtype"])
+    items = list(args.items())
+    at = [k for k, _ in items].index("xs_ptr") + 1
+    items[at:at] = [("g_ptr", x), ("up_ptr", x), ("res_ptr", "*" + p["dtype"])]
+    at = [k for k, _ in items].index("outer_stride") + 1
+    items[at:at] = [("eps", 1e-6)]
+    args.clear()
+    args.update(items)
+    consts.update(PRO=p.get("pro", 0), HAS_G=p.get("pro", 0) == 1, HAS_RES=p.get("res", False))
+
+
 def _build_w4a16_gemv1(mod, p: dict, all_configs: bool):
     n, k, gs = 4096, 4096, p["group_size"]
     out = "*" + p["dtype"]
@@ -433,6 +461,7 @@ def _build_w4a16_gemv1(mod, p: dict, all_configs: bool):
     flags = _w4a16_flags(mod, p)
     consts = dict(flags, SPLIT=p["split"], FP4=p.get("fp4", False), HAS_XS=p.get("xs", False),
                   REDUCE=p["split"] > 1)
+    _fusion(p, args, consts)
     configs = list(mod._eligible_configs(gs))
     if not all_configs:  # the widest tile per thread
         configs = _heaviest(configs, lambda c: (c.kwargs["BLOCK_K"] * c.kwargs["BLOCK_N"]
@@ -452,6 +481,7 @@ def _build_w4a16_gemv1w(mod, p: dict, all_configs: bool):
     consts = dict(GROUP_SIZE=gs, HAS_NEG=p.get("neg", False), HAS_OUTER=p.get("outer", False),
                   HAS_BIAS=p.get("bias", False), HAS_XS=p.get("xs", False), SPLIT=p["split"],
                   REDUCE=p["split"] > 1, KIND=kind, EXACT=False)
+    _fusion(p, args, consts)
     return mod._gemv1_fp4w_kernel, args, consts, list(mod._fp4w_configs(gs))
 
 
@@ -508,8 +538,10 @@ def _build_w4a16_reduce(mod, p: dict, all_configs: bool):
     kind = {"fp32": 0, "bf16": 1, "fp16": 2}[p["dtype"]]
     args = dict(part_ptr="*fp32", bias_ptr="*" + p["dtype"] if p["bias"] else "*fp32",
                 out_ptr="*" + p["dtype"], xs_ptr="*fp32", M=p["m"], N=4096)
+    args["res_ptr"] = "*" + p["dtype"]
+    args["M"], args["N"] = args.pop("M"), args.pop("N")  # after res_ptr, as in the kernel
     consts = dict(SPLIT=p["split"], HAS_BIAS=p["bias"], KIND=kind, EXACT=False, BLOCK=1024,
-                  HAS_XS=p.get("xs", False))
+                  HAS_XS=p.get("xs", False), HAS_RES=p.get("res", False))
     return mod._splitk_reduce_kernel, args, consts, [triton.Config({})]  # launch defaults
 
 

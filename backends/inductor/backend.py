@@ -312,8 +312,9 @@ class QCompileBackend:
             return
         from qcompile.api import quantize_graph
 
-        lowering = ("lower-triton{fp32_accumulate=true}" if self.options.fp32_accumulate
-                    else "lower-triton")
+        opts = [o for o, on in (("fp32_accumulate=true", self.options.fp32_accumulate),
+                                ("decode_fusion=false", not self.options.decode_fusion)) if on]
+        lowering = "lower-triton" + ("{" + " ".join(opts) + "}" if opts else "")
         lifted.gm, report = quantize_graph(lifted.gm, lowering, progress=False)
         self.stats.reports.append(report)
 

@@ -26,6 +26,7 @@ def compile(
     lower: str = "auto",
     fuse_linears: bool = True,
     fp32_accumulate: bool = False,
+    decode_fusion: bool = True,
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the ``qcompile`` backend and return it.
 
@@ -51,6 +52,8 @@ def compile(
             one wider linear before lowering (``fuse-linears``).
         fp32_accumulate: Lowered FP8 / W4A8 linears promote their MMA sums to fp32 (more
             accurate, slower; :class:`BackendOptions`).
+        decode_fusion: In decode (one-row) graphs, lowered W4A16 linears absorb the RMSNorm
+            or SiLU gate before them and the residual add after them.
 
     Returns:
         ``model``, compiled.
@@ -65,6 +68,7 @@ def compile(
         "artifact": str(artifact) if artifact is not None else None,
         "free_weights": free_weights, "inductor": inductor, "mode": mode, "lower": lower,
         "fuse_linears": fuse_linears, "fp32_accumulate": fp32_accumulate,
+        "decode_fusion": decode_fusion,
     })
     backend = QCompileBackend(options)
     backend.register_model(model)

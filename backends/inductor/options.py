@@ -46,6 +46,10 @@ class BackendOptions:
             into fp32 (``lower-triton{fp32_accumulate=true}``): about 3x more accurate than
             cuBLAS's default mode, 0.55-0.6x the speed on an H100. Off: the sums stay in the
             FP8 MMA's accumulator (cuBLAS's fast mode).
+        decode_fusion: In one-row (decode) graphs, lowered W4A16 linears take in the RMSNorm
+            or SiLU gate in front of them and the residual add behind them
+            (``lower-triton{decode_fusion=...}``): three element-wise launches fewer per
+            Llama layer and token.
     """
 
     recipe: str | None = None
@@ -58,6 +62,7 @@ class BackendOptions:
     verify: bool = True
     fuse_linears: bool = True
     fp32_accumulate: bool = False
+    decode_fusion: bool = True
 
     def key(self) -> tuple:
         """Hashable identity: backends with equal keys share their quantized weights."""
@@ -75,6 +80,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "verify": (bool,),
     "fuse_linears": (bool,),
     "fp32_accumulate": (bool,),
+    "decode_fusion": (bool,),
 }
 _LOWER = ("auto", "always", "none")
 

@@ -6,8 +6,12 @@ CPU. The CUDA implementation launches the Triton kernel (imported on first use);
 differ from the reference only by fp32 accumulation order and the final rounding.
 
 Ops:
-    ``qcompile::w4a16_linear(x, packed, scale, scale_neg, zero, outer, bias, fmt, k)``
-        ``linear(x, dequantize_weight(packed, ..., fmt, k, x.dtype), bias)`` for 4-bit weights.
+    ``qcompile::w4a16_linear(x, packed, scale, scale_neg, zero, outer, bias, fmt, k,
+    rms_weight=None, rms_eps=-1, up=None, residual=None)``
+        ``linear(x, dequantize_weight(packed, ..., fmt, k, x.dtype), bias)`` for 4-bit weights;
+        with ``rms_eps >= 0`` on ``rms_norm(x, rms_weight, rms_eps)``, with ``up`` on
+        ``silu(x) * up``, and with ``residual`` the result is ``residual + linear(...)``
+        (batch-1 decode fusions, :mod:`qcompile.backends.triton.gemv_fusion`).
     ``qcompile::quantize_rows(x, fmt, had_size, rms_weight=None, rms_eps=-1) -> (q, scale)``
         Per-token FP8/INT8 codes of ``hadamard(x, had_size)`` (or ``x`` when 0, or
         ``rms_norm(x, rms_weight, rms_eps)`` when ``rms_eps >= 0``) and their fp32 scales
@@ -127,13 +131,15 @@ def _code_values(spec, device: torch.device) -> torch.Tensor:
 
 # --- W4A16 ---------------------------------------------------------------------------------
 
-def _w4a16_linear_fake(x, packed, scale, scale_neg, zero, outer, bias, fmt, k):
+def _w4a16_linear_fake(x, packed, scale, scale_neg, zero, outer, bias, fmt, k, rms_weight=None,
+                       rms_eps=-1.0, up=None, residual=None):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 @define_op(
     "w4a16_linear(Tensor x, Tensor packed, Tensor scale, Tensor? scale_neg, Tensor? zero, "
-    "Tensor? outer, Tensor? bias, str fmt, SymInt k) -> Tensor",
+    "Tensor? outer, Tensor? bias, str fmt, SymInt k, Tensor? rms_weight=None, "
+    "float rms_eps=-1.0, Tensor? up=None, Tensor? residual=None) -> Tensor",
     _w4a16_linear_fake)
 def w4a16_linear(
     x: torch.Tensor,
@@ -145,16 +151,31 @@ def w4a16_linear(
     bias: torch.Tensor | None,
     fmt: str,
     k: int,
+    rms_weight: torch.Tensor | None = None,
+    rms_eps: float = -1.0,
+    up: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """4-bit weight-only linear; see the module docstring."""
+    """4-bit weight-only linear, optionally with its decode fusions; see the module docstring."""
+    fused = rms_eps >= 0 or up is not None or residual is not None
     if _use_kernel(x):
         spec = spec_of(fmt)
         gs = spec.group_size if spec.granularity == "group" else k
+        fusion = None
+        if fused:
+            from qcompile.backends.triton.gemv_fusion import GemvFusion
+
+            fusion = GemvFusion(rms_weight, rms_eps, up, residual)
         return _kernels()[3].w4a16_linear(
             x.contiguous(), packed, _code_values(spec, x.device), scale, scale_neg, zero, outer,
-            gs, bias)
+            gs, bias, fusion=fusion)
+    if rms_eps >= 0:
+        x = rms_norm(x, rms_weight, rms_eps)
+    elif up is not None:
+        x = F.silu(x) * up
     w = dequantize_weight(packed, scale, scale_neg, zero, outer, fmt, k, x.dtype)
-    return F.linear(x, w, bias)
+    y = F.linear(x, w, bias)
+    return y if residual is None else residual + y
 
 
 # --- per-token activation codes --------------------------------------------------------------

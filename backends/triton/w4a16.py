@@ -312,11 +312,13 @@ def _w4a16_gemv_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_pt
 
 
 @triton.jit
-def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, xs_ptr, M, N, SPLIT: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, KIND: tl.constexpr,
-                          EXACT: tl.constexpr, BLOCK: tl.constexpr):
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, xs_ptr, res_ptr, M, N,
+                          SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
+                          KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK: tl.constexpr,
+                          HAS_RES: tl.constexpr):
     """out = cast(sum_s part[s] * xs[row] + bias), summing splits in index order
-    (deterministic); ``xs``: optional fp32 per-row activation scales (W4A8's FP8 rows)."""
+    (deterministic); ``xs``: optional fp32 per-row activation scales (W4A8's FP8 rows);
+    ``res``: a residual ``[M, N]`` added after the cast (and rounded again), or unused."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = _sum_splits(part_ptr, offs, mask, M * N, SPLIT)
@@ -325,6 +327,9 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, xs_ptr, M, N, SPLIT: tl.c
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     acc = _round_to(acc, KIND, EXACT)
+    if HAS_RES:
+        acc = _round_to(acc + tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32),
+                        KIND, EXACT)
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -552,16 +557,17 @@ def launch_gemv(args: tuple, out: torch.Tensor, k: int, kb: int, g: int, o_strid
     if split > 1 and counts is None:
         block = 1024
         launch(
-            _splitk_reduce_kernel, (cdiv(m * n, block),), part, args[-1], out, xs, m, n,
+            _splitk_reduce_kernel, (cdiv(m * n, block),), part, args[-1], out, xs, xs, m, n,
             SPLIT=split, HAS_BIAS=common["HAS_BIAS"],
-            HAS_XS=x_scale is not None, KIND=out_kind, EXACT=exact, BLOCK=block)
+            HAS_XS=x_scale is not None, KIND=out_kind, EXACT=exact, BLOCK=block, HAS_RES=False)
     return out
 
 
 def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                  scale: torch.Tensor, scale_neg: torch.Tensor | None,
                  zero: torch.Tensor | None, outer: torch.Tensor | None, group_size: int,
-                 bias: torch.Tensor | None = None, path: str | None = None) -> torch.Tensor:
+                 bias: torch.Tensor | None = None, path: str | None = None,
+                 fusion=None) -> torch.Tensor:
     """W4A16 linear with Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Same arguments and result as :func:`w4a16_linear_ref` (up to fp32 summation order): the
@@ -573,12 +579,25 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     decoded weight as the MMA's register operand, :mod:`qcompile.backends.triton.w4a16_swap`;
     bf16 and fp16 activations).
 
+    ``fusion`` (a :class:`~qcompile.backends.triton.gemv_fusion.GemvFusion`): an RMSNorm or
+    SiLU gate on ``x`` and a residual add on the result. The batch-1 GEMV does them in its
+    kernel; every other route runs them as separate ops around the linear.
+
     Raises:
         KernelInputError: A malformed input, mixed devices, tensors no kernel can run on, or
             an unknown ``path``.
     """
     n, k, g = _validate(x, packed, table, scale, scale_neg, zero, outer, group_size, bias,
                         check_tensor)
+    if fusion is not None and not fusion.empty:
+        fusion.check(x, n)
+        if (path is not None or x.numel() != k or k == 0 or n == 0
+                or not _gemv1().gemv1_eligible(1, group_size)):
+            from qcompile.backends.triton import gemv_fusion as gf
+
+            y = w4a16_linear(gf.prologue_ref(x, fusion), packed, table, scale, scale_neg, zero,
+                             outer, group_size, bias, path)
+            return gf.epilogue_ref(y, fusion)
     if path not in (None, "gemm", "dequant", "swap"):
         raise KernelInputError(
             f"path must be 'gemm', 'dequant', 'swap' or None, got {path!r}")
@@ -629,7 +648,8 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
         fp4 = table is element_table("fp4_e2m1", x.device)  # the cached table: no device sync
         out = gemv1.w4a16_gemv1(x2, packed, table, scale, None if scale_neg is None else neg,
                                 None if zero is None else zer, None if outer is None
-                                else out_t, group_size, None if bias is None else bias_t, fp4)
+                                else out_t, group_size, None if bias is None else bias_t, fp4,
+                                fusion=None if fusion is None or fusion.empty else fusion)
     elif route == "dequant":
         # prefill: decode W once, then cuBLAS
         w = _dequant().w4a16_dequant(packed, table, scale, scale_neg if scale_neg is None

@@ -26,6 +26,13 @@ import triton.language as tl
 
 from qcompile.backends.triton import path_tuning, runtime
 from qcompile.backends.triton.cold_bench import cold_graph_bench
+from qcompile.backends.triton.gemv_fusion import (
+    GemvFusion,
+    add_residual,
+    fusion_args,
+    load_x,
+    row_rstd,
+)
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import (
     arrival_counts,
@@ -87,22 +94,25 @@ def _fp4_units(c):
 
 
 @triton.jit
-def _epilogue(acc, bias_ptr, out_ptr, xs_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr,
-              HAS_XS: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr):
-    """``y = round(acc * xs + bias)`` into ``out`` (the order of ``_splitk_reduce_kernel``)."""
+def _epilogue(acc, bias_ptr, out_ptr, xs_ptr, res_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr,
+              HAS_XS: tl.constexpr, HAS_RES: tl.constexpr, KIND: tl.constexpr,
+              EXACT: tl.constexpr):
+    """``y = round(acc * xs + bias)`` (then ``+ residual``, rounded again) into ``out`` (the
+    order of ``_splitk_reduce_kernel``)."""
     if HAS_XS:
         acc = acc * tl.load(xs_ptr)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    acc = _round_to(acc, KIND, EXACT)
+    acc = add_residual(_round_to(acc, KIND, EXACT), res_ptr, offs_n, n_ok, HAS_RES, KIND, EXACT)
     tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
-def _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, offs_n, n_ok,
-            pid_n, pid_s, N, outer_stride, HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr,
-            HAS_XS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
-            KIND: tl.constexpr, EXACT: tl.constexpr):
+def _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, res_ptr, offs_n,
+            n_ok, pid_n, pid_s, N, outer_stride, HAS_OUTER: tl.constexpr,
+            HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, HAS_RES: tl.constexpr,
+            SPLIT: tl.constexpr, REDUCE: tl.constexpr, KIND: tl.constexpr,
+            EXACT: tl.constexpr):
     """Outer scale, then ``y`` (one split) or this split's fp32 partial. With ``REDUCE`` the
     program that stores its column tile's last partial (an arrival count per tile) also sums
     the tile's partials in split order and writes ``y``: no second launch, the same bits as
@@ -110,26 +120,30 @@ def _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, offs
     if HAS_OUTER:
         acc = acc * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)
     if SPLIT == 1:
-        _epilogue(acc, bias_ptr, out_ptr, xs_ptr, offs_n, n_ok, HAS_BIAS, HAS_XS, KIND, EXACT)
+        _epilogue(acc, bias_ptr, out_ptr, xs_ptr, res_ptr, offs_n, n_ok, HAS_BIAS, HAS_XS,
+                  HAS_RES, KIND, EXACT)
     else:
         tl.store(part_ptr + pid_s.to(tl.int64) * N + offs_n, acc, mask=n_ok)
         if REDUCE:
             if _last_arrival(count_ptr, pid_n, SPLIT):
                 tot = _sum_splits(part_ptr, offs_n, n_ok, N, SPLIT)
-                _epilogue(tot, bias_ptr, out_ptr, xs_ptr, offs_n, n_ok, HAS_BIAS, HAS_XS,
-                          KIND, EXACT)
+                _epilogue(tot, bias_ptr, out_ptr, xs_ptr, res_ptr, offs_n, n_ok, HAS_BIAS,
+                          HAS_XS, HAS_RES, KIND, EXACT)
                 _reset_count(count_ptr, pid_n)
 
 
 @triton.jit
 def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, outer_ptr,
-                  bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, N, K, KB, G, outer_stride,
-                  GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_ZERO: tl.constexpr,
-                  HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
-                  SPLIT: tl.constexpr, REDUCE: tl.constexpr, FP4: tl.constexpr,
-                  KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
-    """Partial sums of K tiles [pid_s*per, (pid_s+1)*per) into ``part[pid_s]`` (or ``y``)."""
+                  bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, g_ptr, up_ptr, res_ptr, N, K,
+                  KB, G, outer_stride, eps, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
+                  HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_XS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
+                  FP4: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
+                  PRO: tl.constexpr, HAS_G: tl.constexpr, HAS_RES: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial sums of K tiles [pid_s*per, (pid_s+1)*per) into ``part[pid_s]`` (or ``y``);
+    ``PRO``/``HAS_G``/``HAS_RES``: the fused prologue and residual (``gemv_fusion``)."""
+    r = row_rstd(x_ptr, K, eps, PRO)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -145,8 +159,9 @@ def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, ou
         byte = tl.load(rows + kbt[None, :], mask=n_ok[:, None] & (kbt < KB)[None, :],
                        other=0).to(tl.int32)
         # x beyond K is 0, so padding nibbles and rows past N add nothing.
-        x_lo = tl.load(x_ptr + 2 * kbt, mask=2 * kbt < K, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_ptr + 2 * kbt + 1, mask=2 * kbt + 1 < K, other=0.0).to(tl.float32)
+        x_lo = load_x(x_ptr, up_ptr, g_ptr, 2 * kbt, 2 * kbt < K, r, PRO, HAS_G, KIND, EXACT)
+        x_hi = load_x(x_ptr, up_ptr, g_ptr, 2 * kbt + 1, 2 * kbt + 1 < K, r, PRO, HAS_G, KIND,
+                      EXACT)
         if FP4:
             v_lo = _fp4_units(byte & 0xF)
             v_hi = _fp4_units(byte >> 4)
@@ -168,8 +183,9 @@ def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, ou
             acc += dot * eff
     if FP4:
         acc = acc * 16384.0  # 2^14: the fp16 placement's unit
-    _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, offs_n, n_ok, pid_n,
-            pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS, SPLIT, REDUCE, KIND, EXACT)
+    _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, res_ptr, offs_n,
+            n_ok, pid_n, pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS, HAS_RES, SPLIT,
+            REDUCE, KIND, EXACT)
 
 
 @triton.jit
@@ -203,14 +219,18 @@ def _fp4_pair(w, NIB: tl.constexpr):
 
 @triton.jit
 def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr, part_ptr,
-                       out_ptr, count_ptr, xs_ptr, N, K, KW, G, outer_stride,
-                       GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_OUTER: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, SPLIT: tl.constexpr,
-                       REDUCE: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
+                       out_ptr, count_ptr, xs_ptr, g_ptr, up_ptr, res_ptr, N, K, KW, G,
+                       outer_stride, eps, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
+                       HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
+                       SPLIT: tl.constexpr, REDUCE: tl.constexpr, KIND: tl.constexpr,
+                       EXACT: tl.constexpr, PRO: tl.constexpr, HAS_G: tl.constexpr,
+                       HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       PIPE: tl.constexpr):
     """FP4 weights read as int32 words (8 codes, k = 8 * word + nibble): per tile, the raw
     code sums of each group (AFPQ: the signed sum S and the magnitude sum A, so the positive
-    part is (S + A) / 2 and the negative (S - A) / 2) times the group scales."""
+    part is (S + A) / 2 and the negative (S - A) / 2) times the group scales. ``PRO``,
+    ``HAS_G``, ``HAS_RES``: the fused prologue and residual (``gemv_fusion``)."""
+    r = row_rstd(x_ptr, K, eps, PRO)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     WK: tl.constexpr = BLOCK_K // 8
@@ -232,9 +252,10 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
         for i in tl.static_range(4):
             lo, hi = _fp4_pair(w, i)
             # x beyond K is 0, so padding codes and rows past N add nothing.
-            x_lo = tl.load(x_ptr + 8 * wcol + i, mask=8 * wcol + i < K, other=0.0).to(tl.float32)
-            x_hi = tl.load(x_ptr + 8 * wcol + i + 4, mask=8 * wcol + i + 4 < K,
-                           other=0.0).to(tl.float32)
+            x_lo = load_x(x_ptr, up_ptr, g_ptr, 8 * wcol + i, 8 * wcol + i < K, r, PRO, HAS_G,
+                          KIND, EXACT)
+            x_hi = load_x(x_ptr, up_ptr, g_ptr, 8 * wcol + i + 4, 8 * wcol + i + 4 < K, r, PRO,
+                          HAS_G, KIND, EXACT)
             s_acc += lo * x_lo[None, :]  # one fma per code
             s_acc += hi * x_hi[None, :]
             if HAS_NEG:
@@ -263,8 +284,9 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
             else:
                 acc += sg * eff
     acc = acc * 16384.0  # 2^14: the fp16 placement's unit
-    _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, offs_n, n_ok, pid_n,
-            pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS, SPLIT, REDUCE, KIND, EXACT)
+    _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, res_ptr, offs_n,
+            n_ok, pid_n, pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS, HAS_RES, SPLIT,
+            REDUCE, KIND, EXACT)
 
 
 @functools.cache
@@ -377,16 +399,17 @@ def _split_buffers(x: torch.Tensor, n: int, out_dtype: torch.dtype,
 
 def _sum_leftover_splits(kern, cfg: dict, counts: torch.Tensor | None, part: torch.Tensor,
                          bias_t: torch.Tensor, has_bias: bool, out: torch.Tensor,
-                         xs: torch.Tensor, has_xs: bool, exact: bool) -> None:
+                         xs: torch.Tensor, has_xs: bool, exact: bool, fused: tuple) -> None:
     """After a launch: the split it ran with (``cfg``'s, or the autotuner's pick) and, where
-    its partials could not be summed in place, the reduce kernel over them."""
+    its partials could not be summed in place, the reduce kernel over them (with the fused
+    residual of ``fused``, :func:`gemv_fusion.fusion_args`' pair)."""
     used = cfg["SPLIT"] if cfg else kern.best_config.kwargs["SPLIT"]
     if used > 1 and counts is None:
         n = out.shape[1]
         launch(
-            _splitk_reduce_kernel, (cdiv(n, 1024),), part, bias_t, out, xs, 1, n, SPLIT=used,
-            HAS_BIAS=has_bias, HAS_XS=has_xs,
-            KIND=_DTYPE_KIND[out.dtype], EXACT=exact, BLOCK=1024)
+            _splitk_reduce_kernel, (cdiv(n, 1024),), part, bias_t, out, xs, fused[0][2], 1, n,
+            SPLIT=used, HAS_BIAS=has_bias, HAS_XS=has_xs, KIND=_DTYPE_KIND[out.dtype],
+            EXACT=exact, BLOCK=1024, HAS_RES=fused[1]["HAS_RES"])
 
 
 def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
@@ -394,7 +417,8 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                 outer: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
                 fp4: bool, split: int | None = None,
                 config: triton.Config | None = None, x_scale: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = None, kernel: str | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, kernel: str | None = None,
+                fusion: GemvFusion | None = None) -> torch.Tensor:
     """``y[1, N]`` for a validated, contiguous ``x[1, K]`` (see ``w4a16.w4a16_linear``).
 
     ``fp4``: ``table`` is the FP4 E2M1 table in code order, decoded with integer ops. On
@@ -408,7 +432,9 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     or config) go there with ``runtime.GEMV1_MMA`` True, and with ``"auto"`` where it timed
     faster than this kernel on a cold L2 at the shape's first call
     (:mod:`qcompile.backends.triton.path_tuning`). ``kernel`` (``"fma"`` or ``"mma"``) forces
-    one.
+    one. ``fusion``: an RMSNorm or SiLU gate on ``x`` and a residual add on ``y`` done in the
+    kernel (:mod:`qcompile.backends.triton.gemv_fusion`; checked by the caller, ``x`` and
+    ``y`` in one dtype, no ``x_scale``).
     """
     words = _words(packed, x.shape[-1]) if fp4 and zero is None and _fp4w_configs(group_size) \
         else None
@@ -420,13 +446,14 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
         if use and kernel is None and runtime.GEMV1_MMA == "auto":
             key = ("w4a16-gemv1", packed.shape[0], x.shape[-1], group_size, x.dtype, out_dtype,
                    scale_neg is not None, outer is not None, bias is not None,
-                   x_scale is not None)
+                   x_scale is not None, None if fusion is None else fusion.prologue)
             use = path_tuning.pick(key, "fma", ("fma", "mma"), lambda p: w4a16_gemv1(
                 x, packed, table, scale, scale_neg, zero, outer, group_size, bias, fp4,
-                x_scale=x_scale, out_dtype=out_dtype, kernel=p), x.device, cold=True) == "mma"
+                x_scale=x_scale, out_dtype=out_dtype, kernel=p, fusion=fusion), x.device,
+                cold=True) == "mma"
         if use:
             return mma.w4a16_gemv1_mma(x, words, scale, scale_neg, outer, group_size, bias,
-                                       x_scale=x_scale, out_dtype=out_dtype)
+                                       x_scale=x_scale, out_dtype=out_dtype, fusion=fusion)
     k = x.shape[-1]
     n, g = packed.shape[0], scale.shape[1]
     exact = interpreting()
@@ -446,6 +473,8 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                  HAS_XS=x_scale is not None, REDUCE=reduce, KIND=_DTYPE_KIND[out.dtype],
                  EXACT=exact)
     cnt = scale if counts is None else counts
+    fused = fusion_args(fusion, 1, scale)
+    flags.update(fused[1])
     if words is not None:
         if exact:
             kern, cfg = _gemv1_fp4w_kernel, dict(_INTERP_FP4W, SPLIT=split)
@@ -453,16 +482,16 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                 cfg["BLOCK_K"] = 64  # the interpreter's one config must fit the group too
         else:
             kern = _gemv1_fp4w_kernel if cfg else _tuned_fp4w(group_size, split)
-        launch(kern, grid, x, words, scale, neg, out_t, bias_t, part, out, cnt, xs, n, k,
-               words.shape[1], g, o_stride, **flags, **cfg)
+        launch(kern, grid, x, words, scale, neg, out_t, bias_t, part, out, cnt, xs,
+               *fused[0][:3], n, k, words.shape[1], g, o_stride, fused[0][3], **flags, **cfg)
     else:
         if exact:
             kern, cfg = _gemv1_kernel, dict(_INTERP, SPLIT=split)
         else:
             kern = _gemv1_kernel if cfg else _tuned(group_size, split)
         launch(kern, grid, x, packed, table, scale, neg, zer, out_t, bias_t, part, out, cnt, xs,
-               n, k, packed.shape[1], g, o_stride, HAS_ZERO=zero is not None, FP4=fp4, **flags,
-               **cfg)
+               *fused[0][:3], n, k, packed.shape[1], g, o_stride, fused[0][3],
+               HAS_ZERO=zero is not None, FP4=fp4, **flags, **cfg)
     _sum_leftover_splits(kern, cfg, counts, part, bias_t, bias is not None, out, xs,
-                         x_scale is not None, exact)
+                         x_scale is not None, exact, fused)
     return out

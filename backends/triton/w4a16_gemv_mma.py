@@ -49,6 +49,7 @@ import triton
 import triton.language as tl
 
 from qcompile.backends.triton.cold_bench import cold_graph_bench
+from qcompile.backends.triton.gemv_fusion import GemvFusion, fusion_args, load_x, row_rstd
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import cdiv, interpreting, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND
@@ -97,13 +98,16 @@ def _fp16_tile(w, MAG_ONLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.con
 
 @triton.jit
 def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr, part_ptr,
-                         out_ptr, count_ptr, xs_ptr, N, K, KW, G, outer_stride,
-                         GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
+                         out_ptr, count_ptr, xs_ptr, g_ptr, up_ptr, res_ptr, N, K, KW, G,
+                         outer_stride, eps, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
                          HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
                          SPLIT: tl.constexpr, REDUCE: tl.constexpr, KIND: tl.constexpr,
-                         EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         EXACT: tl.constexpr, PRO: tl.constexpr, HAS_G: tl.constexpr,
+                         HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          PIPE: tl.constexpr):
-    """Partial sums of the K tiles of split ``pid_s`` (module docstring)."""
+    """Partial sums of the K tiles of split ``pid_s`` (module docstring; ``PRO``, ``HAS_G``,
+    ``HAS_RES``: the fused prologue and residual of ``gemv_fusion``)."""
+    r = row_rstd(x_ptr, K, eps, PRO)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     WK: tl.constexpr = BLOCK_K // 8
@@ -123,7 +127,7 @@ def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_p
         wcol = k0 // 8 + kw
         w = tl.load(rows + wcol[None, :], mask=n_ok[:, None] & (wcol < KW)[None, :], other=0)
         xk = k0 + xperm
-        xt = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
+        xt = load_x(x_ptr, up_ptr, g_ptr, xk, xk < K, r, PRO, HAS_G, KIND, EXACT)
         # 2^(14 - floor(log2 max|x|)) from the exponent bits; clamped for an all-zero tile.
         top = (tl.max(tl.abs(xt), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF
         pw_exp = tl.minimum(tl.maximum(268 - top, 1), 253)
@@ -142,8 +146,9 @@ def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_p
             acc += s * eff[:, None]
     # Column 0 (the others are equal copies); 2^14: the fp16 placement's unit.
     res = tl.sum(tl.where(col0, acc, 0.0), axis=1) * 16384.0
-    _finish(res, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, offs_n, n_ok, pid_n,
-            pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS, SPLIT, REDUCE, KIND, EXACT)
+    _finish(res, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, res_ptr, offs_n,
+            n_ok, pid_n, pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS, HAS_RES, SPLIT,
+            REDUCE, KIND, EXACT)
 
 
 @functools.cache
@@ -175,12 +180,13 @@ def w4a16_gemv1_mma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
                     scale_neg: torch.Tensor | None, outer: torch.Tensor | None,
                     group_size: int, bias: torch.Tensor | None, split: int | None = None,
                     config: triton.Config | None = None, x_scale: torch.Tensor | None = None,
-                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    out_dtype: torch.dtype | None = None,
+                    fusion: GemvFusion | None = None) -> torch.Tensor:
     """``y[1, N]`` for a contiguous ``x[1, K]`` and FP4 E2M1 weights as int32 words
     ``[N, K / 8]`` (see ``w4a16_gemv.w4a16_gemv1``; the caller checks :func:`mma_eligible`).
 
     On CUDA the autotuner picks the tile and the K split (cold L2); ``split`` fixes the split,
-    ``config`` the tile. ``x_scale`` and ``out_dtype`` as in ``w4a16_gemv1``.
+    ``config`` the tile. ``x_scale``, ``out_dtype`` and ``fusion`` as in ``w4a16_gemv1``.
     """
     k = x.shape[-1]
     n, g = words.shape[0], scale.shape[1]
@@ -191,15 +197,16 @@ def w4a16_gemv1_mma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
     kern = _gemv1_fp4mma_kernel if cfg else _tuned(group_size, split)
     xs = scale if x_scale is None else x_scale
     bias_t = scale if bias is None else bias
+    fused = fusion_args(fusion, 1, scale)
     launch(
         kern, lambda meta: (cdiv(n, meta["BLOCK_N"]), meta["SPLIT"]), x, words, scale,
         scale if scale_neg is None else scale_neg,
         scale if outer is None else outer, bias_t, part, out,
-        scale if counts is None else counts, xs, n, k, words.shape[1], g,
-        0 if outer is None or outer.shape[0] == 1 else 1, GROUP_SIZE=group_size,
+        scale if counts is None else counts, xs, *fused[0][:3], n, k, words.shape[1], g,
+        0 if outer is None or outer.shape[0] == 1 else 1, fused[0][3], GROUP_SIZE=group_size,
         HAS_NEG=scale_neg is not None, HAS_OUTER=outer is not None, HAS_BIAS=bias is not None,
         HAS_XS=x_scale is not None, REDUCE=counts is not None, KIND=_DTYPE_KIND[out.dtype],
-        EXACT=exact, **cfg)
+        EXACT=exact, **fused[1], **cfg)
     _sum_leftover_splits(kern, cfg, counts, part, bias_t, bias is not None, out, xs,
-                         x_scale is not None, exact)
+                         x_scale is not None, exact, fused)
     return out
