@@ -467,7 +467,7 @@ def test_gemv1_fp4_words_pipelined_gives_the_same_bits(monkeypatch, fmt, k):
         runs = []
         for pipe in (1, 3):
             monkeypatch.setattr(g1, "_INTERP_FP4W", {"BLOCK_N": 16, "BLOCK_K": 128,
-                                                     "PIPE": pipe})
+                                                     "PIPE": pipe, "STAGE": False})
             runs.append([g1.w4a16_gemv1(x, *w, bias=b, fp4=True, split=split)
                          for split in (1, 3, 16)])
         runs = [runs]
@@ -475,6 +475,39 @@ def test_gemv1_fp4_words_pipelined_gives_the_same_bits(monkeypatch, fmt, k):
         for a, c in zip(off, on, strict=True):
             assert torch.equal(a, c)
         assert_matches_unrounded(on[1], ref, x, w)
+
+
+@pytest.mark.parametrize("fmt", ["fp4_e2m1/g128/asym", "fp4_e2m1/g128"])
+@pytest.mark.parametrize("k", [1024, 1088])
+def test_gemv1_fp4_words_staged_x_gives_the_same_bits(monkeypatch, fmt, k):
+    """Loading the tile's x once as a vector and splitting it by nibble (``STAGE``) feeds
+    every product the same x as the per-nibble loads: the same bits, split or not (on CUDA
+    for every tile, in the interpreter for one)."""
+    import triton
+
+    from qcompile.backends.triton import w4a16_gemv as g1
+
+    x, w, b = _inputs(fmt, 1, 72, k, torch.bfloat16, bias=True)
+    w = (w[0], w4.element_table("fp4_e2m1", x.device), *w[2:])
+    if CUDA:
+        staged = [c for c in g1._fp4w_configs(w[-1]) if c.kwargs["STAGE"]]
+        assert staged
+        pairs = [(triton.Config(dict(c.kwargs, STAGE=False), num_warps=c.num_warps,
+                                num_stages=c.num_stages), c) for c in staged]
+        runs = [[[g1.w4a16_gemv1(x, *w, bias=b, fp4=True, split=split, config=c)
+                  for split in (1, 3)] for c in pair] for pair in pairs]
+    else:
+        runs = [[]]
+        for stage in (False, True):
+            monkeypatch.setattr(g1, "_INTERP_FP4W", {"BLOCK_N": 16, "BLOCK_K": 128,
+                                                     "PIPE": 1, "STAGE": stage})
+            runs[0].append([g1.w4a16_gemv1(x, *w, bias=b, fp4=True, split=split)
+                            for split in (1, 3)])
+    ref = w4.w4a16_linear_ref(x, *w, bias=b)
+    for off, on in runs:
+        for a, c in zip(off, on, strict=True):
+            assert torch.equal(a, c)
+        assert_matches_unrounded(on[0], ref, x, w)
 
 
 def test_gemv1_takes_only_what_it_can():

@@ -19,6 +19,14 @@ its whole output row, so it can do them on the way:
 * **Residual epilogue** (``residual`` given): ``y = round(round(acc) + residual)``, the bits of
   ``residual + linear(...)`` in ``x``'s dtype.
 
+Cost. Every program of the GEMV puts its own copy of the input through the prologue, so the
+work grows with the programs (up to 1792 for a 28672-row ``gate_up``): the FP4 word kernel runs
+a prologue only in its staged tiles (``STAGE``: each element once per program, then split by
+nibble), where the offline SASS census (``benchmarks/results/sass_census_sm90_2026-11-27c.json``)
+counts 1-5 % more loop instructions for the RMSNorm and 4-14 % for the SiLU gate (the
+tensor-core GEMV: 2 % and 4 %). The residual add costs one load per output. Whether that beats
+the launches saved is for the device (``benchmarks/decode.py``, variant ``w4a16-fp4-nodf``).
+
 Numerics against the unfused ops: the residual add is exact; the prologues match up to
 ``exp`` (approximate on the GPU) and the fp32 rounding of the row's mean square (another
 summation order), i.e. an input element occasionally one ulp of its dtype away. On the CPU the

@@ -74,14 +74,22 @@ _INTERP = {"BLOCK_N": 32, "BLOCK_K": 64}  # one config under the interpreter (gr
 #: tiles' words and x are copied into shared memory (``cp.async``) while this one is
 #: multiplied, which Triton does not do by itself for loads that feed no dot; 1 loads, then
 #: computes. Every tile runs both ways; the K split is tuned with them (:data:`SPLITS`).
+#: ``STAGE``: the tile's x is loaded (and put through a fused prologue) once per element as one
+#: vector, then split by nibble position, instead of each thread loading the x of its own
+#: columns per nibble; by the offline SASS census (``benchmarks/sass_census.py``, sm_90,
+#: 2026-11-27) it saves 2-15 % of the loop's instructions without a prologue, and a fused
+#: RMSNorm or SiLU gate costs 1-4 % of them instead of 8-35 %. Not yet timed on a GPU, so it
+#: is a third way to run each tile (with PIPE 1) and the only one with a prologue.
 FP4W_CONFIGS: list[triton.Config] = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PIPE": pipe}, num_warps=4, num_stages=3)
-    for bn, bk in ((16, 1024), (32, 1024), (16, 2048), (64, 512)) for pipe in (1, 3)
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PIPE": pipe, "STAGE": stage}, num_warps=4,
+                  num_stages=3)
+    for bn, bk in ((16, 1024), (32, 1024), (16, 2048), (64, 512))
+    for pipe, stage in ((1, False), (3, False), (1, True))
 ]
 #: K splits the autotuner tries with each tile (those with at least one K tile per split): at
 #: batch 1 a small weight needs splits to fill the GPU, a large one runs fastest unsplit.
 SPLITS = (1, 2, 4, 8)
-_INTERP_FP4W = {"BLOCK_N": 16, "BLOCK_K": 256, "PIPE": 3}
+_INTERP_FP4W = {"BLOCK_N": 16, "BLOCK_K": 256, "PIPE": 3, "STAGE": False}
 # 0x80008000 as an int32 (Triton would widen the unsigned literal to int64).
 _SIGNS = tl.constexpr(-2147450880)
 
@@ -218,6 +226,19 @@ def _fp4_pair(w, NIB: tl.constexpr):
 
 
 @triton.jit
+def _pair_products(s_acc, a_acc, w, NIB: tl.constexpr, x_lo, x_hi, HAS_NEG: tl.constexpr):
+    """Nibbles ``NIB`` and ``NIB + 4`` of words ``w`` times their x: one fma per code into the
+    signed sums (AFPQ: and into the magnitude sums)."""
+    lo, hi = _fp4_pair(w, NIB)
+    s_acc += lo * x_lo[None, :]
+    s_acc += hi * x_hi[None, :]
+    if HAS_NEG:
+        a_acc += tl.abs(lo) * x_lo[None, :]
+        a_acc += tl.abs(hi) * x_hi[None, :]
+    return s_acc, a_acc
+
+
+@triton.jit
 def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr, part_ptr,
                        out_ptr, count_ptr, xs_ptr, g_ptr, up_ptr, res_ptr, N, K, KW, G,
                        outer_stride, eps, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
@@ -225,7 +246,7 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
                        SPLIT: tl.constexpr, REDUCE: tl.constexpr, KIND: tl.constexpr,
                        EXACT: tl.constexpr, PRO: tl.constexpr, HAS_G: tl.constexpr,
                        HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PIPE: tl.constexpr):
+                       PIPE: tl.constexpr, STAGE: tl.constexpr):
     """FP4 weights read as int32 words (8 codes, k = 8 * word + nibble): per tile, the raw
     code sums of each group (AFPQ: the signed sum S and the magnitude sum A, so the positive
     part is (S + A) / 2 and the negative (S - A) / 2) times the group scales. ``PRO``,
@@ -249,18 +270,30 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
         w = tl.load(rows + wcol[None, :], mask=n_ok[:, None] & (wcol < KW)[None, :], other=0)
         s_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
         a_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
-        for i in tl.static_range(4):
-            lo, hi = _fp4_pair(w, i)
-            # x beyond K is 0, so padding codes and rows past N add nothing.
-            x_lo = load_x(x_ptr, up_ptr, g_ptr, 8 * wcol + i, 8 * wcol + i < K, r, PRO, HAS_G,
-                          KIND, EXACT)
-            x_hi = load_x(x_ptr, up_ptr, g_ptr, 8 * wcol + i + 4, 8 * wcol + i + 4 < K, r, PRO,
-                          HAS_G, KIND, EXACT)
-            s_acc += lo * x_lo[None, :]  # one fma per code
-            s_acc += hi * x_hi[None, :]
-            if HAS_NEG:
-                a_acc += tl.abs(lo) * x_lo[None, :]
-                a_acc += tl.abs(hi) * x_hi[None, :]
+        if STAGE:
+            # The tile's x once per element (prologue included), then split by nibble; Triton
+            # moves the pieces to the tile's column layout (through shared memory).
+            kk = k0 + tl.arange(0, BLOCK_K)
+            xv = load_x(x_ptr, up_ptr, g_ptr, kk, kk < K, r, PRO, HAS_G, KIND, EXACT)
+            lo_b, hi_b = tl.split(tl.permute(tl.reshape(xv, [WK, 2, 2, 2]), (0, 2, 3, 1)))
+            lo_0, lo_1 = tl.split(tl.permute(lo_b, (0, 2, 1)))
+            hi_0, hi_1 = tl.split(tl.permute(hi_b, (0, 2, 1)))
+            x0, x1 = tl.split(lo_0)
+            x2, x3 = tl.split(lo_1)
+            x4, x5 = tl.split(hi_0)
+            x6, x7 = tl.split(hi_1)
+            s_acc, a_acc = _pair_products(s_acc, a_acc, w, 0, x0, x4, HAS_NEG)
+            s_acc, a_acc = _pair_products(s_acc, a_acc, w, 1, x1, x5, HAS_NEG)
+            s_acc, a_acc = _pair_products(s_acc, a_acc, w, 2, x2, x6, HAS_NEG)
+            s_acc, a_acc = _pair_products(s_acc, a_acc, w, 3, x3, x7, HAS_NEG)
+        else:
+            for i in tl.static_range(4):
+                # x beyond K is 0, so padding codes and rows past N add nothing.
+                x_lo = load_x(x_ptr, up_ptr, g_ptr, 8 * wcol + i, 8 * wcol + i < K, r, PRO,
+                              HAS_G, KIND, EXACT)
+                x_hi = load_x(x_ptr, up_ptr, g_ptr, 8 * wcol + i + 4, 8 * wcol + i + 4 < K, r,
+                              PRO, HAS_G, KIND, EXACT)
+                s_acc, a_acc = _pair_products(s_acc, a_acc, w, i, x_lo, x_hi, HAS_NEG)
         if GT > 1:
             g_idx = k0 // GROUP_SIZE + tl.arange(0, GT)
             g_off = offs_n[:, None] * G + g_idx[None, :]
@@ -329,9 +362,12 @@ def _with_splits(configs: tuple[triton.Config, ...],
 
 def _prune_splits(configs: list[triton.Config], named_args: dict,
                   **kwargs) -> list[triton.Config]:
-    """Candidates with at least one K tile per split (a fixed split is always kept)."""
+    """Candidates with at least one K tile per split (a fixed split is always kept); with a
+    fused prologue (``PRO``), only those that stage x (where the kernel has ``STAGE``)."""
     k = named_args["K"]
     kept = [c for c in configs if c.kwargs["SPLIT"] <= cdiv(k, c.kwargs["BLOCK_K"])]
+    if kwargs.get("PRO"):
+        kept = [c for c in kept if c.kwargs.get("STAGE", True)]
     return kept or list(configs)
 
 
@@ -340,7 +376,7 @@ def _tuned(group_size: int, split: int | None = None) -> triton.runtime.Autotune
     """The byte kernel autotuned over tiles and K splits (or tiles at a fixed ``split``), each
     timed on a cold L2 as in a decode step (:mod:`qcompile.backends.triton.cold_bench`)."""
     return triton.autotune(_with_splits(_eligible_configs(group_size), split),
-                           key=["N", "K", "GROUP_SIZE"],
+                           key=["N", "K", "GROUP_SIZE", "PRO"],
                            prune_configs_by=tuning(_prune_splits, _gemv1_kernel),
                            do_bench=cold_graph_bench)(_gemv1_kernel)
 
@@ -349,7 +385,7 @@ def _tuned(group_size: int, split: int | None = None) -> triton.runtime.Autotune
 def _tuned_fp4w(group_size: int, split: int | None = None) -> triton.runtime.Autotuner:
     """The FP4 word kernel, autotuned as :func:`_tuned`."""
     return triton.autotune(_with_splits(_fp4w_configs(group_size), split),
-                           key=["N", "K", "GROUP_SIZE"],
+                           key=["N", "K", "GROUP_SIZE", "PRO"],
                            prune_configs_by=tuning(_prune_splits, _gemv1_fp4w_kernel),
                            do_bench=cold_graph_bench)(_gemv1_fp4w_kernel)
 
@@ -478,6 +514,8 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     if words is not None:
         if exact:
             kern, cfg = _gemv1_fp4w_kernel, dict(_INTERP_FP4W, SPLIT=split)
+            if fused[1]["PRO"]:  # as the autotuner's pruning keeps only staged tiles
+                cfg["STAGE"] = True
             if not (group_size % cfg["BLOCK_K"] == 0 or cfg["BLOCK_K"] % group_size == 0):
                 cfg["BLOCK_K"] = 64  # the interpreter's one config must fit the group too
         else:

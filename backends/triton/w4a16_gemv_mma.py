@@ -171,7 +171,7 @@ def mma_eligible(x: torch.Tensor, group_size: int) -> bool:
 def _tuned(group_size: int, split: int | None) -> triton.runtime.Autotuner:
     """The kernel autotuned over tiles and K splits (or at a fixed ``split``) on a cold L2."""
     return triton.autotune(_with_splits(_mma_configs(group_size), split),
-                           key=["N", "K", "GROUP_SIZE"],
+                           key=["N", "K", "GROUP_SIZE", "PRO"],
                            prune_configs_by=tuning(_prune_splits, _gemv1_fp4mma_kernel),
                            do_bench=cold_graph_bench)(_gemv1_fp4mma_kernel)
 
