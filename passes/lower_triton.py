@@ -19,11 +19,14 @@ leaves them):
 * An RMSNorm (no offset, optional gamma) read only by an activation quantize folds into
   either op (``rms_weight``/``rms_eps``) once a probe shows the op's reference RMSNorm gives
   the graph's own bits; otherwise it stays and is reported.
+* A SiLU gate ``silu(a) * b`` read only by such an activation quantize folds into
+  ``quantize_rows`` (``up=b``, option ``gate``): the quantize kernel computes it per row.
 * Decode fusions (``decode_fusion``): a ``w4a16_linear`` whose input is statically one row (a
   decode step's graph) takes in the RMSNorm (checked by the same probe) or the
-  ``silu(a) * b`` that feeds it, and the residual ``add`` that is its only reader: its batch-1
-  GEMV does them in the kernel (:mod:`qcompile.backends.triton.gemv_fusion`), saving a
-  launch each. Graphs with more rows keep them as Inductor's element-wise kernels.
+  ``silu(a) * b`` that feeds it, and it or a one-row ``w4a8_linear`` the residual ``add``
+  that is its only reader: the batch-1 GEMV does them in the kernel
+  (:mod:`qcompile.backends.triton.gemv_fusion`), saving a launch each. Graphs with more rows
+  keep them as Inductor's element-wise kernels.
 
 Everything else stays on the reference ops; the report lists each such linear or activation
 and why. On the CPU the fused ops run the exact reference composition, so lowering never
@@ -77,7 +80,10 @@ class LowerTritonOptions:
             H100); by default the sums stay in the FP8 MMA's accumulator (about 14
             significant bits, cuBLAS's fast mode). No effect on the CPU reference ops.
         decode_fusion: Fold the RMSNorm or SiLU gate in front of a one-row W4A16 linear, and
-            the residual add behind it, into the linear (module docstring).
+            the residual add behind a one-row W4A16 or W4A8 linear, into the linear (module
+            docstring).
+        gate: Fold ``silu(a) * b`` read only by an FP8/W4A8 activation quantize into that
+            quantize (``quantize_rows(..., up=b)``; any row count).
     """
 
     w4a16: bool = True
@@ -87,6 +93,7 @@ class LowerTritonOptions:
     rmsnorm: bool = True
     fp32_accumulate: bool = False
     decode_fusion: bool = True
+    gate: bool = True
 
 
 def _is(node: object, target: object) -> bool:
@@ -145,7 +152,8 @@ class LowerTritonPass(Pass):
         self._norms = {n.output: n for n in find_norms(gm)
                        if n.kind == "rms" and n.offset == 0.0 and n.bias is None}
         matches = [m for n in list(gm.graph.nodes) if (m := self._check(gm, n, skipped))]
-        counts = {"w4a16": 0, "fp8": 0, "w4a8": 0, "act": 0, "rmsnorm": 0}
+        counts = {"w4a16": 0, "fp8": 0, "w4a8": 0, "act": 0, "rmsnorm": 0, "silu_gate": 0}
+        self._gates: list[fx.Node] = []
         rows: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
         for m in matches:
             self._rewrite(gm, m, rows)
@@ -153,13 +161,14 @@ class LowerTritonPass(Pass):
         if self.options.act:
             counts["act"] = self._lower_acts(gm, skipped)
         counts["rmsnorm"] = len(self._fused_norms)
+        counts["silu_gate"] = len(self._gates) // 2
         gemv_norms: list[Norm] = []
         if self.options.decode_fusion:
             counts.update(self._fuse_decode(gm, gemv_norms))
         modified = any(counts.values())
         if modified:
             self._drop_dead(gm, {n for norm in self._fused_norms + gemv_norms
-                                 for n in norm.nodes})
+                                 for n in norm.nodes} | set(self._gates))
             gm.graph.lint()
             gm.recompile()
         facts = {**counts, "not_lowered": skipped, "triton_available": triton_available()}
@@ -227,12 +236,19 @@ class LowerTritonPass(Pass):
 
     # -- rewrite -------------------------------------------------------------------------------
 
-    def _source(self, gm: fx.GraphModule, act: fx.Node) -> tuple[fx.Node, tuple]:
+    def _source(self, gm: fx.GraphModule, act: fx.Node,
+                gate_ok: bool = False) -> tuple[fx.Node, tuple]:
         """The activation's input and the extra op arguments: a Hadamard read only by
-        ``act`` folds in as ``(had_size,)``, an RMSNorm as ``(0, weight, eps)``."""
+        ``act`` folds in as ``(had_size,)``, an RMSNorm as ``(0, weight, eps)``, and (with
+        ``gate_ok``: ``quantize_rows``) a SiLU gate as ``(0, None, -1.0, up)``."""
         src = act.args[0]
         if _is(src, _HADAMARD) and len(src.users) == 1:
             return src.args[0], (int(src.args[1]),)
+        gate = _silu_gate(src) if gate_ok and self.options.gate else None
+        if gate is not None:
+            silu, up = gate
+            self._gates += [src, silu]
+            return silu.args[0], (0, None, -1.0, up)
         norm = self._norms.get(src) if self.options.rmsnorm else None
         if norm is not None and len(src.users) == 1:
             if _norm_reproduced(gm, norm):
@@ -244,7 +260,7 @@ class LowerTritonPass(Pass):
 
     def _rows(self, gm: fx.GraphModule, act: fx.Node, rows: dict) -> tuple[fx.Node, fx.Node]:
         if act not in rows:
-            src, extra = self._source(gm, act)
+            src, extra = self._source(gm, act, gate_ok=True)
             with gm.graph.inserting_after(act):
                 r = gm.graph.call_function(_q.quantize_rows.default,
                                            (src, act.args[1], *extra))
@@ -321,7 +337,9 @@ class LowerTritonPass(Pass):
         the counts. Prologues first: a norm's input may be the add a residual fusion replaces
         (``replace_all_uses_with`` then points the fused linear at the new node)."""
         counts = {"gemv_rmsnorm": 0, "gemv_silu_gate": 0, "gemv_residual": 0}
-        ops = [n for n in gm.graph.nodes if _is(n, _W4A16) and _one_row(n.args[0])]
+        # Rows of the linear's result (those of its input; a quantized input's codes may
+        # carry no shape).
+        ops = [n for n in gm.graph.nodes if _is(n, _W4A16) and _one_row(n)]
         for op in ops:
             x = op.args[0]
             norm = self._norms.get(x) if self.options.rmsnorm else None
@@ -344,6 +362,7 @@ class LowerTritonPass(Pass):
                     gm.graph.erase_node(silu)
                 counts["gemv_silu_gate"] += 1
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        ops += [n for n in gm.graph.nodes if _is(n, _W4A8) and _one_row(n)]
         for op in ops:
             users = list(op.users)
             if len(users) != 1 or not _is(users[0], _ADD) or users[0].kwargs:
@@ -353,7 +372,10 @@ class LowerTritonPass(Pass):
             if (not isinstance(res, fx.Node) or res is op or order[res] > order[op]
                     or not _same_value(res, add) or not _same_value(op, add)):
                 continue
-            op.args = _with(op.args, residual=res)
+            if op.target is _W4A8:  # (q, q_scale, packed, gexp, row, bias, gs, k, dtype, acc)
+                op.args = (*op.args[:10], *[True][len(op.args) - 9:], res)
+            else:
+                op.args = _with(op.args, residual=res)
             add.replace_all_uses_with(op)
             gm.graph.erase_node(add)
             counts["gemv_residual"] += 1
@@ -372,6 +394,7 @@ class LowerTritonPass(Pass):
 
 
 _W4A16 = _q.w4a16_linear.default
+_W4A8 = _q.w4a8_linear.default
 _ADD = torch.ops.aten.add.Tensor
 _MUL = torch.ops.aten.mul.Tensor
 _SILU = torch.ops.aten.silu.default
@@ -401,10 +424,11 @@ def _same_dtype(a: fx.Node, b: fx.Node) -> bool:
 
 
 def _same_value(a: fx.Node, b: fx.Node) -> bool:
-    """Same dtype and the same static shape (no broadcasting in a fused add or gate)."""
+    """Same dtype and the same shape (no broadcasting in a fused add or gate); symbolic sizes
+    match when they are the same expression."""
     va, vb = a.meta.get("val"), b.meta.get("val")
-    return (_same_dtype(a, b) and all(isinstance(d, int) for d in va.shape)
-            and tuple(va.shape) == tuple(vb.shape))
+    return (_same_dtype(a, b) and va.dim() == vb.dim()
+            and all(str(x) == str(y) for x, y in zip(va.shape, vb.shape, strict=True)))
 
 
 def _silu_gate(x: fx.Node) -> tuple[fx.Node, fx.Node] | None:

@@ -46,11 +46,13 @@ CASES = [
     ("quantize{w=fp4_e2m1/g32/asym}", {"w4a16": 14}, [Q.dequantize_weight.default]),
     ("quantize{w=int4/g48/asym lm_head=true}", {"w4a16": 15}, [Q.dequantize_weight.default]),
     ("quantize{w=nf4/channel}", {"w4a16": 14}, [Q.dequantize_weight.default]),
-    ("quantize{w=fp8_e4m3/channel a=fp8_e4m3/token}", {"fp8": 14, "rmsnorm": 4},
+    ("quantize{w=fp8_e4m3/channel a=fp8_e4m3/token}", {"fp8": 14, "rmsnorm": 4,
+                                                       "silu_gate": 2},
+     [Q.dequantize_weight.default, Q.quantize_activation.default, torch.ops.aten.silu.default]),
+    ("quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token}", {"w4a8": 14, "rmsnorm": 4, "silu_gate": 2},
      [Q.dequantize_weight.default, Q.quantize_activation.default]),
-    ("quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token}", {"w4a8": 14, "rmsnorm": 4},
-     [Q.dequantize_weight.default, Q.quantize_activation.default]),
-    ("quantize{w=fp4_e2m1/g32/po2 a=fp8_e4m3/token}", {"w4a8": 14, "rmsnorm": 4},
+    ("quantize{w=fp4_e2m1/g32/po2 a=fp8_e4m3/token}", {"w4a8": 14, "rmsnorm": 4,
+                                                       "silu_gate": 2},
      [Q.dequantize_weight.default, Q.quantize_activation.default]),
     (f"{ROT},quantize{{w=fp4_e2m1/channel/asym a=fp4_e2m1/token/asym kv=fp4_e2m1/token/asym}}",
      {"w4a16": 14, "act": 12, "rmsnorm": 4}, [Q.dequantize_weight.default, Q.quantize_activation.default]),
@@ -66,7 +68,7 @@ def test_lowering_counts_and_exact_cpu_numerics(llama, pipeline, counts, gone):
     ref = _logits(gm, ids)
     gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)
     facts = report["passes"][0]["facts"]
-    for kind in ("w4a16", "fp8", "w4a8", "act", "rmsnorm"):
+    for kind in ("w4a16", "fp8", "w4a8", "act", "rmsnorm", "silu_gate"):
         assert facts[kind] == counts.get(kind, 0), (kind, facts)
     assert facts["not_lowered"] == []
     assert report["passes"][0]["modified"]
@@ -356,3 +358,23 @@ def test_decode_fused_graph_through_kernels_matches_reference():
     out = out[0] if isinstance(out, (tuple, list)) else out
     err = (out.float() - ref.float()).abs().max().item()
     assert err <= 2e-2 * ref.float().abs().max().item(), err
+
+
+def test_w4a8_decode_graph_leaves_no_elementwise_kernel_around_its_linears():
+    """W4A8, one row: RMSNorms and SiLU gates fold into the activation quantizes, residual
+    adds into the GEMVs' epilogues; the CPU logits keep their bits. ``gate=false`` keeps the
+    gates (and reaches the options)."""
+    gm, ids, ref = _decode_graph(torch.bfloat16,
+                                 "quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token},fuse-linears")
+    gm2 = __import__("copy").deepcopy(gm)
+    gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)
+    facts = report["passes"][0]["facts"]
+    assert (facts["w4a8"], facts["rmsnorm"], facts["silu_gate"], facts["gemv_residual"]) == \
+        (8, 4, 2, 4)
+    targets = _targets(gm)
+    assert torch.ops.aten.silu.default not in targets
+    assert torch.ops.aten.rsqrt.default in targets  # the final norm, before the bf16 head
+    assert torch.equal(_logits(gm, ids), ref)
+    gm2, report = quantize_graph(gm2, "lower-triton{gate=false}", progress=False)
+    assert report["passes"][0]["facts"]["silu_gate"] == 0
+    assert torch.ops.aten.silu.default in _targets(gm2)

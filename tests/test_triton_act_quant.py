@@ -48,6 +48,8 @@ from qcompile.backends.triton.act_quant import (  # noqa: E402
     fused_fits,
     rmsnorm_quant,
     rmsnorm_quant_ref,
+    silu_quant,
+    silu_quant_ref,
 )
 
 FORMATS = ("fp8_e4m3/token", "int8/token", "int4/token/asym", "fp4_e2m1/token",
@@ -328,6 +330,41 @@ def test_rmsnorm_codes(fmt):
     assert float((diff != 0).float().mean()) <= 0.01
     if fmt.startswith("int"):
         assert bool((diff.abs() <= 1).all())
+
+
+# --- SiLU gate + quantize -------------------------------------------------------------------
+
+@pytest.mark.parametrize(("rows", "d", "fmt", "dtype"), [
+    ((3,), 1000, "fp8_e4m3/token", torch.bfloat16), ((2, 2), 960, "int8/token", torch.float32),
+    ((1,), 4096, "fp8_e4m3/token", torch.float16), ((5,), 130, "int8/token", torch.bfloat16)])
+def test_silu_quant_is_the_gate_then_the_quantize(rows, d, fmt, dtype):
+    """``silu(x) * up`` rounded as the two eager ops round, then quantized: codes and scales of
+    the reference (the interpreter's exp gives PyTorch's here; on CUDA exp is approximate, so
+    a code may move one step at a rounding tie), and the dequantized rows."""
+    x = _x(rows, d, dtype, seed=d)
+    up = _x(rows, d, dtype, seed=d + 1)
+    q, s = silu_quant(x, up, fmt, out="codes")
+    rq, rs = silu_quant_ref(x, up, fmt, out="codes")
+    assert q.dtype == rq.dtype and q.shape == x.shape and s.shape == (*rows, 1)
+    diff = q.float() - rq.float()
+    if DEVICE == "cpu":
+        assert torch.equal(diff, torch.zeros_like(diff)) and torch.equal(s, rs)
+    else:
+        assert float((diff != 0).float().mean()) <= 0.01
+        assert bool(((s - rs).abs() <= 2**-6 * rs).all())
+    got = silu_quant(x, up, fmt)
+    ref = silu_quant_ref(x, up, fmt)
+    assert got.dtype == dtype and got.shape == x.shape
+    if DEVICE == "cpu":
+        assert torch.equal(got, ref)
+
+
+def test_silu_quant_checks_up():
+    x = _x((2,), 64, torch.bfloat16, seed=1)
+    with pytest.raises(KernelInputError, match="up must be"):
+        silu_quant(x, x.float(), "fp8_e4m3/token")
+    with pytest.raises(KernelInputError, match="up must be"):
+        silu_quant(x, x[:, :32], "fp8_e4m3/token")
 
 
 # --- errors ---------------------------------------------------------------------------------

@@ -139,6 +139,9 @@ CASES: list[tuple[str, str, dict]] = [
     # 4 warps: ptxas stops at 64 registers and spills one (8-byte stack frame).
     ("rmsnorm-quant-fp8-codes", "act_quant", dict(had_size=0, d=4096, fmt="fp8_e4m3/token",
                                                   out="codes", norm=True, spills=2)),
+    # The SiLU gate in front of a down_proj's FP8 codes (14336: Llama-3-8B's intermediate).
+    ("silu-quant-fp8-codes", "act_quant", dict(had_size=0, d=14336, fmt="fp8_e4m3/token",
+                                               out="codes", gate=True)),
     # W4A16 (group 128 takes the one-scale-per-tile path, group 32 the gathered-scale path;
     # asym INT4 and AFPQ cover the zero-point and negative-scale decodes). SPLIT 5 is what
     # _pick_split gives N = K = 4096 on 132 SMs. The fp32 GEMM's large-M bucket holds the
@@ -355,10 +358,12 @@ def _build_act_quant(mod, p: dict, all_configs: bool):
     codes = {"fp8_e4m3": "*fp8e4nv", "int8": "*i8"}
     args = dict(x_ptr="*bf16", w_ptr="*bf16", base_ptr="*i8" if plan.base else "*fp32",
                 out_ptr=codes[spec.elem] if out == "codes" else "*bf16", scale_ptr="*fp32",
-                D=d, d_f=float(d), stride_x=d, stride_o=d, nblk=plan.nblk, size=plan.size,
-                qn=plan.q, inv_norm=plan.inv_norm, eps=1e-6 if norm else 0.0)
+                D=d, d_f=float(d), stride_x=d, stride_o=d, stride_w=d if p.get("gate") else 0,
+                nblk=plan.nblk, size=plan.size, qn=plan.q, inv_norm=plan.inv_norm,
+                eps=1e-6 if norm else 0.0)
     tile = dict(NB=plan.nb, P1=plan.p1, P2=plan.p2, Q=plan.qp)
     consts = dict(tile, R1=plan.r1, R2=plan.r2, HAD=had > 0, NORM=norm, HAS_W=norm,
+                  GATE=p.get("gate", False),
                   ELEM=elem, ASYM=spec.asym, LMAX=lmax, OUT=mod._OUTS.index(out), XDT=1)
     configs = mod.CONFIGS if all_configs else mod._prune(mod.CONFIGS, {}, **tile)
     return mod._act_quant_kernel, args, consts, configs

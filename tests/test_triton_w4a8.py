@@ -334,6 +334,25 @@ def test_gemv_applies_the_row_scales_in_its_epilogue(monkeypatch, m, group, k, b
     check(got, a, a_scale, packed, gexp, row_scale, group, c, mma=False)
 
 
+@pytest.mark.parametrize(("m", "group", "k", "path"), [
+    (1, 128, 1280, None), (1, 64, 1100, None), (1, 50, 1100, None), (3, 32, 200, None),
+    (1, 128, 1280, "fused")])
+def test_residual_is_added_after_the_rounding(m, group, k, path):
+    """``residual`` gives the bits of ``residual + w4a8_linear(...)``: in the batch-1 GEMV's
+    epilogue (word kernel, table kernel, split K) and as a separate add on every other path;
+    a residual of another shape or dtype is refused."""
+    a, a_scale, packed, gexp, row_scale, c = make_inputs(m, k, 72, group, bias=True, seed=k)
+    res = (torch.randn(m, 72, generator=torch.Generator().manual_seed(m)) * 8).to(
+        torch.bfloat16).to(DEV)
+    plain = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, path=path)
+    got = w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, path=path, residual=res)
+    assert torch.equal(got, res + plain)
+    with pytest.raises(KernelInputError, match="residual"):
+        w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, residual=res.float())
+    with pytest.raises(KernelInputError, match="residual"):
+        w4a8_linear(a, a_scale, packed, gexp, row_scale, group, c, residual=res[:, :10])
+
+
 def test_pow2_scales_are_cached_per_tensor():
     from qcompile.backends.triton import w4a8
 

@@ -74,7 +74,7 @@ from qcompile.hadamard import hadamard_factors
 from qcompile.ops import hadamard, quantize_activation, spec_of
 
 __all__ = ["CONFIGS", "act_quant", "act_quant_ref", "fused_fits", "rmsnorm_quant",
-           "rmsnorm_quant_ref"]
+           "rmsnorm_quant_ref", "silu_quant", "silu_quant_ref"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _XDT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -134,15 +134,18 @@ def _hadamard(x, base_ptr, NB: tl.constexpr, P1: tl.constexpr, R1: tl.constexpr,
 @triton.jit
 def _act_quant_kernel(
     x_ptr, w_ptr, base_ptr, out_ptr, scale_ptr,
-    D, d_f, stride_x, stride_o, nblk, size, qn, inv_norm, eps,
+    D, d_f, stride_x, stride_o, stride_w, nblk, size, qn, inv_norm, eps,
     NB: tl.constexpr, P1: tl.constexpr, R1: tl.constexpr, P2: tl.constexpr,
     R2: tl.constexpr, Q: tl.constexpr,
-    HAD: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr,
+    HAD: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, GATE: tl.constexpr,
     ELEM: tl.constexpr, ASYM: tl.constexpr, LMAX: tl.constexpr,
     OUT: tl.constexpr, XDT: tl.constexpr,
 ):
     """One row per program. Element d = b*size + (i1*R2 + i2)*qn + j of the [NB, P1, P2, Q]
-    tile; padding lanes load 0, which changes no statistic (asym ranges clamp at 0)."""
+    tile; padding lanes load 0, which changes no statistic (asym ranges clamp at 0).
+    ``w_ptr``: the RMSNorm weight (``stride_w`` 0) or, with ``GATE``, the rows of ``up``: the
+    row quantized is then ``silu(x) * up``, rounded to x's dtype after each op as the two
+    eager ops round (``silu(0) * 0 = 0`` on padding lanes)."""
     row = tl.program_id(0).to(tl.int64)
     b = tl.arange(0, NB)[:, None, None, None]
     i1 = tl.arange(0, P1)[None, :, None, None]
@@ -151,6 +154,9 @@ def _act_quant_kernel(
     off = b * size + (i1 * R2 + i2) * qn + j
     mask = (b < nblk) & (i1 < R1) & (i2 < R2) & (j < qn)
     x = tl.load(x_ptr + row * stride_x + off, mask=mask, other=0.0).to(tl.float32)
+    if GATE:
+        u = tl.load(w_ptr + row * stride_w + off, mask=mask, other=0.0).to(tl.float32)
+        x = round_to(round_to(x / (1.0 + tl.exp(-x)), XDT) * u, XDT)
     if HAD:
         # Rounded to x's dtype like the unfused qcompile::hadamard op's output.
         x = round_to(_hadamard(x, base_ptr, NB, P1, R1, P2, R2, Q) * inv_norm, XDT)
@@ -172,7 +178,8 @@ def _act_quant_kernel(
 
 
 _act_quant_tuned = triton.autotune(
-    configs=CONFIGS, key=["D", "NB", "P1", "P2", "Q", "HAD", "NORM", "ELEM", "ASYM", "OUT"],
+    configs=CONFIGS,
+    key=["D", "NB", "P1", "P2", "Q", "HAD", "NORM", "GATE", "ELEM", "ASYM", "OUT"],
     prune_configs_by=tuning(_prune, _act_quant_kernel),
 )(_act_quant_kernel)
 
@@ -265,12 +272,14 @@ def _rows(x: object, name: str = "x") -> torch.Tensor:
 
 
 def _launch(x: torch.Tensor, spec: FormatSpec, had_size: int, out: str,
-            weight: torch.Tensor | None = None, eps: float | None = None):
+            weight: torch.Tensor | None = None, eps: float | None = None,
+            up: torch.Tensor | None = None):
     x2 = _rows(x)
     m_rows, d = x2.shape
     fp32 = x.dtype == torch.float32
-    plan2 = had2_plan(had_size, d, fp32) if eps is None else None
-    kplan = kron_plan(had_size, d, fp32) if eps is None and plan2 is None else None
+    plain = eps is None and up is None  # the row kernels take neither prologue
+    plan2 = had2_plan(had_size, d, fp32) if plain else None
+    kplan = kron_plan(had_size, d, fp32) if plain and plan2 is None else None
     plan = _plan(had_size, d) if plan2 is None and kplan is None else None
     tile = plan.nb * plan.p1 * plan.p2 * plan.qp if plan is not None else 0
     if tile > _MAX_TILE:
@@ -296,11 +305,13 @@ def _launch(x: torch.Tensor, spec: FormatSpec, had_size: int, out: str,
         launch_kron(x2, y, scale, kplan, elem, spec.asym, lmax, _OUTS.index(out), _XDT[x.dtype])
     elif m_rows:
         base = base_matrix(*plan.base, plan.qp, str(x.device)) if plan.base else scale
-        args = (x2, weight if weight is not None else x2, base, y, scale,
-                d, float(d), x2.stride(0), y.stride(0), plan.nblk, plan.size, plan.q,
-                plan.inv_norm, 0.0 if eps is None else float(eps))
+        w = up if up is not None else weight if weight is not None else x2
+        args = (x2, w, base, y, scale,
+                d, float(d), x2.stride(0), y.stride(0), 0 if up is None else up.stride(0),
+                plan.nblk, plan.size, plan.q, plan.inv_norm, 0.0 if eps is None else float(eps))
         meta = dict(NB=plan.nb, P1=plan.p1, R1=plan.r1, P2=plan.p2, R2=plan.r2, Q=plan.qp,
                     HAD=had_size > 0, NORM=eps is not None, HAS_W=weight is not None,
+                    GATE=up is not None,
                     ELEM=elem, ASYM=spec.asym, LMAX=lmax,
                     OUT=_OUTS.index(out), XDT=_XDT[x.dtype])
         if interpreting():  # autotuning under the interpreter only costs time
@@ -400,6 +411,41 @@ def rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor | None, eps: float, fmt:
         if not weight.is_contiguous():
             raise KernelInputError("weight must be contiguous")
     return _launch(x, spec, 0, out, weight, float(eps))
+
+
+def silu_quant(x: torch.Tensor, up: torch.Tensor, fmt: str, out: str = "qdq"):
+    """``silu(x) * up`` (rounded to ``x``'s dtype after each op, as the eager ops round) then
+    per-token quantization, in one pass over each row: the SiLU gate of a Llama MLP in front
+    of an FP8 or W4A8 ``down_proj``.
+
+    Args:
+        x: The gate ``[..., D]`` bf16/fp16/fp32, as for :func:`act_quant`.
+        up: Like ``x`` (shape and dtype), contiguous in its last dim.
+        fmt: As for :func:`act_quant`.
+        out: ``"qdq"`` or ``"codes"``.
+
+    Returns:
+        As :func:`act_quant`.
+
+    Raises:
+        FormatError, ValueError, KernelInputError: As :func:`act_quant`; also for ``up``.
+    """
+    spec = _spec(fmt, out, _OUTS[:2])
+    x2 = _rows(x)
+    if not isinstance(up, torch.Tensor) or up.shape != x.shape or up.dtype != x.dtype:
+        raise KernelInputError(f"up must be a tensor of x's shape {tuple(x.shape)} and dtype "
+                               f"{x.dtype}, got {getattr(up, 'shape', type(up))} "
+                               f"{getattr(up, 'dtype', '')}")
+    u2 = _rows(up, "up")
+    if u2.device != x2.device:
+        raise KernelInputError(f"up is on {u2.device}, x on {x2.device}")
+    return _launch(x, spec, 0, out, up=u2)
+
+
+def silu_quant_ref(x: torch.Tensor, up: torch.Tensor, fmt: str, out: str = "qdq"):
+    """Plain PyTorch reference of :func:`silu_quant`."""
+    spec = _spec(fmt, out, _OUTS[:2])
+    return _ref_out(torch.nn.functional.silu(x) * up, spec, fmt, out, x.dtype)
 
 
 def rmsnorm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, fmt: str,

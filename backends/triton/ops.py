@@ -12,16 +12,18 @@ Ops:
         with ``rms_eps >= 0`` on ``rms_norm(x, rms_weight, rms_eps)``, with ``up`` on
         ``silu(x) * up``, and with ``residual`` the result is ``residual + linear(...)``
         (batch-1 decode fusions, :mod:`qcompile.backends.triton.gemv_fusion`).
-    ``qcompile::quantize_rows(x, fmt, had_size, rms_weight=None, rms_eps=-1) -> (q, scale)``
+    ``qcompile::quantize_rows(x, fmt, had_size, rms_weight=None, rms_eps=-1, up=None)
+    -> (q, scale)``
         Per-token FP8/INT8 codes of ``hadamard(x, had_size)`` (or ``x`` when 0, or
-        ``rms_norm(x, rms_weight, rms_eps)`` when ``rms_eps >= 0``) and their fp32 scales
-        ``[..., 1]``: ``q * scale`` is ``quantize_activation(...)`` exactly.
+        ``rms_norm(x, rms_weight, rms_eps)`` when ``rms_eps >= 0``, or ``silu(x) * up``) and
+        their fp32 scales ``[..., 1]``: ``q * scale`` is ``quantize_activation(...)`` exactly.
     ``qcompile::fp8_linear(q, q_scale, wq, w_scale, bias, dtype, fast_accum=True)``
         ``linear((q * q_scale).to(dtype), (wq * w_scale).to(dtype), bias)``: W8A8 FP8.
     ``qcompile::w4a8_linear(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype,
-    fast_accum=True)``
+    fast_accum=True, residual=None)``
         ``linear((q * q_scale).to(dtype), W.to(dtype), bias)`` with the FP4 weight
-        ``W = decode(codes) * 2^gexp * row_scale`` (ZeroQuant-FP M1/M2 scales).
+        ``W = decode(codes) * 2^gexp * row_scale`` (ZeroQuant-FP M1/M2 scales), plus
+        ``residual`` when given.
     ``qcompile::hadamard_quantize(x, size, fmt, rms_weight=None, rms_eps=-1)``
         ``quantize_activation(hadamard(x, size), fmt)`` in one pass (``size`` 0: no rotation;
         ``rms_eps >= 0``: RMSNorm instead of the rotation).
@@ -180,13 +182,14 @@ def w4a16_linear(
 
 # --- per-token activation codes --------------------------------------------------------------
 
-def _fits(x: torch.Tensor, had_size: int, rms_eps: float) -> bool:
+def _fits(x: torch.Tensor, had_size: int, rms_eps: float, gate: bool = False) -> bool:
     """Whether the fused quantize kernel takes these rows (sizes it cannot hold on the GPU,
     e.g. a 14336 Kronecker Hadamard, run the reference ops instead of failing to launch)."""
-    return _kernels()[0].fused_fits(had_size, x.shape[-1], x.dtype, x.device, rms_eps >= 0)
+    return _kernels()[0].fused_fits(had_size, x.shape[-1], x.dtype, x.device,
+                                    rms_eps >= 0 or gate)
 
 
-def _quantize_rows_fake(x, fmt, had_size, rms_weight=None, rms_eps=-1.0):
+def _quantize_rows_fake(x, fmt, had_size, rms_weight=None, rms_eps=-1.0, up=None):
     spec = _rows_spec(fmt)
     dtype = torch.float8_e4m3fn if spec.elem == "fp8_e4m3" else torch.int8
     return x.new_empty(x.shape, dtype=dtype), x.new_empty((*x.shape[:-1], 1),
@@ -195,7 +198,7 @@ def _quantize_rows_fake(x, fmt, had_size, rms_weight=None, rms_eps=-1.0):
 
 @define_op(
     "quantize_rows(Tensor x, str fmt, SymInt had_size, Tensor? rms_weight=None, "
-    "float rms_eps=-1.) -> (Tensor, Tensor)",
+    "float rms_eps=-1., Tensor? up=None) -> (Tensor, Tensor)",
     _quantize_rows_fake)
 def quantize_rows(
     x: torch.Tensor,
@@ -203,15 +206,18 @@ def quantize_rows(
     had_size: int,
     rms_weight: torch.Tensor | None = None,
     rms_eps: float = -1.0,
+    up: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token FP8/INT8 codes and fp32 scales; see the module docstring."""
     spec = _rows_spec(fmt)
-    if _use_kernel(x) and _fits(x, had_size, rms_eps):
+    if _use_kernel(x) and _fits(x, had_size, rms_eps, up is not None):
+        if up is not None:
+            return _kernels()[0].silu_quant(x.contiguous(), up.contiguous(), fmt, out="codes")
         if rms_eps >= 0:
             return _kernels()[0].rmsnorm_quant(x.contiguous(), rms_weight, rms_eps, fmt,
                                                out="codes")
         return _kernels()[0].act_quant(x.contiguous(), fmt, had_size, out="codes")
-    xr = _pre(x, had_size, rms_weight, rms_eps).float()
+    xr = (F.silu(x) * up if up is not None else _pre(x, had_size, rms_weight, rms_eps)).float()
     s = compute_scales(spec, group_stats(xr, spec), None).scale  # [..., 1], as quantize uses
     q = _round_f32(xr / s, spec.elem)
     dtype = torch.float8_e4m3fn if spec.elem == "fp8_e4m3" else torch.int8
@@ -264,14 +270,14 @@ def _w4a8_weight(packed, gexp, row_scale, group_size, k, dtype):
 
 
 def _w4a8_linear_fake(q, q_scale, packed, gexp, row_scale, bias, group_size, k, dtype,
-                      fast_accum=True):
+                      fast_accum=True, residual=None):
     return q.new_empty((*q.shape[:-1], packed.shape[0]), dtype=dtype)
 
 
 @define_op(
     "w4a8_linear(Tensor q, Tensor q_scale, Tensor packed, Tensor gexp, Tensor row_scale, "
     "Tensor? bias, SymInt group_size, SymInt k, ScalarType dtype, "
-    "bool fast_accum=True) -> Tensor",
+    "bool fast_accum=True, Tensor? residual=None) -> Tensor",
     _w4a8_linear_fake)
 def w4a8_linear(
     q: torch.Tensor,
@@ -284,17 +290,22 @@ def w4a8_linear(
     k: int,
     dtype: torch.dtype,
     fast_accum: bool = True,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FP8 activations x FP4 weights shifted to FP8; see the module docstring
-    (``fast_accum`` as in :func:`fp8_linear`)."""
+    (``fast_accum`` as in :func:`fp8_linear`; ``residual``: the result is
+    ``residual + linear(...)``, added in the batch-1 GEMV's epilogue on CUDA)."""
     if _use_kernel(q):
         lead = q.shape[:-1]
+        n = packed.shape[0]
         out = _kernels()[2].w4a8_linear(
             q.reshape(-1, q.shape[-1]), q_scale.reshape(-1, 1), packed, gexp, row_scale,
-            group_size, bias, out_dtype=dtype, fast_accum=fast_accum)
-        return out.reshape(*lead, packed.shape[0])
+            group_size, bias, out_dtype=dtype, fast_accum=fast_accum,
+            residual=None if residual is None else residual.reshape(-1, n))
+        return out.reshape(*lead, n)
     w = _w4a8_weight(packed, gexp, row_scale, group_size, k, dtype)
-    return F.linear(_dq_rows(q, q_scale, dtype), w, bias)
+    y = F.linear(_dq_rows(q, q_scale, dtype), w, bias)
+    return y if residual is None else residual + y
 
 
 # --- Hadamard + dynamic quantize (qdq) -----------------------------------------------------

@@ -151,11 +151,12 @@ def _pow2_scales(gexp: torch.Tensor) -> torch.Tensor:
     return scale
 
 
-def _gemv(a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype):
+def _gemv(a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype, residual=None):
     """``w4a8_linear`` for a few rows by the W4A16 GEMVs, in one launch (two with a K split):
     the FP8 codes read as they are (exact in fp32), FP4 codes times group scales ``2^gexp``
     and outer scale ``row_scale``, then in the epilogue each row's ``a_scale``, the bias and
-    the rounding to ``out_dtype``. Same products as the reference, summed in another order.
+    the rounding to ``out_dtype`` (and the ``residual`` add, one row only: the caller
+    checks). Same products as the reference, summed in another order.
     """
     from qcompile.backends.triton import w4a16, w4a16_gemv
     from qcompile.backends.triton.runtime import element_table
@@ -166,8 +167,14 @@ def _gemv(a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype):
     pow2 = _pow2_scales(gexp)
     outer = row_scale.reshape(-1, 1)  # checked: contiguous fp32 [N]
     if m == 1 and w4a16_gemv.gemv1_eligible(1, group_size):
+        fusion = None
+        if residual is not None:
+            from qcompile.backends.triton.gemv_fusion import GemvFusion
+
+            fusion = GemvFusion(residual=residual)
         return w4a16_gemv.w4a16_gemv1(a, packed, table, pow2, None, None, outer, group_size,
-                                      bias, True, x_scale=a_scale, out_dtype=out_dtype)
+                                      bias, True, x_scale=a_scale, out_dtype=out_dtype,
+                                      fusion=fusion)
     out = torch.empty(m, packed.shape[0], dtype=out_dtype, device=a.device)
     args = (a, packed, table, pow2, pow2, pow2, outer, pow2 if bias is None else bias)
     common = dict(GROUP_SIZE=group_size, HAS_NEG=False, HAS_ZERO=False, HAS_OUTER=True,
@@ -355,6 +362,7 @@ def w4a8_linear(
     out_dtype: torch.dtype = torch.bfloat16,
     path: str | None = None,
     fast_accum: bool = True,
+    residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FP8 activations x FP4 weights (exponent-shifted to FP8) on FP8 tensor cores.
 
@@ -383,6 +391,9 @@ def w4a8_linear(
         fast_accum: As in :func:`~qcompile.backends.triton.fp8_gemm.fp8_scaled_mm`: sums stay
             in the FP8 MMA's accumulator (False: promoted to fp32 every
             ``fp8_gemm.PROMOTE_K`` products; the GEMVs always sum in fp32).
+        residual: Optional ``[M, N]`` of ``out_dtype`` added to the rounded result (and
+            rounded again: ``residual + w4a8_linear(...)``); the batch-1 GEMV adds it in its
+            epilogue, the other paths as a separate add.
 
     Returns:
         ``[M, N]`` tensor of ``out_dtype``: :func:`w4a8_linear_ref` up to fp32 accumulation
@@ -412,13 +423,21 @@ def w4a8_linear(
     if path not in (None, "fused", "dequant", "gemv", "swap"):
         raise KernelInputError(
             f"path must be 'fused', 'swap', 'dequant', 'gemv' or None, got {path!r}")
+    if residual is not None:
+        residual = check_tensor(residual, "residual", (out_dtype,), shape=(m, n), device=dev)
+        from qcompile.backends.triton import w4a16_gemv
+
+        if not (m == 1 and path in (None, "gemv") and w4a16_gemv.gemv1_eligible(1, group_size)):
+            return residual + w4a8_linear(a, a_scale, packed, gexp, row_scale, group_size, bias,
+                                          out_dtype, path, fast_accum)
     # The kernel steps through packed bytes and exponents with unit stride along K.
     packed = packed if packed.stride(1) == 1 else packed.contiguous()
     gexp = gexp if gexp.stride(1) == 1 or groups <= 1 else gexp.contiguous()
     from qcompile.backends.triton import w4a8_dequant
 
     if m and n and (path == "gemv" or (path is None and m <= GEMV_MAX_M)):
-        return _gemv(a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype)
+        return _gemv(a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype,
+                     residual)
     if m and n and path is None and m <= path_tuning.MAX_M:  # the fastest path, timed once
         default = "dequant" if m >= w4a8_dequant.DEQUANT_MIN_M else "fused"
         key = ("w4a8", next_pow2(m), n, k, group_size, bias is not None,
