@@ -23,8 +23,8 @@ Cost. Every program of the GEMV puts its own copy of the input through the prolo
 work grows with the programs (up to 1792 for a 28672-row ``gate_up``): the FP4 word kernel runs
 a prologue only in its staged tiles (``STAGE``: each element once per program, then split by
 nibble), where the offline SASS census (``benchmarks/results/sass_census_sm90_2026-11-27c.json``)
-counts 1-5 % more loop instructions for the RMSNorm and 4-14 % for the SiLU gate (the
-tensor-core GEMV: 2 % and 4 %). The residual add costs one load per output. Whether that beats
+counts 1.5-6 % more loop instructions for the RMSNorm and 4-15 % for the SiLU gate (the
+tensor-core GEMV: 1-4 % and 4-7 %). The residual add costs one load per output. Whether that beats
 the launches saved is for the device (``benchmarks/decode.py``, variant ``w4a16-fp4-nodf``).
 
 Numerics against the unfused ops: the residual add is exact; the prologues match up to

@@ -77,9 +77,10 @@ _INTERP = {"BLOCK_N": 32, "BLOCK_K": 64}  # one config under the interpreter (gr
 #: ``STAGE``: the tile's x is loaded (and put through a fused prologue) once per element as one
 #: vector, then split by nibble position, instead of each thread loading the x of its own
 #: columns per nibble; by the offline SASS census (``benchmarks/sass_census.py``, sm_90,
-#: 2026-11-27) it saves 2-15 % of the loop's instructions without a prologue, and a fused
-#: RMSNorm or SiLU gate costs 1-4 % of them instead of 8-35 %. Not yet timed on a GPU, so it
-#: is a third way to run each tile (with PIPE 1) and the only one with a prologue.
+#: 2026-11-27c) it saves 1.5-11 % of the loop's instructions without a prologue, and a fused
+#: RMSNorm then adds 1.5-6 % (a SiLU gate 4-15 %) where unstaged tiles add 5-17 % (9-35 %).
+#: Not yet timed on a GPU, so it is a third way to run each tile (with PIPE 1), and the only
+#: one kept for a prologue.
 FP4W_CONFIGS: list[triton.Config] = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "PIPE": pipe, "STAGE": stage}, num_warps=4,
                   num_stages=3)
