@@ -31,7 +31,8 @@ import pytest
 HERE = Path(__file__).resolve().parent
 #: (compile-test case, its integer argument to perturb) for the kernels checked.
 CASES = [("w4a16-dequant-fp4w-bf16-g128-afpq", "N"), ("w4a8-shift-g128", "K"),
-         ("w4a16-gemv1w-bf16-g128-afpq", "N"), ("fp8-persistent-bm128-bias", "M")]
+         ("w4a16-gemv1w-bf16-g128-afpq", "N"), ("fp8-persistent-bm128-bias", "M"),
+         ("w4a16-gemv1w-bf16-g128-fp4-rms-res", "N")]
 
 
 def _same(a: tuple, b: tuple) -> str | None:
@@ -129,6 +130,15 @@ def _worker(out: str) -> None:
                 kt, lt = triton_calls[value]
                 assert kf is kt and kf.metadata.num_warps == 4 * (1 + value % 2)
                 assert (err := _same(lt, lf)) is None, err
+            if "PRO" in consts:  # a constexpr in the tuning key (the GEMVs key on PRO)
+                by_pro = triton.autotune(
+                    warps, key=["N", "PRO"],
+                    prune_configs_by={"early_config_prune":
+                                      lambda configs, nargs, **kw: [configs[kw["PRO"] % 2]]})(fn)
+                for pro in (1, 0, 1, 0):
+                    kp, _ = call(by_pro, meta_grid, named, dict(consts, PRO=pro), True)
+                    assert by_pro.best_config is warps[pro % 2], "best_config not PRO's"
+                    assert kp.metadata.num_warps == 4 * (1 + pro % 2)
             report[case_id] = {"ok": True}
         except Exception as exc:
             report[case_id] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
