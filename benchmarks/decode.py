@@ -374,8 +374,32 @@ def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict
                                    for key, p in path_tuning.choices().items()}
         except ImportError:  # no triton: the reference ops ran
             pass
+        out["autotune_picks"] = autotune_picks()  # every variant's so far (keys hold shapes)
     model = None  # release before the next variant is built
     gc.collect()
+    return out
+
+
+def autotune_picks() -> dict[str, dict[str, str]]:
+    """Each live Triton autotuner's choice per tuning key so far, as ``{kernel: {key:
+    config}}`` (e.g. whether the batch-1 GEMVs ran staged tiles, and at which K split)."""
+    import gc
+    import warnings
+
+    try:
+        from triton.runtime.autotuner import Autotuner
+    except ImportError:  # no triton: nothing was tuned
+        return {}
+    with warnings.catch_warnings():  # isinstance on deprecated module proxies warns
+        warnings.simplefilter("ignore")
+        tuners = [o for o in gc.get_objects() if isinstance(o, Autotuner) and o.cache]
+    out: dict[str, dict[str, str]] = {}
+    for tuner in tuners:
+        picks = out.setdefault(getattr(tuner.base_fn, "__name__", str(tuner.base_fn)), {})
+        for key, cfg in tuner.cache.items():
+            picks[" ".join(map(str, key))] = ", ".join(
+                [f"{k}={v}" for k, v in cfg.kwargs.items()]
+                + [f"warps={cfg.num_warps}", f"stages={cfg.num_stages}"])
     return out
 
 

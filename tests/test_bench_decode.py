@@ -122,3 +122,18 @@ def test_step_profile_counts_one_tokens_ops(decode_mod):
     calls = {r["name"]: r["calls"] for r in one["rows"]}
     assert calls["aten::mm"] == 8 and one["busy_us"] >= sum(r["us"] for r in one["rows"])
     assert "host" not in one  # the host table comes with CUDA kernels
+
+
+def test_autotune_picks_lists_each_tuners_choice_per_key(decode_mod):
+    """The JSON's ``autotune_picks``: a live autotuner's cached choice, per kernel and key."""
+    triton = pytest.importorskip("triton")
+
+    @triton.jit
+    def _picks_probe_kernel(x_ptr, N, BLOCK: triton.language.constexpr):
+        pass
+
+    cfgs = [triton.Config({"BLOCK": 16}, num_warps=4), triton.Config({"BLOCK": 32}, num_warps=8)]
+    tuner = triton.autotune(cfgs, key=["N"])(_picks_probe_kernel)
+    tuner.cache[(4096, "torch.bfloat16")] = cfgs[1]
+    picks = decode_mod.autotune_picks()["_picks_probe_kernel"]
+    assert picks == {"4096 torch.bfloat16": "BLOCK=32, warps=8, stages=3"}
