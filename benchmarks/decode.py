@@ -390,9 +390,15 @@ def autotune_picks() -> dict[str, dict[str, str]]:
         from triton.runtime.autotuner import Autotuner
     except ImportError:  # no triton: nothing was tuned
         return {}
+    tuners = []
     with warnings.catch_warnings():  # isinstance on deprecated module proxies warns
         warnings.simplefilter("ignore")
-        tuners = [o for o in gc.get_objects() if isinstance(o, Autotuner) and o.cache]
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, Autotuner) and obj.cache:
+                    tuners.append(obj)
+            except ReferenceError:  # a weak proxy whose object is gone
+                continue
     out: dict[str, dict[str, str]] = {}
     for tuner in tuners:
         picks = out.setdefault(getattr(tuner.base_fn, "__name__", str(tuner.base_fn)), {})
