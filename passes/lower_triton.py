@@ -346,7 +346,7 @@ class LowerTritonPass(Pass):
             if norm is not None and len(x.users) == 1 and _same_dtype(norm.input, x) and (
                     norm.weight is None or _same_dtype(norm.weight, x)):
                 if _norm_reproduced(gm, norm):
-                    op.args = _with(op.args, x=norm.input, rms_weight=norm.weight,
+                    op.args = _with(op, x=norm.input, rms_weight=norm.weight,
                                     rms_eps=float(norm.eps))
                     norms.append(norm)
                     counts["gemv_rmsnorm"] += 1
@@ -356,7 +356,7 @@ class LowerTritonPass(Pass):
                                           "unfused"})
             elif (gate := _silu_gate(x)) is not None:
                 silu, up = gate
-                op.args = _with(op.args, x=silu.args[0], up=up)
+                op.args = _with(op, x=silu.args[0], up=up)
                 gm.graph.erase_node(x)
                 if not silu.users:
                     gm.graph.erase_node(silu)
@@ -372,10 +372,7 @@ class LowerTritonPass(Pass):
             if (not isinstance(res, fx.Node) or res is op or order[res] > order[op]
                     or not _same_value(res, add) or not _same_value(op, add)):
                 continue
-            if op.target is _W4A8:  # (q, q_scale, packed, gexp, row, bias, gs, k, dtype, acc)
-                op.args = (*op.args[:10], *[True][len(op.args) - 9:], res)
-            else:
-                op.args = _with(op.args, residual=res)
+            op.args = _with(op, residual=res)
             add.replace_all_uses_with(op)
             gm.graph.erase_node(add)
             counts["gemv_residual"] += 1
@@ -398,15 +395,16 @@ _W4A8 = _q.w4a8_linear.default
 _ADD = torch.ops.aten.add.Tensor
 _MUL = torch.ops.aten.mul.Tensor
 _SILU = torch.ops.aten.silu.default
-# w4a16_linear's fusion arguments after its 9 positional ones, and their defaults.
-_FUSION_ARGS = {"x": 0, "rms_weight": 9, "rms_eps": 10, "up": 11, "residual": 12}
-
-
-def _with(args: tuple, **new: object) -> tuple:
-    """``w4a16_linear`` arguments with ``new`` set (the fusion defaults filled in)."""
-    out = list(args) + [None, -1.0, None, None][len(args) - 9:]
+def _with(op: fx.Node, **new: object) -> tuple:
+    """``op``'s positional arguments with ``new`` set by name: its schema gives each
+    argument's position, and the defaults of any skipped before the last one set."""
+    schema = op.target._schema.arguments
+    names = [a.name for a in schema]
+    out = list(op.args)
+    last = max(names.index(name) for name in new)
+    out += [a.default_value for a in schema[len(out):last + 1]]
     for name, value in new.items():
-        out[_FUSION_ARGS[name]] = value
+        out[names.index(name)] = value
     return tuple(out)
 
 

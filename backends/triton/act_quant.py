@@ -60,6 +60,7 @@ from qcompile.backends.triton.act_jit import quantize_row, round_to, sylvester
 from qcompile.backends.triton.had_quant import _pow2_ceil, had2_plan, launch_had2
 from qcompile.backends.triton.kron_quant import base_matrix, kron_plan, launch_kron
 from qcompile.backends.triton.launch import launch
+from qcompile.backends.triton.ops import linear_input
 from qcompile.backends.triton.runtime import (
     KernelInputError,
     check_tensor,
@@ -445,7 +446,7 @@ def silu_quant(x: torch.Tensor, up: torch.Tensor, fmt: str, out: str = "qdq"):
 def silu_quant_ref(x: torch.Tensor, up: torch.Tensor, fmt: str, out: str = "qdq"):
     """Plain PyTorch reference of :func:`silu_quant`."""
     spec = _spec(fmt, out, _OUTS[:2])
-    return _ref_out(torch.nn.functional.silu(x) * up, spec, fmt, out, x.dtype)
+    return _ref_out(linear_input(x, up=up), spec, fmt, out, x.dtype)
 
 
 def rmsnorm_quant_ref(x: torch.Tensor, weight: torch.Tensor | None, eps: float, fmt: str,

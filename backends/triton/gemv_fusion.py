@@ -38,10 +38,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton.ops import linear_input, with_residual
 from qcompile.backends.triton.runtime import KernelInputError
 from qcompile.backends.triton.w4a16 import _round_to
 
@@ -103,20 +103,14 @@ class GemvFusion:
 
 def prologue_ref(x: torch.Tensor, fusion: GemvFusion | None) -> torch.Tensor:
     """The linear's input as the unfused ops compute it."""
-    if fusion is None or fusion.prologue == 0:
+    if fusion is None:
         return x
-    if fusion.prologue == 1:
-        from qcompile.backends.triton.ops import rms_norm
-
-        return rms_norm(x, fusion.rms_weight, fusion.rms_eps)
-    return F.silu(x) * fusion.up
+    return linear_input(x, 0, fusion.rms_weight, fusion.rms_eps, fusion.up)
 
 
 def epilogue_ref(y: torch.Tensor, fusion: GemvFusion | None) -> torch.Tensor:
     """The linear's result after the fused residual add (``residual + y``)."""
-    if fusion is None or fusion.residual is None:
-        return y
-    return fusion.residual + y
+    return y if fusion is None else with_residual(y, fusion.residual)
 
 
 def fusion_args(fusion: GemvFusion | None, rows: int,

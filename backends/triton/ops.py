@@ -52,8 +52,8 @@ from qcompile.oplib import define_op
 from qcompile.ops import dequantize_weight, hadamard, quantize_activation, spec_of
 
 __all__ = [
-    "fp8_linear", "hadamard_quantize", "kernels_on_cpu", "quantize_rows", "rms_norm",
-    "w4a16_linear", "w4a8_linear",
+    "fp8_linear", "hadamard_quantize", "kernels_on_cpu", "linear_input", "quantize_rows",
+    "rms_norm", "w4a16_linear", "w4a8_linear", "with_residual",
 ]
 
 _state = threading.local()
@@ -109,11 +109,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return h if weight is None else weight * h
 
 
-def _pre(x: torch.Tensor, had_size: int, rms_weight: torch.Tensor | None,
-         rms_eps: float) -> torch.Tensor:
+def linear_input(x: torch.Tensor, had_size: int = 0, rms_weight: torch.Tensor | None = None,
+                 rms_eps: float = -1.0, up: torch.Tensor | None = None) -> torch.Tensor:
+    """What a fused op multiplies or quantizes, as the graph ops it replaces compute it.
+
+    The reference of every fused prologue: the CPU ops here, the GEMV's
+    (:func:`qcompile.backends.triton.gemv_fusion.prologue_ref`) and the quantize kernels'.
+
+    Args:
+        x: The op's input ``[..., K]``.
+        had_size: Hadamard block size; 0: no rotation.
+        rms_weight: RMSNorm gamma ``[K]`` or None.
+        rms_eps: RMSNorm epsilon; negative: no RMSNorm.
+        up: The gate's other factor, ``[..., K]``: the input is ``silu(x) * up``.
+
+    Returns:
+        ``rms_norm(x, rms_weight, rms_eps)`` when ``rms_eps >= 0``, else ``silu(x) * up``
+        when ``up`` is given, else ``hadamard(x, had_size)`` when ``had_size``, else ``x``.
+    """
     if rms_eps >= 0:
         return rms_norm(x, rms_weight, rms_eps)
+    if up is not None:
+        return F.silu(x) * up
     return hadamard(x, had_size) if had_size else x
+
+
+def with_residual(y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``residual + y`` (the eager add's bits) or ``y``: the fused residual epilogue's
+    reference."""
+    return y if residual is None else residual + y
 
 
 @functools.cache
@@ -171,13 +195,9 @@ def w4a16_linear(
         return _kernels()[3].w4a16_linear(
             x.contiguous(), packed, _code_values(spec, x.device), scale, scale_neg, zero, outer,
             gs, bias, fusion=fusion)
-    if rms_eps >= 0:
-        x = rms_norm(x, rms_weight, rms_eps)
-    elif up is not None:
-        x = F.silu(x) * up
+    x = linear_input(x, 0, rms_weight, rms_eps, up)
     w = dequantize_weight(packed, scale, scale_neg, zero, outer, fmt, k, x.dtype)
-    y = F.linear(x, w, bias)
-    return y if residual is None else residual + y
+    return with_residual(F.linear(x, w, bias), residual)
 
 
 # --- per-token activation codes --------------------------------------------------------------
@@ -217,7 +237,7 @@ def quantize_rows(
             return _kernels()[0].rmsnorm_quant(x.contiguous(), rms_weight, rms_eps, fmt,
                                                out="codes")
         return _kernels()[0].act_quant(x.contiguous(), fmt, had_size, out="codes")
-    xr = (F.silu(x) * up if up is not None else _pre(x, had_size, rms_weight, rms_eps)).float()
+    xr = linear_input(x, had_size, rms_weight, rms_eps, up).float()
     s = compute_scales(spec, group_stats(xr, spec), None).scale  # [..., 1], as quantize uses
     q = _round_f32(xr / s, spec.elem)
     dtype = torch.float8_e4m3fn if spec.elem == "fp8_e4m3" else torch.int8
@@ -304,8 +324,7 @@ def w4a8_linear(
             residual=None if residual is None else residual.reshape(-1, n))
         return out.reshape(*lead, n)
     w = _w4a8_weight(packed, gexp, row_scale, group_size, k, dtype)
-    y = F.linear(_dq_rows(q, q_scale, dtype), w, bias)
-    return y if residual is None else residual + y
+    return with_residual(F.linear(_dq_rows(q, q_scale, dtype), w, bias), residual)
 
 
 # --- Hadamard + dynamic quantize (qdq) -----------------------------------------------------
@@ -331,4 +350,4 @@ def hadamard_quantize(
             return _kernels()[0].rmsnorm_quant(x.contiguous(), rms_weight, rms_eps, fmt,
                                                out="qdq")
         return _kernels()[0].act_quant(x.contiguous(), fmt, size, out="qdq")
-    return quantize_activation(_pre(x, size, rms_weight, rms_eps), fmt)
+    return quantize_activation(linear_input(x, size, rms_weight, rms_eps), fmt)
