@@ -13,6 +13,11 @@ Variants (each on a freshly built random-weight model; values do not change spee
   SiLU gate in front of the GEMVs, residual adds behind them stay Inductor kernels).
 * ``w4a16-fp4sym`` (only when named): recipe ``w4-fp4`` (symmetric FP4 E2M1, g128: one sum per
   code where AFPQ has two).
+* any recipe variant with ``-pdl`` appended (only when named, e.g. ``w4a16-fp4-pdl``): the same
+  with the batch-1 GEMVs launched as programmatic dependents (``runtime.GEMV_PDL``,
+  :mod:`qcompile.backends.triton.pdl`: each GEMV prefetches its first weight lines while the
+  kernel before it finishes). The tiles the autotuner picked for an earlier variant of the same
+  shapes are kept, so next to that variant this measures the launch mode alone.
 
 Measured per variant: decode tokens/s (``generate`` of N new tokens minus 1 new token, over
 N - 1 tokens, dynamic KV cache), prefill tokens/s (one forward over ``--prefill`` tokens), peak
@@ -259,8 +264,37 @@ def _peak_bytes(device: str) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def variant_recipe(name: str) -> str | None:
+    """The recipe of variant ``name`` (None: the bf16 baseline).
+
+    Raises:
+        KeyError: ``name`` is not a variant (``-pdl`` only extends recipe variants).
+    """
+    base = name.removesuffix("-pdl")
+    if base not in VARIANTS or (base != name and VARIANTS[base] is None):
+        raise KeyError(name)
+    return VARIANTS[base]
+
+
 def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
-    """Build, compile, warm up and time one variant."""
+    """Build, compile, warm up and time one variant (``-pdl``: with ``runtime.GEMV_PDL``)."""
+    pdl = name.endswith("-pdl")
+    if not pdl:
+        return _run_variant(name, args, dtype)
+    from qcompile.backends.triton import runtime
+
+    old, runtime.GEMV_PDL = runtime.GEMV_PDL, True
+    try:
+        out = _run_variant(name.removesuffix("-pdl"), args, dtype)
+    finally:
+        runtime.GEMV_PDL = old
+    from qcompile.backends.triton import pdl as pdl_mod
+
+    out["pdl"] = pdl_mod.available(torch.device(args.device))
+    return out
+
+
+def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
     import qcompile
 
     if args.device.startswith("cuda"):
@@ -450,9 +484,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.loop != "generate" and args.cache != "static":
         parser.error(f"--loop {args.loop} needs --cache static")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
+    unknown = []
+    for v in names:
+        try:
+            variant_recipe(v)
+        except KeyError:
+            unknown.append(v)
     if unknown:
-        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} (a "
+                     "recipe variant may end in -pdl)")
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
     if args.gemv1 != "fma":

@@ -40,7 +40,8 @@
 #          its error; if any fails, all once more with a dynamic cache, generate() and no CUDA
 #          graphs (decode_dynamic.json). DECODE_VARIANTS picks the variants (default
 #          bf16,w4a16-fp4,w4a8; w4a16-fp4-unfused measures fuse-linears, w4a16-fp4-nodf the
-#          decode fusions, w4a16-fp4sym symmetric FP4 weights). DECODE_PROFILE=1
+#          decode fusions, w4a16-fp4sym symmetric FP4 weights; a recipe variant ending in
+#          -pdl, e.g. w4a16-fp4-pdl, launches the GEMVs as programmatic dependents). DECODE_PROFILE=1
 #          adds each variant's kernel times per token (--profile, benchmarks/step_profile.py);
 #          DECODE_GEMV1=mma runs the batch-1 FP4 GEMVs on tensor cores (w4a16_gemv_mma);
 #          DECODE_GEMV1=auto times both kernels per shape and keeps the faster.

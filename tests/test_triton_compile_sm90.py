@@ -208,6 +208,14 @@ CASES: list[tuple[str, str, dict]] = [
         dtype="bf16", group_size=128, split=1, pro=2, mma="f16")),
     ("w4a16-gemv1-bf16-g64-int4-rms-res", "w4a16_gemv1", dict(
         dtype="bf16", group_size=64, split=5, zero=True, pro=1, res=True)),
+    # Programmatic dependent launch (pdl): L2 prefetch of the first weight lines, then the
+    # grid-dependency wait before any load, on each batch-1 kernel with a fused decode step.
+    ("w4a16-gemv1w-bf16-g128-afpq-rms-res-pdl", "w4a16_gemv1w", dict(
+        dtype="bf16", group_size=128, split=4, neg=True, pro=1, res=True, pdl=True)),
+    ("w4a16-gemv1mma-bf16-g128-fp4-gate-res-pdl", "w4a16_gemv1mma", dict(
+        dtype="bf16", group_size=128, split=1, pro=2, res=True, mma="f16", pdl=True)),
+    ("w4a16-gemv1-bf16-g64-int4-res-pdl", "w4a16_gemv1", dict(
+        dtype="bf16", group_size=64, split=5, zero=True, res=True, pdl=True)),
     # Prefill: the weight decoded once to x's dtype (then cuBLAS), odd group sizes included.
     ("w4a16-dequant-bf16-g128-afpq", "w4a16_dequant", dict(dtype="bf16", group_size=128,
                                                            neg=True, outer=True)),
@@ -445,7 +453,8 @@ def _build_w4a16_gemv(mod, p: dict, all_configs: bool):
 
 def _fusion(p: dict, args: dict, consts: dict) -> None:
     """The batch-1 GEMVs' decode-fusion arguments (``p["pro"]``: 1 RMSNorm, 2 SiLU gate;
-    ``p["res"]``: residual add), inserted after ``xs_ptr`` and ``outer_stride``."""
+    ``p["res"]``: residual add), inserted after ``xs_ptr`` and ``outer_stride``, and their
+    ``PDL`` flag (``p["pdl"]``: a programmatic dependent launch)."""
     x = "*" + p.get("x", p["dtype"])
     items = list(args.items())
     at = [k for k, _ in items].index("xs_ptr") + 1
@@ -454,7 +463,8 @@ def _fusion(p: dict, args: dict, consts: dict) -> None:
     items[at:at] = [("eps", 1e-6)]
     args.clear()
     args.update(items)
-    consts.update(PRO=p.get("pro", 0), HAS_G=p.get("pro", 0) == 1, HAS_RES=p.get("res", False))
+    consts.update(PRO=p.get("pro", 0), HAS_G=p.get("pro", 0) == 1, HAS_RES=p.get("res", False),
+                  PDL=p.get("pdl", False))
 
 
 def _build_w4a16_gemv1(mod, p: dict, all_configs: bool):
@@ -626,10 +636,20 @@ def _compile_one(fn, args: dict, consts: dict, config, cuobjdump: str) -> dict:
     # A WGMMA whose A operand is in registers lists them in braces after the accumulator's;
     # from shared memory it is a descriptor (a 64-bit register).
     a_regs = bool(re.search(r"wgmma\.mma_async[\w.]*\s*\{[^}]*\},\s*\{", kernel.asm["ptx"]))
+    # Line numbers in the PTX of the grid-dependency instructions, the L2 prefetches and the
+    # first global load (what a programmatic dependent launch must order).
+    lines = kernel.asm["ptx"].splitlines()
+    where = {what: [i for i, line in enumerate(lines) if re.search(pattern, line)]
+             for what, pattern in (("wait", r"griddepcontrol\.wait"),
+                                   ("launch", r"griddepcontrol\.launch_dependents"),
+                                   ("prefetch", r"prefetch\.global\.L2"),
+                                   ("load", r"\bld\.global"))}
     return {"config": dict(config.kwargs, num_warps=config.num_warps,
                            num_stages=config.num_stages),
             "ok": True, "n_regs": regs, "n_spills": stack // 4, "stack_bytes": stack,
             "shared": kernel.metadata.shared, "mma": mma, "a_regs": a_regs,
+            "pdl": {k: v[:1] + v[-1:] for k, v in where.items()}
+            | {f"n_{k}": len(v) for k, v in where.items()},
             "seconds": round(seconds, 2)}
 
 
@@ -765,6 +785,7 @@ def test_compiles_for_sm90(sm90_report, case_id, family, params):
             assert v["a_regs"] == params["a_regs"], (
                 f"{what}: the WGMMA's A operand should {'' if params['a_regs'] else 'not '}"
                 "come from registers")
+        _check_pdl(what, v["pdl"], params.get("pdl", False))
         if v["n_spills"] > params.get("spills", 0):
             spilling.append(f"{what}: {v['stack_bytes']} bytes/thread of spills "
                             f"({v['n_regs']} registers)")
@@ -772,6 +793,22 @@ def test_compiles_for_sm90(sm90_report, case_id, family, params):
         pytest.xfail(f"known: {params['known_spills']}. " + "; ".join(spilling))
     assert not spilling, (f"spills beyond the allowed {params.get('spills', 0)} words: "
                           + "; ".join(spilling))
+
+
+def _check_pdl(what: str, pdl: dict, expected: bool) -> None:
+    """A kernel compiled for a programmatic dependent launch prefetches, then waits for the
+    previous grid before its first global load (nothing another kernel writes is read
+    early), then lets the next grid launch; every other kernel has none of it."""
+    if not expected:
+        assert pdl["n_wait"] == pdl["n_launch"] == pdl["n_prefetch"] == 0, (
+            f"{what}: grid-dependency code without PDL: {pdl}")
+        return
+    assert pdl["n_wait"] == 1 and pdl["n_launch"] == 1 and pdl["n_prefetch"] >= 1, (
+        f"{what}: expected one wait, one launch_dependents and L2 prefetches: {pdl}")
+    assert pdl["prefetch"][-1] < pdl["wait"][0] < pdl["launch"][0], (
+        f"{what}: the prefetches must come before the wait, the wait before the launch: {pdl}")
+    assert pdl["load"] and pdl["wait"][0] < pdl["load"][0], (
+        f"{what}: a global load before griddepcontrol.wait: {pdl}")
 
 
 if __name__ == "__main__":  # the subprocess: python test_triton_compile_sm90.py [--all] [--json F]

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FUSED_REDUCE",
     "GEMV1_MMA",
+    "GEMV_PDL",
     "KernelInputError",
     "arrival_counts",
     "cdiv",
@@ -175,6 +176,12 @@ def next_pow2(n: int) -> int:
 #: (``path_tuning``, cold L2), False never. Off until a GPU has run it
 #: (``benchmarks/kernels_w4a16.py`` times both; ``benchmarks/decode.py --gemv1 mma|auto``).
 GEMV1_MMA: bool | str = False
+
+#: Batch-1 GEMVs launch as programmatic dependents where the GPU and Triton allow it (sm_90+,
+#: ``launch_pdl``): each prefetches its first weight lines and waits for the previous kernel
+#: inside the kernel (:mod:`qcompile.backends.triton.pdl`). Off until a GPU has timed it
+#: (``benchmarks/decode.py --pdl``).
+GEMV_PDL = False
 
 #: Split-K GEMVs sum their partials in the last program of each column tile (arrival counts,
 #: :func:`arrival_counts`): one launch per call instead of two, the same bits. False: a

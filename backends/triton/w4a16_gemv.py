@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton import path_tuning, runtime
+from qcompile.backends.triton import path_tuning, pdl, runtime
 from qcompile.backends.triton.cold_bench import cold_graph_bench
 from qcompile.backends.triton.gemv_fusion import (
     GemvFusion,
@@ -149,10 +149,10 @@ def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, ou
                   HAS_XS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
                   FP4: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
                   PRO: tl.constexpr, HAS_G: tl.constexpr, HAS_RES: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Partial sums of K tiles [pid_s*per, (pid_s+1)*per) into ``part[pid_s]`` (or ``y``);
-    ``PRO``/``HAS_G``/``HAS_RES``: the fused prologue and residual (``gemv_fusion``)."""
-    r = row_rstd(x_ptr, K, eps, PRO)
+    ``PRO``/``HAS_G``/``HAS_RES``: the fused prologue and residual (``gemv_fusion``);
+    ``PDL``: a programmatic dependent launch (``pdl``)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -161,6 +161,10 @@ def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, ou
     rows = packed_ptr + offs_n.to(tl.int64)[:, None] * KB
     tiles = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(tiles, SPLIT)
+    PF: tl.constexpr = BLOCK_K // 256 if BLOCK_K >= 256 else 1  # 128-byte lines per tile
+    pdl.enter(packed_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * KB,
+              pid_s * per * (BLOCK_K // 2), KB, 128, PF, PDL)
+    r = row_rstd(x_ptr, K, eps, PRO)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for t in range(pid_s * per, tl.minimum(pid_s * per + per, tiles)):
         k0 = t * BLOCK_K
@@ -246,13 +250,13 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
                        HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
                        SPLIT: tl.constexpr, REDUCE: tl.constexpr, KIND: tl.constexpr,
                        EXACT: tl.constexpr, PRO: tl.constexpr, HAS_G: tl.constexpr,
-                       HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       PIPE: tl.constexpr, STAGE: tl.constexpr):
+                       HAS_RES: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr, PIPE: tl.constexpr, STAGE: tl.constexpr):
     """FP4 weights read as int32 words (8 codes, k = 8 * word + nibble): per tile, the raw
     code sums of each group (AFPQ: the signed sum S and the magnitude sum A, so the positive
     part is (S + A) / 2 and the negative (S - A) / 2) times the group scales. ``PRO``,
-    ``HAS_G``, ``HAS_RES``: the fused prologue and residual (``gemv_fusion``)."""
-    r = row_rstd(x_ptr, K, eps, PRO)
+    ``HAS_G``, ``HAS_RES``: the fused prologue and residual (``gemv_fusion``); ``PDL``: a
+    programmatic dependent launch (``pdl``)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     WK: tl.constexpr = BLOCK_K // 8
@@ -263,6 +267,10 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
     rows = words_ptr + offs_n.to(tl.int64)[:, None] * KW
     tiles = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(tiles, SPLIT)
+    PF: tl.constexpr = WK // 32 if WK >= 32 else 1  # the first tile's 128-byte lines
+    pdl.enter(words_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * KW,
+              pid_s * per * WK, KW, 32, PF, PDL)
+    r = row_rstd(x_ptr, K, eps, PRO)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     t_end = tl.minimum(pid_s * per + per, tiles)
     for t in tl.range(pid_s * per, t_end, num_stages=PIPE):
@@ -511,7 +519,7 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                  EXACT=exact)
     cnt = scale if counts is None else counts
     fused = fusion_args(fusion, 1, scale)
-    flags.update(fused[1])
+    flags.update(fused[1], **pdl.launch_flags(x.device))
     if words is not None:
         if exact:
             kern, cfg = _gemv1_fp4w_kernel, dict(_INTERP_FP4W, SPLIT=split)

@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton import pdl
 from qcompile.backends.triton.cold_bench import cold_graph_bench
 from qcompile.backends.triton.gemv_fusion import GemvFusion, fusion_args, load_x, row_rstd
 from qcompile.backends.triton.launch import launch
@@ -103,24 +104,28 @@ def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_p
                          HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
                          SPLIT: tl.constexpr, REDUCE: tl.constexpr, KIND: tl.constexpr,
                          EXACT: tl.constexpr, PRO: tl.constexpr, HAS_G: tl.constexpr,
-                         HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         PIPE: tl.constexpr):
+                         HAS_RES: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr, PIPE: tl.constexpr):
     """Partial sums of the K tiles of split ``pid_s`` (module docstring; ``PRO``, ``HAS_G``,
-    ``HAS_RES``: the fused prologue and residual of ``gemv_fusion``)."""
-    r = row_rstd(x_ptr, K, eps, PRO)
+    ``HAS_RES``: the fused prologue and residual of ``gemv_fusion``; ``PDL``: a programmatic
+    dependent launch, ``pdl``)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     WK: tl.constexpr = BLOCK_K // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
+    tiles = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(tiles, SPLIT)
+    # Two 128-byte lines per row: the first 4 K tiles at BLOCK_K 128.
+    pdl.enter(words_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * KW,
+              pid_s * per * WK, KW, 32, 2, PDL)
+    r = row_rstd(x_ptr, K, eps, PRO)
     kw = tl.arange(0, WK)
     kk = tl.arange(0, BLOCK_K)
     # Tile position p = 8 j + 4 a + 2 b + h holds nibble a + 2 b + 4 h of word j (_fp16_tile).
     xperm = (kk // 8) * 8 + (kk // 4) % 2 + ((kk // 2) % 2) * 2 + (kk % 2) * 4
     col0 = (tl.arange(0, 16) == 0)[None, :]
     rows = words_ptr + offs_n.to(tl.int64)[:, None] * KW
-    tiles = tl.cdiv(K, BLOCK_K)
-    per = tl.cdiv(tiles, SPLIT)
     acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
     for t in tl.range(pid_s * per, tl.minimum(pid_s * per + per, tiles), num_stages=PIPE):
         k0 = t * BLOCK_K
@@ -206,7 +211,7 @@ def w4a16_gemv1_mma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
         0 if outer is None or outer.shape[0] == 1 else 1, fused[0][3], GROUP_SIZE=group_size,
         HAS_NEG=scale_neg is not None, HAS_OUTER=outer is not None, HAS_BIAS=bias is not None,
         HAS_XS=x_scale is not None, REDUCE=counts is not None, KIND=_DTYPE_KIND[out.dtype],
-        EXACT=exact, **fused[1], **cfg)
+        EXACT=exact, **fused[1], **pdl.launch_flags(x.device), **cfg)
     _sum_leftover_splits(kern, cfg, counts, part, bias_t, bias is not None, out, xs,
                          x_scale is not None, exact, fused)
     return out

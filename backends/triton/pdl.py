@@ -1,0 +1,97 @@
+"""Programmatic dependent launch (PDL) of the batch-1 GEMVs: the next GEMV's weights start
+streaming while the kernel before it finishes.
+
+With the decode fusions a decode step runs a layer's GEMVs back to back: ``o_proj`` (with
+the residual add) -> ``gate_up`` (with the RMSNorm) -> ``down`` (with the SiLU gate and the
+residual) -> the next layer's ``qkv`` (with its RMSNorm). A GEMV's weights do not depend on
+the kernel before it; only its input row does. The small projections are latency-bound on an
+H100 (``o_proj`` read 8.4 MB in 10.7 us, 0.8 TB/s, ``benchmarks/results/gpu_h100_2026-11-27b.md``),
+so the start of each GEMV, the first round trip to DRAM, and the previous kernel's tail,
+where its last programs leave most multiprocessors idle, are a visible part of its time.
+
+Launched as a programmatic dependent (sm_90 and later, Triton's ``launch_pdl``), a GEMV's
+programs may start once every program of the kernel before it has started (or, for a kernel
+that does not signal, finished). Each program then:
+
+1. asks L2 for the first weight lines of its rows (``prefetch.global.L2``; weights are
+   never written during inference, so reading them early is safe);
+2. waits until the previous grid has completed and its writes are visible
+   (``griddepcontrol.wait``), before it reads anything a kernel writes: ``x``, the gate's
+   ``up``, the residual, the split-K counts and partials;
+3. lets the kernel after it launch early in turn (``griddepcontrol.launch_dependents``).
+
+Everything the GEMV writes comes after its wait, so no earlier kernel can still be reading
+what it overwrites, and a later kernel that is not a dependent launch (Inductor's, cuBLAS's)
+waits for the GEMV to complete as usual. A wait also covers every kernel before: the
+previous grid completed only after its own wait returned.
+
+Off by default (:data:`qcompile.backends.triton.runtime.GEMV_PDL`) until a GPU has timed it
+(``benchmarks/decode.py --pdl``); where PDL is not available (before sm_90, a Triton without
+``launch_pdl``, the interpreter) the kernels run as before.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.backends.triton import runtime
+
+__all__ = ["available", "enter", "launch_flags"]
+
+
+@functools.cache
+def _triton_supports() -> bool:
+    """Whether this Triton has the launch option and the grid-dependency instructions."""
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+        from triton.language.extra import cuda
+    except ImportError:
+        return False
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(cuda, "gdc_wait")
+
+
+@functools.cache
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def available(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can launch as programmatic dependents: a CUDA device of
+    compute capability 9.0 or later, compiled kernels (not the interpreter), and a Triton with
+    ``launch_pdl``."""
+    if device.type != "cuda" or runtime.interpreting() or not _triton_supports():
+        return False
+    return _capable(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def launch_flags(device: torch.device) -> dict:
+    """The GEMV launch's PDL arguments: the kernel's ``PDL`` constexpr, and Triton's
+    ``launch_pdl`` option with it when :data:`runtime.GEMV_PDL` is on and PDL is
+    :func:`available`."""
+    if runtime.GEMV_PDL and available(device):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    # A hint with no result; the output register only satisfies inline_asm_elementwise.
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
+                                     [ptrs], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def enter(rows, first, count, STEP: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr):
+    """A dependent launch's start (module docstring): prefetch ``LINES`` 128-byte lines of
+    each weight row from element ``first`` on (``rows``: ``[BLOCK_N, 1]`` pointers to rows
+    that exist, ``count`` elements each, ``STEP`` elements per line), wait for the previous
+    grid, then let the next one launch. Nothing without ``PDL``."""
+    if PDL:
+        col = tl.minimum(first + STEP * tl.arange(0, LINES), count - 1)
+        _prefetch_l2(rows + col[None, :])
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
