@@ -137,3 +137,16 @@ def test_autotune_picks_lists_each_tuners_choice_per_key(decode_mod):
     tuner.cache[(4096, "torch.bfloat16")] = cfgs[1]
     picks = decode_mod.autotune_picks()["_picks_probe_kernel"]
     assert picks == {"4096 torch.bfloat16": "BLOCK=32, warps=8, stages=3"}
+
+
+def test_pdl_variants_extend_recipe_variants_only(decode_mod):
+    """``-pdl`` names a recipe variant with the GEMVs launched as programmatic dependents; the
+    bf16 baseline and unknown names have none."""
+    assert decode_mod.variant_recipe("w4a16-fp4-pdl") == decode_mod.VARIANTS["w4a16-fp4"]
+    assert decode_mod.variant_recipe("w4a16-fp4-nodf-pdl") == "w4-afpq"
+    assert decode_mod.variant_recipe("bf16") is None
+    for bad in ("bf16-pdl", "w4a16-fp5", "w4a16-fp4-pdl-pdl"):
+        with pytest.raises(KeyError):
+            decode_mod.variant_recipe(bad)
+    with pytest.raises(SystemExit):
+        decode_mod.main(["--variants", "bf16-pdl", "--device", "cpu"])
