@@ -5,8 +5,10 @@ the autotuner picks, tile and K split) next to bf16 ``torch.nn.functional.linear
 shape in the same run, on the Llama-3-8B projections a decode step runs (q/k/v and gate/up
 fused: 6144 x 4096, 4096 x 4096, 28672 x 4096, 4096 x 14336, N x K) and the issue's 8192 x
 8192 and 28672 x 8192. Reports microseconds, the speedup over bf16 and the weight-read
-bandwidth (packed codes + fp32 scales over the kernel time), and one ``layer`` row per format
-and kernel summing the four projections: the GEMV time of one decoder layer's step. Two
+bandwidth (packed codes + fp32 scales over the kernel time), one ``layer`` row per format and
+kernel summing the four projections (the GEMV time of one decoder layer's step), and
+``layer-chain`` rows: the four back to back in one graph with the decode fusions, launched
+ordinarily and as programmatic dependents (``pdl``), next to bf16's four. Two
 kernels: ``gemv1`` (FMA products; what ``w4a16_linear`` runs) and ``gemv1-mma`` (products on
 tensor cores, ``qcompile.backends.triton.w4a16_gemv_mma``), each with its own autotuned pick.
 
@@ -82,6 +84,8 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
 
     torch.manual_seed(0)
     rows: list[dict[str, Any]] = []
+    layer_args: dict[tuple[str, str], tuple] = {}  # (format, projection) -> kernel arguments
+    bf16_layer: dict[str, torch.Tensor] = {}
     shapes = list(LAYER_SHAPES.items()) + [(f"{n}x{k}", (n, k)) for n, k in SHAPES]
     for name, (n, k) in shapes:
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
@@ -94,6 +98,8 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
             args = (pack_codes(q.codes, 4), element_table(spec.elem, dev), q.scale, q.scale_neg,
                     q.zero, q.outer, spec.group_size)
             ref = w4a16_linear_ref(x, *args)
+            if name in LAYER_SHAPES:
+                layer_args[fmt, name] = args
             read = (args[0], q.scale, q.scale_neg, q.zero, q.outer)  # what the kernel streams
             nbytes = sum(t.numel() * t.element_size() for t in read if t is not None)
             words = w4a16_gemv._words(args[0], k)
@@ -122,6 +128,8 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
                     "weight_gbps": nbytes / (w4["cold_us"] * 1e-6) / 1e9,
                     "max_rel_err_vs_ref": err,
                 })
+        if name in LAYER_SHAPES:
+            bf16_layer[name] = dense
         del w, dense
     for fmt, kernel in [(f, kn) for f in FORMATS for kn in ("gemv1", "gemv1-mma")]:
         layer = [r for r in rows if r["format"] == fmt and r["kernel"] == kernel
@@ -135,6 +143,69 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
                          "speedup_vs_bf16": bf_us / w4_us, "weight_bytes": nbytes,
                          "weight_gbps": nbytes / (w4_us * 1e-6) / 1e9,
                          "device": layer[0]["device"]})
+    rows += layer_chain(layer_args, bf16_layer, dev)
+    return rows
+
+
+def layer_chain(layer_args: dict[tuple[str, str], tuple], bf16_layer: dict[str, torch.Tensor],
+                dev: torch.device) -> list[dict[str, Any]]:
+    """One decoder layer's four GEMVs back to back in one CUDA graph on a cold L2, as a
+    decode step runs them with the decode fusions (RMSNorm into ``qkv`` and ``gate_up``, the
+    SiLU gate into ``down``, residual adds into ``o`` and ``down``), per format and kernel,
+    launched ordinarily and as programmatic dependents (``runtime.GEMV_PDL``: each GEMV
+    prefetches its first weight lines while the one before it finishes). bf16: the four
+    ``F.linear`` alone. Same autotuned tiles in both launch modes (tuned at the first call)."""
+    from qcompile.backends.triton import pdl, runtime
+    from qcompile.backends.triton.cold_bench import cold_times
+    from qcompile.backends.triton.gemv_fusion import GemvFusion
+    from qcompile.backends.triton.w4a16 import w4a16_linear
+
+    hidden, inter = LAYER_SHAPES["o"][1], LAYER_SHAPES["down"][1]
+    gen = torch.Generator(device=dev).manual_seed(1)
+    h = torch.randn(1, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+    attn = torch.randn(1, hidden, device=dev, dtype=torch.bfloat16, generator=gen)
+    gate = torch.randn(1, inter, device=dev, dtype=torch.bfloat16, generator=gen)
+    up = torch.randn(1, inter, device=dev, dtype=torch.bfloat16, generator=gen)
+    gamma = torch.ones(hidden, device=dev, dtype=torch.bfloat16)
+    norm = GemvFusion(rms_weight=gamma, rms_eps=1e-5)
+
+    def fused(fmt: str) -> Callable[[], object]:
+        a = {name: layer_args[fmt, name] for name in LAYER_SHAPES}
+
+        def step() -> object:
+            w4a16_linear(h, *a["qkv"], fusion=norm)
+            h2 = w4a16_linear(attn, *a["o"], fusion=GemvFusion(residual=h))
+            w4a16_linear(h2, *a["gate_up"], fusion=norm)
+            return w4a16_linear(gate, *a["down"], fusion=GemvFusion(up=up, residual=h2))
+        return step
+
+    def dense() -> object:
+        d = bf16_layer
+        torch.nn.functional.linear(h, d["qkv"])
+        h2 = torch.nn.functional.linear(attn, d["o"])
+        torch.nn.functional.linear(h2, d["gate_up"])
+        return torch.nn.functional.linear(gate, d["down"])
+
+    dense()
+    bf16_us = 1e3 * statistics.median(cold_times(dense))
+    rows: list[dict[str, Any]] = []
+    old_mma, old_pdl = runtime.GEMV1_MMA, runtime.GEMV_PDL
+    try:
+        for fmt in FORMATS:
+            for kernel in ("gemv1", "gemv1-mma"):
+                runtime.GEMV1_MMA = kernel == "gemv1-mma"
+                for use_pdl in (False, True):
+                    runtime.GEMV_PDL = use_pdl
+                    step = fused(fmt)
+                    step()  # tunes each shape at its first call (both modes share the pick)
+                    us = 1e3 * statistics.median(cold_times(step))
+                    rows.append({
+                        "format": fmt, "shape": "layer-chain", "kernel": kernel,
+                        "pdl": use_pdl and pdl.available(dev), "M": 1, "w4a16_us": us,
+                        "bf16_us": bf16_us, "speedup_vs_bf16": bf16_us / us,
+                        "device": torch.cuda.get_device_name(dev)})
+    finally:
+        runtime.GEMV1_MMA, runtime.GEMV_PDL = old_mma, old_pdl
     return rows
 
 

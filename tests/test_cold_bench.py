@@ -66,3 +66,51 @@ def test_cold_reads_are_slower_than_hot_ones():
     assert cold[len(cold) // 2] > 1.2 * hot
     assert out.item() == buf.numel()
     assert len(cold_bench.cold_graph_bench(fn, (0.5, 0.2, 0.8))) == 3
+
+
+@pytest.mark.skipif(CUDA, reason="checks the chain's calls in the interpreter (CPU)")
+def test_layer_chain_runs_the_fused_layer_in_each_launch_mode(monkeypatch):
+    """The W4A16 benchmark's ``layer-chain`` rows: per format, kernel and launch mode, one
+    decoder layer's four fused GEMVs (small shapes here, in the interpreter; the timing
+    replaced by a call that records the step's result), and the runtime switches restored.
+    The down projection's result must be what the composed ops give."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import kernels_w4a16 as kb
+
+    from qcompile.backends.triton import runtime
+    from qcompile.backends.triton.runtime import element_table
+    from qcompile.backends.triton.w4a16 import w4a16_linear_ref
+    from qcompile.formats import pack_codes, parse_format, quantize
+
+    shapes = {"qkv": (48, 256), "o": (256, 256), "gate_up": (96, 256), "down": (256, 128)}
+    monkeypatch.setattr(kb, "LAYER_SHAPES", shapes)
+    results = []
+    monkeypatch.setattr(cold_bench, "cold_times",
+                        lambda fn: results.append(fn()) or [1e-3, 2e-3, 3e-3])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "cpu")
+    gen = torch.Generator().manual_seed(0)
+    layer_args, dense = {}, {}
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, generator=gen) * 0.05
+        dense[name] = w.to(torch.bfloat16)
+        for fmt in kb.FORMATS:
+            spec = parse_format(fmt)
+            q = quantize(w, spec)
+            layer_args[fmt, name] = (pack_codes(q.codes, 4), element_table(spec.elem, "cpu"),
+                                     q.scale, q.scale_neg, q.zero, q.outer, spec.group_size)
+    rows = kb.layer_chain(layer_args, dense, torch.device("cpu"))
+    assert [(r["format"], r["kernel"], r["pdl"]) for r in rows] == [
+        (f, k, False) for f in kb.FORMATS for k in ("gemv1", "gemv1-mma") for _ in (0, 1)]
+    assert all(r["w4a16_us"] == pytest.approx(2.0) and r["shape"] == "layer-chain"
+               for r in rows)
+    assert runtime.GEMV_PDL is False and runtime.GEMV1_MMA is False
+    # results[0]: bf16's chain; then one per row. Rebuild the last down projection's inputs.
+    gen = torch.Generator().manual_seed(1)
+    h, attn, gate, up = (torch.randn(1, d, generator=gen, dtype=torch.bfloat16)
+                         for d in (256, 256, 128, 128))
+    for fmt, got in zip([r["format"] for r in rows], results[1:], strict=True):
+        a = {name: layer_args[fmt, name] for name in shapes}
+        h2 = h + w4a16_linear_ref(attn, *a["o"])
+        want = h2 + w4a16_linear_ref(torch.nn.functional.silu(gate) * up, *a["down"])
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-4)
