@@ -95,6 +95,9 @@ CASES: list[tuple[str, str, dict]] = [
                                              a_regs=True)),
     ("w4a8-swap-g32-m256", "w4a8_swap", dict(m=256, block_m=256, group_size=32, mma="e4m3",
                                              a_regs=True)),
+    # One warp group on 64 weight rows x 256 activation rows: 248 registers, no spills.
+    ("w4a8-swap-g128-m256-bn64", "w4a8_swap", dict(m=256, block_m=256, block_n=64,
+                                                   group_size=128, mma="e4m3", a_regs=True)),
     # W4A8 prefill: the FP4 -> FP8 shift of the whole weight, on each exponent path.
     ("w4a8-shift-g512", "w4a8_shift", dict(group_size=512)),
     ("w4a8-shift-g128", "w4a8_shift", dict(group_size=128)),
@@ -352,7 +355,9 @@ def _build_w4a8_swap(mod, p: dict, all_configs: bool):
                 stride_am=k, stride_ak=1, stride_wn=(k + 1) // 2, stride_gn=-(-k // gs),
                 stride_cm=n, stride_cn=1)
     consts = dict(GROUP_SIZE=gs, HAS_BIAS=False, DECODE=2, PROMOTE=0)
-    configs = [c for c in mod.SWAP_CONFIGS if all_configs or c.kwargs["BLOCK_M"] == p["block_m"]]
+    configs = [c for c in mod.SWAP_CONFIGS if all_configs or (
+        c.kwargs["BLOCK_M"] == p["block_m"] and c.kwargs["BLOCK_N"] == p.get("block_n",
+                                                                           c.kwargs["BLOCK_N"]))]
     return (mod._w4a8_swap_kernel, args, consts,
             configs if all_configs else _heaviest(configs, _gemm_footprint))
 

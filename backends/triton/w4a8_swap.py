@@ -71,11 +71,14 @@ def _cfg(bn: int, bm: int, stages: int, warps: int) -> triton.Config:
 
 
 #: Autotune candidates: 64 or 128 weight rows per program (one or two warp groups' WGMMA M),
-#: 16-256 activation rows (the WGMMA's N), K blocks of 128.
+#: 16-256 activation rows (the WGMMA's N), K blocks of 128. 64 x 256 on one warp group: at
+#: M = 256 and N = 8192 it gives 128 programs, one per multiprocessor of an H100, where
+#: 128 x 256 leaves half of them idle (the M = 256 gap of ``gpu_h100_2026-11-26b.md``; offline
+#: sm_90: 248 registers, no spills, 100 KiB of shared memory).
 SWAP_CONFIGS = [
     _cfg(64, 16, 5, 4), _cfg(64, 32, 5, 4), _cfg(128, 16, 4, 8), _cfg(128, 32, 4, 8),
     _cfg(64, 64, 4, 4), _cfg(128, 64, 4, 8), _cfg(64, 128, 4, 4), _cfg(128, 128, 3, 8),
-    _cfg(128, 256, 3, 8),
+    _cfg(64, 256, 3, 4), _cfg(128, 256, 3, 8),
 ]
 
 
