@@ -96,7 +96,7 @@ for phase in "${phases[@]}"; do
     say "w4a16"
     timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py ${W4_PREFILL:+--prefill} --out "$out/w4a16.json" > "$out/w4a16.log" 2>&1
     say "w4a16 exit $?"
-    $py -c "import json; [print(r['format'], r.get('shape', (r.get('M'), r.get('N'), r.get('K'))), r['kernel'][:44], round(r['w4a16_us'], 1), round(r['bf16_us'], 1), round(r['speedup_vs_bf16'], 3), round(r.get('weight_gbps', 0)), '| hot', round(r.get('speedup_vs_bf16_hot', 0), 3), '|', r.get('picked', '')) for r in json.load(open('$out/w4a16.json'))]" || tail -5 "$out/w4a16.log"
+    $py -c "import json; [print(r['format'], r.get('shape', (r.get('M'), r.get('N'), r.get('K'))), r['kernel'][:44] + (' pdl' if r.get('pdl') else ''), round(r['w4a16_us'], 1), round(r['bf16_us'], 1), round(r['speedup_vs_bf16'], 3), round(r.get('weight_gbps', 0)), '| hot', round(r.get('speedup_vs_bf16_hot', 0), 3), '|', r.get('picked', '')) for r in json.load(open('$out/w4a16.json'))]" || tail -5 "$out/w4a16.log"
     [ "${W4_SWEEP:-1}" = 0 ] && continue
     timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py --sweep --out "$out/w4a16_sweep.json" > "$out/w4a16_sweep.log" 2>&1
     say "w4a16 sweep exit $?"

@@ -67,8 +67,11 @@ def _picked(tuned: Any) -> str:
         [f"{k}={v}" for k, v in cfg.kwargs.items()] + [f"warps={cfg.num_warps}"])
 
 
-def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
-    """Time the batch-1 GEMVs; one row per (format, shape) and a ``layer`` row per format.
+def run(device: str | torch.device = "cuda",
+        write: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Time the batch-1 GEMVs; one row per (format, shape), a ``layer`` row per format and
+    the ``layer-chain`` rows (``write``, if given, gets the rows before the chains too: a run
+    cut off by a time limit keeps them).
 
     Raises:
         RuntimeError: ``device`` is not an available CUDA device (timings need a GPU).
@@ -143,6 +146,8 @@ def run(device: str | torch.device = "cuda") -> list[dict[str, Any]]:
                          "speedup_vs_bf16": bf_us / w4_us, "weight_bytes": nbytes,
                          "weight_gbps": nbytes / (w4_us * 1e-6) / 1e9,
                          "device": layer[0]["device"]})
+    if write is not None:
+        write(rows)
     rows += layer_chain(layer_args, bf16_layer, dev)
     return rows
 
@@ -342,17 +347,20 @@ def main(argv: list[str] | None = None) -> int:
                       help="time every GEMV1 config x K split (FP4 g128) instead")
     mode.add_argument("--prefill", action="store_true", help="the M = 2048 rows instead")
     args = ap.parse_args(argv)
+    def write(rows: list[dict[str, Any]]) -> str:
+        text = json.dumps(rows, indent=2)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
+        return text
+
     try:
         rows = (sweep(args.device) if args.sweep else prefill(args.device) if args.prefill
-                else run(args.device))
+                else run(args.device, write))
     except RuntimeError as e:
         print(f"kernels_w4a16: {e}", file=sys.stderr)
         return 2
-    text = json.dumps(rows, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print(write(rows))
     return 0
 
 
