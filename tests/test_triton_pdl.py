@@ -23,8 +23,23 @@ SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 def test_off_by_default():
     """Not used until a GPU has timed it, and never off CUDA."""
-    assert runtime.GEMV_PDL is False
+    assert runtime.gemv_switches({}) == (False, False)
     assert pdl.launch_flags(torch.device("cpu")) == {"PDL": False}
+
+
+def test_switches_from_the_environment():
+    """``QCOMPILE_GEMV1`` and ``QCOMPILE_GEMV_PDL`` set the start values; anything else is
+    refused with the variable and the value named."""
+    assert runtime.gemv_switches({"QCOMPILE_GEMV1": "mma", "QCOMPILE_GEMV_PDL": "1"}) == (
+        True, True)
+    assert runtime.gemv_switches({"QCOMPILE_GEMV1": "auto"}) == ("auto", False)
+    assert runtime.gemv_switches({"QCOMPILE_GEMV1": "", "QCOMPILE_GEMV_PDL": ""}) == (
+        False, False)
+    with pytest.raises(ValueError, match="QCOMPILE_GEMV1 must be one of fma, mma, auto, "
+                                         "got 'tensor'"):
+        runtime.gemv_switches({"QCOMPILE_GEMV1": "tensor"})
+    with pytest.raises(ValueError, match="QCOMPILE_GEMV_PDL must be 0 or 1, got 'yes'"):
+        runtime.gemv_switches({"QCOMPILE_GEMV_PDL": "yes"})
 
 
 def test_flags_only_where_available(monkeypatch):

@@ -31,6 +31,7 @@ __all__ = [
     "compile_ahead",
     "compile_threads",
     "element_table",
+    "gemv_switches",
     "graph_bench",
     "interpreting",
     "kernel_device",
@@ -171,17 +172,39 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+_GEMV1_KERNELS = {"fma": False, "mma": True, "auto": "auto"}
+
+
+def gemv_switches(env: dict[str, str]) -> tuple[bool | str, bool]:
+    """``(GEMV1_MMA, GEMV_PDL)`` from ``QCOMPILE_GEMV1`` (``fma``, ``mma`` or ``auto``;
+    default ``fma``) and ``QCOMPILE_GEMV_PDL`` (``0`` or ``1``; default ``0``) in ``env``.
+
+    Raises:
+        ValueError: A value other than those, naming the variable and the value.
+    """
+    kernel = env.get("QCOMPILE_GEMV1", "fma") or "fma"
+    if kernel not in _GEMV1_KERNELS:
+        raise ValueError(f"QCOMPILE_GEMV1 must be one of {', '.join(_GEMV1_KERNELS)}, got "
+                         f"{kernel!r}")
+    pdl = env.get("QCOMPILE_GEMV_PDL", "0") or "0"
+    if pdl not in ("0", "1"):
+        raise ValueError(f"QCOMPILE_GEMV_PDL must be 0 or 1, got {pdl!r}")
+    return _GEMV1_KERNELS[kernel], pdl == "1"
+
+
 #: Batch-1 FP4 GEMVs on tensor cores (``w4a16_gemv_mma``) where eligible: True always,
 #: ``"auto"`` where it times faster than the FMA kernel at the shape's first call
 #: (``path_tuning``, cold L2), False never. Off until a GPU has run it
 #: (``benchmarks/kernels_w4a16.py`` times both; ``benchmarks/decode.py --gemv1 mma|auto``).
-GEMV1_MMA: bool | str = False
-
+#: Its start value comes from ``QCOMPILE_GEMV1`` (:func:`gemv_switches`).
+GEMV1_MMA: bool | str
 #: Batch-1 GEMVs launch as programmatic dependents where the GPU and Triton allow it (sm_90+,
 #: ``launch_pdl``): each prefetches its first weight lines and waits for the previous kernel
 #: inside the kernel (:mod:`qcompile.backends.triton.pdl`). Off until a GPU has timed it
-#: (``benchmarks/decode.py --pdl``).
-GEMV_PDL = False
+#: (``benchmarks/kernels_w4a16.py``'s ``layer-chain`` rows, ``benchmarks/decode.py``'s
+#: ``-pdl`` variants). Its start value comes from ``QCOMPILE_GEMV_PDL``.
+GEMV_PDL: bool
+GEMV1_MMA, GEMV_PDL = gemv_switches(os.environ)
 
 #: Split-K GEMVs sum their partials in the last program of each column tile (arrival counts,
 #: :func:`arrival_counts`): one launch per call instead of two, the same bits. False: a
