@@ -11,7 +11,9 @@ several of qcompile's kernels, with realistic arguments:
   16, a pointer no longer 16-byte aligned) gets the kernel Triton compiles for it, not the
   cached one;
 * through an autotuner, each tuning key gets the config the autotuner chose for it, and the
-  autotuner's ``best_config`` reflects the launch (wrappers read it).
+  autotuner's ``best_config`` reflects the launch (wrappers read it);
+* a programmatic dependent launch (``launch_pdl``, the batch-1 GEMVs' ``pdl``) keeps its
+  launch option on the fast path.
 
 Under the interpreter ``launch`` is ``kernel[grid](...)`` (interpreted kernels are no
 ``JITFunction``), which the kernel tests exercise on every CPU run.
@@ -32,7 +34,8 @@ HERE = Path(__file__).resolve().parent
 #: (compile-test case, its integer argument to perturb) for the kernels checked.
 CASES = [("w4a16-dequant-fp4w-bf16-g128-afpq", "N"), ("w4a8-shift-g128", "K"),
          ("w4a16-gemv1w-bf16-g128-afpq", "N"), ("fp8-persistent-bm128-bias", "M"),
-         ("w4a16-gemv1w-bf16-g128-fp4-rms-res", "N")]
+         ("w4a16-gemv1w-bf16-g128-fp4-rms-res", "N"),
+         ("w4a16-gemv1mma-bf16-g128-fp4-gate-res-pdl", "N")]
 
 
 def _same(a: tuple, b: tuple) -> str | None:
@@ -84,6 +87,8 @@ def _worker(out: str) -> None:
             fn, args, consts, configs = c90._BUILDERS[family](mod, params, False)
             cfg = configs[0]
             kw = dict(consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            if params.get("pdl"):  # Triton's launch option goes with the kernel's flag
+                kw["launch_pdl"] = True
             named = fake_cuda.placeholders(args)
             grid = (3, 2)
             meta_grid = lambda meta, g=grid: g  # noqa: E731
@@ -92,6 +97,7 @@ def _worker(out: str) -> None:
             call(fn, grid, named, kw, True)  # first call: Triton's path, fills the cache
             k1, l1 = call(fn, grid, named, kw, True)
             assert k1 is k0, "fast path launched another compiled kernel"
+            assert k1.metadata.launch_pdl == bool(params.get("pdl")), "launch_pdl not kept"
             assert (err := _same(l0, l1)) is None, err
             # A specialization change: the integer argument off the multiples of 16 ...
             odd = dict(named, **{int_arg: named[int_arg] + 1})
