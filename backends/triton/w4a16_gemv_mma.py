@@ -23,12 +23,13 @@ Status: numerics checked in the interpreter, every tile compiled for sm_90 (warp
 with the decoded tile in registers, no spills), not yet timed on a GPU, so ``w4a16_linear``
 routes to it only with ``runtime.GEMV1_MMA`` set; ``benchmarks/kernels_w4a16.py`` times it
 next to the FMA kernel. The
-SASS census (``benchmarks/sass_census.py``, ``results/sass_census_sm90_2026-11-27b.json``)
-counts 3.1-3.6 instructions per code for symmetric FP4 and 3.8-4.1 for AFPQ at 128 x 128,
-where the FMA kernel needs 4.7 and 6.0 at best: 7.1 and 8.5 us of issue for 8192^2, under the
-read's 10 us, where the FMA kernel's 10.6 and 13.6 are over it. What is left is mostly the
-decode (about 1.8 per code) and moving each tile into the MMA's operand layout through shared
-memory.
+SASS census (``benchmarks/sass_census.py``, ``results/sass_census_sm90_2026-11-27d.json``)
+counts 2.9-3.3 instructions per code for symmetric FP4 and 3.8-4.1 for AFPQ at 128 x 128,
+where the FMA kernel needs 4.2 and 5.6 at best: 6.5 and 8.5 us of issue for 8192^2, under the
+read's 10 us, where the FMA kernel's 9.6 and 12.7 are about at it or over it. What is left is
+mostly the decode (about 1.4 per code with the restaged pair decode of
+``w4a16_gemv._fp16_pair``; AFPQ keeps the unrestaged one, where its magnitude tile is free)
+and moving each tile into the MMA's operand layout through shared memory.
 
 K order: within each word, the tile holds nibble ``a + 2 b + 4 h`` at position ``4 a + 2 b +
 h``, so that each decoded fp16 pair (nibbles i and i + 4) stays one register and joining the
@@ -84,14 +85,16 @@ X_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 
 
 @triton.jit
-def _fp16_tile(w, MAG_ONLY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``[BLOCK_N, BLOCK_K]`` fp16 codes (``w4a16_gemv._fp16_pair``) of words
-    ``w [BLOCK_N, BLOCK_K / 8]`` in the tile's K order: position ``4 a + 2 b + h`` of a word
-    holds nibble ``a + 2 b + 4 h`` (each pair stays one register; module docstring)."""
-    lo0, hi0 = _fp16_pair(w, 0, MAG_ONLY)
-    lo1, hi1 = _fp16_pair(w, 1, MAG_ONLY)
-    lo2, hi2 = _fp16_pair(w, 2, MAG_ONLY)
-    lo3, hi3 = _fp16_pair(w, 3, MAG_ONLY)
+def _fp16_tile(w, MAG_ONLY: tl.constexpr, RESTAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """``[BLOCK_N, BLOCK_K]`` fp16 codes (``w4a16_gemv._fp16_pair``, decoded the ``RESTAGE``
+    way or not) of words ``w [BLOCK_N, BLOCK_K / 8]`` in the tile's K order: position
+    ``4 a + 2 b + h`` of a word holds nibble ``a + 2 b + 4 h`` (each pair stays one register;
+    module docstring)."""
+    lo0, hi0 = _fp16_pair(w, 0, MAG_ONLY, RESTAGE)
+    lo1, hi1 = _fp16_pair(w, 1, MAG_ONLY, RESTAGE)
+    lo2, hi2 = _fp16_pair(w, 2, MAG_ONLY, RESTAGE)
+    lo3, hi3 = _fp16_pair(w, 3, MAG_ONLY, RESTAGE)
     lo = tl.join(tl.join(lo0, lo1), tl.join(lo2, lo3))
     hi = tl.join(tl.join(hi0, hi1), tl.join(hi2, hi3))
     return tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
@@ -140,11 +143,12 @@ def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_p
         inv = ((254 - pw_exp) << 23).to(tl.float32, bitcast=True)  # exactly 1 / pw
         xs = (xt * pw).to(tl.float16)
         xm = tl.broadcast_to(xs[:, None], [BLOCK_K, 16])  # 16 equal columns: no select
-        s = tl.dot(_fp16_tile(w, False, BLOCK_N, BLOCK_K), xm)
+        # AFPQ needs the magnitudes too: a free step of the unrestaged decode (_fp16_pair).
+        s = tl.dot(_fp16_tile(w, False, not HAS_NEG, BLOCK_N, BLOCK_K), xm)
         g_off = offs_n * G + k0 // GROUP_SIZE  # the tile lies in one group
         eff = tl.load(scale_ptr + g_off, mask=n_ok, other=0.0) * inv
         if HAS_NEG:
-            a = tl.dot(_fp16_tile(w, True, BLOCK_N, BLOCK_K), xm)
+            a = tl.dot(_fp16_tile(w, True, False, BLOCK_N, BLOCK_K), xm)
             effn = tl.load(neg_ptr + g_off, mask=n_ok, other=0.0) * inv
             acc += 0.5 * ((s + a) * eff[:, None] + (s - a) * effn[:, None])
         else:
