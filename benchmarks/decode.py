@@ -277,21 +277,28 @@ def variant_recipe(name: str) -> str | None:
 
 
 def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
-    """Build, compile, warm up and time one variant (``-pdl``: with ``runtime.GEMV_PDL``)."""
-    pdl = name.endswith("-pdl")
-    if not pdl:
-        return _run_variant(name, args, dtype)
+    """Build, compile, warm up and time one variant. Recipe variants run with
+    ``runtime.GEMV_PDL`` set from the name (``-pdl``), whatever ``QCOMPILE_GEMV_PDL`` says,
+    and record whether their GEMVs launched as programmatic dependents (``pdl``)."""
     from qcompile.backends.triton import runtime
 
-    old, runtime.GEMV_PDL = runtime.GEMV_PDL, True
+    want = name.endswith("-pdl")
+    old, runtime.GEMV_PDL = runtime.GEMV_PDL, want
     try:
         out = _run_variant(name.removesuffix("-pdl"), args, dtype)
     finally:
         runtime.GEMV_PDL = old
-    from qcompile.backends.triton import pdl as pdl_mod
-
-    out["pdl"] = pdl_mod.available(torch.device(args.device))
+    if out["recipe"] is not None:
+        out["pdl"] = want and _pdl_available(args.device)
     return out
+
+
+def _pdl_available(device: str) -> bool:
+    try:
+        from qcompile.backends.triton import pdl
+    except ImportError:  # no triton: no kernels at all
+        return False
+    return pdl.available(torch.device(device))
 
 
 def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
