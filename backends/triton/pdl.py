@@ -25,8 +25,9 @@ what it overwrites, and a later kernel that is not a dependent launch (Inductor'
 waits for the GEMV to complete as usual. A wait also covers every kernel before: the
 previous grid completed only after its own wait returned.
 
-Off by default (:data:`qcompile.backends.triton.runtime.GEMV_PDL`) until a GPU has timed it
-(``benchmarks/decode.py --pdl``); where PDL is not available (before sm_90, a Triton without
+Off by default (:data:`qcompile.backends.triton.runtime.GEMV_PDL`, ``QCOMPILE_GEMV_PDL``)
+until a GPU has timed it (``benchmarks/kernels_w4a16.py``'s ``layer-chain`` rows,
+``benchmarks/decode.py``'s ``-pdl`` variants); where PDL is not available (before sm_90, a Triton without
 ``launch_pdl``, the interpreter) the kernels run as before.
 """
 
@@ -85,13 +86,15 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def enter(rows, first, count, STEP: tl.constexpr, LINES: tl.constexpr, PDL: tl.constexpr):
+def enter(base, offs_n, N, row_len, first, STEP: tl.constexpr, LINES: tl.constexpr,
+          PDL: tl.constexpr):
     """A dependent launch's start (module docstring): prefetch ``LINES`` 128-byte lines of
-    each weight row from element ``first`` on (``rows``: ``[BLOCK_N, 1]`` pointers to rows
-    that exist, ``count`` elements each, ``STEP`` elements per line), wait for the previous
-    grid, then let the next one launch. Nothing without ``PDL``."""
+    weight rows ``offs_n`` (clamped to the ``N`` rows that exist; ``row_len`` elements each
+    from ``base``, ``STEP`` elements per line) from element ``first`` on, wait for the
+    previous grid, then let the next one launch. Nothing without ``PDL``."""
     if PDL:
-        col = tl.minimum(first + STEP * tl.arange(0, LINES), count - 1)
+        rows = base + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * row_len
+        col = tl.minimum(first + STEP * tl.arange(0, LINES), row_len - 1)
         _prefetch_l2(rows + col[None, :])
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

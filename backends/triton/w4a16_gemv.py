@@ -167,8 +167,7 @@ def _gemv1_kernel(x_ptr, packed_ptr, table_ptr, scale_ptr, neg_ptr, zero_ptr, ou
     tiles = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(tiles, SPLIT)
     PF: tl.constexpr = BLOCK_K // 256 if BLOCK_K >= 256 else 1  # 128-byte lines per tile
-    pdl.enter(packed_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * KB,
-              pid_s * per * (BLOCK_K // 2), KB, 128, PF, PDL)
+    pdl.enter(packed_ptr, offs_n, N, KB, pid_s * per * (BLOCK_K // 2), 128, PF, PDL)
     r = row_rstd(x_ptr, K, eps, PRO)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for t in range(pid_s * per, tl.minimum(pid_s * per + per, tiles)):
@@ -295,8 +294,7 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
     tiles = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(tiles, SPLIT)
     PF: tl.constexpr = WK // 32 if WK >= 32 else 1  # the first tile's 128-byte lines
-    pdl.enter(words_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * KW,
-              pid_s * per * WK, KW, 32, PF, PDL)
+    pdl.enter(words_ptr, offs_n, N, KW, pid_s * per * WK, 32, PF, PDL)
     r = row_rstd(x_ptr, K, eps, PRO)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     t_end = tl.minimum(pid_s * per + per, tiles)

@@ -120,8 +120,7 @@ def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_p
     tiles = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(tiles, SPLIT)
     # Two 128-byte lines per row: the first 4 K tiles at BLOCK_K 128.
-    pdl.enter(words_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * KW,
-              pid_s * per * WK, KW, 32, 2, PDL)
+    pdl.enter(words_ptr, offs_n, N, KW, pid_s * per * WK, 32, 2, PDL)
     r = row_rstd(x_ptr, K, eps, PRO)
     kw = tl.arange(0, WK)
     kk = tl.arange(0, BLOCK_K)
