@@ -252,6 +252,20 @@ CASES: list[tuple[str, str, dict]] = [
                                                      neg=True, mma="bf16", a_regs=True)),
     ("w4a16-swap-bf16-g32-m4000", "w4a16_swap", dict(dtype="bf16", m=4000, group_size=32,
                                                       mma="bf16", a_regs=True)),
+    # Decode attention, every autotune config its prune keeps: Llama-3-8B (4 query heads per
+    # kv head, head_dim 128) with a boolean mask split 16 ways; an additive fp16 mask; head_dim
+    # 256; 64 query heads per kv head; an fp32 cache (three-pass TF32 products), no mask.
+    ("decode-attn-bf16-g4-d128-bool", "decode_attn", dict(dtype="bf16", g=4, d=128, mask=1,
+                                                          nsplit=16, mma="tf32")),
+    # 64 x 8 warps: 80 registers and a 8-byte stack frame (two words) in the offline compile.
+    ("decode-attn-fp16-g8-d64-add", "decode_attn", dict(dtype="fp16", g=8, d=64, mask=2,
+                                                        nsplit=1, mma="tf32", spills=2)),
+    ("decode-attn-bf16-g4-d256-bool", "decode_attn", dict(dtype="bf16", g=4, d=256, mask=1,
+                                                          nsplit=8, mma="tf32")),
+    ("decode-attn-bf16-g64-d128-bool", "decode_attn", dict(dtype="bf16", g=64, d=128, mask=1,
+                                                           nsplit=2, mma="tf32")),
+    ("decode-attn-fp32-g4-d128-none", "decode_attn", dict(dtype="fp32", g=4, d=128, mask=0,
+                                                          nsplit=4, mma="tf32")),
     ("w4a16-gemm-fp32-g32-afpq", "w4a16_gemm", dict(
         dtype="fp32", m=200, group_size=32, neg=True, outer=True, bias=False,
         known_spills="with fp32 activations _w4a16_gemm_kernel's fp32 tiles spill 0.2 to 1 "
@@ -266,7 +280,7 @@ _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2":
             "w4a16_gemv1mma": "w4a16_gemv_mma",
             "w4a16_dequant": "w4a16_dequant", "w4a16_dequant_fp4w": "w4a16_dequant",
             "w4a8_shift": "w4a8_dequant", "w4a8_swap": "w4a8_swap",
-            "w4a16_swap": "w4a16_swap"}
+            "w4a16_swap": "w4a16_swap", "decode_attn": "decode_attention"}
 #: Module that another engineer may still be editing: failures to import it or a kernel
 #: signature this file does not know skip its cases instead of failing them.
 _IN_PROGRESS = "w4a16"
@@ -600,6 +614,22 @@ def _build_w4a16_swap(mod, p: dict, all_configs: bool):
     return mod._w4a16_swap_kernel, args, consts, configs
 
 
+def _build_decode_attn(mod, p: dict, all_configs: bool):
+    dt, g, d, n = p["dtype"], p["g"], p["d"], 4096
+    ptr = "*" + dt
+    args = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr,
+                mask_ptr={0: ptr, 1: "*i1", 2: ptr}[p["mask"]], out_ptr=ptr,
+                part_ptr="*fp32", ml_ptr="*fp32", count_ptr="*i32", L=n, HKV=8, G=g, DK=d,
+                DV=d, qk_scale=0.125, sq_b=8 * g * d, sq_h=d, sq_d=1, sk_b=8 * n * d,
+                sk_h=n * d, sk_l=d, sk_d=1, sv_b=8 * n * d, sv_h=n * d, sv_l=d, sv_d=1,
+                sm_b=n, sm_h=0, sm_l=1)
+    consts = dict(MASK=p["mask"], NSPLIT=p["nsplit"],
+                  PREC="tf32x3" if dt == "fp32" else "tf32", BLOCK_G=max(16, g), BLOCK_DK=d,
+                  BLOCK_DV=d)
+    kept = mod._prune(mod.CONFIGS, {"L": n}, **consts)
+    return mod._decode_attn_kernel, args, consts, mod.CONFIGS if all_configs else kept
+
+
 _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_quant,
              "had2": _build_had2, "kron": _build_kron,
              "w4a16_gemv": _build_w4a16_gemv, "w4a16_reduce": _build_w4a16_reduce,
@@ -607,7 +637,8 @@ _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_qua
              "w4a16_gemv1mma": _build_w4a16_gemv1mma,
              "w4a16_gemv1w": _build_w4a16_gemv1w, "w4a16_dequant": _build_w4a16_dequant,
              "w4a16_dequant_fp4w": _build_w4a16_dequant_fp4w, "w4a8_shift": _build_w4a8_shift,
-             "w4a8_swap": _build_w4a8_swap, "w4a16_swap": _build_w4a16_swap}
+             "w4a8_swap": _build_w4a8_swap, "w4a16_swap": _build_w4a16_swap,
+             "decode_attn": _build_decode_attn}
 
 
 def _resources(cubin: bytes, cuobjdump: str, name: str) -> tuple[int, int]:

@@ -27,6 +27,11 @@ Ops:
     ``qcompile::hadamard_quantize(x, size, fmt, rms_weight=None, rms_eps=-1)``
         ``quantize_activation(hadamard(x, size), fmt)`` in one pass (``size`` 0: no rotation;
         ``rms_eps >= 0``: RMSNorm instead of the rotation).
+    ``qcompile::decode_attention(q, k, v, mask, scale, gqa=False)``
+        ``scaled_dot_product_attention(q, K, V, mask, scale=scale)`` with ``K``/``V`` the
+        cache ``k``/``v`` with each head repeated for its ``Hq / Hkv`` query heads (as
+        ``repeat_kv`` does; ``gqa``: as ``enable_gqa=True`` does); one query row on CUDA
+        runs :mod:`qcompile.backends.triton.decode_attention`, which reads each kv head once.
 
 On CUDA the RMSNorm variants quantize the fp32 normalized values directly (the graph rounds
 them to the activation dtype first): identical for fp32 models, within one quantization step
@@ -52,7 +57,7 @@ from qcompile.oplib import define_op
 from qcompile.ops import dequantize_weight, hadamard, quantize_activation, spec_of
 
 __all__ = [
-    "fp8_linear", "hadamard_quantize", "kernels_on_cpu", "linear_input", "quantize_rows",
+    "decode_attention", "decode_attention_ref", "fp8_linear", "hadamard_quantize", "kernels_on_cpu", "linear_input", "quantize_rows",
     "rms_norm", "w4a16_linear", "w4a8_linear", "with_residual",
 ]
 
@@ -351,3 +356,62 @@ def hadamard_quantize(
                                                out="qdq")
         return _kernels()[0].act_quant(x.contiguous(), fmt, size, out="qdq")
     return quantize_activation(linear_input(x, size, rms_weight, rms_eps), fmt)
+
+
+# --- decode attention ------------------------------------------------------------------------
+
+def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         mask: torch.Tensor | None = None, scale: float | None = None,
+                         gqa: bool = False) -> torch.Tensor:
+    """``scaled_dot_product_attention`` over ``k``/``v`` with each head repeated for its
+    query heads, as the graph computed it: Hugging Face's ``repeat_kv`` (``unsqueeze(2)``,
+    ``expand``, ``reshape``; nothing when every kv head has one query head), or with
+    ``gqa`` the ``enable_gqa=True`` form, which repeats inside the op.
+
+    Args:
+        q: ``[B, Hq, S, DK]``.
+        k: ``[B, Hkv, L, DK]`` with ``Hq`` a multiple of ``Hkv``.
+        v: ``[B, Hkv, L, DV]``.
+        mask: Boolean (true attends) or additive, broadcastable to ``[B, Hq, S, L]``.
+        scale: Score scale (default ``1 / sqrt(DK)``).
+        gqa: Call the attention with ``enable_gqa=True`` on ``k``/``v`` as they are.
+
+    Returns:
+        ``[B, Hq, S, DV]`` in ``q``'s dtype.
+    """
+    if gqa:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=True)
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        b, hkv, n = k.shape[:3]
+        k = k[:, :, None].expand(b, hkv, rep, n, k.shape[-1]).reshape(b, hkv * rep, n, -1)
+        v = v[:, :, None].expand(b, hkv, rep, n, v.shape[-1]).reshape(b, hkv * rep, n, -1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def _decode_attention_fake(q, k, v, mask, scale, gqa=False):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@define_op(
+    "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, "
+    "bool gqa=False) -> Tensor",
+    _decode_attention_fake)
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+    gqa: bool = False,
+) -> torch.Tensor:
+    """Attention over a KV cache whose heads serve several query heads; see the module
+    docstring. Shapes the kernel does not take (several query rows, head_dim > 256) run the
+    reference on CUDA too."""
+    if _use_kernel(q):
+        from qcompile.backends.triton import decode_attention as da
+
+        if da.kernel_fits(q, k, v, mask) is None:
+            return da.decode_attention(q, k, v, mask, scale)
+    return decode_attention_ref(q, k, v, mask, scale, gqa)

@@ -1,0 +1,314 @@
+"""Decode attention: one query row per head against a KV cache, each key/value head read once.
+
+``decode_attention(q, k, v, mask, scale)`` computes ``scaled_dot_product_attention(q, K, V,
+mask, scale)`` where ``K``/``V`` repeat each of ``k``/``v``'s heads for the ``G = Hq / Hkv``
+query heads that share it (grouped-query attention, Hugging Face's ``repeat_kv``), for
+``q`` of one row (a decode step). The graph it replaces materializes the repeated cache (two
+copy kernels per layer and token, ``G`` times the cache's bytes) and builds an additive mask
+for the attention kernel; here a program reads one kv head's keys and values once for its
+``G`` query heads, and a boolean mask is read as it is (broadcast views included).
+
+Kernel. Grid ``(batch * Hkv, NSPLIT)``: program ``(p, s)`` takes the ``s``-th of ``NSPLIT``
+runs of ``BLOCK_L``-position blocks of the cache (flash-decoding). Per block, one ``tl.dot``
+gives the ``[G, BLOCK_L]`` scores (the ``G`` rows padded to at least 16), an online softmax
+in base 2 keeps the running maximum and sum, and a second ``tl.dot`` adds ``p @ v``. The
+products run on fp32 tiles: TF32 tensor-core products for bf16/fp16 caches, whose values
+TF32 holds exactly (so only ``p`` rounds, to TF32's 10 fraction bits where flash attention
+rounds it to the cache's dtype), IEEE products for fp32 caches. A decode step's attention is
+bound by the cache reads, not by these products. A block whose mask is false everywhere (a static
+cache's positions beyond the current one, ``-inf`` for an additive mask) loads no keys or
+values. Split runs store ``(max, sum, acc)`` in fp32; the last program of a kv head to arrive
+(an arrival count, :func:`qcompile.backends.triton.runtime.arrival_counts`) combines them in
+split order, so the result is deterministic, in the same launch.
+
+Numerics: fp32 sums, products as above. Rows with every position masked give zeros, as
+PyTorch's math attention does. The reference is :func:`decode_attention_ref`, the op the
+graph held (``qcompile::decode_attention``'s CPU implementation).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from qcompile.backends.triton.launch import launch
+from qcompile.backends.triton.ops import decode_attention_ref
+from qcompile.backends.triton.runtime import (
+    KernelInputError,
+    arrival_counts,
+    check_tensor,
+    interpreting,
+    sm_count,
+    tuning,
+)
+from qcompile.backends.triton.w4a16 import _last_arrival, _reset_count
+
+__all__ = ["CONFIGS", "MAX_GROUP", "MAX_HEAD_DIM", "MAX_HEAD_DIM_FP32", "MAX_SPLITS", "decode_attention",
+           "decode_attention_ref", "kernel_fits"]
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_HEAD_DIM = 256  # a [16, 256] query tile and [BLOCK_L, 256] key tile stay in registers
+MAX_HEAD_DIM_FP32 = 128  # fp32 tiles of 256 spilled in every config (offline sm_90 compile)
+MAX_GROUP = 64  # query heads per kv head held by one program
+MAX_SPLITS = 16  # the last arrival reads every split's [G, DV] partial back through L2
+_LOG2E = 1.4426950408889634
+
+#: Autotune configs (CUDA): cache positions per block and warps. A block's loads sit under a
+#: data-dependent branch (masked-off blocks load nothing), which Triton does not pipeline.
+CONFIGS = [
+    triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=2)
+    for bl, w in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
+]
+
+
+def _tile_cost(config, block_g: int, block_d: int, fp32: bool) -> float:
+    """Tile elements per thread: the key/value tile (fp32 caches: four times, for the split
+    operands of their three-pass products) and the query and accumulator tiles. At 256 and
+    above ptxas spilled in the offline sm_90 compile of every config for the Llama head dims
+    (64, 128, 256; 1 to 64 query heads per kv head); below it none did."""
+    kv = config.kwargs["BLOCK_L"] * block_d * (4 if fp32 else 1)
+    return (kv + 2 * block_g * block_d) / (32 * config.num_warps)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Configs whose tiles fit in registers (:func:`_tile_cost`; the cheapest if none does),
+    with blocks no longer than one split's share of the cache (rounded up to a power of two,
+    at least 32): a longer block only loads positions past the end."""
+    d = max(kwargs["BLOCK_DK"], kwargs["BLOCK_DV"])
+    fp32 = kwargs["PREC"] == "tf32x3"
+    cost = {id(c): _tile_cost(c, kwargs["BLOCK_G"], d, fp32) for c in configs}
+    fit = [c for c in configs if cost[id(c)] < 256] or [min(configs, key=lambda c: cost[id(c)])]
+    share = triton.next_power_of_2(max(1, -(-named_args["L"] // kwargs["NSPLIT"])))
+    return [c for c in fit if c.kwargs["BLOCK_L"] <= max(32, share)] or fit[:1]
+
+
+@triton.jit
+def _decode_attn_kernel(
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, ml_ptr, count_ptr,
+    L, HKV, G, DK, DV, qk_scale,
+    sq_b, sq_h, sq_d,
+    sk_b, sk_h, sk_l, sk_d,
+    sv_b, sv_h, sv_l, sv_d,
+    sm_b, sm_h, sm_l,
+    MASK: tl.constexpr,  # 0 none, 1 boolean (true attends), 2 additive
+    NSPLIT: tl.constexpr,
+    PREC: tl.constexpr,  # "tf32" (exact for bf16/fp16 values) or "tf32x3" (fp32 caches)
+    BLOCK_G: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sid = tl.program_id(1)
+    b = pid // HKV
+    hk = pid % HKV
+    offs_g = tl.arange(0, BLOCK_G)
+    g_ok = offs_g < G
+    heads = hk * G + offs_g
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dk_ok = offs_dk < DK
+    dv_ok = offs_dv < DV
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + offs_dk[None, :] * sq_d,
+                mask=g_ok[:, None] & dk_ok[None, :], other=0.0).to(tl.float32)
+    k_base = k_ptr + b * sk_b + hk * sk_h
+    v_base = v_ptr + b * sv_b + hk * sv_h
+    m_base = mask_ptr + b * sm_b + heads[:, None] * sm_h
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+    per_split = tl.cdiv(tl.cdiv(L, BLOCK_L), NSPLIT) * BLOCK_L
+    start = sid * per_split
+    end = tl.minimum(start + per_split, L)
+    for l0 in range(start, end, BLOCK_L):
+        offs_l = l0 + tl.arange(0, BLOCK_L)
+        l_ok = offs_l < end
+        live = True
+        if MASK == 1:
+            keep = tl.load(m_base + offs_l[None, :] * sm_l,
+                           mask=g_ok[:, None] & l_ok[None, :], other=0).to(tl.int32)
+            live = tl.max(tl.max(keep, 1), 0) > 0
+        elif MASK == 2:
+            bias = tl.load(m_base + offs_l[None, :] * sm_l, mask=g_ok[:, None] & l_ok[None, :],
+                           other=float("-inf")).to(tl.float32)
+            live = tl.max(tl.max(bias, 1), 0) > float("-inf")
+        if live:
+            kt = tl.load(k_base + offs_l[:, None] * sk_l + offs_dk[None, :] * sk_d,
+                         mask=l_ok[:, None] & dk_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision=PREC)
+            s = s * qk_scale
+            if MASK == 1:
+                s = tl.where(keep != 0, s, float("-inf"))
+            elif MASK == 2:
+                s = s + bias * 1.4426950408889634
+            s = tl.where(l_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + offs_l[:, None] * sv_l + offs_dv[None, :] * sv_d,
+                         mask=l_ok[:, None] & dv_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision=PREC)
+            m_i = m_new
+
+    out_offs = (b * HKV * G + heads)[:, None] * DV + offs_dv[None, :]
+    out_mask = g_ok[:, None] & dv_ok[None, :]
+    if NSPLIT == 1:
+        res = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+        tl.store(out_ptr + out_offs, res.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # Partials: part[p, s, g, d] and ml[p, s, 0 | 1, g].
+        slot = pid * NSPLIT + sid
+        tl.store(part_ptr + (slot * BLOCK_G + offs_g)[:, None] * BLOCK_DV + offs_dv[None, :],
+                 acc)
+        tl.store(ml_ptr + slot * 2 * BLOCK_G + offs_g, m_i)
+        tl.store(ml_ptr + slot * 2 * BLOCK_G + BLOCK_G + offs_g, l_i)
+        if _last_arrival(count_ptr, pid, NSPLIT):
+            first = pid * NSPLIT
+            m_all = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            for s2 in range(NSPLIT):
+                m_s = tl.load(ml_ptr + (first + s2) * 2 * BLOCK_G + offs_g, cache_modifier=".cg")
+                m_all = tl.maximum(m_all, m_s)
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+            tot = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
+            den = tl.zeros([BLOCK_G], tl.float32)
+            for s2 in range(NSPLIT):  # split order: the same sum whichever arrives last
+                row = (first + s2) * 2 * BLOCK_G
+                m_s = tl.load(ml_ptr + row + offs_g, cache_modifier=".cg")
+                if tl.max(m_s, 0) > float("-inf"):  # a run with no live block adds nothing
+                    w = tl.exp2(m_s - m_all)
+                    den += tl.load(ml_ptr + row + BLOCK_G + offs_g, cache_modifier=".cg") * w
+                    a_s = tl.load(part_ptr + ((first + s2) * BLOCK_G + offs_g)[:, None]
+                                  * BLOCK_DV + offs_dv[None, :], cache_modifier=".cg")
+                    tot += a_s * w[:, None]
+            res = tl.where(den[:, None] > 0, tot / tl.where(den > 0, den, 1.0)[:, None], 0.0)
+            tl.store(out_ptr + out_offs, res.to(out_ptr.dtype.element_ty), mask=out_mask)
+            _reset_count(count_ptr, pid)
+
+
+_decode_attn_tuned = triton.autotune(
+    configs=CONFIGS,
+    key=["HKV", "G", "DK", "DV", "MASK", "NSPLIT", "PREC"],
+    prune_configs_by=tuning(_prune, _decode_attn_kernel),
+)(_decode_attn_kernel)
+
+
+# --- wrapper ---------------------------------------------------------------------------------
+
+def kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None) -> str | None:
+    """Why the kernel cannot take these inputs (None: it can). Shapes and dtypes only."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return "q, k and v must be 4-D [batch, heads, rows, head_dim]"
+    if q.shape[2] != 1:
+        return f"{q.shape[2]} query rows (the kernel takes one: a decode step)"
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: one of bf16/fp16/fp32 needed"
+    b, hq, _, dk = q.shape
+    if k.shape[0] != b or v.shape[0] != b or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        return f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}"
+    if k.shape[3] != dk:
+        return f"k head_dim {k.shape[3]} differs from q's {dk}"
+    if k.shape[1] == 0 or hq % k.shape[1]:
+        return f"{hq} query heads are not a multiple of {k.shape[1]} kv heads"
+    if hq // k.shape[1] > MAX_GROUP:
+        return f"{hq // k.shape[1]} query heads per kv head (at most {MAX_GROUP})"
+    if max(dk, v.shape[3]) > MAX_HEAD_DIM:
+        return f"head_dim {max(dk, v.shape[3])} (at most {MAX_HEAD_DIM})"
+    if q.dtype == torch.float32 and max(dk, v.shape[3]) > MAX_HEAD_DIM_FP32:
+        return f"fp32 head_dim {max(dk, v.shape[3])} (at most {MAX_HEAD_DIM_FP32})"
+    if k.shape[2] == 0:
+        return "an empty cache"
+    if mask is not None:
+        if mask.dtype != torch.bool and not mask.is_floating_point():
+            return f"mask dtype {mask.dtype} (boolean or floating point)"
+        if mask.dim() > 4:
+            return f"a {mask.dim()}-D mask"
+        try:
+            torch.broadcast_shapes(mask.shape, (b, hq, 1, k.shape[2]))
+        except RuntimeError:
+            return f"mask {tuple(mask.shape)} does not broadcast to {(b, hq, 1, k.shape[2])}"
+    return None
+
+
+def _splits(programs: int, length: int, device: torch.device) -> int:
+    """Runs of the cache per kv head: enough programs to fill the GPU twice over, no more runs
+    than 64-position blocks, a power of two (each value is one compile), at most MAX_SPLITS."""
+    if interpreting() or device.type != "cuda":
+        return 2 if length > 32 else 1  # exercise the combine under the interpreter
+    want = min(-(-2 * sm_count(device) // programs), -(-length // 64), MAX_SPLITS)
+    return triton.next_power_of_2(max(1, want))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None = None, scale: float | None = None,
+                     splits: int | None = None, block_l: int | None = None) -> torch.Tensor:
+    """Attention of one query row per head over a KV cache (module docstring).
+
+    Args:
+        q: ``[B, Hq, 1, DK]`` bf16/fp16/fp32, any strides.
+        k: ``[B, Hkv, L, DK]``, ``Hq`` a multiple of ``Hkv``, any strides (the cache).
+        v: ``[B, Hkv, L, DV]``.
+        mask: None, boolean (true attends) or additive, broadcastable to ``[B, Hq, 1, L]``.
+        scale: Score scale (default ``1 / sqrt(DK)``).
+        splits: Runs of the cache per kv head (default: sized to the GPU); tests pin it.
+        block_l: Cache positions per block (default: autotuned; 32 under the interpreter).
+
+    Returns:
+        ``[B, Hq, 1, DV]`` in ``q``'s dtype.
+
+    Raises:
+        KernelInputError: Inputs the kernel does not take (the message says which).
+    """
+    dev = q.device
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, _DTYPES, ndim=4, device=dev)
+    if mask is not None:
+        check_tensor(mask, "mask", (torch.bool, *_DTYPES), device=dev)
+    why = kernel_fits(q, k, v, mask)
+    if why is not None:
+        raise KernelInputError(f"decode_attention: {why}")
+    b, hq, _, dk = q.shape
+    hkv, n, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    if scale is None:
+        scale = 1.0 / math.sqrt(dk)
+    out = torch.empty((b, hq, 1, dv), dtype=q.dtype, device=dev)
+    if b == 0 or hq == 0:
+        return out
+    programs = b * hkv
+    nsplit = splits or _splits(programs, n, dev)
+    if nsplit < 1 or nsplit & (nsplit - 1) or nsplit > MAX_SPLITS:
+        raise KernelInputError(f"decode_attention: splits must be a power of two <= "
+                               f"{MAX_SPLITS}, got {nsplit}")
+    counts = arrival_counts(dev, programs) if nsplit > 1 else None
+    if counts is None:
+        nsplit = 1  # no arrival counts (e.g. first call inside a CUDA-graph capture): one run
+    block_g = max(16, triton.next_power_of_2(g))
+    bdk, bdv = max(16, triton.next_power_of_2(dk)), max(16, triton.next_power_of_2(dv))
+    if nsplit > 1:
+        part = torch.empty((programs * nsplit * block_g * bdv,), dtype=torch.float32, device=dev)
+        ml = torch.empty((programs * nsplit * 2 * block_g,), dtype=torch.float32, device=dev)
+    else:
+        part = ml = out
+    if mask is None:
+        kind, mptr, ms = 0, q, (0, 0, 0)
+    else:
+        kind = 1 if mask.dtype == torch.bool else 2
+        me = mask.expand(b, hq, 1, n)
+        mptr, ms = me, (me.stride(0), me.stride(1), me.stride(3))
+    args = (q, k, v, mptr, out, part, ml, counts if counts is not None else out,
+            n, hkv, g, dk, dv, float(scale) * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(3),
+            *k.stride(), *(v.stride(i) for i in (0, 1, 2, 3)), *ms)
+    meta = dict(MASK=kind, NSPLIT=nsplit, PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
+                BLOCK_G=block_g, BLOCK_DK=bdk, BLOCK_DV=bdv)
+    grid = (programs, nsplit)
+    if block_l is not None or interpreting():
+        launch(_decode_attn_kernel, grid, *args, **meta, BLOCK_L=block_l or 32, num_warps=4)
+    else:
+        launch(_decode_attn_tuned, grid, *args, **meta)
+    return out
