@@ -13,6 +13,9 @@ Variants (each on a freshly built random-weight model; values do not change spee
   SiLU gate in front of the GEMVs, residual adds behind them stay Inductor kernels).
 * ``w4a16-fp4sym`` (only when named): recipe ``w4-fp4`` (symmetric FP4 E2M1, g128: one sum per
   code where AFPQ has two).
+* ``w4a16-fp4-noattn``, ``w4a16-fp4sym-noattn`` (only when named): without the decode
+  attention lowering (the SDPA over per-query-head copies of the cache stays), to measure
+  what ``decode_attention`` gives.
 * any recipe variant with ``-pdl`` appended (only when named, e.g. ``w4a16-fp4-pdl``): the same
   with the batch-1 GEMVs launched as programmatic dependents (``runtime.GEMV_PDL``,
   :mod:`qcompile.backends.triton.pdl`: each GEMV prefetches its first weight lines while the
@@ -87,7 +90,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 VARIANTS: dict[str, str | None] = {"bf16": None, "w4a16-fp4": "w4-afpq", "w4a8": "w4a8-m2",
                                    "w4a16-fp4-unfused": "w4-afpq", "w4a16-fp4-nodf": "w4-afpq",
-                                   "w4a16-fp4sym": "w4-fp4"}
+                                   "w4a16-fp4sym": "w4-fp4", "w4a16-fp4-noattn": "w4-afpq",
+                                   "w4a16-fp4sym-noattn": "w4-fp4"}
 #: Variants run unless --variants names others.
 DEFAULT_VARIANTS = ("bf16", "w4a16-fp4", "w4a8")
 
@@ -327,7 +331,8 @@ def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dic
         qcompile.compile(model, recipe=None if pipeline else recipe, pipeline=pipeline,
                          dynamic=dynamic, free_weights=True, mode=args.mode,
                          fuse_linears=not name.endswith("-unfused"),
-                         decode_fusion=not name.endswith("-nodf"))
+                         decode_fusion=not name.endswith("-nodf"),
+                         decode_attention=not name.endswith("-noattn"))
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen).to(args.device)
     long = torch.randint(0, vocab, (1, args.prefill), generator=gen).to(args.device)

@@ -16,7 +16,7 @@
 #          the grid in 150 s. Limit T_TESTS (s), workers NW; TEST_FILES overrides the files,
 #          TEST_K selects tests (pytest -k).
 # kernels  benchmarks/kernels.py: every kernel against cuBLAS / copy (OUTDIR/kernels.{json,md});
-#          FAMILIES=fp8 (or any of w4a16,fp8,act) for a subset.
+#          FAMILIES=fp8 (or any of w4a16,fp8,act,attention) for a subset.
 # acttests the fused activation-quantize tests alone (tests/test_triton_act_quant.py), limit T_ACT.
 # accuracy benchmarks/fp8_accuracy.py: FP8 MMA accumulation error of our GEMMs and cuBLAS's,
 #          promoted and fast (accuracy.json), limit T_ACC.
@@ -40,7 +40,8 @@
 #          its error; if any fails, all once more with a dynamic cache, generate() and no CUDA
 #          graphs (decode_dynamic.json). DECODE_VARIANTS picks the variants (default
 #          bf16,w4a16-fp4,w4a8; w4a16-fp4-unfused measures fuse-linears, w4a16-fp4-nodf the
-#          decode fusions, w4a16-fp4sym symmetric FP4 weights; a recipe variant ending in
+#          decode fusions, w4a16-fp4-noattn / w4a16-fp4sym-noattn the decode attention
+#          kernel, w4a16-fp4sym symmetric FP4 weights; a recipe variant ending in
 #          -pdl, e.g. w4a16-fp4-pdl, launches the GEMVs as programmatic dependents). DECODE_PROFILE=1
 #          adds each variant's kernel times per token (--profile, benchmarks/step_profile.py);
 #          DECODE_GEMV1=mma runs the batch-1 FP4 GEMVs on tensor cores (w4a16_gemv_mma);
@@ -103,7 +104,7 @@ for phase in "${phases[@]}"; do
     $py -c "import json; [print(r['N'], r['kernel'], r.get('split', ''), r.get('config', '')[:60], round(r['us'], 1) if 'us' in r else r.get('error'), round(r.get('weight_gbps', 0))) for r in json.load(open('$out/w4a16_sweep.json'))]" || tail -5 "$out/w4a16_sweep.log" ;;
   kernels)
     say "kernels"
-    timeout "${T_KERNELS:-150}" $py benchmarks/kernels.py --families "${FAMILIES:-w4a16,fp8,act}" \
+    timeout "${T_KERNELS:-150}" $py benchmarks/kernels.py --families "${FAMILIES:-w4a16,fp8,act,attention}" \
       --out "$out/kernels" > "$out/kernels.log" 2>&1
     say "kernels exit $?"; tail -30 "$out/kernels.log" ;;
   host)

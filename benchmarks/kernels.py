@@ -8,8 +8,9 @@ Usage (on a GPU machine)::
 Writes ``<out>.json`` (one row per measurement: kernel, shape, µs, baseline µs, ratio, and
 TFLOP/s or GB/s where meaningful) and ``<out>.md``. Baselines are timed in the same process
 with ``triton.testing.do_bench``: cuBLAS bf16 (``F.linear``), cuBLAS FP8
-(``torch._scaled_mm`` rowwise) and a plain copy of the same bytes. The per-family modules
-(``kernels_w4a16.py``, ``kernels_fp8.py``, ``kernels_act.py``) hold the measurements; this
+(``torch._scaled_mm`` rowwise), a plain copy of the same bytes and, for decode attention, the
+unlowered graph's repeat + SDPA. The per-family modules (``kernels_w4a16.py``,
+``kernels_fp8.py``, ``kernels_act.py``, ``kernels_attention.py``) hold the measurements; this
 script runs them all and adds the perplexity check of the lowering: SmolLM2 through the
 reference ops vs through ``lower-triton`` kernels, same pipeline, on the GPU.
 """
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-FAMILIES = ("kernels_w4a16", "kernels_fp8", "kernels_act")
+FAMILIES = ("kernels_w4a16", "kernels_fp8", "kernels_act", "kernels_attention")
 PPL_PIPELINES = (
     "quantize{w=fp4_e2m1/g128/asym},cleanup",
     "quantize{w=int4/g128/asym},cleanup",

@@ -21,6 +21,11 @@ leaves them):
   the graph's own bits; otherwise it stays and is reported.
 * A SiLU gate ``silu(a) * b`` read only by such an activation quantize folds into
   ``quantize_rows`` (``up=b``, option ``gate``): the quantize kernel computes it per row.
+* Decode attention (``attention``): an SDPA of one query row per head (a decode step) over
+  keys/values that a GQA head repeat (``repeat_kv``) or ``enable_gqa`` spreads over the query
+  heads -> ``qcompile::decode_attention`` on the cache as it is (no repeated copy; on CUDA
+  one kernel reads each kv head once, :mod:`qcompile.backends.triton.decode_attention`).
+  Dropout, ``is_causal`` and masks that are neither boolean nor float stay and are reported.
 * Decode fusions (``decode_fusion``): a ``w4a16_linear`` whose input is statically one row (a
   decode step's graph) takes in the RMSNorm (checked by the same probe) or the
   ``silu(a) * b`` that feeds it, and it or a one-row ``w4a8_linear`` the residual ``add``
@@ -49,6 +54,7 @@ from qcompile.backends.triton.scales import W4A8ScaleError, w4a8_split_scales
 from qcompile.graph import get_attr_value, propagate_fake, set_attr_value, unique_attr_name
 from qcompile.ops import spec_of
 from qcompile.pass_base import Pass, PassResult
+from qcompile.passes.lower_triton_attention import lower_decode_attention
 from qcompile.patterns import Norm, find_norms
 from qcompile.registry import register_pass
 
@@ -84,6 +90,8 @@ class LowerTritonOptions:
             docstring).
         gate: Fold ``silu(a) * b`` read only by an FP8/W4A8 activation quantize into that
             quantize (``quantize_rows(..., up=b)``; any row count).
+        attention: Replace one-query-row SDPAs (decode steps) with ``decode_attention`` on
+            the unrepeated KV cache (module docstring).
     """
 
     w4a16: bool = True
@@ -94,6 +102,7 @@ class LowerTritonOptions:
     fp32_accumulate: bool = False
     decode_fusion: bool = True
     gate: bool = True
+    attention: bool = True
 
 
 def _is(node: object, target: object) -> bool:
@@ -135,15 +144,18 @@ class LowerTritonPass(Pass):
            ``quantize_rows``; users that are not lowered keep the original Q/DQ.
         4. Nodes and buffers left unread are removed (``cleanup`` drops the buffers).
         5. Nothing to lower: ``modified`` is False and the graph is untouched.
-        7. An RMSNorm read only by an activation quantize folds into it when a probe shows
-           the fused op's reference RMSNorm reproduces the graph's bits (else reported).
         6. A 4-bit weight read with another activation format (W4A4) becomes a W4A16 GEMM on
            the quantize-dequantized activation, whose Q/DQ is lowered on its own.
+        7. An RMSNorm read only by an activation quantize folds into it when a probe shows
+           the fused op's reference RMSNorm reproduces the graph's bits (else reported).
+        8. A one-query-row SDPA becomes ``decode_attention`` on the unrepeated cache; an SDPA
+           of several rows is not touched; a one-row SDPA that cannot be taken is reported.
     """
 
     name = "lower-triton"
     Options = LowerTritonOptions
-    summary = "fused Triton kernels for W4A16, W8A8 FP8, W4A8 and activation quantize"
+    summary = ("fused Triton kernels for W4A16, W8A8 FP8, W4A8, activation quantize and "
+               "decode attention")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         skipped: list[dict[str, str]] = []
@@ -152,7 +164,8 @@ class LowerTritonPass(Pass):
         self._norms = {n.output: n for n in find_norms(gm)
                        if n.kind == "rms" and n.offset == 0.0 and n.bias is None}
         matches = [m for n in list(gm.graph.nodes) if (m := self._check(gm, n, skipped))]
-        counts = {"w4a16": 0, "fp8": 0, "w4a8": 0, "act": 0, "rmsnorm": 0, "silu_gate": 0}
+        counts = {"w4a16": 0, "fp8": 0, "w4a8": 0, "act": 0, "rmsnorm": 0, "silu_gate": 0,
+                  "attention": 0}
         self._gates: list[fx.Node] = []
         rows: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
         for m in matches:
@@ -162,6 +175,8 @@ class LowerTritonPass(Pass):
             counts["act"] = self._lower_acts(gm, skipped)
         counts["rmsnorm"] = len(self._fused_norms)
         counts["silu_gate"] = len(self._gates) // 2
+        if self.options.attention:
+            counts["attention"] = lower_decode_attention(gm, skipped)
         gemv_norms: list[Norm] = []
         if self.options.decode_fusion:
             counts.update(self._fuse_decode(gm, gemv_norms))

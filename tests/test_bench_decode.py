@@ -144,6 +144,7 @@ def test_pdl_variants_extend_recipe_variants_only(decode_mod):
     bf16 baseline and unknown names have none."""
     assert decode_mod.variant_recipe("w4a16-fp4-pdl") == decode_mod.VARIANTS["w4a16-fp4"]
     assert decode_mod.variant_recipe("w4a16-fp4-nodf-pdl") == "w4-afpq"
+    assert decode_mod.variant_recipe("w4a16-fp4sym-noattn") == "w4-fp4"
     assert decode_mod.variant_recipe("bf16") is None
     for bad in ("bf16-pdl", "w4a16-fp5", "w4a16-fp4-pdl-pdl"):
         with pytest.raises(KeyError):

@@ -313,7 +313,8 @@ class QCompileBackend:
         from qcompile.api import quantize_graph
 
         opts = [o for o, on in (("fp32_accumulate=true", self.options.fp32_accumulate),
-                                ("decode_fusion=false", not self.options.decode_fusion)) if on]
+                                ("decode_fusion=false", not self.options.decode_fusion),
+                                ("attention=false", not self.options.decode_attention)) if on]
         lowering = "lower-triton" + ("{" + " ".join(opts) + "}" if opts else "")
         lifted.gm, report = quantize_graph(lifted.gm, lowering, progress=False)
         self.stats.reports.append(report)

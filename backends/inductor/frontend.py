@@ -27,6 +27,7 @@ def compile(
     fuse_linears: bool = True,
     fp32_accumulate: bool = False,
     decode_fusion: bool = True,
+    decode_attention: bool = True,
 ) -> torch.nn.Module:
     """Compile ``model`` in place with the ``qcompile`` backend and return it.
 
@@ -54,6 +55,8 @@ def compile(
             accurate, slower; :class:`BackendOptions`).
         decode_fusion: In decode (one-row) graphs, lowered W4A16 linears absorb the RMSNorm
             or SiLU gate before them and the residual add after them.
+        decode_attention: In decode graphs, attention over a GQA KV cache runs as one
+            ``decode_attention`` op on the cache as it is (no per-query-head copies).
 
     Returns:
         ``model``, compiled.
@@ -68,7 +71,7 @@ def compile(
         "artifact": str(artifact) if artifact is not None else None,
         "free_weights": free_weights, "inductor": inductor, "mode": mode, "lower": lower,
         "fuse_linears": fuse_linears, "fp32_accumulate": fp32_accumulate,
-        "decode_fusion": decode_fusion,
+        "decode_fusion": decode_fusion, "decode_attention": decode_attention,
     })
     backend = QCompileBackend(options)
     backend.register_model(model)

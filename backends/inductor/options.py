@@ -50,6 +50,9 @@ class BackendOptions:
             or SiLU gate in front of them and the residual add behind them
             (``lower-triton{decode_fusion=...}``): three element-wise launches fewer per
             Llama layer and token.
+        decode_attention: In one-row graphs, attention over a GQA KV cache becomes one
+            ``decode_attention`` op reading each kv head once (``lower-triton{attention=...}``)
+            instead of copies of the cache repeated per query head and an SDPA.
     """
 
     recipe: str | None = None
@@ -63,6 +66,7 @@ class BackendOptions:
     fuse_linears: bool = True
     fp32_accumulate: bool = False
     decode_fusion: bool = True
+    decode_attention: bool = True
 
     def key(self) -> tuple:
         """Hashable identity: backends with equal keys share their quantized weights."""
@@ -81,6 +85,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "fuse_linears": (bool,),
     "fp32_accumulate": (bool,),
     "decode_fusion": (bool,),
+    "decode_attention": (bool,),
 }
 _LOWER = ("auto", "always", "none")
 

@@ -2,28 +2,33 @@
 
 ``decode_attention(q, k, v, mask, scale)`` computes ``scaled_dot_product_attention(q, K, V,
 mask, scale)`` where ``K``/``V`` repeat each of ``k``/``v``'s heads for the ``G = Hq / Hkv``
-query heads that share it (grouped-query attention, Hugging Face's ``repeat_kv``), for
-``q`` of one row (a decode step). The graph it replaces materializes the repeated cache (two
-copy kernels per layer and token, ``G`` times the cache's bytes) and builds an additive mask
-for the attention kernel; here a program reads one kv head's keys and values once for its
-``G`` query heads, and a boolean mask is read as it is (broadcast views included).
+query heads that share it (grouped-query attention, Hugging Face's ``repeat_kv``), for ``q``
+of one row (a decode step). The graph it replaces materializes the repeated cache (two copy
+kernels per layer and token, ``G`` times the cache's bytes) and builds an additive mask for
+the attention kernel; here a program reads one kv head's keys and values once for its ``G``
+query heads, and a boolean mask is read as it is (broadcast views included).
 
 Kernel. Grid ``(batch * Hkv, NSPLIT)``: program ``(p, s)`` takes the ``s``-th of ``NSPLIT``
 runs of ``BLOCK_L``-position blocks of the cache (flash-decoding). Per block, one ``tl.dot``
 gives the ``[G, BLOCK_L]`` scores (the ``G`` rows padded to at least 16), an online softmax
-in base 2 keeps the running maximum and sum, and a second ``tl.dot`` adds ``p @ v``. The
-products run on fp32 tiles: TF32 tensor-core products for bf16/fp16 caches, whose values
-TF32 holds exactly (so only ``p`` rounds, to TF32's 10 fraction bits where flash attention
-rounds it to the cache's dtype), IEEE products for fp32 caches. A decode step's attention is
-bound by the cache reads, not by these products. A block whose mask is false everywhere (a static
-cache's positions beyond the current one, ``-inf`` for an additive mask) loads no keys or
-values. Split runs store ``(max, sum, acc)`` in fp32; the last program of a kv head to arrive
-(an arrival count, :func:`qcompile.backends.triton.runtime.arrival_counts`) combines them in
-split order, so the result is deterministic, in the same launch.
+in base 2 keeps the running maximum and sum, and a second ``tl.dot`` adds ``p @ v``. A block
+whose mask is false everywhere (a static cache's positions past the current one; ``-inf``
+for an additive mask) loads no keys or values. Split runs store ``(max, sum, acc)`` in fp32;
+the last program of a kv head to arrive (an arrival count,
+:func:`qcompile.backends.triton.runtime.arrival_counts`) combines them in split order, in the
+same launch, so the result does not depend on which arrives last.
 
-Numerics: fp32 sums, products as above. Rows with every position masked give zeros, as
-PyTorch's math attention does. The reference is :func:`decode_attention_ref`, the op the
-graph held (``qcompile::decode_attention``'s CPU implementation).
+Numerics. The products run on fp32 tiles: TF32 tensor-core products for bf16/fp16 caches,
+whose values TF32 holds exactly (only ``p`` rounds, to TF32's 10 fraction bits, where flash
+attention rounds it to the cache's dtype), three-pass TF32 (``tf32x3``) for fp32 caches; the
+sums are fp32. A decode step's attention is bound by the cache reads, not by these products.
+Rows with every position masked give zeros, as PyTorch's math attention does. The reference
+is :func:`qcompile.backends.triton.ops.decode_attention_ref`, the composition the graph held
+(``qcompile::decode_attention``'s CPU implementation).
+
+Tuning. The autotuner times configs on a cold L2
+(:func:`qcompile.backends.triton.cold_bench.cold_graph_bench`): in a decode step the other
+layers' weights have evicted this layer's cache lines.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton.cold_bench import cold_graph_bench
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.ops import decode_attention_ref
 from qcompile.backends.triton.runtime import (
@@ -192,7 +198,7 @@ def _decode_attn_kernel(
 _decode_attn_tuned = triton.autotune(
     configs=CONFIGS,
     key=["HKV", "G", "DK", "DV", "MASK", "NSPLIT", "PREC"],
-    prune_configs_by=tuning(_prune, _decode_attn_kernel),
+    prune_configs_by=tuning(_prune, _decode_attn_kernel), do_bench=cold_graph_bench,
 )(_decode_attn_kernel)
 
 

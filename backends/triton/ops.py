@@ -27,7 +27,7 @@ Ops:
     ``qcompile::hadamard_quantize(x, size, fmt, rms_weight=None, rms_eps=-1)``
         ``quantize_activation(hadamard(x, size), fmt)`` in one pass (``size`` 0: no rotation;
         ``rms_eps >= 0``: RMSNorm instead of the rotation).
-    ``qcompile::decode_attention(q, k, v, mask, scale, gqa=False)``
+    ``qcompile::decode_attention(q, k, v, mask=None, scale=None, gqa=False)``
         ``scaled_dot_product_attention(q, K, V, mask, scale=scale)`` with ``K``/``V`` the
         cache ``k``/``v`` with each head repeated for its ``Hq / Hkv`` query heads (as
         ``repeat_kv`` does; ``gqa``: as ``enable_gqa=True`` does); one query row on CUDA
@@ -390,20 +390,20 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _decode_attention_fake(q, k, v, mask, scale, gqa=False):
+def _decode_attention_fake(q, k, v, mask=None, scale=None, gqa=False):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 @define_op(
-    "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, "
+    "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, float? scale=None, "
     "bool gqa=False) -> Tensor",
     _decode_attention_fake)
 def decode_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor | None,
-    scale: float,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
     gqa: bool = False,
 ) -> torch.Tensor:
     """Attention over a KV cache whose heads serve several query heads; see the module

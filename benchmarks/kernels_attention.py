@@ -1,0 +1,102 @@
+"""Decode attention kernel vs what the unlowered decode graph runs (CUDA).
+
+Llama-3-8B's attention at batch 1 (32 query heads over 8 kv heads, head_dim 128, bf16), one
+query row over a static cache of ``cache_len`` positions of which the first ``live`` are
+attended (the boolean prefix mask a static cache gets). Timed in one run, each on a cold L2
+(:func:`qcompile.backends.triton.cold_bench.cold_times`, median; hot ``do_bench`` where a
+call cannot be captured in a CUDA graph, marked ``cold: false``), as in a decode step, where
+the other layers' weights have evicted the cache:
+
+* ``graph``: ``repeat_kv`` then SDPA with the mask, compiled by Inductor (what a decode
+  graph without ``decode_attention`` computes: per-query-head copies of the cache, then an
+  attention kernel);
+* ``sdpa_gqa``: PyTorch's SDPA with ``enable_gqa=True`` (no copies), eager;
+* ``decode_attention``: :func:`qcompile.backends.triton.decode_attention.decode_attention`.
+
+Each row has ``us``, ``ratio_vs_graph`` (the graph's time over this one) and ``gbps``: the
+bytes of the live keys and values over the time (the bytes a decode step must read).
+
+Usage::
+
+    python benchmarks/kernels_attention.py
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+#: (cache_len, live): full caches of three lengths and a long static cache one-eighth used.
+CASES = ((512, 512), (2048, 2048), (8192, 8192), (8192, 1024))
+
+
+def _time(fn) -> tuple[float, bool]:
+    """Median µs of ``fn`` on a cold L2, or hot if it cannot be captured; (µs, cold)."""
+    from triton.testing import do_bench
+
+    from qcompile.backends.triton.cold_bench import cold_times
+
+    fn()  # compile / autotune outside the timing
+    torch.cuda.synchronize()
+    try:
+        return float(torch.tensor(cold_times(fn)).median()) * 1e3, True
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return do_bench(fn, return_mode="median") * 1e3, False
+
+
+def _ways(graph, q, k, v, mask) -> dict[str, Any]:
+    """The three calls timed per case (module docstring), by name."""
+    import torch.nn.functional as F
+
+    from qcompile.backends.triton.decode_attention import decode_attention
+
+    return {
+        "graph": lambda: graph(q, k, v, mask),
+        "sdpa_gqa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                           enable_gqa=True),
+        "decode_attention": lambda: decode_attention(q, k, v, mask),
+    }
+
+
+def run() -> list[dict[str, Any]]:
+    """Time the three ways per case; one dict per (case, way).
+
+    Raises:
+        RuntimeError: No CUDA device (the interpreter would time Python, not the kernel).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("benchmarks/kernels_attention.py needs a CUDA GPU: the Triton "
+                           "interpreter on CPU measures Python overhead, not the kernel")
+    from qcompile.backends.triton.ops import decode_attention_ref
+
+    graph = torch.compile(decode_attention_ref, dynamic=False)
+    device = torch.cuda.get_device_name()
+    rows = []
+    for cache_len, live in CASES:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(1, HEADS, 1, HEAD_DIM, device="cuda", generator=gen).bfloat16()
+        k, v = (torch.randn(1, KV_HEADS, cache_len, HEAD_DIM, device="cuda",
+                            generator=gen).bfloat16() for _ in range(2))
+        mask = (torch.arange(cache_len, device="cuda") < live).view(1, 1, 1, cache_len)
+        ways = _ways(graph, q, k, v, mask)
+        want = decode_attention_ref(q.float(), k.float(), v.float(), mask)
+        live_bytes = live * KV_HEADS * 2 * HEAD_DIM * 2
+        base = None
+        for name, fn in ways.items():
+            err = (fn().float() - want).abs().max().item()
+            us, cold = _time(fn)
+            base = us if name == "graph" else base
+            rows.append({"op": "decode_attention", "way": name, "cache_len": cache_len,
+                         "live": live, "heads": HEADS, "kv_heads": KV_HEADS,
+                         "head_dim": HEAD_DIM, "dtype": "bfloat16", "us": us, "cold": cold,
+                         "ratio_vs_graph": base / us, "gbps": live_bytes / us / 1e3,
+                         "max_abs_err": err, "device": device})
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=1))

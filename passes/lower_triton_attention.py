@@ -1,0 +1,49 @@
+"""``lower-triton``'s decode-attention rewrite: one-query-row SDPAs -> ``decode_attention``.
+
+Pattern (:func:`qcompile.attention.decode_sdpa`): ``scaled_dot_product_attention(q, K, V,
+mask)`` with ``q`` of one row per head, ``K``/``V`` a GQA head repeat of the cache
+(``reshape(expand(unsqueeze(cache, 2)))``, ``repeat_interleave``, none when every kv head
+has one query head) or the cache itself under ``enable_gqa``. Check: no dropout, not
+``is_causal``, a boolean or float mask, one dtype. Rewrite: ``qcompile::decode_attention(q,
+k_cache, v_cache, mask, scale, gqa)``; the repeat nodes the SDPA alone read go with it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import fx
+
+import qcompile.backends.triton.ops  # noqa: F401  (registers qcompile::decode_attention)
+from qcompile.attention import decode_sdpa
+
+__all__ = ["lower_decode_attention"]
+
+log = logging.getLogger(__name__)
+
+
+def lower_decode_attention(gm: fx.GraphModule, skipped: list[dict[str, str]]) -> int:
+    """Rewrite every decode-step SDPA of ``gm``; append those that cannot be to ``skipped``
+    (``{"node", "reason"}``). Returns the number rewritten."""
+    op = torch.ops.qcompile.decode_attention.default
+    n = 0
+    for node in list(gm.graph.nodes):
+        match, why = decode_sdpa(node)
+        if match is None:
+            if why:
+                skipped.append({"node": node.name, "reason": why})
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(op, (match.q, match.k, match.v, match.mask,
+                                              match.scale, match.gqa))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        for rep in match.repeats:  # reshape, expand, unsqueeze: readers first
+            if not rep.users:
+                gm.graph.erase_node(rep)
+        log.debug("lower-triton: %s -> decode_attention (gqa=%s, %d repeat nodes)",
+                  node.name, match.gqa, len(match.repeats))
+        n += 1
+    return n

@@ -1,0 +1,345 @@
+"""Decode attention: the kernel (:mod:`qcompile.backends.triton.decode_attention`), the
+``qcompile::decode_attention`` op and ``lower-triton``'s rewrite of one-query-row SDPAs.
+
+The kernel runs under Triton's interpreter on the CPU and natively on CUDA, against the
+op's reference (``repeat_kv`` + SDPA in fp32). The rewrite is checked on small exported
+graphs (each rule, including what it must leave alone) and end to end: a tiny Llama's
+static-cache ``generate()`` through the ``qcompile`` backend gives the same tokens lowered or
+not, with the attention of its decode graphs lowered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qcompile
+from qcompile.api import quantize_graph
+from qcompile.backends.triton.ops import decode_attention_ref
+from qcompile.testing import tiny_model
+
+Q = torch.ops.qcompile
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def _kernel_device() -> str:
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return "cuda"
+    from qcompile.backends.triton.runtime import interpreting
+
+    if not interpreting():
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
+    return "cpu"
+
+
+def _qkv(b, hq, hkv, n, dk, dv, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, 1, hq, dk, generator=gen).transpose(1, 2)  # a strided view, as in graphs
+    k = torch.randn(b, hkv, n, dk, generator=gen)
+    v = torch.randn(b, hkv, n, dv, generator=gen) * 2
+    return (t.to(dtype=dtype, device=device) for t in (q, k, v))
+
+
+def _mask(kind: str, b: int, hq: int, n: int, dtype, device, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind == "prefix":  # a static cache: positions up to the current one, broadcast view
+        return (torch.arange(n) <= (2 * n) // 3).view(1, 1, 1, n).expand(b, 1, 1, n).to(device)
+    if kind == "heads":  # one boolean row per head, some false everywhere but position 0
+        m = torch.rand(b, hq, 1, n, generator=gen) > 0.4
+        m[..., 0] = True
+        return m.to(device)
+    add = torch.randn(1, 1, 1, n, generator=gen)  # additive, -inf at the end
+    add[..., n - max(1, n // 4):] = float("-inf")
+    return add.to(dtype=dtype, device=device)
+
+
+def _ref32(q, k, v, mask, scale=None):
+    m = mask if mask is None or mask.dtype == torch.bool else mask.float()
+    return decode_attention_ref(q.float(), k.float(), v.float(), m, scale)
+
+
+_TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2),
+        torch.float16: dict(atol=3e-3, rtol=2e-3)}
+SHAPES = [  # (batch, query heads, kv heads, cache length, head_dim, value head_dim)
+    (1, 4, 2, 37, 16, 16),
+    (2, 6, 2, 100, 24, 40),
+    (1, 3, 3, 5, 8, 8),
+    (1, 7, 1, 1, 16, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("mask", ["none", "prefix", "heads", "additive"])
+def test_kernel_matches_reference(shape, dtype, mask):
+    """Every mask kind, one run and split runs (combined by the last arrival), odd head
+    counts, head dims and cache lengths (down to one position)."""
+    from qcompile.backends.triton.decode_attention import decode_attention
+
+    device = _kernel_device()
+    b, hq, hkv, n, dk, dv = shape
+    q, k, v = _qkv(b, hq, hkv, n, dk, dv, dtype, device)
+    m = _mask(mask, b, hq, n, dtype, device)
+    ref = _ref32(q, k, v, m, 0.3)
+    for splits in (1, 4):
+        out = decode_attention(q, k, v, m, 0.3, splits=splits)
+        assert out.shape == (b, hq, 1, dv) and out.dtype == dtype
+        torch.testing.assert_close(out.float(), ref, **_TOL[dtype])
+
+
+@pytest.mark.parametrize("mask", ["prefix", "additive"])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_masked_off_blocks_are_not_read(mask, splits):
+    """A static cache's positions past the current one (whole masked-off blocks) are never
+    loaded: NaN there leaves the result equal to attention over the live prefix."""
+    from qcompile.backends.triton.decode_attention import decode_attention
+
+    device = _kernel_device()
+    n, live = 200, 64  # blocks of 32 under the interpreter: positions >= 64 in dead blocks
+    q, k, v = _qkv(1, 4, 2, n, 16, 16, torch.float32, device)
+    if mask == "prefix":
+        m = (torch.arange(n, device=device) < live).view(1, 1, 1, n)
+    else:
+        m = torch.where(torch.arange(n, device=device) < live, 0.0, float("-inf")).view(1, 1, 1, n)
+    k[:, :, live:] = float("nan")
+    v[:, :, live:] = float("nan")
+    out = decode_attention(q, k, v, m, None, splits=splits, block_l=32)
+    want = decode_attention_ref(q, k[:, :, :live], v[:, :, :live], m[..., :live])
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+def test_rows_with_nothing_to_attend_give_zeros():
+    """As PyTorch's math attention: a head whose mask is false everywhere gets zeros."""
+    from qcompile.backends.triton.decode_attention import decode_attention
+
+    device = _kernel_device()
+    q, k, v = _qkv(1, 4, 2, 70, 16, 16, torch.float32, device)
+    m = torch.ones(1, 4, 1, 70, dtype=torch.bool, device=device)
+    m[:, 2] = False
+    ref = decode_attention_ref(q, k, v, m)
+    for splits in (1, 2):
+        out = decode_attention(q, k, v, m, splits=splits)
+        assert torch.equal(out[:, 2], torch.zeros_like(out[:, 2]))
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+
+
+def test_strided_cache_and_mask_views():
+    """The cache as a slice of a longer buffer, q transposed, a mask broadcast over heads
+    and batch: read through their strides, no copies needed."""
+    from qcompile.backends.triton.decode_attention import decode_attention
+
+    device = _kernel_device()
+    _, kbuf, vbuf = _qkv(2, 4, 2, 90, 16, 16, torch.float32, device)
+    k, v = kbuf[:, :, 10:80], vbuf[:, :, 10:80]
+    q = torch.randn(2, 1, 4, 16, device=device).transpose(1, 2)
+    m = (torch.arange(70, device=device) < 50).view(1, 1, 1, 70).expand(2, 4, 1, 70)
+    assert not k.is_contiguous() and m.stride(0) == 0
+    torch.testing.assert_close(decode_attention(q, k, v, m, splits=2),
+                               decode_attention_ref(q, k, v, m), atol=2e-5, rtol=2e-5)
+
+
+def test_bad_inputs_are_named():
+    from qcompile.backends.triton.decode_attention import decode_attention
+    from qcompile.backends.triton.runtime import KernelInputError
+
+    device = _kernel_device()
+    q, k, v = _qkv(1, 4, 2, 9, 16, 16, torch.float32, device)
+    cases = [
+        ((q.expand(1, 4, 3, 16), k, v), "3 query rows"),
+        ((q, k.half(), v), "dtype"),
+        ((q[:, :3], k, v), "not a multiple"),
+        ((q, k[..., :8], v), "head_dim"),
+        ((q, k, v, torch.ones(1, 1, 1, 9, dtype=torch.int32, device=device)), "mask"),
+        ((q, k, v, torch.ones(1, 1, 1, 5, dtype=torch.bool, device=device)), "broadcast"),
+        ((q, k[:, :, :0], v[:, :, :0]), "empty cache"),
+    ]
+    for args, words in cases:
+        with pytest.raises(KernelInputError, match=words):
+            decode_attention(*args)
+    with pytest.raises(KernelInputError, match="power of two"):
+        decode_attention(q, k, v, splits=3)
+
+
+def test_op_runs_the_kernel_or_the_exact_reference():
+    """On the CPU the op is the reference composition bit for bit (``repeat_kv`` or
+    ``enable_gqa`` as the graph had it); through the kernels it matches the kernel; several
+    query rows, which the kernel does not take, run the reference there too."""
+    q, k, v = _qkv(1, 4, 2, 33, 16, 16, torch.float32, "cpu")
+    m = _mask("prefix", 1, 4, 33, torch.float32, "cpu")
+    kr = k[:, :, None].expand(1, 2, 2, 33, 16).reshape(1, 4, 33, 16)
+    vr = v[:, :, None].expand(1, 2, 2, 33, 16).reshape(1, 4, 33, 16)
+    graph_sdpa = F.scaled_dot_product_attention(q, kr, vr, attn_mask=m)
+    assert torch.equal(Q.decode_attention(q, k, v, m), graph_sdpa)
+    assert torch.equal(Q.decode_attention(q, k, v, m, None, True),
+                       F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True))
+    device = _kernel_device()
+    from qcompile.backends.triton.decode_attention import decode_attention
+    from qcompile.backends.triton.ops import kernels_on_cpu
+
+    ctx = kernels_on_cpu() if device == "cpu" else contextlib.nullcontext()
+    q, k, v, m = (t.to(device) for t in (q, k, v, m))
+    with ctx:
+        out = Q.decode_attention(q, k, v, m, 0.5)
+        rows3 = torch.randn(1, 4, 3, 16, device=device)
+        several = Q.decode_attention(rows3, k, v, None, 0.5)
+    torch.testing.assert_close(out, decode_attention(q, k, v, m, 0.5), atol=0, rtol=0)
+    assert torch.equal(several, decode_attention_ref(rows3, k, v, None, 0.5))
+
+
+def test_splits_and_configs_follow_the_gpu_and_the_cache(monkeypatch):
+    """Splits fill 2x the multiprocessors, no more runs than 64-position blocks, a power of
+    two up to 16; the autotune prune keeps tiles that fit registers and blocks no longer
+    than a split's share."""
+    pytest.importorskip("triton")
+    from qcompile.backends.triton import decode_attention as da
+
+    monkeypatch.setattr(da, "interpreting", lambda: False)
+    monkeypatch.setattr(da, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda", 0)
+    assert da._splits(8, 300, cuda) == 8  # 5 blocks of 64 -> 8 runs
+    assert da._splits(8, 4096, cuda) == da.MAX_SPLITS
+    assert da._splits(64, 4096, cuda) == 8  # ceil(264 / 64) = 5 -> 8
+    assert da._splits(512, 100, cuda) == 1
+    meta = dict(BLOCK_G=16, BLOCK_DK=128, BLOCK_DV=128, NSPLIT=16, PREC="tf32")
+    kept = da._prune(da.CONFIGS, {"L": 1024}, **meta)
+    assert {c.kwargs["BLOCK_L"] for c in kept} == {32, 64}  # share of 1024 / 16 = 64
+    fp32 = da._prune(da.CONFIGS, {"L": 1 << 16}, **dict(meta, PREC="tf32x3"))
+    assert fp32 and all(da._tile_cost(c, 16, 128, True) < 256 for c in fp32)
+    assert len(fp32) < len(da._prune(da.CONFIGS, {"L": 1 << 16}, **meta))
+
+
+# --- the rewrite -----------------------------------------------------------------------------
+
+class _Attn(torch.nn.Module):
+    def __init__(self, repeat: str = "expand", **sdpa):
+        super().__init__()
+        self.repeat, self.sdpa = repeat, sdpa
+
+    def forward(self, q, k, v, mask):
+        b, hkv, n, d = k.shape
+        rep = q.shape[1] // hkv
+        if self.repeat == "expand":  # transformers' repeat_kv
+            k = k[:, :, None].expand(b, hkv, rep, n, d).reshape(b, hkv * rep, n, d)
+            v = v[:, :, None].expand(b, hkv, rep, n, d).reshape(b, hkv * rep, n, d)
+        elif self.repeat == "interleave":
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.sdpa) * 2
+
+
+def _exported(module, rows: int = 1, mask_dtype=torch.bool):
+    q = torch.randn(1, 4, rows, 16)
+    k, v = torch.randn(1, 2, 24, 16), torch.randn(1, 2, 24, 16)
+    mask = (torch.rand(1, 1, rows, 24) > 0.3) if mask_dtype == torch.bool else \
+        torch.randn(1, 1, rows, 24).to(mask_dtype)
+    args = (q, k, v, mask)
+    gm = torch.export.export(module, args, strict=False).module()
+    return gm, args
+
+
+def _lowered(gm, text: str = "lower-triton"):
+    gm, report = quantize_graph(gm, text, progress=False)
+    return gm, report["passes"][0]
+
+
+@pytest.mark.parametrize("repeat,sdpa", [("expand", {}), ("interleave", {"scale": 0.2}),
+                                         ("none", {"enable_gqa": True})])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32])
+def test_one_row_sdpa_becomes_decode_attention(repeat, sdpa, mask_dtype):
+    """The SDPA and its head repeat go; the op reads the cache as it is; same bits."""
+    gm, args = _exported(_Attn(repeat, **sdpa), mask_dtype=mask_dtype)
+    want = gm(*args)
+    gm, res = _lowered(gm)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert res["modified"] and res["facts"]["attention"] == 1
+    assert SDPA not in targets and torch.ops.aten.expand.default not in targets
+    assert torch.ops.aten.repeat_interleave.self_int not in targets
+    (op,) = [n for n in gm.graph.nodes if n.target is Q.decode_attention.default]
+    assert [a.op for a in op.args[1:3]] == ["placeholder", "placeholder"]  # the cache itself
+    assert op.args[4] == sdpa.get("scale") and op.args[5] == ("enable_gqa" in sdpa)
+    assert torch.equal(gm(*args), want)
+
+
+class _AttnNoMask(_Attn):
+    def forward(self, q, k, v, mask):
+        return super().forward(q, k, v, None)
+
+
+@pytest.mark.parametrize("sdpa,words", [({"is_causal": True}, "is_causal"),
+                                        ({"dropout_p": 0.1}, "dropout")])
+def test_one_row_sdpa_that_cannot_be_taken_is_reported(sdpa, words):
+    """One query row with ``is_causal`` (which attends the first position only) or dropout:
+    left as it is, with the reason in the report."""
+    gm, _ = _exported(_AttnNoMask(**sdpa))
+    gm, res = _lowered(gm)
+    assert res["facts"]["attention"] == 0
+    assert any(words in s["reason"] for s in res["facts"]["not_lowered"])
+    assert SDPA in [n.target for n in gm.graph.nodes]
+
+
+def test_several_rows_and_the_option_off_leave_the_graph():
+    """A prefill SDPA (three query rows) is not a decode step: untouched and not reported;
+    ``attention=false`` keeps a decode SDPA (and round-trips as text)."""
+    gm, _ = _exported(_Attn(), rows=3)
+    gm, res = _lowered(gm)
+    assert not res["modified"] and res["facts"]["not_lowered"] == []
+    gm, _ = _exported(_Attn())
+    gm, res = _lowered(gm, "lower-triton{attention=false}")
+    assert not res["modified"] and SDPA in [n.target for n in gm.graph.nodes]
+    from qcompile.pipeline import parse_pipeline
+
+    assert str(parse_pipeline("lower-triton{attention=false}")) == "lower-triton{attention=false}"
+
+
+# --- end to end: the torch.compile backend ---------------------------------------------------
+
+def _generate(lower: str, inductor: bool = False) -> tuple[torch.Tensor, list]:
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(2))
+    qcompile.compile(model, pipeline="quantize{w=fp4_e2m1/g32/asym},cleanup", lower=lower,
+                     inductor=inductor)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=5, do_sample=False,
+                             cache_implementation="static")
+    facts = [p["facts"] for r in model.qcompile_backend.stats.reports for p in r["passes"]
+             if p["name"] == "lower-triton"]
+    torch._dynamo.reset()
+    return out, facts
+
+
+def test_static_cache_generate_lowers_decode_attention():
+    """Greedy static-cache decoding through the backend: the decode graph's attentions (2
+    layers) become ``decode_attention``, the prefill's stay, and the tokens are the unlowered
+    run's."""
+    want, _ = _generate("none")
+    got, facts = _generate("always")
+    assert torch.equal(got, want)
+    assert sorted(f["attention"] for f in facts) == [0, 2]
+
+
+def test_benchmark_times_the_three_ways_or_refuses_without_cuda():
+    """``benchmarks/kernels_attention.py``: on a GPU every case has the graph's way, PyTorch's
+    GQA SDPA and the kernel, each close to the fp32 reference; without one it refuses."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import kernels_attention
+
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+            kernels_attention.run()
+        return
+    rows = kernels_attention.run()
+    assert len(rows) == 3 * len(kernels_attention.CASES)
+    assert {r["way"] for r in rows} == {"graph", "sdpa_gqa", "decode_attention"}
+    assert all(r["max_abs_err"] < 3e-2 and r["us"] > 0 for r in rows)
