@@ -72,7 +72,8 @@ def install() -> None:
 
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "i32": "int32",
-           "u8": "uint8", "i8": "int8", "fp8e4nv": "float8_e4m3fn", "i64": "int64"}
+           "u8": "uint8", "i8": "int8", "fp8e4nv": "float8_e4m3fn", "i64": "int64",
+           "i1": "bool"}
 
 
 def placeholders(args: dict) -> dict:
