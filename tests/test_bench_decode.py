@@ -145,8 +145,11 @@ def test_pdl_variants_extend_recipe_variants_only(decode_mod):
     assert decode_mod.variant_recipe("w4a16-fp4-pdl") == decode_mod.VARIANTS["w4a16-fp4"]
     assert decode_mod.variant_recipe("w4a16-fp4-nodf-pdl") == "w4-afpq"
     assert decode_mod.variant_recipe("w4a16-fp4sym-noattn") == "w4-fp4"
+    assert decode_mod.variant_recipe("w4a16-fp4sym-combo-pdl") == "w4-fp4"
+    assert decode_mod.variant_recipe("bf16-combo") is None
     assert decode_mod.variant_recipe("bf16") is None
-    for bad in ("bf16-pdl", "w4a16-fp5", "w4a16-fp4-pdl-pdl"):
+    for bad in ("bf16-pdl", "w4a16-fp5", "w4a16-fp4-pdl-pdl", "w4a16-fp4-pdl-combo",
+                "bf16-combo-pdl"):
         with pytest.raises(KeyError):
             decode_mod.variant_recipe(bad)
     with pytest.raises(SystemExit):
