@@ -24,7 +24,8 @@ leaves them):
 * Decode attention (``attention``): an SDPA of one query row per head (a decode step) over
   keys/values that a GQA head repeat (``repeat_kv``) or ``enable_gqa`` spreads over the query
   heads -> ``qcompile::decode_attention`` on the cache as it is (no repeated copy; on CUDA
-  one kernel reads each kv head once, :mod:`qcompile.backends.triton.decode_attention`).
+  one kernel reads each kv head once, :mod:`qcompile.backends.triton.decode_attention`),
+  taking in the query's rotary embedding when the SDPA alone reads it (``attention_rope``).
   Dropout, ``is_causal`` and masks that are neither boolean nor float stay and are reported.
 * Decode fusions (``decode_fusion``): a ``w4a16_linear`` whose input is statically one row (a
   decode step's graph) takes in the RMSNorm (checked by the same probe) or the
@@ -165,7 +166,7 @@ class LowerTritonPass(Pass):
                        if n.kind == "rms" and n.offset == 0.0 and n.bias is None}
         matches = [m for n in list(gm.graph.nodes) if (m := self._check(gm, n, skipped))]
         counts = {"w4a16": 0, "fp8": 0, "w4a8": 0, "act": 0, "rmsnorm": 0, "silu_gate": 0,
-                  "attention": 0}
+                  "attention": 0, "attention_rope": 0}
         self._gates: list[fx.Node] = []
         rows: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
         for m in matches:
@@ -176,7 +177,7 @@ class LowerTritonPass(Pass):
         counts["rmsnorm"] = len(self._fused_norms)
         counts["silu_gate"] = len(self._gates) // 2
         if self.options.attention:
-            counts["attention"] = lower_decode_attention(gm, skipped)
+            counts["attention"], counts["attention_rope"] = lower_decode_attention(gm, skipped)
         gemv_norms: list[Norm] = []
         if self.options.decode_fusion:
             counts.update(self._fuse_decode(gm, gemv_norms))

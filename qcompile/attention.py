@@ -39,8 +39,7 @@ import qcompile.ops  # noqa: F401  (registers torch.ops.qcompile.*)
 from qcompile.errors import UnsupportedGraphError
 from qcompile.graph import is_linear
 
-__all__ = ["AttentionSite", "DecodeSDPA", "Projection", "decode_sdpa", "find_attention",
-           "insert_on_edge", "quantize_kv"]
+__all__ = ["AttentionSite", "Projection", "find_attention", "insert_on_edge", "quantize_kv"]
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -356,85 +355,6 @@ def find_attention(gm: fx.GraphModule) -> list[AttentionSite]:
         if site is not None:
             sites.append(site)
     return sites
-
-
-@dataclass(frozen=True)
-class DecodeSDPA:
-    """An SDPA of one query row per head over a KV cache (a decode step), in the terms of
-    ``qcompile::decode_attention``.
-
-    Attributes:
-        node: The ``aten.scaled_dot_product_attention`` node.
-        q: The query ``[B, Hq, 1, D]``.
-        k, v: The key and value as the cache holds them: before a GQA head repeat, or as
-            SDPA reads them with ``enable_gqa``.
-        mask: The attention mask node (boolean or additive), or None.
-        scale: The SDPA's ``scale`` (None: ``1 / sqrt(D)``).
-        gqa: The SDPA repeats the kv heads itself (``enable_gqa=True``).
-        repeats: The head-repeat nodes between the cache and the SDPA (dead once it goes).
-    """
-
-    node: fx.Node
-    q: fx.Node
-    k: fx.Node
-    v: fx.Node
-    mask: fx.Node | None
-    scale: float | None
-    gqa: bool
-    repeats: tuple[fx.Node, ...]
-
-
-_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
-                  "enable_gqa": False}
-
-
-def decode_sdpa(node: fx.Node) -> tuple[DecodeSDPA | None, str]:
-    """``node`` as a decode-step attention, or why not.
-
-    Returns:
-        ``(match, "")``; ``(None, reason)`` for a one-query-row SDPA that cannot be taken;
-        ``(None, "")`` for anything else (not an SDPA, or several query rows).
-    """
-    if not _call(node, _SDPA):
-        return None, ""
-    args = dict(_SDPA_DEFAULTS, **dict(zip(("attn_mask", "dropout_p", "is_causal"),
-                                           node.args[3:], strict=False)), **node.kwargs)
-    q, k, v = node.args[:3]
-    qs, ks, vs = (_shape(x) if isinstance(x, fx.Node) else None for x in (q, k, v))
-    if not qs or len(qs) != 4 or _int(qs[2]) != 1:
-        return None, ""
-    if args["dropout_p"]:
-        return None, f"attention {node.name}: dropout_p {args['dropout_p']}"
-    if args["is_causal"]:
-        return None, f"attention {node.name}: is_causal with one query row"
-    if not ks or not vs or len(ks) != 4 or len(vs) != 4:
-        return None, f"attention {node.name}: key/value are not 4-D"
-    repeats: list[fx.Node] = []
-    if not args["enable_gqa"]:
-        k_cache, _, k_rep = _skip_repeat(k, node)
-        v_cache, _, v_rep = _skip_repeat(v, node)
-        if k_rep != v_rep:
-            return None, f"attention {node.name}: keys repeated {k_rep}x, values {v_rep}x"
-        for x, cache in ((k, k_cache), (v, v_cache)):
-            while x is not cache:
-                repeats.append(x)
-                x = x.args[0]
-        k, v = k_cache, v_cache
-    heads, kv_heads = _int(qs[1]), _int(_shape(k)[1])
-    if heads is None or not kv_heads or heads % kv_heads or _int(_shape(v)[1]) != kv_heads:
-        return None, f"attention {node.name}: {qs[1]} query heads over {_shape(k)[1]} kv heads"
-    vals = [x.meta.get("val") for x in (q, k, v)]
-    if len({getattr(t, "dtype", None) for t in vals}) != 1:
-        return None, f"attention {node.name}: q, k and v differ in dtype"
-    mask = args["attn_mask"]
-    if mask is not None:
-        mval = mask.meta.get("val") if isinstance(mask, fx.Node) else None
-        if not isinstance(mval, torch.Tensor) or mval.dim() > 4 or not (
-                mval.dtype == torch.bool or mval.is_floating_point()):
-            return None, f"attention {node.name}: mask {mask} is not a boolean or float tensor"
-    scale = args["scale"]
-    return DecodeSDPA(node, q, k, v, mask, None if scale is None else float(scale),
-                      bool(args["enable_gqa"]), tuple(repeats)), ""
 
 
 def insert_on_edge(gm: fx.GraphModule, edge: Edge, target, *args) -> fx.Node:

@@ -146,6 +146,33 @@ def test_strided_cache_and_mask_views():
                                decode_attention_ref(q, k, v, m), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_kernel_rotates_queries(dtype, per_batch):
+    """``cos``/``sin`` given: the queries are rotated in the kernel (fp32, rounded once to
+    q's dtype) before the scores; the tables may be one per batch row or shared."""
+    from qcompile.backends.triton.decode_attention import decode_attention
+    from qcompile.backends.triton.ops import rope
+
+    device = _kernel_device()
+    b, hq, hkv, n, d = 2, 6, 2, 45, 32
+    q, k, v = _qkv(b, hq, hkv, n, d, d, dtype, device)
+    pos = torch.tensor([7.0, 30.0]) if per_batch else torch.tensor([12.0])
+    freq = 1.0 / 10000 ** (torch.arange(0, d, 2) / d)
+    ang = torch.cat([pos[:, None] * freq] * 2, -1).view(-1, 1, 1, d)
+    cos, sin = (t.to(dtype=dtype, device=device) for t in (ang.cos(), ang.sin()))
+    m = _mask("prefix", b, hq, n, dtype, device)
+    ref = _ref32(rope(q.float(), cos.float(), sin.float()).to(dtype), k, v, m)
+    for splits in (1, 2):
+        out = decode_attention(q, k, v, m, splits=splits, cos=cos, sin=sin)
+        torch.testing.assert_close(out.float(), ref, **_TOL[dtype])
+    assert torch.equal(Q.decode_attention(q.cpu(), k.cpu(), v.cpu(), m.cpu(), None, False,
+                                          cos.cpu(), sin.cpu()),
+                       decode_attention_ref(rope(q.cpu(), cos.cpu(), sin.cpu()), k.cpu(), v.cpu(),
+                                            m.cpu()))
+
+
 def test_bad_inputs_are_named():
     from qcompile.backends.triton.decode_attention import decode_attention
     from qcompile.backends.triton.runtime import KernelInputError
@@ -166,6 +193,15 @@ def test_bad_inputs_are_named():
             decode_attention(*args)
     with pytest.raises(KernelInputError, match="power of two"):
         decode_attention(q, k, v, splits=3)
+    cos = torch.ones(1, 1, 1, 16, device=device)
+    with pytest.raises(KernelInputError, match="both cos and sin"):
+        decode_attention(q, k, v, cos=cos)
+    with pytest.raises(KernelInputError, match="cos must be in q's dtype"):
+        decode_attention(q, k, v, cos=cos.half(), sin=cos.half())
+    with pytest.raises(KernelInputError, match="does not broadcast"):
+        decode_attention(q, k, v, cos=cos[..., :8], sin=cos[..., :8])
+    with pytest.raises(ValueError, match="both cos and sin"):
+        Q.decode_attention(q.cpu(), k.cpu(), v.cpu(), None, None, False, cos.cpu())
 
 
 def test_op_runs_the_kernel_or_the_exact_reference():
@@ -234,6 +270,28 @@ class _Attn(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.sdpa) * 2
 
 
+class _RopeAttn(_Attn):
+    """Hugging Face's ``apply_rotary_pos_emb`` on q (and k) before the attention; with
+    ``leak`` the rotated q is also returned (a second reader)."""
+
+    def __init__(self, leak: bool = False):
+        super().__init__("expand")
+        self.leak = leak
+
+    def forward(self, q, k, v, mask):
+        d = q.shape[-1]
+        ang = torch.arange(d, dtype=q.dtype).view(1, 1, 1, d) * 0.1
+        cos, sin = ang.cos(), ang.sin()
+
+        def rot(x):
+            return torch.cat((-x[..., d // 2:], x[..., : d // 2]), dim=-1)
+
+        q = (q * cos) + (rot(q) * sin)
+        k = (k * cos) + (rot(k) * sin)
+        out = super().forward(q, k, v, mask)
+        return (out, q) if self.leak else out
+
+
 def _exported(module, rows: int = 1, mask_dtype=torch.bool):
     q = torch.randn(1, 4, rows, 16)
     k, v = torch.randn(1, 2, 24, 16), torch.randn(1, 2, 24, 16)
@@ -270,6 +328,26 @@ def test_one_row_sdpa_becomes_decode_attention(repeat, sdpa, mask_dtype):
 class _AttnNoMask(_Attn):
     def forward(self, q, k, v, mask):
         return super().forward(q, k, v, None)
+
+
+def test_rotary_query_folds_into_the_op():
+    """q's rotary embedding, read only by the SDPA, goes into the op (cos/sin arguments): its
+    products, cat, negation and slices are gone; k's (the cache's) stays; same bits. A
+    rotated q read elsewhere too stays a graph value."""
+    gm, args = _exported(_RopeAttn())
+    want = gm(*args)
+    n_neg = [n.target for n in gm.graph.nodes].count(torch.ops.aten.neg.default)
+    gm, res = _lowered(gm)
+    assert (res["facts"]["attention"], res["facts"]["attention_rope"]) == (1, 1)
+    (op,) = [n for n in gm.graph.nodes if n.target is Q.decode_attention.default]
+    assert op.args[0].op == "placeholder" and len(op.args) == 8
+    assert [n.target for n in gm.graph.nodes].count(torch.ops.aten.neg.default) == n_neg - 1
+    assert torch.equal(gm(*args), want)
+    gm, args = _exported(_RopeAttn(leak=True))
+    want = gm(*args)
+    gm, res = _lowered(gm)
+    assert (res["facts"]["attention"], res["facts"]["attention_rope"]) == (1, 0)
+    assert all(torch.equal(a, b) for a, b in zip(gm(*args), want, strict=True))
 
 
 @pytest.mark.parametrize("sdpa,words", [({"is_causal": True}, "is_causal"),
@@ -323,6 +401,7 @@ def test_static_cache_generate_lowers_decode_attention():
     got, facts = _generate("always")
     assert torch.equal(got, want)
     assert sorted(f["attention"] for f in facts) == [0, 2]
+    assert sorted(f["attention_rope"] for f in facts) == [0, 2]
 
 
 def test_benchmark_times_the_three_ways_or_refuses_without_cuda():

@@ -6,7 +6,9 @@ query heads that share it (grouped-query attention, Hugging Face's ``repeat_kv``
 of one row (a decode step). The graph it replaces materializes the repeated cache (two copy
 kernels per layer and token, ``G`` times the cache's bytes) and builds an additive mask for
 the attention kernel; here a program reads one kv head's keys and values once for its ``G``
-query heads, and a boolean mask is read as it is (broadcast views included).
+query heads, and a boolean mask is read as it is (broadcast views included). Given the rotary
+tables (``cos``/``sin``), the kernel also rotates the queries itself (Hugging Face's
+``apply_rotary_pos_emb``), which the graph did in a kernel of its own.
 
 Kernel. Grid ``(batch * Hkv, NSPLIT)``: program ``(p, s)`` takes the ``s``-th of ``NSPLIT``
 runs of ``BLOCK_L``-position blocks of the cache (flash-decoding). Per block, one ``tl.dot``
@@ -93,13 +95,15 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _decode_attn_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_ptr, ml_ptr, count_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, cos_ptr, sin_ptr, out_ptr, part_ptr, ml_ptr, count_ptr,
     L, HKV, G, DK, DV, qk_scale,
     sq_b, sq_h, sq_d,
     sk_b, sk_h, sk_l, sk_d,
     sv_b, sv_h, sv_l, sv_d,
     sm_b, sm_h, sm_l,
+    sc_b, sc_h, sc_d, ss_b, ss_h, ss_d,
     MASK: tl.constexpr,  # 0 none, 1 boolean (true attends), 2 additive
+    ROPE: tl.constexpr,  # rotate the queries (cos/sin) first
     NSPLIT: tl.constexpr,
     PREC: tl.constexpr,  # "tf32" (exact for bf16/fp16 values) or "tf32x3" (fp32 caches)
     BLOCK_G: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -116,8 +120,21 @@ def _decode_attn_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     dk_ok = offs_dk < DK
     dv_ok = offs_dv < DV
-    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + offs_dk[None, :] * sq_d,
-                mask=g_ok[:, None] & dk_ok[None, :], other=0.0).to(tl.float32)
+    q_rows = q_ptr + b * sq_b + heads[:, None] * sq_h
+    q_ok = g_ok[:, None] & dk_ok[None, :]
+    q = tl.load(q_rows + offs_dk[None, :] * sq_d, mask=q_ok, other=0.0)
+    if ROPE:  # x * cos + cat(-x2, x1) * sin in fp32, rounded once to q's dtype (as Inductor)
+        half = DK // 2
+        low = offs_dk < half
+        partner = tl.where(low, offs_dk + half, offs_dk - half)
+        x2 = tl.load(q_rows + partner[None, :] * sq_d, mask=q_ok, other=0.0).to(tl.float32)
+        c = tl.load(cos_ptr + b * sc_b + heads[:, None] * sc_h + offs_dk[None, :] * sc_d,
+                    mask=q_ok, other=0.0).to(tl.float32)
+        sn = tl.load(sin_ptr + b * ss_b + heads[:, None] * ss_h + offs_dk[None, :] * ss_d,
+                     mask=q_ok, other=0.0).to(tl.float32)
+        rot = tl.where(low[None, :], -x2, x2)
+        q = (q.to(tl.float32) * c + rot * sn).to(q_ptr.dtype.element_ty)
+    q = q.to(tl.float32)
     k_base = k_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
     m_base = mask_ptr + b * sm_b + heads[:, None] * sm_h
@@ -197,7 +214,7 @@ def _decode_attn_kernel(
 
 _decode_attn_tuned = triton.autotune(
     configs=CONFIGS,
-    key=["HKV", "G", "DK", "DV", "MASK", "NSPLIT", "PREC"],
+    key=["HKV", "G", "DK", "DV", "MASK", "ROPE", "NSPLIT", "PREC"],
     prune_configs_by=tuning(_prune, _decode_attn_kernel), do_bench=cold_graph_bench,
 )(_decode_attn_kernel)
 
@@ -205,7 +222,8 @@ _decode_attn_tuned = triton.autotune(
 # --- wrapper ---------------------------------------------------------------------------------
 
 def kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None) -> str | None:
+                mask: torch.Tensor | None, cos: torch.Tensor | None = None,
+                sin: torch.Tensor | None = None) -> str | None:
     """Why the kernel cannot take these inputs (None: it can). Shapes and dtypes only."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return "q, k and v must be 4-D [batch, heads, rows, head_dim]"
@@ -237,6 +255,17 @@ def kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             torch.broadcast_shapes(mask.shape, (b, hq, 1, k.shape[2]))
         except RuntimeError:
             return f"mask {tuple(mask.shape)} does not broadcast to {(b, hq, 1, k.shape[2])}"
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t is None:
+            continue
+        if t.dtype != q.dtype or t.dim() > 4:
+            return f"{name} must be in q's dtype with at most 4 dims, got {t.dtype} {t.dim()}-D"
+        try:
+            torch.broadcast_shapes(t.shape, (b, hq, 1, dk))
+        except RuntimeError:
+            return f"{name} {tuple(t.shape)} does not broadcast to {(b, hq, 1, dk)}"
+        if dk % 2:
+            return f"rotary queries need an even head_dim, got {dk}"
     return None
 
 
@@ -251,7 +280,9 @@ def _splits(programs: int, length: int, device: torch.device) -> int:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None = None, scale: float | None = None,
-                     splits: int | None = None, block_l: int | None = None) -> torch.Tensor:
+                     splits: int | None = None, block_l: int | None = None,
+                     cos: torch.Tensor | None = None,
+                     sin: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query row per head over a KV cache (module docstring).
 
     Args:
@@ -262,6 +293,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         scale: Score scale (default ``1 / sqrt(DK)``).
         splits: Runs of the cache per kv head (default: sized to the GPU); tests pin it.
         block_l: Cache positions per block (default: autotuned; 32 under the interpreter).
+        cos, sin: Rotary tables broadcastable to ``q`` (both or neither): the queries are
+            ``rope(q, cos, sin)`` (:func:`qcompile.backends.triton.ops.rope`), computed in
+            fp32 and rounded to ``q``'s dtype in the kernel.
 
     Returns:
         ``[B, Hq, 1, DV]`` in ``q``'s dtype.
@@ -274,7 +308,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         check_tensor(t, name, _DTYPES, ndim=4, device=dev)
     if mask is not None:
         check_tensor(mask, "mask", (torch.bool, *_DTYPES), device=dev)
-    why = kernel_fits(q, k, v, mask)
+    if (cos is None) != (sin is None):
+        raise KernelInputError("decode_attention: give both cos and sin or neither")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t is not None:
+            check_tensor(t, name, _DTYPES, device=dev)
+    why = kernel_fits(q, k, v, mask, cos, sin)
     if why is not None:
         raise KernelInputError(f"decode_attention: {why}")
     b, hq, _, dk = q.shape
@@ -306,11 +345,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         kind = 1 if mask.dtype == torch.bool else 2
         me = mask.expand(b, hq, 1, n)
         mptr, ms = me, (me.stride(0), me.stride(1), me.stride(3))
-    args = (q, k, v, mptr, out, part, ml, counts if counts is not None else out,
+    rope = []
+    for t in (cos, sin):
+        te = q if t is None else t.expand(b, hq, 1, dk)
+        rope.append((te, (0, 0, 0) if t is None else (te.stride(0), te.stride(1), te.stride(3))))
+    (cptr, cs), (sptr, ss) = rope
+    args = (q, k, v, mptr, cptr, sptr, out, part, ml, counts if counts is not None else out,
             n, hkv, g, dk, dv, float(scale) * _LOG2E,
             q.stride(0), q.stride(1), q.stride(3),
-            *k.stride(), *(v.stride(i) for i in (0, 1, 2, 3)), *ms)
-    meta = dict(MASK=kind, NSPLIT=nsplit, PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
+            *k.stride(), *(v.stride(i) for i in (0, 1, 2, 3)), *ms, *cs, *ss)
+    meta = dict(MASK=kind, ROPE=cos is not None, NSPLIT=nsplit, PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
                 BLOCK_G=block_g, BLOCK_DK=bdk, BLOCK_DV=bdv)
     grid = (programs, nsplit)
     if block_l is not None or interpreting():

@@ -27,11 +27,13 @@ Ops:
     ``qcompile::hadamard_quantize(x, size, fmt, rms_weight=None, rms_eps=-1)``
         ``quantize_activation(hadamard(x, size), fmt)`` in one pass (``size`` 0: no rotation;
         ``rms_eps >= 0``: RMSNorm instead of the rotation).
-    ``qcompile::decode_attention(q, k, v, mask=None, scale=None, gqa=False)``
-        ``scaled_dot_product_attention(q, K, V, mask, scale=scale)`` with ``K``/``V`` the
+    ``qcompile::decode_attention(q, k, v, mask=None, scale=None, gqa=False, cos=None,
+    sin=None)``
+        ``scaled_dot_product_attention(q', K, V, mask, scale=scale)`` with ``K``/``V`` the
         cache ``k``/``v`` with each head repeated for its ``Hq / Hkv`` query heads (as
-        ``repeat_kv`` does; ``gqa``: as ``enable_gqa=True`` does); one query row on CUDA
-        runs :mod:`qcompile.backends.triton.decode_attention`, which reads each kv head once.
+        ``repeat_kv`` does; ``gqa``: as ``enable_gqa=True`` does) and ``q'`` the queries,
+        rotated by :func:`rope` when ``cos``/``sin`` are given; one query row on CUDA runs
+        :mod:`qcompile.backends.triton.decode_attention`, which reads each kv head once.
 
 On CUDA the RMSNorm variants quantize the fp32 normalized values directly (the graph rounds
 them to the activation dtype first): identical for fp32 models, within one quantization step
@@ -57,8 +59,9 @@ from qcompile.oplib import define_op
 from qcompile.ops import dequantize_weight, hadamard, quantize_activation, spec_of
 
 __all__ = [
-    "decode_attention", "decode_attention_ref", "fp8_linear", "hadamard_quantize", "kernels_on_cpu", "linear_input", "quantize_rows",
-    "rms_norm", "w4a16_linear", "w4a8_linear", "with_residual",
+    "decode_attention", "decode_attention_ref", "fp8_linear", "hadamard_quantize",
+    "kernels_on_cpu", "linear_input", "quantize_rows", "rms_norm", "rope", "w4a16_linear",
+    "w4a8_linear", "with_residual",
 ]
 
 _state = threading.local()
@@ -360,9 +363,17 @@ def hadamard_quantize(
 
 # --- decode attention ------------------------------------------------------------------------
 
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as Hugging Face's ``apply_rotary_pos_emb`` computes it:
+    ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)`` of x's halves."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
 def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          mask: torch.Tensor | None = None, scale: float | None = None,
-                         gqa: bool = False) -> torch.Tensor:
+                         gqa: bool = False, cos: torch.Tensor | None = None,
+                         sin: torch.Tensor | None = None) -> torch.Tensor:
     """``scaled_dot_product_attention`` over ``k``/``v`` with each head repeated for its
     query heads, as the graph computed it: Hugging Face's ``repeat_kv`` (``unsqueeze(2)``,
     ``expand``, ``reshape``; nothing when every kv head has one query head), or with
@@ -375,10 +386,14 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         mask: Boolean (true attends) or additive, broadcastable to ``[B, Hq, S, L]``.
         scale: Score scale (default ``1 / sqrt(DK)``).
         gqa: Call the attention with ``enable_gqa=True`` on ``k``/``v`` as they are.
+        cos, sin: With both, the queries are ``rope(q, cos, sin)`` (:func:`rope`; both
+            broadcastable to ``q``, in ``q``'s dtype).
 
     Returns:
         ``[B, Hq, S, DV]`` in ``q``'s dtype.
     """
+    if cos is not None:
+        q = rope(q, cos, sin)
     if gqa:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
                                               enable_gqa=True)
@@ -390,13 +405,13 @@ def decode_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def _decode_attention_fake(q, k, v, mask=None, scale=None, gqa=False):
+def _decode_attention_fake(q, k, v, mask=None, scale=None, gqa=False, cos=None, sin=None):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
 @define_op(
     "decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask=None, float? scale=None, "
-    "bool gqa=False) -> Tensor",
+    "bool gqa=False, Tensor? cos=None, Tensor? sin=None) -> Tensor",
     _decode_attention_fake)
 def decode_attention(
     q: torch.Tensor,
@@ -405,13 +420,17 @@ def decode_attention(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
     gqa: bool = False,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention over a KV cache whose heads serve several query heads; see the module
     docstring. Shapes the kernel does not take (several query rows, head_dim > 256) run the
     reference on CUDA too."""
+    if (cos is None) != (sin is None):
+        raise ValueError("decode_attention: give both cos and sin (rotary queries) or neither")
     if _use_kernel(q):
         from qcompile.backends.triton import decode_attention as da
 
-        if da.kernel_fits(q, k, v, mask) is None:
-            return da.decode_attention(q, k, v, mask, scale)
-    return decode_attention_ref(q, k, v, mask, scale, gqa)
+        if da.kernel_fits(q, k, v, mask, cos, sin) is None:
+            return da.decode_attention(q, k, v, mask, scale, cos=cos, sin=sin)
+    return decode_attention_ref(q, k, v, mask, scale, gqa, cos, sin)
