@@ -25,7 +25,11 @@ leaves them):
   keys/values that a GQA head repeat (``repeat_kv``) or ``enable_gqa`` spreads over the query
   heads -> ``qcompile::decode_attention`` on the cache as it is (no repeated copy; on CUDA
   one kernel reads each kv head once, :mod:`qcompile.backends.triton.decode_attention`),
-  taking in the query's rotary embedding when the SDPA alone reads it (``attention_rope``).
+  taking in the query's rotary embedding when the SDPA alone reads it (``attention_rope``)
+  and the step's KV-cache writes (``index_copy_`` of the new rows, with the key's rotary
+  embedding) when nothing else touches the caches (``attention_write``:
+  ``qcompile::decode_attention_write`` updates them in place;
+  :mod:`qcompile.passes.lower_triton_attention`).
   Dropout, ``is_causal`` and masks that are neither boolean nor float stay and are reported.
 * Decode fusions (``decode_fusion``): a ``w4a16_linear`` whose input is statically one row (a
   decode step's graph) takes in the RMSNorm (checked by the same probe) or the
@@ -93,6 +97,8 @@ class LowerTritonOptions:
             quantize (``quantize_rows(..., up=b)``; any row count).
         attention: Replace one-query-row SDPAs (decode steps) with ``decode_attention`` on
             the unrepeated KV cache (module docstring).
+        attention_write: With ``attention``, fold the step's KV-cache writes into the op
+            (``decode_attention_write``) where nothing else touches the caches.
     """
 
     w4a16: bool = True
@@ -104,6 +110,7 @@ class LowerTritonOptions:
     decode_fusion: bool = True
     gate: bool = True
     attention: bool = True
+    attention_write: bool = True
 
 
 def _is(node: object, target: object) -> bool:
@@ -166,7 +173,7 @@ class LowerTritonPass(Pass):
                        if n.kind == "rms" and n.offset == 0.0 and n.bias is None}
         matches = [m for n in list(gm.graph.nodes) if (m := self._check(gm, n, skipped))]
         counts = {"w4a16": 0, "fp8": 0, "w4a8": 0, "act": 0, "rmsnorm": 0, "silu_gate": 0,
-                  "attention": 0, "attention_rope": 0}
+                  "attention": 0, "attention_rope": 0, "attention_write": 0}
         self._gates: list[fx.Node] = []
         rows: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
         for m in matches:
@@ -177,7 +184,7 @@ class LowerTritonPass(Pass):
         counts["rmsnorm"] = len(self._fused_norms)
         counts["silu_gate"] = len(self._gates) // 2
         if self.options.attention:
-            counts["attention"], counts["attention_rope"] = lower_decode_attention(gm, skipped)
+            counts.update(lower_decode_attention(gm, skipped, self.options.attention_write))
         gemv_norms: list[Norm] = []
         if self.options.decode_fusion:
             counts.update(self._fuse_decode(gm, gemv_norms))

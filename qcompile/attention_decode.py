@@ -1,8 +1,9 @@
-"""Decode-step attention patterns: a one-query-row SDPA over a KV cache, rotary embeddings.
+"""Decode-step attention patterns: one-query-row SDPA, rotary embeddings, KV-cache writes.
 
 ``lower-triton`` (:mod:`qcompile.passes.lower_triton_attention`) replaces what
-:func:`decode_sdpa` matches with ``qcompile::decode_attention`` and folds the query's
-rotary embedding that :func:`rope_of` matches into it. Both work on dataflow, as
+:func:`decode_sdpa` matches with ``qcompile::decode_attention``, folds the query's rotary
+embedding that :func:`rope_of` matches into it and, where :func:`cache_writes` finds the
+step's KV-cache update, that too (``qcompile::decode_attention_write``). Both work on dataflow, as
 :mod:`qcompile.attention` does, whose GQA head-repeat walk they share.
 """
 
@@ -15,7 +16,7 @@ from torch import fx
 
 from qcompile.attention import _SDPA, _call, _int, _shape, _skip_repeat
 
-__all__ = ["DecodeSDPA", "Rope", "decode_sdpa", "rope_of"]
+__all__ = ["CacheWrites", "DecodeSDPA", "Rope", "cache_writes", "decode_sdpa", "rope_of"]
 
 aten = torch.ops.aten
 
@@ -182,3 +183,52 @@ def _same_as(x: fx.Node, cos: object, sin: object, val: torch.Tensor) -> bool:
         except RuntimeError:
             return False
     return True
+
+
+@dataclass(frozen=True)
+class CacheWrites:
+    """The decode step's in-place cache update that a :class:`DecodeSDPA` reads:
+    ``k = k_cache.index_copy_(2, index, k_new)`` and the same for ``v``.
+
+    Attributes:
+        k_cache, v_cache: The caches (read and written by nothing else in the graph).
+        index: The positions written (one, as the query has one row).
+        k_new, v_new: The rows written.
+        nodes: The two ``index_copy_`` nodes.
+    """
+
+    k_cache: fx.Node
+    v_cache: fx.Node
+    index: fx.Node
+    k_new: fx.Node
+    v_new: fx.Node
+    nodes: tuple[fx.Node, fx.Node]
+
+
+def cache_writes(match: DecodeSDPA) -> CacheWrites | None:
+    """The cache update feeding ``match`` when a fused op may do it in the attention's place:
+    both caches written by ``index_copy_`` along the sequence at one shared position, nothing
+    else reading or writing them, the written caches read only by the attention (through
+    its head repeat), the new rows one position each in the caches' dtype. Else None."""
+    k, v = match.k, match.v
+    copy = {aten.index_copy_.default}
+    if not (_call(k, copy) and _call(v, copy)) or k.kwargs or v.kwargs:
+        return None
+    (kc, kdim, idx, k_new), (vc, vdim, vidx, v_new) = k.args, v.args
+    if vidx is not idx or kc is vc or kdim not in (2, -2) or vdim not in (2, -2):
+        return None
+    if set(kc.users) != {k} or set(vc.users) != {v}:
+        return None
+    readers = {*match.repeats, match.node}
+    if any(u not in readers for u in (*k.users, *v.users)):
+        return None
+    ival = idx.meta.get("val") if isinstance(idx, fx.Node) else None
+    if not isinstance(ival, torch.Tensor) or ival.dim() != 1 or _int(ival.shape[0]) != 1 or \
+            ival.dtype not in (torch.int64, torch.int32):
+        return None
+    for new, cache in ((k_new, kc), (v_new, vc)):
+        nv, cv = (x.meta.get("val") if isinstance(x, fx.Node) else None for x in (new, cache))
+        if not isinstance(nv, torch.Tensor) or not isinstance(cv, torch.Tensor) or \
+                nv.dim() != 4 or _int(nv.shape[2]) != 1 or nv.dtype != cv.dtype:
+            return None
+    return CacheWrites(kc, vc, idx, k_new, v_new, (k, v))

@@ -173,6 +173,42 @@ def test_kernel_rotates_queries(dtype, per_batch):
                                             m.cpu()))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("pos", [0, 37, 69])
+@pytest.mark.parametrize("k_rope", [False, True])
+def test_kernel_writes_the_new_row_then_attends(dtype, pos, k_rope):
+    """With a cache write, the kernel stores the step's key (rotated when given tables) and
+    value rows at ``pos`` (first, middle or last position; in the first, a middle or the last
+    of the split runs) and attends over the updated cache: the output and the caches match
+    ``index_copy_`` + attention, the rest of the caches untouched."""
+    from qcompile.backends.triton.decode_attention import CacheWrite, decode_attention
+    from qcompile.backends.triton.ops import rope
+
+    device = _kernel_device()
+    b, hq, hkv, n, d = 2, 4, 2, 70, 16
+    q, k, v = _qkv(b, hq, hkv, n, d, d, dtype, device)
+    gen = torch.Generator().manual_seed(5)
+    k_new, v_new = (torch.randn(b, hkv, 1, d, generator=gen).to(dtype=dtype, device=device)
+                    for _ in range(2))
+    ang = (torch.arange(d) * 0.3).view(1, 1, 1, d)
+    cos, sin = (t.to(dtype=dtype, device=device) for t in (ang.cos(), ang.sin()))
+    index = torch.tensor([pos], device=device)
+    m = (torch.arange(n, device=device) <= max(pos, 40)).view(1, 1, 1, n)
+    tables = (cos, sin) if k_rope else (None, None)
+    kr, vr = k.clone(), v.clone()
+    kr.index_copy_(2, index, rope(k_new, cos, sin) if k_rope else k_new)
+    vr.index_copy_(2, index, v_new)
+    want = _ref32(q, kr, vr, m)
+    for splits in (1, 4):
+        kk, vv = k.clone(), v.clone()
+        out = decode_attention(q, kk, vv, m, splits=splits,
+                               write=CacheWrite(index, k_new, v_new, *tables))
+        torch.testing.assert_close(out.float(), want, **_TOL[dtype])
+        rest = torch.arange(n, device=device) != pos
+        assert torch.equal(kk[:, :, rest], k[:, :, rest]) and torch.equal(vv, vr)
+        torch.testing.assert_close(kk[:, :, pos], kr[:, :, pos], **_TOL[dtype])
+
+
 def test_bad_inputs_are_named():
     from qcompile.backends.triton.decode_attention import decode_attention
     from qcompile.backends.triton.runtime import KernelInputError
@@ -196,12 +232,21 @@ def test_bad_inputs_are_named():
     cos = torch.ones(1, 1, 1, 16, device=device)
     with pytest.raises(KernelInputError, match="both cos and sin"):
         decode_attention(q, k, v, cos=cos)
-    with pytest.raises(KernelInputError, match="cos must be in q's dtype"):
+    with pytest.raises(KernelInputError, match="cos must be in the cache's dtype"):
         decode_attention(q, k, v, cos=cos.half(), sin=cos.half())
     with pytest.raises(KernelInputError, match="does not broadcast"):
         decode_attention(q, k, v, cos=cos[..., :8], sin=cos[..., :8])
     with pytest.raises(ValueError, match="both cos and sin"):
         Q.decode_attention(q.cpu(), k.cpu(), v.cpu(), None, None, False, cos.cpu())
+    from qcompile.backends.triton.decode_attention import CacheWrite
+
+    row = torch.zeros(1, 2, 1, 16, device=device)
+    idx = torch.tensor([3], device=device)
+    for write, words in ((CacheWrite(idx.float(), row, row), "index must be"),
+                         (CacheWrite(idx, row[:, :1], row), "k_new must be"),
+                         (CacheWrite(idx, row, row, cos), "both k_cos and k_sin")):
+        with pytest.raises(KernelInputError, match=words):
+            decode_attention(q, k, v, write=write)
 
 
 def test_op_runs_the_kernel_or_the_exact_reference():
@@ -391,6 +436,48 @@ def _generate(lower: str, inductor: bool = False) -> tuple[torch.Tensor, list]:
              if p["name"] == "lower-triton"]
     torch._dynamo.reset()
     return out, facts
+
+
+def _steps(lower: str, inductor: bool = False):
+    """Prefill 5 tokens and decode 4 greedily over a StaticCache we hold: the logits, the
+    caches after, and lower-triton's facts per graph."""
+    from transformers import StaticCache
+
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    qcompile.compile(model, pipeline="quantize{w=fp4_e2m1/g32/asym},cleanup", lower=lower,
+                     inductor=inductor)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits = [model(ids, past_key_values=cache, cache_position=torch.arange(5),
+                        use_cache=True).logits]
+        for p in range(5, 9):
+            tok = logits[-1][:, -1:].argmax(-1)
+            logits.append(model(tok, past_key_values=cache, cache_position=torch.tensor([p]),
+                                use_cache=True).logits)
+    kv = [t.clone() for layer in cache.layers for t in (layer.keys, layer.values)]
+    facts = [p["facts"] for r in model.qcompile_backend.stats.reports for p in r["passes"]
+             if p["name"] == "lower-triton"]
+    torch._dynamo.reset()
+    return logits, kv, facts
+
+
+@pytest.mark.parametrize("inductor", [False, True], ids=["eager", "inductor"])
+def test_decode_steps_write_the_cache_in_the_attention_op(inductor):
+    """Lowered, each decode graph's attentions become ``decode_attention_write`` (the rotary
+    embeddings of q and k and both cache writes folded in); the logits of every step and the
+    caches after them are those of the unlowered graphs: bit for bit eagerly, within fp32
+    rounding under Inductor (which fuses the unlowered graph's element-wise ops)."""
+    want, kv_want, _ = _steps("none", inductor)
+    got, kv_got, facts = _steps("always", inductor)
+    decode = [f for f in facts if f["attention"]]
+    assert decode and all(f["attention_write"] == f["attention_rope"] == 2 for f in decode)
+    for a, b in zip(got + kv_got, want + kv_want, strict=True):
+        if inductor:
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(a, b)
 
 
 def test_static_cache_generate_lowers_decode_attention():

@@ -253,11 +253,14 @@ CASES: list[tuple[str, str, dict]] = [
     ("w4a16-swap-bf16-g32-m4000", "w4a16_swap", dict(dtype="bf16", m=4000, group_size=32,
                                                       mma="bf16", a_regs=True)),
     # Decode attention, every autotune config its prune keeps: Llama-3-8B (4 query heads per
-    # kv head, head_dim 128, rotary queries) with a boolean mask split 16 ways; an additive
+    # kv head, head_dim 128, rotary queries) with a boolean mask split 16 ways, also with the
+    # step's cache write (rotary key) as decode_attention_write launches it; an additive
     # fp16 mask; head_dim 256; 64 query heads per kv head; an fp32 cache (three-pass TF32
     # products), no mask.
     ("decode-attn-bf16-g4-d128-bool", "decode_attn", dict(dtype="bf16", g=4, d=128, mask=1,
                                                           nsplit=16, mma="tf32", rope=True)),
+    ("decode-attn-bf16-g4-d128-bool-write", "decode_attn", dict(
+        dtype="bf16", g=4, d=128, mask=1, nsplit=16, mma="tf32", rope=True, write=True)),
     # 64 x 8 warps: 80 registers and a 8-byte stack frame (two words) in the offline compile.
     ("decode-attn-fp16-g8-d64-add", "decode_attn", dict(dtype="fp16", g=8, d=64, mask=2,
                                                         nsplit=1, mma="tf32", spills=2)),
@@ -624,8 +627,14 @@ def _build_decode_attn(mod, p: dict, all_configs: bool):
                 part_ptr="*fp32", ml_ptr="*fp32", count_ptr="*i32", L=n, HKV=8, G=g, DK=d,
                 DV=d, qk_scale=0.125, sq_b=8 * g * d, sq_h=d, sq_d=1, sk_b=8 * n * d,
                 sk_h=n * d, sk_l=d, sk_d=1, sv_b=8 * n * d, sv_h=n * d, sv_l=d, sv_d=1,
-                sm_b=n, sm_h=0, sm_l=1, sc_b=d, sc_h=0, sc_d=1, ss_b=d, ss_h=0, ss_d=1)
-    consts = dict(MASK=p["mask"], ROPE=p.get("rope", False), NSPLIT=p["nsplit"],
+                sm_b=n, sm_h=0, sm_l=1, sc_b=d, sc_h=0, sc_d=1, ss_b=d, ss_h=0, ss_d=1,
+                idx_ptr="*i64", kn_ptr=ptr, vn_ptr=ptr, kcos_ptr=ptr, ksin_ptr=ptr,
+                skn_b=(8 + 2 * 8 + 8 * g) * d, skn_h=d, skn_d=1,
+                svn_b=(8 + 2 * 8 + 8 * g) * d, svn_h=d, svn_d=1,
+                skc_b=d, skc_h=0, skc_d=1, sks_b=d, sks_h=0, sks_d=1)
+    write = p.get("write", False)
+    consts = dict(MASK=p["mask"], ROPE=p.get("rope", False), WRITE=write, KROPE=write,
+                  NSPLIT=p["nsplit"],
                   PREC="tf32x3" if dt == "fp32" else "tf32", BLOCK_G=max(16, g), BLOCK_DK=d,
                   BLOCK_DV=d)
     kept = mod._prune(mod.CONFIGS, {"L": n}, **consts)

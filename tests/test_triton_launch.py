@@ -36,7 +36,7 @@ CASES = [("w4a16-dequant-fp4w-bf16-g128-afpq", "N"), ("w4a8-shift-g128", "K"),
          ("w4a16-gemv1w-bf16-g128-afpq", "N"), ("fp8-persistent-bm128-bias", "M"),
          ("w4a16-gemv1w-bf16-g128-fp4-rms-res", "N"),
          ("w4a16-gemv1mma-bf16-g128-fp4-gate-res-pdl", "N"),
-         ("decode-attn-bf16-g4-d128-bool", "L")]
+         ("decode-attn-bf16-g4-d128-bool-write", "L")]
 
 
 def _same(a: tuple, b: tuple) -> str | None:

@@ -36,6 +36,7 @@ layers' weights have evicted this layer's cache lines.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -54,7 +55,7 @@ from qcompile.backends.triton.runtime import (
 )
 from qcompile.backends.triton.w4a16 import _last_arrival, _reset_count
 
-__all__ = ["CONFIGS", "MAX_GROUP", "MAX_HEAD_DIM", "MAX_HEAD_DIM_FP32", "MAX_SPLITS", "decode_attention",
+__all__ = ["CONFIGS", "CacheWrite", "MAX_GROUP", "MAX_HEAD_DIM", "MAX_HEAD_DIM_FP32", "MAX_SPLITS", "decode_attention",
            "decode_attention_ref", "kernel_fits"]
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -94,6 +95,16 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _rope(x, x2_ptrs, low, ok, cos_ptrs, sin_ptrs):
+    """``x * cos + cat(-x2, x1) * sin`` in fp32: ``x2_ptrs`` point at each element's partner
+    in the other half, ``low`` marks the first half (where the partner is negated)."""
+    x2 = tl.load(x2_ptrs, mask=ok, other=0.0).to(tl.float32)
+    c = tl.load(cos_ptrs, mask=ok, other=0.0).to(tl.float32)
+    sn = tl.load(sin_ptrs, mask=ok, other=0.0).to(tl.float32)
+    return x.to(tl.float32) * c + tl.where(low, -x2, x2) * sn
+
+
+@triton.jit
 def _decode_attn_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, cos_ptr, sin_ptr, out_ptr, part_ptr, ml_ptr, count_ptr,
     L, HKV, G, DK, DV, qk_scale,
@@ -102,8 +113,12 @@ def _decode_attn_kernel(
     sv_b, sv_h, sv_l, sv_d,
     sm_b, sm_h, sm_l,
     sc_b, sc_h, sc_d, ss_b, ss_h, ss_d,
+    idx_ptr, kn_ptr, vn_ptr, kcos_ptr, ksin_ptr,
+    skn_b, skn_h, skn_d, svn_b, svn_h, svn_d, skc_b, skc_h, skc_d, sks_b, sks_h, sks_d,
     MASK: tl.constexpr,  # 0 none, 1 boolean (true attends), 2 additive
     ROPE: tl.constexpr,  # rotate the queries (cos/sin) first
+    WRITE: tl.constexpr,  # write the new key/value row at idx into the cache first
+    KROPE: tl.constexpr,  # rotate the new key (kcos/ksin) before writing it
     NSPLIT: tl.constexpr,
     PREC: tl.constexpr,  # "tf32" (exact for bf16/fp16 values) or "tf32x3" (fp32 caches)
     BLOCK_G: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -123,17 +138,13 @@ def _decode_attn_kernel(
     q_rows = q_ptr + b * sq_b + heads[:, None] * sq_h
     q_ok = g_ok[:, None] & dk_ok[None, :]
     q = tl.load(q_rows + offs_dk[None, :] * sq_d, mask=q_ok, other=0.0)
-    if ROPE:  # x * cos + cat(-x2, x1) * sin in fp32, rounded once to q's dtype (as Inductor)
-        half = DK // 2
-        low = offs_dk < half
-        partner = tl.where(low, offs_dk + half, offs_dk - half)
-        x2 = tl.load(q_rows + partner[None, :] * sq_d, mask=q_ok, other=0.0).to(tl.float32)
-        c = tl.load(cos_ptr + b * sc_b + heads[:, None] * sc_h + offs_dk[None, :] * sc_d,
-                    mask=q_ok, other=0.0).to(tl.float32)
-        sn = tl.load(sin_ptr + b * ss_b + heads[:, None] * ss_h + offs_dk[None, :] * ss_d,
-                     mask=q_ok, other=0.0).to(tl.float32)
-        rot = tl.where(low[None, :], -x2, x2)
-        q = (q.to(tl.float32) * c + rot * sn).to(q_ptr.dtype.element_ty)
+    low = offs_dk < DK // 2  # rotary halves: each element's partner in the other half
+    partner = tl.where(low, offs_dk + DK // 2, offs_dk - DK // 2)
+    if ROPE:  # in fp32, rounded once to q's dtype (as Inductor's kernel for the graph did)
+        q = _rope(q, q_rows + partner[None, :] * sq_d, low[None, :], q_ok,
+                  cos_ptr + b * sc_b + heads[:, None] * sc_h + offs_dk[None, :] * sc_d,
+                  sin_ptr + b * ss_b + heads[:, None] * ss_h + offs_dk[None, :] * ss_d,
+                  ).to(q_ptr.dtype.element_ty)
     q = q.to(tl.float32)
     k_base = k_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
@@ -145,6 +156,24 @@ def _decode_attn_kernel(
     per_split = tl.cdiv(tl.cdiv(L, BLOCK_L), NSPLIT) * BLOCK_L
     start = sid * per_split
     end = tl.minimum(start + per_split, L)
+    if WRITE:  # this kv head's new row, as the cache holds it
+        pos = tl.load(idx_ptr).to(tl.int32)
+        kn_rows = kn_ptr + b * skn_b + hk * skn_h
+        kn = tl.load(kn_rows + offs_dk * skn_d, mask=dk_ok, other=0.0)
+        if KROPE:
+            kn = _rope(kn, kn_rows + partner * skn_d, low, dk_ok,
+                       kcos_ptr + b * skc_b + hk * skc_h + offs_dk * skc_d,
+                       ksin_ptr + b * sks_b + hk * sks_h + offs_dk * sks_d)
+        kn = kn.to(k_ptr.dtype.element_ty)
+        vn = tl.load(vn_ptr + b * svn_b + hk * svn_h + offs_dv * svn_d, mask=dv_ok,
+                     other=0.0).to(v_ptr.dtype.element_ty)
+        # Only the run holding ``pos`` reads that row: it stores the row and uses it from
+        # registers below, so no program reads a row another one writes.
+        if (pos >= start) & (pos < end):
+            tl.store(k_base + pos * sk_l + offs_dk * sk_d, kn, mask=dk_ok)
+            tl.store(v_base + pos * sv_l + offs_dv * sv_d, vn, mask=dv_ok)
+        kn = kn.to(tl.float32)
+        vn = vn.to(tl.float32)
     for l0 in range(start, end, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         l_ok = offs_l < end
@@ -159,8 +188,10 @@ def _decode_attn_kernel(
             live = tl.max(tl.max(bias, 1), 0) > float("-inf")
         if live:
             kt = tl.load(k_base + offs_l[:, None] * sk_l + offs_dk[None, :] * sk_d,
-                         mask=l_ok[:, None] & dk_ok[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(kt.to(tl.float32)), input_precision=PREC)
+                         mask=l_ok[:, None] & dk_ok[None, :], other=0.0).to(tl.float32)
+            if WRITE:
+                kt = tl.where((offs_l == pos)[:, None], kn[None, :], kt)
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC)
             s = s * qk_scale
             if MASK == 1:
                 s = tl.where(keep != 0, s, float("-inf"))
@@ -173,8 +204,10 @@ def _decode_attn_kernel(
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             vt = tl.load(v_base + offs_l[:, None] * sv_l + offs_dv[None, :] * sv_d,
-                         mask=l_ok[:, None] & dv_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p, vt.to(tl.float32), input_precision=PREC)
+                         mask=l_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+            if WRITE:
+                vt = tl.where((offs_l == pos)[:, None], vn[None, :], vt)
+            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=PREC)
             m_i = m_new
 
     out_offs = (b * HKV * G + heads)[:, None] * DV + offs_dv[None, :]
@@ -214,16 +247,67 @@ def _decode_attn_kernel(
 
 _decode_attn_tuned = triton.autotune(
     configs=CONFIGS,
-    key=["HKV", "G", "DK", "DV", "MASK", "ROPE", "NSPLIT", "PREC"],
+    key=["HKV", "G", "DK", "DV", "MASK", "ROPE", "WRITE", "KROPE", "NSPLIT", "PREC"],
     prune_configs_by=tuning(_prune, _decode_attn_kernel), do_bench=cold_graph_bench,
 )(_decode_attn_kernel)
 
 
 # --- wrapper ---------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class CacheWrite:
+    """The new key/value row a decode step writes into its cache before attending, as
+    ``k.index_copy_(2, index, rope(k_new, k_cos, k_sin))`` and ``v.index_copy_(2, index,
+    v_new)`` would (without ``k_cos``/``k_sin``: ``k_new`` as it is).
+
+    Attributes:
+        index: ``[1]`` integer position in the cache.
+        k_new: ``[B, Hkv, 1, DK]``, the cache's dtype.
+        v_new: ``[B, Hkv, 1, DV]``.
+        k_cos, k_sin: Rotary tables broadcastable to ``k_new``, or None.
+    """
+
+    index: torch.Tensor
+    k_new: torch.Tensor
+    v_new: torch.Tensor
+    k_cos: torch.Tensor | None = None
+    k_sin: torch.Tensor | None = None
+
+
+def _table_problem(name: str, t: torch.Tensor, dtype: torch.dtype, shape: tuple) -> str | None:
+    if t.dtype != dtype or t.dim() > 4:
+        return f"{name} must be in the cache's dtype with at most 4 dims, got {t.dtype} " \
+               f"{t.dim()}-D"
+    try:
+        torch.broadcast_shapes(t.shape, shape)
+    except RuntimeError:
+        return f"{name} {tuple(t.shape)} does not broadcast to {shape}"
+    if shape[-1] % 2:
+        return f"rotary tables need an even head_dim, got {shape[-1]}"
+    return None
+
+
+def _write_problem(w: CacheWrite, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    if (w.k_cos is None) != (w.k_sin is None):
+        return "give both k_cos and k_sin or neither"
+    if w.index.dim() != 1 or w.index.numel() != 1 or w.index.dtype not in (torch.int64,
+                                                                           torch.int32):
+        return f"index must be one int32/int64 position, got {w.index.dtype} " \
+               f"{tuple(w.index.shape)}"
+    b, hkv = k.shape[:2]
+    for name, t, ref in (("k_new", w.k_new, k), ("v_new", w.v_new, v)):
+        want = (b, hkv, 1, ref.shape[3])
+        if tuple(t.shape) != want or t.dtype != ref.dtype:
+            return f"{name} must be {want} {ref.dtype}, got {tuple(t.shape)} {t.dtype}"
+    for name, t in (("k_cos", w.k_cos), ("k_sin", w.k_sin)):
+        if t is not None and (why := _table_problem(name, t, k.dtype, tuple(w.k_new.shape))):
+            return why
+    return None
+
+
 def kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None, cos: torch.Tensor | None = None,
-                sin: torch.Tensor | None = None) -> str | None:
+                sin: torch.Tensor | None = None, write: CacheWrite | None = None) -> str | None:
     """Why the kernel cannot take these inputs (None: it can). Shapes and dtypes only."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return "q, k and v must be 4-D [batch, heads, rows, head_dim]"
@@ -256,17 +340,9 @@ def kernel_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         except RuntimeError:
             return f"mask {tuple(mask.shape)} does not broadcast to {(b, hq, 1, k.shape[2])}"
     for name, t in (("cos", cos), ("sin", sin)):
-        if t is None:
-            continue
-        if t.dtype != q.dtype or t.dim() > 4:
-            return f"{name} must be in q's dtype with at most 4 dims, got {t.dtype} {t.dim()}-D"
-        try:
-            torch.broadcast_shapes(t.shape, (b, hq, 1, dk))
-        except RuntimeError:
-            return f"{name} {tuple(t.shape)} does not broadcast to {(b, hq, 1, dk)}"
-        if dk % 2:
-            return f"rotary queries need an even head_dim, got {dk}"
-    return None
+        if t is not None and (why := _table_problem(name, t, q.dtype, (b, hq, 1, dk))):
+            return why
+    return None if write is None else _write_problem(write, k, v)
 
 
 def _splits(programs: int, length: int, device: torch.device) -> int:
@@ -278,11 +354,21 @@ def _splits(programs: int, length: int, device: torch.device) -> int:
     return triton.next_power_of_2(max(1, want))
 
 
+def _bhd(t: torch.Tensor | None, shape: tuple, dummy: torch.Tensor
+         ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``t`` expanded to ``shape`` ``[B, H, 1, D]`` and its (batch, head, last) strides; a
+    dummy pointer and zero strides for None."""
+    if t is None:
+        return dummy, (0, 0, 0)
+    te = t.expand(*shape)
+    return te, (te.stride(0), te.stride(1), te.stride(3))
+
+
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None = None, scale: float | None = None,
                      splits: int | None = None, block_l: int | None = None,
-                     cos: torch.Tensor | None = None,
-                     sin: torch.Tensor | None = None) -> torch.Tensor:
+                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
+                     write: CacheWrite | None = None) -> torch.Tensor:
     """Attention of one query row per head over a KV cache (module docstring).
 
     Args:
@@ -296,6 +382,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         cos, sin: Rotary tables broadcastable to ``q`` (both or neither): the queries are
             ``rope(q, cos, sin)`` (:func:`qcompile.backends.triton.ops.rope`), computed in
             fp32 and rounded to ``q``'s dtype in the kernel.
+        write: A new key/value row to write into ``k``/``v`` first (:class:`CacheWrite`):
+            the caches are updated in place and the attention sees the row. A position
+            outside the cache writes nothing.
 
     Returns:
         ``[B, Hq, 1, DV]`` in ``q``'s dtype.
@@ -310,10 +399,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         check_tensor(mask, "mask", (torch.bool, *_DTYPES), device=dev)
     if (cos is None) != (sin is None):
         raise KernelInputError("decode_attention: give both cos and sin or neither")
-    for name, t in (("cos", cos), ("sin", sin)):
+    tables = (("cos", cos), ("sin", sin))
+    if write is not None:
+        tables += (("index", write.index), ("k_new", write.k_new), ("v_new", write.v_new),
+                   ("k_cos", write.k_cos), ("k_sin", write.k_sin))
+    for name, t in tables:
         if t is not None:
-            check_tensor(t, name, _DTYPES, device=dev)
-    why = kernel_fits(q, k, v, mask, cos, sin)
+            check_tensor(t, name, (*_DTYPES, torch.int64, torch.int32), device=dev)
+    why = kernel_fits(q, k, v, mask, cos, sin, write)
     if why is not None:
         raise KernelInputError(f"decode_attention: {why}")
     b, hq, _, dk = q.shape
@@ -339,22 +432,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         ml = torch.empty((programs * nsplit * 2 * block_g,), dtype=torch.float32, device=dev)
     else:
         part = ml = out
-    if mask is None:
-        kind, mptr, ms = 0, q, (0, 0, 0)
-    else:
-        kind = 1 if mask.dtype == torch.bool else 2
-        me = mask.expand(b, hq, 1, n)
-        mptr, ms = me, (me.stride(0), me.stride(1), me.stride(3))
-    rope = []
-    for t in (cos, sin):
-        te = q if t is None else t.expand(b, hq, 1, dk)
-        rope.append((te, (0, 0, 0) if t is None else (te.stride(0), te.stride(1), te.stride(3))))
-    (cptr, cs), (sptr, ss) = rope
+    kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
+    mptr, (ms_b, ms_h, ms_l) = _bhd(mask, (b, hq, 1, n), q)
+    cptr, cs = _bhd(cos, (b, hq, 1, dk), q)
+    sptr, ss = _bhd(sin, (b, hq, 1, dk), q)
+    w = write or CacheWrite(q, q, q)
+    kv_new = (b, hkv, 1, dk)
+    knptr, kns = _bhd(write and w.k_new, kv_new, q)
+    vnptr, vns = _bhd(write and w.v_new, (b, hkv, 1, dv), q)
+    kcptr, kcs = _bhd(w.k_cos, kv_new, q)
+    ksptr, kss = _bhd(w.k_sin, kv_new, q)
     args = (q, k, v, mptr, cptr, sptr, out, part, ml, counts if counts is not None else out,
             n, hkv, g, dk, dv, float(scale) * _LOG2E,
             q.stride(0), q.stride(1), q.stride(3),
-            *k.stride(), *(v.stride(i) for i in (0, 1, 2, 3)), *ms, *cs, *ss)
-    meta = dict(MASK=kind, ROPE=cos is not None, NSPLIT=nsplit, PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
+            *k.stride(), *(v.stride(i) for i in (0, 1, 2, 3)), ms_b, ms_h, ms_l, *cs, *ss,
+            w.index, knptr, vnptr, kcptr, ksptr, *kns, *vns, *kcs, *kss)
+    meta = dict(MASK=kind, ROPE=cos is not None, WRITE=write is not None,
+                KROPE=w.k_cos is not None, NSPLIT=nsplit,
+                PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
                 BLOCK_G=block_g, BLOCK_DK=bdk, BLOCK_DV=bdv)
     grid = (programs, nsplit)
     if block_l is not None or interpreting():

@@ -34,6 +34,11 @@ Ops:
         ``repeat_kv`` does; ``gqa``: as ``enable_gqa=True`` does) and ``q'`` the queries,
         rotated by :func:`rope` when ``cos``/``sin`` are given; one query row on CUDA runs
         :mod:`qcompile.backends.triton.decode_attention`, which reads each kv head once.
+    ``qcompile::decode_attention_write(q, k_cache!, v_cache!, index, k_new, v_new, mask=None,
+    scale=None, gqa=False, cos=None, sin=None, k_cos=None, k_sin=None)``
+        The same after ``k_cache.index_copy_(2, index, rope(k_new, k_cos, k_sin) or k_new)``
+        and ``v_cache.index_copy_(2, index, v_new)``: a decode step's cache update, done in
+        place by the same kernel (one launch instead of three).
 
 On CUDA the RMSNorm variants quantize the fp32 normalized values directly (the graph rounds
 them to the activation dtype first): identical for fp32 models, within one quantization step
@@ -59,7 +64,7 @@ from qcompile.oplib import define_op
 from qcompile.ops import dequantize_weight, hadamard, quantize_activation, spec_of
 
 __all__ = [
-    "decode_attention", "decode_attention_ref", "fp8_linear", "hadamard_quantize",
+    "decode_attention", "decode_attention_ref", "decode_attention_write", "fp8_linear", "hadamard_quantize",
     "kernels_on_cpu", "linear_input", "quantize_rows", "rms_norm", "rope", "w4a16_linear",
     "w4a8_linear", "with_residual",
 ]
@@ -434,3 +439,47 @@ def decode_attention(
         if da.kernel_fits(q, k, v, mask, cos, sin) is None:
             return da.decode_attention(q, k, v, mask, scale, cos=cos, sin=sin)
     return decode_attention_ref(q, k, v, mask, scale, gqa, cos, sin)
+
+
+def _decode_attention_write_fake(q, k_cache, v_cache, index, k_new, v_new, mask=None,
+                                 scale=None, gqa=False, cos=None, sin=None, k_cos=None,
+                                 k_sin=None):
+    return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))
+
+
+@define_op(
+    "decode_attention_write(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor index, "
+    "Tensor k_new, Tensor v_new, Tensor? mask=None, float? scale=None, bool gqa=False, "
+    "Tensor? cos=None, Tensor? sin=None, Tensor? k_cos=None, Tensor? k_sin=None) -> Tensor",
+    _decode_attention_write_fake)
+def decode_attention_write(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    index: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    gqa: bool = False,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    k_cos: torch.Tensor | None = None,
+    k_sin: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``decode_attention`` after writing the step's key/value row into the caches in place
+    (``index_copy_`` along the sequence; ``k_new`` rotated by ``k_cos``/``k_sin`` first when
+    given); see the module docstring."""
+    for a, b_, what in ((cos, sin, "cos and sin"), (k_cos, k_sin, "k_cos and k_sin")):
+        if (a is None) != (b_ is None):
+            raise ValueError(f"decode_attention_write: give both {what} or neither")
+    if _use_kernel(q):
+        from qcompile.backends.triton import decode_attention as da
+
+        write = da.CacheWrite(index, k_new, v_new, k_cos, k_sin)
+        if da.kernel_fits(q, k_cache, v_cache, mask, cos, sin, write) is None:
+            return da.decode_attention(q, k_cache, v_cache, mask, scale, cos=cos, sin=sin,
+                                       write=write)
+    k_cache.index_copy_(2, index, k_new if k_cos is None else rope(k_new, k_cos, k_sin))
+    v_cache.index_copy_(2, index, v_new)
+    return decode_attention_ref(q, k_cache, v_cache, mask, scale, gqa, cos, sin)
