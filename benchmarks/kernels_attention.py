@@ -11,10 +11,16 @@ the other layers' weights have evicted the cache:
   graph without ``decode_attention`` computes: per-query-head copies of the cache, then an
   attention kernel);
 * ``sdpa_gqa``: PyTorch's SDPA with ``enable_gqa=True`` (no copies), eager;
-* ``decode_attention``: :func:`qcompile.backends.triton.decode_attention.decode_attention`.
+* ``decode_attention``: :func:`qcompile.backends.triton.decode_attention.decode_attention`;
 
-Each row has ``us``, ``ratio_vs_graph`` (the graph's time over this one) and ``gbps``: the
-bytes of the live keys and values over the time (the bytes a decode step must read).
+and the whole attention of a decode step, from the fused q/k/v projection's output:
+
+* ``graph_step``: rotary embeddings of q and k, the two ``index_copy_`` cache writes,
+  ``repeat_kv`` and SDPA, compiled by Inductor (the unlowered decode graph's part);
+* ``decode_attention_write``: the op ``lower-triton`` puts in its place (one kernel).
+
+Each row has ``us``, ``ratio_vs_graph`` (``graph``'s or ``graph_step``'s time over this one)
+and ``gbps``: the bytes of the live keys and values over the time (what a step must read).
 
 Usage::
 
@@ -48,17 +54,29 @@ def _time(fn) -> tuple[float, bool]:
         return do_bench(fn, return_mode="median") * 1e3, False
 
 
-def _ways(graph, q, k, v, mask) -> dict[str, Any]:
-    """The three calls timed per case (module docstring), by name."""
+def _step_ref(q, k_new, v_new, k, v, index, cos, sin, mask):
+    """A decode step's attention as the unlowered graph computes it (module docstring)."""
+    from qcompile.backends.triton.ops import decode_attention_ref, rope
+
+    k.index_copy_(2, index, rope(k_new, cos, sin))
+    v.index_copy_(2, index, v_new)
+    return decode_attention_ref(rope(q, cos, sin), k, v, mask)
+
+
+def _ways(graph, step, q, k, v, mask, new) -> dict[str, Any]:
+    """The calls timed per case (module docstring), by name; ``new`` holds the step's
+    ``(k_new, v_new, index, cos, sin)``."""
     import torch.nn.functional as F
 
-    from qcompile.backends.triton.decode_attention import decode_attention
-
+    k_new, v_new, index, cos, sin = new
     return {
         "graph": lambda: graph(q, k, v, mask),
         "sdpa_gqa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                            enable_gqa=True),
-        "decode_attention": lambda: decode_attention(q, k, v, mask),
+        "decode_attention": lambda: torch.ops.qcompile.decode_attention(q, k, v, mask),
+        "graph_step": lambda: step(q, k_new, v_new, k, v, index, cos, sin, mask),
+        "decode_attention_write": lambda: torch.ops.qcompile.decode_attention_write(
+            q, k, v, index, k_new, v_new, mask, None, False, cos, sin, cos, sin),
     }
 
 
@@ -74,6 +92,7 @@ def run() -> list[dict[str, Any]]:
     from qcompile.backends.triton.ops import decode_attention_ref
 
     graph = torch.compile(decode_attention_ref, dynamic=False)
+    step = torch.compile(_step_ref, dynamic=False)
     device = torch.cuda.get_device_name()
     rows = []
     for cache_len, live in CASES:
@@ -82,14 +101,22 @@ def run() -> list[dict[str, Any]]:
         k, v = (torch.randn(1, KV_HEADS, cache_len, HEAD_DIM, device="cuda",
                             generator=gen).bfloat16() for _ in range(2))
         mask = (torch.arange(cache_len, device="cuda") < live).view(1, 1, 1, cache_len)
-        ways = _ways(graph, q, k, v, mask)
+        ang = torch.arange(HEAD_DIM, device="cuda").view(1, 1, 1, -1) * 0.01 * live
+        new = (*(torch.randn(1, KV_HEADS, 1, HEAD_DIM, device="cuda", generator=gen)
+                 .bfloat16() for _ in range(2)),
+               torch.tensor([live - 1], device="cuda"), ang.cos().bfloat16(),
+               ang.sin().bfloat16())
+        ways = _ways(graph, step, q, k, v, mask, new)
         want = decode_attention_ref(q.float(), k.float(), v.float(), mask)
+        want_step = _step_ref(q.float(), new[0].float(), new[1].float(), k.float(), v.float(),
+                              new[2], new[3].float(), new[4].float(), mask)
         live_bytes = live * KV_HEADS * 2 * HEAD_DIM * 2
         base = None
         for name, fn in ways.items():
-            err = (fn().float() - want).abs().max().item()
+            ref = want_step if name in ("graph_step", "decode_attention_write") else want
+            err = (fn().float() - ref).abs().max().item()
             us, cold = _time(fn)
-            base = us if name == "graph" else base
+            base = us if name in ("graph", "graph_step") else base
             rows.append({"op": "decode_attention", "way": name, "cache_len": cache_len,
                          "live": live, "heads": HEADS, "kv_heads": KV_HEADS,
                          "head_dim": HEAD_DIM, "dtype": "bfloat16", "us": us, "cold": cold,

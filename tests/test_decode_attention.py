@@ -492,8 +492,8 @@ def test_static_cache_generate_lowers_decode_attention():
 
 
 def test_benchmark_times_the_three_ways_or_refuses_without_cuda():
-    """``benchmarks/kernels_attention.py``: on a GPU every case has the graph's way, PyTorch's
-    GQA SDPA and the kernel, each close to the fp32 reference; without one it refuses."""
+    """``benchmarks/kernels_attention.py``: on a GPU every case has the graph's ways, PyTorch's
+    GQA SDPA and the kernels, each close to the fp32 reference; without one it refuses."""
     import sys
     from pathlib import Path
 
@@ -506,6 +506,7 @@ def test_benchmark_times_the_three_ways_or_refuses_without_cuda():
             kernels_attention.run()
         return
     rows = kernels_attention.run()
-    assert len(rows) == 3 * len(kernels_attention.CASES)
-    assert {r["way"] for r in rows} == {"graph", "sdpa_gqa", "decode_attention"}
+    ways = {"graph", "sdpa_gqa", "decode_attention", "graph_step", "decode_attention_write"}
+    assert len(rows) == len(ways) * len(kernels_attention.CASES)
+    assert {r["way"] for r in rows} == ways
     assert all(r["max_abs_err"] < 3e-2 and r["us"] > 0 for r in rows)
