@@ -98,7 +98,7 @@ def _op_calls(dev: torch.device, n: int, k: int,
     wq = (w.to(dev) / w_scale).to(torch.float8_e4m3fn)
     a, a_scale = qc.quantize_rows(x, "fp8_e4m3/token", 0)
     bf = torch.bfloat16
-    return {
+    calls = {
         "w4a16_linear fp4_e2m1/g128": lambda: qc.w4a16_linear(
             x, packed4, scale4, None, None, None, None, "fp4_e2m1/g128", k),
         "quantize_rows fp8_e4m3/token": lambda: qc.quantize_rows(x, "fp8_e4m3/token", 0),
@@ -108,6 +108,19 @@ def _op_calls(dev: torch.device, n: int, k: int,
         "w4a8_linear g128": lambda: qc.w4a8_linear(a, a_scale, packed_m2, gexp, row_scale,
                                                    None, 128, k, bf),
     }
+    if m == 1:  # a decode step's attention (Llama-3-8B heads, 1024-position static cache)
+        qkv = torch.randn(1, 1, 48 * 128, generator=g).to(dev, bf)
+        heads = qkv.view(1, 1, 48, 128).transpose(1, 2)  # views of the fused projection
+        q, k_new, v_new = heads[:, :32], heads[:, 32:40], heads[:, 40:]
+        kc, vc = (torch.zeros(1, 8, 1024, 128, dtype=bf, device=dev) for _ in range(2))
+        mask = (torch.arange(1024, device=dev) <= 300).view(1, 1, 1, 1024)
+        ang = torch.arange(128, device=dev).view(1, 1, 1, 128) * 0.01
+        cos, sin = ang.cos().to(bf), ang.sin().to(bf)
+        index = torch.tensor([300], device=dev)
+        calls["decode_attention_write 32/8 heads, 1024 positions"] = (
+            lambda: qc.decode_attention_write(q, kc, vc, index, k_new, v_new, mask, None, False,
+                                              cos, sin, cos, sin))
+    return calls
 
 
 def _dispatch_rows(calls: int) -> list[dict[str, Any]]:

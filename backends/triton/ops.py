@@ -437,7 +437,7 @@ def decode_attention(
         from qcompile.backends.triton import decode_attention as da
 
         if da.kernel_fits(q, k, v, mask, cos, sin) is None:
-            return da.decode_attention(q, k, v, mask, scale, cos=cos, sin=sin)
+            return da.run_checked(q, k, v, mask, scale, cos=cos, sin=sin)
     return decode_attention_ref(q, k, v, mask, scale, gqa, cos, sin)
 
 
@@ -478,8 +478,8 @@ def decode_attention_write(
 
         write = da.CacheWrite(index, k_new, v_new, k_cos, k_sin)
         if da.kernel_fits(q, k_cache, v_cache, mask, cos, sin, write) is None:
-            return da.decode_attention(q, k_cache, v_cache, mask, scale, cos=cos, sin=sin,
-                                       write=write)
+            return da.run_checked(q, k_cache, v_cache, mask, scale, cos=cos, sin=sin,
+                                  write=write)
     k_cache.index_copy_(2, index, k_new if k_cos is None else rope(k_new, k_cos, k_sin))
     v_cache.index_copy_(2, index, v_new)
     return decode_attention_ref(q, k_cache, v_cache, mask, scale, gqa, cos, sin)
