@@ -81,7 +81,7 @@ def _ways(graph, step, q, k, v, mask, new) -> dict[str, Any]:
 
 
 def run() -> list[dict[str, Any]]:
-    """Time the three ways per case; one dict per (case, way).
+    """Time every way per case (module docstring); one dict per (case, way).
 
     Raises:
         RuntimeError: No CUDA device (the interpreter would time Python, not the kernel).

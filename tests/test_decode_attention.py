@@ -25,17 +25,6 @@ Q = torch.ops.qcompile
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 
 
-def _kernel_device() -> str:
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return "cuda"
-    from qcompile.backends.triton.runtime import interpreting
-
-    if not interpreting():
-        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
-    return "cpu"
-
-
 def _qkv(b, hq, hkv, n, dk, dv, dtype, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = torch.randn(b, 1, hq, dk, generator=gen).transpose(1, 2)  # a strided view, as in graphs
@@ -78,12 +67,12 @@ SHAPES = [  # (batch, query heads, kv heads, cache length, head_dim, value head_
                          ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mask", ["none", "prefix", "heads", "additive"])
-def test_kernel_matches_reference(shape, dtype, mask):
+def test_kernel_matches_reference(kernel_device, shape, dtype, mask):
     """Every mask kind, one run and split runs (combined by the last arrival), odd head
     counts, head dims and cache lengths (down to one position)."""
     from qcompile.backends.triton.decode_attention import decode_attention
 
-    device = _kernel_device()
+    device = kernel_device
     b, hq, hkv, n, dk, dv = shape
     q, k, v = _qkv(b, hq, hkv, n, dk, dv, dtype, device)
     m = _mask(mask, b, hq, n, dtype, device)
@@ -96,12 +85,12 @@ def test_kernel_matches_reference(shape, dtype, mask):
 
 @pytest.mark.parametrize("mask", ["prefix", "additive"])
 @pytest.mark.parametrize("splits", [1, 4])
-def test_masked_off_blocks_are_not_read(mask, splits):
+def test_masked_off_blocks_are_not_read(kernel_device, mask, splits):
     """A static cache's positions past the current one (whole masked-off blocks) are never
     loaded: NaN there leaves the result equal to attention over the live prefix."""
     from qcompile.backends.triton.decode_attention import decode_attention
 
-    device = _kernel_device()
+    device = kernel_device
     n, live = 200, 64  # blocks of 32 under the interpreter: positions >= 64 in dead blocks
     q, k, v = _qkv(1, 4, 2, n, 16, 16, torch.float32, device)
     if mask == "prefix":
@@ -116,11 +105,11 @@ def test_masked_off_blocks_are_not_read(mask, splits):
     torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
 
 
-def test_rows_with_nothing_to_attend_give_zeros():
+def test_rows_with_nothing_to_attend_give_zeros(kernel_device):
     """As PyTorch's math attention: a head whose mask is false everywhere gets zeros."""
     from qcompile.backends.triton.decode_attention import decode_attention
 
-    device = _kernel_device()
+    device = kernel_device
     q, k, v = _qkv(1, 4, 2, 70, 16, 16, torch.float32, device)
     m = torch.ones(1, 4, 1, 70, dtype=torch.bool, device=device)
     m[:, 2] = False
@@ -131,12 +120,12 @@ def test_rows_with_nothing_to_attend_give_zeros():
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
 
 
-def test_strided_cache_and_mask_views():
+def test_strided_cache_and_mask_views(kernel_device):
     """The cache as a slice of a longer buffer, q transposed, a mask broadcast over heads
     and batch: read through their strides, no copies needed."""
     from qcompile.backends.triton.decode_attention import decode_attention
 
-    device = _kernel_device()
+    device = kernel_device
     _, kbuf, vbuf = _qkv(2, 4, 2, 90, 16, 16, torch.float32, device)
     k, v = kbuf[:, :, 10:80], vbuf[:, :, 10:80]
     q = torch.randn(2, 1, 4, 16, device=device).transpose(1, 2)
@@ -149,13 +138,13 @@ def test_strided_cache_and_mask_views():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("per_batch", [False, True])
-def test_kernel_rotates_queries(dtype, per_batch):
+def test_kernel_rotates_queries(kernel_device, dtype, per_batch):
     """``cos``/``sin`` given: the queries are rotated in the kernel (fp32, rounded once to
     q's dtype) before the scores; the tables may be one per batch row or shared."""
     from qcompile.backends.triton.decode_attention import decode_attention
     from qcompile.backends.triton.ops import rope
 
-    device = _kernel_device()
+    device = kernel_device
     b, hq, hkv, n, d = 2, 6, 2, 45, 32
     q, k, v = _qkv(b, hq, hkv, n, d, d, dtype, device)
     pos = torch.tensor([7.0, 30.0]) if per_batch else torch.tensor([12.0])
@@ -176,7 +165,7 @@ def test_kernel_rotates_queries(dtype, per_batch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("pos", [0, 37, 69])
 @pytest.mark.parametrize("k_rope", [False, True])
-def test_kernel_writes_the_new_row_then_attends(dtype, pos, k_rope):
+def test_kernel_writes_the_new_row_then_attends(kernel_device, dtype, pos, k_rope):
     """With a cache write, the kernel stores the step's key (rotated when given tables) and
     value rows at ``pos`` (first, middle or last position; in the first, a middle or the last
     of the split runs) and attends over the updated cache: the output and the caches match
@@ -184,7 +173,7 @@ def test_kernel_writes_the_new_row_then_attends(dtype, pos, k_rope):
     from qcompile.backends.triton.decode_attention import CacheWrite, decode_attention
     from qcompile.backends.triton.ops import rope
 
-    device = _kernel_device()
+    device = kernel_device
     b, hq, hkv, n, d = 2, 4, 2, 70, 16
     q, k, v = _qkv(b, hq, hkv, n, d, d, dtype, device)
     gen = torch.Generator().manual_seed(5)
@@ -209,11 +198,11 @@ def test_kernel_writes_the_new_row_then_attends(dtype, pos, k_rope):
         torch.testing.assert_close(kk[:, :, pos], kr[:, :, pos], **_TOL[dtype])
 
 
-def test_bad_inputs_are_named():
+def test_bad_inputs_are_named(kernel_device):
     from qcompile.backends.triton.decode_attention import decode_attention
     from qcompile.backends.triton.runtime import KernelInputError
 
-    device = _kernel_device()
+    device = kernel_device
     q, k, v = _qkv(1, 4, 2, 9, 16, 16, torch.float32, device)
     cases = [
         ((q.expand(1, 4, 3, 16), k, v), "3 query rows"),
@@ -249,10 +238,9 @@ def test_bad_inputs_are_named():
             decode_attention(q, k, v, write=write)
 
 
-def test_op_runs_the_kernel_or_the_exact_reference():
+def test_op_on_the_cpu_is_the_graphs_composition():
     """On the CPU the op is the reference composition bit for bit (``repeat_kv`` or
-    ``enable_gqa`` as the graph had it); through the kernels it matches the kernel; several
-    query rows, which the kernel does not take, run the reference there too."""
+    ``enable_gqa`` as the graph had it)."""
     q, k, v = _qkv(1, 4, 2, 33, 16, 16, torch.float32, "cpu")
     m = _mask("prefix", 1, 4, 33, torch.float32, "cpu")
     kr = k[:, :, None].expand(1, 2, 2, 33, 16).reshape(1, 4, 33, 16)
@@ -261,7 +249,14 @@ def test_op_runs_the_kernel_or_the_exact_reference():
     assert torch.equal(Q.decode_attention(q, k, v, m), graph_sdpa)
     assert torch.equal(Q.decode_attention(q, k, v, m, None, True),
                        F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True))
-    device = _kernel_device()
+
+
+def test_op_runs_the_kernel_where_it_fits(kernel_device):
+    """Through the kernels the op matches the kernel; several query rows, which the kernel
+    does not take, run the reference there too."""
+    device = kernel_device
+    q, k, v = _qkv(1, 4, 2, 33, 16, 16, torch.float32, "cpu")
+    m = _mask("prefix", 1, 4, 33, torch.float32, "cpu")
     from qcompile.backends.triton.decode_attention import decode_attention
     from qcompile.backends.triton.ops import kernels_on_cpu
 

@@ -248,19 +248,8 @@ KERNEL_CASES = [
 ]
 
 
-def _kernel_device():
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        return "cuda"
-    from qcompile.backends.triton.runtime import interpreting
-
-    if not interpreting():
-        pytest.skip("no CUDA and TRITON_INTERPRET is not set")
-    return "cpu"
-
-
 @pytest.mark.parametrize("pipeline", KERNEL_CASES)
-def test_lowered_graph_through_kernels_matches_reference(llama, pipeline):
+def test_lowered_graph_through_kernels_matches_reference(kernel_device, llama, pipeline):
     """Logits through the kernels (CUDA, or the interpreter on CPU) match the reference ops.
 
     Tolerance: fp32 accumulation order and, for FP8 activations, a rare code flipping at a
@@ -271,7 +260,7 @@ def test_lowered_graph_through_kernels_matches_reference(llama, pipeline):
     from qcompile.backends.reference import compile_reference
     from qcompile.backends.triton.ops import kernels_on_cpu
 
-    device = _kernel_device()
+    device = kernel_device
     ids = _ids()
     gm, _ = quantize_graph(capture(llama), pipeline, progress=False)
     ref = compile_reference(gm, device, fold=False)(ids.to(device))
@@ -340,7 +329,7 @@ def test_decode_fusion_skips_prefill_graphs_and_can_be_turned_off(llama):
     assert "gemv_residual" not in facts and facts["w4a16"] == 8
 
 
-def test_decode_fused_graph_through_kernels_matches_reference():
+def test_decode_fused_graph_through_kernels_matches_reference(kernel_device):
     """The fused one-row graph through the batch-1 GEMV kernels (interpreter on CPU) gives the
     reference logits (tolerance of the kernel cases above)."""
     import contextlib
@@ -348,7 +337,7 @@ def test_decode_fused_graph_through_kernels_matches_reference():
     from qcompile.backends.reference import compile_reference
     from qcompile.backends.triton.ops import kernels_on_cpu
 
-    device = _kernel_device()
+    device = kernel_device
     gm, ids, _ = _decode_graph(torch.bfloat16, "quantize{w=fp4_e2m1/g32/asym},fuse-linears")
     ref = compile_reference(gm, device, fold=False)(ids.to(device))
     ref = ref[0] if isinstance(ref, (tuple, list)) else ref
