@@ -453,19 +453,22 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mptr, (ms_b, ms_h, ms_l) = _bhd(mask, (b, hq, 1, n), q)
     cptr, cs = _bhd(cos, (b, hq, 1, dk), q)
     sptr, ss = _bhd(sin, (b, hq, 1, dk), q)
-    w = write or CacheWrite(q, q, q)
+    # Without a write the kernel reads none of these: q stands in for their pointers.
+    index, k_new, v_new, k_cos, k_sin = (
+        (q, None, None, None, None) if write is None
+        else (write.index, write.k_new, write.v_new, write.k_cos, write.k_sin))
     kv_new = (b, hkv, 1, dk)
-    knptr, kns = _bhd(write and w.k_new, kv_new, q)
-    vnptr, vns = _bhd(write and w.v_new, (b, hkv, 1, dv), q)
-    kcptr, kcs = _bhd(w.k_cos, kv_new, q)
-    ksptr, kss = _bhd(w.k_sin, kv_new, q)
+    knptr, kns = _bhd(k_new, kv_new, q)
+    vnptr, vns = _bhd(v_new, (b, hkv, 1, dv), q)
+    kcptr, kcs = _bhd(k_cos, kv_new, q)
+    ksptr, kss = _bhd(k_sin, kv_new, q)
     args = (q, k, v, mptr, cptr, sptr, out, part, ml, counts if counts is not None else out,
             n, hkv, g, dk, dv, float(scale) * _LOG2E,
             q.stride(0), q.stride(1), q.stride(3),
             *k.stride(), *(v.stride(i) for i in (0, 1, 2, 3)), ms_b, ms_h, ms_l, *cs, *ss,
-            w.index, knptr, vnptr, kcptr, ksptr, *kns, *vns, *kcs, *kss)
+            index, knptr, vnptr, kcptr, ksptr, *kns, *vns, *kcs, *kss)
     meta = dict(MASK=kind, ROPE=cos is not None, WRITE=write is not None,
-                KROPE=w.k_cos is not None, NSPLIT=nsplit,
+                KROPE=k_cos is not None, NSPLIT=nsplit,
                 PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
                 BLOCK_G=block_g, BLOCK_DK=bdk, BLOCK_DV=bdv)
     grid = (programs, nsplit)

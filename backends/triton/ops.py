@@ -64,8 +64,8 @@ from qcompile.oplib import define_op
 from qcompile.ops import dequantize_weight, hadamard, quantize_activation, spec_of
 
 __all__ = [
-    "decode_attention", "decode_attention_ref", "decode_attention_write", "fp8_linear", "hadamard_quantize",
-    "kernels_on_cpu", "linear_input", "quantize_rows", "rms_norm", "rope", "w4a16_linear",
+    "decode_attention", "decode_attention_ref", "decode_attention_write", "fp8_linear",
+    "hadamard_quantize", "kernels_on_cpu", "linear_input", "quantize_rows", "rms_norm", "rope", "w4a16_linear",
     "w4a8_linear", "with_residual",
 ]
 
