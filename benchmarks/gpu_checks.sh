@@ -49,6 +49,7 @@
 #          adds each variant's kernel times per token (--profile, benchmarks/step_profile.py);
 #          DECODE_GEMV1=mma runs the batch-1 FP4 GEMVs on tensor cores (w4a16_gemv_mma);
 #          DECODE_GEMV1=auto times both kernels per shape and keeps the faster.
+#          DECODE_FALLBACK=0 skips the dynamic-cache rerun after a failed variant.
 #
 # Limits (seconds): T_TESTS=150 T_KERNELS=150 T_PPL=200 T_DECODE=240. The first H200 run
 # (benchmarks/results/gpu_h200_2026-11-26.md) used about these; plan a device lease around
@@ -119,7 +120,7 @@ for phase in "${phases[@]}"; do
     say "attn"
     timeout "${T_ATTN:-90}" $py benchmarks/kernels_attention.py > "$out/attention.json" 2> "$out/attention.log"
     say "attn exit $?"
-    $py -c "import json; [print(r['way'], r['cache_len'], r['live'], round(r['us'], 1), round(r['ratio_vs_graph'], 2), round(r['gbps']), r['cold'], '%.1e' % r['max_abs_err']) for r in json.load(open('$out/attention.json'))]" || tail -5 "$out/attention.log" ;;
+    $py -c "import json; [print(r['way'], r['cache_len'], r['live'], round(r['us'], 1), round(r['ratio_vs_graph'], 2), round(r['gbps']), r['cold'], '%.1e' % r['max_abs_err']) for r in json.load(open('$out/attention.json'))]" || tail -c 3000 "$out/attention.log" ;;
   ppl)
     say "ppl"
     timeout "${T_PPL:-200}" $py benchmarks/kernels.py --only-ppl --out "$out/ppl" > "$out/ppl.log" 2>&1
@@ -133,7 +134,7 @@ for phase in "${phases[@]}"; do
       > "$out/decode.log" 2>&1
     rc=$?
     grep "^decode.py" "$out/decode.log" | cut -c1-700
-    if [ $rc -ne 0 ] && [ $rc -ne 124 ]; then
+    if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ "${DECODE_FALLBACK:-1}" != 0 ]; then
       say "decode (static, CUDA graphs) exit $rc; again with a dynamic cache (decode_dynamic.*)"
       timeout "${T_DECODE:-240}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
         --variants "${DECODE_VARIANTS:-bf16,w4a16-fp4,w4a8}" --out "$out/decode_dynamic.json" > "$out/decode_dynamic.log" 2>&1

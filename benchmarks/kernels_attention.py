@@ -30,6 +30,7 @@ Usage::
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import torch
@@ -80,8 +81,12 @@ def _ways(graph, step, q, k, v, mask, new) -> dict[str, Any]:
     }
 
 
-def run() -> list[dict[str, Any]]:
+def run(log=None) -> list[dict[str, Any]]:
     """Time every way per case (module docstring); one dict per (case, way).
+
+    Args:
+        log: A text stream each row is written to as one JSON line as soon as it is timed
+            (a run cut off by a time limit keeps what it measured), or None.
 
     Raises:
         RuntimeError: No CUDA device (the interpreter would time Python, not the kernel).
@@ -122,8 +127,10 @@ def run() -> list[dict[str, Any]]:
                          "head_dim": HEAD_DIM, "dtype": "bfloat16", "us": us, "cold": cold,
                          "ratio_vs_graph": base / us, "gbps": live_bytes / us / 1e3,
                          "max_abs_err": err, "device": device})
+            if log is not None:
+                print(json.dumps(rows[-1]), file=log, flush=True)
     return rows
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(), indent=1))
+    print(json.dumps(run(log=sys.stderr), indent=1))
