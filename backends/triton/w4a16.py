@@ -31,6 +31,7 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from qcompile.backends.triton import path_tuning
 from qcompile.backends.triton.jit import tile_coords
@@ -116,6 +117,16 @@ def _round_to(y, KIND: tl.constexpr, EXACT: tl.constexpr):
     elif KIND == 2:
         y = y.to(tl.float16).to(tl.float32)  # RNE on GPU and in the interpreter
     return y
+
+
+@triton.jit
+def _mul_rn(a, b, EXACT: tl.constexpr):
+    """``a * b`` rounded on its own: on the GPU a plain product followed by an add may compile
+    to one FMA, so an fp32 result plus a residual would miss the unfused ops' bits."""
+    if EXACT:
+        return a * b
+    else:
+        return libdevice.mul_rn(a, b)
 
 
 @triton.jit
@@ -323,7 +334,7 @@ def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, xs_ptr, res_ptr, M, N,
     mask = offs < M * N
     acc = _sum_splits(part_ptr, offs, mask, M * N, SPLIT)
     if HAS_XS:
-        acc = acc * tl.load(xs_ptr + offs // N, mask=mask, other=0.0)
+        acc = _mul_rn(acc, tl.load(xs_ptr + offs // N, mask=mask, other=0.0), EXACT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
     acc = _round_to(acc, KIND, EXACT)

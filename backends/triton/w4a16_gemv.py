@@ -44,6 +44,7 @@ from qcompile.backends.triton.runtime import (
 from qcompile.backends.triton.w4a16 import (
     _DTYPE_KIND,
     _last_arrival,
+    _mul_rn,
     _reset_count,
     _round_to,
     _splitk_reduce_kernel,
@@ -114,7 +115,7 @@ def _epilogue(acc, bias_ptr, out_ptr, xs_ptr, res_ptr, offs_n, n_ok, HAS_BIAS: t
     """``y = round(acc * xs + bias)`` (then ``+ residual``, rounded again) into ``out`` (the
     order of ``_splitk_reduce_kernel``)."""
     if HAS_XS:
-        acc = acc * tl.load(xs_ptr)
+        acc = _mul_rn(acc, tl.load(xs_ptr), EXACT)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     acc = add_residual(_round_to(acc, KIND, EXACT), res_ptr, offs_n, n_ok, HAS_RES, KIND, EXACT)
@@ -132,7 +133,8 @@ def _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, res_
     the tile's partials in split order and writes ``y``: no second launch, the same bits as
     the reduce kernel. It then zeroes the count for the next call."""
     if HAS_OUTER:
-        acc = acc * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)
+        acc = _mul_rn(acc, tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0),
+                      EXACT)
     if SPLIT == 1:
         _epilogue(acc, bias_ptr, out_ptr, xs_ptr, res_ptr, offs_n, n_ok, HAS_BIAS, HAS_XS,
                   HAS_RES, KIND, EXACT)
