@@ -232,8 +232,8 @@ def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
                   m: int = 2048) -> list[dict[str, Any]]:
     """The prefill paths at ``m`` rows (AFPQ g128) against bf16 ``F.linear``: ``w4a16_linear``
     as it runs by default (the path timed fastest, ``path_tuning``), decode W once into bf16
-    then cuBLAS (``path="dequant"``), the decode alone (``w4a16_dequant``) with its
-    bytes (packed codes and scales read, bf16 weight written), and the fused GEMMs that decode
+    then cuBLAS (``path="dequant"``), the decode alone (``w4a16_dequant``, as tuned and with
+    each FP4 kernel) with its bytes (packed codes and scales read, bf16 weight written), and the fused GEMMs that decode
     in registers: the tiled one (``path="gemm"``) and the one with swapped operands
     (``path="swap"``, the decoded weight as the MMA's register operand), at ``m`` and 128."""
     from triton.testing import do_bench
@@ -255,6 +255,10 @@ def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
     ms = do_bench(lambda: w4a16_linear(x, *args, path="dequant"))
     tuned_ms = do_bench(lambda: w4a16_linear(x, *args))  # the path timed fastest for it
     deq_ms = do_bench(lambda: w4a16_dequant(*args[:6], spec.group_size, k, torch.bfloat16))
+    # Each FP4 decode kernel alone (w4a16_dequant times both per shape and keeps the faster).
+    deq_kernels = {kn: do_bench(lambda kn=kn: w4a16_dequant(*args[:6], spec.group_size, k,
+                                                            torch.bfloat16, kernel=kn))
+                   for kn in ("pairs", "words")}
     moved = sum(t.numel() * t.element_size() for t in (args[0], q.scale, q.scale_neg))
     moved += n * k * 2
     common = {"format": fmt, "M": m, "N": n, "K": k, "bf16_us": bf16_ms * 1e3,
@@ -279,7 +283,9 @@ def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
         dict(common, kernel="dequant alone", w4a16_us=deq_ms * 1e3,
              speedup_vs_bf16=bf16_ms / deq_ms, weight_gbps=moved / (deq_ms * 1e-3) / 1e9,
              w4a16_eager_us=deq_ms * 1e3),
-    ]
+    ] + [dict(common, kernel=f"dequant alone ({kn} kernel)", w4a16_us=t * 1e3,
+              speedup_vs_bf16=bf16_ms / t, weight_gbps=moved / (t * 1e-3) / 1e9,
+              w4a16_eager_us=t * 1e3) for kn, t in deq_kernels.items()]
 
 
 def sweep(device: str | torch.device = "cuda", splits: tuple[int, ...] | None = None

@@ -68,8 +68,9 @@ SHAPES = [  # (batch, query heads, kv heads, cache length, head_dim, value head_
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("mask", ["none", "prefix", "heads", "additive"])
 def test_kernel_matches_reference(kernel_device, shape, dtype, mask):
-    """Every mask kind, one run and split runs (combined by the last arrival), odd head
-    counts, head dims and cache lengths (down to one position)."""
+    """Every mask kind, one run and split runs (combined by the last arrival, several runs
+    per load at 8; runs past the cache's end with none), odd head counts, head dims and cache
+    lengths (down to one position)."""
     from qcompile.backends.triton.decode_attention import decode_attention
 
     device = kernel_device
@@ -77,7 +78,7 @@ def test_kernel_matches_reference(kernel_device, shape, dtype, mask):
     q, k, v = _qkv(b, hq, hkv, n, dk, dv, dtype, device)
     m = _mask(mask, b, hq, n, dtype, device)
     ref = _ref32(q, k, v, m, 0.3)
-    for splits in (1, 4):
+    for splits in (1, 4, 8):
         out = decode_attention(q, k, v, m, 0.3, splits=splits)
         assert out.shape == (b, hq, 1, dv) and out.dtype == dtype
         torch.testing.assert_close(out.float(), ref, **_TOL[dtype])
@@ -272,7 +273,7 @@ def test_op_runs_the_kernel_where_it_fits(kernel_device):
 
 def test_splits_and_configs_follow_the_gpu_and_the_cache(monkeypatch):
     """Splits fill 2x the multiprocessors, no more runs than 64-position blocks, a power of
-    two up to 16; the autotune prune keeps tiles that fit registers and blocks no longer
+    two up to MAX_SPLITS (32: Llama-3-8B's 8 kv heads fill 2x 132 SMs); the autotune prune keeps tiles that fit registers and blocks no longer
     than a split's share."""
     pytest.importorskip("triton")
     from qcompile.backends.triton import decode_attention as da
@@ -281,7 +282,7 @@ def test_splits_and_configs_follow_the_gpu_and_the_cache(monkeypatch):
     monkeypatch.setattr(da, "sm_count", lambda device: 132)
     cuda = torch.device("cuda", 0)
     assert da._splits(8, 300, cuda) == 8  # 5 blocks of 64 -> 8 runs
-    assert da._splits(8, 4096, cuda) == da.MAX_SPLITS
+    assert da._splits(8, 4096, cuda) == da.MAX_SPLITS == 32
     assert da._splits(64, 4096, cuda) == 8  # ceil(264 / 64) = 5 -> 8
     assert da._splits(512, 100, cuda) == 1
     meta = dict(BLOCK_G=16, BLOCK_DK=128, BLOCK_DV=128, NSPLIT=16, PREC="tf32")

@@ -233,6 +233,11 @@ CASES: list[tuple[str, str, dict]] = [
                                                                     group_size=40, neg=True)),
     ("w4a16-dequant-fp4w-bf16-g1024-afpq", "w4a16_dequant_fp4w", dict(dtype="bf16",
                                                                       group_size=1024, neg=True)),
+    # The pair kernel (timed against the word kernel per shape).
+    ("w4a16-dequant-fp4p-bf16-g128-afpq", "w4a16_dequant_fp4p", dict(dtype="bf16",
+                                                                     group_size=128, neg=True)),
+    ("w4a16-dequant-fp4p-fp16-g32-m2", "w4a16_dequant_fp4p", dict(dtype="fp16", group_size=32,
+                                                                  outer=True)),
     ("w4a16-splitk-reduce-bf16", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True)),
     ("w4a16-splitk-reduce-bf16-xs", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True,
                                                          xs=True)),
@@ -260,7 +265,7 @@ CASES: list[tuple[str, str, dict]] = [
     ("decode-attn-bf16-g4-d128-bool", "decode_attn", dict(dtype="bf16", g=4, d=128, mask=1,
                                                           nsplit=16, mma="tf32", rope=True)),
     ("decode-attn-bf16-g4-d128-bool-write", "decode_attn", dict(
-        dtype="bf16", g=4, d=128, mask=1, nsplit=16, mma="tf32", rope=True, write=True)),
+        dtype="bf16", g=4, d=128, mask=1, nsplit=32, mma="tf32", rope=True, write=True)),
     # 64 x 8 warps: 80 registers and a 8-byte stack frame (two words) in the offline compile.
     ("decode-attn-fp16-g8-d64-add", "decode_attn", dict(dtype="fp16", g=8, d=64, mask=2,
                                                         nsplit=1, mma="tf32", spills=2)),
@@ -283,6 +288,7 @@ _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2":
             "w4a16_gemv1": "w4a16_gemv", "w4a16_gemv1w": "w4a16_gemv",
             "w4a16_gemv1mma": "w4a16_gemv_mma",
             "w4a16_dequant": "w4a16_dequant", "w4a16_dequant_fp4w": "w4a16_dequant",
+            "w4a16_dequant_fp4p": "w4a16_dequant",
             "w4a8_shift": "w4a8_dequant", "w4a8_swap": "w4a8_swap",
             "w4a16_swap": "w4a16_swap", "decode_attn": "decode_attention"}
 #: Module that another engineer may still be editing: failures to import it or a kernel
@@ -557,6 +563,14 @@ def _build_w4a16_dequant_fp4w(mod, p: dict, all_configs: bool):
     return mod._dequant_fp4w_kernel, args, consts, configs
 
 
+def _build_w4a16_dequant_fp4p(mod, p: dict, all_configs: bool):
+    import triton
+
+    _, args, consts, _ = _build_w4a16_dequant_fp4w(mod, p, False)
+    consts = dict(consts, BLOCK_N=mod._FP4P_BLOCK_N, BLOCK_K=mod._FP4P_BLOCK_K)
+    return mod._dequant_fp4p_kernel, args, consts, [triton.Config({}, num_warps=4)]
+
+
 def _build_w4a8_shift(mod, p: dict, all_configs: bool):
 
     n, k, gs = 4096, 4096, p["group_size"]
@@ -647,7 +661,8 @@ _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_qua
              "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1,
              "w4a16_gemv1mma": _build_w4a16_gemv1mma,
              "w4a16_gemv1w": _build_w4a16_gemv1w, "w4a16_dequant": _build_w4a16_dequant,
-             "w4a16_dequant_fp4w": _build_w4a16_dequant_fp4w, "w4a8_shift": _build_w4a8_shift,
+             "w4a16_dequant_fp4w": _build_w4a16_dequant_fp4w,
+             "w4a16_dequant_fp4p": _build_w4a16_dequant_fp4p, "w4a8_shift": _build_w4a8_shift,
              "w4a8_swap": _build_w4a8_swap, "w4a16_swap": _build_w4a16_swap,
              "decode_attn": _build_decode_attn}
 

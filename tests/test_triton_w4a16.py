@@ -339,12 +339,13 @@ def test_dequant_is_the_reference_weight(fmt, k, dtype):
 
     packed, table, scale, neg, zero, outer, gs = _weights(fmt, 200, k)
     want = w4._dequant_ref(packed, table, scale, neg, zero, outer, gs, k).to(dtype)
-    tables = [table]
-    if parse_format(fmt).elem == "fp4_e2m1":  # the cached table selects the FP4 word kernel
-        tables.append(w4.element_table("fp4_e2m1", DEV))
-    for t in tables:
-        got = w4a16_dequant(packed, t, scale, neg, zero, outer, gs, k, dtype)
-        assert got.dtype == dtype and torch.equal(got, want)
+    runs = [(table, None)]
+    if parse_format(fmt).elem == "fp4_e2m1":  # the cached table selects the FP4 kernels
+        fp4 = w4.element_table("fp4_e2m1", DEV)
+        runs += [(fp4, None), (fp4, "pairs"), (fp4, "words")]
+    for t, kernel in runs:
+        got = w4a16_dequant(packed, t, scale, neg, zero, outer, gs, k, dtype, kernel=kernel)
+        assert got.dtype == dtype and torch.equal(got, want), kernel
 
 
 @pytest.mark.parametrize("tile", range(len(__import__(
@@ -370,7 +371,7 @@ def test_dequant_fp4_word_kernel_every_tile(monkeypatch, tile, fmt, k):
     table = w4.element_table("fp4_e2m1", DEV)
     want = w4._dequant_ref(packed, table, scale, neg, zero, outer, gs, k).to(torch.bfloat16)
     assert torch.equal(dq.w4a16_dequant(packed, table, scale, neg, zero, outer, gs, k,
-                                        torch.bfloat16), want)
+                                        torch.bfloat16, kernel="words"), want)
 
 
 @pytest.mark.parametrize(("fmt", "k", "words"), [
@@ -378,25 +379,51 @@ def test_dequant_fp4_word_kernel_every_tile(monkeypatch, tile, fmt, k):
     ("nvfp4", 1000, True), ("fp4_e2m1/channel", 1000, True),
     ("fp4_e2m1/g128", 131, False),  # K not a multiple of 8: no int32 words
     ("int4/g64/asym", 576, False)])
-def test_dequant_takes_the_fp4_word_kernel(monkeypatch, fmt, k, words):
-    """The cached FP4 table, whole-word groups and K % 8 == 0 take the word kernel; the rest
-    the general decode; both bit-exact (above)."""
+@pytest.mark.parametrize("kernel", ["pairs", "words"])
+def test_dequant_takes_the_fp4_word_kernel(monkeypatch, fmt, k, words, kernel):
+    """The cached FP4 table, whole-word groups and K % 8 == 0 take the FP4 kernel asked for
+    (pairs or words); the rest the general decode; all bit-exact (above)."""
     from qcompile.backends.triton import w4a16_dequant as dq
 
-    spies = {name: _Spy(getattr(dq, name))
-             for name in ("_dequant_fp4w_kernel", "_dequant_fp4w_tuned", "_dequant_kernel")}
+    names = ("_dequant_fp4p_kernel", "_dequant_fp4w_kernel", "_dequant_fp4w_tuned",
+             "_dequant_kernel")
+    spies = {name: _Spy(getattr(dq, name)) for name in names}
     for name, spy in spies.items():
         monkeypatch.setattr(dq, name, spy)
     packed, table, scale, neg, zero, outer, gs = _weights(fmt, 64, k)
     if parse_format(fmt).elem == "fp4_e2m1":
         table = w4.element_table("fp4_e2m1", DEV)
-    got = dq.w4a16_dequant(packed, table, scale, neg, zero, outer, gs, k, torch.bfloat16)
+    got = dq.w4a16_dequant(packed, table, scale, neg, zero, outer, gs, k, torch.bfloat16,
+                           kernel=kernel)
     want = w4._dequant_ref(packed, table, scale, neg, zero, outer, gs, k).to(torch.bfloat16)
     assert torch.equal(got, want)
-    # Directly under the interpreter, through the autotuner on CUDA.
-    assert (spies["_dequant_fp4w_kernel"].launches
-            + spies["_dequant_fp4w_tuned"].launches) == int(words)
+    # The word kernel directly under the interpreter, through its autotuner on CUDA.
+    word_launches = spies["_dequant_fp4w_kernel"].launches + spies["_dequant_fp4w_tuned"].launches
+    assert word_launches == int(words and kernel == "words")
+    assert spies["_dequant_fp4p_kernel"].launches == int(words and kernel == "pairs")
     assert spies["_dequant_kernel"].launches == int(not words)
+
+
+def test_dequant_fp4_kernel_default_and_timed_choice(monkeypatch):
+    """Where nothing can be timed (the interpreter, CPU) the pair kernel runs; on a GPU both
+    are timed at the first call of a shape and the choice is kept under its key."""
+    from qcompile.backends.triton import path_tuning
+    from qcompile.backends.triton import w4a16_dequant as dq
+
+    spy = _Spy(dq._dequant_fp4p_kernel)
+    monkeypatch.setattr(dq, "_dequant_fp4p_kernel", spy)
+    path_tuning.clear()
+    packed, _, scale, neg, zero, outer, gs = _weights("fp4_e2m1/g128/asym", 64, 512)
+    table = w4.element_table("fp4_e2m1", DEV)
+    got = dq.w4a16_dequant(packed, table, scale, neg, zero, outer, gs, 512, torch.bfloat16)
+    want = w4._dequant_ref(packed, table, scale, neg, zero, outer, gs, 512).to(torch.bfloat16)
+    assert torch.equal(got, want)
+    keys = [key for key in path_tuning.choices() if key[0] == "w4a16-dequant-fp4"]
+    if DEV.type == "cuda":
+        assert len(keys) == 1 and path_tuning.choices()[keys[0]] in ("pairs", "words")
+    else:
+        assert keys == [] and spy.launches == 1
+    path_tuning.clear()
 
 
 @pytest.mark.parametrize("fmt", ["fp4_e2m1/g128/asym", "int4/g64/asym", "fp4_e2m1/g32/m2"])

@@ -18,11 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton import path_tuning
 from qcompile.backends.triton.cold_bench import cold_graph_bench
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import cdiv, element_table, interpreting, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _weight_tile
-from qcompile.backends.triton.w4a16_gemv import _words
+from qcompile.backends.triton.w4a16_gemv import _fp4_pair, _words
 
 __all__ = ["DEQUANT_MIN_M", "w4a16_dequant"]
 
@@ -32,18 +33,18 @@ __all__ = ["DEQUANT_MIN_M", "w4a16_dequant"]
 DEQUANT_MIN_M = 256
 
 _BLOCK_N = 64
+#: The pair kernel's one tile (:func:`_dequant_fp4p_kernel`), 32 rows x 256 codes.
+_FP4P_BLOCK_N, _FP4P_BLOCK_K = 32, 256
 
 
 def _fp4w_cfg(block_n: int, block_k: int, warps: int) -> triton.Config:
     return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps)
 
 
-#: Tiles of the FP4 word kernel, autotuned on a cold L2 (a prefill reads each weight once).
-#: The first, 32 rows x 256 codes, is the tile the H100 runs timed (1.21 ms for the 16 weights
-#: of a 4-layer Llama-3-8B prefill: 1.8 TB/s, where a copy moves 2.9); the others give a
-#: program more or fewer bytes and warps. In the offline sm_90 compile the 64 codes a thread
-#: owns in the 4-warp tiles of 8192 codes move through shared memory as words only (3
-#: barriers); the larger tiles take 7-11.
+#: Tiles of the FP4 word kernel, autotuned on a cold L2 (a prefill reads each weight once):
+#: 32 rows x 256 codes and tiles that give a program more or fewer bytes and warps. In the
+#: offline sm_90 compile the 64 codes a thread owns in the 4-warp tiles of 8192 codes move
+#: through shared memory as words only (3 barriers); the larger tiles take 7-11.
 FP4W_CONFIGS = [_fp4w_cfg(32, 256, 4), _fp4w_cfg(16, 512, 4), _fp4w_cfg(64, 256, 4),
                 _fp4w_cfg(32, 512, 4), _fp4w_cfg(64, 512, 8), _fp4w_cfg(128, 256, 8)]
 
@@ -141,6 +142,70 @@ def _dequant_fp4w_kernel(words_ptr, scale_ptr, neg_ptr, outer_ptr, w_ptr, N, K, 
              mask=n_ok[:, None, None, None] & (offs_k < K))
 
 
+@triton.jit
+def _dequant_fp4p_kernel(words_ptr, scale_ptr, neg_ptr, outer_ptr, w_ptr, N, K, KW, G,
+                         outer_stride, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
+                         HAS_OUTER: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`_dequant_fp4w_kernel`'s output by pairs: codes j and j + 4 of each word decoded
+    together as fp16 bit patterns (:func:`_fp4_pair`, value * 2^-14) times the word's scale *
+    2^14, the 8 values joined in K order for one contiguous store per row. A scale load per
+    word. This is the kernel the H100 prefill timed at 1.21 ms for the 16 weights of a
+    4-layer Llama-3-8B (1.8 TB/s); the word kernel, fewer shared-memory barriers but more
+    instructions per code offline, took 2.27 ms on an H200 (``benchmarks/results/
+    gpu_h200_2026-11-27.md``). :func:`w4a16_dequant` times both per shape."""
+    WK: tl.constexpr = BLOCK_K // 8
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    wcol = tl.program_id(1) * WK + tl.arange(0, WK)
+    w_ok = n_ok[:, None] & (wcol < KW)[None, :]
+    w = tl.load(words_ptr + offs_n.to(tl.int64)[:, None] * KW + wcol[None, :], mask=w_ok,
+                other=0)
+    s_off = offs_n[:, None] * G + (8 * wcol // GROUP_SIZE)[None, :]
+    eff = tl.load(scale_ptr + s_off, mask=w_ok, other=0.0)
+    effn = eff
+    if HAS_NEG:
+        effn = tl.load(neg_ptr + s_off, mask=w_ok, other=0.0)
+    if HAS_OUTER:
+        o = tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)[:, None]
+        eff = eff * o
+        effn = effn * o
+    eff = eff * 16384.0  # 2^14: the fp16 placement's unit
+    effn = effn * 16384.0
+    ty = w_ptr.dtype.element_ty
+    lo0, hi0 = _fp4_pair(w, 0)
+    lo1, hi1 = _fp4_pair(w, 1)
+    lo2, hi2 = _fp4_pair(w, 2)
+    lo3, hi3 = _fp4_pair(w, 3)
+    # Element j of a word: j < 4 is pair j's low code, j >= 4 pair j - 4's high code. The
+    # joins build axes (d0, d1, d2) with j = 4 d0 + 2 d1 + d2.
+    p0 = _scaled(lo0, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p1 = _scaled(lo1, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p2 = _scaled(lo2, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p3 = _scaled(lo3, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p4 = _scaled(hi0, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p5 = _scaled(hi1, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p6 = _scaled(hi2, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    p7 = _scaled(hi3, eff, effn, HAS_NEG, KIND, EXACT, ty)
+    even = tl.join(tl.join(p0, p4), tl.join(p2, p6))
+    odd = tl.join(tl.join(p1, p5), tl.join(p3, p7))
+    vals = tl.reshape(tl.join(even, odd), (BLOCK_N, BLOCK_K))
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    tl.store(w_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], vals,
+             mask=n_ok[:, None] & (offs_k < K)[None, :])
+
+
+@triton.jit
+def _scaled(v, eff, effn, HAS_NEG: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
+            ty: tl.constexpr):
+    """``v * eff`` (AFPQ: ``effn`` for negative ``v``), rounded to W's dtype."""
+    if HAS_NEG:
+        y = v * tl.where(v < 0, effn, eff)
+    else:
+        y = v * eff
+    return _round_to(y, KIND, EXACT).to(ty)
+
+
 _dequant_fp4w_tuned = triton.autotune(
     FP4W_CONFIGS, key=["N", "K", "GROUP_SIZE"],
     prune_configs_by=tuning(None, _dequant_fp4w_kernel), do_bench=cold_graph_bench)(
@@ -157,14 +222,35 @@ def _fp4_words(packed: torch.Tensor, table: torch.Tensor, zero: torch.Tensor | N
     return _words(packed, k)
 
 
+def _fp4_launch(kernel: str, args: tuple, flags: dict, n: int, k: int) -> torch.Tensor:
+    """Run the FP4 ``kernel`` (``"pairs"`` or ``"words"``) on ``args``; returns the weight."""
+    exact = interpreting()
+    if kernel == "pairs":
+        launch(_dequant_fp4p_kernel, (cdiv(n, _FP4P_BLOCK_N), cdiv(k, _FP4P_BLOCK_K)), *args,
+               **flags, EXACT=exact, BLOCK_N=_FP4P_BLOCK_N, BLOCK_K=_FP4P_BLOCK_K,
+               num_warps=4)
+    elif exact:  # one tile: autotuning is meaningless under the interpreter
+        meta = FP4W_CONFIGS[0].kwargs
+        _dequant_fp4w_kernel[(cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))](
+            *args, **flags, EXACT=True, **meta, num_warps=4)
+    else:
+        launch(_dequant_fp4w_tuned,
+               lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"])), *args,
+               **flags, EXACT=False)
+    return args[4]
+
+
 def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
                   scale_neg: torch.Tensor | None, zero: torch.Tensor | None,
                   outer: torch.Tensor | None, group_size: int, k: int,
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, kernel: str | None = None) -> torch.Tensor:
     """The weight ``[N, K]`` in ``dtype`` (``dequantize`` in fp32, then rounded to ``dtype``).
 
     Inputs as validated by :func:`~qcompile.backends.triton.w4a16.w4a16_linear` (contiguous,
-    on one Triton device).
+    on one Triton device). FP4 weights in whole words have two kernels, ``"pairs"``
+    (:func:`_dequant_fp4p_kernel`, the default) and ``"words"`` (:func:`_dequant_fp4w_kernel`):
+    ``kernel`` forces one; None times both on a cold L2 at the first call of each shape on a
+    GPU and keeps the faster (:func:`~qcompile.backends.triton.path_tuning.pick`).
     """
     n, g = packed.shape[0], scale.shape[1]
     w = torch.empty(n, k, dtype=dtype, device=packed.device)
@@ -177,14 +263,12 @@ def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
                 scale if outer is None else outer, w, n, k, words.shape[1], g, o_stride)
         flags = dict(GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
                      HAS_OUTER=outer is not None, KIND=_DTYPE_KIND[dtype])
-        if interpreting():  # one tile: autotuning is meaningless under the interpreter
-            meta = FP4W_CONFIGS[0].kwargs
-            _dequant_fp4w_kernel[(cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))](
-                *args, **flags, EXACT=True, **meta, num_warps=4)
-        else:
-            launch(_dequant_fp4w_tuned,
-                   lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"])), *args,
-                   **flags, EXACT=False)
+        if kernel is None:
+            key = ("w4a16-dequant-fp4", n, k, group_size, dtype, scale_neg is not None,
+                   outer is not None)
+            kernel = path_tuning.pick(key, "pairs", ("pairs", "words"), lambda p: _fp4_launch(
+                p, args, flags, n, k), packed.device, cold=True)
+        _fp4_launch(kernel, args, flags, n, k)
         return w
     block_k = _block_k(group_size)
     grid = (cdiv(n, _BLOCK_N), cdiv(k, block_k))
