@@ -434,6 +434,9 @@ def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dic
 
             out["kernel_paths"] = {" ".join(map(str, key)): p
                                    for key, p in path_tuning.choices().items()}
+            # Each candidate's cold/hot time in us, or why it was not timed.
+            out["kernel_path_timings"] = {" ".join(map(str, key)): t
+                                          for key, t in path_tuning.timings().items()}
         except ImportError:  # no triton: the reference ops ran
             pass
         out["autotune_picks"] = autotune_picks()  # every variant's so far (keys hold shapes)

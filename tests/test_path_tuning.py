@@ -47,6 +47,7 @@ def test_pick_takes_the_fastest_once(tuner):
     assert path_tuning.pick(("k", 1), "a", ("a", "b", "c"), calls.append, dev) == "b"
     assert len(timed) == 3 and len(calls) == 6
     assert path_tuning.choices() == {("k", 1): "b"}
+    assert path_tuning.timings() == {("k", 1): {"a": 3000.0, "b": 1000.0, "c": 2000.0}}
 
 
 def _runner(behaviour: dict):
@@ -64,6 +65,9 @@ def test_pick_drops_failing_paths_and_falls_back(tuner, monkeypatch):
     dev = torch.device("cpu")
     assert path_tuning.pick(("f", 1), "x", ("x", "y"), run, dev) == "y"
     assert path_tuning.pick(("f", 2), "x", ("x", "x2"), run, dev) == "x"
+    # The report tells a failed path from a slow one.
+    assert path_tuning.timings()[("f", 1)] == {
+        "x": "failed: RuntimeError: out of resources", "y": 5000.0}
     # Nothing timed: no CUDA (or a capture), disabled, or a single candidate.
     monkeypatch.setattr(path_tuning, "_can_time", lambda device: False)
     assert path_tuning.pick(("g", 1), "y", ("x", "y"), run, dev) == "y"
@@ -84,6 +88,8 @@ def test_pick_never_takes_a_path_that_disagrees(tuner):
     paths = ("base", "bad", "nan", "good")
     assert path_tuning.pick(("d", 1), "base", paths, run, torch.device("cpu")) == "good"
     assert sorted(timed) == ["base", "good"]
+    assert path_tuning.timings()[("d", 1)] == {"base": 3000.0, "bad": "disagrees with base",
+                                                "nan": "disagrees with base", "good": 1000.0}
     assert path_tuning.agrees(ref.bfloat16(), ref.bfloat16())
     assert not path_tuning.agrees(ref, ref.bfloat16())  # dtype
     assert not path_tuning.agrees(ref[:8], ref)  # shape

@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENABLED", "MAX_M", "agrees", "choices", "clear", "pick"]
+__all__ = ["ENABLED", "MAX_M", "agrees", "choices", "clear", "pick", "timings"]
 
 #: Time the candidate paths (False: every op keeps its default, M-threshold path).
 ENABLED = True
@@ -38,11 +38,19 @@ ENABLED = True
 #: the weight once is amortized best, and timing would hold several outputs of gigabytes.
 MAX_M = 8192
 _CHOICES: dict[tuple, str] = {}
+_TIMINGS: dict[tuple, dict[str, float | str]] = {}
 
 
 def clear() -> None:
     """Forget every choice (tests; benchmarks that compare paths)."""
     _CHOICES.clear()
+    _TIMINGS.clear()
+
+
+def timings() -> dict[tuple, dict[str, float | str]]:
+    """What each timed key measured, ``{key: {path: microseconds, or why it was not timed}}``
+    (reports: a path that lost is told apart from one that failed or disagreed)."""
+    return {key: dict(t) for key, t in _TIMINGS.items()}
 
 
 def choices() -> dict[tuple, str]:
@@ -111,6 +119,7 @@ def pick(key: tuple, default: str, paths: tuple[str, ...], run: Callable[[str], 
     if not ENABLED or len(paths) < 2 or not _can_time(device) or default not in paths:
         return default
     times: dict[str, float] = {}
+    notes: dict[str, float | str] = {}
     want = None
     for name in (default, *(p for p in paths if p != default)):
         call = functools.partial(run, name)
@@ -121,12 +130,16 @@ def pick(key: tuple, default: str, paths: tuple[str, ...], run: Callable[[str], 
             elif want is not None and not agrees(out, want):
                 log.warning("qcompile path tuning %s: path %r disagrees with %r on this "
                             "shape; not used", key, name, default)
+                notes[name] = f"disagrees with {default}"
                 continue
             times[name] = _time_ms(call, cold)
+            notes[name] = round(times[name] * 1e3, 2)
         except Exception as exc:  # a path that cannot run this shape is no candidate
             log.debug("path tuning %s: %s failed: %s", key, name, exc)
+            notes[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
     best = min(times, key=times.__getitem__) if times else default
     _CHOICES[key] = best
+    _TIMINGS[key] = notes
     log.info("qcompile path tuning %s: %s (%s)", key, best,
              ", ".join(f"{n} {t * 1e3:.1f} us" for n, t in sorted(times.items())))
     return best
