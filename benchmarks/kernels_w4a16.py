@@ -258,7 +258,7 @@ def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
     # Each FP4 decode kernel alone (w4a16_dequant times both per shape and keeps the faster).
     deq_kernels = {kn: do_bench(lambda kn=kn: w4a16_dequant(*args[:6], spec.group_size, k,
                                                             torch.bfloat16, kernel=kn))
-                   for kn in ("pairs", "words")}
+                   for kn in ("pairs", "words", "flat")}
     moved = sum(t.numel() * t.element_size() for t in (args[0], q.scale, q.scale_neg))
     moved += n * k * 2
     common = {"format": fmt, "M": m, "N": n, "K": k, "bf16_us": bf16_ms * 1e3,

@@ -238,6 +238,10 @@ CASES: list[tuple[str, str, dict]] = [
                                                                      group_size=128, neg=True)),
     ("w4a16-dequant-fp4p-fp16-g32-m2", "w4a16_dequant_fp4p", dict(dtype="fp16", group_size=32,
                                                                   outer=True)),
+    ("w4a16-dequant-fp4f-bf16-g128-afpq", "w4a16_dequant_fp4f", dict(dtype="bf16",
+                                                                     group_size=128, neg=True)),
+    ("w4a16-dequant-fp4f-fp16-g40-m2", "w4a16_dequant_fp4f", dict(dtype="fp16", group_size=40,
+                                                                  outer=True)),
     ("w4a16-splitk-reduce-bf16", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True)),
     ("w4a16-splitk-reduce-bf16-xs", "w4a16_reduce", dict(dtype="bf16", m=1, split=5, bias=True,
                                                          xs=True)),
@@ -288,7 +292,7 @@ _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2":
             "w4a16_gemv1": "w4a16_gemv", "w4a16_gemv1w": "w4a16_gemv",
             "w4a16_gemv1mma": "w4a16_gemv_mma",
             "w4a16_dequant": "w4a16_dequant", "w4a16_dequant_fp4w": "w4a16_dequant",
-            "w4a16_dequant_fp4p": "w4a16_dequant",
+            "w4a16_dequant_fp4p": "w4a16_dequant", "w4a16_dequant_fp4f": "w4a16_dequant",
             "w4a8_shift": "w4a8_dequant", "w4a8_swap": "w4a8_swap",
             "w4a16_swap": "w4a16_swap", "decode_attn": "decode_attention"}
 #: Module that another engineer may still be editing: failures to import it or a kernel
@@ -571,6 +575,11 @@ def _build_w4a16_dequant_fp4p(mod, p: dict, all_configs: bool):
     return mod._dequant_fp4p_kernel, args, consts, [triton.Config({}, num_warps=4)]
 
 
+def _build_w4a16_dequant_fp4f(mod, p: dict, all_configs: bool):
+    _, args, consts, _ = _build_w4a16_dequant_fp4w(mod, p, False)
+    return mod._dequant_fp4f_kernel, args, consts, mod.FP4F_CONFIGS
+
+
 def _build_w4a8_shift(mod, p: dict, all_configs: bool):
 
     n, k, gs = 4096, 4096, p["group_size"]
@@ -662,7 +671,8 @@ _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_qua
              "w4a16_gemv1mma": _build_w4a16_gemv1mma,
              "w4a16_gemv1w": _build_w4a16_gemv1w, "w4a16_dequant": _build_w4a16_dequant,
              "w4a16_dequant_fp4w": _build_w4a16_dequant_fp4w,
-             "w4a16_dequant_fp4p": _build_w4a16_dequant_fp4p, "w4a8_shift": _build_w4a8_shift,
+             "w4a16_dequant_fp4p": _build_w4a16_dequant_fp4p,
+             "w4a16_dequant_fp4f": _build_w4a16_dequant_fp4f, "w4a8_shift": _build_w4a8_shift,
              "w4a8_swap": _build_w4a8_swap, "w4a16_swap": _build_w4a16_swap,
              "decode_attn": _build_decode_attn}
 

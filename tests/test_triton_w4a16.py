@@ -342,7 +342,7 @@ def test_dequant_is_the_reference_weight(fmt, k, dtype):
     runs = [(table, None)]
     if parse_format(fmt).elem == "fp4_e2m1":  # the cached table selects the FP4 kernels
         fp4 = w4.element_table("fp4_e2m1", DEV)
-        runs += [(fp4, None), (fp4, "pairs"), (fp4, "words")]
+        runs += [(fp4, None), (fp4, "pairs"), (fp4, "words"), (fp4, "flat")]
     for t, kernel in runs:
         got = w4a16_dequant(packed, t, scale, neg, zero, outer, gs, k, dtype, kernel=kernel)
         assert got.dtype == dtype and torch.equal(got, want), kernel
@@ -379,14 +379,14 @@ def test_dequant_fp4_word_kernel_every_tile(monkeypatch, tile, fmt, k):
     ("nvfp4", 1000, True), ("fp4_e2m1/channel", 1000, True),
     ("fp4_e2m1/g128", 131, False),  # K not a multiple of 8: no int32 words
     ("int4/g64/asym", 576, False)])
-@pytest.mark.parametrize("kernel", ["pairs", "words"])
+@pytest.mark.parametrize("kernel", ["pairs", "words", "flat"])
 def test_dequant_takes_the_fp4_word_kernel(monkeypatch, fmt, k, words, kernel):
     """The cached FP4 table, whole-word groups and K % 8 == 0 take the FP4 kernel asked for
-    (pairs or words); the rest the general decode; all bit-exact (above)."""
+    (pairs, words or flat); the rest the general decode; all bit-exact (above)."""
     from qcompile.backends.triton import w4a16_dequant as dq
 
     names = ("_dequant_fp4p_kernel", "_dequant_fp4w_kernel", "_dequant_fp4w_tuned",
-             "_dequant_kernel")
+             "_dequant_fp4f_kernel", "_dequant_fp4f_tuned", "_dequant_kernel")
     spies = {name: _Spy(getattr(dq, name)) for name in names}
     for name, spy in spies.items():
         monkeypatch.setattr(dq, name, spy)
@@ -401,6 +401,8 @@ def test_dequant_takes_the_fp4_word_kernel(monkeypatch, fmt, k, words, kernel):
     word_launches = spies["_dequant_fp4w_kernel"].launches + spies["_dequant_fp4w_tuned"].launches
     assert word_launches == int(words and kernel == "words")
     assert spies["_dequant_fp4p_kernel"].launches == int(words and kernel == "pairs")
+    flat_launches = spies["_dequant_fp4f_kernel"].launches + spies["_dequant_fp4f_tuned"].launches
+    assert flat_launches == int(words and kernel == "flat")
     assert spies["_dequant_kernel"].launches == int(not words)
 
 

@@ -35,6 +35,9 @@ DEQUANT_MIN_M = 256
 _BLOCK_N = 64
 #: The pair kernel's one tile (:func:`_dequant_fp4p_kernel`), 32 rows x 256 codes.
 _FP4P_BLOCK_N, _FP4P_BLOCK_K = 32, 256
+#: Words per program of the flat kernel (:func:`_dequant_fp4f_kernel`), autotuned on a cold L2.
+FP4F_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w)
+                for b, w in ((512, 4), (1024, 4), (1024, 8), (2048, 8))]
 
 
 def _fp4w_cfg(block_n: int, block_k: int, warps: int) -> triton.Config:
@@ -212,6 +215,47 @@ _dequant_fp4w_tuned = triton.autotune(
     _dequant_fp4w_kernel)
 
 
+@triton.jit
+def _dequant_fp4f_kernel(words_ptr, scale_ptr, neg_ptr, outer_ptr, w_ptr, N, K, KW, G,
+                         outer_stride, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
+                         HAS_OUTER: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    """:func:`_dequant_fp4w_kernel`'s output with the weight taken as one flat run of words
+    (K = 8 KW, so word ``i``'s codes are ``W``'s elements 8i..8i+7): ``BLOCK`` consecutive
+    words per program, each lane's words decoded where they were loaded and stored as 16
+    contiguous bytes, with no tile, no layout change and no shared memory. Its row and group
+    come from the word's index (int32: the wrapper keeps ``N * KW`` below 2^31)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N * KW
+    w = tl.load(words_ptr + offs, mask=ok, other=0)
+    row = offs // KW
+    s_off = row * G + 8 * (offs - row * KW) // GROUP_SIZE
+    eff = tl.load(scale_ptr + s_off, mask=ok, other=0.0)
+    effn = eff
+    if HAS_NEG:
+        effn = tl.load(neg_ptr + s_off, mask=ok, other=0.0)
+    if HAS_OUTER:
+        o = tl.load(outer_ptr + row * outer_stride, mask=ok, other=0.0)
+        eff = eff * o
+        effn = effn * o
+    eff = (eff * 16384.0)[:, None]  # 2^14: the fp16 placement's unit
+    effn = (effn * 16384.0)[:, None]
+    j = tl.arange(0, 8)[None, :]
+    v = _fp4_code(w[:, None], j)
+    if HAS_NEG:
+        y = v * tl.where(v < 0, effn, eff)
+    else:
+        y = v * eff
+    y = _round_to(y, KIND, EXACT).to(w_ptr.dtype.element_ty)
+    tl.store(w_ptr + 8 * offs.to(tl.int64)[:, None] + j, y, mask=ok[:, None])
+
+
+_dequant_fp4f_tuned = triton.autotune(
+    FP4F_CONFIGS, key=["N", "K", "GROUP_SIZE"],
+    prune_configs_by=tuning(None, _dequant_fp4f_kernel), do_bench=cold_graph_bench)(
+    _dequant_fp4f_kernel)
+
+
 def _fp4_words(packed: torch.Tensor, table: torch.Tensor, zero: torch.Tensor | None,
                group_size: int, k: int) -> torch.Tensor | None:
     """``packed`` as int32 words when the FP4 word kernel can decode it: the cached FP4 table
@@ -223,9 +267,17 @@ def _fp4_words(packed: torch.Tensor, table: torch.Tensor, zero: torch.Tensor | N
 
 
 def _fp4_launch(kernel: str, args: tuple, flags: dict, n: int, k: int) -> torch.Tensor:
-    """Run the FP4 ``kernel`` (``"pairs"`` or ``"words"``) on ``args``; returns the weight."""
+    """Run the FP4 ``kernel`` (``"pairs"``, ``"words"`` or ``"flat"``) on ``args``; returns
+    the weight."""
     exact = interpreting()
-    if kernel == "pairs":
+    if kernel == "flat":
+        if exact:
+            _dequant_fp4f_kernel[(cdiv(n * args[7], 512),)](*args, **flags, EXACT=True,
+                                                             BLOCK=512, num_warps=4)
+        else:
+            launch(_dequant_fp4f_tuned, lambda meta: (cdiv(n * args[7], meta["BLOCK"]),),
+                   *args, **flags, EXACT=False)
+    elif kernel == "pairs":
         launch(_dequant_fp4p_kernel, (cdiv(n, _FP4P_BLOCK_N), cdiv(k, _FP4P_BLOCK_K)), *args,
                **flags, EXACT=exact, BLOCK_N=_FP4P_BLOCK_N, BLOCK_K=_FP4P_BLOCK_K,
                num_warps=4)
@@ -247,10 +299,11 @@ def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
     """The weight ``[N, K]`` in ``dtype`` (``dequantize`` in fp32, then rounded to ``dtype``).
 
     Inputs as validated by :func:`~qcompile.backends.triton.w4a16.w4a16_linear` (contiguous,
-    on one Triton device). FP4 weights in whole words have two kernels, ``"pairs"``
-    (:func:`_dequant_fp4p_kernel`, the default) and ``"words"`` (:func:`_dequant_fp4w_kernel`):
-    ``kernel`` forces one; None times both on a cold L2 at the first call of each shape on a
-    GPU and keeps the faster (:func:`~qcompile.backends.triton.path_tuning.pick`).
+    on one Triton device). FP4 weights in whole words have three kernels, ``"pairs"``
+    (:func:`_dequant_fp4p_kernel`, the default), ``"words"`` (:func:`_dequant_fp4w_kernel`)
+    and ``"flat"`` (:func:`_dequant_fp4f_kernel`): ``kernel`` forces one; None times them on
+    a cold L2 at the first call of each shape on a GPU and keeps the fastest
+    (:func:`~qcompile.backends.triton.path_tuning.pick`).
     """
     n, g = packed.shape[0], scale.shape[1]
     w = torch.empty(n, k, dtype=dtype, device=packed.device)
@@ -263,10 +316,15 @@ def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
                 scale if outer is None else outer, w, n, k, words.shape[1], g, o_stride)
         flags = dict(GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
                      HAS_OUTER=outer is not None, KIND=_DTYPE_KIND[dtype])
+        if kernel == "flat" and n * words.shape[1] >= 2**31 - 2**16:
+            raise ValueError(f"w4a16_dequant: the flat kernel takes fewer than 2^31 words, "
+                             f"got {n} x {words.shape[1]}")
         if kernel is None:
             key = ("w4a16-dequant-fp4", n, k, group_size, dtype, scale_neg is not None,
                    outer is not None)
-            kernel = path_tuning.pick(key, "pairs", ("pairs", "words"), lambda p: _fp4_launch(
+            paths = ("pairs", "words", "flat") if n * words.shape[1] < 2**31 - 2**16 else (
+                "pairs", "words")  # the flat kernel's word index is an int32
+            kernel = path_tuning.pick(key, "pairs", paths, lambda p: _fp4_launch(
                 p, args, flags, n, k), packed.device, cold=True)
         _fp4_launch(kernel, args, flags, n, k)
         return w
