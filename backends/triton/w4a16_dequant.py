@@ -22,7 +22,7 @@ from qcompile.backends.triton import path_tuning
 from qcompile.backends.triton.cold_bench import cold_graph_bench
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import cdiv, element_table, interpreting, tuning
-from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _round_to, _weight_tile
+from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _group_eff, _round_to, _weight_tile
 from qcompile.backends.triton.w4a16_gemv import _fp4_pair, _words
 
 __all__ = ["DEQUANT_MIN_M", "w4a16_dequant"]
@@ -122,15 +122,10 @@ def _dequant_fp4w_kernel(words_ptr, scale_ptr, neg_ptr, outer_ptr, w_ptr, N, K, 
                 mask=n_ok[:, None, None] & (wcol < KW)[None, :, :], other=0)
     gi = 8 * w0 // GROUP_SIZE  # a word lies in one group
     g_ok = n_ok[:, None] & (gi < G)[None, :]
-    s_off = offs_n[:, None] * G + gi[None, :]
-    eff = tl.load(scale_ptr + s_off, mask=g_ok, other=0.0)
-    effn = eff
-    if HAS_NEG:
-        effn = tl.load(neg_ptr + s_off, mask=g_ok, other=0.0)
-    if HAS_OUTER:
-        o = tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)[:, None]
-        eff = eff * o
-        effn = effn * o
+    eff, effn, _ = _group_eff(scale_ptr, neg_ptr, scale_ptr, outer_ptr,
+                              offs_n[:, None] * G + gi[None, :],
+                              offs_n[:, None] * outer_stride + 0 * gi[None, :], g_ok, HAS_NEG,
+                              False, HAS_OUTER)
     eff = (eff * 16384.0)[:, :, None, None]  # 2^14: the fp16 placement's unit
     effn = (effn * 16384.0)[:, :, None, None]
     j = tl.arange(0, 8)[None, None, None, :]
@@ -164,15 +159,10 @@ def _dequant_fp4p_kernel(words_ptr, scale_ptr, neg_ptr, outer_ptr, w_ptr, N, K, 
     w_ok = n_ok[:, None] & (wcol < KW)[None, :]
     w = tl.load(words_ptr + offs_n.to(tl.int64)[:, None] * KW + wcol[None, :], mask=w_ok,
                 other=0)
-    s_off = offs_n[:, None] * G + (8 * wcol // GROUP_SIZE)[None, :]
-    eff = tl.load(scale_ptr + s_off, mask=w_ok, other=0.0)
-    effn = eff
-    if HAS_NEG:
-        effn = tl.load(neg_ptr + s_off, mask=w_ok, other=0.0)
-    if HAS_OUTER:
-        o = tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)[:, None]
-        eff = eff * o
-        effn = effn * o
+    eff, effn, _ = _group_eff(scale_ptr, neg_ptr, scale_ptr, outer_ptr,
+                              offs_n[:, None] * G + (8 * wcol // GROUP_SIZE)[None, :],
+                              offs_n[:, None] * outer_stride + 0 * wcol[None, :], w_ok, HAS_NEG,
+                              False, HAS_OUTER)
     eff = eff * 16384.0  # 2^14: the fp16 placement's unit
     effn = effn * 16384.0
     ty = w_ptr.dtype.element_ty
@@ -229,15 +219,9 @@ def _dequant_fp4f_kernel(words_ptr, scale_ptr, neg_ptr, outer_ptr, w_ptr, N, K, 
     ok = offs < N * KW
     w = tl.load(words_ptr + offs, mask=ok, other=0)
     row = offs // KW
-    s_off = row * G + 8 * (offs - row * KW) // GROUP_SIZE
-    eff = tl.load(scale_ptr + s_off, mask=ok, other=0.0)
-    effn = eff
-    if HAS_NEG:
-        effn = tl.load(neg_ptr + s_off, mask=ok, other=0.0)
-    if HAS_OUTER:
-        o = tl.load(outer_ptr + row * outer_stride, mask=ok, other=0.0)
-        eff = eff * o
-        effn = effn * o
+    eff, effn, _ = _group_eff(scale_ptr, neg_ptr, scale_ptr, outer_ptr,
+                              row * G + 8 * (offs - row * KW) // GROUP_SIZE,
+                              row * outer_stride, ok, HAS_NEG, False, HAS_OUTER)
     eff = (eff * 16384.0)[:, None]  # 2^14: the fp16 placement's unit
     effn = (effn * 16384.0)[:, None]
     j = tl.arange(0, 8)[None, :]
