@@ -241,7 +241,7 @@ def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
     from qcompile.backends.triton import path_tuning
     from qcompile.backends.triton.runtime import element_table
     from qcompile.backends.triton.w4a16 import w4a16_linear
-    from qcompile.backends.triton.w4a16_dequant import w4a16_dequant
+    from qcompile.backends.triton.w4a16_dequant import FP4_KERNELS, w4a16_dequant
     from qcompile.formats import pack_codes, parse_format, quantize
 
     n, k = w.shape
@@ -258,7 +258,7 @@ def _prefill_rows(w: torch.Tensor, dense: torch.Tensor, dev: torch.device,
     # Each FP4 decode kernel alone (w4a16_dequant times both per shape and keeps the faster).
     deq_kernels = {kn: do_bench(lambda kn=kn: w4a16_dequant(*args[:6], spec.group_size, k,
                                                             torch.bfloat16, kernel=kn))
-                   for kn in ("pairs", "words", "flat")}
+                   for kn in FP4_KERNELS}
     moved = sum(t.numel() * t.element_size() for t in (args[0], q.scale, q.scale_neg))
     moved += n * k * 2
     common = {"format": fmt, "M": m, "N": n, "K": k, "bf16_us": bf16_ms * 1e3,

@@ -420,6 +420,9 @@ def test_dequant_fp4_kernel_default_and_timed_choice(monkeypatch):
     got = dq.w4a16_dequant(packed, table, scale, neg, zero, outer, gs, 512, torch.bfloat16)
     want = w4._dequant_ref(packed, table, scale, neg, zero, outer, gs, 512).to(torch.bfloat16)
     assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        dq.w4a16_dequant(packed, table, scale, neg, zero, outer, gs, 512, torch.bfloat16,
+                         kernel="fast")
     keys = [key for key in path_tuning.choices() if key[0] == "w4a16-dequant-fp4"]
     if DEV.type == "cuda":
         assert len(keys) == 1 and path_tuning.choices()[keys[0]] in ("pairs", "words")

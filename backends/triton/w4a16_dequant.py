@@ -35,6 +35,8 @@ DEQUANT_MIN_M = 256
 _BLOCK_N = 64
 #: The pair kernel's one tile (:func:`_dequant_fp4p_kernel`), 32 rows x 256 codes.
 _FP4P_BLOCK_N, _FP4P_BLOCK_K = 32, 256
+#: The FP4 kernels of :func:`w4a16_dequant`, the default first.
+FP4_KERNELS = ("pairs", "words", "flat")
 #: Words per program of the flat kernel (:func:`_dequant_fp4f_kernel`), autotuned on a cold L2.
 FP4F_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w)
                 for b, w in ((512, 4), (1024, 4), (1024, 8), (2048, 8))]
@@ -151,7 +153,7 @@ def _dequant_fp4p_kernel(words_ptr, scale_ptr, neg_ptr, outer_ptr, w_ptr, N, K, 
     word. This is the kernel the H100 prefill timed at 1.21 ms for the 16 weights of a
     4-layer Llama-3-8B (1.8 TB/s); the word kernel, fewer shared-memory barriers but more
     instructions per code offline, took 2.27 ms on an H200 (``benchmarks/results/
-    gpu_h200_2026-11-27.md``). :func:`w4a16_dequant` times both per shape."""
+    gpu_h200_2026-11-27.md``). :func:`w4a16_dequant` times the FP4 kernels per shape."""
     WK: tl.constexpr = BLOCK_K // 8
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -300,14 +302,14 @@ def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
                 scale if outer is None else outer, w, n, k, words.shape[1], g, o_stride)
         flags = dict(GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
                      HAS_OUTER=outer is not None, KIND=_DTYPE_KIND[dtype])
-        if kernel == "flat" and n * words.shape[1] >= 2**31 - 2**16:
-            raise ValueError(f"w4a16_dequant: the flat kernel takes fewer than 2^31 words, "
-                             f"got {n} x {words.shape[1]}")
+        # The flat kernel indexes words with int32s (a block's worth of headroom).
+        paths = FP4_KERNELS if n * words.shape[1] < 2**31 - 2**16 else FP4_KERNELS[:2]
+        if kernel is not None and kernel not in paths:
+            raise ValueError(f"w4a16_dequant: kernel must be one of {paths} for a {n} x {k} "
+                             f"weight, got {kernel!r}")
         if kernel is None:
             key = ("w4a16-dequant-fp4", n, k, group_size, dtype, scale_neg is not None,
                    outer is not None)
-            paths = ("pairs", "words", "flat") if n * words.shape[1] < 2**31 - 2**16 else (
-                "pairs", "words")  # the flat kernel's word index is an int32
             kernel = path_tuning.pick(key, "pairs", paths, lambda p: _fp4_launch(
                 p, args, flags, n, k), packed.device, cold=True)
         _fp4_launch(kernel, args, flags, n, k)
