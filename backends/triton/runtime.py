@@ -194,15 +194,17 @@ def gemv_switches(env: dict[str, str]) -> tuple[bool | str, bool]:
 
 #: Batch-1 FP4 GEMVs on tensor cores (``w4a16_gemv_mma``) where eligible: True always,
 #: ``"auto"`` where it times faster than the FMA kernel at the shape's first call
-#: (``path_tuning``, cold L2), False never. Off until a GPU has run it
-#: (``benchmarks/kernels_w4a16.py`` times both; ``benchmarks/decode.py --gemv1 mma|auto``).
+#: (``path_tuning``, cold L2), False never. Off: in the H200 decode run with ``auto``
+#: (``benchmarks/results/gpu_h200_2026-11-27.md``) the FMA kernel won all four Llama-3-8B
+#: shapes (``benchmarks/kernels_w4a16.py`` times both; ``benchmarks/decode.py --gemv1``).
 #: Its start value comes from ``QCOMPILE_GEMV1`` (:func:`gemv_switches`).
 GEMV1_MMA: bool | str
 #: Batch-1 GEMVs launch as programmatic dependents where the GPU and Triton allow it (sm_90+,
 #: ``launch_pdl``): each prefetches its first weight lines and waits for the previous kernel
-#: inside the kernel (:mod:`qcompile.backends.triton.pdl`). Off until a GPU has timed it
-#: (``benchmarks/kernels_w4a16.py``'s ``layer-chain`` rows, ``benchmarks/decode.py``'s
-#: ``-pdl`` variants). Its start value comes from ``QCOMPILE_GEMV_PDL``.
+#: inside the kernel (:mod:`qcompile.backends.triton.pdl`). Off for now: the H200 decode
+#: run gained 2.3 % tokens/s with it (``benchmarks/decode.py``'s ``-pdl`` variants), but
+#: its GPU numerics tests have not yet run to the end (``tests/test_triton_pdl.py``). Its
+#: start value comes from ``QCOMPILE_GEMV_PDL``.
 GEMV_PDL: bool
 GEMV1_MMA, GEMV_PDL = gemv_switches(os.environ)
 
