@@ -393,6 +393,7 @@ def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dic
             profiles["profile"] = profile_tokens(generate, args.decode, args.device)
             profiles["profile_prefill"] = profile_call(lambda: model(long, use_cache=False),
                                                        args.device)
+        new_tokens = generate(args.decode)  # the direct and graph loops return them
     decode_s = max(t_full - t_one, 1e-9)
     out: dict[str, Any] = {
         "recipe": recipe,
@@ -404,6 +405,8 @@ def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dic
         "peak_memory_bytes": _peak_bytes(args.device),
         "warmup_seconds_including_compile": round(warm, 2),
     }
+    if isinstance(new_tokens, torch.Tensor):
+        out["greedy_tokens"] = new_tokens.flatten().tolist()
     if args.device.startswith("cuda"):
         out["resident_bytes_after_compile"] = resident
         out["peak_memory_bytes_while_timed"] = _peak_bytes(args.device)
@@ -571,6 +574,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"decode.py: {name}: {json.dumps(result['variants'][name])[:600]}",
               file=sys.stderr)
         _ratios(result)
+        _agreement(result)
         _write(result, args.out)  # after every variant: a run cut short keeps what it has
     text = json.dumps(result, indent=1)
     print(text)
@@ -608,6 +612,25 @@ def _ratios(result: dict[str, Any]) -> None:
                 v["decode_speedup_vs_bf16_at_full_depth"] = round(
                     v["decode_tokens_per_s_at_full_depth"]
                     / base["decode_tokens_per_s_at_full_depth"], 3)
+
+
+def _agreement(result: dict[str, Any]) -> None:
+    """For each variant, how many of its greedy tokens equal, from the first, those of the
+    first variant with the same recipe and head (``w4a16-fp4-pdl`` against ``w4a16-fp4``, say):
+    the kernels a variant switches on should not change the model's output. Random weights
+    give flat logits, so a near tie flipped by summation order ends the run of equal tokens
+    early without any error; a broken kernel ends it at once."""
+    firsts: dict[tuple, str] = {}
+    for name, v in result["variants"].items():
+        if "greedy_tokens" not in v or v.get("recipe") is None:
+            continue
+        key = (v["recipe"], v.get("pipeline"), v.get("lm_head_quantized"))
+        first = firsts.setdefault(key, name)
+        if first != name:
+            a, b = result["variants"][first]["greedy_tokens"], v["greedy_tokens"]
+            n = min(len(a), len(b))
+            same = next((i for i in range(n) if a[i] != b[i]), n)
+            v["greedy_tokens_agree_with"] = {"variant": first, "leading_equal": same, "of": n}
 
 
 def _write(result: dict[str, Any], path: str | None) -> None:

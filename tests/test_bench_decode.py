@@ -154,3 +154,24 @@ def test_pdl_variants_extend_recipe_variants_only(decode_mod):
             decode_mod.variant_recipe(bad)
     with pytest.raises(SystemExit):
         decode_mod.main(["--variants", "bf16-pdl", "--device", "cpu"])
+
+
+def test_agreement_compares_variants_of_one_recipe(decode_mod):
+    """Each variant's greedy tokens against the first variant of the same recipe and head:
+    the run of equal tokens from the start; bf16 and other recipes are left alone."""
+    result = {"variants": {
+        "bf16": {"recipe": None, "greedy_tokens": [1, 2, 3]},
+        "w4a16-fp4": {"recipe": "w4-afpq", "lm_head_quantized": False,
+                      "greedy_tokens": [5, 6, 7, 8]},
+        "w4a16-fp4-pdl": {"recipe": "w4-afpq", "lm_head_quantized": False,
+                          "greedy_tokens": [5, 6, 9, 8]},
+        "w4a16-fp4-noattn": {"recipe": "w4-afpq", "lm_head_quantized": False,
+                             "greedy_tokens": [5, 6, 7, 8]},
+        "w4a8": {"recipe": "w4a8-m2", "lm_head_quantized": False, "greedy_tokens": [5]},
+    }}
+    decode_mod._agreement(result)
+    v = result["variants"]
+    assert v["w4a16-fp4-pdl"]["greedy_tokens_agree_with"] == {
+        "variant": "w4a16-fp4", "leading_equal": 2, "of": 4}
+    assert v["w4a16-fp4-noattn"]["greedy_tokens_agree_with"]["leading_equal"] == 4
+    assert all("greedy_tokens_agree_with" not in v[n] for n in ("bf16", "w4a16-fp4", "w4a8"))
