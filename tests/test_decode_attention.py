@@ -506,3 +506,33 @@ def test_benchmark_times_the_three_ways_or_refuses_without_cuda():
     assert len(rows) == len(ways) * len(kernels_attention.CASES)
     assert {r["way"] for r in rows} == ways
     assert all(r["max_abs_err"] < 3e-2 and r["us"] > 0 for r in rows)
+
+
+def test_split_count_is_timed_per_shape(monkeypatch, kernel_device):
+    """With timing possible, each shape's first call times the default run count, one run and
+    a quarter of the default, keeps the fastest under the shape's key, and gives the
+    reference's result whichever it keeps."""
+    pytest.importorskip("triton")
+    from qcompile.backends.triton import decode_attention as da
+    from qcompile.backends.triton import path_tuning
+
+    timed: list[str] = []
+
+    def fake_time(fn, cold=False):
+        timed.append(fn.args[0])
+        fn()
+        return {"8": 3.0, "1": 2.0, "2": 1.0}[fn.args[0]]
+
+    path_tuning.clear()
+    monkeypatch.setattr(path_tuning, "ENABLED", True)
+    monkeypatch.setattr(path_tuning, "_can_time", lambda device: True)
+    monkeypatch.setattr(path_tuning, "_time_ms", fake_time)
+    monkeypatch.setattr(da, "_splits", lambda programs, length, device: 8)
+    q, k, v = _qkv(1, 4, 2, 300, 16, 16, torch.float32, kernel_device)
+    out = da.decode_attention(q, k, v)
+    torch.testing.assert_close(out, _ref32(q, k, v, None, None), **_TOL[torch.float32])
+    assert sorted(timed) == ["1", "2", "8"]
+    assert [c for key, c in path_tuning.choices().items() if key[0] == "decode-attention"] == ["2"]
+    da.decode_attention(q, k, v)  # the choice is kept: nothing timed again
+    assert len(timed) == 3
+    path_tuning.clear()

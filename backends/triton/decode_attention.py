@@ -30,7 +30,9 @@ is :func:`qcompile.backends.triton.ops.decode_attention_ref`, the composition th
 
 Tuning. The autotuner times configs on a cold L2
 (:func:`qcompile.backends.triton.cold_bench.cold_graph_bench`): in a decode step the other
-layers' weights have evicted this layer's cache lines.
+layers' weights have evicted this layer's cache lines. The number of runs per kv head is
+timed the same way at each shape's first call (:func:`_tuned_splits`): a short cache may be
+faster in one run, with no combine.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton import path_tuning
 from qcompile.backends.triton.cold_bench import cold_graph_bench
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import (
@@ -368,6 +371,23 @@ def _splits(programs: int, length: int, device: torch.device) -> int:
     return triton.next_power_of_2(max(1, want))
 
 
+def _tuned_splits(q, k, v, mask, scale, cos, sin, write, default: int) -> int:
+    """The run count for this call's shape: ``default`` (:func:`_splits`), one run (no
+    combine: fewer round trips where the cache is short) or a quarter of ``default``, timed
+    on a cold L2 at the shape's first call on a GPU (``path_tuning``; ``default`` where
+    nothing can be timed). Rerunning a candidate rewrites the same cache row: no change."""
+    if default == 1:
+        return 1
+    key = ("decode-attention", *q.shape, k.shape[1], k.shape[2], v.shape[3], q.dtype,
+           None if mask is None else mask.dtype, cos is not None, write is not None)
+    hit = path_tuning.choice(key)
+    if hit is not None:
+        return int(hit)
+    names = tuple(dict.fromkeys(str(s) for s in (default, 1, max(1, default // 4))))
+    return int(path_tuning.pick(key, names[0], names, lambda p: run_checked(
+        q, k, v, mask, scale, int(p), None, cos, sin, write), q.device, cold=True))
+
+
 def _bhd(t: torch.Tensor | None, shape: tuple, dummy: torch.Tensor
          ) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """``t`` and its (batch, head, last) strides as broadcast to ``shape`` ``[B, H, 1, D]``
@@ -393,7 +413,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         v: ``[B, Hkv, L, DV]``.
         mask: None, boolean (true attends) or additive, broadcastable to ``[B, Hq, 1, L]``.
         scale: Score scale (default ``1 / sqrt(DK)``).
-        splits: Runs of the cache per kv head (default: sized to the GPU); tests pin it.
+        splits: Runs of the cache per kv head (default: sized to the GPU, or one run or a
+            quarter of that where it timed faster at the shape's first call); tests pin it.
         block_l: Cache positions per block (default: autotuned; 32 under the interpreter).
         cos, sin: Rotary tables broadcastable to ``q`` (both or neither): the queries are
             ``rope(q, cos, sin)`` (:func:`qcompile.backends.triton.ops.rope`), computed in
@@ -445,6 +466,8 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if b == 0 or hq == 0:
         return out
     programs = b * hkv
+    if splits is None and block_l is None:
+        splits = _tuned_splits(q, k, v, mask, scale, cos, sin, write, _splits(programs, n, dev))
     nsplit = splits or _splits(programs, n, dev)
     if nsplit < 1 or nsplit & (nsplit - 1) or nsplit > MAX_SPLITS:
         raise KernelInputError(f"decode_attention: splits must be a power of two <= "

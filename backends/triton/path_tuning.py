@@ -30,7 +30,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENABLED", "MAX_M", "agrees", "choices", "clear", "pick", "timings"]
+__all__ = ["ENABLED", "MAX_M", "agrees", "choice", "choices", "clear", "pick", "timings"]
 
 #: Time the candidate paths (False: every op keeps its default, M-threshold path).
 ENABLED = True
@@ -51,6 +51,11 @@ def timings() -> dict[tuple, dict[str, float | str]]:
     """What each timed key measured, ``{key: {path: microseconds, or why it was not timed}}``
     (reports: a path that lost is told apart from one that failed or disagreed)."""
     return {key: dict(t) for key, t in _TIMINGS.items()}
+
+
+def choice(key: tuple) -> str | None:
+    """The path kept for ``key``, or None if it has not been timed (a caller's fast path)."""
+    return _CHOICES.get(key)
 
 
 def choices() -> dict[tuple, str]:
