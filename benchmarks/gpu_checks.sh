@@ -77,7 +77,7 @@ for phase in "${phases[@]}"; do
       tests/test_triton_w4a16.py tests/test_lower_triton.py tests/test_triton_fp8.py tests/test_triton_w4a8.py \
       tests/test_triton_act_quant.py tests/test_lower_triton_gpu.py \
       tests/test_device_cache.py tests/test_triton_w4a16_mma.py tests/test_cold_bench.py \
-      tests/test_triton_pdl.py} > "$out/tests.log" 2>&1
+      tests/test_triton_pdl.py tests/test_triton_gemv_fusion.py tests/test_triton_fp4_decode.py} > "$out/tests.log" 2>&1
     say "tests exit $? ($(grep -c '^FAILED' "$out/fails.txt" 2>/dev/null || echo 0) failures logged)"
     grep -E "passed|failed" "$out/tests.log" | tail -2
     grep -A2 '^FAILED' "$out/fails.txt" 2>/dev/null | cut -c1-240 | head -30 ;;
