@@ -99,12 +99,13 @@ def test_layer_chain_runs_the_fused_layer_in_each_launch_mode(monkeypatch):
             q = quantize(w, spec)
             layer_args[fmt, name] = (pack_codes(q.codes, 4), element_table(spec.elem, "cpu"),
                                      q.scale, q.scale_neg, q.zero, q.outer, spec.group_size)
+    switches = (runtime.GEMV_PDL, runtime.GEMV1_MMA)
     rows = kb.layer_chain(layer_args, dense, torch.device("cpu"))
     assert [(r["format"], r["kernel"], r["pdl"]) for r in rows] == [
         (f, k, False) for f in kb.FORMATS for k in ("gemv1", "gemv1-mma") for _ in (0, 1)]
     assert all(r["w4a16_us"] == pytest.approx(2.0) and r["shape"] == "layer-chain"
                for r in rows)
-    assert runtime.GEMV_PDL is False and runtime.GEMV1_MMA is False
+    assert (runtime.GEMV_PDL, runtime.GEMV1_MMA) == switches  # restored
     # results[0]: bf16's chain; then one per row. Rebuild the last down projection's inputs.
     gen = torch.Generator().manual_seed(1)
     h, attn, gate, up = (torch.randn(1, d, generator=gen, dtype=torch.bfloat16)

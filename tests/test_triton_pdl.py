@@ -21,9 +21,10 @@ from qcompile.backends.triton.gemv_fusion import GemvFusion  # noqa: E402
 SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-def test_off_by_default():
-    """Not used until a GPU has timed it, and never off CUDA."""
-    assert runtime.gemv_switches({}) == (False, False)
+def test_on_by_default_and_never_off_cuda():
+    """On by default (timed faster on an H200, with the same tokens), never off CUDA."""
+    assert runtime.gemv_switches({}) == (False, True)
+    assert runtime.gemv_switches({"QCOMPILE_GEMV_PDL": "0"}) == (False, False)
     assert pdl.launch_flags(torch.device("cpu")) == {"PDL": False}
 
 
@@ -32,9 +33,10 @@ def test_switches_from_the_environment():
     refused with the variable and the value named."""
     assert runtime.gemv_switches({"QCOMPILE_GEMV1": "mma", "QCOMPILE_GEMV_PDL": "1"}) == (
         True, True)
-    assert runtime.gemv_switches({"QCOMPILE_GEMV1": "auto"}) == ("auto", False)
+    assert runtime.gemv_switches({"QCOMPILE_GEMV1": "auto", "QCOMPILE_GEMV_PDL": "0"}) == (
+        "auto", False)
     assert runtime.gemv_switches({"QCOMPILE_GEMV1": "", "QCOMPILE_GEMV_PDL": ""}) == (
-        False, False)
+        False, True)
     with pytest.raises(ValueError, match="QCOMPILE_GEMV1 must be one of fma, mma, auto, "
                                          "got 'tensor'"):
         runtime.gemv_switches({"QCOMPILE_GEMV1": "tensor"})
