@@ -214,9 +214,11 @@ def _dequant_fp4f_kernel(words_ptr, scale_ptr, neg_ptr, outer_ptr, w_ptr, N, K, 
                          BLOCK: tl.constexpr):
     """:func:`_dequant_fp4w_kernel`'s output with the weight taken as one flat run of words
     (K = 8 KW, so word ``i``'s codes are ``W``'s elements 8i..8i+7): ``BLOCK`` consecutive
-    words per program, each lane's words decoded where they were loaded and stored as 16
-    contiguous bytes, with no tile, no layout change and no shared memory. Its row and group
-    come from the word's index (int32: the wrapper keeps ``N * KW`` below 2^31)."""
+    words per program, each word's 8 codes decoded in one lane and stored as 16 contiguous
+    bytes, with no tile (only the vector-loaded words pass through shared memory). Its row and
+    group come from the word's index (int32: the wrapper keeps ``N * KW`` below 2^31). On an
+    H200 it decoded at 2.9-3.9 TB/s where the pair kernel reached 1.7-1.8 and the word kernel
+    0.9 (``benchmarks/results/gpu_h200_2026-11-27.md``, run 2)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N * KW
     w = tl.load(words_ptr + offs, mask=ok, other=0)
