@@ -27,7 +27,10 @@ Variants (each on a freshly built random-weight model; values do not change spee
   writes) as one launch.
 
 Measured per variant: decode tokens/s (``generate`` of N new tokens minus 1 new token, over
-N - 1 tokens, dynamic KV cache), prefill tokens/s (one forward over ``--prefill`` tokens), peak
+N - 1 tokens, dynamic KV cache), prefill tokens/s (one forward over ``--prefill`` tokens; with
+``prefill_host_seconds``, the time until the call returned, which equals the wall time when the
+host, not the device, bounds it, and on CUDA ``prefill_allocator_events``: the caching
+allocator's device allocations, frees and retries over the timed calls, each a sync), peak
 memory (CUDA: ``max_memory_allocated`` over the whole variant, which includes the bf16 model
 before quantization, plus ``resident_bytes_after_compile`` and ``peak_memory_bytes_while_timed``,
 what serving needs; CPU: process max RSS, monotonic over the run), and the backend's counters (bytes quantized, freed, compile seconds). Output is one JSON document,
@@ -254,15 +257,35 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device: str, repeats: int) -> float:
-    best = float("inf")
+def _timed(fn, device: str, repeats: int, host: list[float] | None = None) -> float:
+    """Best wall time of ``fn`` over ``repeats`` calls, each from an idle device to its end.
+    ``host``: gets appended the best time until ``fn`` returned (before the sync): a call
+    whose host time is close to its wall time is bound by the host, not by its kernels."""
+    best = best_host = float("inf")
     for _ in range(repeats):
         _sync(device)
         start = time.perf_counter()
         fn()
+        returned = time.perf_counter()
         _sync(device)
         best = min(best, time.perf_counter() - start)
+        best_host = min(best_host, returned - start)
+    if host is not None:
+        host.append(best_host)
     return best
+
+
+#: ``torch.cuda.memory_stats`` counters that tell whether a call went past the caching
+#: allocator's cache: device allocations and frees (``cudaMalloc``/``cudaFree``, which
+#: synchronize and cost hundreds of microseconds) and retries after freeing cached blocks.
+_ALLOC_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
+
+
+def _alloc_counts(device: str) -> dict[str, int]:
+    if not device.startswith("cuda"):
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {name: int(stats.get(name, 0)) for name in _ALLOC_COUNTERS}
 
 
 def _peak_bytes(device: str) -> int:
@@ -385,7 +408,11 @@ def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dic
             torch.cuda.reset_peak_memory_stats()
         t_full = _timed(lambda: generate(args.decode), args.device, args.repeats)
         t_one = _timed(lambda: generate(1), args.device, args.repeats)
-        t_prefill = _timed(lambda: model(long, use_cache=False), args.device, args.repeats)
+        host: list[float] = []
+        before = _alloc_counts(args.device)
+        t_prefill = _timed(lambda: model(long, use_cache=False), args.device, args.repeats,
+                           host)
+        allocs = {name: n - before[name] for name, n in _alloc_counts(args.device).items()}
         profiles: dict[str, Any] = {}
         if args.profile:
             from step_profile import profile_call, profile_tokens
@@ -402,6 +429,7 @@ def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dic
         "decode_tokens_per_s": round((args.decode - 1) / decode_s, 2),
         "prefill_tokens_per_s": round(args.prefill / t_prefill, 1),
         "prefill_seconds": round(t_prefill, 4),
+        "prefill_host_seconds": round(host[0], 4),
         "peak_memory_bytes": _peak_bytes(args.device),
         "warmup_seconds_including_compile": round(warm, 2),
     }
@@ -410,6 +438,7 @@ def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dic
     if args.device.startswith("cuda"):
         out["resident_bytes_after_compile"] = resident
         out["peak_memory_bytes_while_timed"] = _peak_bytes(args.device)
+        out["prefill_allocator_events"] = allocs  # over all the timed prefill calls
     if profiles:
         profiles["profile"]["measured_us_per_token"] = round(decode_s / (args.decode - 1) * 1e6,
                                                              2)

@@ -175,3 +175,16 @@ def test_agreement_compares_variants_of_one_recipe(decode_mod):
         "variant": "w4a16-fp4", "leading_equal": 2, "of": 4}
     assert v["w4a16-fp4-noattn"]["greedy_tokens_agree_with"]["leading_equal"] == 4
     assert all("greedy_tokens_agree_with" not in v[n] for n in ("bf16", "w4a16-fp4", "w4a8"))
+
+
+def test_timed_reports_host_time_apart(decode_mod):
+    """``_timed``'s host time is the best time until the call returned: at least the call's
+    own host work (a 10 ms sleep) and at most the best wall time (on a GPU it is less unless
+    the host bounds the call). The allocator counters exist only on CUDA."""
+    import time
+
+    host: list[float] = []
+    wall = decode_mod._timed(lambda: time.sleep(0.01), "cpu", 3, host)
+    assert len(host) == 1 and 0.01 <= host[0] <= wall
+    assert decode_mod._timed(lambda: None, "cpu", 2) < 0.01
+    assert decode_mod._alloc_counts("cpu") == {}

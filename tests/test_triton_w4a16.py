@@ -407,13 +407,13 @@ def test_dequant_takes_the_fp4_word_kernel(monkeypatch, fmt, k, words, kernel):
 
 
 def test_dequant_fp4_kernel_default_and_timed_choice(monkeypatch):
-    """Where nothing can be timed (the interpreter, CPU) the pair kernel runs; on a GPU both
-    are timed at the first call of a shape and the choice is kept under its key."""
+    """Where nothing can be timed (the interpreter, CPU) the flat kernel runs; on a GPU all
+    three are timed at the first call of a shape and the choice is kept under its key."""
     from qcompile.backends.triton import path_tuning
     from qcompile.backends.triton import w4a16_dequant as dq
 
-    spy = _Spy(dq._dequant_fp4p_kernel)
-    monkeypatch.setattr(dq, "_dequant_fp4p_kernel", spy)
+    spy = _Spy(dq._dequant_fp4f_kernel)
+    monkeypatch.setattr(dq, "_dequant_fp4f_kernel", spy)
     path_tuning.clear()
     packed, _, scale, neg, zero, outer, gs = _weights("fp4_e2m1/g128/asym", 64, 512)
     table = w4.element_table("fp4_e2m1", DEV)
@@ -425,9 +425,44 @@ def test_dequant_fp4_kernel_default_and_timed_choice(monkeypatch):
                          kernel="fast")
     keys = [key for key in path_tuning.choices() if key[0] == "w4a16-dequant-fp4"]
     if DEV.type == "cuda":
-        assert len(keys) == 1 and path_tuning.choices()[keys[0]] in ("pairs", "words")
+        assert len(keys) == 1 and path_tuning.choices()[keys[0]] in dq.FP4_KERNELS
     else:
         assert keys == [] and spy.launches == 1
+    path_tuning.clear()
+
+
+@pytest.mark.parametrize("timed", [False, True])
+def test_dequant_fp4_untimed_flat_skips_its_autotuner(monkeypatch, timed):
+    """On a GPU where nothing can be timed (the first call inside a CUDA-graph capture) the
+    flat kernel launches with its fixed config, not through its autotuner (which would time
+    its configs); once the shape is timed, the autotuner. The launches are recorded, not run
+    (the wrapper's GPU branch on any device)."""
+    from qcompile.backends.triton import path_tuning
+    from qcompile.backends.triton import w4a16_dequant as dq
+
+    launched = []
+    monkeypatch.setattr(dq, "interpreting", lambda: False)
+    monkeypatch.setattr(dq, "launch", lambda kern, grid, *a, **kw: launched.append(
+        (kern, grid, kw.get("BLOCK"), kw.get("num_warps"))))
+    monkeypatch.setattr(path_tuning, "ENABLED", True)  # the suite's conftest turns it off
+    monkeypatch.setattr(path_tuning, "_can_time", lambda device: timed)
+    monkeypatch.setattr(path_tuning, "_time_ms", lambda call, cold=False: {
+        "pairs": 3.0, "words": 2.0, "flat": 1.0}[call.args[0]])
+    monkeypatch.setattr(path_tuning, "agrees", lambda out, want: True)
+    path_tuning.clear()
+    packed, _, scale, neg, zero, outer, gs = _weights("fp4_e2m1/g128/asym", 64, 512)
+    table = w4.element_table("fp4_e2m1", DEV)
+    dq.w4a16_dequant(packed, table, scale, neg, None, outer, gs, 512, torch.bfloat16)
+    words = 64 * 512 // 8
+    if timed:  # each kernel once for its timing, then the choice, through the autotuner
+        assert [k for k, *_ in launched] == [dq._dequant_fp4f_tuned, dq._dequant_fp4p_kernel,
+                                             dq._dequant_fp4w_tuned, dq._dequant_fp4f_tuned]
+        assert path_tuning.choice(next(iter(path_tuning.choices()))) == "flat"
+    else:
+        block = dq.FP4F_UNTIMED.kwargs["BLOCK"]
+        assert launched == [(dq._dequant_fp4f_kernel, (-(-words // block),), block,
+                             dq.FP4F_UNTIMED.num_warps)]
+        assert path_tuning.choices() == {}
     path_tuning.clear()
 
 

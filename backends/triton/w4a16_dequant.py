@@ -35,11 +35,16 @@ DEQUANT_MIN_M = 256
 _BLOCK_N = 64
 #: The pair kernel's one tile (:func:`_dequant_fp4p_kernel`), 32 rows x 256 codes.
 _FP4P_BLOCK_N, _FP4P_BLOCK_K = 32, 256
-#: The FP4 kernels of :func:`w4a16_dequant`, the default first.
+#: The FP4 kernels of :func:`w4a16_dequant`. The flat kernel is the default where nothing can
+#: be timed: it won every shape the H200 timed (run 2 of ``gpu_h200_2026-11-27``); the pair
+#: kernel is the default where the flat one cannot index the weight.
 FP4_KERNELS = ("pairs", "words", "flat")
 #: Words per program of the flat kernel (:func:`_dequant_fp4f_kernel`), autotuned on a cold L2.
 FP4F_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w)
                 for b, w in ((512, 4), (1024, 4), (1024, 8), (2048, 8))]
+#: The flat kernel's config where it runs untimed (the first call inside a CUDA-graph
+#: capture, where the autotuner cannot time; path timing off): 16 KiB of codes per program.
+FP4F_UNTIMED = FP4F_CONFIGS[1]
 
 
 def _fp4w_cfg(block_n: int, block_k: int, warps: int) -> triton.Config:
@@ -254,16 +259,23 @@ def _fp4_words(packed: torch.Tensor, table: torch.Tensor, zero: torch.Tensor | N
     return _words(packed, k)
 
 
-def _fp4_launch(kernel: str, args: tuple, flags: dict, n: int, k: int) -> torch.Tensor:
+def _fp4_launch(kernel: str, args: tuple, flags: dict, n: int, k: int,
+                tuned: bool = True) -> torch.Tensor:
     """Run the FP4 ``kernel`` (``"pairs"``, ``"words"`` or ``"flat"``) on ``args``; returns
-    the weight."""
+    the weight. ``tuned=False``: the flat kernel with :data:`FP4F_UNTIMED` instead of its
+    autotuner (which would time its configs)."""
     exact = interpreting()
+    kw = args[7]  # words per row
     if kernel == "flat":
         if exact:
-            _dequant_fp4f_kernel[(cdiv(n * args[7], 512),)](*args, **flags, EXACT=True,
-                                                             BLOCK=512, num_warps=4)
+            _dequant_fp4f_kernel[(cdiv(n * kw, 512),)](*args, **flags, EXACT=True,
+                                                        BLOCK=512, num_warps=4)
+        elif not tuned:
+            block = FP4F_UNTIMED.kwargs["BLOCK"]
+            launch(_dequant_fp4f_kernel, (cdiv(n * kw, block),), *args, **flags, EXACT=False,
+                   BLOCK=block, num_warps=FP4F_UNTIMED.num_warps)
         else:
-            launch(_dequant_fp4f_tuned, lambda meta: (cdiv(n * args[7], meta["BLOCK"]),),
+            launch(_dequant_fp4f_tuned, lambda meta: (cdiv(n * kw, meta["BLOCK"]),),
                    *args, **flags, EXACT=False)
     elif kernel == "pairs":
         launch(_dequant_fp4p_kernel, (cdiv(n, _FP4P_BLOCK_N), cdiv(k, _FP4P_BLOCK_K)), *args,
@@ -288,9 +300,10 @@ def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
 
     Inputs as validated by :func:`~qcompile.backends.triton.w4a16.w4a16_linear` (contiguous,
     on one Triton device). FP4 weights in whole words have three kernels, ``"pairs"``
-    (:func:`_dequant_fp4p_kernel`, the default), ``"words"`` (:func:`_dequant_fp4w_kernel`)
-    and ``"flat"`` (:func:`_dequant_fp4f_kernel`): ``kernel`` forces one; None times them on
-    a cold L2 at the first call of each shape on a GPU and keeps the fastest
+    (:func:`_dequant_fp4p_kernel`), ``"words"`` (:func:`_dequant_fp4w_kernel`) and ``"flat"``
+    (:func:`_dequant_fp4f_kernel`, the default where nothing can be timed, with a fixed
+    config): ``kernel`` forces one; None times them on a cold L2 at the first call of each
+    shape on a GPU and keeps the fastest
     (:func:`~qcompile.backends.triton.path_tuning.pick`).
     """
     n, g = packed.shape[0], scale.shape[1]
@@ -309,12 +322,18 @@ def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
         if kernel is not None and kernel not in paths:
             raise ValueError(f"w4a16_dequant: kernel must be one of {paths} for a {n} x {k} "
                              f"weight, got {kernel!r}")
+        tuned = True
         if kernel is None:
             key = ("w4a16-dequant-fp4", n, k, group_size, dtype, scale_neg is not None,
                    outer is not None)
-            kernel = path_tuning.pick(key, "pairs", paths, lambda p: _fp4_launch(
-                p, args, flags, n, k), packed.device, cold=True)
-        _fp4_launch(kernel, args, flags, n, k)
+            kernel = path_tuning.choice(key)
+            if kernel is None:
+                default = "flat" if "flat" in paths else "pairs"
+                kernel = path_tuning.pick(key, default, paths, lambda p: _fp4_launch(
+                    p, args, flags, n, k), packed.device, cold=True)
+                # Nothing was timed (a capture, timing off): no autotuning either.
+                tuned = path_tuning.choice(key) is not None
+        _fp4_launch(kernel, args, flags, n, k, tuned)
         return w
     block_k = _block_k(group_size)
     grid = (cdiv(n, _BLOCK_N), cdiv(k, block_k))
