@@ -30,7 +30,8 @@ Measured per variant: decode tokens/s (``generate`` of N new tokens minus 1 new 
 N - 1 tokens, dynamic KV cache), prefill tokens/s (one forward over ``--prefill`` tokens; with
 ``prefill_host_seconds``, the time until the call returned, which equals the wall time when the
 host, not the device, bounds it, and on CUDA ``prefill_allocator_events``: the caching
-allocator's device allocations, frees and retries over the timed calls, each a sync), peak
+allocator's device allocations, frees and retries over the timed calls, each a sync, and
+``prefill_gc``, Python's garbage collections over them and their time), peak
 memory (CUDA: ``max_memory_allocated`` over the whole variant, which includes the bf16 model
 before quantization, plus ``resident_bytes_after_compile`` and ``peak_memory_bytes_while_timed``,
 what serving needs; CPU: process max RSS, monotonic over the run), and the backend's counters (bytes quantized, freed, compile seconds). Output is one JSON document,
@@ -281,6 +282,32 @@ def _timed(fn, device: str, repeats: int, host: list[float] | None = None) -> fl
 _ALLOC_COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries")
 
 
+class GcPauses:
+    """Python garbage collections while in the ``with`` block: count per generation and their
+    total time (a collection that walks a compiled model's objects stalls the launches)."""
+
+    def __enter__(self) -> GcPauses:
+        self.counts = [0, 0, 0]
+        self.seconds = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.counts[info["generation"]] += 1
+            self.seconds += time.perf_counter() - self._start
+
+    def report(self) -> dict[str, Any]:
+        return {"collections_per_generation": list(self.counts),
+                "seconds": round(self.seconds, 6)}
+
+
 def _alloc_counts(device: str) -> dict[str, int]:
     if not device.startswith("cuda"):
         return {}
@@ -410,8 +437,9 @@ def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dic
         t_one = _timed(lambda: generate(1), args.device, args.repeats)
         host: list[float] = []
         before = _alloc_counts(args.device)
-        t_prefill = _timed(lambda: model(long, use_cache=False), args.device, args.repeats,
-                           host)
+        with GcPauses() as pauses:
+            t_prefill = _timed(lambda: model(long, use_cache=False), args.device,
+                               args.repeats, host)
         allocs = {name: n - before[name] for name, n in _alloc_counts(args.device).items()}
         profiles: dict[str, Any] = {}
         if args.profile:
@@ -430,6 +458,7 @@ def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dic
         "prefill_tokens_per_s": round(args.prefill / t_prefill, 1),
         "prefill_seconds": round(t_prefill, 4),
         "prefill_host_seconds": round(host[0], 4),
+        "prefill_gc": pauses.report(),  # over all the timed prefill calls
         "peak_memory_bytes": _peak_bytes(args.device),
         "warmup_seconds_including_compile": round(warm, 2),
     }

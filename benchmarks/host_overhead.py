@@ -18,7 +18,9 @@ with the Triton launch replaced by a no-op. What remains is our wrappers' and th
 time, without Triton's own launch cost. The dispatch rows compare a do-nothing op defined with
 :func:`qcompile.oplib.define_op` against the same op from ``torch.library.custom_op``. From
 256 rows W4A16 decodes its weight and calls ``F.linear``, which is no Triton launch: on the CPU
-its ``--m 2048`` row is mostly that matmul.
+its ``--m 2048`` row is mostly that matmul. ``--device fake-cuda`` runs the wrappers' CUDA
+branches with Triton's real launch path up to a no-op driver (``tests/fake_cuda.py``), and for
+that row returns an empty result in place of cuBLAS: the prefill call's host work alone.
 
 ``--pstats N`` adds to each op's row the N functions with the most own time over its calls
 (cProfile; microseconds per op call, profiler overhead included), to show which part of the
@@ -180,19 +182,30 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
     ops._use_kernel = lambda t: True
     from qcompile.backends.triton.w4a16_dequant import DEQUANT_MIN_M
 
+    def no_gemm(x, w, bias=None):  # cuBLAS's result, without a CPU matmul
+        return torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype)
+
     rows = []
+    real_linear = torch.nn.functional.linear
     for name, fn in _op_calls(torch.device("cpu"), n, k, m).items():
+        how = "fake CUDA driver (no-op launcher)"
         if name.startswith("w4a16") and m >= DEQUANT_MIN_M:
-            continue  # its GEMM is cuBLAS, here a CPU matmul
-        rows.append({"op": name, "us_per_call": _per_call_us(fn, calls, lambda: None),
-                     "launch": "fake CUDA driver (no-op launcher)"})
-        launch.FAST = False
+            # Its GEMM is cuBLAS, here an empty result. The decoded weight is still a CPU
+            # allocation (a GPU's caching allocator hands out a cached block).
+            torch.nn.functional.linear = no_gemm
+            how += "; the cuBLAS GEMM replaced by an empty result"
         try:
-            rows[-1]["us_per_call_triton_launch"] = _per_call_us(fn, calls, lambda: None)
+            rows.append({"op": name, "us_per_call": _per_call_us(fn, calls, lambda: None),
+                         "launch": how})
+            launch.FAST = False
+            try:
+                rows[-1]["us_per_call_triton_launch"] = _per_call_us(fn, calls, lambda: None)
+            finally:
+                launch.FAST = True
+            if pstats_top:
+                rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
         finally:
-            launch.FAST = True
-        if pstats_top:
-            rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
+            torch.nn.functional.linear = real_linear
     return rows
 
 

@@ -188,3 +188,17 @@ def test_timed_reports_host_time_apart(decode_mod):
     assert len(host) == 1 and 0.01 <= host[0] <= wall
     assert decode_mod._timed(lambda: None, "cpu", 2) < 0.01
     assert decode_mod._alloc_counts("cpu") == {}
+
+
+def test_gc_pauses_counts_collections(decode_mod):
+    """``GcPauses`` counts the collections inside its block by generation, with their time,
+    and stops counting after it."""
+    import gc
+
+    with decode_mod.GcPauses() as pauses:
+        gc.collect(0)
+        gc.collect(2)
+    gc.collect(2)
+    got = pauses.report()
+    assert got["collections_per_generation"][0] >= 1 and got["collections_per_generation"][2] == 1
+    assert 0.0 < got["seconds"] < 10.0
