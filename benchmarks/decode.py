@@ -557,10 +557,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "without --mode); both need --cache static")
     parser.add_argument("--lm-head", action="store_true",
                         help="quantize the output head too (recipe variants)")
-    parser.add_argument("--gemv1", choices=("fma", "mma", "auto"), default="fma",
+    parser.add_argument("--gemv1", choices=("fma", "mma", "tma", "auto"), default="fma",
                         help="batch-1 FP4 GEMV kernel of the quantized variants: products on "
-                        "FMAs (the default), on tensor cores (w4a16_gemv_mma), or per shape "
-                        "the faster of the two on a cold L2 (auto; runtime.GEMV1_MMA)")
+                        "FMAs (the default), on tensor cores (w4a16_gemv_mma), the persistent "
+                        "TMA-fed FMA kernel (w4a16_gemv_tma), or per shape the fastest on a "
+                        "cold L2 (auto; runtime.GEMV1_MMA)")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
     parser.add_argument("--out", default=None, help="also write the JSON here")
@@ -590,7 +591,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.gemv1 != "fma":
         from qcompile.backends.triton import runtime
 
-        runtime.GEMV1_MMA = True if args.gemv1 == "mma" else "auto"
+        runtime.GEMV1_MMA = {"mma": True, "tma": "tma", "auto": "auto"}[args.gemv1]
     result: dict[str, Any] = {
         "benchmark": "decode",
         "command": " ".join(["python", "benchmarks/decode.py", *(argv or sys.argv[1:])]),

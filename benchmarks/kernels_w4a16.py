@@ -61,10 +61,28 @@ def _timings(fn: Callable[[], object]) -> dict[str, float]:
 
 
 def _picked(tuned: Any) -> str:
-    """The tile and split an autotuner picked in its last call."""
+    """The tile and split an autotuner picked in its last call (a config's name as is)."""
+    if isinstance(tuned, str):
+        return tuned
     cfg = getattr(tuned, "best_config", None)
     return "" if cfg is None else ", ".join(
         [f"{k}={v}" for k, v in cfg.kwargs.items()] + [f"warps={cfg.num_warps}"])
+
+
+def _tma_keys(path_tuning: Any, n: int, k: int, g: int) -> list[tuple]:
+    return [key for key in path_tuning.timings() if key[:4] == ("w4a16-gemv1-tma", n, k, g)]
+
+
+def _tma_pick(path_tuning: Any, n: int, k: int, g: int) -> str:
+    """The TMA GEMV config kept for this shape (its path-tuning choice)."""
+    keys = _tma_keys(path_tuning, n, k, g)
+    return path_tuning.choice(keys[-1]) or "" if keys else ""
+
+
+def _tma_timings(path_tuning: Any, n: int, k: int, g: int) -> dict[str, float | str]:
+    """Each TMA GEMV config's cold time for this shape (or why it was not timed)."""
+    keys = _tma_keys(path_tuning, n, k, g)
+    return path_tuning.timings()[keys[-1]] if keys else {}
 
 
 def run(device: str | torch.device = "cuda",
@@ -80,7 +98,7 @@ def run(device: str | torch.device = "cuda",
     if dev.type != "cuda" or not torch.cuda.is_available():
         raise RuntimeError(f"the W4A16 kernel benchmark needs a CUDA device (got {dev}, "
                            f"CUDA available: {torch.cuda.is_available()})")
-    from qcompile.backends.triton import w4a16_gemv, w4a16_gemv_mma
+    from qcompile.backends.triton import path_tuning, w4a16_gemv, w4a16_gemv_mma, w4a16_gemv_tma
     from qcompile.backends.triton.runtime import element_table
     from qcompile.backends.triton.w4a16 import w4a16_linear, w4a16_linear_ref
     from qcompile.formats import pack_codes, parse_format, quantize
@@ -114,8 +132,18 @@ def run(device: str | torch.device = "cuda",
                 "gemv1-mma": (lambda x=x, wd=words, q=q, g=spec.group_size:
                               w4a16_gemv_mma.w4a16_gemv1_mma(x, wd, q.scale, q.scale_neg,
                                                              q.outer, g, None),
-                              lambda g=spec.group_size: w4a16_gemv_mma._tuned(g, None))}
+                              lambda g=spec.group_size: w4a16_gemv_mma._tuned(g, None)),
+                # The persistent TMA-fed kernel (w4a16_gemv_tma): its configs are timed by
+                # path_tuning (cold L2), each one's time listed in the row.
+                "gemv1-tma": (lambda x=x, wd=words, q=q, g=spec.group_size:
+                              w4a16_gemv_tma.w4a16_gemv1_tma(x, wd, q.scale, q.scale_neg,
+                                                             q.outer, g, None),
+                              lambda n=n, k=k, g=spec.group_size: _tma_pick(path_tuning, n, k,
+                                                                            g))}
             for kernel, (call, tuner) in kernels.items():
+                if kernel == "gemv1-tma" and not w4a16_gemv_tma.tma_eligible(
+                        x, words, spec.group_size):
+                    continue
                 out = call()  # also runs the autotuner once
                 w4 = _timings(call)
                 err = ((out.float() - ref.float()).abs().max()
@@ -131,10 +159,13 @@ def run(device: str | torch.device = "cuda",
                     "weight_gbps": nbytes / (w4["cold_us"] * 1e-6) / 1e9,
                     "max_rel_err_vs_ref": err,
                 })
+                if kernel == "gemv1-tma":
+                    rows[-1]["config_cold_us"] = _tma_timings(path_tuning, n, k,
+                                                              spec.group_size)
         if name in LAYER_SHAPES:
             bf16_layer[name] = dense
         del w, dense
-    for fmt, kernel in [(f, kn) for f in FORMATS for kn in ("gemv1", "gemv1-mma")]:
+    for fmt, kernel in [(f, kn) for f in FORMATS for kn in ("gemv1", "gemv1-mma", "gemv1-tma")]:
         layer = [r for r in rows if r["format"] == fmt and r["kernel"] == kernel
                  and r["shape"] in LAYER_SHAPES]
         if len(layer) == len(LAYER_SHAPES):
@@ -197,8 +228,8 @@ def layer_chain(layer_args: dict[tuple[str, str], tuple], bf16_layer: dict[str, 
     old_mma, old_pdl = runtime.GEMV1_MMA, runtime.GEMV_PDL
     try:
         for fmt in FORMATS:
-            for kernel in ("gemv1", "gemv1-mma"):
-                runtime.GEMV1_MMA = kernel == "gemv1-mma"
+            for kernel in ("gemv1", "gemv1-mma", "gemv1-tma"):
+                runtime.GEMV1_MMA = {"gemv1": False, "gemv1-mma": True, "gemv1-tma": "tma"}[kernel]
                 for use_pdl in (False, True):
                     runtime.GEMV_PDL = use_pdl
                     step = fused(fmt)

@@ -140,9 +140,9 @@ def test_w4a8_linear_runs_the_path_picked(tuner):
 
 
 def test_batch1_fp4_gemv_auto_takes_the_faster_kernel(tuner, monkeypatch):
-    """``runtime.GEMV1_MMA = "auto"``: the batch-1 FP4 GEMV times the FMA and tensor-core
-    kernels on a cold L2 at the shape's first call, then runs the faster (counted launches),
-    with the reference's values."""
+    """``runtime.GEMV1_MMA = "auto"``: the batch-1 FP4 GEMV times the FMA, tensor-core and
+    TMA kernels on a cold L2 at the shape's first call, then runs the fastest (counted
+    launches), with the reference's values."""
     pytest.importorskip("triton")
     from test_triton_w4a16 import _spy_tuned, assert_matches_unrounded
     from test_triton_w4a16_mma import _fp4
@@ -160,9 +160,9 @@ def test_batch1_fp4_gemv_auto_takes_the_faster_kernel(tuner, monkeypatch):
     ref = w4.w4a16_linear_ref(x, *w, bias=b)
     for faster, other in (("mma", "fma"), ("fma", "mma")):
         path_tuning.clear()
-        times.update({faster: 1.0, other: 2.0})
-        w4.w4a16_linear(x, *w, bias=b)  # times both (each run twice: warm-up, timing)
-        assert sorted(timed[-2:]) == ["fma (cold)", "mma (cold)"]
+        times.update({faster: 1.0, other: 2.0, "tma": 3.0})
+        w4.w4a16_linear(x, *w, bias=b)  # times all three (each run twice: warm-up, timing)
+        assert sorted(timed[-3:]) == ["fma (cold)", "mma (cold)", "tma (cold)"]
         assert list(path_tuning.choices().values()) == [faster]
         before = (spy_mma.launches, spy_fma.launches)
         out = w4.w4a16_linear(x, *w, bias=b)

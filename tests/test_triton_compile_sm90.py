@@ -191,6 +191,22 @@ CASES: list[tuple[str, str, dict]] = [
                                                             group_size=128, split=4,
                                                             outer=True, xs=True, bias=True,
                                                             mma="f16")),
+    # The persistent TMA GEMV (w4a16_gemv_tma): its word tiles arrive by TMA copies,
+    # pipelined STAGES - 1 tiles ahead (the shared memory holds them); every config for FP4,
+    # the default and the largest for AFPQ, M2, W4A8's FP8 codes and the fusions with PDL.
+    ("w4a16-gemv1tma-bf16-g128-fp4", "w4a16_gemv1tma", dict(dtype="bf16", group_size=128,
+                                                            bias=False, tma=True, every=True)),
+    ("w4a16-gemv1tma-bf16-g128-afpq", "w4a16_gemv1tma", dict(dtype="bf16", group_size=128,
+                                                             neg=True, bias=True, tma=True)),
+    ("w4a16-gemv1tma-fp16-g64-m2", "w4a16_gemv1tma", dict(dtype="fp16", group_size=64,
+                                                          outer=True, tma=True)),
+    ("w4a16-gemv1tma-fp8-g128-w4a8", "w4a16_gemv1tma", dict(dtype="bf16", x="fp8e4nv",
+                                                            group_size=128, outer=True,
+                                                            xs=True, bias=True, tma=True)),
+    ("w4a16-gemv1tma-bf16-g128-fp4-rms-res-pdl", "w4a16_gemv1tma", dict(
+        dtype="bf16", group_size=128, pro=1, res=True, pdl=True, tma=True)),
+    ("w4a16-gemv1tma-bf16-g128-afpq-gate-res", "w4a16_gemv1tma", dict(
+        dtype="bf16", group_size=128, neg=True, pro=2, res=True, tma=True)),
     # W4A8 at batch 1: FP8 code rows, group scales 2^gexp, row scale, the rows' scale and a
     # bias in the epilogue, bf16 out (split and not).
     ("w4a16-gemv1w-fp8-g128-w4a8", "w4a16_gemv1w", dict(dtype="bf16", x="fp8e4nv",
@@ -290,7 +306,7 @@ _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2":
             "kron": "kron_quant",
             "w4a16_gemv": "w4a16", "w4a16_reduce": "w4a16", "w4a16_gemm": "w4a16",
             "w4a16_gemv1": "w4a16_gemv", "w4a16_gemv1w": "w4a16_gemv",
-            "w4a16_gemv1mma": "w4a16_gemv_mma",
+            "w4a16_gemv1mma": "w4a16_gemv_mma", "w4a16_gemv1tma": "w4a16_gemv_tma",
             "w4a16_dequant": "w4a16_dequant", "w4a16_dequant_fp4w": "w4a16_dequant",
             "w4a16_dequant_fp4p": "w4a16_dequant", "w4a16_dequant_fp4f": "w4a16_dequant",
             "w4a8_shift": "w4a8_dequant", "w4a8_swap": "w4a8_swap",
@@ -321,7 +337,9 @@ def _gemm_footprint(c) -> tuple:
 def _specialize(fn, args: dict, constexprs: dict) -> tuple[dict, dict, dict]:
     """``(signature, constexprs, attrs)`` for ``triton.compiler.ASTSource`` as a launch with
     these values gets them: ``"*dtype"`` strings are 16-byte aligned pointers, ints equal to 1
-    become constants, other ints are i32/i64 (divisibility 16 marked), floats fp32."""
+    become constants, other ints are i32/i64 (divisibility 16 marked), floats fp32,
+    ``"tensordesc<...>"`` TMA descriptors; a callable value is called with the constexprs
+    (config included) and gives one of these."""
     names = list(fn.arg_names)
     given = set(args) | set(constexprs)
     if set(names) != given:
@@ -334,7 +352,11 @@ def _specialize(fn, args: dict, constexprs: dict) -> tuple[dict, dict, dict]:
             signature[name], consts[name] = "constexpr", constexprs[name]
             continue
         value = args[name]
-        if isinstance(value, str):
+        if callable(value):  # depends on the config (a TMA descriptor's block shape)
+            value = value(constexprs)
+        if isinstance(value, str) and value.startswith("tensordesc"):
+            signature[name] = value
+        elif isinstance(value, str):
             signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
@@ -533,6 +555,30 @@ def _build_w4a16_gemv1w(mod, p: dict, all_configs: bool):
     return mod._gemv1_fp4w_kernel, args, consts, list(mod._fp4w_configs(gs))
 
 
+def _build_w4a16_gemv1tma(mod, p: dict, all_configs: bool):
+    import triton
+
+    from qcompile.backends.triton import w4a16_gemv
+
+    _, base, consts, _ = _build_w4a16_gemv1w(w4a16_gemv, dict(p, split=1), all_configs)
+    args = {}
+    for name, value in base.items():
+        if name == "x_ptr":
+            args[name] = value
+            args["w_desc"] = lambda c: f"tensordesc<i32[{c['BLOCK_N']}, {c['BLOCK_K'] // 8}]>"
+        elif name not in ("part_ptr", "count_ptr"):
+            args[name] = value
+    for name in ("SPLIT", "REDUCE"):
+        consts.pop(name)
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
+               for bn, bk, st, _, w in mod._configs(p["group_size"], False)]
+    if not (all_configs or p.get("every")):  # the default and the most shared memory
+        most = max(configs, key=lambda c: (c.kwargs["STAGES"] - 1) * c.kwargs["BLOCK_N"]
+                   * c.kwargs["BLOCK_K"])
+        configs = [configs[0]] + ([most] if most is not configs[0] else [])
+    return mod._gemv1_tma_kernel, args, consts, configs
+
+
 def _build_w4a16_gemv1mma(mod, p: dict, all_configs: bool):
     from qcompile.backends.triton import w4a16_gemv
 
@@ -670,6 +716,7 @@ _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_qua
              "w4a16_gemm": _build_w4a16_gemm, "w4a16_gemv1": _build_w4a16_gemv1,
              "w4a16_gemv1mma": _build_w4a16_gemv1mma,
              "w4a16_gemv1w": _build_w4a16_gemv1w, "w4a16_dequant": _build_w4a16_dequant,
+             "w4a16_gemv1tma": _build_w4a16_gemv1tma,
              "w4a16_dequant_fp4w": _build_w4a16_dequant_fp4w,
              "w4a16_dequant_fp4p": _build_w4a16_dequant_fp4p,
              "w4a16_dequant_fp4f": _build_w4a16_dequant_fp4f, "w4a8_shift": _build_w4a8_shift,
@@ -716,9 +763,11 @@ def _compile_one(fn, args: dict, consts: dict, config, cuobjdump: str) -> dict:
                                    ("launch", r"griddepcontrol\.launch_dependents"),
                                    ("prefetch", r"prefetch\.global\.L2"),
                                    ("load", r"\bld\.global"))}
+    tma = len(re.findall(r"cp\.async\.bulk\.tensor", kernel.asm["ptx"]))
     return {"config": dict(config.kwargs, num_warps=config.num_warps,
                            num_stages=config.num_stages),
             "ok": True, "n_regs": regs, "n_spills": stack // 4, "stack_bytes": stack,
+            "n_tma": tma,
             "shared": kernel.metadata.shared, "mma": mma, "a_regs": a_regs,
             "pdl": {k: v[:1] + v[-1:] for k, v in where.items()}
             | {f"n_{k}": len(v) for k, v in where.items()},
@@ -858,6 +907,13 @@ def test_compiles_for_sm90(sm90_report, case_id, family, params):
                 f"{what}: the WGMMA's A operand should {'' if params['a_regs'] else 'not '}"
                 "come from registers")
         _check_pdl(what, v["pdl"], params.get("pdl", False))
+        if params.get("tma"):
+            cfg = v["config"]
+            tile = cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2  # bytes of words per tile
+            assert v["n_tma"] >= 1, f"{what}: no TMA copy (cp.async.bulk.tensor) in its PTX"
+            assert v["shared"] >= (cfg["STAGES"] - 1) * tile, (
+                f"{what}: {v['shared']} bytes of shared memory cannot hold "
+                f"{cfg['STAGES'] - 1} tiles in flight: the loads are not pipelined")
         if v["n_spills"] > params.get("spills", 0):
             spilling.append(f"{what}: {v['stack_bytes']} bytes/thread of spills "
                             f"({v['n_regs']} registers)")

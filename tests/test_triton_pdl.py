@@ -37,7 +37,8 @@ def test_switches_from_the_environment():
         "auto", False)
     assert runtime.gemv_switches({"QCOMPILE_GEMV1": "", "QCOMPILE_GEMV_PDL": ""}) == (
         False, True)
-    with pytest.raises(ValueError, match="QCOMPILE_GEMV1 must be one of fma, mma, auto, "
+    assert runtime.gemv_switches({"QCOMPILE_GEMV1": "tma"}) == ("tma", True)
+    with pytest.raises(ValueError, match="QCOMPILE_GEMV1 must be one of fma, mma, tma, auto, "
                                          "got 'tensor'"):
         runtime.gemv_switches({"QCOMPILE_GEMV1": "tensor"})
     with pytest.raises(ValueError, match="QCOMPILE_GEMV_PDL must be 0 or 1, got 'yes'"):

@@ -172,11 +172,11 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-_GEMV1_KERNELS = {"fma": False, "mma": True, "auto": "auto"}
+_GEMV1_KERNELS = {"fma": False, "mma": True, "tma": "tma", "auto": "auto"}
 
 
 def gemv_switches(env: dict[str, str]) -> tuple[bool | str, bool]:
-    """``(GEMV1_MMA, GEMV_PDL)`` from ``QCOMPILE_GEMV1`` (``fma``, ``mma`` or ``auto``;
+    """``(GEMV1_MMA, GEMV_PDL)`` from ``QCOMPILE_GEMV1`` (``fma``, ``mma``, ``tma`` or ``auto``;
     default ``fma``) and ``QCOMPILE_GEMV_PDL`` (``0`` or ``1``; default ``1``) in ``env``.
 
     Raises:
@@ -193,10 +193,12 @@ def gemv_switches(env: dict[str, str]) -> tuple[bool | str, bool]:
 
 
 #: Batch-1 FP4 GEMVs on tensor cores (``w4a16_gemv_mma``) where eligible: True always,
-#: ``"auto"`` where it times faster than the FMA kernel at the shape's first call
-#: (``path_tuning``, cold L2), False never. Off: in the H200 decode run with ``auto``
+#: ``"tma"``: the persistent TMA kernel (``w4a16_gemv_tma``) instead, ``"auto"``: whichever
+#: of the three times fastest at the shape's first call (``path_tuning``, cold L2), False:
+#: the FMA kernel. False by default: in the H200 decode run with ``auto``
 #: (``benchmarks/results/gpu_h200_2026-11-27.md``) the FMA kernel won all four Llama-3-8B
-#: shapes (``benchmarks/kernels_w4a16.py`` times both; ``benchmarks/decode.py --gemv1``).
+#: shapes over the tensor-core one; the TMA kernel is not yet timed
+#: (``benchmarks/kernels_w4a16.py`` times all three; ``benchmarks/decode.py --gemv1``).
 #: Its start value comes from ``QCOMPILE_GEMV1`` (:func:`gemv_switches`).
 GEMV1_MMA: bool | str
 #: Batch-1 GEMVs launch as programmatic dependents where the GPU and Triton allow it (sm_90+,

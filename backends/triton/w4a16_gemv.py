@@ -272,6 +272,59 @@ def _pair_products(s_acc, a_acc, w, NIB: tl.constexpr, x_lo, x_hi, HAS_NEG: tl.c
 
 
 @triton.jit
+def _staged_products(s_acc, a_acc, w, xv, HAS_NEG: tl.constexpr, WK: tl.constexpr):
+    """:func:`_pair_products` of words ``w [BLOCK_N, WK]`` with the tile's x ``xv [8 WK]``,
+    loaded once per element (prologue included) and split by nibble position; Triton moves
+    the pieces to the tile's column layout (through shared memory)."""
+    lo_b, hi_b = tl.split(tl.permute(tl.reshape(xv, [WK, 2, 2, 2]), (0, 2, 3, 1)))
+    lo_0, lo_1 = tl.split(tl.permute(lo_b, (0, 2, 1)))
+    hi_0, hi_1 = tl.split(tl.permute(hi_b, (0, 2, 1)))
+    x0, x1 = tl.split(lo_0)
+    x2, x3 = tl.split(lo_1)
+    x4, x5 = tl.split(hi_0)
+    x6, x7 = tl.split(hi_1)
+    s_acc, a_acc = _pair_products(s_acc, a_acc, w, 0, x0, x4, HAS_NEG)
+    s_acc, a_acc = _pair_products(s_acc, a_acc, w, 1, x1, x5, HAS_NEG)
+    s_acc, a_acc = _pair_products(s_acc, a_acc, w, 2, x2, x6, HAS_NEG)
+    s_acc, a_acc = _pair_products(s_acc, a_acc, w, 3, x3, x7, HAS_NEG)
+    return s_acc, a_acc
+
+
+@triton.jit
+def _scaled_sums(s_acc, a_acc, scale_ptr, neg_ptr, offs_n, n_ok, k0, G,
+                 GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """A K tile's contribution to the rows' sums (in 2^-14 units): each group's raw code sums
+    (AFPQ: the signed sums S and magnitude sums A, positive part (S + A) / 2, negative
+    (S - A) / 2) times the group's scales."""
+    WK: tl.constexpr = BLOCK_K // 8
+    GT: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
+    if GT > 1:
+        g_idx = k0 // GROUP_SIZE + tl.arange(0, GT)
+        g_off = offs_n[:, None] * G + g_idx[None, :]
+        g_ok = n_ok[:, None] & (g_idx < G)[None, :]
+        sg = tl.sum(tl.reshape(s_acc, [BLOCK_N, GT, WK // GT]), axis=2)
+        eff = tl.load(scale_ptr + g_off, mask=g_ok, other=0.0)
+        if HAS_NEG:
+            ag = tl.sum(tl.reshape(a_acc, [BLOCK_N, GT, WK // GT]), axis=2)
+            effn = tl.load(neg_ptr + g_off, mask=g_ok, other=0.0)
+            out = 0.5 * tl.sum((sg + ag) * eff + (sg - ag) * effn, axis=1)
+        else:
+            out = tl.sum(sg * eff, axis=1)
+    else:
+        s_off = offs_n * G + k0 // GROUP_SIZE  # the tile lies in one group
+        sg = tl.sum(s_acc, axis=1)
+        eff = tl.load(scale_ptr + s_off, mask=n_ok, other=0.0)
+        if HAS_NEG:
+            ag = tl.sum(a_acc, axis=1)
+            effn = tl.load(neg_ptr + s_off, mask=n_ok, other=0.0)
+            out = 0.5 * ((sg + ag) * eff + (sg - ag) * effn)
+        else:
+            out = sg * eff
+    return out
+
+
+@triton.jit
 def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr, part_ptr,
                        out_ptr, count_ptr, xs_ptr, g_ptr, up_ptr, res_ptr, N, K, KW, G,
                        outer_stride, eps, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
@@ -288,7 +341,6 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     WK: tl.constexpr = BLOCK_K // 8
-    GT: tl.constexpr = BLOCK_K // GROUP_SIZE if BLOCK_K > GROUP_SIZE else 1
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     kw = tl.arange(0, WK)
@@ -307,21 +359,9 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
         s_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
         a_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
         if STAGE:
-            # The tile's x once per element (prologue included), then split by nibble; Triton
-            # moves the pieces to the tile's column layout (through shared memory).
             kk = k0 + tl.arange(0, BLOCK_K)
             xv = load_x(x_ptr, up_ptr, g_ptr, kk, kk < K, r, PRO, HAS_G, KIND, EXACT)
-            lo_b, hi_b = tl.split(tl.permute(tl.reshape(xv, [WK, 2, 2, 2]), (0, 2, 3, 1)))
-            lo_0, lo_1 = tl.split(tl.permute(lo_b, (0, 2, 1)))
-            hi_0, hi_1 = tl.split(tl.permute(hi_b, (0, 2, 1)))
-            x0, x1 = tl.split(lo_0)
-            x2, x3 = tl.split(lo_1)
-            x4, x5 = tl.split(hi_0)
-            x6, x7 = tl.split(hi_1)
-            s_acc, a_acc = _pair_products(s_acc, a_acc, w, 0, x0, x4, HAS_NEG)
-            s_acc, a_acc = _pair_products(s_acc, a_acc, w, 1, x1, x5, HAS_NEG)
-            s_acc, a_acc = _pair_products(s_acc, a_acc, w, 2, x2, x6, HAS_NEG)
-            s_acc, a_acc = _pair_products(s_acc, a_acc, w, 3, x3, x7, HAS_NEG)
+            s_acc, a_acc = _staged_products(s_acc, a_acc, w, xv, HAS_NEG, WK)
         else:
             for i in tl.static_range(4):
                 # x beyond K is 0, so padding codes and rows past N add nothing.
@@ -330,28 +370,8 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
                 x_hi = load_x(x_ptr, up_ptr, g_ptr, 8 * wcol + i + 4, 8 * wcol + i + 4 < K, r,
                               PRO, HAS_G, KIND, EXACT)
                 s_acc, a_acc = _pair_products(s_acc, a_acc, w, i, x_lo, x_hi, HAS_NEG)
-        if GT > 1:
-            g_idx = k0 // GROUP_SIZE + tl.arange(0, GT)
-            g_off = offs_n[:, None] * G + g_idx[None, :]
-            g_ok = n_ok[:, None] & (g_idx < G)[None, :]
-            sg = tl.sum(tl.reshape(s_acc, [BLOCK_N, GT, WK // GT]), axis=2)
-            eff = tl.load(scale_ptr + g_off, mask=g_ok, other=0.0)
-            if HAS_NEG:
-                ag = tl.sum(tl.reshape(a_acc, [BLOCK_N, GT, WK // GT]), axis=2)
-                effn = tl.load(neg_ptr + g_off, mask=g_ok, other=0.0)
-                acc += 0.5 * tl.sum((sg + ag) * eff + (sg - ag) * effn, axis=1)
-            else:
-                acc += tl.sum(sg * eff, axis=1)
-        else:
-            s_off = offs_n * G + k0 // GROUP_SIZE  # the tile lies in one group
-            sg = tl.sum(s_acc, axis=1)
-            eff = tl.load(scale_ptr + s_off, mask=n_ok, other=0.0)
-            if HAS_NEG:
-                ag = tl.sum(a_acc, axis=1)
-                effn = tl.load(neg_ptr + s_off, mask=n_ok, other=0.0)
-                acc += 0.5 * ((sg + ag) * eff + (sg - ag) * effn)
-            else:
-                acc += sg * eff
+        acc += _scaled_sums(s_acc, a_acc, scale_ptr, neg_ptr, offs_n, n_ok, k0, G,
+                            GROUP_SIZE, HAS_NEG, BLOCK_N, BLOCK_K)
     acc = acc * 16384.0  # 2^14: the fp16 placement's unit
     _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, res_ptr, offs_n,
             n_ok, pid_n, pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS, HAS_RES, SPLIT,
@@ -484,6 +504,28 @@ def _sum_leftover_splits(kern, cfg: dict, counts: torch.Tensor | None, part: tor
             EXACT=exact, BLOCK=1024, HAS_RES=fused[1]["HAS_RES"])
 
 
+def _other_kernel(x, words, packed, table, scale, scale_neg, outer, group_size, bias, x_scale,
+                  out_dtype, kernel, fusion) -> str:
+    """Which kernel runs FP4 words: ``kernel`` (``"mma"``, ``"tma"``) or the one
+    ``runtime.GEMV1_MMA`` names (True: the tensor-core kernel, ``"tma"``: the TMA kernel,
+    ``"auto"``: the fastest of those eligible, timed with the FMA kernel on a cold L2 at the
+    shape's first call); ``"fma"`` where the one asked for does not take the call."""
+    from qcompile.backends.triton import w4a16_gemv_mma as mma
+    from qcompile.backends.triton import w4a16_gemv_tma as tma
+
+    paths = ("fma",) + (("mma",) if mma.mma_eligible(x, group_size) else ()) + (
+        ("tma",) if tma.tma_eligible(x, words, group_size) else ())
+    want = kernel or {True: "mma", "tma": "tma"}.get(runtime.GEMV1_MMA)
+    if want is not None:
+        return want if want in paths else "fma"
+    key = ("w4a16-gemv1", packed.shape[0], x.shape[-1], group_size, x.dtype, out_dtype,
+           scale_neg is not None, outer is not None, bias is not None, x_scale is not None,
+           None if fusion is None else fusion.prologue)
+    return path_tuning.pick(key, "fma", paths, lambda p: w4a16_gemv1(
+        x, packed, table, scale, scale_neg, None, outer, group_size, bias, True,
+        x_scale=x_scale, out_dtype=out_dtype, kernel=p, fusion=fusion), x.device, cold=True)
+
+
 def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
                 scale: torch.Tensor, scale_neg: torch.Tensor | None, zero: torch.Tensor | None,
                 outer: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
@@ -501,30 +543,29 @@ def w4a16_gemv1(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     decoding: the codes are the activations up to that scale). ``out_dtype`` (default
     ``x``'s) is the result's dtype. The caller checks :func:`gemv1_eligible` and the inputs.
     FP4 words that the tensor-core kernel takes (``w4a16_gemv_mma``; not with a pinned split
-    or config) go there with ``runtime.GEMV1_MMA`` True, and with ``"auto"`` where it timed
-    faster than this kernel on a cold L2 at the shape's first call
-    (:mod:`qcompile.backends.triton.path_tuning`). ``kernel`` (``"fma"`` or ``"mma"``) forces
-    one. ``fusion``: an RMSNorm or SiLU gate on ``x`` and a residual add on ``y`` done in the
+    or config) go there with ``runtime.GEMV1_MMA`` True, those the TMA kernel takes
+    (``w4a16_gemv_tma``) with ``"tma"``, and with ``"auto"`` to whichever of the three timed
+    fastest on a cold L2 at the shape's first call
+    (:mod:`qcompile.backends.triton.path_tuning`). ``kernel`` (``"fma"``, ``"mma"`` or
+    ``"tma"``) forces one where it takes the call. ``fusion``: an RMSNorm or SiLU gate on ``x`` and a residual add on ``y`` done in the
     kernel (:mod:`qcompile.backends.triton.gemv_fusion`; checked by the caller, ``x`` and
     ``y`` in one dtype, no ``x_scale``).
     """
     words = _words(packed, x.shape[-1]) if fp4 and zero is None and _fp4w_configs(group_size) \
         else None
     if words is not None and split is None and config is None and kernel != "fma" and (
-            kernel == "mma" or runtime.GEMV1_MMA is True or runtime.GEMV1_MMA == "auto"):
-        from qcompile.backends.triton import w4a16_gemv_mma as mma
+            kernel is not None or runtime.GEMV1_MMA is not False):
+        use = _other_kernel(x, words, packed, table, scale, scale_neg, outer, group_size, bias,
+                            x_scale, out_dtype, kernel, fusion)
+        if use == "mma":
+            from qcompile.backends.triton import w4a16_gemv_mma as mma
 
-        use = mma.mma_eligible(x, group_size)
-        if use and kernel is None and runtime.GEMV1_MMA == "auto":
-            key = ("w4a16-gemv1", packed.shape[0], x.shape[-1], group_size, x.dtype, out_dtype,
-                   scale_neg is not None, outer is not None, bias is not None,
-                   x_scale is not None, None if fusion is None else fusion.prologue)
-            use = path_tuning.pick(key, "fma", ("fma", "mma"), lambda p: w4a16_gemv1(
-                x, packed, table, scale, scale_neg, zero, outer, group_size, bias, fp4,
-                x_scale=x_scale, out_dtype=out_dtype, kernel=p, fusion=fusion), x.device,
-                cold=True) == "mma"
-        if use:
             return mma.w4a16_gemv1_mma(x, words, scale, scale_neg, outer, group_size, bias,
+                                       x_scale=x_scale, out_dtype=out_dtype, fusion=fusion)
+        if use == "tma":
+            from qcompile.backends.triton import w4a16_gemv_tma as tma
+
+            return tma.w4a16_gemv1_tma(x, words, scale, scale_neg, outer, group_size, bias,
                                        x_scale=x_scale, out_dtype=out_dtype, fusion=fusion)
     k = x.shape[-1]
     n, g = packed.shape[0], scale.shape[1]

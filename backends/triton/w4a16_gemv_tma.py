@@ -1,0 +1,208 @@
+"""Batch-1 FP4 GEMV that streams its weight tiles through TMA, persistent over row blocks.
+
+The FMA word kernel (:mod:`qcompile.backends.triton.w4a16_gemv`) reached 1.8-2.0 TB/s on the
+large decode projections of an H200 (``benchmarks/results/gpu_h200_2026-11-27.md``), under
+half the memory rate, while its SASS issue bound is about twice that rate: its programs load a
+tile, then decode and multiply it, so a program's loads are in flight only between its
+multiplies. Each program there also covers one row block and K range, a few tiles, and starts
+with its first tile's full latency; a 28672-row projection takes 1.7 waves of programs.
+
+Here each program loops over whole row blocks ``pid, pid + P, ...`` (``P`` programs, a few per
+multiprocessor) and over their K tiles as one flat sequence, and each tile's words come from a
+tensor-memory-accelerator copy (``TensorDescriptor``; one instruction per tile, into shared
+memory) that Triton's software pipeline issues ``STAGES - 1`` tiles ahead, across row-block
+boundaries: the next tiles are on their way while this one is multiplied, without holding them
+in registers (the FMA kernel's hand prefetch in registers was no faster, its docstring says).
+The decode and products are the FMA kernel's (:func:`~qcompile.backends.triton.w4a16_gemv.
+_staged_products`, :func:`~qcompile.backends.triton.w4a16_gemv._scaled_sums`), so results
+are its unsplit results bit for bit; a row block's sums go through the same epilogue (outer
+scale, ``x_scale``, bias, fused residual) when its last tile is done. The fused prologues
+(RMSNorm, SiLU gate) and PDL work as in the FMA kernel.
+
+Needs sm_90 or newer (TMA), words 16-byte aligned with rows of whole 16 bytes (K a multiple
+of 32), and a group size that a tile's BLOCK_K spans or divides. Each config (tile, pipeline
+depth, programs per multiprocessor) is one candidate of a cold-L2 timing at the first call of
+each shape (:mod:`qcompile.backends.triton.path_tuning`): the descriptor's block shape is the
+tile's, so the configs are not one autotuner's. ``w4a16_gemv.w4a16_gemv1`` runs it with
+``runtime.GEMV1_MMA == "tma"`` (``QCOMPILE_GEMV1=tma``), or with ``"auto"`` where it timed
+fastest. Status: numerics checked in the interpreter, every config compiled for sm_90; not yet
+timed on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from qcompile.backends.triton import path_tuning, pdl
+from qcompile.backends.triton.gemv_fusion import GemvFusion, fusion_args, load_x, row_rstd
+from qcompile.backends.triton.launch import launch
+from qcompile.backends.triton.runtime import cdiv, interpreting, sm_count
+from qcompile.backends.triton.w4a16 import _DTYPE_KIND
+from qcompile.backends.triton.w4a16_gemv import _finish, _scaled_sums, _staged_products
+
+__all__ = ["TMA_CONFIGS", "tma_eligible", "w4a16_gemv1_tma"]
+
+#: Candidate configs ``(BLOCK_N, BLOCK_K, STAGES, programs per multiprocessor, warps)``, the
+#: first the default where nothing can be timed. Tiles as the FMA kernel's best (16 or 32 x
+#: 1024 codes: 8-16 KiB of words) and smaller ones for more programs on short weights; each
+#: program has ``STAGES - 1`` tiles in flight, so a multiprocessor 48-144 KiB (a DRAM stream
+#: at 3-5 TB/s needs about 30-40 KiB per SM in flight). In the offline sm_90 compile
+#: (``tests/test_triton_compile_sm90.py``) 32 x 1024 takes 128 registers (168 for AFPQ), 16 x
+#: 1024 72, so at most 4 (3) and 7 programs of 4 warps fit an SM.
+TMA_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
+    (32, 1024, 3, 3, 4), (16, 1024, 4, 6, 4), (16, 1024, 3, 4, 4), (32, 1024, 4, 2, 4),
+    (32, 512, 4, 4, 4), (16, 512, 4, 6, 4), (64, 512, 3, 2, 8),
+)
+_INTERP_TMA = (16, 256, 2, 1, 4)  # one config under the interpreter
+#: Bytes a TMA copy needs the base and each row to be aligned to.
+_TMA_ALIGN = 16
+
+
+def _name(cfg: tuple[int, int, int, int, int]) -> str:
+    return "n{}k{}s{}p{}w{}".format(*cfg)
+
+
+@triton.jit
+def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr,
+                      out_ptr, xs_ptr, g_ptr, up_ptr, res_ptr, N, K, KW, G, outer_stride, eps,
+                      GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_OUTER: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, KIND: tl.constexpr,
+                      EXACT: tl.constexpr, PRO: tl.constexpr, HAS_G: tl.constexpr,
+                      HAS_RES: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
+    """Row blocks ``pid, pid + P, ...`` of ``y``, their K tiles as one pipelined loop (module
+    docstring). ``w_desc``: the words ``[N, KW]`` with block ``[BLOCK_N, BLOCK_K / 8]``
+    (zero-filled past the edges); ``words_ptr``: the same words, for PDL's L2 prefetch."""
+    pid = tl.program_id(0)
+    progs = tl.num_programs(0)
+    WK: tl.constexpr = BLOCK_K // 8
+    tiles = tl.cdiv(K, BLOCK_K)
+    mine = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, progs)  # row blocks of this program
+    lane = tl.arange(0, BLOCK_N)
+    PF: tl.constexpr = WK // 32 if WK >= 32 else 1  # the first tile's 128-byte lines
+    pdl.enter(words_ptr, pid * BLOCK_N + lane, N, KW, 0, 32, PF, PDL)
+    r = row_rstd(x_ptr, K, eps, PRO)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for it in tl.range(0, mine * tiles, num_stages=STAGES):
+        j = it // tiles
+        t = it - j * tiles
+        n0 = (pid + j * progs) * BLOCK_N
+        k0 = t * BLOCK_K
+        w = w_desc.load([n0, t * WK])
+        offs_n = n0 + lane
+        n_ok = offs_n < N
+        kk = k0 + tl.arange(0, BLOCK_K)
+        # x beyond K is 0, so padding codes and rows past N add nothing.
+        xv = load_x(x_ptr, up_ptr, g_ptr, kk, kk < K, r, PRO, HAS_G, KIND, EXACT)
+        s_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
+        a_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
+        s_acc, a_acc = _staged_products(s_acc, a_acc, w, xv, HAS_NEG, WK)
+        acc += _scaled_sums(s_acc, a_acc, scale_ptr, neg_ptr, offs_n, n_ok, k0, G,
+                            GROUP_SIZE, HAS_NEG, BLOCK_N, BLOCK_K)
+        if t == tiles - 1:  # the row block is done: its epilogue, then the next block's sums
+            _finish(acc * 16384.0, outer_ptr, bias_ptr, out_ptr, out_ptr, out_ptr, xs_ptr,
+                    res_ptr, offs_n, n_ok, 0, 0, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS,
+                    HAS_RES, 1, False, KIND, EXACT)
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+
+def _fits(cfg: tuple[int, int, int, int, int], group_size: int) -> bool:
+    """Whether a tile's BLOCK_K lies inside one group or spans whole power-of-two groups."""
+    bk = cfg[1]
+    pow2 = group_size >= 8 and group_size & (group_size - 1) == 0
+    return group_size % bk == 0 or (pow2 and bk % group_size == 0)
+
+
+@functools.cache
+def _configs(group_size: int, interp: bool) -> tuple[tuple[int, int, int, int, int], ...]:
+    if interp:
+        cfg = _INTERP_TMA if _fits(_INTERP_TMA, group_size) else (16, 64, 2, 1, 4)
+        return (cfg,) if _fits(cfg, group_size) else ()
+    return tuple(c for c in TMA_CONFIGS if _fits(c, group_size))
+
+
+def tma_eligible(x: torch.Tensor, words: torch.Tensor, group_size: int) -> bool:
+    """Whether :func:`w4a16_gemv1_tma` takes this call: one row, words whose base and rows
+    are 16-byte aligned, a group size some config fits, and (on a GPU) TMA (sm_90+)."""
+    if x.shape[0] != 1 or words.stride(-1) != 1:
+        return False
+    if words.data_ptr() % _TMA_ALIGN or (words.stride(0) * 4) % _TMA_ALIGN:
+        return False
+    interp = interpreting()
+    if not interp and not (x.is_cuda and _has_tma(x.device.index if x.device.index is not None
+                                                  else torch.cuda.current_device())):
+        return False
+    return bool(_configs(group_size, interp))
+
+
+def _launch(cfg: tuple[int, int, int, int, int], args: tuple, flags: dict,
+            device: torch.device) -> torch.Tensor:
+    """One launch of config ``cfg``: ``args`` are the kernel's arguments but ``w_desc`` and
+    ``out``; returns a new ``y``."""
+    bn, bk, stages, per_sm, warps = cfg
+    x, words, n, kw = args[0], args[1], args[10], args[12]
+    out = torch.empty(1, n, dtype=flags["out_dtype"], device=device)
+    desc = TensorDescriptor(words, [n, kw], [kw, 1], [bn, bk // 8])
+    blocks = cdiv(n, bn)
+    progs = blocks if interpreting() else min(blocks, per_sm * sm_count(device))
+    launch(_gemv1_tma_kernel, (progs,), x, desc, *args[1:6], out, *args[6:], **flags["const"],
+           BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps)
+    return out
+
+
+@functools.cache
+def _has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def w4a16_gemv1_tma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
+                    scale_neg: torch.Tensor | None, outer: torch.Tensor | None,
+                    group_size: int, bias: torch.Tensor | None,
+                    x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                    fusion: GemvFusion | None = None, config: str | None = None) -> torch.Tensor:
+    """``y[1, N]`` for a contiguous ``x[1, K]`` and FP4 E2M1 weights as int32 words
+    ``[N, K / 8]`` (see ``w4a16_gemv.w4a16_gemv1``; the caller checks :func:`tma_eligible`).
+
+    ``x_scale``, ``out_dtype`` and ``fusion`` as in ``w4a16_gemv1``. On a GPU the configs
+    (:data:`TMA_CONFIGS`) are timed on a cold L2 at the first call of each shape; ``config``
+    (a name as :func:`config_names` lists) forces one.
+
+    Raises:
+        ValueError: ``config`` names no config that fits this group size.
+    """
+    k = x.shape[-1]
+    n, g = words.shape[0], scale.shape[1]
+    exact = interpreting()
+    dtype = out_dtype or x.dtype
+    fused = fusion_args(fusion, 1, scale)
+    args = (x, words, scale, scale if scale_neg is None else scale_neg,
+            scale if outer is None else outer, scale if bias is None else bias,
+            scale if x_scale is None else x_scale, *fused[0][:3], n, k, words.shape[1], g,
+            0 if outer is None or outer.shape[0] == 1 else 1, fused[0][3])
+    flags = {"out_dtype": dtype, "const": dict(
+        GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None, HAS_OUTER=outer is not None,
+        HAS_BIAS=bias is not None, HAS_XS=x_scale is not None, KIND=_DTYPE_KIND[dtype],
+        EXACT=exact, **fused[1], **pdl.launch_flags(x.device))}
+    configs = {_name(c): c for c in _configs(group_size, exact)}
+    if config is not None and config not in configs:
+        raise ValueError(f"w4a16_gemv1_tma: config must be one of {sorted(configs)} for group "
+                         f"size {group_size}, got {config!r}")
+    if config is None:
+        names = tuple(configs)
+        key = ("w4a16-gemv1-tma", n, k, group_size, x.dtype, dtype, scale_neg is not None,
+               outer is not None, bias is not None, x_scale is not None,
+               fused[1]["PRO"], fused[1]["HAS_RES"])
+        config = path_tuning.choice(key) or path_tuning.pick(
+            key, names[0], names, lambda c: _launch(configs[c], args, flags, x.device),
+            x.device, cold=True)
+    return _launch(configs[config], args, flags, x.device)
+
+
+def config_names(group_size: int) -> tuple[str, ...]:
+    """Names of the configs that fit ``group_size`` (``config=`` of :func:`w4a16_gemv1_tma`)."""
+    return tuple(_name(c) for c in _configs(group_size, interpreting()))

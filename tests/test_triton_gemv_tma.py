@@ -1,0 +1,183 @@
+"""The persistent TMA batch-1 FP4 GEMV (:mod:`qcompile.backends.triton.w4a16_gemv_tma`).
+
+Its decode and products are the FMA word kernel's, so its result must be the FMA kernel's
+unsplit result bit for bit (the same tile of K per step, the same summation order), and that
+kernel's result is checked against the PyTorch reference in ``test_triton_w4a16.py``; here
+also directly against the reference, and with the decode fusions against the unfused ops.
+Under the interpreter (CPU) one small config runs with several row blocks per program; on
+CUDA (sm_90+) every config runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from qcompile.backends.triton import path_tuning  # noqa: E402
+from qcompile.backends.triton import w4a16 as w4  # noqa: E402
+from qcompile.backends.triton import w4a16_gemv as g1  # noqa: E402
+from qcompile.backends.triton import w4a16_gemv_tma as tma  # noqa: E402
+from qcompile.backends.triton.gemv_fusion import GemvFusion, epilogue_ref, prologue_ref  # noqa: E402
+from qcompile.formats import pack_codes, parse_format, quantize  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+if CUDA and torch.cuda.get_device_capability()[0] < 9:
+    pytest.skip("TMA needs sm_90 or newer", allow_module_level=True)
+
+
+def _weight(fmt: str, n: int, k: int, seed: int = 0):
+    """(words, packed, scale, scale_neg, outer, group_size) of a random [n, k] FP4 weight."""
+    spec = parse_format(fmt)
+    q = quantize(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)), spec)
+    packed = pack_codes(q.codes, 4).to(DEV)
+    gs = spec.group_size if spec.granularity == "group" else k
+    rest = [None if t is None else t.to(DEV) for t in (q.scale, q.scale_neg, q.outer)]
+    return (g1._words(packed, k), packed, *rest, gs)
+
+
+def _x(k: int, dtype: torch.dtype, seed: int = 2) -> torch.Tensor:
+    return (torch.randn(1, k, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype).to(DEV)
+
+
+def _fma(x, w, bias=None, **kw):
+    """The FMA word kernel, unsplit: the bits the TMA kernel must give."""
+    words, packed, scale, neg, outer, gs = w
+    table = w4.element_table("fp4_e2m1", DEV)
+    return g1.w4a16_gemv1(x, packed, table, scale, neg, None, outer, gs, bias, True, split=1,
+                          kernel="fma", **kw)
+
+
+def _configs(gs: int) -> list[str | None]:
+    return list(tma.config_names(gs)) if CUDA else [None]
+
+
+# N: one row, fewer rows than a block, several blocks per program with a ragged last one.
+@pytest.mark.parametrize("fmt", ["fp4_e2m1/g128", "fp4_e2m1/g128/asym", "fp4_e2m1/g32/m2",
+                                 "fp4_e2m1/g64/po2"])
+@pytest.mark.parametrize("n,k", [(1, 256), (7, 512), (33, 1024), (100, 768)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_matches_fma_kernel_and_reference(fmt, n, k, dtype):
+    """Bit-equal to the FMA kernel's unsplit result (with a bias), and within the FMA
+    kernel's tolerance of the reference: the weight unrounded, fp32 sums."""
+    w = _weight(fmt, n, k)
+    x = _x(k, dtype)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEV)
+    assert tma.tma_eligible(x, w[0], w[5])
+    want = _fma(x, w, bias)
+    ref = w4.w4a16_linear_ref(x, w[1], w4.element_table("fp4_e2m1", DEV), w[2], w[3], None,
+                              w[4], w[5], bias=bias)
+    for cfg in _configs(w[5]):
+        got = tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], bias, config=cfg)
+        assert got.shape == (1, n) and got.dtype == dtype
+        assert torch.equal(got, want), cfg
+    # The weight is not rounded to x's dtype before the multiply: an output ulp or so.
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+    assert torch.allclose(want.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("fusion_name", ["rms", "gate+res", "res"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_fusions_match_the_fma_kernels(fusion_name, dtype):
+    """RMSNorm / SiLU-gate prologue and residual epilogue: the FMA kernel's bits, and those
+    are the unfused ops' here (interpreter: the same exp and mean as PyTorch's CPU ops)."""
+    n, k = 45, 512
+    w = _weight("fp4_e2m1/g128", n, k)
+    x = _x(k, dtype)
+    gen = torch.Generator().manual_seed(7)
+    g, up, res = (torch.randn(*s, generator=gen).to(dtype).to(DEV) for s in ((k,), (1, k),
+                                                                            (1, n)))
+    fusion = {"rms": GemvFusion(g, 1e-6), "gate+res": GemvFusion(up=up, residual=res),
+              "res": GemvFusion(residual=res)}[fusion_name]
+    want = _fma(x, w, fusion=fusion)
+    for cfg in _configs(w[5]):
+        got = tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], None, fusion=fusion,
+                                  config=cfg)
+        assert torch.equal(got, want), cfg
+    if not CUDA:
+        plain = epilogue_ref(_fma(prologue_ref(x, fusion), w), fusion)
+        assert torch.equal(want, plain)
+
+
+def test_fp8_codes_with_x_scale_and_fp32_output():
+    """W4A8 decoding: FP8 E4M3 activation codes, their scale after the sums, fp32 out."""
+    n, k = 21, 256
+    w = _weight("fp4_e2m1/g32/m2", n, k)
+    x = _x(k, torch.float32).clamp(-448, 448).to(torch.float8_e4m3fn)
+    xs = torch.tensor([0.37], device=DEV)
+    want = _fma(x, w, x_scale=xs, out_dtype=torch.float32)
+    for cfg in _configs(w[5]):
+        got = tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], None, x_scale=xs,
+                                  out_dtype=torch.float32, config=cfg)
+        assert got.dtype == torch.float32 and torch.equal(got, want), cfg
+
+
+def test_eligibility_names_what_it_needs():
+    """K not a multiple of 32 (rows not 16-byte aligned), a misaligned base, two rows, or a
+    group no config fits: not eligible; an unknown config: an error listing the valid ones."""
+    w = _weight("fp4_e2m1/g128", 8, 512)
+    x = _x(512, torch.bfloat16)
+    assert tma.tma_eligible(x, w[0], 128)
+    assert not tma.tma_eligible(torch.cat([x, x]), w[0], 128)
+    odd = _weight("fp4_e2m1/g8", 8, 520)  # 65 words per row: 260 bytes
+    assert odd[0] is not None and not tma.tma_eligible(_x(520, torch.bfloat16), odd[0], 8)
+    shifted = torch.zeros(8 * 128 + 1, dtype=torch.int32, device=DEV)[1:].view(8, 128)
+    assert not tma.tma_eligible(x, shifted, 128)
+    assert not tma.tma_eligible(x, w[0], 24)  # neither spans nor divides a tile
+    with pytest.raises(ValueError, match="config must be one of"):
+        tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], None, config="n1k1s1p1w1")
+
+
+def test_configs_are_timed_once_per_shape(monkeypatch):
+    """Where timing is possible, each config runs once for its timing at the first call of a
+    shape and the fastest is kept under the shape's key; every candidate's result is a new
+    tensor (compared with the default's, not the same memory). Two small configs stand in
+    for the GPU's list (the interpreter has one)."""
+    if not CUDA:
+        two = ((16, 256, 2, 1, 4), (32, 128, 2, 2, 4))
+        monkeypatch.setattr(tma, "_configs", lambda gs, interp: two)
+    names = tma.config_names(128)
+    assert len(names) >= 2
+    times = {name: 1.0 + i for i, name in enumerate(names)}
+    times[names[-1]] = 0.5
+    monkeypatch.setattr(path_tuning, "ENABLED", True)
+    monkeypatch.setattr(path_tuning, "_can_time", lambda device: True)
+    monkeypatch.setattr(path_tuning, "_time_ms", lambda call, cold=False: times[call.args[0]])
+    outs = []
+    real = path_tuning.agrees
+    monkeypatch.setattr(path_tuning, "agrees",
+                        lambda out, want: outs.append((out, want)) or real(out, want))
+    path_tuning.clear()
+    w = _weight("fp4_e2m1/g128", 40, 512)
+    x = _x(512, torch.bfloat16)
+    got = tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], None)
+    assert torch.equal(got, _fma(x, w))
+    key = next(k for k in path_tuning.choices() if k[0] == "w4a16-gemv1-tma")
+    assert path_tuning.choice(key) == min(times, key=times.__getitem__)
+    assert len(outs) == len(names) - 1 and all(o is not w_ for o, w_ in outs)
+    path_tuning.clear()
+
+
+def test_gemv1_routes_to_tma_when_asked(monkeypatch):
+    """``w4a16_gemv1(kernel="tma")`` and ``runtime.GEMV1_MMA == "tma"`` run this kernel
+    (spied) for eligible FP4 words; ineligible calls stay on the FMA kernel."""
+    from qcompile.backends.triton import runtime
+
+    calls = []
+    real = tma.w4a16_gemv1_tma
+    monkeypatch.setattr(tma, "w4a16_gemv1_tma", lambda *a, **kw: calls.append(1) or real(*a,
+                                                                                      **kw))
+    w = _weight("fp4_e2m1/g128/asym", 24, 512)
+    x = _x(512, torch.bfloat16)
+    table = w4.element_table("fp4_e2m1", DEV)
+    args = (x, w[1], table, w[2], w[3], None, w[4], w[5], None, True)
+    want = _fma(x, w)
+    assert torch.equal(g1.w4a16_gemv1(*args, kernel="tma"), want) and calls == [1]
+    monkeypatch.setattr(runtime, "GEMV1_MMA", "tma")
+    assert torch.equal(g1.w4a16_gemv1(*args), want) and calls == [1, 1]
+    odd = _weight("fp4_e2m1/g8", 8, 520)
+    xo = _x(520, torch.bfloat16)
+    g1.w4a16_gemv1(xo, odd[1], table, odd[2], odd[3], None, odd[4], 8, None, True)
+    assert calls == [1, 1]
