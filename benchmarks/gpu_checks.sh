@@ -48,7 +48,8 @@
 #          -pdl, e.g. w4a16-fp4-pdl, launches the GEMVs as programmatic dependents). DECODE_PROFILE=1
 #          adds each variant's kernel times per token (--profile, benchmarks/step_profile.py);
 #          DECODE_GEMV1=mma runs the batch-1 FP4 GEMVs on tensor cores (w4a16_gemv_mma);
-#          DECODE_GEMV1=auto times both kernels per shape and keeps the faster.
+#          DECODE_GEMV1=tma the persistent TMA-fed kernel (w4a16_gemv_tma); DECODE_GEMV1=auto
+#          times the three kernels per shape and keeps the fastest.
 #          DECODE_FALLBACK=0 skips the dynamic-cache rerun after a failed variant.
 #
 # Limits (seconds): T_TESTS=150 T_KERNELS=150 T_PPL=200 T_DECODE=240. The first H200 run
@@ -77,7 +78,8 @@ for phase in "${phases[@]}"; do
       tests/test_triton_w4a16.py tests/test_lower_triton.py tests/test_triton_fp8.py tests/test_triton_w4a8.py \
       tests/test_triton_act_quant.py tests/test_lower_triton_gpu.py \
       tests/test_device_cache.py tests/test_triton_w4a16_mma.py tests/test_cold_bench.py \
-      tests/test_triton_pdl.py tests/test_triton_gemv_fusion.py tests/test_triton_fp4_decode.py} > "$out/tests.log" 2>&1
+      tests/test_triton_pdl.py tests/test_triton_gemv_fusion.py tests/test_triton_fp4_decode.py \
+      tests/test_triton_gemv_tma.py} > "$out/tests.log" 2>&1
     say "tests exit $? ($(grep -c '^FAILED' "$out/fails.txt" 2>/dev/null || echo 0) failures logged)"
     grep -E "passed|failed" "$out/tests.log" | tail -2
     grep -A2 '^FAILED' "$out/fails.txt" 2>/dev/null | cut -c1-240 | head -30 ;;

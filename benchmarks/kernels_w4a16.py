@@ -8,9 +8,11 @@ fused: 6144 x 4096, 4096 x 4096, 28672 x 4096, 4096 x 14336, N x K) and the issu
 bandwidth (packed codes + fp32 scales over the kernel time), one ``layer`` row per format and
 kernel summing the four projections (the GEMV time of one decoder layer's step), and
 ``layer-chain`` rows: the four back to back in one graph with the decode fusions, launched
-ordinarily and as programmatic dependents (``pdl``), next to bf16's four. Two
-kernels: ``gemv1`` (FMA products; what ``w4a16_linear`` runs) and ``gemv1-mma`` (products on
-tensor cores, ``qcompile.backends.triton.w4a16_gemv_mma``), each with its own autotuned pick.
+ordinarily and as programmatic dependents (``pdl``), next to bf16's four. Three
+kernels: ``gemv1`` (FMA products; what ``w4a16_linear`` runs), ``gemv1-mma`` (products on
+tensor cores, ``qcompile.backends.triton.w4a16_gemv_mma``) and ``gemv1-tma`` (the FMA
+products, persistent, weight tiles by TMA copies, ``w4a16_gemv_tma``; each config's cold time
+in ``config_cold_us``), each with its own tuned pick.
 
 Two timings, both CUDA-graph replays (the GPU time of the call, without the host's launch
 path, as a decode step captured in a graph runs it):

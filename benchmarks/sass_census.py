@@ -35,7 +35,8 @@ ISSUE_PER_S = 132 * 4 * 32 * 1.75e9  # H100 SXM: thread-instructions issued per 
 _TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_triton_compile_sm90.py"
 DEFAULT_CASES = ("w4a16-gemv1w-bf16-g128-fp4", "w4a16-gemv1w-bf16-g128-afpq",
                  "w4a16-gemv1w-fp8-g128-w4a8", "w4a16-gemv1mma-bf16-g128-fp4",
-                 "w4a16-gemv1mma-bf16-g128-afpq", "w4a16-gemv1mma-fp8-g128-w4a8")
+                 "w4a16-gemv1mma-bf16-g128-afpq", "w4a16-gemv1mma-fp8-g128-w4a8",
+                 "w4a16-gemv1tma-bf16-g128-fp4", "w4a16-gemv1tma-bf16-g128-afpq")
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
 
@@ -70,11 +71,12 @@ def census(case_names: list[str]) -> list[dict[str, Any]]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from qcompile.backends.triton import w4a16_gemv, w4a16_gemv_mma
+    from qcompile.backends.triton import w4a16_gemv, w4a16_gemv_mma, w4a16_gemv_tma
 
     t = _compile_module()
     builders = {"w4a16_gemv1w": (t._build_w4a16_gemv1w, w4a16_gemv),
-                "w4a16_gemv1mma": (t._build_w4a16_gemv1mma, w4a16_gemv_mma)}
+                "w4a16_gemv1mma": (t._build_w4a16_gemv1mma, w4a16_gemv_mma),
+                "w4a16_gemv1tma": (t._build_w4a16_gemv1tma, w4a16_gemv_tma)}
     cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     cases = {c[0]: c for c in t.CASES}
     rows = []
@@ -82,7 +84,8 @@ def census(case_names: list[str]) -> list[dict[str, Any]]:
         if name not in cases or cases[name][1] not in builders:
             raise SystemExit(f"sass_census: {name!r} is not a {' or '.join(builders)} case of "
                              f"{_TESTS.name}")
-        params = dict(cases[name][2], split=max(2, cases[name][2].get("split", 1)))
+        params = dict(cases[name][2], split=max(2, cases[name][2].get("split", 1)),
+                      every=True)
         build, module = builders[cases[name][1]]
         fn, args, consts, configs = build(module, params, True)
         for cfg in configs:

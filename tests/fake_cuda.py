@@ -76,12 +76,31 @@ _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "i32": "int
            "i1": "bool"}
 
 
-def placeholders(args: dict) -> dict:
+def placeholders(args: dict, consts: dict | None = None) -> dict:
     """Kernel arguments as ``tests/test_triton_compile_sm90.py``'s builders describe them
     (``"*bf16"`` for a pointer, numbers as they are), with each pointer a small zero tensor of
-    that dtype (16-byte aligned, as Triton's specialization assumes there)."""
-    return {k: (torch.zeros(256, dtype=getattr(torch, _DTYPES[v[1:]]))
-                if isinstance(v, str) else v) for k, v in args.items()}
+    that dtype (16-byte aligned, as Triton's specialization assumes there), and each TMA
+    descriptor (``"tensordesc<i32[R, C]>"``, or a function of ``consts`` giving one) a
+    :class:`~triton.tools.tensor_descriptor.TensorDescriptor` of that block over a zero
+    tensor of 4 x 2 blocks."""
+    import re
+
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def one(v):
+        if callable(v):
+            v = v(consts or {})
+        if isinstance(v, str) and v.startswith("tensordesc"):
+            dtype, dims = re.match(r"tensordesc<(\w+)\[([\d, ]+)\]>", v).groups()
+            block = [int(d) for d in dims.split(",")]
+            shape = [4 * block[0], 2 * block[1]]
+            base = torch.zeros(*shape, dtype=getattr(torch, _DTYPES[dtype]))
+            return TensorDescriptor(base, shape, [shape[1], 1], block)
+        if isinstance(v, str):
+            return torch.zeros(256, dtype=getattr(torch, _DTYPES[v[1:]]))
+        return v
+
+    return {k: one(v) for k, v in args.items()}
 
 
 def run_worker(script: str, what: str) -> dict:

@@ -13,7 +13,8 @@ several of qcompile's kernels, with realistic arguments:
 * through an autotuner, each tuning key gets the config the autotuner chose for it, and the
   autotuner's ``best_config`` reflects the launch (wrappers read it);
 * a programmatic dependent launch (``launch_pdl``, the batch-1 GEMVs' ``pdl``) keeps its
-  launch option on the fast path.
+  launch option on the fast path;
+* a TMA descriptor argument (``w4a16_gemv_tma``) reaches the launcher as Triton passes it.
 
 Under the interpreter ``launch`` is ``kernel[grid](...)`` (interpreted kernels are no
 ``JITFunction``), which the kernel tests exercise on every CPU run.
@@ -36,7 +37,8 @@ CASES = [("w4a16-dequant-fp4w-bf16-g128-afpq", "N"), ("w4a8-shift-g128", "K"),
          ("w4a16-gemv1w-bf16-g128-afpq", "N"), ("fp8-persistent-bm128-bias", "M"),
          ("w4a16-gemv1w-bf16-g128-fp4-rms-res", "N"),
          ("w4a16-gemv1mma-bf16-g128-fp4-gate-res-pdl", "N"),
-         ("decode-attn-bf16-g4-d128-bool-write", "L")]
+         ("decode-attn-bf16-g4-d128-bool-write", "L"),
+         ("w4a16-gemv1tma-bf16-g128-fp4-rms-res-pdl", "N")]
 
 
 def _same(a: tuple, b: tuple) -> str | None:
@@ -90,7 +92,7 @@ def _worker(out: str) -> None:
             kw = dict(consts, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             if params.get("pdl"):  # Triton's launch option goes with the kernel's flag
                 kw["launch_pdl"] = True
-            named = fake_cuda.placeholders(args)
+            named = fake_cuda.placeholders(args, kw)
             grid = (3, 2)
             meta_grid = lambda meta, g=grid: g  # noqa: E731
             fast.clear()
