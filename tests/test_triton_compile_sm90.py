@@ -193,7 +193,8 @@ CASES: list[tuple[str, str, dict]] = [
                                                             mma="f16")),
     # The persistent TMA GEMV (w4a16_gemv_tma): its word tiles arrive by TMA copies,
     # pipelined STAGES - 1 tiles ahead (the shared memory holds them); every config for FP4,
-    # the default and the largest for AFPQ, M2, W4A8's FP8 codes and the fusions with PDL.
+    # the default and the largest for AFPQ, M2, W4A8's FP8 codes and the fusions with PDL
+    # (split over K, partials summed in place).
     ("w4a16-gemv1tma-bf16-g128-fp4", "w4a16_gemv1tma", dict(dtype="bf16", group_size=128,
                                                             bias=False, tma=True, every=True)),
     ("w4a16-gemv1tma-bf16-g128-afpq", "w4a16_gemv1tma", dict(dtype="bf16", group_size=128,
@@ -204,7 +205,7 @@ CASES: list[tuple[str, str, dict]] = [
                                                             group_size=128, outer=True,
                                                             xs=True, bias=True, tma=True)),
     ("w4a16-gemv1tma-bf16-g128-fp4-rms-res-pdl", "w4a16_gemv1tma", dict(
-        dtype="bf16", group_size=128, pro=1, res=True, pdl=True, tma=True)),
+        dtype="bf16", group_size=128, pro=1, res=True, pdl=True, tma=True, split=2)),
     ("w4a16-gemv1tma-bf16-g128-afpq-gate-res", "w4a16_gemv1tma", dict(
         dtype="bf16", group_size=128, neg=True, pro=2, res=True, tma=True)),
     # W4A8 at batch 1: FP8 code rows, group scales 2^gexp, row scale, the rows' scale and a
@@ -560,16 +561,14 @@ def _build_w4a16_gemv1tma(mod, p: dict, all_configs: bool):
 
     from qcompile.backends.triton import w4a16_gemv
 
-    _, base, consts, _ = _build_w4a16_gemv1w(w4a16_gemv, dict(p, split=1), all_configs)
+    _, base, consts, _ = _build_w4a16_gemv1w(w4a16_gemv, dict(p, split=p.get("split", 1)),
+                                             all_configs)
     args = {}
     for name, value in base.items():
+        args[name] = value
         if name == "x_ptr":
-            args[name] = value
             args["w_desc"] = lambda c: f"tensordesc<i32[{c['BLOCK_N']}, {c['BLOCK_K'] // 8}]>"
-        elif name not in ("part_ptr", "count_ptr"):
-            args[name] = value
-    for name in ("SPLIT", "REDUCE"):
-        consts.pop(name)
+    consts.pop("REDUCE")
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
                for bn, bk, st, _, w in mod._configs(p["group_size"], False)]
     if not (all_configs or p.get("every")):  # the default and the most shared memory

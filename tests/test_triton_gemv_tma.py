@@ -4,8 +4,9 @@ Its decode and products are the FMA word kernel's, so its result must be the FMA
 unsplit result bit for bit (the same tile of K per step, the same summation order), and that
 kernel's result is checked against the PyTorch reference in ``test_triton_w4a16.py``; here
 also directly against the reference, and with the decode fusions against the unfused ops.
-Under the interpreter (CPU) one small config runs with several row blocks per program; on
-CUDA (sm_90+) every config runs.
+Under the interpreter (CPU) one small config runs, about three units per program, unsplit and
+split in two over K; on CUDA (sm_90+) every config runs, with a weight of more row blocks than
+program slots among the shapes.
 """
 
 from __future__ import annotations
@@ -42,12 +43,18 @@ def _x(k: int, dtype: torch.dtype, seed: int = 2) -> torch.Tensor:
     return (torch.randn(1, k, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype).to(DEV)
 
 
-def _fma(x, w, bias=None, **kw):
-    """The FMA word kernel, unsplit: the bits the TMA kernel must give."""
+def _fma(x, w, bias=None, split=1, **kw):
+    """The FMA word kernel at the same K split: the bits the TMA kernel must give."""
     words, packed, scale, neg, outer, gs = w
     table = w4.element_table("fp4_e2m1", DEV)
-    return g1.w4a16_gemv1(x, packed, table, scale, neg, None, outer, gs, bias, True, split=1,
-                          kernel="fma", **kw)
+    return g1.w4a16_gemv1(x, packed, table, scale, neg, None, outer, gs, bias, True,
+                          split=split, kernel="fma", **kw)
+
+
+def _splits(k: int, cfg: str | None) -> list[int]:
+    """The K splits to check for a config: 1, and 2 where it divides the K tiles."""
+    bk = int(cfg.split("k")[1].split("s")[0]) if cfg else tma._INTERP_TMA[1]
+    return [1, 2] if -(-k // bk) % 2 == 0 else [1]
 
 
 def _configs(gs: int) -> list[str | None]:
@@ -57,11 +64,13 @@ def _configs(gs: int) -> list[str | None]:
 # N: one row, fewer rows than a block, several blocks per program with a ragged last one.
 @pytest.mark.parametrize("fmt", ["fp4_e2m1/g128", "fp4_e2m1/g128/asym", "fp4_e2m1/g32/m2",
                                  "fp4_e2m1/g64/po2"])
-@pytest.mark.parametrize("n,k", [(1, 256), (7, 512), (33, 1024), (100, 768)])
+@pytest.mark.parametrize("n,k", [(1, 256), (7, 512), (33, 1024), (100, 768)]
+                         + ([(20000, 512)] if CUDA else []))  # GPU: more blocks than slots
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_matches_fma_kernel_and_reference(fmt, n, k, dtype):
-    """Bit-equal to the FMA kernel's unsplit result (with a bias), and within the FMA
-    kernel's tolerance of the reference: the weight unrounded, fp32 sums."""
+    """Bit-equal to the FMA kernel's result at the same K split (with a bias; unsplit, and
+    split in two summed in place), and within the FMA kernel's tolerance of the reference:
+    the weight unrounded, fp32 sums."""
     w = _weight(fmt, n, k)
     x = _x(k, dtype)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(5)).to(dtype).to(DEV)
@@ -70,9 +79,11 @@ def test_matches_fma_kernel_and_reference(fmt, n, k, dtype):
     ref = w4.w4a16_linear_ref(x, w[1], w4.element_table("fp4_e2m1", DEV), w[2], w[3], None,
                               w[4], w[5], bias=bias)
     for cfg in _configs(w[5]):
-        got = tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], bias, config=cfg)
-        assert got.shape == (1, n) and got.dtype == dtype
-        assert torch.equal(got, want), cfg
+        for split in _splits(k, cfg):
+            got = tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], bias, config=cfg,
+                                      split=split)
+            assert got.shape == (1, n) and got.dtype == dtype
+            assert torch.equal(got, _fma(x, w, bias, split)), (cfg, split)
     # The weight is not rounded to x's dtype before the multiply: an output ulp or so.
     tol = 1e-5 if dtype == torch.float32 else 2**-7
     assert torch.allclose(want.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
@@ -93,9 +104,10 @@ def test_decode_fusions_match_the_fma_kernels(fusion_name, dtype):
               "res": GemvFusion(residual=res)}[fusion_name]
     want = _fma(x, w, fusion=fusion)
     for cfg in _configs(w[5]):
-        got = tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], None, fusion=fusion,
-                                  config=cfg)
-        assert torch.equal(got, want), cfg
+        for split in _splits(k, cfg):
+            got = tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], None, fusion=fusion,
+                                      config=cfg, split=split)
+            assert torch.equal(got, _fma(x, w, split=split, fusion=fusion)), (cfg, split)
     if not CUDA:
         plain = epilogue_ref(_fma(prologue_ref(x, fusion), w), fusion)
         assert torch.equal(want, plain)
@@ -107,11 +119,12 @@ def test_fp8_codes_with_x_scale_and_fp32_output():
     w = _weight("fp4_e2m1/g32/m2", n, k)
     x = _x(k, torch.float32).clamp(-448, 448).to(torch.float8_e4m3fn)
     xs = torch.tensor([0.37], device=DEV)
-    want = _fma(x, w, x_scale=xs, out_dtype=torch.float32)
     for cfg in _configs(w[5]):
-        got = tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], None, x_scale=xs,
-                                  out_dtype=torch.float32, config=cfg)
-        assert got.dtype == torch.float32 and torch.equal(got, want), cfg
+        for split in _splits(k, cfg):
+            got = tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], None, x_scale=xs,
+                                      out_dtype=torch.float32, config=cfg, split=split)
+            want = _fma(x, w, split=split, x_scale=xs, out_dtype=torch.float32)
+            assert got.dtype == torch.float32 and torch.equal(got, want), (cfg, split)
 
 
 def test_eligibility_names_what_it_needs():
@@ -128,6 +141,19 @@ def test_eligibility_names_what_it_needs():
     assert not tma.tma_eligible(x, w[0], 24)  # neither spans nor divides a tile
     with pytest.raises(ValueError, match="config must be one of"):
         tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], None, config="n1k1s1p1w1")
+    with pytest.raises(ValueError, match="split must divide the"):
+        tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], None, split=3)
+
+
+def test_split_takes_the_fewest_that_fill_the_slots():
+    """Short weights get K splits until every program slot has a unit; splits divide the
+    tiles; a weight with enough row blocks stays unsplit."""
+    assert tma._split(blocks=896, tiles=4, slots=396) == 1
+    assert tma._split(blocks=128, tiles=4, slots=396) == 4
+    assert tma._split(blocks=192, tiles=4, slots=396) == 4
+    assert tma._split(blocks=256, tiles=14, slots=528) == 2
+    assert tma._split(blocks=8, tiles=3, slots=528) == 1
+    assert tma._split(blocks=8, tiles=16, slots=528) == 8
 
 
 def test_configs_are_timed_once_per_shape(monkeypatch):

@@ -15,8 +15,11 @@ boundaries: the next tiles are on their way while this one is multiplied, withou
 in registers (the FMA kernel's hand prefetch in registers was no faster, its docstring says).
 The decode and products are the FMA kernel's (:func:`~qcompile.backends.triton.w4a16_gemv.
 _staged_products`, :func:`~qcompile.backends.triton.w4a16_gemv._scaled_sums`), so results
-are its unsplit results bit for bit; a row block's sums go through the same epilogue (outer
-scale, ``x_scale``, bias, fused residual) when its last tile is done. The fused prologues
+are its results bit for bit at the same K split; a row block's sums go through the same
+epilogue (outer scale, ``x_scale``, bias, fused residual) when its last tile is done. A weight
+with fewer row blocks than program slots (a 4096-row ``o_proj`` or ``down_proj``) is split
+over K into units, and each row's last split sums the partials in split order, counted per row
+so that no barrier enters the pipelined loop (:func:`_finish_rows`). The fused prologues
 (RMSNorm, SiLU gate) and PDL work as in the FMA kernel.
 
 Needs sm_90 or newer (TMA), words 16-byte aligned with rows of whole 16 bytes (K a multiple
@@ -41,9 +44,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from qcompile.backends.triton import path_tuning, pdl
 from qcompile.backends.triton.gemv_fusion import GemvFusion, fusion_args, load_x, row_rstd
 from qcompile.backends.triton.launch import launch
-from qcompile.backends.triton.runtime import cdiv, interpreting, sm_count
-from qcompile.backends.triton.w4a16 import _DTYPE_KIND
-from qcompile.backends.triton.w4a16_gemv import _finish, _scaled_sums, _staged_products
+from qcompile.backends.triton.runtime import arrival_counts, cdiv, interpreting, sm_count
+from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _mul_rn, _sum_splits
+from qcompile.backends.triton.w4a16_gemv import _epilogue, _scaled_sums, _staged_products
 
 __all__ = ["TMA_CONFIGS", "tma_eligible", "w4a16_gemv1_tma"]
 
@@ -68,33 +71,68 @@ def _name(cfg: tuple[int, int, int, int, int]) -> str:
 
 
 @triton.jit
+def _finish_rows(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, res_ptr,
+                 offs_n, n_ok, split, N, outer_stride, HAS_OUTER: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, HAS_RES: tl.constexpr,
+                 SPLIT: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr):
+    """:func:`~qcompile.backends.triton.w4a16_gemv._finish` with an arrival count per row
+    instead of per row block: the thread that stores a row's partial also counts it (its
+    acq_rel atomic orders its own store), so no barrier of the whole program is needed, and a
+    barrier inside the loop would stop Triton from pipelining the TMA copies. The last split
+    of a row sums the row's partials in split order and writes ``y`` (the same bits as the
+    FMA kernel's reduce), then zeroes the row's count."""
+    if HAS_OUTER:
+        acc = _mul_rn(acc, tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0),
+                      EXACT)
+    if SPLIT == 1:
+        _epilogue(acc, bias_ptr, out_ptr, xs_ptr, res_ptr, offs_n, n_ok, HAS_BIAS, HAS_XS,
+                  HAS_RES, KIND, EXACT)
+    else:
+        tl.store(part_ptr + split * N + offs_n, acc, mask=n_ok)
+        arrived = tl.atomic_add(count_ptr + offs_n, 1, mask=n_ok, sem="acq_rel", scope="gpu")
+        last = n_ok & (arrived == SPLIT - 1)
+        tot = _sum_splits(part_ptr, offs_n, last, N, SPLIT)
+        _epilogue(tot, bias_ptr, out_ptr, xs_ptr, res_ptr, offs_n, last, HAS_BIAS, HAS_XS,
+                  HAS_RES, KIND, EXACT)
+        tl.atomic_xchg(count_ptr + offs_n, 0, mask=last, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr,
-                      out_ptr, xs_ptr, g_ptr, up_ptr, res_ptr, N, K, KW, G, outer_stride, eps,
-                      GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr, HAS_OUTER: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, KIND: tl.constexpr,
-                      EXACT: tl.constexpr, PRO: tl.constexpr, HAS_G: tl.constexpr,
-                      HAS_RES: tl.constexpr, PDL: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, STAGES: tl.constexpr):
-    """Row blocks ``pid, pid + P, ...`` of ``y``, their K tiles as one pipelined loop (module
-    docstring). ``w_desc``: the words ``[N, KW]`` with block ``[BLOCK_N, BLOCK_K / 8]``
-    (zero-filled past the edges); ``words_ptr``: the same words, for PDL's L2 prefetch."""
+                      part_ptr, out_ptr, count_ptr, xs_ptr, g_ptr, up_ptr, res_ptr, N, K, KW, G,
+                      outer_stride, eps, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
+                      HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr,
+                      SPLIT: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
+                      PRO: tl.constexpr, HAS_G: tl.constexpr, HAS_RES: tl.constexpr,
+                      PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      STAGES: tl.constexpr):
+    """Work units ``pid, pid + P, ...`` (a unit: a row block's ``1 / SPLIT`` of the K tiles,
+    ``SPLIT`` dividing them), their K tiles as one pipelined loop (module docstring). With
+    ``SPLIT`` > 1 a unit stores its fp32 partial and each row's last split sums them in split
+    order (:func:`_finish_rows`, ``count_ptr``'s arrival counts, one per row). ``w_desc``:
+    the words ``[N, KW]`` with block ``[BLOCK_N, BLOCK_K / 8]`` (zero-filled past the edges);
+    ``words_ptr``: the same words, for PDL's L2 prefetch."""
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     WK: tl.constexpr = BLOCK_K // 8
-    tiles = tl.cdiv(K, BLOCK_K)
-    mine = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, progs)  # row blocks of this program
+    per = tl.cdiv(K, BLOCK_K) // SPLIT  # K tiles per unit
+    mine = tl.cdiv(tl.cdiv(N, BLOCK_N) * SPLIT - pid, progs)  # units of this program
     lane = tl.arange(0, BLOCK_N)
     PF: tl.constexpr = WK // 32 if WK >= 32 else 1  # the first tile's 128-byte lines
-    pdl.enter(words_ptr, pid * BLOCK_N + lane, N, KW, 0, 32, PF, PDL)
+    pdl.enter(words_ptr, (pid // SPLIT) * BLOCK_N + lane, N, KW, (pid % SPLIT) * per * WK, 32,
+              PF, PDL)
     r = row_rstd(x_ptr, K, eps, PRO)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for it in tl.range(0, mine * tiles, num_stages=STAGES):
-        j = it // tiles
-        t = it - j * tiles
-        n0 = (pid + j * progs) * BLOCK_N
+    for it in tl.range(0, mine * per, num_stages=STAGES):
+        j = it // per
+        tt = it - j * per
+        unit = pid + j * progs
+        rb = unit // SPLIT
+        split = unit - rb * SPLIT
+        t = split * per + tt
         k0 = t * BLOCK_K
-        w = w_desc.load([n0, t * WK])
-        offs_n = n0 + lane
+        w = w_desc.load([rb * BLOCK_N, t * WK])
+        offs_n = rb * BLOCK_N + lane
         n_ok = offs_n < N
         kk = k0 + tl.arange(0, BLOCK_K)
         # x beyond K is 0, so padding codes and rows past N add nothing.
@@ -104,10 +142,10 @@ def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, b
         s_acc, a_acc = _staged_products(s_acc, a_acc, w, xv, HAS_NEG, WK)
         acc += _scaled_sums(s_acc, a_acc, scale_ptr, neg_ptr, offs_n, n_ok, k0, G,
                             GROUP_SIZE, HAS_NEG, BLOCK_N, BLOCK_K)
-        if t == tiles - 1:  # the row block is done: its epilogue, then the next block's sums
-            _finish(acc * 16384.0, outer_ptr, bias_ptr, out_ptr, out_ptr, out_ptr, xs_ptr,
-                    res_ptr, offs_n, n_ok, 0, 0, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS,
-                    HAS_RES, 1, False, KIND, EXACT)
+        if tt == per - 1:  # the unit is done: its epilogue, then the next unit's sums
+            _finish_rows(acc * 16384.0, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr,
+                         xs_ptr, res_ptr, offs_n, n_ok, split, N, outer_stride, HAS_OUTER,
+                         HAS_BIAS, HAS_XS, HAS_RES, SPLIT, KIND, EXACT)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
 
 
@@ -140,17 +178,45 @@ def tma_eligible(x: torch.Tensor, words: torch.Tensor, group_size: int) -> bool:
     return bool(_configs(group_size, interp))
 
 
+def _split(blocks: int, tiles: int, slots: int) -> int:
+    """K splits for ``blocks`` row blocks of ``tiles`` K tiles on ``slots`` program slots: the
+    fewest of 1, 2, 4, 8 that divide the tiles and give every slot a unit (short weights, e.g.
+    a 4096-row ``o_proj``, otherwise leave most of the GPU idle)."""
+    best = 1
+    for s in (1, 2, 4, 8):
+        if tiles % s == 0:
+            best = s
+            if blocks * s >= slots:
+                break
+    return best
+
+
 def _launch(cfg: tuple[int, int, int, int, int], args: tuple, flags: dict,
-            device: torch.device) -> torch.Tensor:
+            device: torch.device, split: int | None = None) -> torch.Tensor:
     """One launch of config ``cfg``: ``args`` are the kernel's arguments but ``w_desc`` and
-    ``out``; returns a new ``y``."""
+    the output buffers; returns a new ``y``. ``split``: the K split (default :func:`_split`;
+    the interpreter: 2 where it divides the tiles, to exercise the reduce)."""
     bn, bk, stages, per_sm, warps = cfg
-    x, words, n, kw = args[0], args[1], args[10], args[12]
+    x, words = args[0], args[1]
+    n, k, kw = words.shape[0], x.shape[-1], words.shape[1]
+    blocks, tiles = cdiv(n, bn), cdiv(k, bk)
+    exact = interpreting()
+    if split is None:
+        split = (2 if tiles % 2 == 0 else 1) if exact else _split(
+            blocks, tiles, per_sm * sm_count(device))
+    if split < 1 or tiles % split:
+        raise ValueError(f"w4a16_gemv1_tma: split must divide the {tiles} K tiles, got {split}")
+    counts = arrival_counts(device, n) if split > 1 else None  # one count per row
+    if counts is None:
+        split = 1  # no in-place reduce here (no counts): unsplit
     out = torch.empty(1, n, dtype=flags["out_dtype"], device=device)
+    part = out if split == 1 else torch.empty(split, n, dtype=torch.float32, device=device)
     desc = TensorDescriptor(words, [n, kw], [kw, 1], [bn, bk // 8])
-    blocks = cdiv(n, bn)
-    progs = blocks if interpreting() else min(blocks, per_sm * sm_count(device))
-    launch(_gemv1_tma_kernel, (progs,), x, desc, *args[1:6], out, *args[6:], **flags["const"],
+    units = blocks * split
+    # The interpreter: about three units per program, so the persistent loop crosses units.
+    progs = cdiv(units, 3) if exact else min(units, per_sm * sm_count(device))
+    launch(_gemv1_tma_kernel, (progs,), x, desc, *args[1:6], part, out,
+           out if counts is None else counts, *args[6:], **flags["const"], SPLIT=split,
            BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps)
     return out
 
@@ -164,16 +230,19 @@ def w4a16_gemv1_tma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
                     scale_neg: torch.Tensor | None, outer: torch.Tensor | None,
                     group_size: int, bias: torch.Tensor | None,
                     x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                    fusion: GemvFusion | None = None, config: str | None = None) -> torch.Tensor:
+                    fusion: GemvFusion | None = None, config: str | None = None,
+                    split: int | None = None) -> torch.Tensor:
     """``y[1, N]`` for a contiguous ``x[1, K]`` and FP4 E2M1 weights as int32 words
     ``[N, K / 8]`` (see ``w4a16_gemv.w4a16_gemv1``; the caller checks :func:`tma_eligible`).
 
     ``x_scale``, ``out_dtype`` and ``fusion`` as in ``w4a16_gemv1``. On a GPU the configs
     (:data:`TMA_CONFIGS`) are timed on a cold L2 at the first call of each shape; ``config``
-    (a name as :func:`config_names` lists) forces one.
+    (a name as :func:`config_names` lists) forces one, ``split`` the K split (a divisor of
+    the config's K tiles; default: the fewest that give every program slot a unit).
 
     Raises:
-        ValueError: ``config`` names no config that fits this group size.
+        ValueError: ``config`` names no config that fits this group size, or ``split`` does
+            not divide the K tiles.
     """
     k = x.shape[-1]
     n, g = words.shape[0], scale.shape[1]
@@ -198,9 +267,9 @@ def w4a16_gemv1_tma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
                outer is not None, bias is not None, x_scale is not None,
                fused[1]["PRO"], fused[1]["HAS_RES"])
         config = path_tuning.choice(key) or path_tuning.pick(
-            key, names[0], names, lambda c: _launch(configs[c], args, flags, x.device),
+            key, names[0], names, lambda c: _launch(configs[c], args, flags, x.device, split),
             x.device, cold=True)
-    return _launch(configs[config], args, flags, x.device)
+    return _launch(configs[config], args, flags, x.device, split)
 
 
 def config_names(group_size: int) -> tuple[str, ...]:
