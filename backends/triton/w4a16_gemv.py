@@ -127,11 +127,16 @@ def _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, res_
             n_ok, pid_n, pid_s, N, outer_stride, HAS_OUTER: tl.constexpr,
             HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, HAS_RES: tl.constexpr,
             SPLIT: tl.constexpr, REDUCE: tl.constexpr, KIND: tl.constexpr,
-            EXACT: tl.constexpr):
+            EXACT: tl.constexpr, ROW_COUNTS: tl.constexpr = False):
     """Outer scale, then ``y`` (one split) or this split's fp32 partial. With ``REDUCE`` the
     program that stores its column tile's last partial (an arrival count per tile) also sums
     the tile's partials in split order and writes ``y``: no second launch, the same bits as
-    the reduce kernel. It then zeroes the count for the next call."""
+    the reduce kernel. It then zeroes the count for the next call.
+
+    ``ROW_COUNTS``: the same with an arrival count per row instead of per column tile: the
+    thread that stores a row's partial also counts it (its acq_rel atomic orders its own
+    store), so no barrier of the whole program is needed (a barrier inside a loop stops
+    Triton from pipelining the loop's loads; ``w4a16_gemv_tma`` finishes units in its loop)."""
     if HAS_OUTER:
         acc = _mul_rn(acc, tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0),
                       EXACT)
@@ -140,7 +145,15 @@ def _finish(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, res_
                   HAS_RES, KIND, EXACT)
     else:
         tl.store(part_ptr + pid_s.to(tl.int64) * N + offs_n, acc, mask=n_ok)
-        if REDUCE:
+        if ROW_COUNTS:
+            arrived = tl.atomic_add(count_ptr + offs_n, 1, mask=n_ok, sem="acq_rel",
+                                    scope="gpu")
+            last = n_ok & (arrived == SPLIT - 1)
+            tot = _sum_splits(part_ptr, offs_n, last, N, SPLIT)
+            _epilogue(tot, bias_ptr, out_ptr, xs_ptr, res_ptr, offs_n, last, HAS_BIAS, HAS_XS,
+                      HAS_RES, KIND, EXACT)
+            tl.atomic_xchg(count_ptr + offs_n, 0, mask=last, sem="relaxed", scope="gpu")
+        elif REDUCE:
             if _last_arrival(count_ptr, pid_n, SPLIT):
                 tot = _sum_splits(part_ptr, offs_n, n_ok, N, SPLIT)
                 _epilogue(tot, bias_ptr, out_ptr, xs_ptr, res_ptr, offs_n, n_ok, HAS_BIAS,

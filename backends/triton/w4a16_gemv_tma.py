@@ -19,7 +19,7 @@ are its results bit for bit at the same K split; a row block's sums go through t
 epilogue (outer scale, ``x_scale``, bias, fused residual) when its last tile is done. A weight
 with fewer row blocks than program slots (a 4096-row ``o_proj`` or ``down_proj``) is split
 over K into units, and each row's last split sums the partials in split order, counted per row
-so that no barrier enters the pipelined loop (:func:`_finish_rows`). The fused prologues
+so that no barrier enters the pipelined loop (``w4a16_gemv._finish`` with ``ROW_COUNTS``). The fused prologues
 (RMSNorm, SiLU gate) and PDL work as in the FMA kernel.
 
 Needs sm_90 or newer (TMA), words 16-byte aligned with rows of whole 16 bytes (K a multiple
@@ -45,8 +45,8 @@ from qcompile.backends.triton import path_tuning, pdl
 from qcompile.backends.triton.gemv_fusion import GemvFusion, fusion_args, load_x, row_rstd
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import arrival_counts, cdiv, interpreting, sm_count
-from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _mul_rn, _sum_splits
-from qcompile.backends.triton.w4a16_gemv import _epilogue, _scaled_sums, _staged_products
+from qcompile.backends.triton.w4a16 import _DTYPE_KIND
+from qcompile.backends.triton.w4a16_gemv import _finish, _scaled_sums, _staged_products
 
 __all__ = ["TMA_CONFIGS", "tma_eligible", "w4a16_gemv1_tma"]
 
@@ -71,33 +71,6 @@ def _name(cfg: tuple[int, int, int, int, int]) -> str:
 
 
 @triton.jit
-def _finish_rows(acc, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, res_ptr,
-                 offs_n, n_ok, split, N, outer_stride, HAS_OUTER: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_XS: tl.constexpr, HAS_RES: tl.constexpr,
-                 SPLIT: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr):
-    """:func:`~qcompile.backends.triton.w4a16_gemv._finish` with an arrival count per row
-    instead of per row block: the thread that stores a row's partial also counts it (its
-    acq_rel atomic orders its own store), so no barrier of the whole program is needed, and a
-    barrier inside the loop would stop Triton from pipelining the TMA copies. The last split
-    of a row sums the row's partials in split order and writes ``y`` (the same bits as the
-    FMA kernel's reduce), then zeroes the row's count."""
-    if HAS_OUTER:
-        acc = _mul_rn(acc, tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0),
-                      EXACT)
-    if SPLIT == 1:
-        _epilogue(acc, bias_ptr, out_ptr, xs_ptr, res_ptr, offs_n, n_ok, HAS_BIAS, HAS_XS,
-                  HAS_RES, KIND, EXACT)
-    else:
-        tl.store(part_ptr + split * N + offs_n, acc, mask=n_ok)
-        arrived = tl.atomic_add(count_ptr + offs_n, 1, mask=n_ok, sem="acq_rel", scope="gpu")
-        last = n_ok & (arrived == SPLIT - 1)
-        tot = _sum_splits(part_ptr, offs_n, last, N, SPLIT)
-        _epilogue(tot, bias_ptr, out_ptr, xs_ptr, res_ptr, offs_n, last, HAS_BIAS, HAS_XS,
-                  HAS_RES, KIND, EXACT)
-        tl.atomic_xchg(count_ptr + offs_n, 0, mask=last, sem="relaxed", scope="gpu")
-
-
-@triton.jit
 def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr,
                       part_ptr, out_ptr, count_ptr, xs_ptr, g_ptr, up_ptr, res_ptr, N, K, KW, G,
                       outer_stride, eps, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
@@ -109,7 +82,7 @@ def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, b
     """Work units ``pid, pid + P, ...`` (a unit: a row block's ``1 / SPLIT`` of the K tiles,
     ``SPLIT`` dividing them), their K tiles as one pipelined loop (module docstring). With
     ``SPLIT`` > 1 a unit stores its fp32 partial and each row's last split sums them in split
-    order (:func:`_finish_rows`, ``count_ptr``'s arrival counts, one per row). ``w_desc``:
+    order (``_finish``'s ``ROW_COUNTS``: ``count_ptr``'s arrival counts, one per row). ``w_desc``:
     the words ``[N, KW]`` with block ``[BLOCK_N, BLOCK_K / 8]`` (zero-filled past the edges);
     ``words_ptr``: the same words, for PDL's L2 prefetch."""
     pid = tl.program_id(0)
@@ -143,9 +116,9 @@ def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, b
         acc += _scaled_sums(s_acc, a_acc, scale_ptr, neg_ptr, offs_n, n_ok, k0, G,
                             GROUP_SIZE, HAS_NEG, BLOCK_N, BLOCK_K)
         if tt == per - 1:  # the unit is done: its epilogue, then the next unit's sums
-            _finish_rows(acc * 16384.0, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr,
-                         xs_ptr, res_ptr, offs_n, n_ok, split, N, outer_stride, HAS_OUTER,
-                         HAS_BIAS, HAS_XS, HAS_RES, SPLIT, KIND, EXACT)
+            _finish(acc * 16384.0, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr,
+                    res_ptr, offs_n, n_ok, rb, split, N, outer_stride, HAS_OUTER, HAS_BIAS,
+                    HAS_XS, HAS_RES, SPLIT, False, KIND, EXACT, ROW_COUNTS=True)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
 
 
