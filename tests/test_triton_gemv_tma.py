@@ -128,8 +128,9 @@ def test_fp8_codes_with_x_scale_and_fp32_output():
 
 
 def test_eligibility_names_what_it_needs():
-    """K not a multiple of 32 (rows not 16-byte aligned), a misaligned base, two rows, or a
-    group no config fits: not eligible; an unknown config: an error listing the valid ones."""
+    """K not a multiple of 32 (rows not 16-byte aligned), a misaligned base, words that are
+    not contiguous, two rows, or a group no config fits: not eligible; an unknown config or a
+    split that does not divide the K tiles: an error naming the valid ones."""
     w = _weight("fp4_e2m1/g128", 8, 512)
     x = _x(512, torch.bfloat16)
     assert tma.tma_eligible(x, w[0], 128)
@@ -139,6 +140,8 @@ def test_eligibility_names_what_it_needs():
     shifted = torch.zeros(8 * 128 + 1, dtype=torch.int32, device=DEV)[1:].view(8, 128)
     assert not tma.tma_eligible(x, shifted, 128)
     assert not tma.tma_eligible(x, w[0], 24)  # neither spans nor divides a tile
+    wide = torch.zeros(8, 256, dtype=torch.int32, device=DEV)[:, :128]  # rows 1 KiB apart
+    assert not tma.tma_eligible(x, wide, 128)
     with pytest.raises(ValueError, match="config must be one of"):
         tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], None, config="n1k1s1p1w1")
     with pytest.raises(ValueError, match="split must divide the"):

@@ -138,9 +138,10 @@ def _configs(group_size: int, interp: bool) -> tuple[tuple[int, int, int, int, i
 
 
 def tma_eligible(x: torch.Tensor, words: torch.Tensor, group_size: int) -> bool:
-    """Whether :func:`w4a16_gemv1_tma` takes this call: one row, words whose base and rows
-    are 16-byte aligned, a group size some config fits, and (on a GPU) TMA (sm_90+)."""
-    if x.shape[0] != 1 or words.stride(-1) != 1:
+    """Whether :func:`w4a16_gemv1_tma` takes this call: one row, contiguous words whose base
+    and rows are 16-byte aligned, a group size some config fits, and (on a GPU) TMA
+    (sm_90+)."""
+    if x.shape[0] != 1 or not words.is_contiguous():
         return False
     if words.data_ptr() % _TMA_ALIGN or (words.stride(0) * 4) % _TMA_ALIGN:
         return False
