@@ -96,10 +96,10 @@ def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, b
               PF, PDL)
     r = row_rstd(x_ptr, K, eps, PRO)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for it in tl.range(0, mine * per, num_stages=STAGES):
-        j = it // per
-        tt = it - j * per
-        unit = pid + j * progs
+    # The unit and its tile carried from step to step: no integer division per tile.
+    unit = pid
+    tt = 0
+    for _ in tl.range(0, mine * per, num_stages=STAGES):
         rb = unit // SPLIT
         split = unit - rb * SPLIT
         t = split * per + tt
@@ -120,6 +120,9 @@ def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, b
                     res_ptr, offs_n, n_ok, rb, split, N, outer_stride, HAS_OUTER, HAS_BIAS,
                     HAS_XS, HAS_RES, SPLIT, False, KIND, EXACT, ROW_COUNTS=True)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        done = tt == per - 1
+        unit = tl.where(done, unit + progs, unit)
+        tt = tl.where(done, 0, tt + 1)
 
 
 def _fits(cfg: tuple[int, int, int, int, int], group_size: int) -> bool:
