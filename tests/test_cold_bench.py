@@ -102,7 +102,8 @@ def test_layer_chain_runs_the_fused_layer_in_each_launch_mode(monkeypatch):
     switches = (runtime.GEMV_PDL, runtime.GEMV1_MMA)
     rows = kb.layer_chain(layer_args, dense, torch.device("cpu"))
     assert [(r["format"], r["kernel"], r["pdl"]) for r in rows] == [
-        (f, k, False) for f in kb.FORMATS for k in ("gemv1", "gemv1-mma") for _ in (0, 1)]
+        (f, k, False) for f in kb.FORMATS for k in ("gemv1", "gemv1-mma", "gemv1-tma")
+        for _ in (0, 1)]
     assert all(r["w4a16_us"] == pytest.approx(2.0) and r["shape"] == "layer-chain"
                for r in rows)
     assert (runtime.GEMV_PDL, runtime.GEMV1_MMA) == switches  # restored
