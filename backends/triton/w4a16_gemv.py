@@ -393,10 +393,14 @@ def _gemv1_fp4w_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr
 
 @functools.cache
 def _fp4w_configs(group_size: int) -> tuple[triton.Config, ...]:
+    return tuple(c for c in FP4W_CONFIGS if tile_fits(c.kwargs["BLOCK_K"], group_size))
+
+
+def tile_fits(block_k: int, group_size: int) -> bool:
+    """Whether a K tile of the FP4 word kernels lies inside one scale group or spans whole
+    power-of-two groups (what their group-scale step, ``_scaled_sums``, handles)."""
     pow2 = group_size >= 8 and group_size & (group_size - 1) == 0
-    return tuple(c for c in FP4W_CONFIGS
-                 if group_size % c.kwargs["BLOCK_K"] == 0
-                 or (pow2 and c.kwargs["BLOCK_K"] % group_size == 0))
+    return group_size % block_k == 0 or (pow2 and block_k % group_size == 0)
 
 
 def _words(packed: torch.Tensor, k: int) -> torch.Tensor | None:

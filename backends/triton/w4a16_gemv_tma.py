@@ -46,7 +46,12 @@ from qcompile.backends.triton.gemv_fusion import GemvFusion, fusion_args, load_x
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import arrival_counts, cdiv, interpreting, sm_count
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND
-from qcompile.backends.triton.w4a16_gemv import _finish, _scaled_sums, _staged_products
+from qcompile.backends.triton.w4a16_gemv import (
+    _finish,
+    _scaled_sums,
+    _staged_products,
+    tile_fits,
+)
 
 __all__ = ["TMA_CONFIGS", "tma_eligible", "w4a16_gemv1_tma"]
 
@@ -126,10 +131,7 @@ def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, b
 
 
 def _fits(cfg: tuple[int, int, int, int, int], group_size: int) -> bool:
-    """Whether a tile's BLOCK_K lies inside one group or spans whole power-of-two groups."""
-    bk = cfg[1]
-    pow2 = group_size >= 8 and group_size & (group_size - 1) == 0
-    return group_size % bk == 0 or (pow2 and bk % group_size == 0)
+    return tile_fits(cfg[1], group_size)
 
 
 @functools.cache
