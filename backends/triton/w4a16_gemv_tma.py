@@ -120,12 +120,12 @@ def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, b
         s_acc, a_acc = _staged_products(s_acc, a_acc, w, xv, HAS_NEG, WK)
         acc += _scaled_sums(s_acc, a_acc, scale_ptr, neg_ptr, offs_n, n_ok, k0, G,
                             GROUP_SIZE, HAS_NEG, BLOCK_N, BLOCK_K)
-        if tt == per - 1:  # the unit is done: its epilogue, then the next unit's sums
+        done = tt == per - 1
+        if done:  # the unit is done: its epilogue, then the next unit's sums
             _finish(acc * 16384.0, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr,
                     res_ptr, offs_n, n_ok, rb, split, N, outer_stride, HAS_OUTER, HAS_BIAS,
                     HAS_XS, HAS_RES, SPLIT, False, KIND, EXACT, ROW_COUNTS=True)
             acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        done = tt == per - 1
         unit = tl.where(done, unit + progs, unit)
         tt = tl.where(done, 0, tt + 1)
 
@@ -245,9 +245,9 @@ def w4a16_gemv1_tma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
         key = ("w4a16-gemv1-tma", n, k, group_size, x.dtype, dtype, scale_neg is not None,
                outer is not None, bias is not None, x_scale is not None,
                fused[1]["PRO"], fused[1]["HAS_RES"])
-        config = path_tuning.choice(key) or path_tuning.pick(
+        config = path_tuning.pick(
             key, names[0], names, lambda c: _launch(configs[c], args, flags, x.device, split),
-            x.device, cold=True)
+            x.device, cold=True)  # a dictionary lookup once the shape is timed
     return _launch(configs[config], args, flags, x.device, split)
 
 
