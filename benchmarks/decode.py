@@ -47,7 +47,9 @@ hand and replays it per token: Inductor's own CUDA graphs skip the step (the cac
 non-buffer tensor), and ``reduce-overhead`` crashed on an H100 (torch 2.11, transformers 5.24).
 
 ``--profile`` adds, per variant, each kernel's device time and launches per decode token and
-in one long prefill (``benchmarks/step_profile.py``), next to the measured times.
+in one long prefill (``benchmarks/step_profile.py``), next to the measured times; on CUDA the
+prefill's ``timeline`` says how long the GPU sat idle inside the call, its longest gaps, and
+which host ops ran while it waited.
 
 Depth. Compiling all 32 layers does not fit a device session, so runs use ``--layers L``. The
 output head (128256 x 4096, bf16 in every variant unless ``--lm-head``) is a fixed cost per

@@ -8,6 +8,12 @@ On CUDA the names are kernels (Inductor's, ours, cuBLAS's) and the times are dev
 inside CUDA-graph replays (CUPTI traces a replayed graph's kernels); elsewhere they are the CPU
 ops' self times. ``busy_us_per_token`` (the sum) next to the measured time per token says how
 much of a step is launch gaps rather than kernels.
+
+``profile_call`` on CUDA also gives the call's device timeline (:func:`device_timeline`): how
+long the GPU sat idle between the call's first and last kernel, its longest idle gaps with the
+kernels on either side, and which host ops were running while it was idle. A call whose wall
+time exceeds its kernel time (the W4A16 prefill on the H200: 12.2 ms against 9.2 ms of
+kernels) shows there where the device waited for the host.
 """
 
 from __future__ import annotations
@@ -18,16 +24,98 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+Span = tuple[str, float, float]  # (name, start us, end us) on the profiler's clock
 
-def _times(fn: Callable[[], object], cuda: bool
-           ) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[float, int]]]:
-    """Self time (us) and call count of every kernel (CUDA; empty elsewhere) and of every CPU
-    op that ``fn`` runs: ``(kernels, cpu_ops)``."""
+#: Host events that are the wait itself or the profiler's own work, not a cause of idle time.
+_NOT_CAUSES = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "Activity Buffer Request")
+
+
+def _union(spans: list[Span]) -> list[tuple[float, float]]:
+    """The merged busy intervals of ``spans``, in time order."""
+    out: list[list[float]] = []
+    for _, start, end in sorted(spans, key=lambda s: s[1]):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(a, b) for a, b in out]
+
+
+def device_timeline(kernels: list[Span], host: list[Span], top: int = 8) -> dict[str, Any]:
+    """Where the device sat idle during one call, from the profiler's event times.
+
+    Args:
+        kernels: The device's activities (kernels, copies, memsets).
+        host: The host's ops (every nesting level).
+        top: How many gaps and host ops to list.
+
+    Returns:
+        ``{"lead_us"`` (from the first host op's start to the first kernel's), ``"span_us"``
+        (first kernel start to last kernel end), ``"busy_us"`` (their union), ``"idle_us"``
+        (span minus busy), ``"gaps"``: the longest idle intervals ``[{"us", "at_us"`` (from
+        the first kernel's start), ``"after", "before"`` (the kernels either side)``}]``,
+        ``"host_during_idle"``: per host op name, the idle time (the lead included) its calls
+        overlapped ``[{"name", "us"}]``, longest first (nested ops all count: the outermost holds everything, the
+        innermost named one is the cause)``}``. Empty spans give zeros.
+    """
+    if not kernels:
+        return {"lead_us": 0.0, "span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": [],
+                "host_during_idle": []}
+    busy = _union(kernels)
+    first, last = busy[0][0], busy[-1][1]
+    idle = [(a[1], b[0]) for a, b in zip(busy, busy[1:], strict=False)]
+    causes = [s for s in host if s[0] not in _NOT_CAUSES]
+    lead = max(0.0, first - min((s[1] for s in causes), default=first))
+
+    def name_at(edge: float, i: int) -> str:  # the kernel ending (1: starting) at ``edge``
+        return min(kernels, key=lambda s: abs(s[2 - i] - edge))[0][:120]
+
+    per_op: dict[str, float] = {}
+    waits = ([(first - lead, first)] if lead else []) + idle  # the lead counts as idle
+    for name, start, end in causes:
+        lap = sum(max(0.0, min(end, b) - max(start, a)) for a, b in waits)
+        if lap > 0:
+            per_op[name] = per_op.get(name, 0.0) + lap
+    gaps = sorted(idle, key=lambda g: g[0] - g[1])[:top]
+    return {
+        "lead_us": round(lead, 2),
+        "span_us": round(last - first, 2),
+        "busy_us": round(sum(b - a for a, b in busy), 2),
+        "idle_us": round(sum(b - a for a, b in idle), 2),
+        "gaps": [{"us": round(b - a, 2), "at_us": round(a - first, 2),
+                  "after": name_at(a, 0), "before": name_at(b, 1)}
+                 for a, b in gaps],
+        "host_during_idle": [{"name": n[:160], "us": round(us, 2)} for n, us in
+                             sorted(per_op.items(), key=lambda kv: -kv[1])[:top]],
+    }
+
+
+def _record(fn: Callable[[], object], cuda: bool):
+    """Profile one ``fn()`` (to the device's end on CUDA); the profiler."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         fn()
         if cuda:
             torch.cuda.synchronize()
+    return prof
+
+
+def _spans(prof) -> tuple[list[Span], list[Span]]:
+    """``(device spans, host spans)`` of a profile's events."""
+    dev: list[Span] = []
+    host: list[Span] = []
+    for e in prof.events():
+        span = (e.name, float(e.time_range.start), float(e.time_range.end))
+        (dev if e.device_type == torch.autograd.DeviceType.CUDA else host).append(span)
+    return dev, host
+
+
+def _times(fn: Callable[[], object], cuda: bool, prof=None
+           ) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[float, int]]]:
+    """Self time (us) and call count of every kernel (CUDA; empty elsewhere) and of every CPU
+    op that ``fn`` runs (or that ``prof`` recorded): ``(kernels, cpu_ops)``."""
+    if prof is None:
+        prof = _record(fn, cuda)
     kernels: dict[str, tuple[float, int]] = {}
     ops: dict[str, tuple[float, int]] = {}
     for e in prof.key_averages():
@@ -57,9 +145,10 @@ def profile_call(fn: Callable[[], object], device: str, top: int = 40) -> dict[s
     forward, say), longest first: ``{"what", "busy_us", "names", "rows": [{"name", "us",
     "calls", "share"}]}``. On CUDA also ``"host"``: the CPU ops' self times the same way (the
     profiler inflates them; their ranking says where a call that leaves the GPU idle spends
-    its host time)."""
+    its host time), and ``"timeline"``: :func:`device_timeline` of the call."""
     cuda = device.startswith("cuda")
-    kernels, ops = _times(fn, cuda)
+    prof = _record(fn, cuda)
+    kernels, ops = _times(fn, cuda, prof)
 
     def table(times: dict[str, tuple[float, int]]) -> dict[str, Any]:
         rows, busy = _ranked([{"name": name[:160], "us": round(us, 2), "calls": calls}
@@ -69,6 +158,7 @@ def profile_call(fn: Callable[[], object], device: str, top: int = 40) -> dict[s
     out = {"what": _what(cuda), **table(kernels if cuda else ops)}
     if cuda:
         out["host"] = {"what": _what(False), **table(ops)}
+        out["timeline"] = device_timeline(*_spans(prof))
     return out
 
 

@@ -202,3 +202,29 @@ def test_gc_pauses_counts_collections(decode_mod):
     got = pauses.report()
     assert got["collections_per_generation"][0] >= 1 and got["collections_per_generation"][2] == 1
     assert 0.0 < got["seconds"] < 10.0
+
+
+def test_device_timeline_finds_idle_gaps_and_the_host_ops_over_them(decode_mod):
+    """benchmarks/step_profile.py's device timeline on hand-made spans: overlapping kernels
+    merge, each gap is named by the kernels either side, and host ops are charged the idle
+    time they overlap (the lead before the first kernel included; the final sync is not a
+    cause)."""
+    import sys
+
+    sys.path.insert(0, str(_PATH.parent))
+    from step_profile import device_timeline
+
+    kernels = [("a", 100.0, 150.0), ("b", 140.0, 200.0), ("c", 260.0, 300.0),
+               ("d", 310.0, 400.0)]
+    host = [("call", 40.0, 420.0), ("guards", 40.0, 90.0), ("w4a16_linear", 190.0, 255.0),
+            ("cudaDeviceSynchronize", 255.0, 420.0)]
+    got = device_timeline(kernels, host, top=8)
+    assert got["lead_us"] == 60.0 and got["span_us"] == 300.0
+    assert got["busy_us"] == 100.0 + 40.0 + 90.0 and got["idle_us"] == 60.0 + 10.0
+    assert got["gaps"] == [{"us": 60.0, "at_us": 100.0, "after": "b", "before": "c"},
+                           {"us": 10.0, "at_us": 200.0, "after": "c", "before": "d"}]
+    assert got["host_during_idle"] == [{"name": "call", "us": 130.0},
+                                       {"name": "w4a16_linear", "us": 55.0},
+                                       {"name": "guards", "us": 50.0}]
+    empty = device_timeline([], host)
+    assert empty["gaps"] == [] and empty["idle_us"] == 0.0
