@@ -100,10 +100,37 @@ def test_masked_off_blocks_are_not_read(kernel_device, mask, splits):
         m = torch.where(torch.arange(n, device=device) < live, 0.0, float("-inf")).view(1, 1, 1, n)
     k[:, :, live:] = float("nan")
     v[:, :, live:] = float("nan")
-    out = decode_attention(q, k, v, m, None, splits=splits, block_l=32)
     want = decode_attention_ref(q, k[:, :, :live], v[:, :, :live], m[..., :live])
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    for ahead in (True, False):  # the next block's mask loaded early, or each in its block
+        out = decode_attention(q, k, v, m, None, splits=splits, block_l=32, ahead=ahead)
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mask", ["none", "heads", "additive"])
+@pytest.mark.parametrize("block_l", [32, 64])
+def test_loading_ahead_gives_the_same_bits(kernel_device, mask, block_l):
+    """The block loop's two load orders (the next block's mask and this block's values
+    early, or each load where it is used) compute the same thing in the same order: equal
+    bits, split or not, with a cache write."""
+    from qcompile.backends.triton.decode_attention import CacheWrite, decode_attention
+
+    device = kernel_device
+    n = 150
+    q, k, v = _qkv(1, 4, 2, n, 16, 16, torch.bfloat16, device)
+    m = _mask(mask, 1, 4, n, torch.bfloat16, device)
+    gen = torch.Generator().manual_seed(5)
+    kn, vn = (torch.randn(1, 2, 1, 16, generator=gen).to(device, torch.bfloat16)
+              for _ in range(2))
+    idx = torch.tensor([n - 60], device=device)
+    for splits in (1, 4):
+        got = {}
+        for ahead in (True, False):
+            kc, vc = k.clone(), v.clone()
+            got[ahead] = (decode_attention(q, kc, vc, m, None, splits=splits, block_l=block_l,
+                                           write=CacheWrite(idx, kn, vn), ahead=ahead), kc, vc)
+        for a, b in zip(got[True], got[False], strict=True):
+            assert torch.equal(a, b)
 
 
 def test_rows_with_nothing_to_attend_give_zeros(kernel_device):

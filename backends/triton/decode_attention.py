@@ -15,7 +15,10 @@ runs of ``BLOCK_L``-position blocks of the cache (flash-decoding). Per block, on
 gives the ``[G, BLOCK_L]`` scores (the ``G`` rows padded to at least 16), an online softmax
 in base 2 keeps the running maximum and sum, and a second ``tl.dot`` adds ``p @ v``. A block
 whose mask is false everywhere (a static cache's positions past the current one; ``-inf``
-for an additive mask) loads no keys or values. Split runs store ``(max, sum, acc)`` in fp32;
+for an additive mask) loads no keys or values. With ``AHEAD`` (the smaller tiles of
+:data:`CONFIGS`) the next block's mask is loaded while a block computes and a block's values
+with its keys: one memory round trip per block instead of three in a row, which is most of a
+short cache's time. Split runs store ``(max, sum, acc)`` in fp32;
 the last program of a kv head to arrive (an arrival count,
 :func:`qcompile.backends.triton.runtime.arrival_counts`) combines them in split order, in the
 same launch, so the result does not depend on which arrives last.
@@ -69,20 +72,30 @@ MAX_GROUP = 64  # query heads per kv head held by one program
 MAX_SPLITS = 32
 _LOG2E = 1.4426950408889634
 
-#: Autotune configs (CUDA): cache positions per block and warps. A block's loads sit under a
-#: data-dependent branch (masked-off blocks load nothing), which Triton does not pipeline.
+#: Autotune configs (CUDA): cache positions per block, warps, and ``AHEAD``: load the next
+#: block's mask while this one computes, and a block's values with its keys. A block's loads
+#: sit under a data-dependent branch (masked-off blocks load nothing), which Triton does not
+#: pipeline, and the score dot's barriers keep a value load written after it behind the
+#: softmax, so without it a block takes three memory round trips in a row (mask, keys,
+#: values; the offline sm_90 SASS shows them in that order), with it one. It holds the value
+#: and next mask tiles through the block: in the offline sm_90 compile
+#: (tests/test_triton_compile_sm90.py) that spilled at 128 positions and at 2 warps, so those
+#: configs keep the plain order; a 128-position block has four times the bytes per round
+#: trip anyway.
 CONFIGS = [
-    triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=2)
+    triton.Config({"BLOCK_L": bl, "AHEAD": bl <= 64 and w >= 4}, num_warps=w, num_stages=2)
     for bl, w in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
 ]
 
 
 def _tile_cost(config, block_g: int, block_d: int, fp32: bool) -> float:
-    """Tile elements per thread: the key/value tile (fp32 caches: four times, for the split
-    operands of their three-pass products) and the query and accumulator tiles. At 256 and
+    """Tile elements per thread: the key/value tile in a dot (fp32 caches: four times, for
+    the split operands of their three-pass products), with ``AHEAD`` the value tile as
+    loaded, held through the score dot, and the query and accumulator tiles. At 256 and
     above ptxas spilled in the offline sm_90 compile of every config for the Llama head dims
     (64, 128, 256; 1 to 64 query heads per kv head); below it none did."""
-    kv = config.kwargs["BLOCK_L"] * block_d * (4 if fp32 else 1)
+    tile = config.kwargs["BLOCK_L"] * block_d
+    kv = tile * (4 if fp32 else 1) + (tile if config.kwargs.get("AHEAD") else 0)
     return (kv + 2 * block_g * block_d) / (32 * config.num_warps)
 
 
@@ -127,6 +140,7 @@ def _decode_attn_kernel(
     PREC: tl.constexpr,  # "tf32" (exact for bf16/fp16 values) or "tf32x3" (fp32 caches)
     BLOCK_G: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_L: tl.constexpr,
+    AHEAD: tl.constexpr,  # the next block's mask and this block's values early (CONFIGS)
 ):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
@@ -178,21 +192,45 @@ def _decode_attn_kernel(
             tl.store(v_base + pos * sv_l + offs_dv * sv_d, vn, mask=dv_ok)
         kn = kn.to(tl.float32)
         vn = vn.to(tl.float32)
+    # AHEAD (CONFIGS): the next block's mask loads while this one computes, and each
+    # block's values with its keys.
+    m_ok = g_ok[:, None] & (start + tl.arange(0, BLOCK_L) < end)[None, :]
+    m_ptrs = m_base + (start + tl.arange(0, BLOCK_L))[None, :] * sm_l
+    if AHEAD:
+        if MASK == 1:
+            keep_next = tl.load(m_ptrs, mask=m_ok, other=0).to(tl.int32)
+        elif MASK == 2:
+            bias_next = tl.load(m_ptrs, mask=m_ok, other=float("-inf")).to(tl.float32)
     for l0 in range(start, end, BLOCK_L):
         offs_l = l0 + tl.arange(0, BLOCK_L)
         l_ok = offs_l < end
+        here_ok = g_ok[:, None] & l_ok[None, :]
+        next_ok = g_ok[:, None] & (offs_l + BLOCK_L < end)[None, :]
+        here = m_base + offs_l[None, :] * sm_l
         live = True
         if MASK == 1:
-            keep = tl.load(m_base + offs_l[None, :] * sm_l,
-                           mask=g_ok[:, None] & l_ok[None, :], other=0).to(tl.int32)
+            if AHEAD:
+                keep = keep_next
+                keep_next = tl.load(here + BLOCK_L * sm_l, mask=next_ok, other=0).to(tl.int32)
+            else:
+                keep = tl.load(here, mask=here_ok, other=0).to(tl.int32)
             live = tl.max(tl.max(keep, 1), 0) > 0
         elif MASK == 2:
-            bias = tl.load(m_base + offs_l[None, :] * sm_l, mask=g_ok[:, None] & l_ok[None, :],
-                           other=float("-inf")).to(tl.float32)
+            if AHEAD:
+                bias = bias_next
+                bias_next = tl.load(here + BLOCK_L * sm_l, mask=next_ok,
+                                    other=float("-inf")).to(tl.float32)
+            else:
+                bias = tl.load(here, mask=here_ok, other=float("-inf")).to(tl.float32)
             live = tl.max(tl.max(bias, 1), 0) > float("-inf")
         if live:
             kt = tl.load(k_base + offs_l[:, None] * sk_l + offs_dk[None, :] * sk_d,
-                         mask=l_ok[:, None] & dk_ok[None, :], other=0.0).to(tl.float32)
+                         mask=l_ok[:, None] & dk_ok[None, :], other=0.0)
+            v_ptrs = v_base + offs_l[:, None] * sv_l + offs_dv[None, :] * sv_d
+            v_ok = l_ok[:, None] & dv_ok[None, :]
+            if AHEAD:
+                vt = tl.load(v_ptrs, mask=v_ok, other=0.0)
+            kt = kt.to(tl.float32)
             if WRITE:
                 kt = tl.where((offs_l == pos)[:, None], kn[None, :], kt)
             s = tl.dot(q, tl.trans(kt), input_precision=PREC)
@@ -207,8 +245,9 @@ def _decode_attn_kernel(
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_base + offs_l[:, None] * sv_l + offs_dv[None, :] * sv_d,
-                         mask=l_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
+            if not AHEAD:
+                vt = tl.load(v_ptrs, mask=v_ok, other=0.0)
+            vt = vt.to(tl.float32)
             if WRITE:
                 vt = tl.where((offs_l == pos)[:, None], vn[None, :], vt)
             acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=PREC)
@@ -404,7 +443,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None = None, scale: float | None = None,
                      splits: int | None = None, block_l: int | None = None,
                      cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                     write: CacheWrite | None = None) -> torch.Tensor:
+                     write: CacheWrite | None = None,
+                     ahead: bool | None = None) -> torch.Tensor:
     """Attention of one query row per head over a KV cache (module docstring).
 
     Args:
@@ -422,6 +462,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         write: A new key/value row to write into ``k``/``v`` first (:class:`CacheWrite`):
             the caches are updated in place and the attention sees the row. A position
             outside the cache writes nothing.
+        ahead: With ``block_l`` (or under the interpreter): load the next block's mask
+            ahead and each block's values with its keys (default: at most 64 positions per
+            block, as :data:`CONFIGS` do); the same bits either way. Tests pin it.
 
     Returns:
         ``[B, Hq, 1, DV]`` in ``q``'s dtype.
@@ -446,14 +489,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     why = kernel_fits(q, k, v, mask, cos, sin, write)
     if why is not None:
         raise KernelInputError(f"decode_attention: {why}")
-    return run_checked(q, k, v, mask, scale, splits, block_l, cos, sin, write)
+    return run_checked(q, k, v, mask, scale, splits, block_l, cos, sin, write, ahead)
 
 
 def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None, scale: float | None = None,
                 splits: int | None = None, block_l: int | None = None,
                 cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                write: CacheWrite | None = None) -> torch.Tensor:
+                write: CacheWrite | None = None, ahead: bool | None = None) -> torch.Tensor:
     """:func:`decode_attention` for inputs :func:`kernel_fits` has passed, on one device
     (the ``qcompile::`` ops check once and come here)."""
     dev = q.device
@@ -506,7 +549,9 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 BLOCK_G=block_g, BLOCK_DK=bdk, BLOCK_DV=bdv)
     grid = (programs, nsplit)
     if block_l is not None or interpreting():
-        launch(_decode_attn_kernel, grid, *args, **meta, BLOCK_L=block_l or 32, num_warps=4)
+        bl = block_l or 32
+        launch(_decode_attn_kernel, grid, *args, **meta, BLOCK_L=bl,
+               AHEAD=bl <= 64 if ahead is None else bool(ahead), num_warps=4)
     else:
         launch(_decode_attn_tuned, grid, *args, **meta)
     return out
