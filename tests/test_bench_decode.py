@@ -228,3 +228,28 @@ def test_device_timeline_finds_idle_gaps_and_the_host_ops_over_them(decode_mod):
                                        {"name": "guards", "us": 50.0}]
     empty = device_timeline([], host)
     assert empty["gaps"] == [] and empty["idle_us"] == 0.0
+
+
+def test_each_variant_starts_with_the_previous_model_freed(decode_mod, monkeypatch):
+    """A compiled model sits in reference cycles that only Python's cyclic collector frees:
+    each variant collects before building its model, so the previous one's weights do not
+    stay resident into the next variant's memory numbers."""
+    import weakref
+
+    built: list[weakref.ref] = []
+    alive_at_build: list[int] = []
+    real = decode_mod.build_model
+
+    def build(*args, **kwargs):
+        alive_at_build.append(sum(r() is not None for r in built))
+        model = real(*args, **kwargs)
+        built.append(weakref.ref(model))
+        return model
+
+    monkeypatch.setattr(decode_mod, "build_model", build)
+    out = decode_mod.main(["--model-shape", "tiny", "--layers", "1", "--device", "cpu",
+                           "--variants", "w4a16-fp4sym,w4a16-fp4", "--prompt", "4",
+                           "--decode", "3", "--prefill", "8", "--repeats", "1"])
+    assert set(out["variants"]) == {"w4a16-fp4sym", "w4a16-fp4"}
+    assert all("error" not in v for v in out["variants"].values())
+    assert len(built) >= 2 and alive_at_build[1:] == [0] * (len(built) - 1)
