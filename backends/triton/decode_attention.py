@@ -122,6 +122,17 @@ def _rope(x, x2_ptrs, low, ok, cos_ptrs, sin_ptrs):
 
 
 @triton.jit
+def _run_partials(ml_ptr, part_ptr, runs, offs_g, offs_dv, BLOCK_G: tl.constexpr,
+                  BLOCK_DV: tl.constexpr):
+    """Split runs ``runs``' maxima ``[R, G]`` and partial sums ``[R, G, DV]`` (through L2:
+    other programs stored them)."""
+    m = tl.load(ml_ptr + (runs * 2 * BLOCK_G)[:, None] + offs_g[None, :], cache_modifier=".cg")
+    a = tl.load(part_ptr + ((runs * BLOCK_G)[:, None, None] + offs_g[None, :, None]) * BLOCK_DV
+                + offs_dv[None, None, :], cache_modifier=".cg")
+    return m, a
+
+
+@triton.jit
 def _decode_attn_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, cos_ptr, sin_ptr, out_ptr, part_ptr, ml_ptr, count_ptr,
     L, HKV, G, DK, DV, qk_scale,
@@ -267,30 +278,32 @@ def _decode_attn_kernel(
         tl.store(ml_ptr + slot * 2 * BLOCK_G + BLOCK_G + offs_g, l_i)
         if _last_arrival(count_ptr, pid, NSPLIT):
             # Every run's (max, sum) in one load, the partial sums a few runs per load: a
-            # handful of L2 round trips, not three per run. A run with no live block has
-            # max -inf (weight 0) and stored zeros, so it adds exact zeros. The sums go in a
-            # fixed order: the same bits whichever program arrives last.
+            # handful of L2 round trips, not three per run. The maxima, the sums and the first
+            # runs' partials load together, before the reductions whose barriers would hold
+            # back a load written after them: one round trip for up to four runs. A run with
+            # no live block has max -inf (weight 0) and stored zeros, so it adds exact zeros.
+            # The sums go in a fixed order: the same bits whichever program arrives last.
             first = pid * NSPLIT
             ml_rows = ((first + tl.arange(0, NSPLIT)) * 2 * BLOCK_G)[:, None] + offs_g[None, :]
-            m_s = tl.load(ml_ptr + ml_rows, cache_modifier=".cg")
-            m_all = tl.max(m_s, 0)
-            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-            den = tl.sum(tl.load(ml_ptr + ml_rows + BLOCK_G, cache_modifier=".cg")
-                         * tl.exp2(m_s - m_all[None, :]), 0)
             if BLOCK_G * BLOCK_DV <= 2048:  # runs per load: at most 64 partials per thread
                 CHUNK: tl.constexpr = 4 if NSPLIT >= 4 else NSPLIT
             elif BLOCK_G * BLOCK_DV <= 4096:
                 CHUNK: tl.constexpr = 2
             else:
                 CHUNK: tl.constexpr = 1
+            m_s = tl.load(ml_ptr + ml_rows, cache_modifier=".cg")
+            l_s = tl.load(ml_ptr + ml_rows + BLOCK_G, cache_modifier=".cg")
+            m_c, a_c = _run_partials(ml_ptr, part_ptr, first + tl.arange(0, CHUNK), offs_g,
+                                     offs_dv, BLOCK_G, BLOCK_DV)
+            m_all = tl.max(m_s, 0)
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+            den = tl.sum(l_s * tl.exp2(m_s - m_all[None, :]), 0)
             tot = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-            for c in range(0, NSPLIT, CHUNK):
-                runs = first + c + tl.arange(0, CHUNK)
-                w = tl.exp2(tl.load(ml_ptr + (runs * 2 * BLOCK_G)[:, None] + offs_g[None, :],
-                                    cache_modifier=".cg") - m_all[None, :])
-                a_s = tl.load(part_ptr + ((runs * BLOCK_G)[:, None, None] + offs_g[None, :, None])
-                              * BLOCK_DV + offs_dv[None, None, :], cache_modifier=".cg")
-                tot += tl.sum(a_s * w[:, :, None], 0)
+            tot += tl.sum(a_c * tl.exp2(m_c - m_all[None, :])[:, :, None], 0)
+            for c in range(CHUNK, NSPLIT, CHUNK):
+                m_c, a_c = _run_partials(ml_ptr, part_ptr, first + c + tl.arange(0, CHUNK),
+                                         offs_g, offs_dv, BLOCK_G, BLOCK_DV)
+                tot += tl.sum(a_c * tl.exp2(m_c - m_all[None, :])[:, :, None], 0)
             res = tl.where(den[:, None] > 0, tot / tl.where(den > 0, den, 1.0)[:, None], 0.0)
             tl.store(out_ptr + out_offs, res.to(out_ptr.dtype.element_ty), mask=out_mask)
             _reset_count(count_ptr, pid)
