@@ -101,7 +101,7 @@ def test_masked_off_blocks_are_not_read(kernel_device, mask, splits):
     k[:, :, live:] = float("nan")
     v[:, :, live:] = float("nan")
     want = decode_attention_ref(q, k[:, :, :live], v[:, :, :live], m[..., :live])
-    for ahead in (True, False):  # the next block's mask loaded early, or each in its block
+    for ahead in (0, 1, 2):  # loads issued in their block, or one block ahead
         out = decode_attention(q, k, v, m, None, splits=splits, block_l=32, ahead=ahead)
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
@@ -110,10 +110,11 @@ def test_masked_off_blocks_are_not_read(kernel_device, mask, splits):
 @pytest.mark.parametrize("mask", ["none", "heads", "additive"])
 @pytest.mark.parametrize("block_l", [32, 64])
 def test_loading_ahead_gives_the_same_bits(kernel_device, mask, block_l):
-    """The block loop's two load orders (the next block's mask and this block's values
-    early, or each load where it is used) compute the same thing in the same order: equal
-    bits, split or not, with a cache write."""
+    """The block loop's load orders (each load where it is used; the next block's mask and
+    this block's values early; also the next block's keys and values) compute the same thing
+    in the same order: equal bits, split or not, with a cache write."""
     from qcompile.backends.triton.decode_attention import CacheWrite, decode_attention
+    from qcompile.backends.triton.runtime import KernelInputError
 
     device = kernel_device
     n = 150
@@ -125,12 +126,15 @@ def test_loading_ahead_gives_the_same_bits(kernel_device, mask, block_l):
     idx = torch.tensor([n - 60], device=device)
     for splits in (1, 4):
         got = {}
-        for ahead in (True, False):
+        for ahead in (0, 1, 2):
             kc, vc = k.clone(), v.clone()
             got[ahead] = (decode_attention(q, kc, vc, m, None, splits=splits, block_l=block_l,
                                            write=CacheWrite(idx, kn, vn), ahead=ahead), kc, vc)
-        for a, b in zip(got[True], got[False], strict=True):
-            assert torch.equal(a, b)
+        for ahead in (1, 2):
+            for a, b in zip(got[0], got[ahead], strict=True):
+                assert torch.equal(a, b)
+    with pytest.raises(KernelInputError, match="ahead must be 0, 1 or 2"):
+        decode_attention(q, k, v, m, None, block_l=block_l, ahead=3)
 
 
 def test_rows_with_nothing_to_attend_give_zeros(kernel_device):

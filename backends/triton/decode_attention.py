@@ -15,10 +15,10 @@ runs of ``BLOCK_L``-position blocks of the cache (flash-decoding). Per block, on
 gives the ``[G, BLOCK_L]`` scores (the ``G`` rows padded to at least 16), an online softmax
 in base 2 keeps the running maximum and sum, and a second ``tl.dot`` adds ``p @ v``. A block
 whose mask is false everywhere (a static cache's positions past the current one; ``-inf``
-for an additive mask) loads no keys or values. With ``AHEAD`` (the smaller tiles of
-:data:`CONFIGS`) the next block's mask is loaded while a block computes and a block's values
-with its keys: one memory round trip per block instead of three in a row, which is most of a
-short cache's time. Split runs store ``(max, sum, acc)`` in fp32;
+for an additive mask) loads no keys or values. ``AHEAD`` (:data:`CONFIGS`) issues the loads
+ahead: the next block's mask while a block computes and a block's values with its keys (one
+memory round trip per block instead of three in a row, which is most of a short cache's
+time), and at level 2 the next block's keys and values too. Split runs store ``(max, sum, acc)`` in fp32;
 the last program of a kv head to arrive (an arrival count,
 :func:`qcompile.backends.triton.runtime.arrival_counts`) combines them in split order, in the
 same launch, so the result does not depend on which arrives last.
@@ -72,31 +72,37 @@ MAX_GROUP = 64  # query heads per kv head held by one program
 MAX_SPLITS = 32
 _LOG2E = 1.4426950408889634
 
-#: Autotune configs (CUDA): cache positions per block, warps, and ``AHEAD``: load the next
-#: block's mask while this one computes, and a block's values with its keys. A block's loads
-#: sit under a data-dependent branch (masked-off blocks load nothing), which Triton does not
-#: pipeline, and the score dot's barriers keep a value load written after it behind the
-#: softmax, so without it a block takes three memory round trips in a row (mask, keys,
-#: values; the offline sm_90 SASS shows them in that order), with it one. It holds the value
-#: and next mask tiles through the block: in the offline sm_90 compile
-#: (tests/test_triton_compile_sm90.py) that spilled at 128 positions and at 2 warps, so those
-#: configs keep the plain order; a 128-position block has four times the bytes per round
-#: trip anyway.
+#: Autotune configs (CUDA): cache positions per block, warps, and ``AHEAD``, how far ahead a
+#: block's loads are issued. A block's loads sit under a data-dependent branch (masked-off
+#: blocks load nothing), which Triton does not pipeline, and the score dot's barriers keep a
+#: value load written after it behind the softmax, so with 0 a block takes three memory round
+#: trips in a row (mask, keys, values; the offline sm_90 SASS shows them in that order). 1
+#: loads the next block's mask while a block computes and a block's values with its keys: one
+#: round trip per block. 2 also loads the next block's keys and values during this block's
+#: products (masked off where that block is dead, so a static cache's unused positions are
+#: still never read): the round trips overlap the work. Each level holds more tiles in
+#: registers: in the offline sm_90 compile (tests/test_triton_compile_sm90.py) 1 spilled at
+#: 128 positions and at 2 warps, so those configs use 0; 2 runs at 32 positions.
 CONFIGS = [
-    triton.Config({"BLOCK_L": bl, "AHEAD": bl <= 64 and w >= 4}, num_warps=w, num_stages=2)
-    for bl, w in ((32, 2), (32, 4), (64, 4), (64, 8), (128, 4), (128, 8))
+    triton.Config({"BLOCK_L": bl, "AHEAD": ahead}, num_warps=w, num_stages=2)
+    for bl, w, ahead in ((32, 2, 0), (32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 8, 1),
+                         (64, 8, 2), (128, 4, 0), (128, 8, 0))
 ]
 
 
 def _tile_cost(config, block_g: int, block_d: int, fp32: bool) -> float:
     """Tile elements per thread: the key/value tile in a dot (fp32 caches: four times, for
-    the split operands of their three-pass products), with ``AHEAD`` the value tile as
-    loaded, held through the score dot, and the query and accumulator tiles. At 256 and
-    above ptxas spilled in the offline sm_90 compile of every config for the Llama head dims
-    (64, 128, 256; 1 to 64 query heads per kv head); below it none did."""
-    tile = config.kwargs["BLOCK_L"] * block_d
-    kv = tile * (4 if fp32 else 1) + (tile if config.kwargs.get("AHEAD") else 0)
-    return (kv + 2 * block_g * block_d) / (32 * config.num_warps)
+    the split operands of their three-pass products), the tiles ``AHEAD`` holds as loaded
+    (1: the value tile through the score dot; 2: also the next block's keys and values,
+    counted twice), the query and accumulator tiles, and the score and probability tiles. In
+    the offline sm_90 compile (tests/test_triton_compile_sm90.py, 2026-11-28) of every config
+    for the Llama head dims (64, 128, 256; 1 to 64 query heads per kv head) ptxas spilled
+    wherever this reached 256, and below it only at head dim 256, 64 positions and 8 warps
+    (two words, outside the block loop)."""
+    bl = config.kwargs["BLOCK_L"]
+    tile = bl * block_d
+    kv = tile * (4 if fp32 else 1) + tile * (0, 1, 4)[config.kwargs.get("AHEAD", 0)]
+    return (kv + 2 * block_g * block_d + 2 * block_g * bl) / (32 * config.num_warps)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -119,6 +125,29 @@ def _rope(x, x2_ptrs, low, ok, cos_ptrs, sin_ptrs):
     c = tl.load(cos_ptrs, mask=ok, other=0.0).to(tl.float32)
     sn = tl.load(sin_ptrs, mask=ok, other=0.0).to(tl.float32)
     return x.to(tl.float32) * c + tl.where(low, -x2, x2) * sn
+
+
+@triton.jit
+def _mask_block(m_base, offs_l, end, g_ok, sm_l, MASK: tl.constexpr):
+    """The mask of positions ``offs_l`` (boolean as int32, additive as fp32), those at or past
+    ``end`` masked off."""
+    ok = g_ok[:, None] & (offs_l < end)[None, :]
+    ptrs = m_base + offs_l[None, :] * sm_l
+    if MASK == 1:
+        mb = tl.load(ptrs, mask=ok, other=0).to(tl.int32)
+    else:
+        mb = tl.load(ptrs, mask=ok, other=float("-inf")).to(tl.float32)
+    return mb
+
+
+@triton.jit
+def _live(mb, MASK: tl.constexpr):
+    """Whether a block's mask ``mb`` lets any query head attend to any of its positions."""
+    if MASK == 1:
+        live = tl.max(tl.max(mb, 1), 0) > 0
+    else:
+        live = tl.max(tl.max(mb, 1), 0) > float("-inf")
+    return live
 
 
 @triton.jit
@@ -151,7 +180,7 @@ def _decode_attn_kernel(
     PREC: tl.constexpr,  # "tf32" (exact for bf16/fp16 values) or "tf32x3" (fp32 caches)
     BLOCK_G: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_L: tl.constexpr,
-    AHEAD: tl.constexpr,  # the next block's mask and this block's values early (CONFIGS)
+    AHEAD: tl.constexpr,  # 0, 1, 2: how far ahead a block's loads are issued (CONFIGS)
 ):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
@@ -203,65 +232,83 @@ def _decode_attn_kernel(
             tl.store(v_base + pos * sv_l + offs_dv * sv_d, vn, mask=dv_ok)
         kn = kn.to(tl.float32)
         vn = vn.to(tl.float32)
-    # AHEAD (CONFIGS): the next block's mask loads while this one computes, and each
-    # block's values with its keys.
-    m_ok = g_ok[:, None] & (start + tl.arange(0, BLOCK_L) < end)[None, :]
-    m_ptrs = m_base + (start + tl.arange(0, BLOCK_L))[None, :] * sm_l
-    if AHEAD:
-        if MASK == 1:
-            keep_next = tl.load(m_ptrs, mask=m_ok, other=0).to(tl.int32)
-        elif MASK == 2:
-            bias_next = tl.load(m_ptrs, mask=m_ok, other=float("-inf")).to(tl.float32)
+    # AHEAD (CONFIGS): 1, the next block's mask loads while this one computes, and each
+    # block's values with its keys; 2, also the next block's keys and values (masked off,
+    # no memory traffic, where that block is dead), in flight during this block's products.
+    ar = tl.arange(0, BLOCK_L)
+    kv_k = offs_dk[None, :] * sk_d
+    kv_v = offs_dv[None, :] * sv_d
+    if AHEAD >= 1 and MASK != 0:
+        mb_next = _mask_block(m_base, start + ar, end, g_ok, sm_l, MASK)
+    if AHEAD == 2:
+        live_next = True
+        if MASK != 0:
+            live_next = _live(mb_next, MASK)
+            mb_after = _mask_block(m_base, start + BLOCK_L + ar, end, g_ok, sm_l, MASK)
+        lim = tl.where(live_next, end, start)  # a dead block: every position masked off
+        ok = (start + ar < lim)[:, None]
+        kt_next = tl.load(k_base + (start + ar)[:, None] * sk_l + kv_k,
+                          mask=ok & dk_ok[None, :], other=0.0)
+        vt_next = tl.load(v_base + (start + ar)[:, None] * sv_l + kv_v,
+                          mask=ok & dv_ok[None, :], other=0.0)
     for l0 in range(start, end, BLOCK_L):
-        offs_l = l0 + tl.arange(0, BLOCK_L)
+        offs_l = l0 + ar
         l_ok = offs_l < end
-        here_ok = g_ok[:, None] & l_ok[None, :]
-        next_ok = g_ok[:, None] & (offs_l + BLOCK_L < end)[None, :]
-        here = m_base + offs_l[None, :] * sm_l
         live = True
-        if MASK == 1:
-            if AHEAD:
-                keep = keep_next
-                keep_next = tl.load(here + BLOCK_L * sm_l, mask=next_ok, other=0).to(tl.int32)
+        if MASK != 0:
+            if AHEAD == 0:
+                mb = _mask_block(m_base, offs_l, end, g_ok, sm_l, MASK)
             else:
-                keep = tl.load(here, mask=here_ok, other=0).to(tl.int32)
-            live = tl.max(tl.max(keep, 1), 0) > 0
-        elif MASK == 2:
-            if AHEAD:
-                bias = bias_next
-                bias_next = tl.load(here + BLOCK_L * sm_l, mask=next_ok,
-                                    other=float("-inf")).to(tl.float32)
-            else:
-                bias = tl.load(here, mask=here_ok, other=float("-inf")).to(tl.float32)
-            live = tl.max(tl.max(bias, 1), 0) > float("-inf")
+                mb = mb_next
+                if AHEAD == 1:
+                    mb_next = _mask_block(m_base, offs_l + BLOCK_L, end, g_ok, sm_l, MASK)
+                else:
+                    mb_next = mb_after
+                    mb_after = _mask_block(m_base, offs_l + 2 * BLOCK_L, end, g_ok, sm_l,
+                                           MASK)
+        if AHEAD == 2:
+            live = live_next
+            if MASK != 0:
+                live_next = _live(mb_next, MASK)
+            kt = kt_next
+            vt = vt_next
+            nxt = offs_l + BLOCK_L
+            ok = (nxt < tl.where(live_next, end, l0))[:, None]
+            kt_next = tl.load(k_base + nxt[:, None] * sk_l + kv_k, mask=ok & dk_ok[None, :],
+                              other=0.0)
+            vt_next = tl.load(v_base + nxt[:, None] * sv_l + kv_v, mask=ok & dv_ok[None, :],
+                              other=0.0)
+        elif MASK != 0:
+            live = _live(mb, MASK)
         if live:
-            kt = tl.load(k_base + offs_l[:, None] * sk_l + offs_dk[None, :] * sk_d,
-                         mask=l_ok[:, None] & dk_ok[None, :], other=0.0)
-            v_ptrs = v_base + offs_l[:, None] * sv_l + offs_dv[None, :] * sv_d
+            v_ptrs = v_base + offs_l[:, None] * sv_l + kv_v
             v_ok = l_ok[:, None] & dv_ok[None, :]
-            if AHEAD:
+            if AHEAD < 2:
+                kt = tl.load(k_base + offs_l[:, None] * sk_l + kv_k,
+                             mask=l_ok[:, None] & dk_ok[None, :], other=0.0)
+            if AHEAD == 1:
                 vt = tl.load(v_ptrs, mask=v_ok, other=0.0)
-            kt = kt.to(tl.float32)
+            kf = kt.to(tl.float32)
             if WRITE:
-                kt = tl.where((offs_l == pos)[:, None], kn[None, :], kt)
-            s = tl.dot(q, tl.trans(kt), input_precision=PREC)
+                kf = tl.where((offs_l == pos)[:, None], kn[None, :], kf)
+            s = tl.dot(q, tl.trans(kf), input_precision=PREC)
             s = s * qk_scale
             if MASK == 1:
-                s = tl.where(keep != 0, s, float("-inf"))
+                s = tl.where(mb != 0, s, float("-inf"))
             elif MASK == 2:
-                s = s + bias * 1.4426950408889634
+                s = s + mb * 1.4426950408889634
             s = tl.where(l_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if not AHEAD:
+            if AHEAD == 0:
                 vt = tl.load(v_ptrs, mask=v_ok, other=0.0)
-            vt = vt.to(tl.float32)
+            vf = vt.to(tl.float32)
             if WRITE:
-                vt = tl.where((offs_l == pos)[:, None], vn[None, :], vt)
-            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=PREC)
+                vf = tl.where((offs_l == pos)[:, None], vn[None, :], vf)
+            acc = acc * alpha[:, None] + tl.dot(p, vf, input_precision=PREC)
             m_i = m_new
 
     out_offs = (b * HKV * G + heads)[:, None] * DV + offs_dv[None, :]
@@ -457,7 +504,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      splits: int | None = None, block_l: int | None = None,
                      cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
                      write: CacheWrite | None = None,
-                     ahead: bool | None = None) -> torch.Tensor:
+                     ahead: int | None = None) -> torch.Tensor:
     """Attention of one query row per head over a KV cache (module docstring).
 
     Args:
@@ -475,9 +522,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         write: A new key/value row to write into ``k``/``v`` first (:class:`CacheWrite`):
             the caches are updated in place and the attention sees the row. A position
             outside the cache writes nothing.
-        ahead: With ``block_l`` (or under the interpreter): load the next block's mask
-            ahead and each block's values with its keys (default: at most 64 positions per
-            block, as :data:`CONFIGS` do); the same bits either way. Tests pin it.
+        ahead: With ``block_l`` (or under the interpreter): how far ahead the block loop
+            issues its loads, 0, 1 or 2 (:data:`CONFIGS`; default 1 up to 64 positions per
+            block, else 0); the same bits at every level. Tests pin it.
 
     Returns:
         ``[B, Hq, 1, DV]`` in ``q``'s dtype.
@@ -509,7 +556,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None, scale: float | None = None,
                 splits: int | None = None, block_l: int | None = None,
                 cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
-                write: CacheWrite | None = None, ahead: bool | None = None) -> torch.Tensor:
+                write: CacheWrite | None = None, ahead: int | None = None) -> torch.Tensor:
     """:func:`decode_attention` for inputs :func:`kernel_fits` has passed, on one device
     (the ``qcompile::`` ops check once and come here)."""
     dev = q.device
@@ -525,6 +572,8 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if splits is None and block_l is None:
         splits = _tuned_splits(q, k, v, mask, scale, cos, sin, write, _splits(programs, n, dev))
     nsplit = splits or _splits(programs, n, dev)
+    if ahead not in (None, 0, 1, 2):
+        raise KernelInputError(f"decode_attention: ahead must be 0, 1 or 2, got {ahead!r}")
     if nsplit < 1 or nsplit & (nsplit - 1) or nsplit > MAX_SPLITS:
         raise KernelInputError(f"decode_attention: splits must be a power of two <= "
                                f"{MAX_SPLITS}, got {nsplit}")
@@ -564,7 +613,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if block_l is not None or interpreting():
         bl = block_l or 32
         launch(_decode_attn_kernel, grid, *args, **meta, BLOCK_L=bl,
-               AHEAD=bl <= 64 if ahead is None else bool(ahead), num_warps=4)
+               AHEAD=int(bl <= 64) if ahead is None else int(ahead), num_warps=4)
     else:
         launch(_decode_attn_tuned, grid, *args, **meta)
     return out
