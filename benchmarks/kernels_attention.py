@@ -20,7 +20,8 @@ and the whole attention of a decode step, from the fused q/k/v projection's outp
 * ``decode_attention_write``: the op ``lower-triton`` puts in its place (one kernel).
 
 Each row has ``us``, ``ratio_vs_graph`` (``graph``'s or ``graph_step``'s time over this one)
-and ``gbps``: the bytes of the live keys and values over the time (what a step must read).
+and ``gbps``: the bytes of the live keys and values over the time (what a step must read); the
+kernel's rows also ``picked``: its autotuned config and the run counts' cold times.
 
 Usage::
 
@@ -36,8 +37,25 @@ from typing import Any
 import torch
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-#: (cache_len, live): full caches of three lengths and a long static cache one-eighth used.
-CASES = ((512, 512), (2048, 2048), (8192, 8192), (8192, 1024))
+#: (cache_len, live): the decode benchmark's short cache (benchmarks/decode.py: a 16-token
+#: prompt and 64 new tokens), full caches of three lengths and a long static cache
+#: one-eighth used.
+CASES = ((81, 81), (512, 512), (2048, 2048), (8192, 8192), (8192, 1024))
+
+
+def _picked(cache_len: int, write: bool) -> dict[str, Any]:
+    """What the kernel ran with for the last call: the autotuner's config (positions per
+    block, warps, how far ahead it loads) and each run count's cold time for this shape."""
+    from qcompile.backends.triton import decode_attention as da
+    from qcompile.backends.triton import path_tuning
+
+    cfg = getattr(da._decode_attn_tuned, "best_config", None)
+    out: dict[str, Any] = {"config": None if cfg is None else
+                           {**cfg.kwargs, "num_warps": cfg.num_warps}}
+    for key, notes in path_tuning.timings().items():
+        if key[0] == "decode-attention" and key[6] == cache_len and key[-1] == write:
+            out["splits_us"] = notes
+    return out
 
 
 def _time(fn) -> tuple[float, bool]:
@@ -127,6 +145,8 @@ def run(log=None) -> list[dict[str, Any]]:
                          "head_dim": HEAD_DIM, "dtype": "bfloat16", "us": us, "cold": cold,
                          "ratio_vs_graph": base / us, "gbps": live_bytes / us / 1e3,
                          "max_abs_err": err, "device": device})
+            if name.startswith("decode_attention"):
+                rows[-1]["picked"] = _picked(cache_len, name == "decode_attention_write")
             if log is not None:
                 print(json.dumps(rows[-1]), file=log, flush=True)
     return rows
