@@ -55,8 +55,8 @@ def device_timeline(kernels: list[Span], host: list[Span], top: int = 8) -> dict
         (span minus busy), ``"gaps"``: the longest idle intervals ``[{"us", "at_us"`` (from
         the first kernel's start), ``"after", "before"`` (the kernels either side)``}]``,
         ``"host_during_idle"``: per host op name, the idle time (the lead included) its calls
-        overlapped ``[{"name", "us"}]``, longest first (nested ops all count: the outermost holds everything, the
-        innermost named one is the cause)``}``. Empty spans give zeros.
+        overlapped ``[{"name", "us"}]``, longest first (nested ops all count: the outermost
+        holds everything, the innermost named one is the cause)``}``. Empty spans give zeros.
     """
     if not kernels:
         return {"lead_us": 0.0, "span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0, "gaps": [],
@@ -110,12 +110,10 @@ def _spans(prof) -> tuple[list[Span], list[Span]]:
     return dev, host
 
 
-def _times(fn: Callable[[], object], cuda: bool, prof=None
+def _times(prof, cuda: bool
            ) -> tuple[dict[str, tuple[float, int]], dict[str, tuple[float, int]]]:
     """Self time (us) and call count of every kernel (CUDA; empty elsewhere) and of every CPU
-    op that ``fn`` runs (or that ``prof`` recorded): ``(kernels, cpu_ops)``."""
-    if prof is None:
-        prof = _record(fn, cuda)
+    op that profile ``prof`` recorded: ``(kernels, cpu_ops)``."""
     kernels: dict[str, tuple[float, int]] = {}
     ops: dict[str, tuple[float, int]] = {}
     for e in prof.key_averages():
@@ -148,7 +146,7 @@ def profile_call(fn: Callable[[], object], device: str, top: int = 40) -> dict[s
     its host time), and ``"timeline"``: :func:`device_timeline` of the call."""
     cuda = device.startswith("cuda")
     prof = _record(fn, cuda)
-    kernels, ops = _times(fn, cuda, prof)
+    kernels, ops = _times(prof, cuda)
 
     def table(times: dict[str, tuple[float, int]]) -> dict[str, Any]:
         rows, busy = _ranked([{"name": name[:160], "us": round(us, 2), "calls": calls}
@@ -179,8 +177,8 @@ def profile_tokens(generate: Callable[[int], object], n: int, device: str,
     if n < 2:
         raise ValueError(f"profile_tokens needs n >= 2 new tokens, got {n}")
     cuda = device.startswith("cuda")
-    long = _times(lambda: generate(n), cuda)[0 if cuda else 1]
-    short = _times(lambda: generate(1), cuda)[0 if cuda else 1]
+    long = _times(_record(lambda: generate(n), cuda), cuda)[0 if cuda else 1]
+    short = _times(_record(lambda: generate(1), cuda), cuda)[0 if cuda else 1]
     steps = n - 1
     rows = []
     for name, (us, calls) in long.items():
