@@ -289,10 +289,8 @@ CASES: list[tuple[str, str, dict]] = [
         dtype="bf16", g=4, d=128, mask=1, nsplit=32, mma="tf32", rope=True, write=True)),
     ("decode-attn-fp16-g8-d64-add", "decode_attn", dict(dtype="fp16", g=8, d=64, mask=2,
                                                         nsplit=1, mma="tf32")),
-    # 64 x 8 warps: 128 registers and two words on the stack, stored before the block loop
-    # and reloaded after it, for the combine (offline compile, 2026-11-28).
     ("decode-attn-bf16-g4-d256-bool", "decode_attn", dict(dtype="bf16", g=4, d=256, mask=1,
-                                                          nsplit=8, mma="tf32", spills=2)),
+                                                          nsplit=8, mma="tf32")),
     ("decode-attn-bf16-g64-d128-bool", "decode_attn", dict(dtype="bf16", g=64, d=128, mask=1,
                                                            nsplit=2, mma="tf32")),
     ("decode-attn-fp32-g4-d128-none", "decode_attn", dict(dtype="fp32", g=4, d=128, mask=0,

