@@ -100,8 +100,8 @@ def _tile_cost(config, block_g: int, block_d: int, fp32: bool) -> float:
     (1: the value tile through the score dot; 2: also the next block's keys and values,
     counted twice), the query and accumulator tiles, and the score and probability tiles. In
     the offline sm_90 compile (tests/test_triton_compile_sm90.py, 2026-11-28) of every config
-    for the Llama head dims (64, 128, 256; 1 to 64 query heads per kv head) ptxas spilled
-    wherever this reached 256; below it nowhere."""
+    for the Llama head dims (64, 128, 256; 1 to 64 query heads per kv head) every config
+    that spilled cost 256 or more, and none below it spilled."""
     bl = config.kwargs["BLOCK_L"]
     tile = bl * block_d
     kv = tile * (4 if fp32 else 1) + tile * (0, 1, 4)[config.kwargs.get("AHEAD", 0)]
