@@ -208,6 +208,19 @@ CASES: list[tuple[str, str, dict]] = [
         dtype="bf16", group_size=128, pro=1, res=True, pdl=True, tma=True, split=2)),
     ("w4a16-gemv1tma-bf16-g128-afpq-gate-res", "w4a16_gemv1tma", dict(
         dtype="bf16", group_size=128, neg=True, pro=2, res=True, tma=True)),
+    # Its tensor-core configs (``-mma``: w4a16_gemv_mma's tile products, fed by TMA).
+    ("w4a16-gemv1tma-mma-bf16-g128-fp4", "w4a16_gemv1tma", dict(
+        dtype="bf16", group_size=128, bias=False, tma=True, products="mma", every=True,
+        mma="f16")),
+    ("w4a16-gemv1tma-mma-bf16-g128-afpq", "w4a16_gemv1tma", dict(
+        dtype="bf16", group_size=128, neg=True, bias=True, tma=True, products="mma",
+        mma="f16")),
+    ("w4a16-gemv1tma-mma-fp8-g128-w4a8", "w4a16_gemv1tma", dict(
+        dtype="bf16", x="fp8e4nv", group_size=128, outer=True, xs=True, bias=True, tma=True,
+        products="mma", mma="f16")),
+    ("w4a16-gemv1tma-mma-bf16-g128-fp4-rms-res-pdl", "w4a16_gemv1tma", dict(
+        dtype="bf16", group_size=128, pro=1, res=True, pdl=True, tma=True, split=2,
+        products="mma", mma="f16")),
     # W4A8 at batch 1: FP8 code rows, group scales 2^gexp, row scale, the rows' scale and a
     # bias in the epilogue, bf16 out (split and not).
     ("w4a16-gemv1w-fp8-g128-w4a8", "w4a16_gemv1w", dict(dtype="bf16", x="fp8e4nv",
@@ -568,9 +581,11 @@ def _build_w4a16_gemv1tma(mod, p: dict, all_configs: bool):
         if name == "x_ptr":
             args["w_desc"] = lambda c: f"tensordesc<i32[{c['BLOCK_N']}, {c['BLOCK_K'] // 8}]>"
     consts.pop("REDUCE")
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st}, num_warps=w)
-               for bn, bk, st, _, w in mod._configs(p["group_size"], False)]
-    if not (all_configs or p.get("every")):  # the default and the most shared memory
+    mma = p.get("products") == "mma"  # the tensor-core configs, else the FMA ones
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "STAGES": st, "MMA": m},
+                             num_warps=w)
+               for bn, bk, st, _, w, m in mod._configs(p["group_size"], False) if m == mma]
+    if not (all_configs or p.get("every")):  # the first and the most shared memory
         most = max(configs, key=lambda c: (c.kwargs["STAGES"] - 1) * c.kwargs["BLOCK_N"]
                    * c.kwargs["BLOCK_K"])
         configs = [configs[0]] + ([most] if most is not configs[0] else [])

@@ -101,6 +101,49 @@ def _fp16_tile(w, MAG_ONLY: tl.constexpr, RESTAGE: tl.constexpr, BLOCK_N: tl.con
 
 
 @triton.jit
+def tile_k_order(BLOCK_K: tl.constexpr):
+    """The K offset of each position of a tile (:func:`_fp16_tile`'s order: position
+    ``8 j + 4 a + 2 b + h`` holds nibble ``a + 2 b + 4 h`` of word ``j``), to load x in."""
+    kk = tl.arange(0, BLOCK_K)
+    return (kk // 8) * 8 + (kk // 4) % 2 + ((kk // 2) % 2) * 2 + (kk % 2) * 4
+
+
+@triton.jit
+def tile_sums(w, xt, scale_ptr, neg_ptr, offs_n, n_ok, k0, G, GROUP_SIZE: tl.constexpr,
+              HAS_NEG: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K tile's scaled sums ``[BLOCK_N, 16]`` (16 equal columns, in 2^-14 units) of words
+    ``w [BLOCK_N, BLOCK_K / 8]`` and x ``xt [BLOCK_K]`` in :func:`tile_k_order`: x to fp16
+    through the tile's power of two, the products on tensor cores, the group's scales (the
+    tile lies in one group) divided by the power."""
+    # 2^(14 - floor(log2 max|x|)) from the exponent bits; clamped for an all-zero tile.
+    top = (tl.max(tl.abs(xt), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    pw_exp = tl.minimum(tl.maximum(268 - top, 1), 253)
+    pw = (pw_exp << 23).to(tl.float32, bitcast=True)
+    inv = ((254 - pw_exp) << 23).to(tl.float32, bitcast=True)  # exactly 1 / pw
+    xs = (xt * pw).to(tl.float16)
+    xm = tl.broadcast_to(xs[:, None], [BLOCK_K, 16])  # 16 equal columns: no select
+    # AFPQ needs the magnitudes too: a free step of the unrestaged decode (_fp16_pair).
+    s = tl.dot(_fp16_tile(w, False, not HAS_NEG, BLOCK_N, BLOCK_K), xm)
+    g_off = offs_n * G + k0 // GROUP_SIZE
+    eff = tl.load(scale_ptr + g_off, mask=n_ok, other=0.0) * inv
+    if HAS_NEG:
+        a = tl.dot(_fp16_tile(w, True, False, BLOCK_N, BLOCK_K), xm)
+        effn = tl.load(neg_ptr + g_off, mask=n_ok, other=0.0) * inv
+        out = 0.5 * ((s + a) * eff[:, None] + (s - a) * effn[:, None])
+    else:
+        out = s * eff[:, None]
+    return out
+
+
+@triton.jit
+def column_sums(acc):
+    """The rows' sums from :func:`tile_sums`' accumulated ``[BLOCK_N, 16]``: column 0 (the
+    others are equal copies) times 2^14, the fp16 placement's unit."""
+    col0 = (tl.arange(0, 16) == 0)[None, :]
+    return tl.sum(tl.where(col0, acc, 0.0), axis=1) * 16384.0
+
+
+@triton.jit
 def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_ptr, part_ptr,
                          out_ptr, count_ptr, xs_ptr, g_ptr, up_ptr, res_ptr, N, K, KW, G,
                          outer_stride, eps, GROUP_SIZE: tl.constexpr, HAS_NEG: tl.constexpr,
@@ -123,10 +166,7 @@ def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_p
     pdl.enter(words_ptr, offs_n, N, KW, pid_s * per * WK, 32, 2, PDL)
     r = row_rstd(x_ptr, K, eps, PRO)
     kw = tl.arange(0, WK)
-    kk = tl.arange(0, BLOCK_K)
-    # Tile position p = 8 j + 4 a + 2 b + h holds nibble a + 2 b + 4 h of word j (_fp16_tile).
-    xperm = (kk // 8) * 8 + (kk // 4) % 2 + ((kk // 2) % 2) * 2 + (kk % 2) * 4
-    col0 = (tl.arange(0, 16) == 0)[None, :]
+    xperm = tile_k_order(BLOCK_K)
     rows = words_ptr + offs_n.to(tl.int64)[:, None] * KW
     acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
     for t in tl.range(pid_s * per, tl.minimum(pid_s * per + per, tiles), num_stages=PIPE):
@@ -135,28 +175,11 @@ def _gemv1_fp4mma_kernel(x_ptr, words_ptr, scale_ptr, neg_ptr, outer_ptr, bias_p
         w = tl.load(rows + wcol[None, :], mask=n_ok[:, None] & (wcol < KW)[None, :], other=0)
         xk = k0 + xperm
         xt = load_x(x_ptr, up_ptr, g_ptr, xk, xk < K, r, PRO, HAS_G, KIND, EXACT)
-        # 2^(14 - floor(log2 max|x|)) from the exponent bits; clamped for an all-zero tile.
-        top = (tl.max(tl.abs(xt), axis=0).to(tl.int32, bitcast=True) >> 23) & 0xFF
-        pw_exp = tl.minimum(tl.maximum(268 - top, 1), 253)
-        pw = (pw_exp << 23).to(tl.float32, bitcast=True)
-        inv = ((254 - pw_exp) << 23).to(tl.float32, bitcast=True)  # exactly 1 / pw
-        xs = (xt * pw).to(tl.float16)
-        xm = tl.broadcast_to(xs[:, None], [BLOCK_K, 16])  # 16 equal columns: no select
-        # AFPQ needs the magnitudes too: a free step of the unrestaged decode (_fp16_pair).
-        s = tl.dot(_fp16_tile(w, False, not HAS_NEG, BLOCK_N, BLOCK_K), xm)
-        g_off = offs_n * G + k0 // GROUP_SIZE  # the tile lies in one group
-        eff = tl.load(scale_ptr + g_off, mask=n_ok, other=0.0) * inv
-        if HAS_NEG:
-            a = tl.dot(_fp16_tile(w, True, False, BLOCK_N, BLOCK_K), xm)
-            effn = tl.load(neg_ptr + g_off, mask=n_ok, other=0.0) * inv
-            acc += 0.5 * ((s + a) * eff[:, None] + (s - a) * effn[:, None])
-        else:
-            acc += s * eff[:, None]
-    # Column 0 (the others are equal copies); 2^14: the fp16 placement's unit.
-    res = tl.sum(tl.where(col0, acc, 0.0), axis=1) * 16384.0
-    _finish(res, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, res_ptr, offs_n,
-            n_ok, pid_n, pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS, HAS_RES, SPLIT,
-            REDUCE, KIND, EXACT)
+        acc += tile_sums(w, xt, scale_ptr, neg_ptr, offs_n, n_ok, k0, G, GROUP_SIZE, HAS_NEG,
+                         BLOCK_N, BLOCK_K)
+    _finish(column_sums(acc), outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr,
+            res_ptr, offs_n, n_ok, pid_n, pid_s, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS,
+            HAS_RES, SPLIT, REDUCE, KIND, EXACT)
 
 
 @functools.cache

@@ -13,13 +13,17 @@ tensor-memory-accelerator copy (``TensorDescriptor``; one instruction per tile, 
 memory) that Triton's software pipeline issues ``STAGES - 1`` tiles ahead, across row-block
 boundaries: the next tiles are on their way while this one is multiplied, without holding them
 in registers (the FMA kernel's hand prefetch in registers was no faster, its docstring says).
-The decode and products are the FMA kernel's (:func:`~qcompile.backends.triton.w4a16_gemv.
-_staged_products`, :func:`~qcompile.backends.triton.w4a16_gemv._scaled_sums`), so results
-are its results bit for bit at the same K split; a row block's sums go through the same
-epilogue (outer scale, ``x_scale``, bias, fused residual) when its last tile is done. A weight
-with fewer row blocks than program slots (a 4096-row ``o_proj`` or ``down_proj``) is split
-over K into units, and each row's last split sums the partials in split order, counted per row
-so that no barrier enters the pipelined loop (``w4a16_gemv._finish`` with ``ROW_COUNTS``). The fused prologues
+Each config's products are one of two kernels'. Most configs take the FMA kernel's decode and
+products (:func:`~qcompile.backends.triton.w4a16_gemv._staged_products`,
+:func:`~qcompile.backends.triton.w4a16_gemv._scaled_sums`), so results are its results bit for
+bit at the same K split. The ``-mma`` configs take the tensor-core kernel's
+(:func:`~qcompile.backends.triton.w4a16_gemv_mma.tile_sums`): fewer instructions per code, fed
+by the same TMA pipeline; their results are that kernel's at the same tile and split. A row
+block's sums go through the same epilogue (outer scale, ``x_scale``, bias, fused residual)
+when its last tile is done. A weight with fewer row blocks than program slots (a 4096-row
+``o_proj`` or ``down_proj``) is split over K into units, and each row's last split sums the
+partials in split order, counted per row so that no barrier enters the pipelined loop
+(``w4a16_gemv._finish`` with ``ROW_COUNTS``). The fused prologues
 (RMSNorm, SiLU gate) and PDL work as in the FMA kernel.
 
 Needs sm_90 or newer (TMA), words 16-byte aligned with rows of whole 16 bytes (K a multiple
@@ -28,8 +32,8 @@ depth, programs per multiprocessor) is one candidate of a cold-L2 timing at the 
 each shape (:mod:`qcompile.backends.triton.path_tuning`): the descriptor's block shape is the
 tile's, so the configs are not one autotuner's. ``w4a16_gemv.w4a16_gemv1`` runs it with
 ``runtime.GEMV1_MMA == "tma"`` (``QCOMPILE_GEMV1=tma``), or with ``"auto"`` where it timed
-fastest. Status: numerics checked in the interpreter, every config compiled for sm_90; not yet
-timed on a GPU.
+fastest. Status: numerics checked in the interpreter, every config compiled for sm_90; the FMA
+configs were not yet timed on a GPU when the ``-mma`` ones were added, nor were those.
 """
 
 from __future__ import annotations
@@ -52,27 +56,41 @@ from qcompile.backends.triton.w4a16_gemv import (
     _staged_products,
     tile_fits,
 )
+from qcompile.backends.triton.w4a16_gemv_mma import X_DTYPES, column_sums, tile_k_order, tile_sums
 
 __all__ = ["TMA_CONFIGS", "tma_eligible", "w4a16_gemv1_tma"]
 
-#: Candidate configs ``(BLOCK_N, BLOCK_K, STAGES, programs per multiprocessor, warps)``, the
-#: first the default where nothing can be timed. Tiles as the FMA kernel's best (16 or 32 x
-#: 1024 codes: 8-16 KiB of words) and smaller ones for more programs on short weights; each
-#: program has ``STAGES - 1`` tiles in flight, so a multiprocessor 48-144 KiB (a DRAM stream
-#: at 3-5 TB/s needs about 30-40 KiB per SM in flight). In the offline sm_90 compile
-#: (``tests/test_triton_compile_sm90.py``) 32 x 1024 takes 128 registers (168 for AFPQ), 16 x
-#: 1024 72, so at most 4 (3) and 7 programs of 4 warps fit an SM.
-TMA_CONFIGS: tuple[tuple[int, int, int, int, int], ...] = (
-    (32, 1024, 3, 3, 4), (16, 1024, 4, 6, 4), (16, 1024, 3, 4, 4), (32, 1024, 4, 2, 4),
-    (32, 512, 4, 4, 4), (16, 512, 4, 6, 4), (64, 512, 3, 2, 8),
+#: Candidate configs ``(BLOCK_N, BLOCK_K, STAGES, programs per multiprocessor, warps, MMA)``,
+#: the first the default where nothing can be timed. ``MMA`` False: the FMA kernel's products,
+#: tiles as its best (16 or 32 x 1024 codes: 8-16 KiB of words) and smaller ones for more
+#: programs on short weights; each program has ``STAGES - 1`` tiles in flight, so a
+#: multiprocessor 48-144 KiB (a DRAM stream at 3-5 TB/s needs about 30-40 KiB per SM in
+#: flight). In the offline sm_90 compile (``tests/test_triton_compile_sm90.py``) 32 x 1024
+#: takes 128 registers (168 for AFPQ), 16 x 1024 72, so at most 4 (3) and 7 programs of 4
+#: warps fit an SM. ``MMA`` True: the tensor-core kernel's products
+#: (``w4a16_gemv_mma.tile_sums``) on its cheapest tiles by the SASS census (128 x 128: about 3
+#: instructions per code against the FMA products' 4.3-4.8), fed the same way: 32-80 KiB per
+#: multiprocessor in flight. Offline sm_90: 117-120 registers (AFPQ 188-190, so two programs
+#: of 4 warps per SM), 63 KiB of shared memory at 128 x 128 x 4 stages. A tile there lies
+#: inside one group (BLOCK_K divides the group size) and x is 16-bit or FP8. Programs per SM
+#: are capped at launch by what the compiled kernel lets an SM hold (:func:`_launch`).
+TMA_CONFIGS: tuple[tuple[int, int, int, int, int, bool], ...] = (
+    (32, 1024, 3, 3, 4, False), (16, 1024, 4, 6, 4, False), (16, 1024, 3, 4, 4, False),
+    (32, 1024, 4, 2, 4, False), (32, 512, 4, 4, 4, False), (16, 512, 4, 6, 4, False),
+    (64, 512, 3, 2, 8, False),
+    (128, 128, 4, 2, 4, True), (128, 128, 6, 2, 4, True), (64, 128, 4, 4, 4, True),
+    (256, 128, 3, 1, 8, True), (128, 64, 6, 2, 4, True),
 )
-_INTERP_TMA = (16, 256, 2, 1, 4)  # one config under the interpreter
+#: The interpreter's configs: one of each kind.
+_INTERP_TMA = ((16, 256, 2, 1, 4, False), (16, 32, 2, 1, 4, True))
 #: Bytes a TMA copy needs the base and each row to be aligned to.
 _TMA_ALIGN = 16
 
+Config = tuple[int, int, int, int, int, bool]
 
-def _name(cfg: tuple[int, int, int, int, int]) -> str:
-    return "n{}k{}s{}p{}w{}".format(*cfg)
+
+def _name(cfg: Config) -> str:
+    return "n{}k{}s{}p{}w{}".format(*cfg[:5]) + ("-mma" if cfg[5] else "")
 
 
 @triton.jit
@@ -83,13 +101,15 @@ def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, b
                       SPLIT: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
                       PRO: tl.constexpr, HAS_G: tl.constexpr, HAS_RES: tl.constexpr,
                       PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      STAGES: tl.constexpr):
+                      STAGES: tl.constexpr, MMA: tl.constexpr):
     """Work units ``pid, pid + P, ...`` (a unit: a row block's ``1 / SPLIT`` of the K tiles,
     ``SPLIT`` dividing them), their K tiles as one pipelined loop (module docstring). With
     ``SPLIT`` > 1 a unit stores its fp32 partial and each row's last split sums them in split
     order (``_finish``'s ``ROW_COUNTS``: ``count_ptr``'s arrival counts, one per row). ``w_desc``:
     the words ``[N, KW]`` with block ``[BLOCK_N, BLOCK_K / 8]`` (zero-filled past the edges);
-    ``words_ptr``: the same words, for PDL's L2 prefetch."""
+    ``words_ptr``: the same words, for PDL's L2 prefetch. ``MMA``: each tile's products on
+    tensor cores (``w4a16_gemv_mma.tile_sums``; the tile inside one group, 16-bit or FP8
+    x), else on the FMA pipe."""
     pid = tl.program_id(0)
     progs = tl.num_programs(0)
     WK: tl.constexpr = BLOCK_K // 8
@@ -100,7 +120,11 @@ def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, b
     pdl.enter(words_ptr, (pid // SPLIT) * BLOCK_N + lane, N, KW, (pid % SPLIT) * per * WK, 32,
               PF, PDL)
     r = row_rstd(x_ptr, K, eps, PRO)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if MMA:
+        xperm = tile_k_order(BLOCK_K)
+        acc = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     # The unit and its tile carried from step to step: no integer division per tile.
     unit = pid
     tt = 0
@@ -112,34 +136,49 @@ def _gemv1_tma_kernel(x_ptr, w_desc, words_ptr, scale_ptr, neg_ptr, outer_ptr, b
         w = w_desc.load([rb * BLOCK_N, t * WK])
         offs_n = rb * BLOCK_N + lane
         n_ok = offs_n < N
-        kk = k0 + tl.arange(0, BLOCK_K)
         # x beyond K is 0, so padding codes and rows past N add nothing.
-        xv = load_x(x_ptr, up_ptr, g_ptr, kk, kk < K, r, PRO, HAS_G, KIND, EXACT)
-        s_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
-        a_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
-        s_acc, a_acc = _staged_products(s_acc, a_acc, w, xv, HAS_NEG, WK)
-        acc += _scaled_sums(s_acc, a_acc, scale_ptr, neg_ptr, offs_n, n_ok, k0, G,
-                            GROUP_SIZE, HAS_NEG, BLOCK_N, BLOCK_K)
+        if MMA:
+            xk = k0 + xperm
+            xt = load_x(x_ptr, up_ptr, g_ptr, xk, xk < K, r, PRO, HAS_G, KIND, EXACT)
+            acc += tile_sums(w, xt, scale_ptr, neg_ptr, offs_n, n_ok, k0, G, GROUP_SIZE,
+                             HAS_NEG, BLOCK_N, BLOCK_K)
+        else:
+            kk = k0 + tl.arange(0, BLOCK_K)
+            xv = load_x(x_ptr, up_ptr, g_ptr, kk, kk < K, r, PRO, HAS_G, KIND, EXACT)
+            s_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
+            a_acc = tl.zeros([BLOCK_N, WK], dtype=tl.float32)
+            s_acc, a_acc = _staged_products(s_acc, a_acc, w, xv, HAS_NEG, WK)
+            acc += _scaled_sums(s_acc, a_acc, scale_ptr, neg_ptr, offs_n, n_ok, k0, G,
+                                GROUP_SIZE, HAS_NEG, BLOCK_N, BLOCK_K)
         done = tt == per - 1
         if done:  # the unit is done: its epilogue, then the next unit's sums
-            _finish(acc * 16384.0, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr,
-                    res_ptr, offs_n, n_ok, rb, split, N, outer_stride, HAS_OUTER, HAS_BIAS,
-                    HAS_XS, HAS_RES, SPLIT, False, KIND, EXACT, ROW_COUNTS=True)
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            if MMA:
+                res = column_sums(acc)
+            else:
+                res = acc * 16384.0  # 2^14: the fp16 placement's unit
+            _finish(res, outer_ptr, bias_ptr, part_ptr, out_ptr, count_ptr, xs_ptr, res_ptr,
+                    offs_n, n_ok, rb, split, N, outer_stride, HAS_OUTER, HAS_BIAS, HAS_XS,
+                    HAS_RES, SPLIT, False, KIND, EXACT, ROW_COUNTS=True)
+            acc = tl.zeros_like(acc)
         unit = tl.where(done, unit + progs, unit)
         tt = tl.where(done, 0, tt + 1)
 
 
-def _fits(cfg: tuple[int, int, int, int, int], group_size: int) -> bool:
+def _fits(cfg: Config, group_size: int, mma_ok: bool) -> bool:
+    """Whether ``cfg`` takes this group size (an MMA tile: inside one group, and x that
+    converts to fp16 exactly, ``mma_ok``)."""
+    if cfg[5]:
+        return mma_ok and group_size % cfg[1] == 0
     return tile_fits(cfg[1], group_size)
 
 
 @functools.cache
-def _configs(group_size: int, interp: bool) -> tuple[tuple[int, int, int, int, int], ...]:
+def _configs(group_size: int, interp: bool, mma_ok: bool = True) -> tuple[Config, ...]:
     if interp:
-        cfg = _INTERP_TMA if _fits(_INTERP_TMA, group_size) else (16, 64, 2, 1, 4)
-        return (cfg,) if _fits(cfg, group_size) else ()
-    return tuple(c for c in TMA_CONFIGS if _fits(c, group_size))
+        fma = _INTERP_TMA[0] if _fits(_INTERP_TMA[0], group_size, False) else (
+            16, 64, 2, 1, 4, False)
+        return tuple(c for c in (fma, _INTERP_TMA[1]) if _fits(c, group_size, mma_ok))
+    return tuple(c for c in TMA_CONFIGS if _fits(c, group_size, mma_ok))
 
 
 def tma_eligible(x: torch.Tensor, words: torch.Tensor, group_size: int) -> bool:
@@ -154,7 +193,7 @@ def tma_eligible(x: torch.Tensor, words: torch.Tensor, group_size: int) -> bool:
     if not interp and not (x.is_cuda and _has_tma(x.device.index if x.device.index is not None
                                                   else torch.cuda.current_device())):
         return False
-    return bool(_configs(group_size, interp))
+    return bool(_configs(group_size, interp, x.dtype in X_DTYPES))
 
 
 def _split(blocks: int, tiles: int, slots: int) -> int:
@@ -170,12 +209,57 @@ def _split(blocks: int, tiles: int, slots: int) -> int:
     return best
 
 
-def _launch(cfg: tuple[int, int, int, int, int], args: tuple, flags: dict,
+#: sm_90's per-multiprocessor limits where the device properties do not say: registers,
+#: shared memory (bytes), threads, resident blocks; and the shared memory the system keeps per
+#: block, and the granularity of a warp's register allocation.
+_SM_LIMITS = {"regs": 65536, "shared": 233472, "threads": 2048, "blocks": 32}
+_BLOCK_RESERVED_SHARED = 1024
+_REG_UNIT = 256
+#: Programs of a compiled variant that one multiprocessor holds at once, learned at its first
+#: launch (``(config, split, constants, dtypes, device)`` -> count).
+_RESIDENT: dict[tuple, int] = {}
+
+
+def resident_programs(n_regs: int, shared: int, warps: int, limits: dict[str, int]) -> int:
+    """How many programs of a kernel with ``n_regs`` registers per thread, ``shared`` bytes of
+    shared memory and ``warps`` warps one multiprocessor runs at once (``limits``: its
+    registers, shared memory, threads and blocks; at least 1)."""
+    per_warp = -(-n_regs * 32 // _REG_UNIT) * _REG_UNIT
+    fits = [limits["regs"] // max(per_warp * warps, 1),
+            limits["shared"] // (shared + _BLOCK_RESERVED_SHARED),
+            limits["threads"] // (warps * 32), limits["blocks"]]
+    return max(1, min(fits))
+
+
+def _sm_limits(device: torch.device) -> dict[str, int]:
+    props = torch.cuda.get_device_properties(device)
+    return {"regs": getattr(props, "regs_per_multiprocessor", 0) or _SM_LIMITS["regs"],
+            "shared": getattr(props, "shared_memory_per_multiprocessor", 0)
+            or _SM_LIMITS["shared"],
+            "threads": getattr(props, "max_threads_per_multi_processor", 0)
+            or _SM_LIMITS["threads"], "blocks": _SM_LIMITS["blocks"]}
+
+
+def _learn_residency(key: tuple, compiled: object, warps: int, device: torch.device) -> None:
+    """Record how many programs of ``compiled`` fit a multiprocessor (nothing where the
+    compiled kernel does not say its registers and shared memory)."""
+    n_regs = getattr(compiled, "n_regs", None)
+    shared = getattr(getattr(compiled, "metadata", None), "shared", None)
+    if isinstance(n_regs, int) and isinstance(shared, int) and n_regs > 0:
+        _RESIDENT[key] = resident_programs(n_regs, shared, warps, _sm_limits(device))
+
+
+def _launch(cfg: Config, args: tuple, flags: dict,
             device: torch.device, split: int | None = None) -> torch.Tensor:
     """One launch of config ``cfg``: ``args`` are the kernel's arguments but ``w_desc`` and
     the output buffers; returns a new ``y``. ``split``: the K split (default :func:`_split`;
-    the interpreter: 2 where it divides the tiles, to exercise the reduce)."""
-    bn, bk, stages, per_sm, warps = cfg
+    the interpreter: 2 where it divides the tiles, to exercise the reduce).
+
+    The K split follows the config's programs per multiprocessor, so the bits do not change
+    from call to call. The grid is capped at what the multiprocessors hold at once, learned
+    from the compiled kernel at its first launch (a persistent program that is not resident
+    would start only when another ends); the grid does not change the bits."""
+    bn, bk, stages, per_sm, warps, mma = cfg
     x, words = args[0], args[1]
     n, k, kw = words.shape[0], x.shape[-1], words.shape[1]
     blocks, tiles = cdiv(n, bn), cdiv(k, bk)
@@ -192,11 +276,17 @@ def _launch(cfg: tuple[int, int, int, int, int], args: tuple, flags: dict,
     part = out if split == 1 else torch.empty(split, n, dtype=torch.float32, device=device)
     desc = TensorDescriptor(words, [n, kw], [kw, 1], [bn, bk // 8])
     units = blocks * split
+    key = (cfg, split, tuple(sorted(flags["const"].items())), x.dtype, flags["out_dtype"],
+           device)
     # The interpreter: about three units per program, so the persistent loop crosses units.
-    progs = cdiv(units, 3) if exact else min(units, per_sm * sm_count(device))
-    launch(_gemv1_tma_kernel, (progs,), x, desc, *args[1:6], part, out,
-           out if counts is None else counts, *args[6:], **flags["const"], SPLIT=split,
-           BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, num_warps=warps)
+    progs = cdiv(units, 3) if exact else min(
+        units, min(per_sm, _RESIDENT.get(key, per_sm)) * sm_count(device))
+    compiled = launch(_gemv1_tma_kernel, (progs,), x, desc, *args[1:6], part, out,
+                      out if counts is None else counts, *args[6:], **flags["const"],
+                      SPLIT=split, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, MMA=mma,
+                      num_warps=warps)
+    if not exact and key not in _RESIDENT:
+        _learn_residency(key, compiled, warps, device)
     return out
 
 
@@ -236,7 +326,7 @@ def w4a16_gemv1_tma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
         GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None, HAS_OUTER=outer is not None,
         HAS_BIAS=bias is not None, HAS_XS=x_scale is not None, KIND=_DTYPE_KIND[dtype],
         EXACT=exact, **fused[1], **pdl.launch_flags(x.device))}
-    configs = {_name(c): c for c in _configs(group_size, exact)}
+    configs = {_name(c): c for c in _configs(group_size, exact, x.dtype in X_DTYPES)}
     if config is not None and config not in configs:
         raise ValueError(f"w4a16_gemv1_tma: config must be one of {sorted(configs)} for group "
                          f"size {group_size}, got {config!r}")
@@ -251,6 +341,8 @@ def w4a16_gemv1_tma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
     return _launch(configs[config], args, flags, x.device, split)
 
 
-def config_names(group_size: int) -> tuple[str, ...]:
-    """Names of the configs that fit ``group_size`` (``config=`` of :func:`w4a16_gemv1_tma`)."""
-    return tuple(_name(c) for c in _configs(group_size, interpreting()))
+def config_names(group_size: int, mma_ok: bool = True) -> tuple[str, ...]:
+    """Names of the configs that fit ``group_size`` (``config=`` of :func:`w4a16_gemv1_tma`);
+    ``mma_ok``: x converts to fp16 exactly (``w4a16_gemv_mma.X_DTYPES``), so the tensor-core
+    configs are among them where the group fits."""
+    return tuple(_name(c) for c in _configs(group_size, interpreting(), mma_ok))
