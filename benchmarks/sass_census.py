@@ -36,7 +36,8 @@ _TESTS = Path(__file__).resolve().parents[1] / "tests" / "test_triton_compile_sm
 DEFAULT_CASES = ("w4a16-gemv1w-bf16-g128-fp4", "w4a16-gemv1w-bf16-g128-afpq",
                  "w4a16-gemv1w-fp8-g128-w4a8", "w4a16-gemv1mma-bf16-g128-fp4",
                  "w4a16-gemv1mma-bf16-g128-afpq", "w4a16-gemv1mma-fp8-g128-w4a8",
-                 "w4a16-gemv1tma-bf16-g128-fp4", "w4a16-gemv1tma-bf16-g128-afpq")
+                 "w4a16-gemv1tma-bf16-g128-fp4", "w4a16-gemv1tma-bf16-g128-afpq",
+                 "w4a16-gemv1tma-mma-bf16-g128-fp4", "w4a16-gemv1tma-mma-bf16-g128-afpq")
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"BRA\s+(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
 
