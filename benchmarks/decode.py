@@ -21,6 +21,9 @@ Variants (each on a freshly built random-weight model; values do not change spee
   :mod:`qcompile.backends.triton.pdl`: each GEMV prefetches its first weight lines while the
   kernel before it finishes). The tiles the autotuner picked for an earlier variant of the same
   shapes are kept, so next to that variant this measures the launch mode alone.
+* any recipe variant with ``-apdl`` appended (last; e.g. ``w4a16-fp4sym-pdl-apdl``): the
+  decode attention launched as a programmatic dependent too (``runtime.ATTN_PDL``), so the
+  ``o_proj`` GEMV after it launches early and prefetches its weights during the attention.
 * any variant with ``-combo`` appended (before a ``-pdl``; e.g. ``bf16-combo``,
   ``w4a16-fp4sym-combo-pdl``): compiled with Inductor's ``combo_kernels``, which runs
   independent element-wise kernels of a graph (a decode step's rotary embeddings and KV-cache
@@ -324,43 +327,51 @@ def _peak_bytes(device: str) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def _split_name(name: str) -> tuple[str, bool, bool]:
-    """``(base variant, combo, pdl)`` of ``name`` = base [``-combo``] [``-pdl``]."""
-    rest = name.removesuffix("-pdl")
-    base = rest.removesuffix("-combo")
-    return base, base != rest, rest != name
+def _split_name(name: str) -> tuple[str, bool, bool, bool]:
+    """``(base variant, combo, pdl, attention pdl)`` of ``name`` = base [``-combo``]
+    [``-pdl``] [``-apdl``]."""
+    rest = name.removesuffix("-apdl")
+    apdl = rest != name
+    mid = rest.removesuffix("-pdl")
+    base = mid.removesuffix("-combo")
+    return base, base != mid, mid != rest, apdl
 
 
 def variant_recipe(name: str) -> str | None:
     """The recipe of variant ``name`` (None: the bf16 baseline).
 
     Raises:
-        KeyError: ``name`` is not a variant (``-pdl`` only extends recipe variants).
+        KeyError: ``name`` is not a variant (``-pdl`` and ``-apdl`` only extend recipe
+            variants).
     """
-    base, _, pdl = _split_name(name)
-    if base not in VARIANTS or (pdl and VARIANTS[base] is None):
+    base, _, pdl, apdl = _split_name(name)
+    if base not in VARIANTS or ((pdl or apdl) and VARIANTS[base] is None):
         raise KeyError(name)
     return VARIANTS[base]
 
 
 def run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
     """Build, compile, warm up and time one variant. Recipe variants run with
-    ``runtime.GEMV_PDL`` set from the name (``-pdl``), whatever ``QCOMPILE_GEMV_PDL`` says,
-    and record whether their GEMVs launched as programmatic dependents (``pdl``); ``-combo``
-    compiles with Inductor's ``combo_kernels`` (recorded as ``combo_kernels``)."""
+    ``runtime.GEMV_PDL`` and ``runtime.ATTN_PDL`` set from the name (``-pdl``, ``-apdl``),
+    whatever ``QCOMPILE_GEMV_PDL`` and ``QCOMPILE_ATTN_PDL`` say, and record whether their
+    GEMVs and decode attention launched as programmatic dependents (``pdl``,
+    ``attention_pdl``); ``-combo`` compiles with Inductor's ``combo_kernels`` (recorded as
+    ``combo_kernels``)."""
     import torch._inductor.config as inductor_config
 
     from qcompile.backends.triton import runtime
 
-    base, combo, want = _split_name(name)
-    old, runtime.GEMV_PDL = runtime.GEMV_PDL, want
+    base, combo, want, want_attn = _split_name(name)
+    old = runtime.GEMV_PDL, runtime.ATTN_PDL
+    runtime.GEMV_PDL, runtime.ATTN_PDL = want, want_attn
     try:
         with inductor_config.patch(combo_kernels=combo):
             out = _run_variant(base, args, dtype)
     finally:
-        runtime.GEMV_PDL = old
+        runtime.GEMV_PDL, runtime.ATTN_PDL = old
     if out["recipe"] is not None:
         out["pdl"] = want and _pdl_available(args.device)
+        out["attention_pdl"] = want_attn and _pdl_available(args.device)
     out["combo_kernels"] = combo
     return out
 
@@ -591,7 +602,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             unknown.append(v)
     if unknown:
         parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} (any may "
-                     "end in -combo, a recipe variant then in -pdl)")
+                     "end in -combo, a recipe variant then in -pdl and -apdl)")
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
     if args.gemv1 != "fma":

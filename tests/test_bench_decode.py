@@ -140,16 +140,23 @@ def test_autotune_picks_lists_each_tuners_choice_per_key(decode_mod):
 
 
 def test_pdl_variants_extend_recipe_variants_only(decode_mod):
-    """``-pdl`` names a recipe variant with the GEMVs launched as programmatic dependents; the
-    bf16 baseline and unknown names have none."""
+    """``-pdl`` names a recipe variant with the GEMVs launched as programmatic dependents,
+    ``-apdl`` with the decode attention too; the bf16 baseline and unknown names have
+    none."""
     assert decode_mod.variant_recipe("w4a16-fp4-pdl") == decode_mod.VARIANTS["w4a16-fp4"]
     assert decode_mod.variant_recipe("w4a16-fp4-nodf-pdl") == "w4-afpq"
     assert decode_mod.variant_recipe("w4a16-fp4sym-noattn") == "w4-fp4"
     assert decode_mod.variant_recipe("w4a16-fp4sym-combo-pdl") == "w4-fp4"
     assert decode_mod.variant_recipe("bf16-combo") is None
     assert decode_mod.variant_recipe("bf16") is None
+    # -apdl (last): the decode attention too.
+    assert decode_mod.variant_recipe("w4a16-fp4sym-pdl-apdl") == "w4-fp4"
+    assert decode_mod.variant_recipe("w4a16-fp4-apdl") == "w4-afpq"
+    assert decode_mod._split_name("w4a16-fp4sym-combo-pdl-apdl") == ("w4a16-fp4sym", True,
+                                                                      True, True)
+    assert decode_mod._split_name("w4a16-fp4-pdl") == ("w4a16-fp4", False, True, False)
     for bad in ("bf16-pdl", "w4a16-fp5", "w4a16-fp4-pdl-pdl", "w4a16-fp4-pdl-combo",
-                "bf16-combo-pdl"):
+                "bf16-combo-pdl", "bf16-apdl", "w4a16-fp4-apdl-pdl"):
         with pytest.raises(KeyError):
             decode_mod.variant_recipe(bad)
     with pytest.raises(SystemExit):

@@ -300,6 +300,11 @@ CASES: list[tuple[str, str, dict]] = [
                                                           nsplit=16, mma="tf32", rope=True)),
     ("decode-attn-bf16-g4-d128-bool-write", "decode_attn", dict(
         dtype="bf16", g=4, d=128, mask=1, nsplit=32, mma="tf32", rope=True, write=True)),
+    # As a programmatic dependent launch: the first run's L2 prefetch, then the wait before
+    # any global load, then the next kernel's launch.
+    ("decode-attn-bf16-g4-d128-bool-write-pdl", "decode_attn", dict(
+        dtype="bf16", g=4, d=128, mask=1, nsplit=32, mma="tf32", rope=True, write=True,
+        pdl=True)),
     ("decode-attn-fp16-g8-d64-add", "decode_attn", dict(dtype="fp16", g=8, d=64, mask=2,
                                                         nsplit=1, mma="tf32")),
     ("decode-attn-bf16-g4-d256-bool", "decode_attn", dict(dtype="bf16", g=4, d=256, mask=1,
@@ -716,7 +721,7 @@ def _build_decode_attn(mod, p: dict, all_configs: bool):
                 skc_b=d, skc_h=0, skc_d=1, sks_b=d, sks_h=0, sks_d=1)
     write = p.get("write", False)
     consts = dict(MASK=p["mask"], ROPE=p.get("rope", False), WRITE=write, KROPE=write,
-                  NSPLIT=p["nsplit"],
+                  NSPLIT=p["nsplit"], PDL=p.get("pdl", False),
                   PREC="tf32x3" if dt == "fp32" else "tf32", BLOCK_G=max(16, g), BLOCK_DK=d,
                   BLOCK_DV=d)
     kept = mod._prune(mod.CONFIGS, {"L": n}, **consts)

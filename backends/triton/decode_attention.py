@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton import path_tuning
+from qcompile.backends.triton import path_tuning, pdl
 from qcompile.backends.triton.cold_bench import cold_graph_bench
 from qcompile.backends.triton.decode_attention_inputs import (
     CACHE_DTYPES,
@@ -54,6 +54,7 @@ from qcompile.backends.triton.decode_attention_inputs import (
     MAX_HEAD_DIM,
     MAX_HEAD_DIM_FP32,
     CacheWrite,
+    broadcast_strides,
     kernel_fits,
 )
 from qcompile.backends.triton.launch import launch
@@ -154,6 +155,19 @@ def _live(mb, MASK: tl.constexpr):
 
 
 @triton.jit
+def _prefetch_block(k_base, v_base, L, DK, DV, sk_l, sk_d, sv_l, sv_d, BLOCK_L: tl.constexpr,
+                    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Ask L2 for the keys and values of positions ``0 .. BLOCK_L - 1``: every 16th element
+    of each row (a 128-byte line holds 32 or more of a 2- or 4-byte dtype, so no line is
+    missed)."""
+    pos = tl.minimum(tl.arange(0, BLOCK_L), L - 1)[:, None]
+    dk = tl.minimum(tl.arange(0, BLOCK_DK // 16) * 16, DK - 1)[None, :]
+    dv = tl.minimum(tl.arange(0, BLOCK_DV // 16) * 16, DV - 1)[None, :]
+    pdl.prefetch(k_base + pos * sk_l + dk * sk_d)
+    pdl.prefetch(v_base + pos * sv_l + dv * sv_d)
+
+
+@triton.jit
 def _run_partials(ml_ptr, part_ptr, runs, offs_g, offs_dv, BLOCK_G: tl.constexpr,
                   BLOCK_DV: tl.constexpr):
     """Split runs ``runs``' maxima ``[R, G]`` and partial sums ``[R, G, DV]`` (through L2:
@@ -184,11 +198,19 @@ def _decode_attn_kernel(
     BLOCK_G: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_L: tl.constexpr,
     AHEAD: tl.constexpr,  # 0, 1, 2: how far ahead a block's loads are issued (CONFIGS)
+    PDL: tl.constexpr = False,  # a programmatic dependent launch (pdl)
 ):
     pid = tl.program_id(0)
     sid = tl.program_id(1)
     b = pid // HKV
     hk = pid % HKV
+    k_base = k_ptr + b * sk_b + hk * sk_h
+    v_base = v_ptr + b * sv_b + hk * sv_h
+    if PDL:  # nothing a kernel writes is read before release()
+        if sid == 0:  # the first block of the first run: live whenever a position is
+            _prefetch_block(k_base, v_base, L, DK, DV, sk_l, sk_d, sv_l, sv_d, BLOCK_L,
+                            BLOCK_DK, BLOCK_DV)
+        pdl.release()
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < G
     heads = hk * G + offs_g
@@ -207,8 +229,6 @@ def _decode_attn_kernel(
                   sin_ptr + b * ss_b + heads[:, None] * ss_h + offs_dk[None, :] * ss_d,
                   ).to(q_ptr.dtype.element_ty)
     q = q.to(tl.float32)
-    k_base = k_ptr + b * sk_b + hk * sk_h
-    v_base = v_ptr + b * sv_b + hk * sv_h
     m_base = mask_ptr + b * sm_b + heads[:, None] * sm_h
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -401,18 +421,6 @@ def _tuned_splits(q, k, v, mask, scale, cos, sin, write, default: int) -> int:
         q, k, v, mask, scale, int(p), None, cos, sin, write), q.device, cold=True))
 
 
-def _bhd(t: torch.Tensor | None, shape: tuple, dummy: torch.Tensor
-         ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """``t`` and its (batch, head, last) strides as broadcast to ``shape`` ``[B, H, 1, D]``
-    (0 along broadcast dims; no ``expand``, 1.3 us a call); a dummy pointer and zero strides
-    for None. ``t`` must broadcast to ``shape`` (:func:`kernel_fits`)."""
-    if t is None:
-        return dummy, (0, 0, 0)
-    lead = len(shape) - t.dim()
-    st = [0] * lead + [0 if t.shape[i] == 1 else t.stride(i) for i in range(t.dim())]
-    return t, (st[0], st[1], st[3])
-
-
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None = None, scale: float | None = None,
                      splits: int | None = None, block_l: int | None = None,
@@ -502,18 +510,18 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         part = ml = out
     kind = 0 if mask is None else 1 if mask.dtype == torch.bool else 2
-    mptr, (ms_b, ms_h, ms_l) = _bhd(mask, (b, hq, 1, n), q)
-    cptr, cs = _bhd(cos, (b, hq, 1, dk), q)
-    sptr, ss = _bhd(sin, (b, hq, 1, dk), q)
+    mptr, (ms_b, ms_h, ms_l) = broadcast_strides(mask, (b, hq, 1, n), q)
+    cptr, cs = broadcast_strides(cos, (b, hq, 1, dk), q)
+    sptr, ss = broadcast_strides(sin, (b, hq, 1, dk), q)
     # Without a write the kernel reads none of these: q stands in for their pointers.
     index, k_new, v_new, k_cos, k_sin = (
         (q, None, None, None, None) if write is None
         else (write.index, write.k_new, write.v_new, write.k_cos, write.k_sin))
     kv_new = (b, hkv, 1, dk)
-    knptr, kns = _bhd(k_new, kv_new, q)
-    vnptr, vns = _bhd(v_new, (b, hkv, 1, dv), q)
-    kcptr, kcs = _bhd(k_cos, kv_new, q)
-    ksptr, kss = _bhd(k_sin, kv_new, q)
+    knptr, kns = broadcast_strides(k_new, kv_new, q)
+    vnptr, vns = broadcast_strides(v_new, (b, hkv, 1, dv), q)
+    kcptr, kcs = broadcast_strides(k_cos, kv_new, q)
+    ksptr, kss = broadcast_strides(k_sin, kv_new, q)
     args = (q, k, v, mptr, cptr, sptr, out, part, ml, counts if counts is not None else out,
             n, hkv, g, dk, dv, float(scale) * _LOG2E,
             q.stride(0), q.stride(1), q.stride(3),
@@ -523,6 +531,7 @@ def run_checked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 KROPE=k_cos is not None, NSPLIT=nsplit,
                 PREC="tf32x3" if q.dtype == torch.float32 else "tf32",
                 BLOCK_G=block_g, BLOCK_DK=bdk, BLOCK_DV=bdv)
+    meta.update(pdl.launch_flags(dev, attention=True))
     grid = (programs, nsplit)
     if block_l is not None or interpreting():
         bl = block_l or 32

@@ -25,10 +25,16 @@ what it overwrites, and a later kernel that is not a dependent launch (Inductor'
 waits for the GEMV to complete as usual. A wait also covers every kernel before: the
 previous grid completed only after its own wait returned.
 
-Off by default (:data:`qcompile.backends.triton.runtime.GEMV_PDL`, ``QCOMPILE_GEMV_PDL``)
-until a GPU has timed it (``benchmarks/kernels_w4a16.py``'s ``layer-chain`` rows,
-``benchmarks/decode.py``'s ``-pdl`` variants); where PDL is not available (before sm_90, a Triton without
-``launch_pdl``, the interpreter) the kernels run as before.
+On by default (:data:`qcompile.backends.triton.runtime.GEMV_PDL`, ``QCOMPILE_GEMV_PDL``;
+timed faster on an H200, ``benchmarks/decode.py``'s ``-pdl`` variants); where PDL is not
+available (before sm_90, a Triton without ``launch_pdl``, the interpreter) the kernels run as
+before.
+
+The decode attention kernel between ``qkv`` and ``o_proj`` can launch the same way
+(:data:`~qcompile.backends.triton.runtime.ATTN_PDL`, off until timed): its first run
+prefetches the first block of keys and values (never a dead block: that run starts at
+position 0), waits, and lets ``o_proj`` launch, whose weight prefetch then overlaps the
+attention instead of waiting for its end.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ import triton.language as tl
 
 from qcompile.backends.triton import runtime
 
-__all__ = ["available", "enter", "launch_flags"]
+__all__ = ["available", "enter", "launch_flags", "prefetch", "release"]
 
 
 @functools.cache
@@ -69,11 +75,11 @@ def available(device: torch.device) -> bool:
     return _capable(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def launch_flags(device: torch.device) -> dict:
-    """The GEMV launch's PDL arguments: the kernel's ``PDL`` constexpr, and Triton's
-    ``launch_pdl`` option with it when :data:`runtime.GEMV_PDL` is on and PDL is
-    :func:`available`."""
-    if runtime.GEMV_PDL and available(device):
+def launch_flags(device: torch.device, attention: bool = False) -> dict:
+    """A launch's PDL arguments: the kernel's ``PDL`` constexpr, and Triton's ``launch_pdl``
+    option with it when the switch is on (:data:`runtime.GEMV_PDL`; ``attention``: the decode
+    attention's, :data:`runtime.ATTN_PDL`) and PDL is :func:`available`."""
+    if (runtime.ATTN_PDL if attention else runtime.GEMV_PDL) and available(device):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
 
@@ -83,6 +89,21 @@ def _prefetch_l2(ptrs):
     # A hint with no result; the output register only satisfies inline_asm_elementwise.
     return tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l",
                                      [ptrs], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch(ptrs):
+    """Ask L2 for the lines of ``ptrs`` (a hint: L2 is where the GPU's memory is coherent,
+    so a line fetched early is never stale there; nothing is loaded into registers)."""
+    _prefetch_l2(ptrs)
+
+
+@triton.jit
+def release():
+    """Wait for the previous grid (its writes visible), then let the next one launch: after
+    the prefetches, before the first global load of a dependent launch."""
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -96,5 +117,4 @@ def enter(base, offs_n, N, row_len, first, STEP: tl.constexpr, LINES: tl.constex
         rows = base + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * row_len
         col = tl.minimum(first + STEP * tl.arange(0, LINES), row_len - 1)
         _prefetch_l2(rows + col[None, :])
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        release()

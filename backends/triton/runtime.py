@@ -210,6 +210,26 @@ GEMV1_MMA: bool | str
 GEMV_PDL: bool
 GEMV1_MMA, GEMV_PDL = gemv_switches(os.environ)
 
+
+def attention_pdl_switch(env: dict[str, str]) -> bool:
+    """``ATTN_PDL`` from ``QCOMPILE_ATTN_PDL`` (``0`` or ``1``; default ``0``) in ``env``.
+
+    Raises:
+        ValueError: Another value, naming the variable and the value.
+    """
+    value = env.get("QCOMPILE_ATTN_PDL", "0") or "0"
+    if value not in ("0", "1"):
+        raise ValueError(f"QCOMPILE_ATTN_PDL must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+#: The decode attention kernel launches as a programmatic dependent too (sm_90+), so the
+#: ``o_proj`` GEMV after it can launch early and prefetch its weights while it runs, and its
+#: own programs start during the kernel before it (:mod:`qcompile.backends.triton.pdl`).
+#: Off by default until a GPU has timed it (``benchmarks/decode.py``'s ``-apdl`` variants);
+#: its start value comes from ``QCOMPILE_ATTN_PDL`` (:func:`attention_pdl_switch`).
+ATTN_PDL: bool = attention_pdl_switch(os.environ)
+
 #: Split-K GEMVs sum their partials in the last program of each column tile (arrival counts,
 #: :func:`arrival_counts`): one launch per call instead of two, the same bits. False: a
 #: separate reduce kernel (benchmarks compare the two).
