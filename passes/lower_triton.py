@@ -28,8 +28,9 @@ leaves them):
   taking in the query's rotary embedding when the SDPA alone reads it (``attention_rope``)
   and the step's KV-cache writes (``index_copy_`` of the new rows, with the key's rotary
   embedding) when nothing else touches the caches (``attention_write``:
-  ``qcompile::decode_attention_write`` updates them in place;
-  :mod:`qcompile.passes.lower_triton_attention`).
+  ``qcompile::decode_attention_write`` updates them in place; a static cache's per-layer
+  position counters, read only by those writes, are then bumped together at the graph's end,
+  ``attention_counters``: :mod:`qcompile.passes.lower_triton_attention`).
   Dropout, ``is_causal`` and masks that are neither boolean nor float stay and are reported.
 * Decode fusions (``decode_fusion``): a ``w4a16_linear`` whose input is statically one row (a
   decode step's graph) takes in the RMSNorm (checked by the same probe) or the
@@ -173,7 +174,8 @@ class LowerTritonPass(Pass):
                        if n.kind == "rms" and n.offset == 0.0 and n.bias is None}
         matches = [m for n in list(gm.graph.nodes) if (m := self._check(gm, n, skipped))]
         counts = {"w4a16": 0, "fp8": 0, "w4a8": 0, "act": 0, "rmsnorm": 0, "silu_gate": 0,
-                  "attention": 0, "attention_rope": 0, "attention_write": 0}
+                  "attention": 0, "attention_rope": 0, "attention_write": 0,
+                  "attention_counters": 0}
         self._gates: list[fx.Node] = []
         rows: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
         for m in matches:

@@ -448,6 +448,52 @@ def test_several_rows_and_the_option_off_leave_the_graph():
     assert str(parse_pipeline("lower-triton{attention=false}")) == "lower-triton{attention=false}"
 
 
+def _counter_graph(index_len: int = 1, bump: int = 1, other_reader: bool = False):
+    """A graph holding a cache write whose index is ``arange(index_len) + c`` for an integer
+    input ``c`` that ``c.add_(bump)`` bumps after (a static-cache layer's position counter)."""
+    g = torch.fx.Graph()
+    c = g.placeholder("c")
+    c.meta["val"] = torch.tensor(0)
+    rest = [g.placeholder(n) for n in ("q", "k", "v", "kn", "vn")]
+    ar = g.call_function(torch.ops.aten.arange.default, (index_len,))
+    idx = g.call_function(torch.ops.aten.add.Tensor, (ar, c))
+    idx.meta["val"] = torch.zeros(index_len, dtype=torch.long)
+    g.call_function(torch.ops.aten.add_.Tensor, (c, bump))
+    att = g.call_function(torch.ops.qcompile.decode_attention_write.default,
+                          (rest[0], rest[1], rest[2], idx, rest[3], rest[4]))
+    outs = [att]
+    if other_reader:
+        outs.append(g.call_function(torch.ops.aten.add.Tensor, (c, 5)))
+    g.output(tuple(outs))
+    return torch.fx.GraphModule(torch.nn.Module(), g)
+
+
+def test_cache_counters_are_bumped_together_at_the_end():
+    """A counter read only by the write's index and bumped by one right after: the write
+    reads the counter (as ``[1]``), and one ``_foreach_add_`` before the output bumps it;
+    the arange, the index and the bump are gone. A counter read elsewhere, bumped by another
+    amount, or an index of several positions stays as it was."""
+    from qcompile.passes.lower_triton_attention import batch_cache_counters
+
+    gm = _counter_graph()
+    assert batch_cache_counters(gm) == 1
+    gm.graph.lint()
+    nodes = list(gm.graph.nodes)
+    targets = [n.target for n in nodes]
+    assert torch.ops.aten.add_.Tensor not in targets
+    assert torch.ops.aten.arange.default not in targets
+    att = next(n for n in nodes if n.target is torch.ops.qcompile.decode_attention_write.default)
+    index = att.args[3]
+    assert index.target is torch.ops.aten.view.default and index.args == (nodes[0], [1])
+    bump = nodes[-2]
+    assert bump.target is torch.ops.aten._foreach_add_.Scalar and bump.args == ([nodes[0]], 1)
+    for kw in (dict(other_reader=True), dict(bump=2), dict(index_len=2)):
+        gm = _counter_graph(**kw)
+        before = [n.target for n in gm.graph.nodes]
+        assert batch_cache_counters(gm) == 0, kw
+        assert [n.target for n in gm.graph.nodes] == before
+
+
 # --- end to end: the torch.compile backend ---------------------------------------------------
 
 def _generate(lower: str, inductor: bool = False) -> tuple[torch.Tensor, list]:
@@ -467,7 +513,7 @@ def _generate(lower: str, inductor: bool = False) -> tuple[torch.Tensor, list]:
 
 def _steps(lower: str, inductor: bool = False):
     """Prefill 5 tokens and decode 4 greedily over a StaticCache we hold: the logits, the
-    caches after, and lower-triton's facts per graph."""
+    caches and their layers' position counters after, and lower-triton's facts per graph."""
     from transformers import StaticCache
 
     torch._dynamo.reset()
@@ -483,7 +529,8 @@ def _steps(lower: str, inductor: bool = False):
             tok = logits[-1][:, -1:].argmax(-1)
             logits.append(model(tok, past_key_values=cache, cache_position=torch.tensor([p]),
                                 use_cache=True).logits)
-    kv = [t.clone() for layer in cache.layers for t in (layer.keys, layer.values)]
+    kv = [t.clone() for layer in cache.layers
+          for t in (layer.keys, layer.values, layer.cumulative_length)]
     facts = [p["facts"] for r in model.qcompile_backend.stats.reports for p in r["passes"]
              if p["name"] == "lower-triton"]
     torch._dynamo.reset()
@@ -495,11 +542,16 @@ def test_decode_steps_write_the_cache_in_the_attention_op(inductor):
     """Lowered, each decode graph's attentions become ``decode_attention_write`` (the rotary
     embeddings of q and k and both cache writes folded in); the logits of every step and the
     caches after them are those of the unlowered graphs: bit for bit eagerly, within fp32
-    rounding under Inductor (which fuses the unlowered graph's element-wise ops)."""
+    rounding under Inductor (which fuses the unlowered graph's element-wise ops). The
+    second layer's position counter is bumped with the others at the graph's end (the first
+    layer's also gives the positions and the mask, so it stays), and every counter ends
+    where the unlowered run leaves it (9)."""
     want, kv_want, _ = _steps("none", inductor)
     got, kv_got, facts = _steps("always", inductor)
     decode = [f for f in facts if f["attention"]]
     assert decode and all(f["attention_write"] == f["attention_rope"] == 2 for f in decode)
+    assert all(f["attention_counters"] == 1 for f in decode)
+    assert [int(t) for t in kv_got[2::3]] == [9, 9]
     for a, b in zip(got + kv_got, want + kv_want, strict=True):
         if inductor:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
