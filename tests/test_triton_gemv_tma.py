@@ -238,6 +238,8 @@ def test_configs_are_timed_once_per_shape(monkeypatch):
     real = path_tuning.agrees
     monkeypatch.setattr(path_tuning, "agrees",
                         lambda out, want: outs.append((out, want)) or real(out, want))
+    warmed = []
+    monkeypatch.setattr(tma, "warm_all", lambda kernel, calls: warmed.append(calls) or 0)
     path_tuning.clear()
     w = _weight("fp4_e2m1/g128", 40, 512)
     x = _x(512, torch.bfloat16)
@@ -246,6 +248,15 @@ def test_configs_are_timed_once_per_shape(monkeypatch):
     best = min(times, key=times.__getitem__)
     assert path_tuning.choice(key) == best and best.endswith("-mma")
     assert _same(got, _twin(best, x, w), best)
+    # Before the timing, every candidate went to the compile pool once, as it launches.
+    assert len(warmed) == 1 and len(warmed[0]) == len(names)
+    configs = tma._configs(128, tma.interpreting(), True)
+    for cfg, (grid, args, kwargs) in zip(configs, warmed[0], strict=True):
+        assert (kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["STAGES"], kwargs["num_warps"],
+                kwargs["MMA"]) == (cfg[0], cfg[1], cfg[2], cfg[4], cfg[5])
+        assert len(grid) == 1 and args[0] is x
+    tma.w4a16_gemv1_tma(x, w[0], w[2], w[3], w[4], w[5], None)
+    assert len(warmed) == 1  # the shape is timed: nothing compiles ahead again
     assert len(outs) == len(names) - 1 and all(o is not w_ for o, w_ in outs)
     path_tuning.clear()
 

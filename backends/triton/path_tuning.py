@@ -30,7 +30,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENABLED", "MAX_M", "agrees", "choice", "choices", "clear", "pick", "timings"]
+__all__ = ["ENABLED", "MAX_M", "agrees", "can_time", "choice", "choices", "clear", "pick",
+           "timings"]
 
 #: Time the candidate paths (False: every op keeps its default, M-threshold path).
 ENABLED = True
@@ -84,6 +85,12 @@ def agrees(out: object, want: object, tol: float = 0.05) -> bool:
 
 def _can_time(device: torch.device) -> bool:
     return device.type == "cuda" and not torch.cuda.is_current_stream_capturing()
+
+
+def can_time(device: torch.device) -> bool:
+    """Whether :func:`pick` would time candidates on ``device`` now (a caller compiles them
+    ahead only then)."""
+    return ENABLED and _can_time(device)
 
 
 def _time_ms(fn: Callable[[], object], cold: bool = False) -> float:

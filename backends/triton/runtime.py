@@ -115,8 +115,24 @@ def compile_ahead(kernel, configs, named_args: dict, kwargs: dict) -> int:
     Returns:
         How many compiles were submitted.
     """
+    # The autotuner hands its pruning the launch's own grid and warmup flag: not the kernel's.
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    return warm_all(kernel, [((1,), (), {**named_args, **kwargs, **cfg.all_kwargs()})
+                             for cfg in configs])
+
+
+def warm_all(kernel, calls: list[tuple[tuple, tuple, dict]]) -> int:
+    """Compile ``kernel`` for each ``(grid, args, kwargs)`` of ``calls`` (a launch's
+    arguments, constexprs and options) at once on a thread pool, as :func:`compile_ahead`
+    does for an autotuner's configs; for candidates whose arguments differ per config (a
+    TMA descriptor's block shape). Compile errors are left for the launch to meet; nothing
+    happens under the interpreter, with one thread, or without Triton's asynchronous mode.
+
+    Returns:
+        How many compiles were submitted.
+    """
     threads = compile_threads()
-    if threads < 2 or interpreting():
+    if threads < 2 or interpreting() or len(calls) < 2:
         return 0
     try:
         from concurrent.futures import ThreadPoolExecutor
@@ -124,21 +140,19 @@ def compile_ahead(kernel, configs, named_args: dict, kwargs: dict) -> int:
         from triton.runtime._async_compile import AsyncCompileMode
     except ImportError:
         return 0
-    # The autotuner hands its pruning the launch's own grid and warmup flag: not the kernel's.
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
     submitted = 0
     try:
-        with ThreadPoolExecutor(min(threads, len(configs))) as pool, \
+        with ThreadPoolExecutor(min(threads, len(calls))) as pool, \
                 AsyncCompileMode(pool, ignore_errors=True):
-            for cfg in configs:
+            for grid, args, kwargs in calls:
                 try:
-                    kernel.warmup(grid=(1,), **named_args, **kwargs, **cfg.all_kwargs())
+                    kernel.warmup(*args, grid=grid, **kwargs)
                     submitted += 1
-                except Exception as exc:  # the autotuner meets it again and reports it
-                    log.debug("compile_ahead: %s %s: %s", getattr(kernel, "__name__", kernel),
-                              cfg, exc)
+                except Exception as exc:  # the launch meets it again and reports it
+                    log.debug("warm_all: %s %s: %s", getattr(kernel, "__name__", kernel),
+                              kwargs, exc)
     except RuntimeError as exc:  # another asynchronous compile mode is active
-        log.debug("compile_ahead skipped: %s", exc)
+        log.debug("warm_all skipped: %s", exc)
     return submitted
 
 

@@ -48,7 +48,13 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from qcompile.backends.triton import path_tuning, pdl
 from qcompile.backends.triton.gemv_fusion import GemvFusion, fusion_args, load_x, row_rstd
 from qcompile.backends.triton.launch import launch
-from qcompile.backends.triton.runtime import arrival_counts, cdiv, interpreting, sm_count
+from qcompile.backends.triton.runtime import (
+    arrival_counts,
+    cdiv,
+    interpreting,
+    sm_count,
+    warm_all,
+)
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND
 from qcompile.backends.triton.w4a16_gemv import (
     _finish,
@@ -249,16 +255,11 @@ def _learn_residency(key: tuple, compiled: object, warps: int, device: torch.dev
         _RESIDENT[key] = resident_programs(n_regs, shared, warps, _sm_limits(device))
 
 
-def _launch(cfg: Config, args: tuple, flags: dict,
-            device: torch.device, split: int | None = None) -> torch.Tensor:
-    """One launch of config ``cfg``: ``args`` are the kernel's arguments but ``w_desc`` and
-    the output buffers; returns a new ``y``. ``split``: the K split (default :func:`_split`;
-    the interpreter: 2 where it divides the tiles, to exercise the reduce).
-
-    The K split follows the config's programs per multiprocessor, so the bits do not change
-    from call to call. The grid is capped at what the multiprocessors hold at once, learned
-    from the compiled kernel at its first launch (a persistent program that is not resident
-    would start only when another ends); the grid does not change the bits."""
+def _prepare(cfg: Config, args: tuple, flags: dict, device: torch.device,
+             split: int | None) -> tuple[tuple, tuple, dict, torch.Tensor, tuple]:
+    """``(grid, args, kwargs, y, key)`` of one launch of config ``cfg`` (:func:`_launch`):
+    the output buffers allocated, the descriptor made, the split and grid chosen; ``key``
+    names the compiled variant (:data:`_RESIDENT`)."""
     bn, bk, stages, per_sm, warps, mma = cfg
     x, words = args[0], args[1]
     n, k, kw = words.shape[0], x.shape[-1], words.shape[1]
@@ -281,13 +282,39 @@ def _launch(cfg: Config, args: tuple, flags: dict,
     # The interpreter: about three units per program, so the persistent loop crosses units.
     progs = cdiv(units, 3) if exact else min(
         units, min(per_sm, _RESIDENT.get(key, per_sm)) * sm_count(device))
-    compiled = launch(_gemv1_tma_kernel, (progs,), x, desc, *args[1:6], part, out,
-                      out if counts is None else counts, *args[6:], **flags["const"],
-                      SPLIT=split, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, MMA=mma,
-                      num_warps=warps)
-    if not exact and key not in _RESIDENT:
-        _learn_residency(key, compiled, warps, device)
+    call_args = (x, desc, *args[1:6], part, out, out if counts is None else counts, *args[6:])
+    kwargs = dict(flags["const"], SPLIT=split, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, MMA=mma,
+                  num_warps=warps)
+    return (progs,), call_args, kwargs, out, key
+
+
+def _launch(cfg: Config, args: tuple, flags: dict,
+            device: torch.device, split: int | None = None) -> torch.Tensor:
+    """One launch of config ``cfg``: ``args`` are the kernel's arguments but ``w_desc`` and
+    the output buffers; returns a new ``y``. ``split``: the K split (default :func:`_split`;
+    the interpreter: 2 where it divides the tiles, to exercise the reduce).
+
+    The K split follows the config's programs per multiprocessor, so the bits do not change
+    from call to call. The grid is capped at what the multiprocessors hold at once, learned
+    from the compiled kernel at its first launch (a persistent program that is not resident
+    would start only when another ends); the grid does not change the bits."""
+    grid, call_args, kwargs, out, key = _prepare(cfg, args, flags, device, split)
+    compiled = launch(_gemv1_tma_kernel, grid, *call_args, **kwargs)
+    if not interpreting() and key not in _RESIDENT:
+        _learn_residency(key, compiled, cfg[4], device)
     return out
+
+
+def _compile_ahead(configs: list[Config], args: tuple, flags: dict, device: torch.device,
+                   split: int | None) -> int:
+    """Compile every candidate config for this call at once on a thread pool
+    (:func:`~qcompile.backends.triton.runtime.warm_all`) before the first is timed: each
+    config's descriptor, split and constexprs differ, so they are not one autotuner's."""
+    calls = []
+    for cfg in configs:
+        grid, call_args, kwargs, _, _ = _prepare(cfg, args, flags, device, split)
+        calls.append((grid, call_args, kwargs))
+    return warm_all(_gemv1_tma_kernel, calls)
 
 
 @functools.cache
@@ -335,6 +362,8 @@ def w4a16_gemv1_tma(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor,
         key = ("w4a16-gemv1-tma", n, k, group_size, x.dtype, dtype, scale_neg is not None,
                outer is not None, bias is not None, x_scale is not None,
                fused[1]["PRO"], fused[1]["HAS_RES"])
+        if path_tuning.choice(key) is None and path_tuning.can_time(x.device):
+            _compile_ahead(list(configs.values()), args, flags, x.device, split)
         config = path_tuning.pick(
             key, names[0], names, lambda c: _launch(configs[c], args, flags, x.device, split),
             x.device, cold=True)  # a dictionary lookup once the shape is timed
