@@ -1,4 +1,4 @@
-"""The batch-1 GEMVs' FP4 E2M1 pair decode (``w4a16_gemv._fp16_pair``), both ways it can run:
+"""The batch-1 GEMVs' FP4 E2M1 pair decode (``fp4_words._fp16_pair``), both ways it can run:
 every code of every word against ``ml_dtypes``' float4_e2m1fn, bit for bit, as fp16 in units
 of 2^-14 (signed, and the magnitudes AFPQ's second sum takes)."""
 
@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from qcompile.backends.triton.w4a16_gemv import _fp16_pair  # noqa: E402
+from qcompile.backends.triton.fp4_words import _fp16_pair  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -20,10 +20,11 @@ import triton.language as tl
 
 from qcompile.backends.triton import path_tuning
 from qcompile.backends.triton.cold_bench import cold_graph_bench
+from qcompile.backends.triton.fp4_words import _fp4_pair
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import cdiv, element_table, interpreting, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _group_eff, _round_to, _weight_tile
-from qcompile.backends.triton.w4a16_gemv import _fp4_pair, _words
+from qcompile.backends.triton.w4a16_gemv import _words
 
 __all__ = ["DEQUANT_MIN_M", "w4a16_dequant"]
 

@@ -28,7 +28,7 @@ counts 2.9-3.3 instructions per code for symmetric FP4 and 3.8-4.1 for AFPQ at 1
 where the FMA kernel needs 4.2 and 5.6 at best: 6.5 and 8.5 us of issue for 8192^2, under the
 read's 10 us, where the FMA kernel's 9.6 and 12.7 are about at it or over it. What is left is
 mostly the decode (about 1.4 per code with the restaged pair decode of
-``w4a16_gemv._fp16_pair``; AFPQ keeps the unrestaged one, where its magnitude tile is free)
+``fp4_words._fp16_pair``; AFPQ keeps the unrestaged one, where its magnitude tile is free)
 and moving each tile into the MMA's operand layout through shared memory.
 
 K order: within each word, the tile holds nibble ``a + 2 b + 4 h`` at position ``4 a + 2 b +
@@ -51,13 +51,13 @@ import triton.language as tl
 
 from qcompile.backends.triton import pdl
 from qcompile.backends.triton.cold_bench import cold_graph_bench
+from qcompile.backends.triton.fp4_words import _fp16_pair
 from qcompile.backends.triton.gemv_fusion import GemvFusion, fusion_args, load_x, row_rstd
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import cdiv, interpreting, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND
 from qcompile.backends.triton.w4a16_gemv import (
     _finish,
-    _fp16_pair,
     _pinned,
     _plan_split,
     _prune_splits,
@@ -87,7 +87,7 @@ X_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 @triton.jit
 def _fp16_tile(w, MAG_ONLY: tl.constexpr, RESTAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr):
-    """``[BLOCK_N, BLOCK_K]`` fp16 codes (``w4a16_gemv._fp16_pair``, decoded the ``RESTAGE``
+    """``[BLOCK_N, BLOCK_K]`` fp16 codes (``fp4_words._fp16_pair``, decoded the ``RESTAGE``
     way or not) of words ``w [BLOCK_N, BLOCK_K / 8]`` in the tile's K order: position
     ``4 a + 2 b + h`` of a word holds nibble ``a + 2 b + 4 h`` (each pair stays one register;
     module docstring)."""

@@ -14,8 +14,8 @@ memory) that Triton's software pipeline issues ``STAGES - 1`` tiles ahead, acros
 boundaries: the next tiles are on their way while this one is multiplied, without holding them
 in registers (the FMA kernel's hand prefetch in registers was no faster, its docstring says).
 Each config's products are one of two kernels'. Most configs take the FMA kernel's decode and
-products (:func:`~qcompile.backends.triton.w4a16_gemv._staged_products`,
-:func:`~qcompile.backends.triton.w4a16_gemv._scaled_sums`), so results are its results bit for
+products (:func:`~qcompile.backends.triton.fp4_words._staged_products`,
+:func:`~qcompile.backends.triton.fp4_words._scaled_sums`), so results are its results bit for
 bit at the same K split. The ``-mma`` configs take the tensor-core kernel's
 (:func:`~qcompile.backends.triton.w4a16_gemv_mma.tile_sums`): fewer instructions per code, fed
 by the same TMA pipeline; their results are that kernel's at the same tile and split. A row
@@ -46,6 +46,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from qcompile.backends.triton import path_tuning, pdl
+from qcompile.backends.triton.fp4_words import _scaled_sums, _staged_products
 from qcompile.backends.triton.gemv_fusion import GemvFusion, fusion_args, load_x, row_rstd
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import (
@@ -56,12 +57,7 @@ from qcompile.backends.triton.runtime import (
     warm_all,
 )
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND
-from qcompile.backends.triton.w4a16_gemv import (
-    _finish,
-    _scaled_sums,
-    _staged_products,
-    tile_fits,
-)
+from qcompile.backends.triton.w4a16_gemv import _finish, tile_fits
 from qcompile.backends.triton.w4a16_gemv_mma import X_DTYPES, column_sums, tile_k_order, tile_sums
 
 __all__ = ["TMA_CONFIGS", "tma_eligible", "w4a16_gemv1_tma"]
