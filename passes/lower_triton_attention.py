@@ -108,6 +108,16 @@ def _is_one_arange(n: object) -> bool:
     return list(n.args) in ([1], [0, 1])
 
 
+def _before(a: fx.Node, b: fx.Node) -> bool:
+    """Whether node ``a`` comes before node ``b`` in their graph's order."""
+    n = a.next
+    while n.op != "root":
+        if n is b:
+            return True
+        n = n.next
+    return False
+
+
 def _step_counter(index: object) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
     """``(counter, bump, dead)`` when a cache write's ``index`` is ``arange(1) + c`` for a
     graph input ``c`` (one integer) that is read by nothing else and bumped by ``c.add_(1)``
@@ -128,6 +138,8 @@ def _step_counter(index: object) -> tuple[fx.Node, fx.Node, list[fx.Node]] | Non
         return None
     bump = bumps[0]
     if bump.target not in _BUMP or bump.users or list(bump.args) != [counter, 1] or bump.kwargs:
+        return None
+    if not _before(index, bump):  # the index must read the value before the bump
         return None
     return counter, bump, [index] + ([arange] if len(arange.users) == 1 else [])
 

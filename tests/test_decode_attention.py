@@ -448,17 +448,21 @@ def test_several_rows_and_the_option_off_leave_the_graph():
     assert str(parse_pipeline("lower-triton{attention=false}")) == "lower-triton{attention=false}"
 
 
-def _counter_graph(index_len: int = 1, bump: int = 1, other_reader: bool = False):
+def _counter_graph(index_len: int = 1, bump: int = 1, other_reader: bool = False,
+                   bump_first: bool = False):
     """A graph holding a cache write whose index is ``arange(index_len) + c`` for an integer
     input ``c`` that ``c.add_(bump)`` bumps after (a static-cache layer's position counter)."""
     g = torch.fx.Graph()
     c = g.placeholder("c")
     c.meta["val"] = torch.tensor(0)
     rest = [g.placeholder(n) for n in ("q", "k", "v", "kn", "vn")]
+    if bump_first:  # the index then reads the bumped value
+        g.call_function(torch.ops.aten.add_.Tensor, (c, bump))
     ar = g.call_function(torch.ops.aten.arange.default, (index_len,))
     idx = g.call_function(torch.ops.aten.add.Tensor, (ar, c))
     idx.meta["val"] = torch.zeros(index_len, dtype=torch.long)
-    g.call_function(torch.ops.aten.add_.Tensor, (c, bump))
+    if not bump_first:
+        g.call_function(torch.ops.aten.add_.Tensor, (c, bump))
     att = g.call_function(torch.ops.qcompile.decode_attention_write.default,
                           (rest[0], rest[1], rest[2], idx, rest[3], rest[4]))
     outs = [att]
@@ -472,7 +476,8 @@ def test_cache_counters_are_bumped_together_at_the_end():
     """A counter read only by the write's index and bumped by one right after: the write
     reads the counter (as ``[1]``), and one ``_foreach_add_`` before the output bumps it;
     the arange, the index and the bump are gone. A counter read elsewhere, bumped by another
-    amount, or an index of several positions stays as it was."""
+    amount or before the index reads it, or an index of several positions stays as it
+    was."""
     from qcompile.passes.lower_triton_attention import batch_cache_counters
 
     gm = _counter_graph()
@@ -487,7 +492,8 @@ def test_cache_counters_are_bumped_together_at_the_end():
     assert index.target is torch.ops.aten.view.default and index.args == (nodes[0], [1])
     bump = nodes[-2]
     assert bump.target is torch.ops.aten._foreach_add_.Scalar and bump.args == ([nodes[0]], 1)
-    for kw in (dict(other_reader=True), dict(bump=2), dict(index_len=2)):
+    for kw in (dict(other_reader=True), dict(bump=2), dict(index_len=2),
+               dict(bump_first=True)):
         gm = _counter_graph(**kw)
         before = [n.target for n in gm.graph.nodes]
         assert batch_cache_counters(gm) == 0, kw

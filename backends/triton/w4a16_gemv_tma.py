@@ -32,8 +32,8 @@ depth, programs per multiprocessor) is one candidate of a cold-L2 timing at the 
 each shape (:mod:`qcompile.backends.triton.path_tuning`): the descriptor's block shape is the
 tile's, so the configs are not one autotuner's. ``w4a16_gemv.w4a16_gemv1`` runs it with
 ``runtime.GEMV1_MMA == "tma"`` (``QCOMPILE_GEMV1=tma``), or with ``"auto"`` where it timed
-fastest. Status: numerics checked in the interpreter, every config compiled for sm_90; the FMA
-configs were not yet timed on a GPU when the ``-mma`` ones were added, nor were those.
+fastest. Status: numerics checked in the interpreter, every config of both kinds compiled for
+sm_90; no config of either kind timed on a GPU yet.
 """
 
 from __future__ import annotations
