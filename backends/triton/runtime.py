@@ -200,10 +200,19 @@ def gemv_switches(env: dict[str, str]) -> tuple[bool | str, bool]:
     if kernel not in _GEMV1_KERNELS:
         raise ValueError(f"QCOMPILE_GEMV1 must be one of {', '.join(_GEMV1_KERNELS)}, got "
                          f"{kernel!r}")
-    pdl = env.get("QCOMPILE_GEMV_PDL", "1") or "1"
-    if pdl not in ("0", "1"):
-        raise ValueError(f"QCOMPILE_GEMV_PDL must be 0 or 1, got {pdl!r}")
-    return _GEMV1_KERNELS[kernel], pdl == "1"
+    return _GEMV1_KERNELS[kernel], _switch(env, "QCOMPILE_GEMV_PDL", "1")
+
+
+def _switch(env: dict[str, str], name: str, default: str) -> bool:
+    """The ``0``/``1`` variable ``name`` of ``env`` (``default`` when unset or empty).
+
+    Raises:
+        ValueError: Another value, naming the variable and the value.
+    """
+    value = env.get(name, default) or default
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 #: Batch-1 FP4 GEMVs on tensor cores (``w4a16_gemv_mma``) where eligible: True always,
@@ -231,10 +240,7 @@ def attention_pdl_switch(env: dict[str, str]) -> bool:
     Raises:
         ValueError: Another value, naming the variable and the value.
     """
-    value = env.get("QCOMPILE_ATTN_PDL", "0") or "0"
-    if value not in ("0", "1"):
-        raise ValueError(f"QCOMPILE_ATTN_PDL must be 0 or 1, got {value!r}")
-    return value == "1"
+    return _switch(env, "QCOMPILE_ATTN_PDL", "0")
 
 
 #: The decode attention kernel launches as a programmatic dependent too (sm_90+), so the
