@@ -12,6 +12,11 @@ builders it reuses), disassembles the cubin with ``cuobjdump -sass``, takes the 
 the opcode mix, the barriers and the registers. A change to the decode can so be judged here
 before device time is spent on it; the times themselves come from ``kernels_w4a16.py``.
 
+The power-of-two Hadamard + quantize kernel (``had2`` cases, ``had_quant``) is counted the
+same way: its loop is the row loop, and the unit is a row element (``instructions_per_code``
+is then per element; its issue bound is for 8192 x 8192 elements, the ``kernels_act.py``
+shape, whose copy takes about 93 us on an H100).
+
 Usage::
 
     python benchmarks/sass_census.py [--cases w4a16-gemv1w-bf16-g128-afpq,...] [--out F.json]
@@ -66,18 +71,21 @@ def _compile_module():
 
 
 def census(case_names: list[str]) -> list[dict[str, Any]]:
-    """One row per (case, config) of the batch-1 FP4 GEMV cases named (the FMA word kernel,
-    ``w4a16_gemv1w``, and the tensor-core one, ``w4a16_gemv1mma``)."""
+    """One row per (case, config) of the cases named: the batch-1 FP4 GEMVs (the FMA word
+    kernel ``w4a16_gemv1w``, the tensor-core one ``w4a16_gemv1mma``, the TMA-fed one
+    ``w4a16_gemv1tma``) per weight code, the Hadamard + quantize rows (``had2``) per
+    element."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from qcompile.backends.triton import w4a16_gemv, w4a16_gemv_mma, w4a16_gemv_tma
+    from qcompile.backends.triton import had_quant, w4a16_gemv, w4a16_gemv_mma, w4a16_gemv_tma
 
     t = _compile_module()
     builders = {"w4a16_gemv1w": (t._build_w4a16_gemv1w, w4a16_gemv),
                 "w4a16_gemv1mma": (t._build_w4a16_gemv1mma, w4a16_gemv_mma),
-                "w4a16_gemv1tma": (t._build_w4a16_gemv1tma, w4a16_gemv_tma)}
+                "w4a16_gemv1tma": (t._build_w4a16_gemv1tma, w4a16_gemv_tma),
+                "had2": (t._build_had2, had_quant)}
     cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     cases = {c[0]: c for c in t.CASES}
     rows = []
@@ -102,7 +110,11 @@ def census(case_names: list[str]) -> list[dict[str, Any]]:
                                       capture_output=True, text=True).stdout
             regs, stack = t._resources(kernel.asm["cubin"], cuobjdump, kernel.metadata.name)
             loop = main_loop(sass)
-            codes = cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"] / (cfg.num_warps * 32)
+            # What a thread handles per loop iteration: codes of a weight tile, or elements
+            # of a row (the padded row tile of a had2 program).
+            tile = (consts["RP"] * consts["C"] if cases[name][1] == "had2"
+                    else cfg.kwargs["BLOCK_N"] * cfg.kwargs["BLOCK_K"])
+            codes = tile / (cfg.num_warps * 32)
             per_code = loop["instructions"] / codes
             rows.append({
                 "case": name, "config": dict(cfg.kwargs, num_warps=cfg.num_warps,

@@ -204,12 +204,14 @@ def test_hadamard_other_sizes(d, had):
     (4, 4096, 256, torch.float16), (9, 1024, 1024, torch.float32), (6, 8192, 8192, torch.float32),
 ])
 @pytest.mark.parametrize(("parts", "trans"), [(2, False), (2, True), (3, False), (1, False),
-                                             (1, True)])
+                                             (1, True), (0, False)])
 def test_hadamard_two_products(monkeypatch, parts, trans, rows, d, had, dtype):
     """Power-of-two sizes run as (I (x) H_R) @ X @ H_C (had_quant): the benchmark shape's
     8192 = 64 x 128, 16384 = 128 x 128, two blocks of 256 per row (R = 2), fp32 rows (and
     fp32 8192, which the general kernel takes); more rows than programs, so the row loop
-    repeats; the left operand split in two fp16 or three bf16 parts, products transposed or not. Rotation to fp32 accuracy, quantization of it exact, codes as the reference's."""
+    repeats; the left operand split in two fp16 or three bf16 parts, products transposed or
+    not, or the left factor as fp32 butterflies (parts 0). Rotation to fp32 accuracy,
+    quantization of it exact, codes as the reference's."""
     from qcompile.backends.triton import had_quant
     from qcompile.backends.triton.had_quant import had2_plan
 
@@ -233,6 +235,13 @@ def test_hadamard_two_products(monkeypatch, parts, trans, rows, d, had, dtype):
     else:
         assert float((rot != hadamard(x, had)).float().mean()) <= 0.002
         assert bool(((rot.double() - exact).abs() <= exact.abs() * 2.0**-7 + 1e-6 * rowmax).all())
+    if parts == 0 and dtype != torch.float32:
+        # fp32 adds from T's exact sums, as the reference's butterfly: its rows to an fp32
+        # summation-order error before the rounding to x's dtype (the rounding itself: half an
+        # ulp of the value, so no output may sit more than that plus 2^-20 of the row away).
+        err = (rot.double() - exact).abs()
+        half_ulp = exact.abs() * torch.finfo(dtype).eps / 2
+        assert bool((err <= half_ulp + 2.0**-20 * rowmax).all())
     q, s = act_quant(x, "fp8_e4m3/token", had, out="codes")
     rq, rs = act_quant_ref(rot, "fp8_e4m3/token", out="codes")
     assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs)

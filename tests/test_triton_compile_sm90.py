@@ -128,6 +128,9 @@ CASES: list[tuple[str, str, dict]] = [
     ("had2-8192-fp8-codes-1part-trans", "had2", dict(had_size=8192, d=8192,
                                                      fmt="fp8_e4m3/token", out="codes", parts=1,
                                                      trans=True, mma="f16")),
+    # The left factor as fp32 butterflies in registers: only the right product is an MMA.
+    ("had2-8192-fp8-codes-butterfly", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
+                                                   out="codes", parts=0, mma="bf16")),
     ("had2-16384-int8-qdq", "had2", dict(had_size=16384, d=16384, fmt="int8/token", out="qdq",
                                          mma="16")),
     ("had2-128-fp4-asym-qdq", "had2", dict(had_size=128, d=4096, fmt="fp4_e2m1/token/asym",

@@ -18,8 +18,11 @@ exact and the sums are fp32, like the reference's fp32 butterfly up to order. It
 two into fp16's range and split as ``hi + lo`` in fp16 (22 bits; :data:`DEFAULT_PARTS`), or as
 three bf16 parts (24 bits). Two bf16 parts would leave 0.24 % of bf16 outputs one ulp off the
 reference; either split leaves 0.003 %, the fp32 summation-order floor. One fp16 part is a
-speed variant, not the default (its error: :data:`DEFAULT_PARTS`). fp32 inputs use ``tf32x3``
-dots instead. The rotated row is
+speed variant, not the default (its error: :data:`DEFAULT_PARTS`). Parts 0 skips the split:
+the left factor runs as ``log2(R)`` butterfly stages of fp32 adds on ``T`` in registers (the
+compiler moves ``T`` once into a layout that holds a column per thread), which is the
+reference's own arithmetic on ``T``'s exact sums. fp32 inputs use ``tf32x3`` dots instead
+(or, with parts 0, the same butterflies). The rotated row is
 rounded to ``x``'s dtype (RNE conversion), then quantized with the scale rule of
 :func:`qcompile.formats.scales.compute_scales`; the divide by the scale is a multiply by its
 reciprocal with one fma correction (Markstein), which gives the correctly rounded quotient of
@@ -62,6 +65,11 @@ _MAX_TILE = 1 << 14  # elements of one row tile held by a program
 #: FP8 codes one step off the reference's, and an error beyond the output's own rounding of
 #: at most 2^-12 of the row's absmax (:data:`ONE_PART_ERROR`, with margin, is what the tests
 #: allow). On the H100, going from three parts to two cut 37 us (1.63x -> 1.24x of a copy).
+#: 0 (no split: the left factor as fp32 butterflies) is the most accurate: on those 16 rows
+#: no bf16 output differed from the reference's (fp16: 0.01 %, against 0.05 % with two parts).
+#: It halves the MMA work but adds ``log2(R)`` adds per element: offline sm_90 SASS counts
+#: 25.3 instructions per element against two parts' 21.7 (``benchmarks/sass_census.py``), so
+#: which is faster is for ``kernels_act.py`` to time; it is not the default until then.
 DEFAULT_PARTS = 2
 #: Error bound of one part beyond the rounding to x's dtype, relative to the row's absmax.
 ONE_PART_ERROR = 2.0**-10
@@ -151,6 +159,18 @@ def _quantize_store(y, o_ptrs, mask, scale_ptr, ELEM: tl.constexpr, ASYM: tl.con
 
 
 @triton.jit
+def _butterfly(y, RP: tl.constexpr, C: tl.constexpr, H: tl.constexpr):
+    """One stage of the left factor: rows ``i`` and ``i + H`` of each ``2 H``-row block of
+    ``y`` ``[RP, C]`` become their sum and difference (fp32 adds, as the reference's
+    butterfly). The split axis is a register axis of the stage's layout, so the compiler keeps
+    it in each thread (sm_90: one layout change for all stages, none per stage)."""
+    y = tl.permute(tl.reshape(y, [RP // (2 * H), 2, H * C]), (0, 2, 1))
+    a, b = tl.split(y)
+    y = tl.permute(tl.join(a + b, a - b), (0, 2, 1))
+    return tl.reshape(y, [RP, C])
+
+
+@triton.jit
 def _had2_quant_kernel(
     x_ptr, out_ptr, scale_ptr, M, D, stride_x, stride_o, inv_norm,
     NR: tl.constexpr, RP: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
@@ -174,7 +194,7 @@ def _had2_quant_kernel(
         h_c = 1.0 - 2.0 * (t & 1).to(tl.float32)
         if XDT != 0 and NATIVE:
             h_c = h_c.to(x_ptr.dtype.element_ty)  # exact; the dot then runs at bf16/fp16 rate
-        if R > 1:
+        if R > 1 and PARTS > 0:
             i = tl.arange(0, RP)[:, None]
             j = tl.arange(0, RP)[None, :]
             u = i & j & (R - 1)
@@ -194,10 +214,10 @@ def _had2_quant_kernel(
         if HAD:
             if XDT == 0:
                 y = tl.dot(x, h_c, input_precision="tf32x3")
-                if R > 1:
+                if R > 1 and PARTS > 0:
                     y = tl.dot(h_l, y, input_precision="tf32x3")
             else:
-                if not (TRANS and R > 1 and PARTS <= 2):
+                if not (TRANS and R > 1 and (PARTS == 1 or PARTS == 2)):
                     y = tl.dot(_operand(x, NATIVE), h_c)
                 if R > 1 and PARTS == 3:
                     # fp32 T as hi + mid + lo in bf16 (24 bits), smallest part first.
@@ -208,7 +228,7 @@ def _had2_quant_kernel(
                     y = tl.dot(h_l, _operand(lo, NATIVE))
                     y = tl.dot(h_l, _operand(mid, NATIVE), y)
                     y = tl.dot(h_l, _operand(hi, NATIVE), y)
-                elif R > 1:
+                elif R > 1 and PARTS > 0:
                     if TRANS:  # T^T = H_C X^T: the constant H_C is the register (A) operand
                         y = tl.dot(h_c, tl.trans(_operand(x, NATIVE)))
                     # T scaled by a power of two to put its largest magnitude in [2^14, 2^15),
@@ -231,6 +251,10 @@ def _had2_quant_kernel(
                             y = tl.dot(h_l16, _operand(lo, NATIVE))
                             y = tl.dot(h_l16, _operand(hi, NATIVE), y)
                     y = y * exp2i(e - 14)
+            if R > 1 and PARTS == 0:  # I (x) H_R: log2(R) fp32 stages, on T's exact sums
+                for stage in tl.static_range(0, 7):  # R <= RP <= 128
+                    if (1 << stage) < R:
+                        y = _butterfly(y, RP, C, 1 << stage)
             # Rounded to x's dtype like the unfused qcompile::hadamard op's output.
             y = _to_dtype_grid(y * inv_norm, XDT, NATIVE)
         else:
@@ -315,7 +339,7 @@ def launch_had2(x2: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, plan: Ha
     args = (x2, y, scale, m_rows, d, x2.stride(0), y.stride(0), plan.inv_norm)
     meta = dict(NR=plan.nr, RP=plan.rp, R=plan.r, C=plan.c, HAD=had_size > 0, ELEM=elem,
                 ASYM=asym, LMAX=lmax, OUT=out, XDT=xdt, NATIVE=not interpreting(),
-                PARTS=parts or DEFAULT_PARTS, TRANS=DEFAULT_TRANS)
+                PARTS=DEFAULT_PARTS if parts is None else parts, TRANS=DEFAULT_TRANS)
     if interpreting():  # a few programs, so the row loop runs more than once
         _had2_quant_kernel[(min(m_rows, 3),)](*args, **meta, PER_SM=1, num_warps=4)
         return
