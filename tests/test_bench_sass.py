@@ -33,4 +33,38 @@ def test_main_loop_is_the_longest_backward_branch():
     assert loop["instructions"] == 5
     assert loop["opcodes"] == {"LDG.E.128": 1, "LOP3.LUT": 1, "HADD2.F32": 1, "FFMA": 1,
                                "BRA": 1}
-    assert mod.main_loop("no code") == {"instructions": 0, "opcodes": {}}
+    assert loop["hot_path"] == 5  # no forward branch inside: every instruction runs
+    assert mod.main_loop("no code") == {"instructions": 0, "hot_path": 0, "opcodes": {}}
+
+
+# A row loop (0x10..0xd0) with a rare branch (0x40: over the rescale at 0x50..0x70), an
+# if/else (0x80 to the else at 0xb0; the then-part ends in an unconditional BRA over it) and
+# a two-predicate branch (0xc0) over nothing.
+_COLD = """
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0020*/                   FMNMX R8, |R4|, |R5|, !PT ;
+        /*0030*/                   FSETP.GEU.AND P0, PT, R8, 1e-30, PT ;
+        /*0040*/               @P0 BRA 0x80 ;
+        /*0050*/                   FMUL R4, R4, 1e30 ;
+        /*0060*/                   FMUL R5, R5, 1e30 ;
+        /*0070*/                   FMNMX R8, |R4|, |R5|, !PT ;
+        /*0080*/               @P1 BRA 0xb0 ;
+        /*0090*/                   FMUL R9, R4, R8 ;
+        /*00a0*/                   BRA 0xc0 ;
+        /*00b0*/                   FFMA R9, R4, R8, R5 ;
+        /*00c0*/              @!P5 BRA !P4, 0xd0 ;
+        /*00d0*/              @!P2 BRA 0x10 ;
+        /*00e0*/                   EXIT ;
+"""
+
+
+def test_hot_path_skips_the_rare_branches():
+    spec = importlib.util.spec_from_file_location("bench_sass", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    loop = mod.main_loop(_COLD)
+    assert loop["instructions"] == 13  # 0x10..0xd0, every instruction in the listing
+    # LDG, FMNMX, FSETP, @P0 BRA, @P1 BRA, FFMA, @!P5 BRA, @!P2 BRA: the rescale skipped, and
+    # the else-part (one instruction) rather than the then-part and its jump (two).
+    assert loop["hot_path"] == 8

@@ -27,10 +27,12 @@ rounded to ``x``'s dtype (RNE conversion), then quantized with the scale rule of
 :func:`qcompile.formats.scales.compute_scales`; the divide by the scale is a multiply by its
 reciprocal with one fma correction (Markstein), which gives the correctly rounded quotient of
 ``x / s`` for every finite input without an IEEE division per element (rows whose scale is
-below 2^-64 are scaled up by 2^64 first, which changes no quotient). On the GPU the bf16/fp16
-and FP8 roundings are the hardware's RNE conversions; under the interpreter (whose RTNE casts
-drop the carry into the next binade) the bit-trick roundings of :mod:`jit`. Without a
-Hadamard the result is bit-exact with the reference.
+below 2^-64 take a branch that scales them up by 2^64 first, which changes no quotient; the
+usual row pays no multiply for it). On the GPU the bf16/fp16 and FP8 roundings are the
+hardware's RNE conversions, and FP8 codes are stored straight from the conversion; under the
+interpreter (whose RTNE casts drop the carry into the next binade, and turn subnormals into
+wrong values) the bit-trick roundings of :mod:`jit`. Without a Hadamard the result is
+bit-exact with the reference.
 
 Each program walks rows ``pid, pid + programs, ...`` with the next row's load in flight
 (``tl.range`` pipelining), so the two constant matrices are built once per program.
@@ -68,8 +70,9 @@ _MAX_TILE = 1 << 14  # elements of one row tile held by a program
 #: 0 (no split: the left factor as fp32 butterflies) is the most accurate: on those 16 rows
 #: no bf16 output differed from the reference's (fp16: 0.01 %, against 0.05 % with two parts).
 #: It halves the MMA work but adds ``log2(R)`` adds per element: offline sm_90 SASS counts
-#: 25.3 instructions per element against two parts' 21.7 (``benchmarks/sass_census.py``), so
-#: which is faster is for ``kernels_act.py`` to time; it is not the default until then.
+#: 21.1 instructions per element on the row loop's hot path against two parts' 17.8 and one
+#: part's 13.9 (``benchmarks/sass_census.py``, 4 warps), so which is faster is for
+#: ``kernels_act.py`` to time; it is not the default until then.
 DEFAULT_PARTS = 2
 #: Error bound of one part beyond the rounding to x's dtype, relative to the row's absmax.
 ONE_PART_ERROR = 2.0**-10
@@ -144,15 +147,21 @@ def _quantize_store(y, o_ptrs, mask, scale_ptr, ELEM: tl.constexpr, ASYM: tl.con
             val = tl.where(v < 0, v * sn, v * s)
     else:
         s = nonzero_or_one(tl.div_rn(tl.max(tl.abs(y)), LMAX))
-        k = tl.where(s < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)  # 2^-64, 2^64
-        q = _div(y * k, s * k, tl.div_rn(1.0, s * k))
+        if s < 5.421010862427522e-20:  # 1/s would overflow: x and s up by 2^64 (exact)
+            q = _div(y * 1.8446744073709552e19, s * 1.8446744073709552e19,
+                     tl.div_rn(1.0, s * 1.8446744073709552e19))
+        else:  # the usual row: no per-element rescale
+            q = _div(y, s, tl.div_rn(1.0, s))
         if ELEM == 0 and NATIVE:
             v = q.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.float32)
         else:
             v = round_elem(q, ELEM, LMAX)
         val = v * s
     if OUT == 1:
-        tl.store(o_ptrs, v.to(o_ptrs.dtype.element_ty), mask=mask)  # on the grid: exact
+        if not ASYM and ELEM == 0 and NATIVE:  # FP8 codes: the conversion itself, no round trip
+            tl.store(o_ptrs, q.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=mask)
+        else:
+            tl.store(o_ptrs, v.to(o_ptrs.dtype.element_ty), mask=mask)  # on the grid: exact
         tl.store(scale_ptr, s)
     else:
         tl.store(o_ptrs, _to_dtype_grid(val, XDT, NATIVE).to(o_ptrs.dtype.element_ty), mask=mask)
@@ -212,6 +221,7 @@ def _had2_quant_kernel(
         row64 = tl.cast(row, tl.int64)
         x = tl.load(x_ptr + row64 * stride_x + off, mask=mask, other=0.0)
         if HAD:
+            post = inv_norm  # what multiplies the rotated row before its rounding
             if XDT == 0:
                 y = tl.dot(x, h_c, input_precision="tf32x3")
                 if R > 1 and PARTS > 0:
@@ -233,8 +243,10 @@ def _had2_quant_kernel(
                         y = tl.dot(h_c, tl.trans(_operand(x, NATIVE)))
                     # T scaled by a power of two to put its largest magnitude in [2^14, 2^15),
                     # then hi + lo in fp16 (22 bits; the scaling keeps both in fp16's range).
-                    e = floor_log2(tl.max(tl.abs(y)))
-                    e = tl.where(e < -126, 14, e)  # an all-zero tile: any scale
+                    # e is at least -100, so 2^(14-e) and 2^(e-14)/sqrt(size) are normal
+                    # numbers; a tile under 2^-100 (or all zero) is scaled by 2^114 and its
+                    # parts only lose bits below fp32's normal range.
+                    e = tl.maximum(floor_log2(tl.max(tl.abs(y))), -100)
                     y = y * exp2i(14 - e)
                     hi = y.to(tl.float16)
                     if PARTS == 1:  # hi alone: 11 bits, one MMA (see ONE_PART_REL_ERROR)
@@ -250,13 +262,15 @@ def _had2_quant_kernel(
                         else:
                             y = tl.dot(h_l16, _operand(lo, NATIVE))
                             y = tl.dot(h_l16, _operand(hi, NATIVE), y)
-                    y = y * exp2i(e - 14)
+                    # The scaling undone with the 1/sqrt(size) in one multiply: 2^(e-14) is a
+                    # power of two and the product a normal number, so it rounds as the two did.
+                    post = exp2i(e - 14) * inv_norm
             if R > 1 and PARTS == 0:  # I (x) H_R: log2(R) fp32 stages, on T's exact sums
                 for stage in tl.static_range(0, 7):  # R <= RP <= 128
                     if (1 << stage) < R:
                         y = _butterfly(y, RP, C, 1 << stage)
             # Rounded to x's dtype like the unfused qcompile::hadamard op's output.
-            y = _to_dtype_grid(y * inv_norm, XDT, NATIVE)
+            y = _to_dtype_grid(y * post, XDT, NATIVE)
         else:
             y = x.to(tl.float32)
         o_ptrs = out_ptr + row64 * stride_o + off
