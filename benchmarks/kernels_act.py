@@ -5,7 +5,10 @@ Times ``act_quant(x, "fp8_e4m3/token", had_size, out="codes")`` on an ``8192 x 8
 bytes in the same run (the memory-bound floor: the kernel reads the same 2 bytes per element
 and writes 1 plus a scale per row). Output: one dict per measurement, ``us`` the median of
 ``triton.testing.do_bench`` and ``ratio_to_copy`` relative to the copy; with the Hadamard,
-every variant of the kernel's left product (``variant``; the first row is the default).
+every variant of the kernel's left product (``variant``; the first row is the default), and
+the default variant under each of ``had_quant``'s autotune configs (``config``: warps, stages,
+programs per SM, L2 prefetch ``AHEAD`` rows; ``picked``: the autotuner's choice), launched
+directly.
 
 Usage::
 
@@ -70,7 +73,40 @@ def run() -> list[dict[str, Any]]:
                             "variant": _variant()})
     finally:
         had_quant.DEFAULT_PARTS, had_quant.DEFAULT_TRANS = default
+    results += _config_sweep(x, copy_us, device)
     return results
+
+
+def _config_sweep(x: torch.Tensor, copy_us: float, device: str) -> list[dict[str, Any]]:
+    """The default variant with Hadamard 8192 under every autotune config, launched without
+    the autotuner (its pick marked), each timed as the rows above."""
+    from triton.testing import do_bench
+
+    from qcompile.backends.triton import had_quant
+    from qcompile.backends.triton.act_quant import act_quant
+
+    had = max(HAD_SIZES)
+    act_quant(x, FMT, had_size=had, out="codes")  # the autotuner's pick for this shape
+    plan = had_quant.had2_plan(had, x.shape[1])
+    # Its cache entry: the key's values in the autotuner's order, then the argument dtypes.
+    key = (x.shape[1], plan.nr, plan.rp, plan.r, plan.c, True, 0, False, 1, 1, True,
+           had_quant.DEFAULT_PARTS, had_quant.DEFAULT_TRANS, min(x.shape[0], 4096))
+    picked = next((c for k, c in had_quant._had2_tuned.cache.items()
+                   if tuple(k[:len(key)]) == key), None)
+    y = torch.empty(x.shape, device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+    rows = []
+    for cfg in had_quant.HAD2_ROW_CONFIGS:
+        def call(cfg=cfg):
+            had_quant.launch_had2(x, y, scale, plan, had, 0, False, 448.0, 1, 1, config=cfg)
+        us = do_bench(call, return_mode="median") * 1e3
+        rows.append({"op": "act_quant config", "fmt": FMT, "had_size": had, "out": "codes",
+                     "shape": list(x.shape), "dtype": "bfloat16", "us": us,
+                     "ratio_to_copy": us / copy_us, "device": device, "variant": _variant(),
+                     "config": dict(cfg.kwargs, num_warps=cfg.num_warps,
+                                    num_stages=cfg.num_stages),
+                     "picked": picked is not None and cfg.all_kwargs() == picked.all_kwargs()})
+    return rows
 
 
 def _variant() -> str:

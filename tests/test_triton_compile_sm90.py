@@ -115,7 +115,7 @@ CASES: list[tuple[str, str, dict]] = [
     # autotune config: 8192 = 64 x 128 (three bf16 parts on the left), 128-blocks (right
     # product only), no Hadamard, fp16 and fp32 rows.
     ("had2-8192-fp8-codes", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
-                                         out="codes", mma="16")),
+                                         out="codes", mma="16", ahead=True)),
     # Kronecker 14336 = (16 x 32) x 28 as three products (kron_quant), every config it keeps.
     ("kron-14336-fp8-codes", "kron", dict(had_size=14336, fmt="fp8_e4m3/token", out="codes",
                                           mma="f16")),
@@ -468,10 +468,14 @@ def _build_had2(mod, p: dict, all_configs: bool):
                 scale_ptr="*fp32", M=4096, D=d, stride_x=d, stride_o=d,
                 inv_norm=plan.inv_norm, m_bucket=4096)
     xdt = _XDT[{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]]
+    step = 128 // {"bf16": 2, "fp16": 2, "fp32": 4}[dtype]
     consts = dict(NR=plan.nr, RP=plan.rp, R=plan.r, C=plan.c, HAD=had > 0, ELEM=elem,
                   ASYM=spec.asym, LMAX=lmax, OUT=_OUTS.index(out), XDT=xdt, NATIVE=True,
-                  PARTS=p.get("parts", mod.DEFAULT_PARTS), TRANS=p.get("trans", mod.DEFAULT_TRANS))
-    configs = mod.HAD2_CONFIGS if all_configs else mod._prune(mod.HAD2_CONFIGS, {}, **consts)
+                  PARTS=p.get("parts", mod.DEFAULT_PARTS), TRANS=p.get("trans", mod.DEFAULT_TRANS),
+                  STEP=step, LINES=mod._pow2_ceil(-(-d // step)))
+    # The L2-prefetching configs only where the case asks (compile time).
+    configs = [c for c in mod.HAD2_ROW_CONFIGS if p.get("ahead") or not c.kwargs["AHEAD"]]
+    configs = configs if all_configs else mod._prune(configs, {}, **consts)
     return mod._had2_quant_kernel, args, consts, configs
 
 
@@ -927,7 +931,7 @@ def test_compiles_for_sm90(sm90_report, case_id, family, params):
             assert v["a_regs"] == params["a_regs"], (
                 f"{what}: the WGMMA's A operand should {'' if params['a_regs'] else 'not '}"
                 "come from registers")
-        _check_pdl(what, v["pdl"], params.get("pdl", False))
+        _check_pdl(what, v["pdl"], params.get("pdl", False), v["config"].get("AHEAD", 0) > 0)
         if params.get("tma"):
             cfg = v["config"]
             tile = cfg["BLOCK_N"] * cfg["BLOCK_K"] // 2  # bytes of words per tile
@@ -944,13 +948,16 @@ def test_compiles_for_sm90(sm90_report, case_id, family, params):
                           + "; ".join(spilling))
 
 
-def _check_pdl(what: str, pdl: dict, expected: bool) -> None:
+def _check_pdl(what: str, pdl: dict, expected: bool, prefetches: bool = False) -> None:
     """A kernel compiled for a programmatic dependent launch prefetches, then waits for the
     previous grid before its first global load (nothing another kernel writes is read
-    early), then lets the next grid launch; every other kernel has none of it."""
+    early), then lets the next grid launch; every other kernel has none of it, and L2
+    prefetches only where its config asks for them (``prefetches``: had2's ``AHEAD``)."""
     if not expected:
-        assert pdl["n_wait"] == pdl["n_launch"] == pdl["n_prefetch"] == 0, (
+        assert pdl["n_wait"] == pdl["n_launch"] == 0, (
             f"{what}: grid-dependency code without PDL: {pdl}")
+        assert (pdl["n_prefetch"] > 0) == prefetches, (
+            f"{what}: {'no' if prefetches else 'unasked'} L2 prefetches: {pdl}")
         return
     assert pdl["n_wait"] == 1 and pdl["n_launch"] == 1 and pdl["n_prefetch"] >= 1, (
         f"{what}: expected one wait, one launch_dependents and L2 prefetches: {pdl}")

@@ -51,9 +51,10 @@ import triton.language as tl
 from qcompile.backends.triton.act_jit import nonzero_or_one, round_elem, round_to
 from qcompile.backends.triton.jit import exp2i, floor_log2, rint
 from qcompile.backends.triton.launch import launch
+from qcompile.backends.triton.pdl import prefetch
 from qcompile.backends.triton.runtime import graph_bench, interpreting, sm_count, tuning
 
-__all__ = ["HAD2_CONFIGS", "had2_plan", "launch_had2"]
+__all__ = ["HAD2_CONFIGS", "HAD2_ROW_CONFIGS", "had2_plan", "launch_had2"]
 
 _MAX_C = 128  # right factor: one [C, C] operand
 _MAX_RP = 128  # left factor (block diagonal over the blocks of a row), padded
@@ -82,9 +83,20 @@ ONE_PART_ERROR = 2.0**-10
 DEFAULT_TRANS = False
 
 #: Autotune configs (CUDA): warps, pipeline stages of the row loop, programs per SM (PER_SM).
+#: (Also :mod:`kron_quant`'s.)
 HAD2_CONFIGS = [
     triton.Config({"PER_SM": ps}, num_warps=w, num_stages=s)
     for w, s, ps in ((4, 2, 2), (8, 2, 2), (4, 3, 2), (8, 2, 1), (4, 2, 4), (8, 3, 1))
+]
+#: This kernel's configs: those, and three that also ask L2 for the row a program takes
+#: ``AHEAD`` iterations later. A 4-warp, 2-stage program holds 96 KB of shared memory
+#: (``benchmarks/sass_census.py``), so two fit on an SM, each with one row load in flight; the
+#: prefetches put more bytes in flight without more shared memory (the H100's 1.24x of a
+#: copy was about the sum of its load and compute times, not the larger of them).
+HAD2_ROW_CONFIGS = [triton.Config(dict(c.kwargs, AHEAD=0), num_warps=c.num_warps,
+                                  num_stages=c.num_stages) for c in HAD2_CONFIGS] + [
+    triton.Config({"PER_SM": ps, "AHEAD": a}, num_warps=w, num_stages=s)
+    for w, s, ps, a in ((4, 2, 2, 2), (4, 2, 2, 4), (8, 2, 1, 2))
 ]
 
 
@@ -185,11 +197,14 @@ def _had2_quant_kernel(
     NR: tl.constexpr, RP: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
     HAD: tl.constexpr, ELEM: tl.constexpr, ASYM: tl.constexpr, LMAX: tl.constexpr,
     OUT: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr, PARTS: tl.constexpr,
-    TRANS: tl.constexpr, PER_SM: tl.constexpr, m_bucket=1,
+    TRANS: tl.constexpr, PER_SM: tl.constexpr, LINES: tl.constexpr, STEP: tl.constexpr,
+    AHEAD: tl.constexpr = 0, m_bucket=1,
 ):
     """Rows ``pid, pid + programs, ...``; element ``d = r * C + c`` of a row is ``X[r, c]``
     (``r < NR``, ``d < D``); padding loads 0, which changes no statistic. ``PER_SM`` sizes
-    the grid and ``m_bucket`` (the row count's power-of-two bucket) keys the autotuning."""
+    the grid and ``m_bucket`` (the row count's power-of-two bucket) keys the autotuning.
+    ``AHEAD`` > 0: each iteration first asks L2 for the row ``AHEAD`` iterations on, as
+    ``LINES`` 128-byte lines of ``STEP`` elements (compiled kernels only: a hint)."""
     r = tl.arange(0, RP)[:, None]
     c = tl.arange(0, C)[None, :]
     off = r * C + c
@@ -219,6 +234,10 @@ def _had2_quant_kernel(
     pid = tl.program_id(0)
     for row in tl.range(pid, M, tl.num_programs(0)):
         row64 = tl.cast(row, tl.int64)
+        if AHEAD > 0 and NATIVE:
+            ahead = tl.minimum(row + AHEAD * tl.num_programs(0), M - 1)
+            lines = tl.minimum(tl.arange(0, LINES) * STEP, D - 1)
+            prefetch(x_ptr + tl.cast(ahead, tl.int64) * stride_x + lines)
         x = tl.load(x_ptr + row64 * stride_x + off, mask=mask, other=0.0)
         if HAD:
             post = inv_norm  # what multiplies the rotated row before its rounding
@@ -302,7 +321,7 @@ def _grid(m_rows: int, sms: int):
 
 
 _had2_tuned = triton.autotune(
-    configs=HAD2_CONFIGS,
+    configs=HAD2_ROW_CONFIGS,
     key=["D", "NR", "RP", "R", "C", "HAD", "ELEM", "ASYM", "OUT", "XDT", "NATIVE", "PARTS",
          "TRANS", "m_bucket"],
     prune_configs_by=tuning(_prune, _had2_quant_kernel), do_bench=graph_bench,
@@ -346,17 +365,26 @@ def had2_plan(had_size: int, d: int, fp32: bool = False) -> Had2Plan | None:
 
 def launch_had2(x2: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, plan: Had2Plan,
                 had_size: int, elem: int, asym: bool, lmax: float, out: int, xdt: int,
-                parts: int | None = None) -> None:
+                parts: int | None = None, config: triton.Config | None = None) -> None:
     """Launch on ``x2`` ``[M, D]`` (checked by the caller) into ``y`` and ``scale``;
-    ``parts``: how the left product splits its fp32 operand (default :data:`DEFAULT_PARTS`)."""
+    ``parts``: how the left product splits its fp32 operand (default :data:`DEFAULT_PARTS`);
+    ``config``: one of :data:`HAD2_ROW_CONFIGS` instead of the autotuner's pick (CUDA,
+    benchmarks)."""
     m_rows, d = x2.shape
     args = (x2, y, scale, m_rows, d, x2.stride(0), y.stride(0), plan.inv_norm)
     meta = dict(NR=plan.nr, RP=plan.rp, R=plan.r, C=plan.c, HAD=had_size > 0, ELEM=elem,
                 ASYM=asym, LMAX=lmax, OUT=out, XDT=xdt, NATIVE=not interpreting(),
-                PARTS=DEFAULT_PARTS if parts is None else parts, TRANS=DEFAULT_TRANS)
+                PARTS=DEFAULT_PARTS if parts is None else parts, TRANS=DEFAULT_TRANS,
+                STEP=128 // x2.element_size())
+    meta["LINES"] = _pow2_ceil(-(-d // meta["STEP"]))
     if interpreting():  # a few programs, so the row loop runs more than once
         _had2_quant_kernel[(min(m_rows, 3),)](*args, **meta, PER_SM=1, num_warps=4)
         return
     sms = sm_count(x2.device)
-    launch(_had2_tuned, _grid(m_rows, sms), *args, **meta,
-           m_bucket=min(_pow2_ceil(m_rows), 4096))
+    bucket = min(_pow2_ceil(m_rows), 4096)
+    if config is not None:
+        launch(_had2_quant_kernel, _grid(m_rows, sms)(config.kwargs), *args, **meta,
+               **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
+               m_bucket=bucket)
+        return
+    launch(_had2_tuned, _grid(m_rows, sms), *args, **meta, m_bucket=bucket)
