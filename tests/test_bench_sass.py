@@ -24,10 +24,15 @@ _SASS = """
 """
 
 
-def test_main_loop_is_the_longest_backward_branch():
+def _census():
     spec = importlib.util.spec_from_file_location("bench_sass", _PATH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_main_loop_is_the_longest_backward_branch():
+    mod = _census()
     loop = mod.main_loop(_SASS)
     # 0x20..0x60: five instructions, the forward BRA 0xc0 and the 3-instruction loop ignored.
     assert loop["instructions"] == 5
@@ -60,10 +65,7 @@ _COLD = """
 
 
 def test_hot_path_skips_the_rare_branches():
-    spec = importlib.util.spec_from_file_location("bench_sass", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    loop = mod.main_loop(_COLD)
+    loop = _census().main_loop(_COLD)
     assert loop["instructions"] == 13  # 0x10..0xd0, every instruction in the listing
     # LDG, FMNMX, FSETP, @P0 BRA, @P1 BRA, FFMA, @!P5 BRA, @!P2 BRA: the rescale skipped, and
     # the else-part (one instruction) rather than the then-part and its jump (two).
