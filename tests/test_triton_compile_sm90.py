@@ -448,7 +448,8 @@ def _build_act_quant(mod, p: dict, all_configs: bool):
     tile = dict(NB=plan.nb, P1=plan.p1, P2=plan.p2, Q=plan.qp)
     consts = dict(tile, R1=plan.r1, R2=plan.r2, HAD=had > 0, NORM=norm, HAS_W=norm,
                   GATE=p.get("gate", False),
-                  ELEM=elem, ASYM=spec.asym, LMAX=lmax, OUT=mod._OUTS.index(out), XDT=1)
+                  ELEM=elem, ASYM=spec.asym, LMAX=lmax, OUT=mod._OUTS.index(out), XDT=1,
+                  NATIVE=True)
     configs = mod.CONFIGS if all_configs else mod._prune(mod.CONFIGS, {}, **tile)
     return mod._act_quant_kernel, args, consts, configs
 

@@ -1,15 +1,15 @@
 """``@triton.jit`` helpers of the per-token activation quantize kernels (:mod:`act_quant` and
 :mod:`had_quant`): rounding onto the output dtype, Sylvester matrices built from bit parities,
-and the per-row scale rule and rounding of :func:`qcompile.formats.scales.compute_scales`."""
+and the element rounding of :func:`qcompile.formats.scales.compute_scales`."""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton.jit import rint, round_fp, round_fp4_e2m1, round_fp8_e4m3, round_int
+from qcompile.backends.triton.jit import round_fp, round_fp4_e2m1, round_fp8_e4m3, round_int
 
-__all__ = ["nonzero_or_one", "quantize_row", "round_bf16", "round_elem", "round_to", "sylvester"]
+__all__ = ["nonzero_or_one", "round_bf16", "round_elem", "round_to", "sylvester"]
 
 
 @triton.jit
@@ -58,26 +58,3 @@ def round_elem(y, ELEM: tl.constexpr, LMAX: tl.constexpr):
 @triton.jit
 def nonzero_or_one(s):
     return tl.where(s > 0, s, 1.0)  # a zero scale is stored as 1 (compute_scales)
-
-
-@triton.jit
-def quantize_row(x, ELEM: tl.constexpr, ASYM: tl.constexpr, LMAX: tl.constexpr):
-    """Per-row scales as compute_scales, then ``(grid value, scale, dequantized value)``."""
-    if ASYM:
-        hi = tl.maximum(tl.max(x), 0.0)
-        lo = tl.maximum(-tl.min(x), 0.0)
-        if ELEM == 2:
-            s = nonzero_or_one(tl.div_rn(hi + lo, LMAX))
-            z = tl.minimum(tl.maximum(rint(tl.div_rn(lo, s)), 0.0), LMAX)
-            v = tl.minimum(tl.maximum(rint(tl.div_rn(x, s)) + z, 0.0), LMAX)
-            val = (v - z) * s
-        else:  # AFPQ: separate scales for the positive and negative side
-            s = nonzero_or_one(tl.div_rn(hi, LMAX))
-            sn = nonzero_or_one(tl.div_rn(lo, LMAX))
-            v = round_elem(tl.where(x < 0, tl.div_rn(x, sn), tl.div_rn(x, s)), ELEM, LMAX)
-            val = tl.where(v < 0, v * sn, v * s)
-    else:
-        s = nonzero_or_one(tl.div_rn(tl.max(tl.abs(x)), LMAX))
-        v = round_elem(tl.div_rn(x, s), ELEM, LMAX)
-        val = v * s
-    return v, s, val

@@ -14,10 +14,12 @@ float8_e4m3fn/int8 and ``scale`` fp32 ``[..., 1]``; :func:`act_quant` also has
 ``out="rotated"``: the rotated row in ``x``'s dtype, unquantized (to check the transform).
 
 Numerics. The scale rule, the divide-then-round order and the RNE rounding are those of
-:func:`qcompile.formats.scales.compute_scales` and ``_fake_quantize_f32``, computed in fp32
-with IEEE divisions (``div_rn``: plain ``/`` is approximate on CUDA) and rounded with the
-exact helpers of :mod:`qcompile.backends.triton.jit`, so without a Hadamard the result is
-bit-exact. The rotation is ``x @ H / sqrt(size)`` like :func:`qcompile.hadamard.hadamard_transform`
+:func:`qcompile.formats.scales.compute_scales` and ``_fake_quantize_f32``, computed in fp32:
+the scale with an IEEE division (``div_rn``: plain ``/`` is approximate on CUDA), each element's
+quotient as a correctly rounded product by the reciprocal with one fma correction, rounded
+on the GPU by the hardware's FP8 conversion and otherwise with the exact helpers of
+:mod:`qcompile.backends.triton.jit` (the quantize of :mod:`had_quant`, shared), so without a
+Hadamard the result is bit-exact. The rotation is ``x @ H / sqrt(size)`` like :func:`qcompile.hadamard.hadamard_transform`
 and, like the unfused ``qcompile::hadamard`` op, its result is rounded to ``x``'s dtype
 before quantization; its sums run in another order, so rotated values differ from the
 reference by fp32 rounding. RMSNorm uses ``1 / sqrt_rn(mean + eps)`` and a tree sum, so it
@@ -56,8 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qcompile.backends.triton.act_jit import quantize_row, round_to, sylvester
-from qcompile.backends.triton.had_quant import _pow2_ceil, had2_plan, launch_had2
+from qcompile.backends.triton.act_jit import round_to, sylvester
+from qcompile.backends.triton.had_quant import _pow2_ceil, _quantize_store, had2_plan, launch_had2
 from qcompile.backends.triton.kron_quant import base_matrix, kron_plan, launch_kron
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.ops import linear_input
@@ -140,7 +142,7 @@ def _act_quant_kernel(
     R2: tl.constexpr, Q: tl.constexpr,
     HAD: tl.constexpr, NORM: tl.constexpr, HAS_W: tl.constexpr, GATE: tl.constexpr,
     ELEM: tl.constexpr, ASYM: tl.constexpr, LMAX: tl.constexpr,
-    OUT: tl.constexpr, XDT: tl.constexpr,
+    OUT: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr,
 ):
     """One row per program. Element d = b*size + (i1*R2 + i2)*qn + j of the [NB, P1, P2, Q]
     tile; padding lanes load 0, which changes no statistic (asym ranges clamp at 0).
@@ -169,13 +171,8 @@ def _act_quant_kernel(
     o_ptrs = out_ptr + row * stride_o + off
     if OUT == 2:
         tl.store(o_ptrs, x.to(out_ptr.dtype.element_ty), mask=mask)  # already exact
-    else:
-        v, s, val = quantize_row(x, ELEM, ASYM, LMAX)
-        if OUT == 1:
-            tl.store(o_ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)  # on the grid: exact
-            tl.store(scale_ptr + row, s)
-        else:
-            tl.store(o_ptrs, round_to(val, XDT).to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # the row kernels' quantize (no IEEE division per element; FP8 by the hardware)
+        _quantize_store(x, o_ptrs, mask, scale_ptr + row, ELEM, ASYM, LMAX, OUT, XDT, NATIVE)
 
 
 _act_quant_tuned = triton.autotune(
@@ -314,7 +311,7 @@ def _launch(x: torch.Tensor, spec: FormatSpec, had_size: int, out: str,
                     HAD=had_size > 0, NORM=eps is not None, HAS_W=weight is not None,
                     GATE=up is not None,
                     ELEM=elem, ASYM=spec.asym, LMAX=lmax,
-                    OUT=_OUTS.index(out), XDT=_XDT[x.dtype])
+                    OUT=_OUTS.index(out), XDT=_XDT[x.dtype], NATIVE=not interpreting())
         if interpreting():  # autotuning under the interpreter only costs time
             _act_quant_kernel[(m_rows,)](*args, **meta, num_warps=4)
         else:
