@@ -11,8 +11,9 @@ builders it reuses), disassembles the cubin with ``cuobjdump -sass``, takes the 
 (the K-tile loop) and counts its instructions per code a thread handles per iteration, with
 the opcode mix, the barriers and the registers. ``hot_path_per_code`` counts only the
 instructions of an iteration that takes no rare branch (the shortest way through the loop);
-the issue bound uses it. The two differ where a kernel keeps a rare case's code in its loop. A change to the decode can so be judged here
-before device time is spent on it; the times themselves come from ``kernels_w4a16.py``.
+the issue bound uses it. The two differ where a kernel keeps a rare case's code in its
+loop. A change to the decode can so be judged here before device time is spent on it; the
+times themselves come from ``kernels_w4a16.py``.
 
 The power-of-two Hadamard + quantize kernel (``had2`` cases, ``had_quant``) is counted the
 same way: its loop is the row loop, and the unit is a row element (``instructions_per_code``
@@ -47,6 +48,7 @@ DEFAULT_CASES = ("w4a16-gemv1w-bf16-g128-fp4", "w4a16-gemv1w-bf16-g128-afpq",
                  "w4a16-gemv1tma-mma-bf16-g128-fp4", "w4a16-gemv1tma-mma-bf16-g128-afpq")
 _LINE = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);")
 _BRANCH = re.compile(r"BRA(?:\.\w+)*\s+(?:!?U?P\w+,\s*)?(?:`\(\.L_x_\d+\)|0x([0-9a-f]+))")
+_PREDICATE = re.compile(r"^@!?U?P\w+\s+")  # an instruction's guard, ``@P0 `` or ``@!UP1 ``
 
 
 def _shortest_path(body: list[tuple[int, str]]) -> int:
@@ -61,7 +63,7 @@ def _shortest_path(body: list[tuple[int, str]]) -> int:
     for i, (addr, op) in enumerate(body[:-1]):
         if dist[i] == far:
             continue
-        bare = re.sub(r"^@!?U?P\w+\s+", "", op)
+        bare = _PREDICATE.sub("", op)
         m = _BRANCH.search(op)
         target = int(m.group(1), 16) if m and m.group(1) else None
         if target is not None and target > addr and target in index:
@@ -88,7 +90,7 @@ def main_loop(sass: str) -> dict[str, Any]:
             body = [(a, o) for a, o in rows if int(m.group(1), 16) <= a <= addr]
             if len(body) > len(best):
                 best = body
-    ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", o).split()[0] for _, o in best)
+    ops = collections.Counter(_PREDICATE.sub("", o).split()[0] for _, o in best)
     return {"instructions": len(best), "hot_path": _shortest_path(best) if best else 0,
             "opcodes": dict(ops.most_common())}
 
