@@ -98,7 +98,7 @@ for phase in "${phases[@]}"; do
     say "act"
     timeout "${T_KERNELS:-150}" $py benchmarks/kernels_act.py > "$out/act.json" 2> "$out/act.log"
     say "act exit $?"
-    $py -c "import json; [print(r['op'], r.get('had_size', ''), r.get('variant'), round(r['us'], 1), round(r['ratio_to_copy'], 3)) for r in json.load(open('$out/act.json'))]" || tail -5 "$out/act.log" ;;
+    $py -c "import json; [print(r['op'], r.get('had_size', ''), r.get('variant'), r.get('config', ''), '(picked)' if r.get('picked') else '', round(r['us'], 1), round(r['ratio_to_copy'], 3)) for r in json.load(open('$out/act.json'))]" || tail -5 "$out/act.log" ;;
   w4a16)
     say "w4a16"
     timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py ${W4_PREFILL:+--prefill} --out "$out/w4a16.json" > "$out/w4a16.log" 2>&1
