@@ -69,7 +69,8 @@ _MAX_TILE = 1 << 14  # elements of one row tile held by a program
 #: at most 2^-12 of the row's absmax (:data:`ONE_PART_ERROR`, with margin, is what the tests
 #: allow). On the H100, going from three parts to two cut 37 us (1.63x -> 1.24x of a copy).
 #: 0 (no split: the left factor as fp32 butterflies) is the most accurate: on those 16 rows
-#: no bf16 output differed from the reference's (fp16: 0.01 %, against 0.05 % with two parts).
+#: no bf16 output differed from the reference's (fp16: 0.01 %, against 0.05 % with two parts;
+#: ``benchmarks/had_accuracy.py`` measures every variant).
 #: It halves the MMA work but adds ``log2(R)`` adds per element: offline sm_90 SASS counts
 #: 21.1 instructions per element on the row loop's hot path against two parts' 17.8 and one
 #: part's 13.9 (``benchmarks/sass_census.py``, 4 warps), so which is faster is for
