@@ -89,15 +89,18 @@ HAD2_CONFIGS = [
     triton.Config({"PER_SM": ps}, num_warps=w, num_stages=s)
     for w, s, ps in ((4, 2, 2), (8, 2, 2), (4, 3, 2), (8, 2, 1), (4, 2, 4), (8, 3, 1))
 ]
-#: This kernel's configs: those, and three that also ask L2 for the row a program takes
-#: ``AHEAD`` iterations later. A 4-warp, 2-stage program holds 96 KB of shared memory
-#: (``benchmarks/sass_census.py``), so two fit on an SM, each with one row load in flight; the
-#: prefetches put more bytes in flight without more shared memory (the H100's 1.24x of a
-#: copy was about the sum of its load and compute times, not the larger of them).
+#: This kernel's configs: those, and four that also ask L2 for the row a program takes
+#: ``AHEAD`` iterations later. In the sm_90 SASS a 2-stage program (96 KB of shared memory
+#: with 4 warps, so two fit on an SM) issues the next row's load at the end of an iteration
+#: and waits for it at the top of the next (``DEPBAR.LE SB0, 0x0``): its loads never overlap
+#: its own work. A 3-stage one (112 KB; two still fit) keeps one row in flight while it
+#: computes (``DEPBAR.LE SB0, 0x1``). The prefetches make the waited-for load an L2 hit
+#: without more shared memory (the H100's 1.24x of a copy was about the sum of its load and
+#: compute times, not the larger of them).
 HAD2_ROW_CONFIGS = [triton.Config(dict(c.kwargs, AHEAD=0), num_warps=c.num_warps,
                                   num_stages=c.num_stages) for c in HAD2_CONFIGS] + [
     triton.Config({"PER_SM": ps, "AHEAD": a}, num_warps=w, num_stages=s)
-    for w, s, ps, a in ((4, 2, 2, 2), (4, 2, 2, 4), (8, 2, 1, 2))
+    for w, s, ps, a in ((4, 2, 2, 2), (4, 2, 2, 4), (4, 3, 2, 2), (8, 2, 1, 2))
 ]
 
 
