@@ -251,10 +251,10 @@ def test_hadamard_two_products(monkeypatch, parts, trans, rows, d, had, dtype):
 
 @pytest.mark.parametrize("parts", [2, 1, 0])
 def test_hadamard_two_products_keep_tiny_rows(monkeypatch, parts):
-    """bf16 rows far below 1, whose ``X @ H_C`` tiles peak near 2^-104, 2^-112 and 2^-117
-    (where 2^(14 - e), the split's scaling, is no fp32 number), and an all-zero row: every
-    output finite and as accurate as the rounding to bf16 allows, the codes the reference's
-    on it. The interpreter's fp32 -> bf16 casts turn subnormals into wrong values (2^-128 into
+    """bf16 rows far below 1, whose ``X @ H_C`` tiles peak at 2^-109.3, 2^-114.8 and
+    2^-117.9 (the last two: where 2^(14 - e), the split's scaling, is no fp32 number), and an
+    all-zero row: every output finite and as accurate as the rounding to bf16 allows, the
+    codes the reference's on it. The interpreter's fp32 -> bf16 casts turn subnormals into wrong values (2^-128 into
     0), so there only outputs above bf16's normal range are compared."""
     from qcompile.backends.triton import had_quant
 
