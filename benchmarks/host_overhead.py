@@ -185,14 +185,16 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
     def no_gemm(x, w, bias=None):  # cuBLAS's result, without a CPU matmul
         return torch.empty(*x.shape[:-1], w.shape[0], dtype=x.dtype)
 
+    from qcompile.backends.triton import w4a16_dequant
+
     rows = []
-    real_linear = torch.nn.functional.linear
+    real_gemm = w4a16_dequant.gemm
     for name, fn in _op_calls(torch.device("cpu"), n, k, m).items():
         how = "fake CUDA driver (no-op launcher)"
         if name.startswith("w4a16") and m >= DEQUANT_MIN_M:
             # Its GEMM is cuBLAS, here an empty result. The decoded weight is still a CPU
             # allocation (a GPU's caching allocator hands out a cached block).
-            torch.nn.functional.linear = no_gemm
+            w4a16_dequant.gemm = no_gemm
             how += "; the cuBLAS GEMM replaced by an empty result"
         try:
             rows.append({"op": name, "us_per_call": _per_call_us(fn, calls, lambda: None),
@@ -205,7 +207,7 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
             if pstats_top:
                 rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
         finally:
-            torch.nn.functional.linear = real_linear
+            w4a16_dequant.gemm = real_gemm
     return rows
 
 

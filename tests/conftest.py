@@ -46,12 +46,36 @@ def pytest_runtest_logreport(report):
 def _default_kernel_paths(monkeypatch):
     """The W4A16 / W4A8 linears take their default, M-threshold paths in tests: on a GPU,
     timing every path at each new shape (``path_tuning``) would slow the numerics grid and make
-    the path a test exercises depend on timings. ``tests/test_path_tuning.py`` turns it on."""
+    the path a test exercises depend on timings. The ``tuner`` fixture turns it on."""
     try:
         from qcompile.backends.triton import path_tuning
     except ImportError:  # pragma: no cover - the module needs only torch
         return
     monkeypatch.setattr(path_tuning, "ENABLED", False)
+
+
+@pytest.fixture
+def tuner(monkeypatch):
+    """``path_tuning`` with timing allowed on any device and a timer that reports
+    ``times[path]`` (it runs the call it is given, ``functools.partial(run, path)``, once);
+    returns ``(times, timed)``, ``timed`` listing the paths timed in order."""
+    from qcompile.backends.triton import path_tuning
+
+    path_tuning.clear()
+    times: dict[str, float] = {}
+    timed: list[str] = []
+
+    def fake_time(fn, cold=False):
+        name = fn.args[0]
+        timed.append(name + (" (cold)" if cold else ""))
+        fn()
+        return times[name]
+
+    monkeypatch.setattr(path_tuning, "ENABLED", True)  # _default_kernel_paths turns it off
+    monkeypatch.setattr(path_tuning, "_can_time", lambda device: True)
+    monkeypatch.setattr(path_tuning, "_time_ms", fake_time)
+    yield times, timed
+    path_tuning.clear()
 
 
 @pytest.fixture

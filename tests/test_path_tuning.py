@@ -14,28 +14,6 @@ import torch
 from qcompile.backends.triton import path_tuning
 
 
-@pytest.fixture
-def tuner(monkeypatch):
-    """``path_tuning`` with timing allowed on any device and a timer that reports
-    ``times[path]`` (it runs the call it is given, ``functools.partial(run, path)``, once);
-    returns ``(times, timed)``, ``timed`` listing the paths timed in order."""
-    path_tuning.clear()
-    times: dict[str, float] = {}
-    timed: list[str] = []
-
-    def fake_time(fn, cold=False):
-        name = fn.args[0]
-        timed.append(name + (" (cold)" if cold else ""))
-        fn()
-        return times[name]
-
-    monkeypatch.setattr(path_tuning, "ENABLED", True)  # conftest turns it off for other tests
-    monkeypatch.setattr(path_tuning, "_can_time", lambda device: True)
-    monkeypatch.setattr(path_tuning, "_time_ms", fake_time)
-    yield times, timed
-    path_tuning.clear()
-
-
 def test_pick_takes_the_fastest_once(tuner):
     times, timed = tuner
     calls = []

@@ -14,7 +14,10 @@ several of qcompile's kernels, with realistic arguments:
   autotuner's ``best_config`` reflects the launch (wrappers read it);
 * a programmatic dependent launch (``launch_pdl``, the batch-1 GEMVs' ``pdl``) keeps its
   launch option on the fast path;
-* a TMA descriptor argument (``w4a16_gemv_tma``) reaches the launcher as Triton passes it.
+* a TMA descriptor argument (``w4a16_gemv_tma``) reaches the launcher as Triton passes it;
+* a prepared launch (``launch.prepare``) with a tensor replaced passes what the fast path
+  passes for that call, also through an autotuner; with a tensor Triton would specialize
+  differently it launches that specialization's kernel.
 
 Under the interpreter ``launch`` is ``kernel[grid](...)`` (interpreted kernels are no
 ``JITFunction``), which the kernel tests exercise on every CPU run.
@@ -117,6 +120,23 @@ def _worker(out: str) -> None:
             k5, l5 = call(fn, grid, shifted, kw, True)
             assert k4 is not k0 and k5 is k4, "alignment specialization not followed"
             assert (err := _same(l4, l5)) is None, err
+            # A prepared launch: the fast path's launch, with a tensor replaced ...
+            ready = fast.prepare(fn, grid, *[named[n] for n in fn.arg_names if n in named],
+                                 **kw)
+            assert ready is not None, "not prepared after a fast launch"
+            other = named[first].clone()
+            before = len(fake_cuda.LAUNCHES)
+            assert ready(**{first: other}) is k0
+            lp = fake_cuda.LAUNCHES[-1][1]
+            assert len(fake_cuda.LAUNCHES) == before + 1
+            _, lf = call(fn, grid, dict(named, **{first: other}), kw, True)
+            assert (err := _same(lf, lp)) is None, err
+            # ... and one Triton would specialize differently: launch's kernel for it.
+            off = other[1:]
+            assert ready(**{first: off}) is k4, "prepared launch kept its alignment"
+            lp = fake_cuda.LAUNCHES[-1][1]
+            _, lf = call(fn, grid, dict(named, **{first: off}), kw, True)
+            assert (err := _same(lf, lp)) is None, err
             # An autotuner whose choice depends on the key: 4 warps for even values, 8 odd.
             warps = [triton.Config(cfg.kwargs, num_warps=w, num_stages=cfg.num_stages)
                      for w in (4, 8)]
@@ -139,6 +159,12 @@ def _worker(out: str) -> None:
                 kt, lt = triton_calls[value]
                 assert kf is kt and kf.metadata.num_warps == 4 * (1 + value % 2)
                 assert (err := _same(lt, lf)) is None, err
+                at = dict(named, **{int_arg: value})
+                ready = fast.prepare(tuned, meta_grid,
+                                     *[at[n] for n in fn.arg_names if n in at], **consts)
+                tuned.best_config = None
+                assert ready() is kt and tuned.best_config is warps[value % 2]
+                assert (err := _same(lt, fake_cuda.LAUNCHES[-1][1])) is None, err
             if "PRO" in consts:  # a constexpr in the tuning key (the GEMVs key on PRO)
                 by_pro = triton.autotune(
                     warps, key=["N", "PRO"],

@@ -39,7 +39,7 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-__all__ = ["FAST", "clear", "launch"]
+__all__ = ["FAST", "Prepared", "clear", "launch", "prepare"]
 
 #: Launch through :func:`launch`'s cache (False: ``kernel[grid](...)`` at every call).
 FAST = True
@@ -152,3 +152,91 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
                  driver.active.get_current_stream(device), compiled.function,
                  compiled.packed_metadata, None, None, None, *bound.values())
     return compiled
+
+
+class Prepared:
+    """A launch fixed at one call site: kernel, config, grid and arguments, apart from tensor
+    arguments that :meth:`__call__` replaces. Made by :func:`prepare`."""
+
+    __slots__ = ("kernel", "grid", "args", "kwargs", "config", "compiled", "device", "values",
+                 "grid3", "slots")
+
+    def __init__(self, kernel, grid, args, kwargs, config, compiled, device, bound,
+                 grid3) -> None:
+        self.kernel, self.grid, self.args, self.kwargs = kernel, grid, args, kwargs
+        self.config = config  # the autotuner's, or None
+        self.compiled, self.device, self.grid3 = compiled, device, grid3
+        self.values = list(bound.values())
+        # name -> (position in the launcher's arguments, dtype, 16-byte aligned)
+        self.slots = {n: (i, v.dtype, v.data_ptr() % 16 == 0)
+                      for i, (n, v) in enumerate(bound.items()) if isinstance(v, Tensor)}
+
+    def __call__(self, **tensors: Tensor) -> Any:
+        """Launch with the named tensor arguments replaced; returns the compiled kernel.
+
+        A replacement of another dtype or 16-byte alignment than the prepared call's (which
+        Triton would specialize differently), or launch hooks installed since, take
+        :func:`launch` with the same arguments instead.
+        """
+        if driver.active.get_current_device() != self.device:
+            return self._relaunch(tensors)
+        values = self.values.copy()
+        for name, t in tensors.items():
+            pos, dtype, aligned = self.slots[name]
+            if t.dtype is not dtype or (t.data_ptr() % 16 == 0) is not aligned:
+                return self._relaunch(tensors)
+            values[pos] = t
+        if not FAST or _hooked(knobs.runtime.launch_enter_hook) \
+                or _hooked(knobs.runtime.launch_exit_hook):
+            return self._relaunch(tensors)
+        if self.config is not None:
+            self.kernel.best_config = self.config  # as launch leaves it: wrappers read it
+        c = self.compiled
+        gx, gy, gz = self.grid3
+        c.run(gx, gy, gz, driver.active.get_current_stream(self.device), c.function,
+              c.packed_metadata, None, None, None, *values)
+        return c
+
+    def _relaunch(self, tensors: dict[str, Tensor]) -> Any:
+        names = self.kernel.fn.arg_names if isinstance(self.kernel, Autotuner) \
+            else self.kernel.arg_names
+        args = list(self.args)
+        kwargs = dict(self.kwargs)
+        for name, t in tensors.items():
+            i = names.index(name)
+            if i < len(args):
+                args[i] = t
+            else:
+                kwargs[name] = t
+        return launch(self.kernel, self.grid, *args, **kwargs)
+
+
+def prepare(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Prepared | None:
+    """The launch :func:`launch` would make for these arguments, fixed for relaunching, or
+    None where it cannot be fixed: Triton's own path (interpreted kernels, launch hooks,
+    :data:`FAST` off), a tuning key or specialization not launched before (the first call
+    tunes and compiles through :func:`launch`), a config with a pre-hook, an unhashable
+    constexpr.
+
+    A relaunch skips the autotuner's key, the binder and the grid function: the same
+    compiled kernel gets the same argument values, with the current stream, as long as the
+    replaced tensors keep dtype and alignment and the current device is the prepared one
+    (:meth:`Prepared.__call__`).
+    """
+    jit = kernel.fn if isinstance(kernel, Autotuner) else kernel
+    if not FAST or not isinstance(jit, JITFunction) or _hooked(knobs.runtime.launch_enter_hook) \
+            or _hooked(knobs.runtime.launch_exit_hook):
+        return None
+    full, config = kwargs, None
+    if jit is not kernel:
+        hit = _CONFIGS.get(_tune_key(kernel, args, kwargs))
+        if hit is None or hit[1].pre_hook is not None:
+            return None
+        full, config = {**kwargs, **hit[2]}, hit[1]
+    device, bound, ckey = _bind(jit, args, full)
+    hit = _COMPILED.get(ckey) if ckey is not None else None
+    if hit is None:
+        return None
+    g = grid(bound) if callable(grid) else grid
+    grid3 = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
+    return Prepared(kernel, grid, args, kwargs, config, hit[1], device, bound, grid3)

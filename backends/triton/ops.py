@@ -110,6 +110,13 @@ def _kernels():
     return act_quant, fp8_gemm, w4a8, w4a16
 
 
+@functools.cache
+def _plan():
+    from qcompile.backends.triton import w4a16_plan
+
+    return w4a16_plan
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm as HF Llama-family models compute it (fp32 statistics, cast back, then gamma).
 
@@ -198,6 +205,10 @@ def w4a16_linear(
     """4-bit weight-only linear, optionally with its decode fusions; see the module docstring."""
     fused = rms_eps >= 0 or up is not None or residual is not None
     if _use_kernel(x):
+        if not fused:  # a prefill whose host work per weight is done (w4a16_plan)
+            y = _plan().prefill(x, packed, scale, scale_neg, zero, outer, bias, fmt, k)
+            if y is not None:
+                return y
         spec = spec_of(fmt)
         gs = spec.group_size if spec.granularity == "group" else k
         fusion = None

@@ -382,6 +382,14 @@ def w4a16_linear_ref(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     return torch.nn.functional.linear(x.float(), w.to(x.dtype).float(), b).to(x.dtype)
 
 
+def route_key(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, has_neg: bool,
+              has_zero: bool, has_outer: bool, has_bias: bool, fp4: bool) -> tuple:
+    """:mod:`~qcompile.backends.triton.path_tuning`'s key for the route of an ``m``-row call
+    above the GEMVs (``fp4``: the cached FP4 table, which has its own decode kernels)."""
+    return ("w4a16", next_pow2(m), n, k, group_size, dtype, has_neg, has_zero, has_outer,
+            has_bias, fp4)
+
+
 def launch_gemv(args: tuple, out: torch.Tensor, k: int, kb: int, g: int, o_stride: int,
                 common: dict, x_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The split-K GEMV (and its reduce) of ``args[0]``'s rows into ``out`` ``[M, N]``.
@@ -484,9 +492,9 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
             route = "gemv" if m <= GEMV_MAX_M else "gemm"
         if route in ("gemm", "dequant") and m <= path_tuning.MAX_M:  # the fastest, timed once
             paths = ("gemm", "dequant") + (("swap",) if x.dtype != torch.float32 else ())
-            key = ("w4a16", next_pow2(m), n, k, group_size, x.dtype,
-                   scale_neg is not None, zero is not None, outer is not None,
-                   bias is not None, table is element_table("fp4_e2m1", x.device))
+            key = route_key(m, n, k, group_size, x.dtype, scale_neg is not None,
+                            zero is not None, outer is not None, bias is not None,
+                            table is element_table("fp4_e2m1", x.device))
             route = path_tuning.pick(key, route, paths, lambda p: w4a16_linear(
                 x2, packed, table, scale, scale_neg, zero, outer, group_size, bias, path=p),
                 x.device)
@@ -508,7 +516,7 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
         w = _dequant().w4a16_dequant(packed, table, scale, scale_neg if scale_neg is None
                                      else neg, zero if zero is None else zer, None if
                                      outer is None else out_t, group_size, k, x.dtype)
-        out = torch.nn.functional.linear(x2, w, None if bias is None else bias_t)
+        out = _dequant().gemm(x2, w, None if bias is None else bias_t)
     elif route == "gemv":
         launch_gemv(args, out, k, packed.shape[1], g, o_stride, common)
     else:

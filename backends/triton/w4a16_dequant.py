@@ -21,12 +21,12 @@ import triton.language as tl
 from qcompile.backends.triton import path_tuning
 from qcompile.backends.triton.cold_bench import cold_graph_bench
 from qcompile.backends.triton.fp4_words import _fp4_pair
-from qcompile.backends.triton.launch import launch
+from qcompile.backends.triton.launch import launch, prepare
 from qcompile.backends.triton.runtime import cdiv, element_table, interpreting, tuning
 from qcompile.backends.triton.w4a16 import _DTYPE_KIND, _group_eff, _round_to, _weight_tile
 from qcompile.backends.triton.w4a16_gemv import _words
 
-__all__ = ["DEQUANT_MIN_M", "w4a16_dequant"]
+__all__ = ["DEQUANT_MIN_M", "Fp4Decode", "fp4_decode", "gemm", "w4a16_dequant"]
 
 #: Smallest M (flattened rows of ``x``) that decodes the weight and calls cuBLAS. Below it the
 #: tiled GEMM, whose cost per row is lower when M is small; the crossover is not measured yet
@@ -260,37 +260,97 @@ def _fp4_words(packed: torch.Tensor, table: torch.Tensor, zero: torch.Tensor | N
     return _words(packed, k)
 
 
-def _fp4_launch(kernel: str, args: tuple, flags: dict, n: int, k: int,
-                tuned: bool = True) -> torch.Tensor:
-    """Run the FP4 ``kernel`` (``"pairs"``, ``"words"`` or ``"flat"``) on ``args``; returns
-    the weight. ``tuned=False``: the flat kernel with :data:`FP4F_UNTIMED` instead of its
-    autotuner (which would time its configs)."""
+def _fp4_call(kernel: str, flags: dict, n: int, k: int, kw: int,
+              tuned: bool = True) -> tuple:
+    """``(kernel function, grid, keyword arguments)`` of the FP4 ``kernel`` (``"pairs"``,
+    ``"words"`` or ``"flat"``) for an ``n x k`` weight of ``kw`` words per row.
+    ``tuned=False``: the flat kernel with :data:`FP4F_UNTIMED` instead of its autotuner
+    (which would time its configs)."""
     exact = interpreting()
-    kw = args[7]  # words per row
     if kernel == "flat":
         if exact:
-            _dequant_fp4f_kernel[(cdiv(n * kw, 512),)](*args, **flags, EXACT=True,
-                                                        BLOCK=512, num_warps=4)
-        elif not tuned:
+            return _dequant_fp4f_kernel, (cdiv(n * kw, 512),), dict(
+                flags, EXACT=True, BLOCK=512, num_warps=4)
+        if not tuned:
             block = FP4F_UNTIMED.kwargs["BLOCK"]
-            launch(_dequant_fp4f_kernel, (cdiv(n * kw, block),), *args, **flags, EXACT=False,
-                   BLOCK=block, num_warps=FP4F_UNTIMED.num_warps)
-        else:
-            launch(_dequant_fp4f_tuned, lambda meta: (cdiv(n * kw, meta["BLOCK"]),),
-                   *args, **flags, EXACT=False)
-    elif kernel == "pairs":
-        launch(_dequant_fp4p_kernel, (cdiv(n, _FP4P_BLOCK_N), cdiv(k, _FP4P_BLOCK_K)), *args,
-               **flags, EXACT=exact, BLOCK_N=_FP4P_BLOCK_N, BLOCK_K=_FP4P_BLOCK_K,
-               num_warps=4)
-    elif exact:  # one tile: autotuning is meaningless under the interpreter
+            return _dequant_fp4f_kernel, (cdiv(n * kw, block),), dict(
+                flags, EXACT=False, BLOCK=block, num_warps=FP4F_UNTIMED.num_warps)
+        return _dequant_fp4f_tuned, lambda meta: (cdiv(n * kw, meta["BLOCK"]),), dict(
+            flags, EXACT=False)
+    if kernel == "pairs":
+        return _dequant_fp4p_kernel, (cdiv(n, _FP4P_BLOCK_N), cdiv(k, _FP4P_BLOCK_K)), dict(
+            flags, EXACT=exact, BLOCK_N=_FP4P_BLOCK_N, BLOCK_K=_FP4P_BLOCK_K, num_warps=4)
+    if exact:  # one tile: autotuning is meaningless under the interpreter
         meta = FP4W_CONFIGS[0].kwargs
-        _dequant_fp4w_kernel[(cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"]))](
-            *args, **flags, EXACT=True, **meta, num_warps=4)
-    else:
-        launch(_dequant_fp4w_tuned,
-               lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"])), *args,
-               **flags, EXACT=False)
-    return args[4]
+        return _dequant_fp4w_kernel, (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"])), \
+            dict(flags, EXACT=True, **meta, num_warps=4)
+    return _dequant_fp4w_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]),
+                                              cdiv(k, meta["BLOCK_K"])), dict(flags,
+                                                                              EXACT=False)
+
+
+def gemm(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x2 @ w.T (+ bias)``: the product ``torch.nn.functional.linear`` runs for 2-D
+    inputs (the same cuBLAS call), with two fewer dispatches."""
+    if bias is None:
+        return torch.mm(x2, w.t())
+    return torch.addmm(bias, x2, w.t())
+
+
+class Fp4Decode:
+    """One weight's FP4 word-kernel launch in one dtype: everything but the output, built once
+    (:func:`fp4_decode`). A compiled model decodes the same weight at every prefill, so the
+    per-weight plans of :mod:`qcompile.backends.triton.w4a16_plan` keep one."""
+
+    __slots__ = ("args", "tail", "flags", "paths", "key", "n", "k", "dtype", "device", "ready")
+
+    def __init__(self, words, scale, neg, outer, n, k, g, group_size, dtype) -> None:
+        o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
+        self.args = (words, scale, scale if neg is None else neg,
+                     scale if outer is None else outer)
+        self.tail = (n, k, words.shape[1], g, o_stride)
+        self.flags = dict(GROUP_SIZE=group_size, HAS_NEG=neg is not None,
+                          HAS_OUTER=outer is not None, KIND=_DTYPE_KIND[dtype])
+        # The flat kernel indexes words with int32s (a block's worth of headroom).
+        self.paths = FP4_KERNELS if n * words.shape[1] < 2**31 - 2**16 else FP4_KERNELS[:2]
+        self.key = ("w4a16-dequant-fp4", n, k, group_size, dtype, neg is not None,
+                    outer is not None)
+        self.n, self.k, self.dtype, self.device = n, k, dtype, words.device
+        self.ready: dict = {}  # kernel -> its prepared launch
+
+    def into(self, w: torch.Tensor, kernel: str, tuned: bool = True) -> torch.Tensor:
+        """Decode into ``w`` (``[N, K]`` in the dtype) with ``kernel``; returns ``w``."""
+        fn, grid, kwargs = _fp4_call(kernel, self.flags, self.n, self.k, self.tail[2], tuned)
+        launch(fn, grid, *self.args, w, *self.tail, **kwargs)
+        return w
+
+    def run(self, kernel: str) -> torch.Tensor:
+        """The decoded weight, by ``kernel`` (one of :attr:`paths`, a timed choice): its
+        launch prepared (:func:`~qcompile.backends.triton.launch.prepare`) once it has run."""
+        w = torch.empty(self.n, self.k, dtype=self.dtype, device=self.device)
+        ready = self.ready.get(kernel)
+        if ready is not None:
+            ready(w_ptr=w)
+            return w
+        self.into(w, kernel)
+        fn, grid, kwargs = _fp4_call(kernel, self.flags, self.n, self.k, self.tail[2])
+        ready = prepare(fn, grid, *self.args, w, *self.tail, **kwargs)
+        if ready is not None:
+            self.ready[kernel] = ready
+        return w
+
+
+def fp4_decode(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
+               scale_neg: torch.Tensor | None, zero: torch.Tensor | None,
+               outer: torch.Tensor | None, group_size: int, k: int,
+               dtype: torch.dtype) -> Fp4Decode | None:
+    """The FP4 word kernels' launch for this weight (inputs as :func:`w4a16_dequant` takes
+    them), or None when they cannot decode it (:func:`_fp4_words`) or it is empty."""
+    n = packed.shape[0]
+    words = _fp4_words(packed, table, zero, group_size, k) if n and k else None
+    if words is None:
+        return None
+    return Fp4Decode(words, scale, scale_neg, outer, n, k, scale.shape[1], group_size, dtype)
 
 
 def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor,
@@ -311,31 +371,23 @@ def w4a16_dequant(packed: torch.Tensor, table: torch.Tensor, scale: torch.Tensor
     w = torch.empty(n, k, dtype=dtype, device=packed.device)
     if n == 0 or k == 0:
         return w
-    o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
-    words = _fp4_words(packed, table, zero, group_size, k)
-    if words is not None:
-        args = (words, scale, scale if scale_neg is None else scale_neg,
-                scale if outer is None else outer, w, n, k, words.shape[1], g, o_stride)
-        flags = dict(GROUP_SIZE=group_size, HAS_NEG=scale_neg is not None,
-                     HAS_OUTER=outer is not None, KIND=_DTYPE_KIND[dtype])
-        # The flat kernel indexes words with int32s (a block's worth of headroom).
-        paths = FP4_KERNELS if n * words.shape[1] < 2**31 - 2**16 else FP4_KERNELS[:2]
+    dec = fp4_decode(packed, table, scale, scale_neg, zero, outer, group_size, k, dtype)
+    if dec is not None:
+        paths = dec.paths
         if kernel is not None and kernel not in paths:
             raise ValueError(f"w4a16_dequant: kernel must be one of {paths} for a {n} x {k} "
                              f"weight, got {kernel!r}")
         tuned = True
         if kernel is None:
-            key = ("w4a16-dequant-fp4", n, k, group_size, dtype, scale_neg is not None,
-                   outer is not None)
-            kernel = path_tuning.choice(key)
+            kernel = path_tuning.choice(dec.key)
             if kernel is None:
                 default = "flat" if "flat" in paths else "pairs"
-                kernel = path_tuning.pick(key, default, paths, lambda p: _fp4_launch(
-                    p, args, flags, n, k), packed.device, cold=True)
+                kernel = path_tuning.pick(dec.key, default, paths, lambda p: dec.into(w, p),
+                                          packed.device, cold=True)
                 # Nothing was timed (a capture, timing off): no autotuning either.
-                tuned = path_tuning.choice(key) is not None
-        _fp4_launch(kernel, args, flags, n, k, tuned)
-        return w
+                tuned = path_tuning.choice(dec.key) is not None
+        return dec.into(w, kernel, tuned)
+    o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
     block_k = _block_k(group_size)
     grid = (cdiv(n, _BLOCK_N), cdiv(k, block_k))
     launch(
