@@ -206,9 +206,37 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
                 launch.FAST = True
             if pstats_top:
                 rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
+            if name.startswith("w4a16") and m >= DEQUANT_MIN_M:
+                rows.append(_planned_row(name, fn, calls, how, pstats_top))
         finally:
             w4a16_dequant.gemm = real_gemm
     return rows
+
+
+def _planned_row(name: str, fn: Callable[[], object], calls: int, how: str,
+                 pstats_top: int) -> dict[str, Any]:
+    """The W4A16 prefill call through its per-weight plan (``w4a16_plan``). A plan follows
+    path choices that a GPU times at the first call; nothing is timed here, so the choices
+    are set to what the H200 timed for every Llama-3-8B shape (decode-then-cuBLAS, the flat
+    decode kernel; ``benchmarks/results/gpu_h200_2026-11-27.md``, run 2)."""
+    from qcompile.backends.triton import path_tuning, w4a16_plan
+
+    settled = {"w4a16": "dequant", "w4a16-dequant-fp4": "flat"}
+    real = path_tuning.choice
+    path_tuning.choice = lambda key: settled.get(key[0]) or real(key)
+    w4a16_plan.clear()
+    try:
+        fn()  # builds the plan (and prepares the decode's launch)
+        if not w4a16_plan.plans():
+            raise RuntimeError("the planned call made no plan")
+        row = {"op": f"{name}, planned", "us_per_call": _per_call_us(fn, calls, lambda: None),
+               "launch": how + "; path choices set as a GPU timed them (w4a16_plan)"}
+        if pstats_top:
+            row["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
+        return row
+    finally:
+        path_tuning.choice = real
+        w4a16_plan.clear()
 
 
 def run(device: str, calls: int, n: int, k: int, pstats_top: int = 0,
