@@ -158,3 +158,42 @@ def test_other_formats_keep_the_full_path(full_calls):
         a = op(x, *weight, None, fmt, K)
         b = op(x, *weight, None, fmt, K)
     assert full_calls[0] == 2 and torch.equal(a, b)
+
+
+def test_compiled_model_reuses_its_plans(tuner, monkeypatch):
+    """``torch.compile(backend="qcompile")`` (Inductor) passes the same weight tensors at every
+    call, so a prefill's linears run through their plans from the second call, with the
+    logits of the full path."""
+    import qcompile
+    from qcompile.testing import tiny_model
+
+    times, _ = tuner
+    times.update(gemm=3.0, dequant=1.0, swap=2.0, pairs=2.0, words=3.0, flat=1.0)
+    seen: list[tuple[int, bool]] = []
+    real = w4a16_plan.prefill
+
+    def spy(x, packed, *args):
+        y = real(x, packed, *args)
+        seen.append((id(packed), y is not None))
+        return y
+
+    monkeypatch.setattr(w4a16_plan, "prefill", spy)
+    w4a16_plan.clear()
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    qcompile.compile(model, recipe="w4-fp4", lower="always")
+    ids = torch.randint(3, 256, (1, 260), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad(), kernels_on_cpu():
+            first = model(ids).logits
+            weights = {p for p, _ in seen}
+            seen.clear()
+            planned = model(ids).logits
+            assert len(seen) == 8 and all(used for _, used in seen), seen
+            assert {p for p, _ in seen} == weights and w4a16_plan.plans() == len(weights)
+            monkeypatch.setattr(w4a16_plan, "prefill", lambda *args: None)  # full path only
+            full = model(ids).logits
+    finally:
+        torch._dynamo.reset()
+        w4a16_plan.clear()
+    assert torch.equal(planned, full) and torch.equal(first, full)
