@@ -318,10 +318,17 @@ class Fp4Decode:
         self.n, self.k, self.dtype, self.device = n, k, dtype, words.device
         self.ready: dict = {}  # kernel -> its prepared launch
 
-    def into(self, w: torch.Tensor, kernel: str, tuned: bool = True) -> torch.Tensor:
-        """Decode into ``w`` (``[N, K]`` in the dtype) with ``kernel``; returns ``w``."""
+    def into(self, w: torch.Tensor, kernel: str, tuned: bool = True,
+             keep: bool = False) -> torch.Tensor:
+        """Decode into ``w`` (``[N, K]`` in the dtype) with ``kernel``; returns ``w``.
+        ``keep``: prepare the launch for :meth:`run` (after it, when it can be fixed)."""
         fn, grid, kwargs = _fp4_call(kernel, self.flags, self.n, self.k, self.tail[2], tuned)
-        launch(fn, grid, *self.args, w, *self.tail, **kwargs)
+        args = (*self.args, w, *self.tail)
+        launch(fn, grid, *args, **kwargs)
+        if keep:
+            ready = prepare(fn, grid, *args, **kwargs)
+            if ready is not None:
+                self.ready[kernel] = ready
         return w
 
     def run(self, kernel: str) -> torch.Tensor:
@@ -329,14 +336,9 @@ class Fp4Decode:
         launch prepared (:func:`~qcompile.backends.triton.launch.prepare`) once it has run."""
         w = torch.empty(self.n, self.k, dtype=self.dtype, device=self.device)
         ready = self.ready.get(kernel)
-        if ready is not None:
-            ready(w_ptr=w)
-            return w
-        self.into(w, kernel)
-        fn, grid, kwargs = _fp4_call(kernel, self.flags, self.n, self.k, self.tail[2])
-        ready = prepare(fn, grid, *self.args, w, *self.tail, **kwargs)
-        if ready is not None:
-            self.ready[kernel] = ready
+        if ready is None:
+            return self.into(w, kernel, keep=True)
+        ready(w_ptr=w)
         return w
 
 
