@@ -17,7 +17,8 @@ several of qcompile's kernels, with realistic arguments:
 * a TMA descriptor argument (``w4a16_gemv_tma``) reaches the launcher as Triton passes it;
 * a prepared launch (``launch.prepare``) with a tensor replaced passes what the fast path
   passes for that call, also through an autotuner; with a tensor Triton would specialize
-  differently it launches that specialization's kernel.
+  differently it launches that specialization's kernel; one told to let go of a tensor
+  (``vary``) holds no reference to it and refuses a call without it.
 
 Under the interpreter ``launch`` is ``kernel[grid](...)`` (interpreted kernels are no
 ``JITFunction``), which the kernel tests exercise on every CPU run.
@@ -124,6 +125,15 @@ def _worker(out: str) -> None:
             ready = fast.prepare(fn, grid, *[named[n] for n in fn.arg_names if n in named],
                                  **kw)
             assert ready is not None, "not prepared after a fast launch"
+            held = named[first]
+            assert ready.vary(first) is ready
+            assert all(v is not held for v in (*ready.values, *ready.args,
+                                               *ready.kwargs.values())), "still holds it"
+            try:
+                ready()
+                raise AssertionError("a call without the varying tensor launched")
+            except TypeError as exc:
+                assert first in str(exc), exc
             other = named[first].clone()
             before = len(fake_cuda.LAUNCHES)
             assert ready(**{first: other}) is k0
@@ -164,6 +174,7 @@ def _worker(out: str) -> None:
                                      *[at[n] for n in fn.arg_names if n in at], **consts)
                 tuned.best_config = None
                 assert ready() is kt and tuned.best_config is warps[value % 2]
+                assert ready.vary(first)(**{first: at[first]}) is kt
                 assert (err := _same(lt, fake_cuda.LAUNCHES[-1][1])) is None, err
             if "PRO" in consts:  # a constexpr in the tuning key (the GEMVs key on PRO)
                 by_pro = triton.autotune(

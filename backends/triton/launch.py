@@ -159,7 +159,7 @@ class Prepared:
     arguments that :meth:`__call__` replaces. Made by :func:`prepare`."""
 
     __slots__ = ("kernel", "grid", "args", "kwargs", "config", "compiled", "device", "values",
-                 "grid3", "slots")
+                 "grid3", "slots", "varying")
 
     def __init__(self, kernel, grid, args, kwargs, config, compiled, device, bound,
                  grid3) -> None:
@@ -170,6 +170,24 @@ class Prepared:
         # name -> (position in the launcher's arguments, dtype, 16-byte aligned)
         self.slots = {n: (i, v.dtype, v.data_ptr() % 16 == 0)
                       for i, (n, v) in enumerate(bound.items()) if isinstance(v, Tensor)}
+        self.varying: frozenset[str] = frozenset()
+
+    def vary(self, *names: str) -> Prepared:
+        """Let go of the tensor arguments ``names`` (keeping their dtype and alignment): every
+        call passes them. A prepared launch kept for reuse must not hold one call's output
+        alive. Returns ``self``."""
+        arg_names = self._arg_names()
+        args = list(self.args)
+        for name in names:
+            self.values[self.slots[name][0]] = None
+            i = arg_names.index(name)
+            if i < len(args):
+                args[i] = None
+            else:
+                self.kwargs = {**self.kwargs, name: None}
+        self.args = tuple(args)
+        self.varying = self.varying | frozenset(names)
+        return self
 
     def __call__(self, **tensors: Tensor) -> Any:
         """Launch with the named tensor arguments replaced; returns the compiled kernel.
@@ -177,7 +195,13 @@ class Prepared:
         A replacement of another dtype or 16-byte alignment than the prepared call's (which
         Triton would specialize differently), or launch hooks installed since, take
         :func:`launch` with the same arguments instead.
+
+        Raises:
+            TypeError: A varying argument (:meth:`vary`) not given.
         """
+        if not self.varying <= tensors.keys():
+            raise TypeError(f"this prepared launch needs {sorted(self.varying)}, got "
+                            f"{sorted(tensors)}")
         if driver.active.get_current_device() != self.device:
             return self._relaunch(tensors)
         values = self.values.copy()
@@ -197,9 +221,12 @@ class Prepared:
               c.packed_metadata, None, None, None, *values)
         return c
 
-    def _relaunch(self, tensors: dict[str, Tensor]) -> Any:
-        names = self.kernel.fn.arg_names if isinstance(self.kernel, Autotuner) \
+    def _arg_names(self) -> list[str]:
+        return self.kernel.fn.arg_names if isinstance(self.kernel, Autotuner) \
             else self.kernel.arg_names
+
+    def _relaunch(self, tensors: dict[str, Tensor]) -> Any:
+        names = self._arg_names()
         args = list(self.args)
         kwargs = dict(self.kwargs)
         for name, t in tensors.items():

@@ -327,8 +327,8 @@ class Fp4Decode:
         launch(fn, grid, *args, **kwargs)
         if keep:
             ready = prepare(fn, grid, *args, **kwargs)
-            if ready is not None:
-                self.ready[kernel] = ready
+            if ready is not None:  # kept per weight: it must not keep this call's output
+                self.ready[kernel] = ready.vary("w_ptr")
         return w
 
     def run(self, kernel: str) -> torch.Tensor:
