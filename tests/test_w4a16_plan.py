@@ -197,3 +197,22 @@ def test_compiled_model_reuses_its_plans(tuner, monkeypatch):
         torch._dynamo.reset()
         w4a16_plan.clear()
     assert torch.equal(planned, full) and torch.equal(first, full)
+
+
+def test_plan_goes_with_its_weight(full_calls):
+    """A plan holds nothing that keeps its weight's ``packed`` tensor alive: when the model
+    lets go of the weight, the plan goes too."""
+    import gc
+    import weakref
+
+    fmt = "fp4_e2m1/g64"
+    weight = list(_weight(fmt))
+    x = _x(260)
+    with kernels_on_cpu():
+        op(x, *weight, None, fmt, K)
+        op(x, *weight, None, fmt, K)
+    assert full_calls[0] == 1 and w4a16_plan.plans() == 1
+    alive = weakref.ref(weight[0])
+    del weight
+    gc.collect()
+    assert alive() is None and w4a16_plan.plans() == 0
