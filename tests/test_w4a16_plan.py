@@ -19,13 +19,16 @@ from test_triton_w4a16 import assert_matches  # noqa: E402
 from qcompile.backends.triton import w4a16 as w4  # noqa: E402
 from qcompile.backends.triton import w4a16_plan  # noqa: E402
 from qcompile.backends.triton.ops import kernels_on_cpu  # noqa: E402
-from qcompile.backends.triton.runtime import KernelInputError  # noqa: E402
+from qcompile.backends.triton.runtime import KernelInputError, element_table  # noqa: E402
 from qcompile.formats import pack_codes, parse_format, quantize  # noqa: E402
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter checks (CPU)")
 
 N, K = 48, 128
 op = torch.ops.qcompile.w4a16_linear
+#: The stand-in timer's times: decode-then-cuBLAS and the flat decode kernel fastest.
+TIMES = dict(gemm=3.0, dequant=1.0, swap=2.0, pairs=2.0, words=3.0, flat=1.0)
+FP4 = element_table("fp4_e2m1", "cpu")  # the table the op passes the kernels
 
 
 def _weight(fmt: str, seed: int = 0):
@@ -40,7 +43,7 @@ def full_calls(tuner, monkeypatch):
     """Count of calls that took the full path; the stand-in timer prefers decode-then-cuBLAS
     and the flat kernel."""
     times, _ = tuner
-    times.update(gemm=3.0, dequant=1.0, swap=2.0, pairs=2.0, words=3.0, flat=1.0)
+    times.update(TIMES)
     count = [0]
     depth = [0]
     full = w4.w4a16_linear
@@ -75,11 +78,11 @@ def test_prefill_runs_through_the_plan(full_calls, fmt):
         again = op(x, *weight, bias, fmt, K)
         assert full_calls[0] == 1, "the planned call took the full path"
         assert torch.equal(again, first)
-        forced = w4.w4a16_linear(x, packed, w4a16_plan._PLANS.get(packed).table, scale, neg,
+        forced = w4.w4a16_linear(x, packed, FP4, scale, neg,
                                  zero, outer, parse_format(fmt).group_size, bias,
                                  path="dequant")
     assert torch.equal(first, forced)
-    ref = w4.w4a16_linear_ref(x, packed, w4a16_plan._PLANS.get(packed).table, scale, neg, zero,
+    ref = w4.w4a16_linear_ref(x, packed, FP4, scale, neg, zero,
                               outer, parse_format(fmt).group_size, bias)
     assert_matches(first, ref)
 
@@ -110,7 +113,7 @@ def test_plan_follows_the_weights(full_calls):
         full_path_taken(_x(40), packed, scale, neg, zero, outer, None, fmt, K)  # below 256 rows
         full_path_taken(_x(300, torch.float32), packed, scale, neg, zero, outer, None, fmt, K)
         full_path_taken(_x(600), packed, scale, neg, zero, outer, None, fmt, K)  # untimed M
-        table = w4a16_plan._PLANS.get(packed).table
+        table = FP4  # what the op passes the kernels
 
         def planned_and_right() -> torch.Tensor:
             nonlocal calls
@@ -168,7 +171,7 @@ def test_compiled_model_reuses_its_plans(tuner, monkeypatch):
     from qcompile.testing import tiny_model
 
     times, _ = tuner
-    times.update(gemm=3.0, dequant=1.0, swap=2.0, pairs=2.0, words=3.0, flat=1.0)
+    times.update(TIMES)
     seen: list[tuple[int, bool]] = []
     real = w4a16_plan.prefill
 
