@@ -206,7 +206,7 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
                 launch.FAST = True
             if pstats_top:
                 rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
-            if name.startswith("w4a16") and m >= DEQUANT_MIN_M:
+            if name.startswith(("w4a16", "w4a8")) and m >= DEQUANT_MIN_M:
                 rows.append(_planned_row(name, fn, calls, how, pstats_top))
         finally:
             w4a16_dequant.gemm = real_gemm
@@ -215,28 +215,31 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
 
 def _planned_row(name: str, fn: Callable[[], object], calls: int, how: str,
                  pstats_top: int) -> dict[str, Any]:
-    """The W4A16 prefill call through its per-weight plan (``w4a16_plan``). A plan follows
-    path choices that a GPU times at the first call; nothing is timed here, so the choices
-    are set to what the H200 timed for every Llama-3-8B shape (decode-then-cuBLAS, the flat
-    decode kernel; ``benchmarks/results/gpu_h200_2026-11-27.md``, run 2)."""
-    from qcompile.backends.triton import path_tuning, w4a16_plan
+    """A prefill call through its per-weight plan (``w4a16_plan``, ``w4a8_plan``). A plan
+    follows path choices that a GPU times at the first call; nothing is timed here, so the
+    choices are set to what the H200 timed for every Llama-3-8B shape: decode-then-cuBLAS and
+    the flat decode kernel for W4A16 (``benchmarks/results/gpu_h200_2026-11-27.md``, run 2),
+    shift-then-FP8-GEMM for W4A8 (the default from 256 rows)."""
+    from qcompile.backends.triton import path_tuning, w4a8_plan, w4a16_plan
 
-    settled = {"w4a16": "dequant", "w4a16-dequant-fp4": "flat"}
+    settled = {"w4a16": "dequant", "w4a16-dequant-fp4": "flat", "w4a8": "dequant"}
+    module = w4a16_plan if name.startswith("w4a16") else w4a8_plan
     real = path_tuning.choice
     path_tuning.choice = lambda key: settled.get(key[0]) or real(key)
-    w4a16_plan.clear()
+    module.clear()
     try:
-        fn()  # builds the plan (and prepares the decode's launch)
-        if not w4a16_plan.plans():
+        fn()  # builds the plan (and prepares its launches)
+        fn()  # the first planned call prepares what the first call launched
+        if not module.plans():
             raise RuntimeError("the planned call made no plan")
         row = {"op": f"{name}, planned", "us_per_call": _per_call_us(fn, calls, lambda: None),
-               "launch": how + "; path choices set as a GPU timed them (w4a16_plan)"}
+               "launch": how + f"; path choices set as a GPU timed them ({module.__name__})"}
         if pstats_top:
             row["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
         return row
     finally:
         path_tuning.choice = real
-        w4a16_plan.clear()
+        module.clear()
 
 
 def run(device: str, calls: int, n: int, k: int, pstats_top: int = 0,

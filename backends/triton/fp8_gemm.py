@@ -53,7 +53,8 @@ from qcompile.backends.triton.runtime import (
     tuning,
 )
 
-__all__ = ["FP8_CONFIGS", "OUT_DTYPES", "fp8_scaled_mm", "fp8_scaled_mm_ref", "m_bucket"]
+__all__ = ["FP8_CONFIGS", "OUT_DTYPES", "fp8_scaled_mm", "fp8_scaled_mm_ref", "m_bucket",
+           "mm_call"]
 
 #: Output dtypes the kernels store.
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -324,28 +325,49 @@ def scaled_mm_checked(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor,
     c = torch.empty((m, n), dtype=out_dtype, device=dev)
     if m == 0 or n == 0:
         return c
-    progs = num_programs_cap(dev)
+    if interpreting():
+        # Autotuning is meaningless (and slow) in the interpreter: one fixed config.
+        progs = num_programs_cap(dev)
+        if persistent is None:
+            persistent = use_persistent(m, n, progs)
+        meta = _INTERPRET_CONFIG
+        tiles = cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
+        args, flags = _mm_args(a, a_scale, b, b_scale, bias, c, fast_accum)
+        if persistent:
+            _fp8_mm_persistent_kernel[(min(progs, tiles),)](*args, NUM_PROGRAMS=progs,
+                                                            **flags, **meta)
+        else:
+            _fp8_mm_kernel[(tiles,)](*args, **flags, **meta)
+        return c
+    fn, grid, args, kwargs = mm_call(a, a_scale, b, b_scale, bias, c, persistent, fast_accum)
+    launch(fn, grid, *args, **kwargs)
+    return c
+
+
+def _mm_args(a, a_scale, b, b_scale, bias, c, fast_accum) -> tuple[tuple, dict]:
+    m, k = a.shape
+    args = (a, b, c, a_scale, b_scale, c if bias is None else bias, m, b.shape[0], k,
+            m_bucket(m), a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0),
+            c.stride(1))
+    return args, {"HAS_BIAS": bias is not None, "PROMOTE": 0 if fast_accum else PROMOTE_K}
+
+
+def mm_call(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+            bias: torch.Tensor | None, c: torch.Tensor, persistent: bool | None,
+            fast_accum: bool) -> tuple:
+    """``(kernel, grid, args, kwargs)``: the autotuned launch :func:`scaled_mm_checked` makes
+    on a GPU to write ``c`` (``[M, N]``, M and N not 0), for callers that prepare it
+    (:func:`~qcompile.backends.triton.launch.prepare`: the W4A8 prefill's plans)."""
+    m, n = c.shape
+    progs = num_programs_cap(a.device)
     if persistent is None:
         persistent = use_persistent(m, n, progs)
-    args = (a, b, c, a_scale, b_scale, c if bias is None else bias, m, n, k, m_bucket(m),
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
-    has_bias = bias is not None
-    flags = {"HAS_BIAS": has_bias, "PROMOTE": 0 if fast_accum else PROMOTE_K}
+    args, flags = _mm_args(a, a_scale, b, b_scale, bias, c, fast_accum)
 
     def tiles(meta: dict) -> int:
         return cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"])
 
-    if interpreting():
-        # Autotuning is meaningless (and slow) in the interpreter: one fixed config.
-        meta = _INTERPRET_CONFIG
-        if persistent:
-            grid = (min(progs, tiles(meta)),)
-            _fp8_mm_persistent_kernel[grid](*args, NUM_PROGRAMS=progs, **flags, **meta)
-        else:
-            _fp8_mm_kernel[(tiles(meta),)](*args, **flags, **meta)
-    elif persistent:
-        launch(_fp8_mm_persistent_tuned, lambda meta: (min(progs, tiles(meta)),), *args,
-               NUM_PROGRAMS=progs, **flags)
-    else:
-        launch(_fp8_mm_tuned, lambda meta: (tiles(meta),), *args, **flags)
-    return c
+    if persistent:
+        return (_fp8_mm_persistent_tuned, lambda meta: (min(progs, tiles(meta)),), args,
+                {"NUM_PROGRAMS": progs, **flags})
+    return _fp8_mm_tuned, lambda meta: (tiles(meta),), args, flags

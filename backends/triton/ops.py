@@ -117,6 +117,13 @@ def _plan():
     return w4a16_plan
 
 
+@functools.cache
+def _w4a8_plan():
+    from qcompile.backends.triton import w4a8_plan
+
+    return w4a8_plan
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """RMSNorm as HF Llama-family models compute it (fp32 statistics, cast back, then gamma).
 
@@ -340,6 +347,11 @@ def w4a8_linear(
     (``fast_accum`` as in :func:`fp8_linear`; ``residual``: the result is
     ``residual + linear(...)``, added in the batch-1 GEMV's epilogue on CUDA)."""
     if _use_kernel(q):
+        if residual is None:  # a prefill whose host work per weight is done (w4a8_plan)
+            y = _w4a8_plan().prefill(q, q_scale, packed, gexp, row_scale, bias, group_size, k,
+                                     dtype, fast_accum)
+            if y is not None:
+                return y
         lead = q.shape[:-1]
         n = packed.shape[0]
         out = _kernels()[2].w4a8_linear(

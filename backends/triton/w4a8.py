@@ -351,6 +351,43 @@ _w4a8_tuned = triton.autotune(W4A8_CONFIGS,
     _w4a8_kernel)
 
 
+def check_weights(packed: object, gexp: object, row_scale: object, bias: object,
+                  group_size: object, k: int, dev: torch.device,
+                  out_dtype: torch.dtype) -> tuple:
+    """:func:`w4a8_linear`'s checks of the weight's tensors, ``group_size`` and ``out_dtype``
+    on ``dev`` (and that ``dev`` has FP8 tensor cores); returns ``(packed, gexp, row_scale,
+    bias)`` as the kernels take them: ``packed`` and ``gexp`` unit-stride along K,
+    ``row_scale`` contiguous ``[N]``, ``bias`` contiguous or None.
+
+    Raises:
+        KernelInputError: As :func:`w4a8_linear` says.
+    """
+    check_fp8_device(dev)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise KernelInputError(f"group_size must be a positive int, got {group_size!r}")
+    packed = check_tensor(packed, "packed", (torch.uint8,), ndim=2, device=dev)
+    n = packed.shape[0]
+    if packed.shape[1] != packed_len(k, 4):
+        raise KernelInputError(
+            f"packed has shape {tuple(packed.shape)}; K = {k} fp4 codes need "
+            f"{packed_len(k, 4)} bytes per row")
+    groups = -(-k // group_size)
+    gexp = check_tensor(gexp, "gexp", (torch.int8,), shape=(n, groups), device=dev)
+    row_scale = check_scale_vector(row_scale, "row_scale", n, dev)
+    bias = check_bias_and_dtype(bias, n, dev, out_dtype)
+    # The kernels step through packed bytes and exponents with unit stride along K.
+    packed = packed if packed.stride(1) == 1 else packed.contiguous()
+    gexp = gexp if gexp.stride(1) == 1 or groups <= 1 else gexp.contiguous()
+    return packed, gexp, row_scale, bias
+
+
+def path_key(m: int, n: int, k: int, group_size: int, has_bias: bool, out_dtype: torch.dtype,
+             fast_accum: bool) -> tuple:
+    """The ``path_tuning`` key of :func:`w4a8_linear`'s timed path choice (fused, swap or
+    shift-then-GEMM) for ``m`` rows; the W4A8 prefill's plans look their route up by it."""
+    return ("w4a8", next_pow2(m), n, k, group_size, has_bias, out_dtype, fast_accum)
+
+
 def w4a8_linear(
     a: torch.Tensor,
     a_scale: torch.Tensor,
@@ -406,20 +443,10 @@ def w4a8_linear(
     a = check_tensor(a, "a", (_FP8,), ndim=2)
     m, k = a.shape
     dev = a.device
-    check_fp8_device(dev)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise KernelInputError(f"group_size must be a positive int, got {group_size!r}")
-    packed = check_tensor(packed, "packed", (torch.uint8,), ndim=2, device=dev)
+    packed, gexp, row_scale, bias = check_weights(packed, gexp, row_scale, bias, group_size,
+                                                  k, dev, out_dtype)
     n = packed.shape[0]
-    if packed.shape[1] != packed_len(k, 4):
-        raise KernelInputError(
-            f"packed has shape {tuple(packed.shape)}; K = {k} fp4 codes need "
-            f"{packed_len(k, 4)} bytes per row")
-    groups = -(-k // group_size)
-    gexp = check_tensor(gexp, "gexp", (torch.int8,), shape=(n, groups), device=dev)
     a_scale = check_scale_vector(a_scale, "a_scale", m, dev)
-    row_scale = check_scale_vector(row_scale, "row_scale", n, dev)
-    bias = check_bias_and_dtype(bias, n, dev, out_dtype)
     if path not in (None, "fused", "dequant", "gemv", "swap"):
         raise KernelInputError(
             f"path must be 'fused', 'swap', 'dequant', 'gemv' or None, got {path!r}")
@@ -430,9 +457,6 @@ def w4a8_linear(
         if not (m == 1 and path in (None, "gemv") and w4a16_gemv.gemv1_eligible(1, group_size)):
             return residual + w4a8_linear(a, a_scale, packed, gexp, row_scale, group_size, bias,
                                           out_dtype, path, fast_accum)
-    # The kernel steps through packed bytes and exponents with unit stride along K.
-    packed = packed if packed.stride(1) == 1 else packed.contiguous()
-    gexp = gexp if gexp.stride(1) == 1 or groups <= 1 else gexp.contiguous()
     from qcompile.backends.triton import w4a8_dequant
 
     if m and n and (path == "gemv" or (path is None and m <= GEMV_MAX_M)):
@@ -440,8 +464,7 @@ def w4a8_linear(
                      residual)
     if m and n and path is None and m <= path_tuning.MAX_M:  # the fastest path, timed once
         default = "dequant" if m >= w4a8_dequant.DEQUANT_MIN_M else "fused"
-        key = ("w4a8", next_pow2(m), n, k, group_size, bias is not None,
-               out_dtype, fast_accum)
+        key = path_key(m, n, k, group_size, bias is not None, out_dtype, fast_accum)
         path = path_tuning.pick(key, default, ("fused", "swap", "dequant"), lambda p: w4a8_linear(
             a, a_scale, packed, gexp, row_scale, group_size, bias, out_dtype, path=p,
             fast_accum=fast_accum), dev)

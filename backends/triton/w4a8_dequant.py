@@ -23,7 +23,7 @@ from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import cdiv, graph_bench, interpreting, tuning
 from qcompile.backends.triton.w4a8 import fp4_times_2g
 
-__all__ = ["DEQUANT_MIN_M", "w4a8_dequant"]
+__all__ = ["DEQUANT_MIN_M", "shift_call", "w4a8_dequant"]
 
 #: Smallest M that takes the shift-then-GEMM path. The decode pass costs about a copy of the
 #: FP8 weight (N*K bytes written, N*K/2 read), which at M = 256 is about as long as the GEMM
@@ -119,13 +119,27 @@ def w4a8_dequant(packed: torch.Tensor, gexp: torch.Tensor, group_size: int,
     n = packed.shape[0]
     w = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
     if n and k:
-        args = (packed, gexp, w, n, k, packed.shape[1], gexp.shape[1], gexp.stride(0))
         if interpreting():  # one tile config: autotuning is meaningless here
             block_n, block_k = _blocks(group_size)
             _shift_kernel[(cdiv(n, block_n), cdiv(k, block_k))](
-                *args, GROUP_SIZE=group_size, BLOCK_N=block_n, BLOCK_K=block_k)
+                *_shift_args(packed, gexp, w, k), GROUP_SIZE=group_size, BLOCK_N=block_n,
+                BLOCK_K=block_k)
         else:
-            launch(_shift_tuned,
-                   lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"])), *args,
-                   GROUP_SIZE=group_size)
+            fn, grid, args, kwargs = shift_call(packed, gexp, w, group_size, k)
+            launch(fn, grid, *args, **kwargs)
     return w.view(torch.float8_e4m3fn)
+
+
+def _shift_args(packed, gexp, w, k) -> tuple:
+    return (packed, gexp, w, packed.shape[0], k, packed.shape[1], gexp.shape[1], gexp.stride(0))
+
+
+def shift_call(packed: torch.Tensor, gexp: torch.Tensor, w: torch.Tensor, group_size: int,
+               k: int) -> tuple:
+    """``(kernel, grid, args, kwargs)``: the autotuned launch :func:`w4a8_dequant` makes on a
+    GPU to write the E4M3 bytes into ``w`` (uint8 ``[N, K]``, N and K not 0), for callers
+    that prepare it (:func:`~qcompile.backends.triton.launch.prepare`: the W4A8 prefill's
+    plans)."""
+    n = packed.shape[0]
+    return (_shift_tuned, lambda meta: (cdiv(n, meta["BLOCK_N"]), cdiv(k, meta["BLOCK_K"])),
+            _shift_args(packed, gexp, w, k), {"GROUP_SIZE": group_size})
