@@ -39,7 +39,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -159,27 +160,15 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
     timed with :func:`~qcompile.backends.triton.launch.launch` and with
     ``kernel[grid](...)``. Autotuners keep their first config (``QCOMPILE_TRITON_TUNE=first``:
     nothing is timed on a device)."""
-    import importlib
-    import pkgutil
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     import fake_cuda
 
-    import qcompile.backends.triton as pkg
-    from qcompile.backends.triton import launch, ops, runtime
+    from qcompile.backends.triton import launch
 
-    fake_cuda.install()
+    fake_cuda.wrappers_as_on_gpu()  # the CUDA branches, on CPU tensors
     fake_cuda.RECORD = False
-    os.environ["QCOMPILE_TRITON_TUNE"] = "first"
-    for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        if hasattr(mod, "interpreting"):
-            mod.interpreting = lambda: False  # the CUDA branches, on CPU tensors
-        if hasattr(mod, "sm_count"):
-            mod.sm_count = lambda device: 132
-    runtime.kernel_device = lambda t: True
-    ops._use_kernel = lambda t: True
     from qcompile.backends.triton.w4a16_dequant import DEQUANT_MIN_M
 
     def no_gemm(x, w, bias=None):  # cuBLAS's result, without a CPU matmul
@@ -197,33 +186,53 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
             w4a16_dequant.gemm = no_gemm
             how += "; the cuBLAS GEMM replaced by an empty result"
         try:
-            rows.append({"op": name, "us_per_call": _per_call_us(fn, calls, lambda: None),
-                         "launch": how})
-            launch.FAST = False
-            try:
-                rows[-1]["us_per_call_triton_launch"] = _per_call_us(fn, calls, lambda: None)
-            finally:
-                launch.FAST = True
-            if pstats_top:
-                rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
-            if name.startswith(("w4a16", "w4a8")) and m >= DEQUANT_MIN_M:
+            with _plans_off():  # the full path; the plans get their own row
+                rows.append({"op": name, "us_per_call": _per_call_us(fn, calls, lambda: None),
+                             "launch": how})
+                launch.FAST = False
+                try:
+                    rows[-1]["us_per_call_triton_launch"] = _per_call_us(fn, calls,
+                                                                         lambda: None)
+                finally:
+                    launch.FAST = True
+                if pstats_top:
+                    rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
+            if name.startswith("quantize_rows") or (name.startswith(("w4a16", "w4a8"))
+                                                    and m >= DEQUANT_MIN_M):
                 rows.append(_planned_row(name, fn, calls, how, pstats_top))
         finally:
             w4a16_dequant.gemm = real_gemm
     return rows
 
 
+@contextmanager
+def _plans_off() -> Iterator[None]:
+    """Every call by the op's full path: no per-weight plans (``w4a16_plan``, ``w4a8_plan``)
+    and no prepared row launches (``rows_plan``)."""
+    from qcompile.backends.triton import rows_plan, w4a8_plan, w4a16_plan
+
+    saved = (w4a16_plan.prefill, w4a8_plan.prefill, rows_plan.quantize, rows_plan.build)
+    w4a16_plan.prefill = w4a8_plan.prefill = rows_plan.quantize = lambda *a: None
+    rows_plan.build = lambda *a: a[-1]()  # run(): the full path's call
+    try:
+        yield
+    finally:
+        w4a16_plan.prefill, w4a8_plan.prefill, rows_plan.quantize, rows_plan.build = saved
+
+
 def _planned_row(name: str, fn: Callable[[], object], calls: int, how: str,
                  pstats_top: int) -> dict[str, Any]:
-    """A prefill call through its per-weight plan (``w4a16_plan``, ``w4a8_plan``). A plan
-    follows path choices that a GPU times at the first call; nothing is timed here, so the
-    choices are set to what the H200 timed for every Llama-3-8B shape: decode-then-cuBLAS and
-    the flat decode kernel for W4A16 (``benchmarks/results/gpu_h200_2026-11-27.md``, run 2),
-    shift-then-FP8-GEMM for W4A8 (the default from 256 rows)."""
-    from qcompile.backends.triton import path_tuning, w4a8_plan, w4a16_plan
+    """A call through its plan: a prefill linear's per-weight plan (``w4a16_plan``,
+    ``w4a8_plan``), or the per-token quantize's prepared launch (``rows_plan``). A weight's
+    plan follows path choices that a GPU times at the first call; nothing is timed here, so
+    the choices are set to what the H200 timed for every Llama-3-8B shape: decode-then-cuBLAS
+    and the flat decode kernel for W4A16 (``benchmarks/results/gpu_h200_2026-11-27.md``, run
+    2), shift-then-FP8-GEMM for W4A8 (the default from 256 rows)."""
+    from qcompile.backends.triton import path_tuning, rows_plan, w4a8_plan, w4a16_plan
 
     settled = {"w4a16": "dequant", "w4a16-dequant-fp4": "flat", "w4a8": "dequant"}
-    module = w4a16_plan if name.startswith("w4a16") else w4a8_plan
+    module = w4a16_plan if name.startswith("w4a16") else w4a8_plan if name.startswith(
+        "w4a8") else rows_plan
     real = path_tuning.choice
     path_tuning.choice = lambda key: settled.get(key[0]) or real(key)
     module.clear()
@@ -266,6 +275,8 @@ def run(device: str, calls: int, n: int, k: int, pstats_top: int = 0,
         for name, fn in _op_calls(dev, n, k, m).items():
             rows.append({"op": name, "us_per_call": _per_call_us(fn, calls, sync),
                          "graph_us": 1e3 * do_bench_cudagraph(fn)})
+            with _plans_off():  # what the plans (w4a16_plan, w4a8_plan, rows_plan) save
+                rows[-1]["us_per_call_without_plans"] = _per_call_us(fn, calls, sync)
             launch.FAST = False  # the same calls through kernel[grid](...)
             try:
                 rows[-1]["us_per_call_triton_launch"] = _per_call_us(fn, calls, sync)

@@ -71,6 +71,30 @@ def install() -> None:
     _driver.set_active(FakeCuda())
 
 
+def wrappers_as_on_gpu() -> None:
+    """:func:`install`, and qcompile's kernel wrappers taking their CUDA branches on CPU
+    tensors: every ``qcompile.backends.triton`` module's ``interpreting()`` False, 132 SMs,
+    every tensor a kernel device, the ``qcompile::`` ops on their kernels. Autotuners keep
+    their first config (``QCOMPILE_TRITON_TUNE=first``: nothing can be timed). For a process
+    of its own (benchmarks, test workers): nothing here is undone."""
+    import importlib
+    import pkgutil
+
+    install()
+    os.environ["QCOMPILE_TRITON_TUNE"] = "first"
+    import qcompile.backends.triton as pkg
+    from qcompile.backends.triton import ops, runtime
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if hasattr(mod, "interpreting"):
+            mod.interpreting = lambda: False
+        if hasattr(mod, "sm_count"):
+            mod.sm_count = lambda device: 132
+    runtime.kernel_device = lambda t: True
+    ops._use_kernel = lambda t: True
+
+
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "i32": "int32",
            "u8": "uint8", "i8": "int8", "fp8e4nv": "float8_e4m3fn", "i64": "int64",
            "i1": "bool"}

@@ -265,27 +265,12 @@ def _worker(out: str) -> None:
     """Each case: the full path's launches, then the planned call's; write ``{case: {"ok",
     "error"}}`` to ``out``."""
     import gc
-    import importlib
-    import os
-    import pkgutil
     import weakref
 
     sys.path.insert(0, str(HERE))
     import fake_cuda
 
-    os.environ["QCOMPILE_TRITON_TUNE"] = "first"  # nothing to time without a GPU
-    fake_cuda.install()
-    import qcompile.backends.triton as pkg
-    from qcompile.backends.triton import ops, runtime, w4a8_plan
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
-        if hasattr(mod, "interpreting"):
-            mod.interpreting = lambda: False  # the CUDA branches, on CPU tensors
-        if hasattr(mod, "sm_count"):
-            mod.sm_count = lambda device: 132
-    runtime.kernel_device = lambda t: True
-    ops._use_kernel = lambda t: True
+    fake_cuda.wrappers_as_on_gpu()
     op = torch.ops.qcompile.w4a8_linear
     real_prefill = w4a8_plan.prefill
 

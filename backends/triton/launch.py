@@ -31,6 +31,8 @@ process does not recompile kernels already launched here. :data:`FAST` off resto
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import Tensor
@@ -39,7 +41,7 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-__all__ = ["FAST", "Prepared", "clear", "launch", "prepare"]
+__all__ = ["FAST", "Prepared", "clear", "launch", "prepare", "recording"]
 
 #: Launch through :func:`launch`'s cache (False: ``kernel[grid](...)`` at every call).
 FAST = True
@@ -52,6 +54,8 @@ _CONFIGS: dict[tuple, tuple[Any, Any, dict[str, Any]]] = {}
 _COMPILED: dict[tuple, tuple[Any, Any]] = {}
 # id(autotuner) -> (autotuner, positions of its key arguments, their names)
 _KEY_POS: dict[int, tuple[Any, tuple[int, ...], tuple[str, ...]]] = {}
+# Where :func:`launch` appends ``(kernel, grid, args, kwargs)`` of each call (recording()).
+_RECORD: list[tuple] | None = None
 
 
 def clear() -> None:
@@ -118,6 +122,8 @@ def launch(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Any:
     Returns:
         What ``kernel[grid](...)`` returns (the compiled kernel).
     """
+    if _RECORD is not None:
+        _RECORD.append((kernel, grid, args, kwargs))
     # Interpreted kernels (TRITON_INTERPRET=1) are not JITFunctions: Triton's path.
     jit = kernel.fn if isinstance(kernel, Autotuner) else kernel
     if not FAST or not isinstance(jit, JITFunction) or _hooked(knobs.runtime.launch_enter_hook) \
@@ -267,3 +273,19 @@ def prepare(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Prepared | Non
     g = grid(bound) if callable(grid) else grid
     grid3 = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
     return Prepared(kernel, grid, args, kwargs, config, hit[1], device, bound, grid3)
+
+
+@contextmanager
+def recording() -> Iterator[list[tuple]]:
+    """Collect what :func:`launch` is asked to launch in this block, as ``(kernel, grid,
+    args, kwargs)`` per call, for a caller that prepares a wrapper's launch without knowing
+    its arguments (:mod:`qcompile.backends.triton.rows_plan`). Not nested: an inner block
+    collects its own launches only. Kernels launched without :func:`launch` (the
+    interpreter's fixed configs) are not seen."""
+    global _RECORD
+    outer, calls = _RECORD, []
+    _RECORD = calls
+    try:
+        yield calls
+    finally:
+        _RECORD = outer

@@ -118,6 +118,13 @@ def _plan():
 
 
 @functools.cache
+def _rows_plan():
+    from qcompile.backends.triton import rows_plan
+
+    return rows_plan
+
+
+@functools.cache
 def _w4a8_plan():
     from qcompile.backends.triton import w4a8_plan
 
@@ -260,14 +267,23 @@ def quantize_rows(
     up: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token FP8/INT8 codes and fp32 scales; see the module docstring."""
+    if _use_kernel(x):  # rows whose launch is prepared (rows_plan)
+        got = _rows_plan().quantize(x, fmt, had_size, rms_weight, rms_eps, up)
+        if got is not None:
+            return got
     spec = _rows_spec(fmt)
     if _use_kernel(x) and _fits(x, had_size, rms_eps, up is not None):
+        aq = _kernels()[0]
         if up is not None:
-            return _kernels()[0].silu_quant(x.contiguous(), up.contiguous(), fmt, out="codes")
-        if rms_eps >= 0:
-            return _kernels()[0].rmsnorm_quant(x.contiguous(), rms_weight, rms_eps, fmt,
-                                               out="codes")
-        return _kernels()[0].act_quant(x.contiguous(), fmt, had_size, out="codes")
+            run = lambda: aq.silu_quant(x.contiguous(), up.contiguous(), fmt,  # noqa: E731
+                                        out="codes")
+        elif rms_eps >= 0:
+            run = lambda: aq.rmsnorm_quant(x.contiguous(), rms_weight, rms_eps,  # noqa: E731
+                                           fmt, out="codes")
+        else:
+            run = lambda: aq.act_quant(x.contiguous(), fmt, had_size,  # noqa: E731
+                                       out="codes")
+        return _rows_plan().build(x, fmt, had_size, rms_weight, rms_eps, up, run)
     xr = linear_input(x, had_size, rms_weight, rms_eps, up).float()
     s = compute_scales(spec, group_stats(xr, spec), None).scale  # [..., 1], as quantize uses
     q = _round_f32(xr / s, spec.elem)
