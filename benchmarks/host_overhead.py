@@ -197,8 +197,8 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
                     launch.FAST = True
                 if pstats_top:
                     rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
-            if name.startswith("quantize_rows") or (name.startswith(("w4a16", "w4a8"))
-                                                    and m >= DEQUANT_MIN_M):
+            if name.startswith(("quantize_rows", "fp8_linear")) or (
+                    name.startswith(("w4a16", "w4a8")) and m >= DEQUANT_MIN_M):
                 rows.append(_planned_row(name, fn, calls, how, pstats_top))
         finally:
             w4a16_dequant.gemm = real_gemm
@@ -207,32 +207,36 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
 
 @contextmanager
 def _plans_off() -> Iterator[None]:
-    """Every call by the op's full path: no per-weight plans (``w4a16_plan``, ``w4a8_plan``)
-    and no prepared row launches (``rows_plan``)."""
-    from qcompile.backends.triton import rows_plan, w4a8_plan, w4a16_plan
+    """Every call by the op's full path: no per-weight plans (``w4a16_plan``, ``w4a8_plan``,
+    ``fp8_plan``) and no prepared row launches (``rows_plan``)."""
+    from qcompile.backends.triton import fp8_plan, rows_plan, w4a8_plan, w4a16_plan
 
-    saved = (w4a16_plan.prefill, w4a8_plan.prefill, rows_plan.quantize, rows_plan.build)
+    saved = (w4a16_plan.prefill, w4a8_plan.prefill, rows_plan.quantize, rows_plan.build,
+             fp8_plan.linear)
     w4a16_plan.prefill = w4a8_plan.prefill = rows_plan.quantize = lambda *a: None
+    fp8_plan.linear = lambda *a: None
     rows_plan.build = lambda *a: a[-1]()  # run(): the full path's call
     try:
         yield
     finally:
-        w4a16_plan.prefill, w4a8_plan.prefill, rows_plan.quantize, rows_plan.build = saved
+        (w4a16_plan.prefill, w4a8_plan.prefill, rows_plan.quantize, rows_plan.build,
+         fp8_plan.linear) = saved
 
 
 def _planned_row(name: str, fn: Callable[[], object], calls: int, how: str,
                  pstats_top: int) -> dict[str, Any]:
-    """A call through its plan: a prefill linear's per-weight plan (``w4a16_plan``,
-    ``w4a8_plan``), or the per-token quantize's prepared launch (``rows_plan``). A weight's
+    """A call through its plan: a linear's per-weight plan (``w4a16_plan``, ``w4a8_plan``
+    from 256 rows, ``fp8_plan``), or the per-token quantize's prepared launch
+    (``rows_plan``). A weight's
     plan follows path choices that a GPU times at the first call; nothing is timed here, so
     the choices are set to what the H200 timed for every Llama-3-8B shape: decode-then-cuBLAS
     and the flat decode kernel for W4A16 (``benchmarks/results/gpu_h200_2026-11-27.md``, run
     2), shift-then-FP8-GEMM for W4A8 (the default from 256 rows)."""
-    from qcompile.backends.triton import path_tuning, rows_plan, w4a8_plan, w4a16_plan
+    from qcompile.backends.triton import fp8_plan, path_tuning, rows_plan, w4a8_plan, w4a16_plan
 
     settled = {"w4a16": "dequant", "w4a16-dequant-fp4": "flat", "w4a8": "dequant"}
-    module = w4a16_plan if name.startswith("w4a16") else w4a8_plan if name.startswith(
-        "w4a8") else rows_plan
+    module = {"w4a16": w4a16_plan, "w4a8": w4a8_plan, "fp8": fp8_plan}.get(
+        name.split("_")[0], rows_plan)
     real = path_tuning.choice
     path_tuning.choice = lambda key: settled.get(key[0]) or real(key)
     module.clear()

@@ -19,8 +19,11 @@ import torch
 
 pytest.importorskip("triton")
 
+from qcompile.backends.triton import (
+    fp8_plan,  # noqa: E402
+    w4a8_plan,  # noqa: E402
+)
 from qcompile.backends.triton import w4a8 as w8  # noqa: E402
-from qcompile.backends.triton import w4a8_plan  # noqa: E402
 from qcompile.backends.triton.ops import kernels_on_cpu  # noqa: E402
 from qcompile.backends.triton.runtime import KernelInputError  # noqa: E402
 
@@ -361,26 +364,26 @@ def _worker(out: str) -> None:
         wide[..., :k] = q
         check(wide[..., :k], s, packed, gexp, row_scale, None)  # 300 rows again, strided
         plan = w4a8_plan._PLANS[packed]
-        assert sorted(key[0] for key in plan.gemms) == [256, 300, 300]
+        assert sorted(key[0] for key in plan.gemms.keys()) == [256, 300, 300]
 
     def case_evict() -> None:
         packed, gexp, row_scale = weight()
         held = []
-        for i in range(w4a8_plan.GEMMS_PER_PLAN + 2):
+        for i in range(fp8_plan.GEMMS_PER_PLAN + 2):
             q, s = rows(256 + 16 * i)
             for _ in range(2):
                 y = op(q, s, packed, gexp, row_scale, None, 128, k, torch.bfloat16)
                 held += [weakref.ref(t) for t in (q, s, y)]
         plan = w4a8_plan._PLANS[packed]
-        assert len(plan.gemms) == w4a8_plan.GEMMS_PER_PLAN
-        assert min(key[0] for key in plan.gemms) == 256 + 16 * 2, "not the oldest evicted"
+        assert len(plan.gemms) == fp8_plan.GEMMS_PER_PLAN
+        assert min(key[0] for key in plan.gemms.keys()) == 256 + 16 * 2, "not the oldest gone"
         del q, s, y
         gc.collect()
         assert all(ref() is None for ref in held), "a plan holds a call's rows"
         # What the prepared launches still hold: the weight's scales only (the results are
         # views: their weak references say nothing about the memory behind them).
         weights = {t.data_ptr() for t in (gexp, row_scale)}
-        for ready in (plan.shift, *plan.gemms.values()):
+        for ready in (plan.shift, *plan.gemms.ready.values()):
             kept = [v for v in (*ready.values, *ready.args, *ready.kwargs.values())
                     if isinstance(v, torch.Tensor)]
             assert {t.data_ptr() for t in kept} <= weights, "a prepared launch holds a call's"

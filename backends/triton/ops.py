@@ -125,6 +125,13 @@ def _rows_plan():
 
 
 @functools.cache
+def _fp8_plan():
+    from qcompile.backends.triton import fp8_plan
+
+    return fp8_plan
+
+
+@functools.cache
 def _w4a8_plan():
     from qcompile.backends.triton import w4a8_plan
 
@@ -318,6 +325,9 @@ def fp8_linear(
     ``fast_accum``: the kernel's accumulation mode (``fp8_gemm.fp8_scaled_mm``); the CPU
     reference sums in fp32 either way."""
     if _use_kernel(q) and q.dtype == torch.float8_e4m3fn:
+        y = _fp8_plan().linear(q, q_scale, wq, w_scale, bias, dtype, fast_accum)
+        if y is not None:  # the weight's checks and launches done once (fp8_plan)
+            return y
         lead = q.shape[:-1]
         out = _kernels()[1].fp8_scaled_mm(
             q.reshape(-1, q.shape[-1]), q_scale.reshape(-1, 1), wq, w_scale.reshape(-1),

@@ -11,8 +11,9 @@ answers at every call, except what depends on the rows (their count and strides)
 A plan per weight (keyed weakly on the ``packed`` tensor object, as
 :mod:`~qcompile.backends.triton.w4a16_plan` does) keeps the checked weight tensors, the
 shift's launch prepared by :func:`~qcompile.backends.triton.launch.prepare` (each call passes
-only its output) and, per row count and activation strides, the FP8 GEMM's prepared launch
-(each call passes the activations, their scales, the shifted weight and the output). A call
+the codes and its output) and, per row count and activation strides, the FP8 GEMM's prepared
+launch (:class:`~qcompile.backends.triton.fp8_plan.GemmLaunches`: each call passes the
+activations, their scales, the shifted weight and the output). A call
 then checks its activations, looks its route up and launches.
 
 A plan is used only while the call's other weight tensors are the very objects it was built
@@ -29,17 +30,15 @@ from __future__ import annotations
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from qcompile.backends.triton import fp8_gemm, path_tuning
+from qcompile.backends.triton import path_tuning
 from qcompile.backends.triton import w4a8_dequant as dq8
-from qcompile.backends.triton.launch import Prepared, prepare
+from qcompile.backends.triton.fp8_plan import GemmLaunches, prepare_call
+from qcompile.backends.triton.launch import Prepared
 from qcompile.backends.triton.w4a8 import check_weights, path_key
 
-__all__ = ["GEMMS_PER_PLAN", "clear", "plans", "prefill"]
+__all__ = ["clear", "plans", "prefill"]
 
 _FP8 = torch.float8_e4m3fn
-#: Row counts (with activation strides, output dtype, accumulation) whose FP8 GEMM launch a
-#: plan keeps; a prefill of a new length past this many replaces the oldest.
-GEMMS_PER_PLAN = 8
 #: ``packed`` -> its plan.
 _PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -57,7 +56,7 @@ class _Plan:
         # Never ``packed`` itself: a plan must not keep its key alive.
         self.checked: dict[torch.dtype, tuple | None] = {}
         self.shift: Prepared | None = None
-        self.gemms: dict[tuple, Prepared] = {}
+        self.gemms = GemmLaunches()
 
     def matches(self, packed: torch.Tensor, weights: tuple, group_size: int, k: int) -> bool:
         if group_size != self.group_size or k != self.k or packed.data_ptr() != self.ptr \
@@ -86,7 +85,7 @@ class _Plan:
         n, k = packed.shape[0], self.k
         if self.shift is None:
             w8 = dq8.w4a8_dequant(packed, gexp, self.group_size, k)
-            ready = _prepare(dq8.shift_call(packed, gexp, w8.view(torch.uint8),
+            ready = prepare_call(dq8.shift_call(packed, gexp, w8.view(torch.uint8),
                                             self.group_size, k))
             if ready is not None:  # kept per weight: it must hold neither this call's
                 # output nor its key, ``packed`` (the plan would keep its weight alive)
@@ -95,42 +94,6 @@ class _Plan:
         w = torch.empty(n, k, dtype=torch.uint8, device=packed.device)
         self.shift(packed_ptr=packed, w_ptr=w)
         return w.view(_FP8)
-
-    def gemm(self, a: torch.Tensor, a_scale: torch.Tensor, w8: torch.Tensor,
-             row_scale: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,
-             fast_accum: bool) -> torch.Tensor:
-        """The FP8 GEMM (:func:`~qcompile.backends.triton.fp8_gemm.scaled_mm_checked`), by
-        the prepared launch of these rows once it has run."""
-        m = a.shape[0]
-        key = (m, a.stride(0), a.stride(1), dtype, fast_accum)
-        ready = self.gemms.get(key)
-        if ready is None:
-            c = fp8_gemm.scaled_mm_checked(a, a_scale, w8, row_scale, bias, dtype, None,
-                                           fast_accum)
-            ready = _prepare(fp8_gemm.mm_call(a, a_scale, w8, row_scale, bias, c, None,
-                                              fast_accum))
-            if ready is not None:
-                if len(self.gemms) >= GEMMS_PER_PLAN:
-                    del self.gemms[next(iter(self.gemms))]
-                self.gemms[key] = ready.vary(*_varying(bias))
-            return c
-        c = torch.empty(m, w8.shape[0], dtype=dtype, device=a.device)
-        if bias is None:  # the kernel takes the output as its (unread) bias pointer
-            ready(a_ptr=a, b_ptr=w8, c_ptr=c, as_ptr=a_scale, bias_ptr=c)
-        else:
-            ready(a_ptr=a, b_ptr=w8, c_ptr=c, as_ptr=a_scale)
-        return c
-
-
-def _prepare(call: tuple) -> Prepared | None:
-    """:func:`prepare` of a ``(kernel, grid, args, kwargs)`` launch description."""
-    fn, grid, args, kwargs = call
-    return prepare(fn, grid, *args, **kwargs)
-
-
-def _varying(bias: torch.Tensor | None) -> tuple[str, ...]:
-    names = ("a_ptr", "b_ptr", "c_ptr", "as_ptr")
-    return names if bias is not None else (*names, "bias_ptr")
 
 
 def clear() -> None:
@@ -184,5 +147,5 @@ def prefill(q: torch.Tensor, q_scale: torch.Tensor, packed: torch.Tensor, gexp: 
     a = q.reshape(m, k)
     a_scale = q_scale.reshape(m).contiguous()
     w8 = plan.shifted(packed, gexp)
-    y = plan.gemm(a, a_scale, w8, row_scale, bias, dtype, fast_accum)
+    y = plan.gemms.run(a, a_scale, w8, row_scale, bias, dtype, fast_accum)
     return y.view(*q.shape[:-1], n)
