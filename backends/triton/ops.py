@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import threading
 from collections.abc import Iterator
 
@@ -111,31 +112,9 @@ def _kernels():
 
 
 @functools.cache
-def _plan():
-    from qcompile.backends.triton import w4a16_plan
-
-    return w4a16_plan
-
-
-@functools.cache
-def _rows_plan():
-    from qcompile.backends.triton import rows_plan
-
-    return rows_plan
-
-
-@functools.cache
-def _fp8_plan():
-    from qcompile.backends.triton import fp8_plan
-
-    return fp8_plan
-
-
-@functools.cache
-def _w4a8_plan():
-    from qcompile.backends.triton import w4a8_plan
-
-    return w4a8_plan
+def _backend(name: str):
+    """``qcompile.backends.triton.<name>``, imported at its first use (the plans)."""
+    return importlib.import_module(f"qcompile.backends.triton.{name}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -227,7 +206,8 @@ def w4a16_linear(
     fused = rms_eps >= 0 or up is not None or residual is not None
     if _use_kernel(x):
         if not fused:  # a prefill whose host work per weight is done (w4a16_plan)
-            y = _plan().prefill(x, packed, scale, scale_neg, zero, outer, bias, fmt, k)
+            y = _backend("w4a16_plan").prefill(x, packed, scale, scale_neg, zero, outer, bias,
+                                               fmt, k)
             if y is not None:
                 return y
         spec = spec_of(fmt)
@@ -275,7 +255,7 @@ def quantize_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token FP8/INT8 codes and fp32 scales; see the module docstring."""
     if _use_kernel(x):  # rows whose launch is prepared (rows_plan)
-        got = _rows_plan().quantize(x, fmt, had_size, rms_weight, rms_eps, up)
+        got = _backend("rows_plan").quantize(x, fmt, had_size, rms_weight, rms_eps, up)
         if got is not None:
             return got
     spec = _rows_spec(fmt)
@@ -290,7 +270,7 @@ def quantize_rows(
         else:
             run = lambda: aq.act_quant(x.contiguous(), fmt, had_size,  # noqa: E731
                                        out="codes")
-        return _rows_plan().build(x, fmt, had_size, rms_weight, rms_eps, up, run)
+        return _backend("rows_plan").build(x, fmt, had_size, rms_weight, rms_eps, up, run)
     xr = linear_input(x, had_size, rms_weight, rms_eps, up).float()
     s = compute_scales(spec, group_stats(xr, spec), None).scale  # [..., 1], as quantize uses
     q = _round_f32(xr / s, spec.elem)
@@ -325,7 +305,7 @@ def fp8_linear(
     ``fast_accum``: the kernel's accumulation mode (``fp8_gemm.fp8_scaled_mm``); the CPU
     reference sums in fp32 either way."""
     if _use_kernel(q) and q.dtype == torch.float8_e4m3fn:
-        y = _fp8_plan().linear(q, q_scale, wq, w_scale, bias, dtype, fast_accum)
+        y = _backend("fp8_plan").linear(q, q_scale, wq, w_scale, bias, dtype, fast_accum)
         if y is not None:  # the weight's checks and launches done once (fp8_plan)
             return y
         lead = q.shape[:-1]
@@ -374,8 +354,8 @@ def w4a8_linear(
     ``residual + linear(...)``, added in the batch-1 GEMV's epilogue on CUDA)."""
     if _use_kernel(q):
         if residual is None:  # a prefill whose host work per weight is done (w4a8_plan)
-            y = _w4a8_plan().prefill(q, q_scale, packed, gexp, row_scale, bias, group_size, k,
-                                     dtype, fast_accum)
+            y = _backend("w4a8_plan").prefill(q, q_scale, packed, gexp, row_scale, bias,
+                                              group_size, k, dtype, fast_accum)
             if y is not None:
                 return y
         lead = q.shape[:-1]

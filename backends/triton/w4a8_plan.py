@@ -44,13 +44,14 @@ _PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 class _Plan:
-    __slots__ = ("weights", "group_size", "k", "ptr", "shape", "device", "checked", "shift",
-                 "gemms")
+    __slots__ = ("weights", "group_size", "k", "ptr", "shape", "stride", "device", "checked",
+                 "shift", "gemms")
 
     def __init__(self, packed: torch.Tensor, weights: tuple, group_size: int, k: int) -> None:
         self.weights = weights  # (gexp, row_scale, bias), compared by identity
         self.group_size, self.k = group_size, k
         self.ptr, self.shape, self.device = packed.data_ptr(), packed.shape, packed.device
+        self.stride = packed.stride()
         # out dtype -> the checked (gexp, row_scale, bias), None where the kernels would
         # take copies (a plan must see in-place updates of the weight: the kernels read it).
         # Never ``packed`` itself: a plan must not keep its key alive.
@@ -60,7 +61,7 @@ class _Plan:
 
     def matches(self, packed: torch.Tensor, weights: tuple, group_size: int, k: int) -> bool:
         if group_size != self.group_size or k != self.k or packed.data_ptr() != self.ptr \
-                or packed.shape != self.shape:
+                or packed.shape != self.shape or packed.stride() != self.stride:
             return False
         return all(a is b for a, b in zip(weights, self.weights, strict=True))
 
@@ -115,7 +116,7 @@ def prefill(q: torch.Tensor, q_scale: torch.Tensor, packed: torch.Tensor, gexp: 
     Arguments as the op takes them (without its residual), on a device the kernels run on.
     """
     if q.dtype is not _FP8 or q.dim() < 2 or q.device != packed.device or q.shape[-1] != k \
-            or not k:
+            or not k or type(group_size) is not int:
         return None
     m = q.numel() // k
     if m < dq8.DEQUANT_MIN_M or not isinstance(q_scale, torch.Tensor) \
@@ -125,8 +126,6 @@ def prefill(q: torch.Tensor, q_scale: torch.Tensor, packed: torch.Tensor, gexp: 
     weights = (gexp, row_scale, bias)
     plan = _PLANS.get(packed)
     if plan is None or not plan.matches(packed, weights, group_size, k):
-        if isinstance(group_size, bool) or not isinstance(group_size, int):
-            return None
         plan = _Plan(packed, weights, group_size, k)
         _PLANS[packed] = plan
     try:
