@@ -145,3 +145,20 @@ def run_worker(script: str, what: str) -> dict:
         if proc.returncode != 0 or not out.exists():
             pytest.fail(f"{what} worker failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
         return json.loads(out.read_text())
+
+
+def run_cases(cases: dict, out: str, reset=None) -> None:
+    """A worker's checks: call each of ``cases`` (name -> function) after ``reset()``, and
+    write ``{name: {"ok": bool, "error": its traceback}}`` as JSON to ``out``."""
+    import traceback
+
+    report: dict[str, dict] = {}
+    for name, fn in cases.items():
+        if reset is not None:
+            reset()
+        try:
+            fn()
+            report[name] = {"ok": True}
+        except Exception:  # reported per case
+            report[name] = {"ok": False, "error": traceback.format_exc()[-3000:]}
+    Path(out).write_text(json.dumps(report))

@@ -9,7 +9,6 @@ launch with the full path's.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -243,19 +242,8 @@ def _worker(out: str) -> None:
         gc.collect()
         assert all(r() is None for r in refs) and not fp8_plan.plans()
 
-    report = {}
-    for name, fn in (("bias", case_bias), ("no-bias", case_no_bias), ("decode", case_decode),
-                     ("strided", case_strided), ("held", case_held)):
-        fp8_plan.clear()
-        try:
-            fn()
-            report[name] = {"ok": True}
-        except Exception:  # reported per case
-            import traceback
-
-            report[name] = {"ok": False, "error": traceback.format_exc()[-3000:]}
-    Path(out).write_text(json.dumps(report))
-
+    fake_cuda.run_cases({"bias": case_bias, "no-bias": case_no_bias, "decode": case_decode,
+                         "strided": case_strided, "held": case_held}, out, fp8_plan.clear)
 
 if __name__ == "__main__":
     _worker(sys.argv[1])

@@ -13,7 +13,6 @@ interpreter no launch is prepared (interpreted kernels are no ``JITFunction``), 
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -203,19 +202,9 @@ def _worker(out: str) -> None:
         compare(args, ref, got)
         assert rows_plan.plans() == 0
 
-    report: dict[str, dict] = {}
-    for name, fn in zip(CASES, (plain, int8_rms, rms_no_weight, silu, hadamard, general_had,
-                                kron, new_weight, evict, hooks), strict=True):
-        rows_plan.clear()
-        try:
-            fn()
-            report[name] = {"ok": True}
-        except Exception:  # reported per case
-            import traceback
-
-            report[name] = {"ok": False, "error": traceback.format_exc()[-3000:]}
-    Path(out).write_text(json.dumps(report))
-
+    fake_cuda.run_cases(dict(zip(CASES, (plain, int8_rms, rms_no_weight, silu, hadamard,
+                                         general_had, kron, new_weight, evict, hooks),
+                                 strict=True)), out, rows_plan.clear)
 
 if __name__ == "__main__":
     _worker(sys.argv[1])

@@ -38,17 +38,14 @@ def _weight(fmt: str, seed: int = 0):
     return pack_codes(q.codes, 4), q.scale, q.scale_neg, q.zero, q.outer
 
 
-@pytest.fixture
-def full_calls(tuner, monkeypatch):
-    """Count of calls that took the full path; the stand-in timer prefers decode-then-cuBLAS
-    and the flat kernel."""
-    times, _ = tuner
-    times.update(TIMES)
+def count_outer_calls(monkeypatch, module, name: str) -> list[int]:
+    """Patch ``module.name`` to count its calls, not those it makes of itself (a path
+    timing's calls within one op call); returns the one-element count."""
     count = [0]
     depth = [0]
-    full = w4.w4a16_linear
+    full = getattr(module, name)
 
-    def counted(*args, **kwargs):  # the op's calls, not the path timing's calls within one
+    def counted(*args, **kwargs):
         count[0] += depth[0] == 0
         depth[0] += 1
         try:
@@ -56,7 +53,17 @@ def full_calls(tuner, monkeypatch):
         finally:
             depth[0] -= 1
 
-    monkeypatch.setattr(w4, "w4a16_linear", counted)
+    monkeypatch.setattr(module, name, counted)
+    return count
+
+
+@pytest.fixture
+def full_calls(tuner, monkeypatch):
+    """Count of calls that took the full path; the stand-in timer prefers decode-then-cuBLAS
+    and the flat kernel."""
+    times, _ = tuner
+    times.update(TIMES)
+    count = count_outer_calls(monkeypatch, w4, "w4a16_linear")
     w4a16_plan.clear()
     yield count
     w4a16_plan.clear()
@@ -163,43 +170,56 @@ def test_other_formats_keep_the_full_path(full_calls):
     assert full_calls[0] == 2 and torch.equal(a, b)
 
 
+def compiled_prefills(module, recipe: str, monkeypatch, packed_at: int = 1) -> dict:
+    """A tiny Llama compiled with ``torch.compile(backend="qcompile")`` and ``recipe``
+    (Inductor; kernels under the interpreter), called three times on 260 tokens: twice with
+    ``module.prefill`` (a plan module; ``packed`` its argument at ``packed_at``) watched,
+    then with the plans off. Returns the logits (``first``, ``planned``, ``full``), each
+    watched call's ``(id(packed), planned)`` (``seen_first``, ``seen``) and ``plans``."""
+    import qcompile
+    from qcompile.testing import tiny_model
+
+    seen: list[tuple[int, bool]] = []
+    real = module.prefill
+
+    def spy(*args):
+        y = real(*args)
+        seen.append((id(args[packed_at]), y is not None))
+        return y
+
+    monkeypatch.setattr(module, "prefill", spy)
+    module.clear()
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    qcompile.compile(model, recipe=recipe, lower="always")
+    ids = torch.randint(3, 256, (1, 260), generator=torch.Generator().manual_seed(0))
+    out: dict = {}
+    try:
+        with torch.no_grad(), kernels_on_cpu():
+            out["first"] = model(ids).logits
+            out["seen_first"], seen[:] = list(seen), []
+            out["planned"] = model(ids).logits
+            out["seen"], out["plans"] = list(seen), module.plans()
+            monkeypatch.setattr(module, "prefill", lambda *args: None)  # full path only
+            out["full"] = model(ids).logits
+    finally:
+        torch._dynamo.reset()
+        module.clear()
+    return out
+
+
 def test_compiled_model_reuses_its_plans(tuner, monkeypatch):
     """``torch.compile(backend="qcompile")`` (Inductor) passes the same weight tensors at every
     call, so a prefill's linears run through their plans from the second call, with the
     logits of the full path."""
-    import qcompile
-    from qcompile.testing import tiny_model
-
     times, _ = tuner
     times.update(TIMES)
-    seen: list[tuple[int, bool]] = []
-    real = w4a16_plan.prefill
-
-    def spy(x, packed, *args):
-        y = real(x, packed, *args)
-        seen.append((id(packed), y is not None))
-        return y
-
-    monkeypatch.setattr(w4a16_plan, "prefill", spy)
-    w4a16_plan.clear()
-    torch._dynamo.reset()
-    model = tiny_model("llama")
-    qcompile.compile(model, recipe="w4-fp4", lower="always")
-    ids = torch.randint(3, 256, (1, 260), generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad(), kernels_on_cpu():
-            first = model(ids).logits
-            weights = {p for p, _ in seen}
-            seen.clear()
-            planned = model(ids).logits
-            assert len(seen) == 8 and all(used for _, used in seen), seen
-            assert {p for p, _ in seen} == weights and w4a16_plan.plans() == len(weights)
-            monkeypatch.setattr(w4a16_plan, "prefill", lambda *args: None)  # full path only
-            full = model(ids).logits
-    finally:
-        torch._dynamo.reset()
-        w4a16_plan.clear()
-    assert torch.equal(planned, full) and torch.equal(first, full)
+    got = compiled_prefills(w4a16_plan, "w4-fp4", monkeypatch)
+    weights = {p for p, _ in got["seen_first"]}
+    seen = got["seen"]
+    assert len(seen) == 8 and all(used for _, used in seen), seen
+    assert {p for p, _ in seen} == weights and got["plans"] == len(weights)
+    assert torch.equal(got["planned"], got["full"]) and torch.equal(got["first"], got["full"])
 
 
 def test_plan_goes_with_its_weight(full_calls):

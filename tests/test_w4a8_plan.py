@@ -10,7 +10,6 @@ the launcher records its arguments) and compares every launch with the full path
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -57,22 +56,13 @@ interpreter_only = pytest.mark.skipif(torch.cuda.is_available(),
 @pytest.fixture
 def full_calls(monkeypatch):
     """Count of op calls that took the full path (not path timing's calls within one)."""
-    count = [0]
-    depth = [0]
-    full = w8.w4a8_linear
+    from test_w4a16_plan import count_outer_calls
 
-    def counted(*args, **kwargs):
-        count[0] += depth[0] == 0
-        depth[0] += 1
-        try:
-            return full(*args, **kwargs)
-        finally:
-            depth[0] -= 1
-
-    monkeypatch.setattr(w8, "w4a8_linear", counted)
+    count = count_outer_calls(monkeypatch, w8, "w4a8_linear")
     w4a8_plan.clear()
     yield count
     w4a8_plan.clear()
+
 
 def _forced(q, s, packed, gexp, row_scale, bias, dtype, group=GROUP):
     """The full path's shift-then-GEMM route, forced, on 2-D rows."""
@@ -207,43 +197,20 @@ def test_plan_goes_with_its_weight(full_calls):
     gc.collect()
     assert alive() is None and w4a8_plan.plans() == 0
 
+
 @interpreter_only
 def test_compiled_model_runs_its_linears_through_plans(monkeypatch):
     """``torch.compile(backend="qcompile")`` with the ``w4a8-m2`` recipe (Inductor) passes
     the same weight tensors at every call: every prefill linear runs through its plan, with
     the logits of the full path."""
-    import qcompile
-    from qcompile.testing import tiny_model
+    from test_w4a16_plan import compiled_prefills
 
-    seen: list[tuple[int, bool]] = []
-    real = w4a8_plan.prefill
-
-    def spy(q, q_scale, packed, *args):
-        y = real(q, q_scale, packed, *args)
-        seen.append((id(packed), y is not None))
-        return y
-
-    monkeypatch.setattr(w4a8_plan, "prefill", spy)
-    w4a8_plan.clear()
-    torch._dynamo.reset()
-    model = tiny_model("llama")
-    qcompile.compile(model, recipe="w4a8-m2", lower="always")
-    ids = torch.randint(3, 256, (1, 260), generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad(), kernels_on_cpu():
-            first = model(ids).logits
-            weights = {p for p, _ in seen}
-            assert seen and all(used for _, used in seen), seen
-            seen.clear()
-            planned = model(ids).logits
-            assert {p for p, _ in seen} == weights and all(used for _, used in seen)
-            assert len(seen) == len(weights) == w4a8_plan.plans()
-            monkeypatch.setattr(w4a8_plan, "prefill", lambda *args: None)  # full path only
-            full = model(ids).logits
-    finally:
-        torch._dynamo.reset()
-        w4a8_plan.clear()
-    assert torch.equal(planned, full) and torch.equal(first, full)
+    got = compiled_prefills(w4a8_plan, "w4a8-m2", monkeypatch, packed_at=2)
+    first, seen = got["seen_first"], got["seen"]
+    weights = {p for p, _ in first}
+    assert first and all(used for _, used in first + seen), first + seen
+    assert {p for p, _ in seen} == weights and len(seen) == len(weights) == got["plans"]
+    assert torch.equal(got["planned"], got["full"]) and torch.equal(got["first"], got["full"])
 
 
 @pytest.fixture(scope="module")
@@ -393,20 +360,8 @@ def _worker(out: str) -> None:
         gc.collect()
         assert alive() is None and not w4a8_plan.plans(), "the plan keeps its weight alive"
 
-    report: dict[str, dict] = {}
-    for name, fn in (("bias", case_bias), ("no-bias", case_no_bias), ("strided", case_strided),
-                     ("rows", case_rows), ("evict", case_evict)):
-        w4a8_plan.clear()
-        try:
-            fn()
-            report[name] = {"ok": True}
-        except Exception as exc:  # reported per case
-            import traceback
-
-            report[name] = {"ok": False, "error": traceback.format_exc()[-3000:]}
-            del exc
-    Path(out).write_text(json.dumps(report))
-
+    fake_cuda.run_cases({"bias": case_bias, "no-bias": case_no_bias, "strided": case_strided,
+                         "rows": case_rows, "evict": case_evict}, out, w4a8_plan.clear)
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
