@@ -117,7 +117,7 @@ for phase in "${phases[@]}"; do
     say "host"
     timeout "${T_HOST:-60}" $py benchmarks/host_overhead.py --device cuda --pstats "${HOST_PSTATS:-12}" --m "${HOST_M:-1}" --out "$out/host.json" > "$out/host.log" 2>&1
     say "host exit $?"
-    $py -c "import json; [print(r['op'], '|', round(r['us_per_call'], 1), '| kernel[grid]:', round(r.get('us_per_call_triton_launch', 0), 1), '| graph', round(r.get('graph_us', 0), 1)) for r in json.load(open('$out/host.json'))['rows']]" || tail -5 "$out/host.log" ;;
+    $py -c "import json; [print(r['op'], '|', round(r['us_per_call'], 1), '| no plans:', round(r.get('us_per_call_without_plans', 0), 1), '| kernel[grid]:', round(r.get('us_per_call_triton_launch', 0), 1), '| graph', round(r.get('graph_us', 0), 1)) for r in json.load(open('$out/host.json'))['rows']]" || tail -5 "$out/host.log" ;;
   attn)
     say "attn"
     timeout "${T_ATTN:-90}" $py benchmarks/kernels_attention.py > "$out/attention.json" 2> "$out/attention.log"
