@@ -24,8 +24,8 @@ pytest.importorskip("triton")
 from qcompile.backends.triton import rows_plan  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CASES = ["plain", "int8-rms", "rms-no-weight", "silu", "hadamard", "general-had", "kron",
-         "new-weight", "evict", "hooks"]
+CASES = ["plain", "int8-rms", "rms-no-weight", "silu", "strided-silu", "hadamard",
+         "general-had", "kron", "new-weight", "evict", "hooks"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check (CPU)")
@@ -46,6 +46,32 @@ def test_interpreter_keeps_the_full_path():
     for got in (a, b):
         assert torch.equal(got[1], ref[1])
         assert torch.equal(got[0].view(torch.uint8), ref[0].view(torch.uint8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check (CPU)")
+@pytest.mark.parametrize("variant", ["silu", "rms", "plain"])
+def test_strided_rows_are_read_in_place(monkeypatch, variant):
+    """The gate and up halves of a fused projection's output (rows at a stride, each row
+    contiguous) reach the kernel as they are, not copied, with the contiguous rows' bits."""
+    from qcompile.backends.triton import act_quant
+    from qcompile.backends.triton.ops import kernels_on_cpu
+
+    fused = torch.randn(2, 9, 2 * 48, generator=torch.Generator().manual_seed(0)).bfloat16()
+    gate, up = fused[..., :48], fused[..., 48:]
+    seen: list[int] = []
+    for name in ("silu_quant", "rmsnorm_quant", "act_quant"):
+        real = getattr(act_quant, name)
+        monkeypatch.setattr(act_quant, name, lambda x, *a, _f=real, **k: (
+            seen.append(x.data_ptr()), _f(x, *a, **k))[1])
+    weight = torch.rand(48, generator=torch.Generator().manual_seed(1)).bfloat16()
+    args = {"silu": (0, None, -1.0, up), "rms": (0, weight, 1e-5), "plain": (0,)}[variant]
+    contiguous = {"silu": (0, None, -1.0, up.contiguous()), "rms": args, "plain": args}[variant]
+    with kernels_on_cpu():
+        q, s = torch.ops.qcompile.quantize_rows(gate, "fp8_e4m3/token", *args)
+        q_ref, s_ref = torch.ops.qcompile.quantize_rows(gate.contiguous(), "fp8_e4m3/token",
+                                                        *contiguous)
+    assert seen[0] == gate.data_ptr(), "the strided rows were copied"
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +168,12 @@ def _worker(out: str) -> None:
         x = rows((1, 64, 512), torch.float16)
         planned((x, "fp8_e4m3/token", 0, None, -1.0, rows((1, 64, 512), torch.float16)))
 
+    def strided_silu() -> None:  # the halves of a fused gate/up output, read in place
+        fused = rows((1, 64, 1024))
+        planned((fused[..., :512], "fp8_e4m3/token", 0, None, -1.0, fused[..., 512:]))
+        plain = rows((1, 64, 1024))
+        planned((plain[..., 256:768], "int8/token", 0))
+
     def hadamard() -> None:
         planned((rows((1, 100, 512)), "fp8_e4m3/token", 256))
 
@@ -202,9 +234,9 @@ def _worker(out: str) -> None:
         compare(args, ref, got)
         assert rows_plan.plans() == 0
 
-    fake_cuda.run_cases(dict(zip(CASES, (plain, int8_rms, rms_no_weight, silu, hadamard,
-                                         general_had, kron, new_weight, evict, hooks),
-                                 strict=True)), out, rows_plan.clear)
+    fake_cuda.run_cases(dict(zip(CASES, (plain, int8_rms, rms_no_weight, silu, strided_silu,
+                                         hadamard, general_had, kron, new_weight, evict,
+                                         hooks), strict=True)), out, rows_plan.clear)
 
 if __name__ == "__main__":
     _worker(sys.argv[1])

@@ -234,6 +234,19 @@ def _fits(x: torch.Tensor, had_size: int, rms_eps: float, gate: bool = False) ->
                                     rms_eps >= 0 or gate)
 
 
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the row kernels read it: each row contiguous, the rows at any stride (the
+    gate and up halves of a fused projection's output are read in place, not copied);
+    anything else copied."""
+    if t.dim() and t.stride(-1) == 1:
+        try:
+            t.view(-1, t.shape[-1])
+            return t
+        except RuntimeError:  # rows that no single stride steps through
+            pass
+    return t.contiguous()
+
+
 def _quantize_rows_fake(x, fmt, had_size, rms_weight=None, rms_eps=-1.0, up=None):
     spec = _rows_spec(fmt)
     dtype = torch.float8_e4m3fn if spec.elem == "fp8_e4m3" else torch.int8
@@ -262,13 +275,13 @@ def quantize_rows(
     if _use_kernel(x) and _fits(x, had_size, rms_eps, up is not None):
         aq = _kernels()[0]
         if up is not None:
-            run = lambda: aq.silu_quant(x.contiguous(), up.contiguous(), fmt,  # noqa: E731
+            run = lambda: aq.silu_quant(_row_major(x), _row_major(up), fmt,  # noqa: E731
                                         out="codes")
         elif rms_eps >= 0:
-            run = lambda: aq.rmsnorm_quant(x.contiguous(), rms_weight, rms_eps,  # noqa: E731
+            run = lambda: aq.rmsnorm_quant(_row_major(x), rms_weight, rms_eps,  # noqa: E731
                                            fmt, out="codes")
         else:
-            run = lambda: aq.act_quant(x.contiguous(), fmt, had_size,  # noqa: E731
+            run = lambda: aq.act_quant(_row_major(x), fmt, had_size,  # noqa: E731
                                        out="codes")
         return _backend("rows_plan").build(x, fmt, had_size, rms_weight, rms_eps, up, run)
     xr = linear_input(x, had_size, rms_weight, rms_eps, up).float()

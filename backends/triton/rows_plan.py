@@ -17,8 +17,10 @@ later calls allocate the outputs and relaunch. A prepared launch holds none of t
 (a plan must not keep a model's norm weight alive): each call passes its own, and a norm
 weight or gate of another shape, dtype or layout is another key.
 
-Only contiguous rows take a plan; anything else, and any key not seen before, takes the full
-path, which raises the errors. A key whose launch cannot be prepared (interpreted kernels, a
+The key holds the rows' (and ``up``'s) shape and strides: rows read in place at a stride
+(the gate and up halves of a fused projection) take a plan, and rows the full path copies
+first do not (the launch reads the copy). Any key not seen before takes the full path, which
+raises the errors. A key whose launch cannot be prepared (interpreted kernels, a
 profiler's launch hooks at its first call) stays on the full path without trying again. At most :data:`MAX_PLANS` row shapes are kept (the oldest go
 first): a prefill of a new length builds its own.
 """
@@ -52,10 +54,10 @@ def _key(x: torch.Tensor, fmt: str, had_size: int, rms_weight: torch.Tensor | No
          rms_eps: float, up: torch.Tensor | None) -> tuple:
     """What the launch depends on besides the tensors' memory: a norm weight or ``up`` of
     another shape, dtype or layout is another key (the full path checks it)."""
-    return (fmt, had_size, x.shape, x.dtype, x.device, rms_eps,
+    return (fmt, had_size, x.shape, x.stride(), x.dtype, x.device, rms_eps,
             rms_weight is None or (rms_weight.shape, rms_weight.dtype, rms_weight.stride(),
                                    rms_weight.device),
-            up is None or (up.shape, up.dtype, up.device))
+            up is None or (up.shape, up.stride(), up.dtype, up.device))
 
 
 def clear() -> None:
@@ -74,13 +76,11 @@ def quantize(x: torch.Tensor, fmt: str, had_size: int, rms_weight: torch.Tensor 
     """``qcompile::quantize_rows``'s ``(codes, scales)`` by the prepared launch of these rows,
     or None where the call needs the full path (module docstring). Arguments as the op
     takes them, on a device the kernels run on."""
-    if not x.is_contiguous() or (up is not None and not up.is_contiguous()):
-        return None
     plan = _PLANS.get(_key(x, fmt, had_size, rms_weight, rms_eps, up))
     if plan is None:
         return None
-    # Contiguous rows: the kernel's row strides hold for the tensors as shaped here, and it
-    # reads nothing else of their shapes (the prepared launch carries the sizes).
+    # The same shapes and strides as the prepared call's: its row strides and sizes hold
+    # (the kernel reads nothing else of the tensors' shapes).
     shape = x.shape
     y = torch.empty(shape, dtype=plan.codes, device=x.device)
     scale = torch.empty((*shape[:-1], 1), dtype=torch.float32, device=x.device)
@@ -93,7 +93,7 @@ def build(x: torch.Tensor, fmt: str, had_size: int, rms_weight: torch.Tensor | N
           rms_eps: float, up: torch.Tensor | None, run: Callable[[], tuple]) -> tuple:
     """``run()`` (the full path's fused kernel call for these arguments), with its launch
     kept for :func:`quantize` where it made exactly one that can be prepared."""
-    if not x.is_contiguous() or not x.numel() or (up is not None and not up.is_contiguous()):
+    if not x.numel():
         return run()
     key = _key(x, fmt, had_size, rms_weight, rms_eps, up)
     if key in _FAILED:
