@@ -281,7 +281,8 @@ def recording() -> Iterator[list[tuple]]:
     args, kwargs)`` per call, for a caller that prepares a wrapper's launch without knowing
     its arguments (:mod:`qcompile.backends.triton.rows_plan`). Not nested: an inner block
     collects its own launches only. Kernels launched without :func:`launch` (the
-    interpreter's fixed configs) are not seen."""
+    interpreter's fixed configs) are not seen; launches from other threads during the block
+    are (a caller that expects one launch then sees two)."""
     global _RECORD
     outer, calls = _RECORD, []
     _RECORD = calls

@@ -20,9 +20,10 @@ weight or gate of another shape, dtype or layout is another key.
 The key holds the rows' (and ``up``'s) shape and strides: rows read in place at a stride
 (the gate and up halves of a fused projection) take a plan, and rows the full path copies
 first do not (the launch reads the copy). Any key not seen before takes the full path, which
-raises the errors. A key whose launch cannot be prepared (interpreted kernels, a
-profiler's launch hooks at its first call) stays on the full path without trying again. At most :data:`MAX_PLANS` row shapes are kept (the oldest go
-first): a prefill of a new length builds its own.
+raises the errors. A key whose launch cannot be prepared (interpreted kernels, a profiler's
+launch hooks at its first call, a launch from another thread inside the recording) stays on
+the full path without trying again. At most :data:`MAX_PLANS` row shapes are kept (the oldest
+go first): a prefill of a new length builds its own.
 """
 
 from __future__ import annotations
