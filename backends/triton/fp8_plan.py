@@ -24,10 +24,10 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qcompile.backends.triton import fp8_gemm
-from qcompile.backends.triton.launch import Prepared, prepare
+from qcompile.backends.triton.launch import Prepared, prepare_call
 from qcompile.backends.triton.runtime import check_tensor
 
-__all__ = ["GEMMS_PER_PLAN", "GemmLaunches", "clear", "linear", "plans", "prepare_call"]
+__all__ = ["GEMMS_PER_PLAN", "GemmLaunches", "clear", "linear", "plans"]
 
 _FP8 = torch.float8_e4m3fn
 #: Row counts (with activation strides, output dtype, accumulation) whose GEMM launch a weight
@@ -35,13 +35,6 @@ _FP8 = torch.float8_e4m3fn
 GEMMS_PER_PLAN = 8
 #: ``wq`` -> its plan.
 _PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def prepare_call(call: tuple) -> Prepared | None:
-    """:func:`~qcompile.backends.triton.launch.prepare` of a ``(kernel, grid, args, kwargs)``
-    launch description (``fp8_gemm.mm_call``, ``w4a8_dequant.shift_call``)."""
-    fn, grid, args, kwargs = call
-    return prepare(fn, grid, *args, **kwargs)
 
 
 class GemmLaunches:

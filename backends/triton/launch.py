@@ -41,7 +41,7 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-__all__ = ["FAST", "Prepared", "clear", "launch", "prepare", "recording"]
+__all__ = ["FAST", "Prepared", "clear", "launch", "prepare", "prepare_call", "recording"]
 
 #: Launch through :func:`launch`'s cache (False: ``kernel[grid](...)`` at every call).
 FAST = True
@@ -274,6 +274,14 @@ def prepare(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Prepared | Non
     grid3 = (g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1)
     return Prepared(kernel, grid, args, kwargs, config, hit[1], device, bound, grid3)
 
+
+
+def prepare_call(call: tuple) -> Prepared | None:
+    """:func:`prepare` of a ``(kernel, grid, args, kwargs)`` launch description (as
+    ``fp8_gemm.mm_call`` and ``w4a8_dequant.shift_call`` return, and :func:`recording`
+    collects)."""
+    fn, grid, args, kwargs = call
+    return prepare(fn, grid, *args, **kwargs)
 
 @contextmanager
 def recording() -> Iterator[list[tuple]]:

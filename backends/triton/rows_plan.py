@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 import torch
 
-from qcompile.backends.triton.launch import Prepared, prepare, recording
+from qcompile.backends.triton.launch import Prepared, prepare_call, recording
 
 __all__ = ["MAX_PLANS", "build", "clear", "plans", "quantize"]
 
@@ -101,7 +101,7 @@ def build(x: torch.Tensor, fmt: str, had_size: int, rms_weight: torch.Tensor | N
         return run()
     with recording() as calls:
         out = run()
-    ready = prepare(*calls[0][:2], *calls[0][2], **calls[0][3]) if len(calls) == 1 else None
+    ready = prepare_call(calls[0]) if len(calls) == 1 else None
     if ready is None:
         # Interpreted kernels or launch hooks: such keys stay on the full path without
         # trying again at every call.

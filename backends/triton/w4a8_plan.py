@@ -32,8 +32,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from qcompile.backends.triton import path_tuning
 from qcompile.backends.triton import w4a8_dequant as dq8
-from qcompile.backends.triton.fp8_plan import GemmLaunches, prepare_call
-from qcompile.backends.triton.launch import Prepared
+from qcompile.backends.triton.fp8_plan import GemmLaunches
+from qcompile.backends.triton.launch import Prepared, prepare_call
 from qcompile.backends.triton.w4a8 import check_weights, path_key
 
 __all__ = ["clear", "plans", "prefill"]
