@@ -625,3 +625,28 @@ def test_split_count_is_timed_per_shape(monkeypatch, kernel_device):
     da.decode_attention(q, k, v)  # the choice is kept: nothing timed again
     assert len(timed) == 3
     path_tuning.clear()
+
+
+def test_a_growing_cache_is_timed_once_per_length_bucket(monkeypatch):
+    """A dynamic cache grows by one position per decode step: the run count is timed once for
+    each power-of-two count of 64-position blocks, not at every new length (which would time
+    the candidates at every step on a GPU)."""
+    pytest.importorskip("triton")
+    from qcompile.backends.triton import decode_attention as da
+    from qcompile.backends.triton import path_tuning
+
+    picks: list[tuple] = []
+
+    def fake_pick(key, default, paths, run, device, cold=False):
+        picks.append(key)
+        return path_tuning._CHOICES.setdefault(key, default)
+
+    path_tuning.clear()
+    monkeypatch.setattr(path_tuning, "pick", fake_pick)
+    q = torch.zeros(1, 4, 1, 16)
+    for length in (257, 300, 301, 512, 513, 1024, 1025):
+        kv = torch.zeros(1, 2, length, 16)
+        assert da._tuned_splits(q, kv, kv, None, 1.0, None, None, None, 8) == 8
+    buckets = [key[6] for key in picks]
+    assert buckets == [8, 16, 32], picks
+    path_tuning.clear()

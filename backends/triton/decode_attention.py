@@ -408,10 +408,16 @@ def _tuned_splits(q, k, v, mask, scale, cos, sin, write, default: int) -> int:
     """The run count for this call's shape: ``default`` (:func:`_splits`), one run (no
     combine: fewer round trips where the cache is short) or a quarter of ``default``, timed
     on a cold L2 at the shape's first call on a GPU (``path_tuning``; ``default`` where
-    nothing can be timed). Rerunning a candidate rewrites the same cache row: no change."""
+    nothing can be timed). Rerunning a candidate rewrites the same cache row: no change.
+
+    The key holds the cache length as its count of 64-position blocks rounded up to a power
+    of two, the bucket within which :func:`_splits` gives one default: a dynamic cache grows
+    by a position per decode step, and a key per length would time the candidates again at
+    every step."""
     if default == 1:
         return 1
-    key = ("decode-attention", *q.shape, k.shape[1], k.shape[2], v.shape[3], q.dtype,
+    blocks = triton.next_power_of_2(-(-k.shape[2] // 64))
+    key = ("decode-attention", *q.shape, k.shape[1], blocks, v.shape[3], q.dtype,
            None if mask is None else mask.dtype, cos is not None, write is not None)
     hit = path_tuning.choice(key)
     if hit is not None:
