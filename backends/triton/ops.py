@@ -210,16 +210,25 @@ def w4a16_linear(
                                                fmt, k)
             if y is not None:
                 return y
-        spec = spec_of(fmt)
-        gs = spec.group_size if spec.granularity == "group" else k
-        fusion = None
-        if fused:
-            from qcompile.backends.triton.gemv_fusion import GemvFusion
 
-            fusion = GemvFusion(rms_weight, rms_eps, up, residual)
-        return _kernels()[3].w4a16_linear(
-            x.contiguous(), packed, _code_values(spec, x.device), scale, scale_neg, zero, outer,
-            gs, bias, fusion=fusion)
+        def full() -> torch.Tensor:
+            spec = spec_of(fmt)
+            gs = spec.group_size if spec.granularity == "group" else k
+            fusion = None
+            if fused:
+                from qcompile.backends.triton.gemv_fusion import GemvFusion
+
+                fusion = GemvFusion(rms_weight, rms_eps, up, residual)
+            return _kernels()[3].w4a16_linear(
+                x.contiguous(), packed, _code_values(spec, x.device), scale, scale_neg, zero,
+                outer, gs, bias, fusion=fusion)
+
+        if k and x.numel() == k and packed.dim() == 2 and packed.shape[0]:
+            # a decode step's GEMV, relaunched once its call shape is known (gemv_plan)
+            return _backend("gemv_plan").run(
+                packed, (scale, scale_neg, zero, outer, bias), ("w4a16", fmt, k, rms_eps),
+                packed.shape[0], x, full, up=up, res=residual, g=rms_weight)
+        return full()
     x = linear_input(x, 0, rms_weight, rms_eps, up)
     w = dequantize_weight(packed, scale, scale_neg, zero, outer, fmt, k, x.dtype)
     return with_residual(F.linear(x, w, bias), residual)
@@ -371,13 +380,20 @@ def w4a8_linear(
                                               group_size, k, dtype, fast_accum)
             if y is not None:
                 return y
-        lead = q.shape[:-1]
-        n = packed.shape[0]
-        out = _kernels()[2].w4a8_linear(
-            q.reshape(-1, q.shape[-1]), q_scale.reshape(-1, 1), packed, gexp, row_scale,
-            group_size, bias, out_dtype=dtype, fast_accum=fast_accum,
-            residual=None if residual is None else residual.reshape(-1, n))
-        return out.reshape(*lead, n)
+        n = packed.shape[0] if packed.dim() == 2 else 0
+
+        def full() -> torch.Tensor:
+            out = _kernels()[2].w4a8_linear(
+                q.reshape(-1, q.shape[-1]), q_scale.reshape(-1, 1), packed, gexp, row_scale,
+                group_size, bias, out_dtype=dtype, fast_accum=fast_accum,
+                residual=None if residual is None else residual.reshape(-1, n))
+            return out.reshape(*q.shape[:-1], n)
+
+        if k and q.numel() == k and n:  # a decode step's GEMV (gemv_plan)
+            return _backend("gemv_plan").run(
+                packed, (gexp, row_scale, bias), ("w4a8", group_size, k, dtype, fast_accum), n,
+                q, full, res=residual, xs=q_scale)
+        return full()
     w = _w4a8_weight(packed, gexp, row_scale, group_size, k, dtype)
     return with_residual(F.linear(_dq_rows(q, q_scale, dtype), w, bias), residual)
 
