@@ -38,8 +38,9 @@ allocator's device allocations, frees and retries over the timed calls, each a s
 memory (CUDA: ``max_memory_allocated`` over the whole variant, which includes the bf16 model
 before quantization, plus ``resident_bytes_after_compile`` and ``peak_memory_bytes_while_timed``,
 what serving needs; CPU: process max RSS, monotonic over the run), and the backend's counters (bytes quantized, freed, compile seconds), with ``host_plans``: how many weights (row
-shapes for ``quantize_rows``) have a plan that skips their op's full host path
-(``w4a16_plan``, ``w4a8_plan``, ``fp8_plan``, ``rows_plan``). Output is one JSON document,
+shapes for ``quantize_rows``, batch-1 call shapes for the GEMVs) have a plan that skips their
+op's full host path (``w4a16_plan``, ``w4a8_plan``, ``fp8_plan``, ``rows_plan``,
+``gemv_plan``). Output is one JSON document,
 also written after each variant (``--out``); a variant that raises is recorded with its error
 and the rest still run (exit status 1).
 ``--cache static --mode reduce-overhead`` decodes with a fixed-shape KV cache replayed as CUDA
@@ -517,11 +518,19 @@ def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dic
             # Each candidate's cold/hot time in us, or why it was not timed.
             out["kernel_path_timings"] = {" ".join(map(str, key)): t
                                           for key, t in path_tuning.timings().items()}
-            from qcompile.backends.triton import fp8_plan, rows_plan, w4a8_plan, w4a16_plan
+            from qcompile.backends.triton import (
+                fp8_plan,
+                gemv_plan,
+                rows_plan,
+                w4a8_plan,
+                w4a16_plan,
+            )
 
-            # Weights (row shapes for rows_plan) whose calls skip the ops' full host path.
+            # Weights (row shapes for rows_plan, call shapes for gemv_plan) whose calls skip
+            # the ops' full host path.
             out["host_plans"] = {"w4a16": w4a16_plan.plans(), "w4a8": w4a8_plan.plans(),
-                                 "fp8": fp8_plan.plans(), "rows": rows_plan.plans()}
+                                 "fp8": fp8_plan.plans(), "rows": rows_plan.plans(),
+                                 "gemv": gemv_plan.plans()}
         except ImportError:  # no triton: the reference ops ran
             pass
         out["autotune_picks"] = autotune_picks()  # every variant's so far (keys hold shapes)

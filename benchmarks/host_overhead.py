@@ -198,8 +198,8 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
                 if pstats_top:
                     rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
             if name.startswith(("quantize_rows", "fp8_linear")) or (
-                    name.startswith(("w4a16", "w4a8")) and m >= DEQUANT_MIN_M):
-                rows.append(_planned_row(name, fn, calls, how, pstats_top))
+                    name.startswith(("w4a16", "w4a8")) and (m >= DEQUANT_MIN_M or m == 1)):
+                rows.append(_planned_row(name, fn, calls, how, pstats_top, m))
         finally:
             w4a16_dequant.gemm = real_gemm
     return rows
@@ -208,41 +208,52 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
 @contextmanager
 def _plans_off() -> Iterator[None]:
     """Every call by the op's full path: no per-weight plans (``w4a16_plan``, ``w4a8_plan``,
-    ``fp8_plan``) and no prepared row launches (``rows_plan``)."""
-    from qcompile.backends.triton import fp8_plan, rows_plan, w4a8_plan, w4a16_plan
+    ``fp8_plan``), no prepared row launches (``rows_plan``) and no prepared batch-1 GEMVs
+    (``gemv_plan``)."""
+    from qcompile.backends.triton import fp8_plan, gemv_plan, rows_plan, w4a8_plan, w4a16_plan
 
     saved = (w4a16_plan.prefill, w4a8_plan.prefill, rows_plan.quantize, rows_plan.build,
-             fp8_plan.linear)
+             fp8_plan.linear, gemv_plan.run)
     w4a16_plan.prefill = w4a8_plan.prefill = rows_plan.quantize = lambda *a: None
     fp8_plan.linear = lambda *a: None
     rows_plan.build = lambda *a: a[-1]()  # run(): the full path's call
+    gemv_plan.run = lambda *a, **k: a[5]()  # full(): the full path's call
     try:
         yield
     finally:
         (w4a16_plan.prefill, w4a8_plan.prefill, rows_plan.quantize, rows_plan.build,
-         fp8_plan.linear) = saved
+         fp8_plan.linear, gemv_plan.run) = saved
 
 
 def _planned_row(name: str, fn: Callable[[], object], calls: int, how: str,
-                 pstats_top: int) -> dict[str, Any]:
+                 pstats_top: int, m: int) -> dict[str, Any]:
     """A call through its plan: a linear's per-weight plan (``w4a16_plan``, ``w4a8_plan``
-    from 256 rows, ``fp8_plan``), or the per-token quantize's prepared launch
-    (``rows_plan``). A weight's
+    from 256 rows, ``fp8_plan``), a batch-1 GEMV's prepared launch (``gemv_plan``), or the
+    per-token quantize's prepared launch (``rows_plan``). A weight's
     plan follows path choices that a GPU times at the first call; nothing is timed here, so
     the choices are set to what the H200 timed for every Llama-3-8B shape: decode-then-cuBLAS
     and the flat decode kernel for W4A16 (``benchmarks/results/gpu_h200_2026-11-27.md``, run
     2), shift-then-FP8-GEMM for W4A8 (the default from 256 rows)."""
-    from qcompile.backends.triton import fp8_plan, path_tuning, rows_plan, w4a8_plan, w4a16_plan
+    from qcompile.backends.triton import (
+        fp8_plan,
+        gemv_plan,
+        path_tuning,
+        rows_plan,
+        w4a8_plan,
+        w4a16_plan,
+    )
 
     settled = {"w4a16": "dequant", "w4a16-dequant-fp4": "flat", "w4a8": "dequant"}
     module = {"w4a16": w4a16_plan, "w4a8": w4a8_plan, "fp8": fp8_plan}.get(
         name.split("_")[0], rows_plan)
+    if m == 1 and module in (w4a16_plan, w4a8_plan):
+        module = gemv_plan
     real = path_tuning.choice
     path_tuning.choice = lambda key: settled.get(key[0]) or real(key)
     module.clear()
     try:
-        fn()  # builds the plan (and prepares its launches)
-        fn()  # the first planned call prepares what the first call launched
+        fn()  # builds the plan (and prepares its launches; gemv_plan: tunes)
+        fn()  # prepares what the first call launched (gemv_plan: records its launch)
         if not module.plans():
             raise RuntimeError("the planned call made no plan")
         row = {"op": f"{name}, planned", "us_per_call": _per_call_us(fn, calls, lambda: None),

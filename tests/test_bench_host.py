@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "host_overhead.py"
 
 
@@ -29,15 +31,15 @@ def test_host_profile_names_the_functions_and_counts_calls_per_op_call():
     assert inner[0]["calls_per_call"] == 3.0
 
 
-def test_fake_cuda_rows_time_the_full_path_and_each_plan(tmp_path):
-    """``--device fake-cuda`` at prefill size: a full-path row for every op and a planned
-    row for each op with a plan (the row raises where its call made none)."""
+@pytest.mark.parametrize("m", [256, 1])
+def test_fake_cuda_rows_time_the_full_path_and_each_plan(tmp_path, m):
+    """``--device fake-cuda`` at prefill size and at batch 1 (the GEMVs' ``gemv_plan``): a
+    full-path row for every op and a planned row for each op with a plan (the row raises
+    where its call made none)."""
     import json
     import os
     import subprocess
     import sys
-
-    import pytest
 
     pytest.importorskip("triton")
     from test_triton_compile_sm90 import _require_toolchain
@@ -47,7 +49,7 @@ def test_fake_cuda_rows_time_the_full_path_and_each_plan(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run([sys.executable, str(_PATH), "--device", "fake-cuda", "--calls", "3",
-                           "--m", "256", "--n", "256", "--k", "256", "--out", str(out)],
+                           "--m", str(m), "--n", "256", "--k", "256", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ops = [r["op"] for r in json.loads(out.read_text())["rows"]]
@@ -55,4 +57,5 @@ def test_fake_cuda_rows_time_the_full_path_and_each_plan(tmp_path):
     assert planned == {"w4a16_linear fp4_e2m1/g128", "w4a8_linear g128", "fp8_linear",
                        "quantize_rows fp8_e4m3/token",
                        "quantize_rows fp8_e4m3/token + hadamard 256"}, ops
+    assert any(op.startswith("decode_attention") for op in ops) == (m == 1)
     assert planned < set(ops)
