@@ -197,7 +197,7 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
                     launch.FAST = True
                 if pstats_top:
                     rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
-            if name.startswith(("quantize_rows", "fp8_linear")) or (
+            if name.startswith(("quantize_rows", "fp8_linear", "decode_attention")) or (
                     name.startswith(("w4a16", "w4a8")) and (m >= DEQUANT_MIN_M or m == 1)):
                 rows.append(_planned_row(name, fn, calls, how, pstats_top, m))
         finally:
@@ -208,33 +208,43 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
 @contextmanager
 def _plans_off() -> Iterator[None]:
     """Every call by the op's full path: no per-weight plans (``w4a16_plan``, ``w4a8_plan``,
-    ``fp8_plan``), no prepared row launches (``rows_plan``) and no prepared batch-1 GEMVs
-    (``gemv_plan``)."""
-    from qcompile.backends.triton import fp8_plan, gemv_plan, rows_plan, w4a8_plan, w4a16_plan
+    ``fp8_plan``), no prepared row launches (``rows_plan``), no prepared batch-1 GEMVs
+    (``gemv_plan``) or decode attention (``attention_plan``)."""
+    from qcompile.backends.triton import (
+        attention_plan,
+        fp8_plan,
+        gemv_plan,
+        rows_plan,
+        w4a8_plan,
+        w4a16_plan,
+    )
 
     saved = (w4a16_plan.prefill, w4a8_plan.prefill, rows_plan.quantize, rows_plan.build,
-             fp8_plan.linear, gemv_plan.run)
+             fp8_plan.linear, gemv_plan.run, attention_plan.run)
     w4a16_plan.prefill = w4a8_plan.prefill = rows_plan.quantize = lambda *a: None
     fp8_plan.linear = lambda *a: None
     rows_plan.build = lambda *a: a[-1]()  # run(): the full path's call
     gemv_plan.run = lambda *a, **k: a[5]()  # full(): the full path's call
+    attention_plan.run = lambda *a: a[-1]()
     try:
         yield
     finally:
         (w4a16_plan.prefill, w4a8_plan.prefill, rows_plan.quantize, rows_plan.build,
-         fp8_plan.linear, gemv_plan.run) = saved
+         fp8_plan.linear, gemv_plan.run, attention_plan.run) = saved
 
 
 def _planned_row(name: str, fn: Callable[[], object], calls: int, how: str,
                  pstats_top: int, m: int) -> dict[str, Any]:
     """A call through its plan: a linear's per-weight plan (``w4a16_plan``, ``w4a8_plan``
-    from 256 rows, ``fp8_plan``), a batch-1 GEMV's prepared launch (``gemv_plan``), or the
-    per-token quantize's prepared launch (``rows_plan``). A weight's
+    from 256 rows, ``fp8_plan``), a batch-1 GEMV's prepared launch (``gemv_plan``), the
+    decode attention's (``attention_plan``), or the per-token quantize's prepared launch
+    (``rows_plan``). A weight's
     plan follows path choices that a GPU times at the first call; nothing is timed here, so
     the choices are set to what the H200 timed for every Llama-3-8B shape: decode-then-cuBLAS
     and the flat decode kernel for W4A16 (``benchmarks/results/gpu_h200_2026-11-27.md``, run
     2), shift-then-FP8-GEMM for W4A8 (the default from 256 rows)."""
     from qcompile.backends.triton import (
+        attention_plan,
         fp8_plan,
         gemv_plan,
         path_tuning,
@@ -248,6 +258,8 @@ def _planned_row(name: str, fn: Callable[[], object], calls: int, how: str,
         name.split("_")[0], rows_plan)
     if m == 1 and module in (w4a16_plan, w4a8_plan):
         module = gemv_plan
+    if name.startswith("decode_attention"):
+        module = attention_plan
     real = path_tuning.choice
     path_tuning.choice = lambda key: settled.get(key[0]) or real(key)
     module.clear()

@@ -147,6 +147,16 @@ def _worker(out: str) -> None:
             lp = fake_cuda.LAUNCHES[-1][1]
             _, lf = call(fn, grid, dict(named, **{first: off}), kw, True)
             assert (err := _same(lf, lp)) is None, err
+            # An integer passed at each call: the same kernel within its class (here +16),
+            # the binder's kernel for another (+1: off the multiples of 16).
+            ready = fast.prepare(fn, grid, *[named[n] for n in fn.arg_names if n in named],
+                                 **kw).vary(int_arg)
+            for step, want in ((16, k0), (1, k2)):
+                at = dict(named, **{int_arg: named[int_arg] + step})
+                assert ready(**{int_arg: at[int_arg]}) is want, f"{int_arg} + {step}"
+                lp = fake_cuda.LAUNCHES[-1][1]
+                _, lf = call(fn, grid, at, kw, True)
+                assert (err := _same(lf, lp)) is None, err
             # An autotuner whose choice depends on the key: 4 warps for even values, 8 odd.
             warps = [triton.Config(cfg.kwargs, num_warps=w, num_stages=cfg.num_stages)
                      for w in (4, 8)]
@@ -189,6 +199,25 @@ def _worker(out: str) -> None:
         except Exception as exc:
             report[case_id] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     Path(out).write_text(json.dumps(report))
+
+
+def test_int_class_is_tritons_integer_specialization():
+    """Two integers share :func:`launch.int_class` exactly where Triton specializes them
+    alike (a prepared launch passes a new size or stride only within its class)."""
+    pytest.importorskip("triton")
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import native_specialize_impl
+
+    from qcompile.backends.triton.launch import int_class
+
+    values = [0, 1, 2, 15, 16, 17, 32, 48, 4096, 4097, -1, -16, -17, 2**31 - 16, 2**31 - 1,
+              2**31, 2**31 + 16, -2**31, -2**31 - 16, 2**63 - 16, 2**63, 2**63 + 16, 2**64 - 16]
+    ours = {v: int_class(v) for v in values}
+    theirs = {v: native_specialize_impl(CUDABackend, v, False, True, True) for v in values}
+    for a in values:
+        for b in values:
+            assert (ours[a] == ours[b]) == (theirs[a] == theirs[b]), (a, b, theirs[a],
+                                                                      theirs[b])
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,8 @@ from triton.runtime.autotuner import Autotuner
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
-__all__ = ["FAST", "Prepared", "clear", "launch", "prepare", "prepare_call", "recording"]
+__all__ = ["FAST", "Prepared", "clear", "int_class", "launch", "prepare", "prepare_call",
+           "recording"]
 
 #: Launch through :func:`launch`'s cache (False: ``kernel[grid](...)`` at every call).
 FAST = True
@@ -165,7 +166,7 @@ class Prepared:
     arguments that :meth:`__call__` replaces. Made by :func:`prepare`."""
 
     __slots__ = ("kernel", "grid", "args", "kwargs", "config", "compiled", "device", "values",
-                 "grid3", "slots", "varying")
+                 "grid3", "slots", "varying", "ints", "positions")
 
     def __init__(self, kernel, grid, args, kwargs, config, compiled, device, bound,
                  grid3) -> None:
@@ -176,15 +177,28 @@ class Prepared:
         # name -> (position in the launcher's arguments, dtype, 16-byte aligned)
         self.slots = {n: (i, v.dtype, v.data_ptr() % 16 == 0)
                       for i, (n, v) in enumerate(bound.items()) if isinstance(v, Tensor)}
+        self.positions = {n: i for i, n in enumerate(bound)}
+        # name -> (position, specialization class) of the integer arguments each call passes
+        self.ints: dict[str, tuple[int, tuple]] = {}
         self.varying: frozenset[str] = frozenset()
 
     def vary(self, *names: str) -> Prepared:
         """Let go of the tensor arguments ``names`` (keeping their dtype and alignment): every
         call passes them. A prepared launch kept for reuse must not hold one call's output
-        alive. Returns ``self``."""
+        alive. Integer arguments among ``names`` (sizes, strides) are passed by every call
+        too, and taken where they fall in the prepared value's specialization class
+        (:func:`int_class`). Returns ``self``."""
         arg_names = self._arg_names()
         args = list(self.args)
         for name in names:
+            if name not in self.slots:
+                pos = self.positions[name]
+                value = self.values[pos]
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise TypeError(f"{name} is neither a tensor nor an integer argument")
+                self.ints[name] = (pos, int_class(value))
+                self.varying = self.varying | {name}
+                continue
             self.values[self.slots[name][0]] = None
             i = arg_names.index(name)
             if i < len(args):
@@ -211,7 +225,14 @@ class Prepared:
         if driver.active.get_current_device() != self.device:
             return self._relaunch(tensors)
         values = self.values.copy()
+        ints = self.ints
         for name, t in tensors.items():
+            if name in ints:
+                pos, cls = ints[name]
+                if int_class(t) != cls:
+                    return self._relaunch(tensors)  # another specialization: Triton's binder
+                values[pos] = t
+                continue
             pos, dtype, aligned = self.slots[name]
             if t.dtype is not dtype or (t.data_ptr() % 16 == 0) is not aligned:
                 return self._relaunch(tensors)
@@ -242,6 +263,14 @@ class Prepared:
             else:
                 kwargs[name] = t
         return launch(self.kernel, self.grid, *args, **kwargs)
+
+
+def int_class(value: int) -> tuple[bool, bool, bool, bool]:
+    """What Triton specializes an integer argument on: equal to 1 (compiled in as a constant),
+    divisible by 16, and whether it fits int32 or int64 (its type in the kernel). Two values
+    of one class run the same compiled kernel (``tests/test_triton_launch.py`` checks this
+    against Triton's own specialization)."""
+    return value == 1, value % 16 == 0, -2**31 <= value < 2**31, -2**63 <= value < 2**63
 
 
 def prepare(kernel: Any, grid: Any, *args: Any, **kwargs: Any) -> Prepared | None:

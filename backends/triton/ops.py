@@ -494,8 +494,14 @@ def decode_attention(
     if _use_kernel(q):
         from qcompile.backends.triton import decode_attention as da
 
-        if da.kernel_fits(q, k, v, mask, cos, sin) is None:
-            return da.run_checked(q, k, v, mask, scale, cos=cos, sin=sin)
+        def full() -> torch.Tensor:
+            if da.kernel_fits(q, k, v, mask, cos, sin) is None:
+                return da.run_checked(q, k, v, mask, scale, cos=cos, sin=sin)
+            return decode_attention_ref(q, k, v, mask, scale, gqa, cos, sin)
+
+        if q.dim() == k.dim() == v.dim() == 4:  # a decode step's, once its shape is known
+            return _backend("attention_plan").run(q, k, v, mask, scale, cos, sin, None, full)
+        return full()
     return decode_attention_ref(q, k, v, mask, scale, gqa, cos, sin)
 
 
@@ -535,9 +541,25 @@ def decode_attention_write(
         from qcompile.backends.triton import decode_attention as da
 
         write = da.CacheWrite(index, k_new, v_new, k_cos, k_sin)
-        if da.kernel_fits(q, k_cache, v_cache, mask, cos, sin, write) is None:
-            return da.run_checked(q, k_cache, v_cache, mask, scale, cos=cos, sin=sin,
-                                  write=write)
+
+        def full() -> torch.Tensor:
+            if da.kernel_fits(q, k_cache, v_cache, mask, cos, sin, write) is None:
+                return da.run_checked(q, k_cache, v_cache, mask, scale, cos=cos, sin=sin,
+                                      write=write)
+            return _write_then_attend(q, k_cache, v_cache, index, k_new, v_new, mask, scale,
+                                      gqa, cos, sin, k_cos, k_sin)
+
+        if q.dim() == k_cache.dim() == v_cache.dim() == 4:  # a decode step's (attention_plan)
+            return _backend("attention_plan").run(q, k_cache, v_cache, mask, scale, cos, sin,
+                                                  write, full)
+        return full()
+    return _write_then_attend(q, k_cache, v_cache, index, k_new, v_new, mask, scale, gqa, cos,
+                              sin, k_cos, k_sin)
+
+
+def _write_then_attend(q, k_cache, v_cache, index, k_new, v_new, mask, scale, gqa, cos, sin,
+                       k_cos, k_sin) -> torch.Tensor:
+    """``decode_attention_write`` as the graph's ops compute it."""
     k_cache.index_copy_(2, index, k_new if k_cos is None else rope(k_new, k_cos, k_sin))
     v_cache.index_copy_(2, index, v_new)
     return decode_attention_ref(q, k_cache, v_cache, mask, scale, gqa, cos, sin)
