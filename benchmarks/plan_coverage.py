@@ -5,11 +5,12 @@ the stand-in CUDA driver of ``tests/fake_cuda.py``: the ``qcompile::`` ops take 
 branches on CPU tensors, the kernels compile for sm_90 and the launcher does nothing (the
 outputs hold garbage; only the host path runs). The model is called on ``--tokens`` tokens
 twice, then twice on ``--tokens + 40``, then it decodes ``--decode`` steps with a dynamic KV
-cache after a 16-token prompt (as ``generate()`` does without CUDA graphs). For each plan module
-(``w4a16_plan``, ``w4a8_plan``, ``fp8_plan``, ``rows_plan``, and ``gemv_plan`` for the batch-1
-GEMVs) the JSON gives, per call and per decode step, how many op calls asked it and how many
-it answered. A plan that follows a timed path choice (W4A16; W4A8 below 8192 rows on a GPU)
-has no choice to follow here unless the default applies, which the counts show.
+cache after a 16-token prompt (as ``generate()`` does without CUDA graphs). For each plan
+module (``w4a16_plan``, ``w4a8_plan``, ``fp8_plan``, ``rows_plan``, and for decoding
+``gemv_plan`` and ``attention_plan``) the JSON gives, per call and per decode step, how many
+op calls asked it and how many it answered. A plan that follows a timed path choice (W4A16;
+W4A8 below 8192 rows on a GPU) has no choice to follow here unless the default applies, which
+the counts show.
 
 Usage::
 
@@ -59,20 +60,20 @@ def run(recipe: str, tokens: int, decode: int = 5) -> dict:
     torch.manual_seed(0)
     model = tiny_model("llama")
     qcompile.compile(model, recipe=recipe, lower="always")
-    from qcompile.backends.triton import gemv_plan
+    from qcompile.backends.triton import attention_plan, gemv_plan
 
-    gemv = counts["gemv_plan"] = [0, 0]
-    real_run, real_relaunch = gemv_plan.run, gemv_plan._relaunch
+    for mod in (gemv_plan, attention_plan):  # run() asked, _relaunch() answered
+        n = counts[mod.__name__.rsplit(".", 1)[1]] = [0, 0]
 
-    def asked(*args, **kwargs):
-        gemv[0] += 1
-        return real_run(*args, **kwargs)
+        def asked(*args, _real=mod.run, _n=n, **kwargs):
+            _n[0] += 1
+            return _real(*args, **kwargs)
 
-    def answered(*args):
-        gemv[1] += 1
-        return real_relaunch(*args)
+        def answered(*args, _real=mod._relaunch, _n=n):
+            _n[1] += 1
+            return _real(*args)
 
-    gemv_plan.run, gemv_plan._relaunch = asked, answered
+        mod.run, mod._relaunch = asked, answered
     calls, steps = [], []
 
     def count(into: list, **what) -> None:
