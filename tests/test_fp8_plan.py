@@ -149,7 +149,7 @@ def report() -> dict:
     return fake_cuda.run_worker(__file__, "fp8 plan")
 
 
-@pytest.mark.parametrize("case", ["bias", "no-bias", "decode", "strided", "held"])
+@pytest.mark.parametrize("case", ["bias", "no-bias", "decode", "strided", "restrided", "held"])
 def test_prepared_launch_is_the_full_paths(report, case):
     """With real kernels: from the second call the planned launch is the full path's (kernel,
     grid, scalars, the same input tensors, the weight itself, the output it returns), and a
@@ -226,6 +226,19 @@ def _worker(out: str) -> None:
         q, s = rows(40, 2 * k)
         check(q[..., :k], s, *weight(), None)
 
+    def case_restrided():
+        """The same storage, pointer and shape behind ``wq`` at other strides (its ``.data``
+        swapped): the plan must not launch with the old strides."""
+        w8, w_scale = weight()
+        wide = torch.zeros(n, 2 * k).to(torch.float8_e4m3fn)
+        wide[:, :k] = w8
+        wq = wide[:, :k]
+        q, s = rows(32)
+        check(q, s, wq, w_scale, None)
+        wq.data = wide.view(-1)[: n * k].view(n, k)  # rows k apart instead of 2k
+        assert wq.data_ptr() == wide.data_ptr() and wq.stride() == (k, 1)
+        check(q, s, wq, w_scale, None)
+
     def case_held():
         wq, w_scale = weight()
         q, s = rows(64)
@@ -243,7 +256,8 @@ def _worker(out: str) -> None:
         assert all(r() is None for r in refs) and not fp8_plan.plans()
 
     fake_cuda.run_cases({"bias": case_bias, "no-bias": case_no_bias, "decode": case_decode,
-                         "strided": case_strided, "held": case_held}, out, fp8_plan.clear)
+                         "strided": case_strided, "restrided": case_restrided,
+                         "held": case_held}, out, fp8_plan.clear)
 
 if __name__ == "__main__":
     _worker(sys.argv[1])
