@@ -27,8 +27,8 @@ from qcompile.backends.triton import gemv_plan  # noqa: E402
 HERE = Path(__file__).resolve().parent
 N, K = 96, 256
 CASES = ["fp4", "afpq-bias-fp16", "int4-bytes", "rms", "rms-no-weight", "silu-residual",
-         "w4a8", "w4a8-residual", "strided-row", "new-weights", "evict", "hooks", "release",
-         "compiled-decode"]
+         "w4a8", "w4a8-residual", "strided-row", "strided-codes", "new-weights", "evict", "hooks",
+         "release", "compiled-decode"]
 
 
 def _weight(fmt: str, seed: int = 0, n: int = N, k: int = K) -> tuple:
@@ -230,6 +230,26 @@ def _worker(out: str) -> None:  # noqa: C901 - one closure per case
             assert name == ref[1][0] and y.shape == ref[0].shape
         assert gemv_plan.plans() == 0
 
+    def strided_codes() -> None:
+        """Codes the full path copies (rows at a stride) take no plan, which would keep the
+        copy; codes re-strided over the same memory are another plan's."""
+        packed, scale, neg, zero, outer = _weight("fp4_e2m1/g128", 13)
+        wide = torch.zeros(N, 2 * packed.shape[1], dtype=torch.uint8)
+        wide[:, :packed.shape[1]] = packed
+        codes = wide[:, :packed.shape[1]]
+        x = row()
+        call = lambda: w4a16(x, codes, scale, neg, zero, outer, None,  # noqa: E731
+                             "fp4_e2m1/g128", K)
+        ref = full(call)
+        for _ in range(gemv_plan.TRIES + 2):
+            y, (name, _) = launched(call)
+            assert name == ref[1][0] and y.shape == ref[0].shape
+        assert gemv_plan.plans() == 0, "a plan over copied codes"
+        codes.data = wide.view(-1)[: packed.numel()].view(packed.shape)  # same pointer
+        codes.copy_(packed)
+        planned(call)
+        assert gemv_plan.plans() == 1
+
     def new_weights() -> None:
         """A new scale object or new storage for the codes: a new plan; an in-place update
         of the codes: the same launch reads it."""
@@ -349,7 +369,7 @@ def _worker(out: str) -> None:  # noqa: C901 - one closure per case
     real_relaunch = gemv_plan._relaunch
     fake_cuda.run_cases(dict(zip(CASES, (fp4, afpq_bias_fp16, int4_bytes, rms, rms_no_weight,
                                          silu_residual, w4a8_plain, w4a8_residual, strided_row,
-                                         new_weights, evict, hooks, release, compiled_decode),
+                                         strided_codes, new_weights, evict, hooks, release, compiled_decode),
                                  strict=True)), out, gemv_plan.clear)
 
 

@@ -28,7 +28,7 @@ prepared after :data:`TRIES` recordings (interpreted kernels, two launches where
 partials need the reduce kernel, a profiler's launch hooks) stays on the full path.
 
 A plan is used only while the call's other weight tensors are the very objects it was built
-from and ``packed`` keeps its storage and shape (an in-place update of the values is seen:
+from and ``packed`` keeps its storage, shape and strides (an in-place update of the values is seen:
 the kernels read the tensors). A call of another shape, dtype, device or layout is another
 key, which the full path answers first and which raises the errors. A prepared launch holds
 no per-call tensor and neither ``packed`` nor a view of it, so a plan goes with its weight.
@@ -70,16 +70,17 @@ class _Launch:
 
 
 class _Plan:
-    __slots__ = ("weights", "ptr", "shape", "keys")
+    __slots__ = ("weights", "ptr", "shape", "stride", "keys")
 
     def __init__(self, packed: torch.Tensor, weights: tuple) -> None:
         self.weights = weights  # compared by identity
-        self.ptr, self.shape = packed.data_ptr(), packed.shape
+        self.ptr, self.shape, self.stride = packed.data_ptr(), packed.shape, packed.stride()
         # call shape -> its launch, or how often its launch was recorded in vain so far
         self.keys: dict[tuple, _Launch | int] = {}
 
     def matches(self, packed: torch.Tensor, weights: tuple) -> bool:
-        if packed.data_ptr() != self.ptr or packed.shape != self.shape:
+        if packed.data_ptr() != self.ptr or packed.shape != self.shape \
+                or packed.stride() != self.stride:
             return False
         for a, b in zip(weights, self.weights, strict=True):
             if a is not b:
@@ -203,6 +204,6 @@ def _build(calls: list[tuple], packed: torch.Tensor, y: torch.Tensor,
         if role is not None:
             roles.append((name, role))
             found.add(role)
-    if found != {r for r, t in (*given.items(), ("out", y)) if t is not None}:
-        return None  # a call tensor the launch took as a copy
+    if found != {r for r, t in (*given.items(), ("out", y)) if t is not None} or codes is None:
+        return None  # a call tensor or the codes taken as a copy (the plan would keep it)
     return _Launch(ready.vary(*(name for name, _ in roles)), tuple(roles), part, codes)
