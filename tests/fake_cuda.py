@@ -147,6 +147,34 @@ def run_worker(script: str, what: str) -> dict:
         return json.loads(out.read_text())
 
 
+def one_launch(fn) -> tuple:
+    """``(fn(), (kernel name, launcher arguments))`` for a call that makes exactly one launch
+    (recorded while :data:`RECORD`)."""
+    before = len(LAUNCHES)
+    got = fn()
+    new = LAUNCHES[before:]
+    assert len(new) == 1, f"{len(new)} launches"
+    return got, new[0]
+
+
+def same_launch(ref: tuple, got: tuple, tensors) -> None:
+    """``got``'s launch is ``ref``'s (each a ``(kernel name, launcher arguments)``): the same
+    kernel, compiled kernel, grid and scalars, and tensors of the same dtypes, each pair then
+    checked by ``tensors(i, ref_tensor, got_tensor)`` (the caller knows which may move)."""
+    (ref_name, ref_args), (name, args) = ref, got
+    assert name == ref_name and len(args) == len(ref_args), (name, ref_name)
+    for i, (f, p) in enumerate(zip(ref_args, args, strict=True)):
+        if i in (6, 7, 8):
+            continue  # launch metadata and hooks (see test_triton_launch._same)
+        if isinstance(f, torch.Tensor):
+            assert isinstance(p, torch.Tensor) and p.dtype == f.dtype, f"argument {i}"
+            tensors(i, f, p)
+        elif i == 4:
+            assert p is f, "another compiled kernel"
+        else:
+            assert p == f, f"argument {i}: {f!r} != {p!r}"
+
+
 def run_cases(cases: dict, out: str, reset=None) -> None:
     """A worker's checks: call each of ``cases`` (name -> function) after ``reset()``, and
     write ``{name: {"ok": bool, "error": its traceback}}`` as JSON to ``out``."""

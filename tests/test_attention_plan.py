@@ -72,6 +72,7 @@ def _worker(out: str) -> None:  # noqa: C901 - one closure per case
     """Run the cases; write ``{case: {"ok", "error"}}`` to ``out``."""
     import gc
     import weakref
+    from unittest.mock import patch
 
     sys.path.insert(0, str(HERE))
     import fake_cuda
@@ -82,44 +83,29 @@ def _worker(out: str) -> None:  # noqa: C901 - one closure per case
     attend = torch.ops.qcompile.decode_attention
     attend_write = torch.ops.qcompile.decode_attention_write
     gen = torch.Generator().manual_seed(0)
-    real_run = attention_plan.run
     counts = arrival_counts(torch.device("cpu"), 1)
 
-    def launched(fn) -> tuple:
-        before = len(fake_cuda.LAUNCHES)
-        got = fn()
-        new = fake_cuda.LAUNCHES[before:]
-        assert len(new) == 1, f"{len(new)} launches"
-        return got, new[0]
+    launched = fake_cuda.one_launch
 
     def full(fn) -> tuple:
-        attention_plan.run = lambda *a: a[-1]()  # the op's full path
-        try:
+        with patch.object(attention_plan, "run", lambda *a: a[-1]()):  # the op's full path
             return launched(fn)
-        finally:
-            attention_plan.run = real_run
 
     def compare(ref: tuple, got: tuple, inputs: tuple) -> None:
         """``got``'s launch is ``ref``'s with its result and partial sums moved."""
-        (ref_y, (ref_name, ref_l)), (y, (name, lp)) = ref, got
-        assert name == ref_name and len(lp) == len(ref_l), (name, ref_name)
+        (ref_y, ref_launch), (y, launch) = ref, got
         assert y.shape == ref_y.shape and y.dtype == ref_y.dtype
         kept = {t.data_ptr() for t in (*inputs, counts) if t is not None}
-        for i, (f, p) in enumerate(zip(ref_l, lp, strict=True)):
-            if i in (6, 7, 8):
-                continue  # launch metadata and hooks (see test_triton_launch._same)
-            if isinstance(f, torch.Tensor):
-                assert isinstance(p, torch.Tensor) and p.dtype == f.dtype, i
-                if f.data_ptr() == ref_y.data_ptr():
-                    assert p.data_ptr() == y.data_ptr(), f"argument {i}: not the result"
-                elif f.data_ptr() in kept:
-                    assert p.data_ptr() == f.data_ptr(), f"argument {i}: another tensor"
-                else:  # the partial sums: this call's own buffer
-                    assert p.numel() == f.numel() and p.data_ptr() not in kept, i
-            elif i == 4:
-                assert p is f, "another compiled kernel"
-            else:
-                assert p == f, f"argument {i}: {f!r} != {p!r}"
+
+        def tensor(i, f, p):
+            if f.data_ptr() == ref_y.data_ptr():
+                assert p.data_ptr() == y.data_ptr(), f"argument {i}: not the result"
+            elif f.data_ptr() in kept:
+                assert p.data_ptr() == f.data_ptr(), f"argument {i}: another tensor"
+            else:  # the partial sums: this call's own buffer
+                assert p.numel() == f.numel() and p.data_ptr() not in kept, i
+
+        fake_cuda.same_launch(ref_launch, launch, tensor)
 
     def grow(k: torch.Tensor, by: int) -> torch.Tensor:  # a dynamic cache's next tensor
         return torch.cat([k, torch.randn(*k.shape[:2], by, k.shape[3], generator=gen,
