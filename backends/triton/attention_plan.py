@@ -30,7 +30,6 @@ launch holds no call's tensor.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
@@ -38,7 +37,7 @@ import triton
 
 from qcompile.backends.triton import runtime
 from qcompile.backends.triton.decode_attention_inputs import CacheWrite, broadcast_strides
-from qcompile.backends.triton.launch import Prepared, prepare_call, recording
+from qcompile.backends.triton.launch import Prepared, prepare_call, record_second_call
 
 __all__ = ["MAX_KEYS", "TRIES", "clear", "plans", "run"]
 
@@ -46,7 +45,7 @@ __all__ = ["MAX_KEYS", "TRIES", "clear", "plans", "run"]
 TRIES = 3
 #: Call shapes (with their length bucket) kept.
 MAX_KEYS = 64
-_PLANS: OrderedDict[tuple, _Attention | int] = OrderedDict()
+_PLANS: dict[tuple, _Attention | int] = {}
 # The kernel's per-call arguments: tensors, then the length and its strides.
 _TENSORS = ("q_ptr", "k_ptr", "v_ptr", "mask_ptr", "cos_ptr", "sin_ptr", "out_ptr", "part_ptr",
             "ml_ptr", "count_ptr", "idx_ptr", "kn_ptr", "vn_ptr", "kcos_ptr", "ksin_ptr")
@@ -107,22 +106,8 @@ def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | 
         if v.shape[2] == n and (mask is None or mask.shape[-1] in (1, n)):
             return _relaunch(hit, q, k, v, mask, cos, sin, write)
         return full()  # lengths that disagree: the full path names them
-    tries = hit or 0
-    if tries == 0 or tries > TRIES or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
-        if tries == 0:
-            _remember(key, 1)
-        return full()
-    with recording() as calls:
-        out = full()
-    _remember(key, _build(calls, out) or tries + 1)
-    return out
-
-
-def _remember(key: tuple, value: _Attention | int) -> None:
-    _PLANS[key] = value
-    _PLANS.move_to_end(key)
-    while len(_PLANS) > MAX_KEYS:
-        _PLANS.popitem(last=False)
+    return record_second_call(_PLANS, key, MAX_KEYS, TRIES, full, _build,
+                              q.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _relaunch(hit: _Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -42,7 +42,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from qcompile.backends.triton import runtime
-from qcompile.backends.triton.launch import Prepared, prepare_call, recording
+from qcompile.backends.triton.launch import Prepared, prepare_call, record_second_call
 
 __all__ = ["MAX_KEYS", "TRIES", "clear", "plans", "run"]
 
@@ -131,27 +131,10 @@ def run(packed: torch.Tensor, weights: tuple, tag: tuple, n: int, x: torch.Tenso
     hit = plan.keys.get(key)
     if isinstance(hit, _Launch):
         return _relaunch(hit, packed, n, x, up, res, g, xs)
-    tries = hit or 0
-    if tries == 0 or tries > TRIES or _capturing(x):
-        if tries == 0:
-            _remember(plan, key, 1)
-        return full()  # the first call tunes; later ones have given up or cannot record
-    with recording() as calls:
-        y = full()
-    made = _build(calls, packed, y, {"x": x, "up": up, "res": res, "g": g, "xs": xs})
-    _remember(plan, key, made or tries + 1)
-    return y
-
-
-def _remember(plan: _Plan, key: tuple, value: _Launch | int) -> None:
-    plan.keys.pop(key, None)
-    plan.keys[key] = value
-    while len(plan.keys) > MAX_KEYS:
-        del plan.keys[next(iter(plan.keys))]
-
-
-def _capturing(x: torch.Tensor) -> bool:
-    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+    given = {"x": x, "up": up, "res": res, "g": g, "xs": xs}
+    return record_second_call(plan.keys, key, MAX_KEYS, TRIES, full,
+                              lambda calls, y: _build(calls, packed, y, given),
+                              x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
 def _relaunch(hit: _Launch, packed: torch.Tensor, n: int, x: torch.Tensor,

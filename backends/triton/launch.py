@@ -31,7 +31,7 @@ process does not recompile kernels already launched here. :data:`FAST` off resto
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,7 +42,7 @@ from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
 __all__ = ["FAST", "Prepared", "clear", "int_class", "launch", "prepare", "prepare_call",
-           "recording"]
+           "record_second_call", "recording"]
 
 #: Launch through :func:`launch`'s cache (False: ``kernel[grid](...)`` at every call).
 FAST = True
@@ -311,6 +311,38 @@ def prepare_call(call: tuple) -> Prepared | None:
     collects)."""
     fn, grid, args, kwargs = call
     return prepare(fn, grid, *args, **kwargs)
+
+def record_second_call(table: dict, key: Any, limit: int, tries: int,
+                       full: Callable[[], Any], build: Callable[[list[tuple], Any], Any],
+                       capturing: bool) -> Any:
+    """``full()`` for a ``key`` of ``table`` that has no prepared launch yet, recording its
+    launches at the key's second call for ``build(calls, result)`` to prepare (the plans of
+    :mod:`~qcompile.backends.triton.gemv_plan` and
+    :mod:`~qcompile.backends.triton.attention_plan`).
+
+    The first call is not recorded: it tunes (autotuners, timed path choices), and the timed
+    candidates' launches would be recorded too. ``table[key]`` counts the calls so far until
+    ``build`` returns something, which then takes the count's place; after ``tries``
+    recordings that build nothing, and while a CUDA graph is being ``capturing``, the key
+    keeps the full path without recording. The key moves to the end of ``table``, and the
+    oldest keys go past ``limit``."""
+    seen = table.get(key) or 0
+    if seen == 0 or seen > tries or capturing:
+        if seen == 0:
+            _keep(table, key, 1, limit)
+        return full()
+    with recording() as calls:
+        out = full()
+    _keep(table, key, build(calls, out) or seen + 1, limit)
+    return out
+
+
+def _keep(table: dict, key: Any, value: Any, limit: int) -> None:
+    table.pop(key, None)
+    table[key] = value
+    while len(table) > limit:
+        del table[next(iter(table))]
+
 
 @contextmanager
 def recording() -> Iterator[list[tuple]]:
