@@ -51,6 +51,11 @@
 #          DECODE_GEMV1=tma the persistent TMA-fed kernel (w4a16_gemv_tma); DECODE_GEMV1=auto
 #          times the three kernels per shape and keeps the fastest.
 #          DECODE_FALLBACK=0 skips the dynamic-cache rerun after a failed variant.
+# dynamic  benchmarks/decode.py as users call generate() by default: a dynamic KV cache and no
+#          CUDA graphs, where host time bounds each step (the decode plans, gemv_plan and
+#          attention_plan, and the attention's run count timed once per length bucket);
+#          DYN_VARIANTS (default bf16,w4a16-fp4sym,w4a8), decode_dynamic.json, limit T_DYN
+#          (default 200).
 #
 # Limits (seconds): T_TESTS=150 T_KERNELS=150 T_PPL=200 T_DECODE=240. The first H200 run
 # (benchmarks/results/gpu_h200_2026-11-26.md) used about these; plan a device lease around
@@ -144,7 +149,15 @@ for phase in "${phases[@]}"; do
       grep "^decode.py" "$out/decode_dynamic.log" | cut -c1-700
     fi
     say "decode exit $rc" ;;
-  *) echo "unknown phase $phase (tests acttests accuracy act w4a16 kernels host ppl decode)"; exit 2 ;;
+  dynamic)
+    say "dynamic"
+    timeout "${T_DYN:-200}" $py benchmarks/decode.py --layers "${LAYERS:-8}" \
+      --variants "${DYN_VARIANTS:-bf16,w4a16-fp4sym,w4a8}" --out "$out/decode_dynamic.json" \
+      > "$out/decode_dynamic.log" 2>&1
+    rc=$?
+    grep "^decode.py" "$out/decode_dynamic.log" | cut -c1-700
+    say "dynamic exit $rc" ;;
+  *) echo "unknown phase $phase (tests acttests accuracy act w4a16 kernels host ppl decode dynamic)"; exit 2 ;;
   esac
 done
 say "done"
