@@ -52,8 +52,6 @@ TRIES = 3
 MAX_KEYS = 8
 #: ``packed`` -> its plan.
 _PLANS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-# Tensors of each call that a launch may take as they are, by role.
-_ROLES = ("x", "up", "res", "g", "xs")
 
 
 class _Launch:
@@ -62,11 +60,11 @@ class _Launch:
     __slots__ = ("ready", "roles", "part", "codes")
 
     def __init__(self, ready: Prepared, roles: tuple, part: tuple | None,
-                 codes: torch.dtype | None) -> None:
+                 codes: torch.dtype) -> None:
         self.ready = ready
         self.roles = roles  # ((argument name, role), ...)
         self.part = part  # (shape, dtype) of the partial sums, None: written into out
-        self.codes = codes  # the dtype the kernel reads ``packed`` as, None: not read
+        self.codes = codes  # the dtype the kernel reads ``packed`` as (a view of it)
 
 
 class _Plan:
@@ -144,8 +142,7 @@ def _relaunch(hit: _Launch, packed: torch.Tensor, n: int, x: torch.Tensor,
     have = {"x": x, "up": up, "res": res, "g": g, "xs": xs, "out": out}
     if hit.part is not None:
         have["part"] = torch.empty(hit.part[0], dtype=hit.part[1], device=x.device)
-    if hit.codes is not None:
-        have["w"] = packed if hit.codes is torch.uint8 else packed.view(hit.codes)
+    have["w"] = packed if hit.codes is torch.uint8 else packed.view(hit.codes)
     hit.ready(**{name: have[role] for name, role in hit.roles})
     return out.view(*x.shape[:-1], n)
 
