@@ -283,17 +283,25 @@ def test_hadamard_two_products_keep_tiny_rows(monkeypatch, parts):
     assert torch.equal(q.float()[seen], rq.float()[seen]) and torch.equal(sc, rs)
 
 
-@pytest.mark.parametrize(("rows", "had", "dtype"), [(3, 14336, torch.bfloat16),
-                                                   (5, 12288, torch.float16)])
-def test_hadamard_kronecker_three_products(rows, had, dtype):
-    """Kronecker sizes too large for the general kernel's shared memory on a GPU run as three
-    products (kron_quant): 14336 = (16 x 32) x 28, 12288 = (32 x 32) x 12; more rows than
-    programs. Rotation to the reference's bf16/fp16 rounding but for near-ties, quantization
-    of it exact."""
+@pytest.mark.parametrize(("rows", "had", "dtype", "layout"), [
+    (3, 14336, torch.bfloat16, (16, 32, 32)), (5, 12288, torch.float16, (32, 32, 16)),
+    (4, 1536, torch.bfloat16, (128, 1, 16)), (3, 576, torch.float16, (16, 1, 64)),
+    (5, 3072, torch.bfloat16, (16, 16, 16)), (2, 13824, torch.bfloat16, (128, 1, 128)),
+    (3, 9216, torch.float16, (16, 16, 64)),
+])
+def test_hadamard_kronecker_products(rows, had, dtype, layout):
+    """One Kronecker block per bf16/fp16 row runs as products over the row's axes
+    (kron_quant), ``A x B x Q``: three products for 14336 = (16 x 32) x 28 (Llama-3-8B's MLP),
+    12288 = (32 x 32) x 12, 3072 = (16 x 16) x 12 and 9216 = (16 x 16) x 36 (a 64-column
+    base); two (no middle axis) for SmolLM2's 1536 = 128 x 12 and 576 = 16 x 36, and
+    13824 = 128 x 108 (a 128-column base, a tile the general kernel cannot stage on a GPU);
+    more rows than programs. Rotation to the reference's bf16/fp16 rounding but for
+    near-ties, quantization of it exact."""
     from qcompile.backends.triton.kron_quant import kron_plan
 
     plan = kron_plan(had, had)
     assert plan is not None and plan.a * plan.b * plan.m == had
+    assert (plan.a, plan.b, plan.q) == layout
     x = _x(rows, had, dtype, seed=had)
     rot = act_quant(x, "fp8_e4m3/token", had, out="rotated")
     exact = hadamard(x.double(), had)
@@ -328,6 +336,8 @@ def test_fused_fits():
     assert fused_fits(8192, 8192, f32, "cuda")  # general kernel, 8192-element tile
     assert not fused_fits(16384, 16384, f32, "cuda")
     assert fused_fits(14336, 14336, bf16, "cuda")  # kron_quant: 16 x 32 x 32 (28 padded)
+    assert fused_fits(13824, 13824, bf16, "cuda")  # kron_quant: 128 x 128 (108 padded)
+    assert not fused_fits(13824, 13824, f32, "cuda")  # the general kernel: 16384 elements
     assert not fused_fits(14336, 14336, f32, "cuda")  # fp32: only the general kernel
     assert fused_fits(14336, 14336, f32, "cpu") and fused_fits(1536, 1536, bf16, "cuda")
     assert not fused_fits(2 * 14336, 2 * 14336, bf16, "cuda")  # two blocks: too long

@@ -103,8 +103,9 @@ CASES: list[tuple[str, str, dict]] = [
     ("w4a8-shift-g128", "w4a8_shift", dict(group_size=128)),
     ("w4a8-shift-g50", "w4a8_shift", dict(group_size=50)),
     # Fused per-token quantize (bf16 rows): every warp count the kernel's own _prune keeps.
-    # The general kernel now runs the Kronecker (Paley) sizes, fp32 rows with a power-of-two
-    # Hadamard over 4096, and RMSNorm.
+    # The general kernel runs fp32 rows (Kronecker sizes, powers of two over 4096), several
+    # Kronecker blocks per row, and RMSNorm; one bf16 block of 1536 now runs kron_quant
+    # (below), and the case stays as the general kernel's measure.
     ("act-quant-had8192-fp8-qdq", "act_quant", dict(had_size=8192, d=8192,
                                                      fmt="fp8_e4m3/token", out="qdq",
                                                      known_spills=_ACT_HAD_SPILLS)),
@@ -116,8 +117,20 @@ CASES: list[tuple[str, str, dict]] = [
     # product only), no Hadamard, fp16 and fp32 rows.
     ("had2-8192-fp8-codes", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
                                          out="codes", mma="16", ahead=True)),
-    # Kronecker 14336 = (16 x 32) x 28 as three products (kron_quant), every config it keeps.
+    # Kronecker sizes as products over the row's axes (kron_quant), every config it keeps:
+    # three for 14336 = (16 x 32) x 28, 3072 = (16 x 16) x 12 and 9216 = (16 x 16) x 36; two
+    # (no middle axis) for 1536 = 128 x 12, 576 = 16 x 36 and 13824 = 128 x 108.
     ("kron-14336-fp8-codes", "kron", dict(had_size=14336, fmt="fp8_e4m3/token", out="codes",
+                                          mma="f16")),
+    ("kron-3072-fp8-codes", "kron", dict(had_size=3072, fmt="fp8_e4m3/token", out="codes",
+                                         mma="f16")),
+    ("kron-9216-int8-qdq", "kron", dict(had_size=9216, fmt="int8/token", out="qdq",
+                                        mma="f16")),
+    ("kron-1536-fp8-codes", "kron", dict(had_size=1536, fmt="fp8_e4m3/token", out="codes",
+                                         mma="f16")),
+    ("kron-576-fp8-qdq", "kron", dict(had_size=576, fmt="fp8_e4m3/token", out="qdq",
+                                      mma="f16")),
+    ("kron-13824-fp8-codes", "kron", dict(had_size=13824, fmt="fp8_e4m3/token", out="codes",
                                           mma="f16")),
     ("had2-8192-fp8-codes-3parts", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
                                                 out="codes", parts=3, mma="bf16")),
@@ -493,7 +506,7 @@ def _build_kron(mod, p: dict, all_configs: bool):
                 M=4096, stride_x=had, stride_o=had, inv_norm=plan.inv_norm, m_bucket=4096)
     consts = dict(A=plan.a, B=plan.b, Q=plan.q, MB=plan.m, ELEM=elem, ASYM=spec.asym,
                   LMAX=lmax, OUT=_OUTS.index(out), XDT=1, NATIVE=True)
-    configs = mod.HAD2_CONFIGS if all_configs else mod._prune(mod.HAD2_CONFIGS, {})
+    configs = mod.HAD2_CONFIGS if all_configs else mod._prune(mod.HAD2_CONFIGS, {}, **consts)
     return mod._kron_quant_kernel, args, consts, configs
 
 

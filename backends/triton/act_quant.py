@@ -39,10 +39,11 @@ in the offline compile), normalized once at the end; the whole row,
 Dispatch. Without RMSNorm, ``had_size`` 0 or a power of two >= 16 on rows of at most 16384
 (fp32 rows with a Hadamard: at most 4096) run :mod:`qcompile.backends.triton.had_quant`: the row
 as a matrix, two plain products, a persistent row loop (on an H100, Hadamard-8192 + FP8 codes at
-1.28x a copy, where the kernel below took 100x). One Kronecker block per bf16/fp16 row whose
-tile this kernel cannot hold on a GPU (14336, 12288) runs
-:mod:`qcompile.backends.triton.kron_quant` (three products). The kernel below takes the other
-Kronecker (Paley) sizes, fp32 rows and RMSNorm.
+1.28x a copy, where the kernel below took 100x). One Kronecker block per bf16/fp16 row (1536,
+576, 14336, 12288, ...) runs :mod:`qcompile.backends.triton.kron_quant` (two or three
+products, no permutes of the whole tile). The kernel below takes the other Kronecker (Paley)
+layouts (several blocks per row, a base over 64 columns with a middle axis), fp32 rows and
+RMSNorm.
 
 fp16 outputs saturate at +-65504 where a cast would give inf (only for values beyond fp16's
 range). NaN/inf inputs are not checked (the reference raises on them).
