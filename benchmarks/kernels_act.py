@@ -10,14 +10,21 @@ the default variant under each of ``had_quant``'s autotune configs (``config``: 
 programs per SM, L2 prefetch ``AHEAD`` rows; ``picked``: the autotuner's choice), launched
 directly.
 
+``--kronecker``: instead, one Kronecker (Paley) block per row (:data:`KRON_SHAPES`: SmolLM2's
+1536, 3072 = 256 x 12, Llama-3-8B's MLP 14336), each against a copy of its own tensor, with the
+kernel :mod:`qcompile.backends.triton.kron_quant` picks; next to it, where the general kernel of
+:mod:`qcompile.backends.triton.act_quant` can hold the row (1536, 3072), that kernel on the
+same call (``kernel``: which ran).
+
 Usage::
 
-    python benchmarks/kernels_act.py
+    python benchmarks/kernels_act.py [--kronecker]
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +34,57 @@ FMT = "fp8_e4m3/token"
 HAD_SIZES = (0, 8192)
 #: (parts, transposed) of the power-of-two kernel's left product (had_quant), all timed.
 VARIANTS = ((2, False), (2, True), (3, False), (1, False), (1, True), (0, False))
+#: (rows, Hadamard size = row length) of the ``--kronecker`` rows.
+KRON_SHAPES = ((8192, 1536), (8192, 3072), (4096, 14336))
+
+
+def run_kronecker(shapes=KRON_SHAPES, device: str = "cuda",
+                  bench: Callable[[Callable[[], object]], float] | None = None,
+                  ) -> list[dict[str, Any]]:
+    """Time one Kronecker block per row: the products kernel (``kron_quant``) and, where it
+    holds the row, the general kernel, each against a copy of the same tensor.
+
+    Args:
+        shapes: ``(rows, size)`` pairs.
+        device: Where the tensors live (``"cuda"``; tests run the interpreter on the CPU).
+        bench: Milliseconds per call of a function (default: ``do_bench``'s median).
+
+    Raises:
+        RuntimeError: A CUDA device asked for and not present.
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("benchmarks/kernels_act.py needs a CUDA GPU")
+    from unittest import mock
+
+    from qcompile.backends.triton import act_quant as aq
+
+    if bench is None:
+        from triton.testing import do_bench
+
+        def bench(fn):
+            return do_bench(fn, return_mode="median")
+
+    name_of = torch.cuda.get_device_name() if device == "cuda" else device
+    results = []
+    for rows, d in shapes:
+        x = torch.randn(rows, d, device=device, dtype=torch.bfloat16)
+        y = torch.empty_like(x)
+        copy_us = bench(lambda x=x, y=y: y.copy_(x)) * 1e3
+        base = {"fmt": FMT, "had_size": d, "out": "codes", "shape": [rows, d],
+                "dtype": "bfloat16", "device": name_of}
+        results.append(dict(base, op="copy", us=copy_us, ratio_to_copy=1.0))
+        general = aq._plan(d, d)
+        kernels = ["kron_quant"]
+        if general.nb * general.p1 * general.p2 * general.qp <= aq._MAX_TILE_GPU:
+            kernels.append("general")
+        for name in kernels:
+            # The general kernel: act_quant's dispatch as if kron_quant took no layout.
+            with mock.patch.object(aq, "kron_plan", (lambda *a, **k: None)
+                                   if name == "general" else aq.kron_plan):
+                us = bench(lambda x=x, d=d: aq.act_quant(x, FMT, had_size=d, out="codes")) * 1e3
+            results.append(dict(base, op="act_quant", kernel=name, us=us,
+                                ratio_to_copy=us / copy_us))
+    return results
 
 
 def run() -> list[dict[str, Any]]:
@@ -116,4 +174,6 @@ def _variant() -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(), indent=2))
+    import sys
+
+    print(json.dumps(run_kronecker() if "--kronecker" in sys.argv[1:] else run(), indent=2))
