@@ -31,6 +31,10 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from qcompile.backends.triton.jit import round_fp4_e2m1  # noqa: E402
 from qcompile.backends.triton.runtime import KernelInputError, interpreting  # noqa: E402
 from qcompile.errors import FormatError  # noqa: E402
 from qcompile.formats import parse_format  # noqa: E402
@@ -327,6 +331,19 @@ def test_tiny_rows_divide_exactly():
     assert torch.equal(q.float(), rq.float()) and torch.equal(s, rs)
 
 
+def test_afpq_rows_with_a_tiny_side_divide_exactly():
+    """AFPQ rows whose positive values are tiny (scale under 2^-64) and negative values huge,
+    and the mirror: only the tiny side is scaled up by 2^64 (the other scale times 2^64
+    would overflow fp32), and every code is the reference's."""
+    x = _x(4, 576, torch.float32, seed=11).abs()
+    x = torch.cat([torch.where(torch.arange(576, device=DEVICE) % 2 == 0, 1e-30, -1e30) * x[:2],
+                   torch.where(torch.arange(576, device=DEVICE) % 3 == 0, -1e-33, 1e33) * x[2:]])
+    fmt = "fp4_e2m1/token/asym"
+    got, ref = act_quant(x, fmt), act_quant_ref(x, fmt)
+    assert bool(torch.isfinite(got).all())
+    assert torch.equal(got, ref)
+
+
 def test_fused_fits():
     """Which rows a fused kernel holds: on a GPU the general kernel stages its tile through
     shared memory (at most 8192 padded elements), the two-product kernel takes powers of two
@@ -472,3 +489,29 @@ def test_input_errors(monkeypatch):
         act_quant(torch.randn(4, 64), "int8/token")
     with pytest.raises(KernelInputError, match="TRITON_INTERPRET"):
         rmsnorm_quant(torch.randn(4, 64), None, 1e-6, "int8/token")
+
+
+@triton.jit
+def _round_fp4_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    tl.store(y_ptr + offs, round_fp4_e2m1(tl.load(x_ptr + offs, mask=ok)), mask=ok)
+
+
+def test_round_fp4_e2m1_is_the_formats_rounding():
+    """The kernels' FP4 E2M1 rounding (magic-number adds per binade) against the format
+    reference (bit-exact with ml_dtypes, tests/test_formats_elements.py): every multiple of
+    2^-8 in [-8, 8], each grid midpoint (the ties) and the fp32 numbers either side of it,
+    values beyond the saturation at 6, tiny and huge magnitudes, and random ones."""
+    from qcompile.formats.elements import _round_f32
+
+    grid = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+    mids = (grid[1:] + grid[:-1]) / 2
+    near = torch.cat([mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1)])
+    vals = torch.cat([torch.arange(-2048, 2049) / 256.0, near, -near,
+                      torch.tensor([6.5, 7.0, 1e9, 3.4e38, 1e-30, 1e-45, 2.0**-126]),
+                      torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 3])
+    x = torch.cat([vals, -vals]).to(DEVICE)
+    y = torch.empty_like(x)
+    _round_fp4_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), BLOCK=1024)
+    assert torch.equal(y.cpu(), _round_f32(x.cpu(), "fp4_e2m1"))

@@ -132,6 +132,12 @@ CASES: list[tuple[str, str, dict]] = [
                                       mma="f16")),
     ("kron-13824-fp8-codes", "kron", dict(had_size=13824, fmt="fp8_e4m3/token", out="codes",
                                           mma="f16")),
+    # The asymmetric per-token formats' quantize (INT4 asym: a zero point; FP4 AFPQ: a scale
+    # per sign), qdq outputs.
+    ("had2-8192-int4asym-qdq", "had2", dict(had_size=8192, d=8192, fmt="int4/token/asym",
+                                            out="qdq", mma="16")),
+    ("had2-8192-afpq-qdq", "had2", dict(had_size=8192, d=8192, fmt="fp4_e2m1/token/asym",
+                                        out="qdq", mma="16")),
     ("had2-8192-fp8-codes-3parts", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",
                                                 out="codes", parts=3, mma="bf16")),
     ("had2-8192-fp8-codes-trans", "had2", dict(had_size=8192, d=8192, fmt="fp8_e4m3/token",

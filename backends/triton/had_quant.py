@@ -143,24 +143,35 @@ def _quantize_store(y, o_ptrs, mask, scale_ptr, ELEM: tl.constexpr, ASYM: tl.con
     if ASYM:
         hi = tl.maximum(tl.max(y), 0.0)
         lo = tl.maximum(-tl.min(y), 0.0)
+        # As for the symmetric formats below: a scale under 2^-64 (1/s would overflow) takes
+        # a branch that scales x and s up by 2^64 (exact); the usual row pays no multiply.
         if ELEM == 2:
             s = nonzero_or_one(tl.div_rn(hi + lo, LMAX))
-            k = tl.where(s < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
-            y = y * k
-            inv = tl.div_rn(1.0, s * k)
+            if s < 5.421010862427522e-20:
+                q = _div(y * 1.8446744073709552e19, s * 1.8446744073709552e19,
+                         tl.div_rn(1.0, s * 1.8446744073709552e19))
+            else:
+                q = _div(y, s, tl.div_rn(1.0, s))
             z = tl.minimum(tl.maximum(rint(tl.div_rn(lo, s)), 0.0), LMAX)
-            v = tl.minimum(tl.maximum(rint(_div(y, s * k, inv)) + z, 0.0), LMAX)
+            v = tl.minimum(tl.maximum(rint(q) + z, 0.0), LMAX)
             val = (v - z) * s
         else:  # AFPQ: one scale per sign
             s = nonzero_or_one(tl.div_rn(hi, LMAX))
             sn = nonzero_or_one(tl.div_rn(lo, LMAX))
-            k = tl.where(tl.minimum(s, sn) < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
-            y = y * k
             neg = y < 0
-            sy = tl.where(neg, sn * k, s * k)
-            invy = tl.where(neg, tl.div_rn(1.0, sn * k), tl.div_rn(1.0, s * k))
-            v = round_elem(_div(y, sy, invy), ELEM, LMAX)
-            val = tl.where(v < 0, v * sn, v * s)
+            sy = tl.where(neg, sn, s)
+            if tl.minimum(s, sn) < 5.421010862427522e-20:
+                # Only the tiny side's values and scale go up: the other scale may be too
+                # large to take 2^64 (fp32 overflow).
+                ks = tl.where(s < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
+                kn = tl.where(sn < 5.421010862427522e-20, 1.8446744073709552e19, 1.0)
+                k = tl.where(neg, kn, ks)
+                q = _div(y * k, sy * k,
+                         tl.where(neg, tl.div_rn(1.0, sn * kn), tl.div_rn(1.0, s * ks)))
+            else:
+                q = _div(y, sy, tl.where(neg, tl.div_rn(1.0, sn), tl.div_rn(1.0, s)))
+            v = round_elem(q, ELEM, LMAX)
+            val = v * sy  # v < 0 only where y < 0 (else v is +-0 and either scale gives 0)
     else:
         s = nonzero_or_one(tl.div_rn(tl.max(tl.abs(y)), LMAX))
         if s < 5.421010862427522e-20:  # 1/s would overflow: x and s up by 2^64 (exact)

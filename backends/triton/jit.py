@@ -50,8 +50,14 @@ def round_fp8_e4m3(y):
 
 @triton.jit
 def round_fp4_e2m1(y):
-    """fp32 onto the FP4 E2M1 grid (RNE, saturating at 6), as fp32."""
-    return round_fp(y, 6.0, 0, 1)
+    """fp32 onto the FP4 E2M1 grid (RNE, saturating at 6), as fp32. The grid's spacing is 0.5
+    below 2, 1 below 4 and 2 up to 6; adding 1.5 * 2^23 times the spacing puts the sum where
+    fp32's ulp is that spacing, so the add rounds (RNE) and the subtract is exact: about half
+    of :func:`round_fp`'s instructions (no exponent extraction)."""
+    a = tl.minimum(tl.abs(y), 6.0)
+    big = tl.where(a < 2.0, 6291456.0, tl.where(a < 4.0, 12582912.0, 25165824.0))
+    v = (a + big) - big
+    return tl.where(y < 0, -v, v)
 
 
 @triton.jit
