@@ -99,11 +99,6 @@ def wrappers_as_on_gpu() -> None:
             mod.sm_count = lambda device: 132
     runtime.kernel_device = lambda t: True
     ops._use_kernel = lambda t: True
-    # Triton 3.6 times a key's one pruned config with the autotuner's own ``do_bench`` (our
-    # cold-L2 CUDA-graph timers here); nothing can run, so every autotuner takes the stand-in.
-    from triton.runtime.autotuner import Autotuner
-
-    Autotuner.do_bench = property(lambda self: FakeCuda().get_benchmarker())
 
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "i32": "int32",

@@ -116,3 +116,31 @@ def test_layer_chain_runs_the_fused_layer_in_each_launch_mode(monkeypatch):
         h2 = h + w4a16_linear_ref(attn, *a["o"])
         want = h2 + w4a16_linear_ref(torch.nn.functional.silu(gate) * up, *a["down"])
         torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2**-4)
+
+
+@pytest.mark.parametrize("bench", ["plain_bench", "graph_bench", "cold_graph_bench"])
+def test_a_single_pruned_config_is_not_timed(monkeypatch, bench):
+    """An autotuning whose pruning kept one config (Triton 3.6 times it anyway; 3.9 does
+    not) gets stand-in times from every qcompile do_bench without a call; the mark is used
+    up, so the next timing, after a pruning that kept two, runs for real."""
+    import triton.testing
+
+    from qcompile.backends.triton import runtime
+
+    fn = getattr(cold_bench if bench == "cold_graph_bench" else runtime, bench)
+    timed = []
+    fake = lambda call, quantiles=None, **kw: (timed.append(call), call(), [2.0, 1.0, 3.0])[2]  # noqa: E731
+    monkeypatch.setattr(triton.testing, "do_bench", fake)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake)
+    monkeypatch.setattr(cold_bench, "cold_times", lambda call: (timed.append(call), [2.0])[1])
+    prune = runtime.tuning()["early_config_prune"]
+    calls = []
+    kernel_call = lambda: calls.append(1)  # noqa: E731
+    monkeypatch.setenv("QCOMPILE_TRITON_TUNE", "first")
+    assert prune(["a", "b"], {}) == ["a"]
+    assert fn(kernel_call, (0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    assert timed == [] and calls == []
+    monkeypatch.delenv("QCOMPILE_TRITON_TUNE")
+    assert prune(["a", "b"], {}) == ["a", "b"]
+    assert fn(kernel_call, (0.5, 0.2, 0.8)) != [0.0, 0.0, 0.0]
+    assert len(timed) == 1

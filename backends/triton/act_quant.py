@@ -68,6 +68,7 @@ from qcompile.backends.triton.runtime import (
     KernelInputError,
     check_tensor,
     interpreting,
+    plain_bench,
     tuning,
 )
 from qcompile.errors import FormatError
@@ -179,7 +180,7 @@ def _act_quant_kernel(
 _act_quant_tuned = triton.autotune(
     configs=CONFIGS,
     key=["D", "NB", "P1", "P2", "Q", "HAD", "NORM", "GATE", "ELEM", "ASYM", "OUT"],
-    prune_configs_by=tuning(_prune, _act_quant_kernel),
+    prune_configs_by=tuning(_prune, _act_quant_kernel), do_bench=plain_bench,
 )(_act_quant_kernel)
 
 

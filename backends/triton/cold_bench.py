@@ -88,8 +88,10 @@ def cold_graph_bench(kernel_call: Callable[[], object],
     """``do_bench`` for ``triton.autotune`` that times a call on a cold L2 (module docstring):
     the median, or the ``quantiles`` of the samples. Where a CUDA graph cannot be captured
     (the caller is itself being captured) it falls back to ``graph_bench``."""
-    from qcompile.backends.triton.runtime import graph_bench
+    from qcompile.backends.triton.runtime import graph_bench, untimed
 
+    if (skip := untimed(quantiles)) is not None:
+        return skip
     try:
         samples = torch.tensor(cold_times(kernel_call))
     except RuntimeError as exc:

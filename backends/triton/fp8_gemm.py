@@ -49,6 +49,7 @@ from qcompile.backends.triton.runtime import (
     check_tensor,
     interpreting,
     next_pow2,
+    plain_bench,
     sm_count,
     tuning,
 )
@@ -227,11 +228,12 @@ def _fp8_mm_persistent_kernel(a_ptr, b_ptr, c_ptr, as_ptr, bs_ptr, bias_ptr, M, 
 
 
 _fp8_mm_tuned = triton.autotune(FP8_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS", "PROMOTE"],
-                                prune_configs_by=tuning(prune_configs_by_m, _fp8_mm_kernel))(
-    _fp8_mm_kernel)
+                                prune_configs_by=tuning(prune_configs_by_m, _fp8_mm_kernel),
+                                do_bench=plain_bench)(_fp8_mm_kernel)
 _fp8_mm_persistent_tuned = triton.autotune(
     FP8_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS", "PROMOTE", "NUM_PROGRAMS"],
-    prune_configs_by=tuning(prune_configs_by_m, _fp8_mm_persistent_kernel))(
+    prune_configs_by=tuning(prune_configs_by_m, _fp8_mm_persistent_kernel),
+    do_bench=plain_bench)(
     _fp8_mm_persistent_kernel)
 
 

@@ -10,6 +10,7 @@ import functools
 import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +34,8 @@ __all__ = [
     "element_table",
     "gemv_switches",
     "graph_bench",
+    "plain_bench",
+    "untimed",
     "interpreting",
     "kernel_device",
     "next_pow2",
@@ -82,9 +85,36 @@ def tuning(prune=None, kernel=None) -> dict:
         kept = kept[:1] if os.environ.get("QCOMPILE_TRITON_TUNE") == "first" else kept
         if kernel is not None and len(kept) > 1:
             compile_ahead(kernel, kept, named_args, kwargs)
+        _PRUNED.single = len(kept) == 1  # read by this autotuning's do_bench (untimed)
         return kept
 
     return {"early_config_prune": early_config_prune}
+
+
+#: Per thread: whether the autotuning in progress kept a single config (:func:`tuning`).
+_PRUNED = threading.local()
+
+
+def untimed(quantiles) -> float | list[float] | None:
+    """Stand-in times when the autotuning in progress on this thread kept one config, else
+    None; the mark is used up. Triton 3.6 (the GPU image's) times a key's configs even when
+    pruning leaves one, where 3.9 skips that: an eager ``do_bench`` of 125 ms or a cold-L2
+    timing per kernel and shape, spent on no choice. Every qcompile autotuner's ``do_bench``
+    (:func:`graph_bench`, :func:`plain_bench`, ``cold_bench.cold_graph_bench``) asks first."""
+    if not getattr(_PRUNED, "single", False):
+        return None
+    _PRUNED.single = False
+    return [0.0] * len(quantiles) if quantiles else 0.0
+
+
+def plain_bench(kernel_call, quantiles):
+    """``do_bench`` for ``triton.autotune``: Triton's own (eager timing), without the timing of
+    a single config (:func:`untimed`)."""
+    if (skip := untimed(quantiles)) is not None:
+        return skip
+    from triton.testing import do_bench
+
+    return do_bench(kernel_call, quantiles=quantiles)
 
 
 def compile_threads() -> int:
@@ -161,6 +191,8 @@ def graph_bench(kernel_call, quantiles):
     microseconds (batch-1 GEMVs, per-token quantize) eager timing measures the host's launch
     path, the same for every config, and the autotuner then picks at random: measured on an
     H100, the tuned batch-1 GEMV ran 61 us where its best config runs 29 us."""
+    if (skip := untimed(quantiles)) is not None:
+        return skip
     from triton.testing import do_bench, do_bench_cudagraph
 
     try:

@@ -43,6 +43,7 @@ from qcompile.backends.triton.runtime import (
     element_table,
     interpreting,
     next_pow2,
+    plain_bench,
     sm_count,
     tuning,
 )
@@ -283,10 +284,12 @@ def _tuned(kind: str, bucket: int) -> triton.runtime.Autotuner:
     """The autotuned kernel for one M bucket (each bucket has its own config list)."""
     if kind == "gemv":
         return triton.autotune(GEMV_CONFIGS[bucket], key=["N", "K", "GROUP_SIZE", "SPLIT"],
-                               prune_configs_by=tuning(None, _w4a16_gemv_kernel))(
+                               prune_configs_by=tuning(None, _w4a16_gemv_kernel),
+                               do_bench=plain_bench)(
             _w4a16_gemv_kernel)
     return triton.autotune(GEMM_CONFIGS[bucket], key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-                           prune_configs_by=tuning(_fit_x_dtype, _w4a16_gemm_kernel))(
+                           prune_configs_by=tuning(_fit_x_dtype, _w4a16_gemm_kernel),
+                           do_bench=plain_bench)(
         _w4a16_gemm_kernel)
 
 

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from qcompile.backends.triton.jit import tile_coords
 from qcompile.backends.triton.launch import launch as launch_kernel
-from qcompile.backends.triton.runtime import cdiv, interpreting, next_pow2, tuning
+from qcompile.backends.triton.runtime import cdiv, interpreting, next_pow2, plain_bench, tuning
 from qcompile.backends.triton.w4a16 import _round_to, _weight_tile
 
 __all__ = ["SWAP_CONFIGS", "w4a16_swap_launch"]
@@ -93,7 +93,8 @@ def _prune_by_m(configs: list[triton.Config], named_args: dict,
 
 
 _swap_tuned = triton.autotune(SWAP_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
-                              prune_configs_by=tuning(_prune_by_m, _w4a16_swap_kernel))(
+                              prune_configs_by=tuning(_prune_by_m, _w4a16_swap_kernel),
+                              do_bench=plain_bench)(
     _w4a16_swap_kernel)
 
 # Under the interpreter: small tiles that still take several K steps and ragged edges.

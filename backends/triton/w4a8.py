@@ -45,6 +45,7 @@ from qcompile.backends.triton.runtime import (
     check_tensor,
     interpreting,
     next_pow2,
+    plain_bench,
     tuning,
 )
 from qcompile.backends.triton.scales import (
@@ -347,7 +348,8 @@ W4A8_CONFIGS = [
 _w4a8_tuned = triton.autotune(W4A8_CONFIGS,
                               key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_BIAS", "DECODE",
                                    "PROMOTE"],
-                              prune_configs_by=tuning(prune_configs_by_m, _w4a8_kernel))(
+                              prune_configs_by=tuning(prune_configs_by_m, _w4a8_kernel),
+                              do_bench=plain_bench)(
     _w4a8_kernel)
 
 

@@ -26,7 +26,7 @@ import triton.language as tl
 from qcompile.backends.triton.fp8_gemm import m_bucket
 from qcompile.backends.triton.jit import fp8_dot, tile_coords
 from qcompile.backends.triton.launch import launch
-from qcompile.backends.triton.runtime import cdiv, interpreting, tuning
+from qcompile.backends.triton.runtime import cdiv, interpreting, plain_bench, tuning
 from qcompile.backends.triton.w4a8 import tile_setup, w8_tile
 
 __all__ = ["SWAP_CONFIGS", "w4a8_swap_launch"]
@@ -94,7 +94,8 @@ def _prune_by_m(configs: list[triton.Config], named_args: dict,
 _swap_tuned = triton.autotune(SWAP_CONFIGS,
                               key=["M_BUCKET", "N", "K", "GROUP_SIZE", "HAS_BIAS", "DECODE",
                                    "PROMOTE"],
-                              prune_configs_by=tuning(_prune_by_m, _w4a8_swap_kernel))(
+                              prune_configs_by=tuning(_prune_by_m, _w4a8_swap_kernel),
+                              do_bench=plain_bench)(
     _w4a8_swap_kernel)
 
 # Under the interpreter: small tiles that still take several K steps and ragged edges.
