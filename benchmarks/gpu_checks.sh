@@ -22,7 +22,7 @@
 #          promoted and fast (accuracy.json), limit T_ACC.
 # act      benchmarks/kernels_act.py: fused Hadamard-8192 + FP8 quantize vs a copy (act.json);
 #          ACT_KRON=1 also times one Kronecker block per row (1536, 3072, 14336: kron_quant and
-#          the general kernel, act_kron.json), limit T_KERNELS each.
+#          the general kernel, act_kron.json), ACT_KRON=only just that; limit T_KERNELS each.
 # w4a16    benchmarks/kernels_w4a16.py (batch-1 GEMVs on the Llama-3-8B layer's shapes, times on a
 #          cold L2 and hot, w4a16.json) and its --sweep over every batch-1 GEMV config x K
 #          split (w4a16_sweep.json), limit T_W4 each; W4_SWEEP=0 skips the sweep; W4_PREFILL=1
@@ -102,11 +102,13 @@ for phase in "${phases[@]}"; do
     say "accuracy exit $?"
     $py -c "import json; [print(r['data'][:14], '|', r['gemm'], '|', r.get('err_rel_absmax'), '|', r.get('err_rel_abs_products'), r.get('error', '')) for r in json.load(open('$out/accuracy.json'))]" || tail -5 "$out/accuracy.log" ;;
   act)
-    say "act"
-    timeout "${T_KERNELS:-150}" $py benchmarks/kernels_act.py > "$out/act.json" 2> "$out/act.log"
-    say "act exit $?"
-    $py -c "import json; [print(r['op'], r.get('had_size', ''), r.get('variant'), r.get('config', ''), '(picked)' if r.get('picked') else '', round(r['us'], 1), round(r['ratio_to_copy'], 3)) for r in json.load(open('$out/act.json'))]" || tail -5 "$out/act.log"
-    [ "${ACT_KRON:-0}" = 1 ] || continue
+    if [ "${ACT_KRON:-0}" != only ]; then
+      say "act"
+      timeout "${T_KERNELS:-150}" $py benchmarks/kernels_act.py > "$out/act.json" 2> "$out/act.log"
+      say "act exit $?"
+      $py -c "import json; [print(r['op'], r.get('had_size', ''), r.get('variant'), r.get('config', ''), '(picked)' if r.get('picked') else '', round(r['us'], 1), round(r['ratio_to_copy'], 3)) for r in json.load(open('$out/act.json'))]" || tail -5 "$out/act.log"
+    fi
+    [ "${ACT_KRON:-0}" = 0 ] && continue
     timeout "${T_KERNELS:-150}" $py benchmarks/kernels_act.py --kronecker > "$out/act_kron.json" 2> "$out/act_kron.log"
     say "act kronecker exit $?"
     $py -c "import json; [print(r['op'], r['shape'], r.get('kernel', ''), round(r['us'], 1), round(r['ratio_to_copy'], 3)) for r in json.load(open('$out/act_kron.json'))]" || tail -5 "$out/act_kron.log" ;;
