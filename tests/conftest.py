@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +152,21 @@ def smollm2_ppl(smollm2):
         return cache[pipeline]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """``benchmark_module("decode")``: ``benchmarks/decode.py`` imported as a module (the
+    scripts are no package), once per session."""
+    loaded: dict[str, object] = {}
+
+    def load(name: str):
+        if name not in loaded:
+            path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+            spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            loaded[name] = mod
+        return loaded[name]
+
+    return load

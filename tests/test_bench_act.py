@@ -3,24 +3,12 @@ Triton interpreter and a stand-in timer; timings are never asserted)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels_act.py"
 
-
-@pytest.fixture(scope="module")
-def bench_act():
-    spec = importlib.util.spec_from_file_location("bench_act", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_kronecker_rows_run_the_kernel_they_name(bench_act, monkeypatch):
+def test_kronecker_rows_run_the_kernel_they_name(benchmark_module, monkeypatch):
     pytest.importorskip("triton")
+    bench_act = benchmark_module("kernels_act")
     from qcompile.backends.triton import act_quant as aq
 
     products = []

@@ -3,7 +3,6 @@ option and the full-depth extrapolation. Timings themselves are never asserted."
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,11 +15,8 @@ _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
 
 
 @pytest.fixture(scope="module")
-def decode_mod():
-    spec = importlib.util.spec_from_file_location("bench_decode", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def decode_mod(benchmark_module):
+    return benchmark_module("decode")
 
 
 @pytest.mark.parametrize("loop_name", ["_direct_loop", "_graph_loop"])

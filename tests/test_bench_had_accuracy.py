@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("triton")
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "had_accuracy.py"
 
 
-def test_had_accuracy_rows_per_variant_and_dtype():
-    spec = importlib.util.spec_from_file_location("bench_had_accuracy", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_had_accuracy_rows_per_variant_and_dtype(benchmark_module):
+    mod = benchmark_module("had_accuracy")
     from qcompile.backends.triton import had_quant
 
     default = had_quant.DEFAULT_PARTS

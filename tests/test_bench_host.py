@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,8 @@ def _inner(n: int) -> int:
     return sum(i * i for i in range(n))
 
 
-def test_host_profile_names_the_functions_and_counts_calls_per_op_call():
-    spec = importlib.util.spec_from_file_location("bench_host", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def test_host_profile_names_the_functions_and_counts_calls_per_op_call(benchmark_module):
+    mod = benchmark_module("host_overhead")
 
     def op():
         return _inner(200) + _inner(200) + _inner(3)

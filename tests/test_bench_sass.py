@@ -3,11 +3,6 @@ compiles for sm_90 and is run as a benchmark)."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "sass_census.py"
-
 _SASS = """
         /*0000*/                   LDC R1, c[0x0][0x28] ;
         /*0010*/                   S2R R0, SR_TID.X ;
@@ -24,15 +19,8 @@ _SASS = """
 """
 
 
-def _census():
-    spec = importlib.util.spec_from_file_location("bench_sass", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_main_loop_is_the_longest_backward_branch():
-    mod = _census()
+def test_main_loop_is_the_longest_backward_branch(benchmark_module):
+    mod = benchmark_module("sass_census")
     loop = mod.main_loop(_SASS)
     # 0x20..0x60: five instructions, the forward BRA 0xc0 and the 3-instruction loop ignored.
     assert loop["instructions"] == 5
@@ -64,8 +52,8 @@ _COLD = """
 """
 
 
-def test_hot_path_skips_the_rare_branches():
-    loop = _census().main_loop(_COLD)
+def test_hot_path_skips_the_rare_branches(benchmark_module):
+    loop = benchmark_module("sass_census").main_loop(_COLD)
     assert loop["instructions"] == 13  # 0x10..0xd0, every instruction in the listing
     # LDG, FMNMX, FSETP, @P0 BRA, @P1 BRA, FFMA, @!P5 BRA, @!P2 BRA: the rescale skipped, and
     # the else-part (one instruction) rather than the then-part and its jump (two).
