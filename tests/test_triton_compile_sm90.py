@@ -120,18 +120,11 @@ CASES: list[tuple[str, str, dict]] = [
     # Kronecker sizes as products over the row's axes (kron_quant), every config it keeps:
     # three for 14336 = (16 x 32) x 28, 3072 = (16 x 16) x 12 and 9216 = (16 x 16) x 36; two
     # (no middle axis) for 1536 = 128 x 12, 576 = 16 x 36 and 13824 = 128 x 108.
-    ("kron-14336-fp8-codes", "kron", dict(had_size=14336, fmt="fp8_e4m3/token", out="codes",
-                                          mma="f16")),
-    ("kron-3072-fp8-codes", "kron", dict(had_size=3072, fmt="fp8_e4m3/token", out="codes",
-                                         mma="f16")),
-    ("kron-9216-int8-qdq", "kron", dict(had_size=9216, fmt="int8/token", out="qdq",
-                                        mma="f16")),
-    ("kron-1536-fp8-codes", "kron", dict(had_size=1536, fmt="fp8_e4m3/token", out="codes",
-                                         mma="f16")),
-    ("kron-576-fp8-qdq", "kron", dict(had_size=576, fmt="fp8_e4m3/token", out="qdq",
-                                      mma="f16")),
-    ("kron-13824-fp8-codes", "kron", dict(had_size=13824, fmt="fp8_e4m3/token", out="codes",
-                                          mma="f16")),
+    *[(f"kron-{had}-{fmt.split('_')[0].split('/')[0]}-{out}", "kron",
+       dict(had_size=had, fmt=fmt, out=out, mma="f16"))
+      for had, fmt, out in ((14336, "fp8_e4m3/token", "codes"), (3072, "fp8_e4m3/token", "codes"),
+                            (9216, "int8/token", "qdq"), (1536, "fp8_e4m3/token", "codes"),
+                            (576, "fp8_e4m3/token", "qdq"), (13824, "fp8_e4m3/token", "codes"))],
     # The asymmetric per-token formats' quantize (INT4 asym: a zero point; FP4 AFPQ: a scale
     # per sign), qdq outputs.
     ("had2-8192-int4asym-qdq", "had2", dict(had_size=8192, d=8192, fmt="int4/token/asym",
