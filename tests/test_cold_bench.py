@@ -133,6 +133,7 @@ def test_a_single_pruned_config_is_not_timed(monkeypatch, bench):
     monkeypatch.setattr(triton.testing, "do_bench", fake)
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", fake)
     monkeypatch.setattr(cold_bench, "cold_times", lambda call: (timed.append(call), [2.0])[1])
+    monkeypatch.setattr(runtime, "_times_one_config", lambda: True)  # as Triton 3.6
     prune = runtime.tuning()["early_config_prune"]
     calls = []
     kernel_call = lambda: calls.append(1)  # noqa: E731
@@ -144,3 +145,28 @@ def test_a_single_pruned_config_is_not_timed(monkeypatch, bench):
     assert prune(["a", "b"], {}) == ["a", "b"]
     assert fn(kernel_call, (0.5, 0.2, 0.8)) != [0.0, 0.0, 0.0]
     assert len(timed) == 1
+
+
+def test_no_mark_is_left_where_triton_skips_a_single_config(monkeypatch):
+    """Where the autotuner does not time a single config (Triton 3.9), a pruning that kept one
+    leaves no mark: a later timing outside that autotuning still times."""
+    import triton.testing
+
+    from qcompile.backends.triton import runtime
+
+    monkeypatch.setattr(runtime, "_times_one_config", lambda: False)
+    monkeypatch.setenv("QCOMPILE_TRITON_TUNE", "first")
+    assert runtime.tuning()["early_config_prune"](["a", "b"], {}) == ["a"]
+    monkeypatch.setattr(triton.testing, "do_bench", lambda call, quantiles=None: [2.0])
+    assert runtime.plain_bench(lambda: None, (0.5,)) == [2.0]
+
+
+def test_which_tritons_time_a_single_config():
+    """The check reads the installed autotuner: 3.9 skips the timing of one config."""
+    import triton
+
+    from qcompile.backends.triton import runtime
+
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    if (major, minor) >= (3, 9):
+        assert runtime._times_one_config() is False

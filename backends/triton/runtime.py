@@ -85,7 +85,8 @@ def tuning(prune=None, kernel=None) -> dict:
         kept = kept[:1] if os.environ.get("QCOMPILE_TRITON_TUNE") == "first" else kept
         if kernel is not None and len(kept) > 1:
             compile_ahead(kernel, kept, named_args, kwargs)
-        _PRUNED.single = len(kept) == 1  # read by this autotuning's do_bench (untimed)
+        # Read by this autotuning's do_bench (untimed), where Triton times one config at all.
+        _PRUNED.single = len(kept) == 1 and _times_one_config()
         return kept
 
     return {"early_config_prune": early_config_prune}
@@ -93,6 +94,22 @@ def tuning(prune=None, kernel=None) -> dict:
 
 #: Per thread: whether the autotuning in progress kept a single config (:func:`tuning`).
 _PRUNED = threading.local()
+
+
+@functools.cache
+def _times_one_config() -> bool:
+    """Whether this Triton's autotuner times the configs of a key whose pruning left one
+    (3.6 does; 3.9 checks ``len(pruned_configs) == 1`` and skips the timing). Only then is a
+    single-config pruning marked, so the mark is always used by the timing right after it
+    and none is left for a later call."""
+    import inspect
+
+    from triton.runtime.autotuner import Autotuner
+
+    try:
+        return "len(pruned_configs) == 1" not in inspect.getsource(Autotuner.run)
+    except (OSError, TypeError):  # no source: assume it times, as 3.6 does
+        return True
 
 
 def untimed(quantiles) -> float | list[float] | None:
