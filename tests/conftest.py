@@ -21,35 +21,10 @@ if os.environ.get("QCOMPILE_TRITON_NATIVE") != "1":
         pass
 
 
-def _interpreter_index_fix() -> bool:
-    """Triton < 3.7's interpreter turns a scalar into a Python int with ``int()`` of a
-    one-element 1-D array, which NumPy >= 2.4 refuses: every kernel with a ``range`` bound from
-    ``tl.program_id``/``tl.num_programs`` fails there. Triton 3.7 squeezes the array first;
-    give the older interpreter the same ``__index__`` (a test-harness fix: GPU runs never take
-    this path). Returns whether it was applied."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import numpy
-        import triton
-        from triton.runtime import interpreter
-    except ImportError:
-        return False
-    from packaging.version import Version
+if os.environ.get("TRITON_INTERPRET") == "1":
+    import interpreter_compat  # fixes of Triton < 3.9's interpreter (its docstring says which)
 
-    if Version(triton.__version__).release >= (3, 7) or Version(numpy.__version__).release < (2, 4):
-        return False
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    interpreter._patch_lang_tensor = patched
-    return True
-
-
-_interpreter_index_fix()
+    interpreter_compat.apply()
 
 
 def pytest_collection_modifyitems(config, items):
