@@ -1,0 +1,437 @@
+"""W8A16: 8-bit weight-only linear (INT8 symmetric or asymmetric, FP8 E4M3 or E5M2) with
+fp32 scales per output channel or per group along K, activations in bf16/fp16/fp32.
+
+An 8-bit weight reads half the bytes of a 16-bit one. Where a W4 model keeps a layer at 8 bits
+(the output head of ``w4-int4-head8``, a sensitive layer) or a model is 8-bit weight-only
+throughout, the layer is memory-bound at decode and this halves its time.
+
+Three routes by the rows ``M`` of ``x`` (flattened leading dims):
+
+* ``M <= GEMV_MAX_M``: a split-K GEMV (:func:`_gemv_kernel`), one activation row per program
+  row of the grid; the code values are multiplied by ``x`` in fp32 and each group's sum is
+  scaled once (``y[n] = sum_g s[n, g] * sum_k v[n, k] x[k]``).
+* up to :data:`DEQUANT_MIN_M` rows: a tiled tensor-core GEMM (:func:`_gemm_kernel`) on the
+  code values in ``x``'s dtype. INT8 values (``c - 128``, or ``c - zero`` for integer zero
+  points: -255..255), E4M3 values times ``2^-8`` and E5M2 values are all exact in bf16 and
+  fp16, so the MMA sees the codes exactly and the scales apply to its fp32 sums.
+* above: the weight decoded once into ``x``'s dtype (:func:`w8a16_dequant`, bit-exact with
+  :func:`qcompile.ops.dequantize_weight`), then ``torch.nn.functional.linear`` (cuBLAS).
+
+Codes decode with a few integer ops instead of a table: INT8 through the fp32 bits of
+``2^23 + c``; FP8 as the upper bits of an fp16 (E5M2 is an fp16's top byte; E4M3 shifted into
+an fp16's exponent field is its value times ``2^-8``, folded into the scale). Codes that no
+quantizer writes decode to what the bits say in fp16: E4M3's NaN codes to finite values
+(+-480), E5M2's inf and NaN codes to inf and NaN.
+
+Numerics: the GEMV and the GEMM do not round ``W`` to ``x``'s dtype before the product as
+:func:`w8a16_linear_ref` does, so 16-bit results can differ from it by that rounding summed
+over K; fp32 results by the fp32 summation order. The dequantize route matches the reference
+up to cuBLAS's summation order. Splits are summed in a fixed order: the same call gives the
+same bits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from qcompile.backends.triton.launch import launch
+from qcompile.backends.triton.runtime import (
+    KernelInputError,
+    cdiv,
+    check_tensor,
+    interpreting,
+    next_pow2,
+    plain_bench,
+    tuning,
+)
+from qcompile.backends.triton.w4a16 import (
+    _DTYPE_KIND,
+    _X_DTYPES,
+    _check_any,
+    _pick_split,
+    _round_to,
+    _splitk_reduce_kernel,
+)
+
+__all__ = ["DEQUANT_MIN_M", "ELEMS", "GEMM_CONFIGS", "GEMV_CONFIGS", "GEMV_MAX_M",
+           "w8a16_dequant", "w8a16_linear", "w8a16_linear_ref"]
+
+#: 8-bit elements the kernels decode, by their ``qcompile.formats`` names.
+ELEMS = {"int8": 0, "fp8_e4m3": 1, "fp8_e5m2": 2}
+#: What each element's decoded value is multiplied by to give the code's value (E4M3 decodes
+#: as an fp16 one exponent bias too low, i.e. times 2^-8).
+_UNIT = {0: 1.0, 1: 256.0, 2: 1.0}
+#: Largest M that takes the GEMV.
+GEMV_MAX_M = 16
+#: Smallest M that decodes the weight and calls cuBLAS; between the two, the tiled GEMM.
+#: Not timed on a GPU yet: W4A16's crossover (``w4a16_dequant.DEQUANT_MIN_M``).
+DEQUANT_MIN_M = 256
+#: Smallest power-of-two factor of the group size the GEMV and GEMM take: their K tiles lie
+#: inside one group, and a dot needs 16 along K. Other group sizes take the dequantize route.
+MIN_TILE_K = 16
+
+
+def _cfg(warps: int, stages: int, **kw: int) -> triton.Config:
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+#: GEMV tiles (64 codes per thread at 4 warps, 32-128 bytes of each row per program).
+GEMV_CONFIGS = [_cfg(4, 3, BLOCK_N=32, BLOCK_K=256), _cfg(4, 3, BLOCK_N=16, BLOCK_K=512),
+                _cfg(4, 3, BLOCK_N=64, BLOCK_K=128), _cfg(8, 3, BLOCK_N=32, BLOCK_K=512),
+                _cfg(4, 3, BLOCK_N=128, BLOCK_K=64), _cfg(4, 3, BLOCK_N=64, BLOCK_K=32),
+                _cfg(4, 3, BLOCK_N=128, BLOCK_K=16)]
+#: GEMM tiles; BLOCK_M above the call's M (rounded up to 16) is pruned.
+GEMM_CONFIGS = [_cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+                _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128),
+                _cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128),
+                _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
+                _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+                _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
+                _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=16)]
+# One small config each under the interpreter, where autotuning only costs time.
+_INTERP_GEMV = {"BLOCK_N": 32, "BLOCK_K": 16}
+_INTERP_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
+_DQ_BLOCK_N, _DQ_BLOCK_K = 32, 128
+
+
+@triton.jit
+def _values(c, z, ELEM: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """fp32 values of codes ``c`` (int32, 0..255): INT8 ``c - 128``, or ``c - z`` (asym);
+    E4M3 its value times 2^-8; E5M2 its value."""
+    if ELEM == 0:
+        m = (c | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + c, exactly
+        if HAS_ZERO:
+            v = (m - 8388608.0) - z
+        else:
+            v = m - 8388736.0  # 2^23 + 128
+    elif ELEM == 1:
+        h = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
+        v = h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        v = (c << 8).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _scales(acc, scale_ptr, outer_ptr, offs_n, n_ok, outer_stride, CHANNEL: tl.constexpr,
+            HAS_OUTER: tl.constexpr, UNIT: tl.constexpr):
+    """The per-channel scale (when not applied per group), the outer scale and the FP8 unit."""
+    if CHANNEL:
+        acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
+    if HAS_OUTER:
+        acc = acc * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)
+    if UNIT != 1.0:
+        acc = acc * UNIT
+    return acc
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, part_ptr, out_ptr,
+                 M, N, K, G, outer_stride, GROUP_SIZE: tl.constexpr, CHANNEL: tl.constexpr,
+                 ELEM: tl.constexpr, UNIT: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                 KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Row ``pid_m`` of ``y`` over K tiles ``[pid_s * per, (pid_s + 1) * per)``: into ``out``
+    (one split) or ``part[pid_s]``. Every K tile lies inside one group."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
+    x_row = x_ptr + pid_m.to(tl.int64) * K
+    tiles = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(tiles, SPLIT)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for t in range(pid_s * per, tl.minimum(pid_s * per + per, tiles)):
+        k = t * BLOCK_K + offs_k
+        k_ok = k < K
+        # Masked codes and x are 0: padding columns add nothing, whatever their value.
+        c = tl.load(rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.int32)
+        x = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+        s_off = offs_n * G + (t * BLOCK_K) // GROUP_SIZE
+        z = 0.0
+        if HAS_ZERO:
+            z = tl.load(zero_ptr + s_off, mask=n_ok, other=0.0)[:, None]
+        part = tl.sum(_values(c, z, ELEM, HAS_ZERO) * x[None, :], axis=1)
+        if CHANNEL:
+            acc += part
+        else:
+            acc += part * tl.load(scale_ptr + s_off, mask=n_ok, other=0.0)
+    acc = _scales(acc, scale_ptr, outer_ptr, offs_n, n_ok, outer_stride, CHANNEL, HAS_OUTER,
+                  UNIT)
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        acc = _round_to(acc, KIND, EXACT)
+        tl.store(out_ptr + pid_m.to(tl.int64) * N + offs_n,
+                 acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        tl.store(part_ptr + (pid_s.to(tl.int64) * M + pid_m) * N + offs_n, acc, mask=n_ok)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, out_ptr, M, N, K, G,
+                 outer_stride, M_BUCKET, GROUP_SIZE: tl.constexpr, CHANNEL: tl.constexpr,
+                 ELEM: tl.constexpr, UNIT: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, KIND: tl.constexpr,
+                 EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """One ``[BLOCK_M, BLOCK_N]`` tile of ``y``; the programs of one weight tile are adjacent
+    (M varies fastest), so they read it from L2 together."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + offs_k
+        k_ok = k < K
+        x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        c = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.int32)
+        s_off = offs_n * G + k0 // GROUP_SIZE
+        z = 0.0
+        if HAS_ZERO:
+            z = tl.load(zero_ptr + s_off, mask=n_ok, other=0.0)[:, None]
+        v = _values(c, z, ELEM, HAS_ZERO)
+        if EXACT or x_ptr.dtype.element_ty == tl.float32:
+            # The interpreter's dots read 16-bit operands as raw bits; fp32 activations need
+            # full fp32 products (tf32 would round them).
+            p = tl.dot(x.to(tl.float32), tl.trans(v), input_precision="ieee")
+        else:
+            p = tl.dot(x, tl.trans(v.to(x.dtype)))  # the values are exact in bf16/fp16
+        if CHANNEL:
+            acc += p
+        else:
+            acc += p * tl.load(scale_ptr + s_off, mask=n_ok, other=0.0)[None, :]
+    acc = _scales(acc, scale_ptr, outer_ptr, offs_n, n_ok, outer_stride, CHANNEL, HAS_OUTER,
+                  UNIT)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _round_to(acc, KIND, EXACT)
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, scale_ptr, zero_ptr, outer_ptr, out_ptr, N, K, G, outer_stride,
+                    GROUP_SIZE: tl.constexpr, ELEM: tl.constexpr, UNIT: tl.constexpr,
+                    HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr, KIND: tl.constexpr,
+                    EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``W[n, k] = value * (scale * outer)`` rounded once to the output dtype, as
+    ``dequantize`` computes it (E4M3: ``(value * 2^-8) * (scale * outer * 2^8)``, the same
+    real product, so the same rounding)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    n_ok = offs_n < N
+    ok = n_ok[:, None] & (k < K)[None, :]
+    c = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * K + k[None, :], mask=ok,
+                other=0).to(tl.int32)
+    s_off = offs_n[:, None] * G + k[None, :] // GROUP_SIZE
+    z = 0.0
+    if HAS_ZERO:
+        z = tl.load(zero_ptr + s_off, mask=ok, other=0.0)
+    eff = tl.load(scale_ptr + s_off, mask=ok, other=0.0)
+    if HAS_OUTER:
+        eff = eff * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)[:, None]
+    if UNIT != 1.0:
+        eff = eff * UNIT
+    w = _round_to(_values(c, z, ELEM, HAS_ZERO) * eff, KIND, EXACT)
+    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + k[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _tile_fits(config: triton.Config, group_size: int, k: int) -> bool:
+    return group_size == k or group_size % config.kwargs["BLOCK_K"] == 0
+
+
+def _prune_gemv(configs, named_args, **kwargs):
+    gs, k = named_args["GROUP_SIZE"], named_args["K"]
+    return [c for c in configs if _tile_fits(c, gs, k)]
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    gs, k = named_args["GROUP_SIZE"], named_args["K"]
+    m = max(16, named_args["M_BUCKET"])
+    kept = [c for c in configs if _tile_fits(c, gs, k) and c.kwargs["BLOCK_M"] <= m]
+    if named_args["x_ptr"].dtype == torch.float32:  # fp32 operands: half the tile per stage
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
+    return kept
+
+
+_GEMV = triton.autotune(GEMV_CONFIGS, key=["N", "K", "GROUP_SIZE", "SPLIT", "ELEM"],
+                        prune_configs_by=tuning(_prune_gemv, _gemv_kernel),
+                        do_bench=plain_bench)(_gemv_kernel)
+_GEMM = triton.autotune(GEMM_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP_SIZE", "ELEM"],
+                        prune_configs_by=tuning(_prune_gemm, _gemm_kernel),
+                        do_bench=plain_bench)(_gemm_kernel)
+
+
+def _validate(x, codes, scale, zero, outer, group_size, elem, bias, check) -> tuple[int, int]:
+    if elem not in ELEMS:
+        raise KernelInputError(f"elem must be one of {', '.join(ELEMS)}, got {elem!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise KernelInputError(f"group_size must be a positive integer, got {group_size!r}")
+    x = check(x, "x", _X_DTYPES)
+    if x.dim() < 1:
+        raise KernelInputError("x must have at least one dim (the K axis last)")
+    dev = x.device
+    k = x.shape[-1]
+    codes = check(codes, "codes", (torch.uint8,), ndim=2, device=dev)
+    n = codes.shape[0]
+    if codes.shape[1] != k:
+        raise KernelInputError(f"codes has shape {tuple(codes.shape)}; x has K = {k}, so "
+                               f"dim 1 must be {k}")
+    g = cdiv(k, group_size)
+    check(scale, "scale", (torch.float32,), shape=(n, g), device=dev)
+    if zero is not None:
+        if elem != "int8":
+            raise KernelInputError(f"zero points are for int8 weights, not {elem}")
+        check(zero, "zero", (torch.float32,), shape=(n, g), device=dev)
+    if outer is not None:
+        check(outer, "outer", (torch.float32,), ndim=2, device=dev)
+        if outer.shape not in ((n, 1), (1, 1)):
+            raise KernelInputError(f"outer has shape {tuple(outer.shape)}; expected "
+                                   f"({n}, 1) or (1, 1)")
+    if bias is not None:
+        check(bias, "bias", (x.dtype,), shape=(n,), device=dev)
+    return n, k
+
+
+def _dequant_ref(codes, scale, zero, outer, group_size: int, k: int, elem: str) -> torch.Tensor:
+    from qcompile.formats.elements import element_info
+
+    info = element_info(elem)
+    c = codes.to(torch.float32)
+    if info.kind == "int":
+        v = c + info.min if zero is None else c - zero.repeat_interleave(group_size, 1)[:, :k]
+    else:
+        v = info.table().to(codes.device)[codes.long()]
+    eff = scale if outer is None else scale * outer
+    return v * eff.repeat_interleave(group_size, 1)[:, :k]
+
+
+def w8a16_linear_ref(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                     zero: torch.Tensor | None, outer: torch.Tensor | None, group_size: int,
+                     elem: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain PyTorch W8A16 linear (any device): the numerics the kernels reproduce.
+
+    Args:
+        x: Activations ``[..., K]``, bf16/fp16/fp32.
+        codes: ``uint8`` codes ``[N, K]`` as ``qcompile.formats`` stores them (INT8 offset
+            binary, or the unsigned level with ``zero``; FP8 the element's bits).
+        scale: fp32 ``[N, ceil(K/group_size)]`` scales.
+        zero: fp32 like ``scale``, INT8 asym zero points, or None.
+        outer: fp32 ``[N, 1]`` or ``[1, 1]`` multiplying every scale, or None.
+        group_size: Elements per group along K (K itself for per-channel).
+        elem: ``int8``, ``fp8_e4m3`` or ``fp8_e5m2``.
+        bias: ``[N]`` in ``x``'s dtype, or None.
+
+    Returns:
+        ``[..., N]`` in ``x``'s dtype: ``linear(x, W.to(x.dtype), bias)`` accumulated in fp32.
+
+    Raises:
+        KernelInputError: A malformed input.
+    """
+    _validate(x, codes, scale, zero, outer, group_size, elem, bias, _check_any)
+    w = _dequant_ref(codes, scale, zero, outer, group_size, x.shape[-1], elem)
+    b = None if bias is None else bias.float()
+    return F.linear(x.float(), w.to(x.dtype).float(), b).to(x.dtype)
+
+
+def _flags(zero, outer, group_size, elem, dtype) -> dict:
+    e = ELEMS[elem]
+    return dict(GROUP_SIZE=group_size, ELEM=e, UNIT=_UNIT[e], HAS_ZERO=zero is not None,
+                HAS_OUTER=outer is not None, KIND=_DTYPE_KIND[dtype], EXACT=interpreting())
+
+
+def w8a16_dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                  outer: torch.Tensor | None, group_size: int, elem: str,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The weight ``[N, K]`` in ``dtype``, bit for bit ``dequantize_weight``'s. Inputs as
+    :func:`w8a16_linear` validates them (contiguous, on a Triton device)."""
+    n, k = codes.shape
+    w = torch.empty(n, k, dtype=dtype, device=codes.device)
+    if n == 0 or k == 0:
+        return w
+    o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
+    launch(_dequant_kernel, (cdiv(n, _DQ_BLOCK_N), cdiv(k, _DQ_BLOCK_K)), codes, scale,
+           scale if zero is None else zero, scale if outer is None else outer, w, n, k,
+           scale.shape[1], o_stride, **_flags(zero, outer, group_size, elem, dtype),
+           BLOCK_N=_DQ_BLOCK_N, BLOCK_K=_DQ_BLOCK_K, num_warps=4)
+    return w
+
+
+def tiled(group_size: int, k: int) -> bool:
+    """Whether the GEMV and GEMM take this grouping (K tiles of at least 16 inside a group)."""
+    return group_size >= k or group_size % MIN_TILE_K == 0
+
+
+def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor | None, outer: torch.Tensor | None, group_size: int,
+                 elem: str, bias: torch.Tensor | None = None,
+                 path: str | None = None) -> torch.Tensor:
+    """W8A16 linear with Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
+
+    Same arguments and result as :func:`w8a16_linear_ref` (module docstring for the routes
+    and the numerics). ``path`` forces a route for any M (tests, benchmarks): ``"gemv"``,
+    ``"gemm"`` (both need :func:`tiled` groups) or ``"dequant"``.
+
+    Raises:
+        KernelInputError: A malformed input, tensors no kernel can run on, or a ``path`` that
+            is unknown or does not take the grouping.
+    """
+    n, k = _validate(x, codes, scale, zero, outer, group_size, elem, bias, check_tensor)
+    gs = min(group_size, k) if k else group_size
+    if path not in (None, "gemv", "gemm", "dequant"):
+        raise KernelInputError(f"path must be 'gemv', 'gemm', 'dequant' or None, got {path!r}")
+    if path in ("gemv", "gemm") and not tiled(gs, k):
+        raise KernelInputError(f"path {path!r} needs a group size that is a multiple of "
+                               f"{MIN_TILE_K} or per-channel scales, got {group_size}")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k).contiguous()
+    m = x2.shape[0]
+    if m == 0 or n == 0 or k == 0:
+        out = torch.zeros(m, n, dtype=x.dtype, device=x.device)
+        return (out if bias is None else out.copy_(bias.expand(m, n))).reshape(*lead, n)
+    codes, scale = codes.contiguous(), scale.contiguous()
+    zero = None if zero is None else zero.contiguous()
+    outer = None if outer is None else outer.contiguous()
+    route = path or ("dequant" if not tiled(gs, k) or m >= DEQUANT_MIN_M
+                     else "gemv" if m <= GEMV_MAX_M else "gemm")
+    if route == "dequant":
+        w = w8a16_dequant(codes, scale, zero, outer, gs, elem, x.dtype)
+        return F.linear(x2, w, bias).reshape(*lead, n)
+    flags = _flags(zero, outer, gs, elem, x.dtype)
+    flags.update(CHANNEL=gs == k, HAS_BIAS=bias is not None)
+    o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
+    ptrs = (x2, codes, scale, scale if zero is None else zero, scale if outer is None else outer,
+            scale if bias is None else bias)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    exact = flags["EXACT"]
+    if route == "gemm":
+        kern, cfg = (_gemm_kernel, _INTERP_GEMM) if exact else (_GEMM, {})
+        launch(kern, lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"])), *ptrs,
+               out, m, n, k, scale.shape[1], o_stride, next_pow2(m), **flags, **cfg)
+        return out.reshape(*lead, n)
+    split = _pick_split(n, k, x.device)
+    part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    kern, cfg = (_gemv_kernel, _INTERP_GEMV) if exact else (_GEMV, {})
+    launch(kern, lambda meta: (cdiv(n, meta["BLOCK_N"]), split, m), *ptrs, part, out, m, n, k,
+           scale.shape[1], o_stride, SPLIT=split, **flags, **cfg)
+    if split > 1:
+        block = 1024
+        launch(_splitk_reduce_kernel, (cdiv(m * n, block),), part, ptrs[5], out, scale, scale,
+               m, n, SPLIT=split, HAS_BIAS=bias is not None, HAS_XS=False,
+               KIND=flags["KIND"], EXACT=exact, BLOCK=block, HAS_RES=False)
+    return out.reshape(*lead, n)
