@@ -6,6 +6,8 @@ leaves them):
 * W4A16: ``linear(x, dequantize_weight(4-bit fmt))`` with ``x`` not quantized
   -> ``qcompile::w4a16_linear`` (FP4, AFPQ, INT4 sym/asym, NF4; groups or per channel;
   ragged groups).
+* W8A16: the same with an 8-bit weight (INT8 sym/asym with integer zero points, FP8
+  E4M3/E5M2; one scale per group or channel) -> ``qcompile::w8a16_linear``.
 * W8A8 FP8: ``linear(quantize_activation(x, fp8_e4m3/token), dequantize_weight(fp8_e4m3/channel))``
   -> ``qcompile::quantize_rows`` (one per activation, shared by sibling linears) +
   ``qcompile::fp8_linear``.
@@ -75,6 +77,7 @@ _HADAMARD = _q.hadamard.default
 _LINEAR = torch.ops.aten.linear.default
 _ROWS_FMT = "fp8_e4m3/token"
 _W4_ELEMS = ("fp4_e2m1", "int4", "nf4")
+_W8_ELEMS = ("int8", "fp8_e4m3", "fp8_e5m2")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class LowerTritonOptions:
 
     Attributes:
         w4a16: 4-bit weight-only linears.
+        w8a16: 8-bit weight-only linears (an 8-bit output head of a W4 model, W8A16).
         fp8: W8A8 FP8 linears (FP8 per-token activations x FP8 per-channel weights).
         w4a8: FP4 (po2/m2 scales) weights with FP8 per-token activations.
         act: Remaining dynamic activation quantization (with a preceding online Hadamard).
@@ -103,6 +107,7 @@ class LowerTritonOptions:
     """
 
     w4a16: bool = True
+    w8a16: bool = True
     fp8: bool = True
     w4a8: bool = True
     act: bool = True
@@ -154,7 +159,8 @@ class LowerTritonPass(Pass):
         4. Nodes and buffers left unread are removed (``cleanup`` drops the buffers).
         5. Nothing to lower: ``modified`` is False and the graph is untouched.
         6. A 4-bit weight read with another activation format (W4A4) becomes a W4A16 GEMM on
-           the quantize-dequantized activation, whose Q/DQ is lowered on its own.
+           the quantize-dequantized activation, whose Q/DQ is lowered on its own; an 8-bit
+           one (e.g. W8A8 INT8) a W8A16 GEMM in the same way.
         7. An RMSNorm read only by an activation quantize folds into it when a probe shows
            the fused op's reference RMSNorm reproduces the graph's bits (else reported).
         8. A one-query-row SDPA becomes ``decode_attention`` on the unrepeated cache; an SDPA
@@ -163,8 +169,8 @@ class LowerTritonPass(Pass):
 
     name = "lower-triton"
     Options = LowerTritonOptions
-    summary = ("fused Triton kernels for W4A16, W8A8 FP8, W4A8, activation quantize and "
-               "decode attention")
+    summary = ("fused Triton kernels for W4A16, W8A16, W8A8 FP8, W4A8, activation quantize "
+               "and decode attention")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         skipped: list[dict[str, str]] = []
@@ -173,7 +179,7 @@ class LowerTritonPass(Pass):
         self._norms = {n.output: n for n in find_norms(gm)
                        if n.kind == "rms" and n.offset == 0.0 and n.bias is None}
         matches = [m for n in list(gm.graph.nodes) if (m := self._check(gm, n, skipped))]
-        counts = {"w4a16": 0, "fp8": 0, "w4a8": 0, "act": 0, "rmsnorm": 0, "silu_gate": 0,
+        counts = {"w4a16": 0, "w8a16": 0, "fp8": 0, "w4a8": 0, "act": 0, "rmsnorm": 0, "silu_gate": 0,
                   "attention": 0, "attention_rope": 0, "attention_write": 0,
                   "attention_counters": 0}
         self._gates: list[fx.Node] = []
@@ -214,8 +220,10 @@ class LowerTritonPass(Pass):
             elif spec.elem in _W4_ELEMS and spec.granularity in ("group", "channel"):
                 m = _Match(node, deq, "w4a16") if self.options.w4a16 else None
                 why = None if m else "w4a16 lowering is off"
+            elif (why := self._w8_problem(gm, deq, spec)) is None:
+                m = _Match(node, deq, "w8a16")
             else:
-                m, why = None, f"weight-only {spec} has no kernel (W4A16 takes 4-bit formats)"
+                m = None
             if m is not None:
                 return m
         skipped.append({"node": node.name, "reason": why})
@@ -231,6 +239,21 @@ class LowerTritonPass(Pass):
             return f"per-tensor weight scales ({spec}) are not lowered"
         return None
 
+    def _w8_problem(self, gm: fx.GraphModule, deq: fx.Node, spec) -> str | None:
+        """Why the W8A16 kernels cannot take this weight (None: they can)."""
+        if spec.elem not in _W8_ELEMS:
+            return (f"weight-only {spec} has no kernel (W4A16 takes 4-bit formats, W8A16 "
+                    f"{', '.join(_W8_ELEMS)})")
+        if deq.args[2] is not None:
+            return f"weight {spec}: two scales per group (AFPQ) have no 8-bit kernel"
+        if deq.args[3] is not None:
+            zero = get_attr_value(gm, deq.args[3].target)
+            if not torch.equal(zero, zero.round()):
+                return f"weight {spec}: zero points that are not integers have no 8-bit kernel"
+        if not self.options.w8a16:
+            return "w8a16 lowering is off"
+        return None
+
     def _check_quantized(self, gm, node, deq, act, wspec) -> tuple[_Match | None, str | None]:
         afmt = act.args[1]
         if str(spec_of(afmt)) != _ROWS_FMT:
@@ -240,6 +263,9 @@ class LowerTritonPass(Pass):
                 if not self.options.w4a16:
                     return None, "w4a16 lowering is off"
                 return _Match(node, deq, "w4a16"), None
+            if wspec.elem in _W8_ELEMS:  # e.g. W8A8 INT8: the same with an 8-bit weight
+                why = self._w8_problem(gm, deq, wspec)
+                return (None, why) if why else (_Match(node, deq, "w8a16"), None)
             return None, f"activation {afmt} with weight {wspec}: GEMM kernels take fp8_e4m3/token"
         if wspec.elem == "fp8_e4m3" and not wspec.asym and wspec.granularity == "channel":
             if not self.options.fp8:
@@ -306,6 +332,9 @@ class LowerTritonPass(Pass):
         if m.kind == "w4a16":
             target = _q.w4a16_linear.default
             args = (lin.args[0], packed, scale, scale_neg, zero, outer, bias, fmt, k)
+        elif m.kind == "w8a16":
+            target = _q.w8a16_linear.default
+            args = (lin.args[0], packed, scale, zero, outer, bias, fmt, k)
         else:
             q, s = self._rows(gm, m.act, rows)
             base = packed.target.rsplit(".", 1)[0] if "." in packed.target else packed.target

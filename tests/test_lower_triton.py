@@ -58,6 +58,11 @@ CASES = [
      {"w4a16": 14, "act": 12, "rmsnorm": 4}, [Q.dequantize_weight.default, Q.quantize_activation.default]),
     (f"{ROT},quantize{{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token kv=fp8_e4m3/token}}",
      {"w4a8": 14, "act": 4, "rmsnorm": 4}, [Q.dequantize_weight.default, Q.quantize_activation.default]),
+    ("quantize{w=fp4_e2m1/g32},quantize{w=int8/g64/asym lm_head=true}", {"w4a16": 14, "w8a16": 1},
+     [Q.dequantize_weight.default]),
+    ("quantize{w=fp8_e5m2/g32}", {"w8a16": 14}, [Q.dequantize_weight.default]),
+    ("quantize{w=int8/channel a=int8/token}", {"w8a16": 14, "act": 8, "rmsnorm": 4},
+     [Q.dequantize_weight.default, Q.quantize_activation.default]),
 ]
 
 
@@ -68,7 +73,7 @@ def test_lowering_counts_and_exact_cpu_numerics(llama, pipeline, counts, gone):
     ref = _logits(gm, ids)
     gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)
     facts = report["passes"][0]["facts"]
-    for kind in ("w4a16", "fp8", "w4a8", "act", "rmsnorm", "silu_gate"):
+    for kind in ("w4a16", "w8a16", "fp8", "w4a8", "act", "rmsnorm", "silu_gate"):
         assert facts[kind] == counts.get(kind, 0), (kind, facts)
     assert facts["not_lowered"] == []
     assert report["passes"][0]["modified"]
@@ -94,17 +99,51 @@ def test_rotated_w4a8_folds_the_online_hadamard(llama):
 
 def test_unsupported_chains_are_reported_not_lowered(llama):
     ids = _ids()
-    gm, _ = quantize_graph(capture(llama), "quantize{w=int8/channel a=int8/token}",
+    gm, _ = quantize_graph(capture(llama), "quantize{w=int6/channel a=int8/token}",
                            progress=False)
     ref = _logits(gm, ids)
     gm, report = quantize_graph(gm, "lower-triton", progress=False)
     facts = report["passes"][0]["facts"]
-    assert facts["fp8"] == facts["w4a8"] == facts["w4a16"] == 0
+    assert facts["fp8"] == facts["w4a8"] == facts["w4a16"] == facts["w8a16"] == 0
     assert facts["act"] == 8  # the int8 per-token Q/DQ itself has a fused kernel
     assert facts["rmsnorm"] == 4  # and takes the RMSNorm before it
     assert len(facts["not_lowered"]) == 14
     assert all("fp8_e4m3/token" in e["reason"] for e in facts["not_lowered"])
     assert torch.equal(_logits(gm, ids), ref)
+
+
+@pytest.mark.parametrize(("pipeline", "reason"), [
+    ("quantize{w=fp8_e4m3/g32/asym}", "two scales per group (AFPQ) have no 8-bit kernel"),
+    ("quantize{w=int6/g32}", "has no kernel (W4A16 takes 4-bit formats, W8A16 int8"),
+])
+def test_8bit_weights_without_a_kernel_are_reported(llama, pipeline, reason):
+    gm, _ = quantize_graph(capture(llama), pipeline, progress=False)
+    gm, report = quantize_graph(gm, "lower-triton", progress=False)
+    facts = report["passes"][0]["facts"]
+    assert facts["w8a16"] == 0 and len(facts["not_lowered"]) == 14
+    assert all(reason in e["reason"] for e in facts["not_lowered"]), facts["not_lowered"][0]
+
+
+def test_8bit_zero_points_must_be_integers(llama):
+    from qcompile.graph import get_attr_value, set_attr_value
+
+    gm, _ = quantize_graph(capture(llama), "quantize{w=int8/g32/asym}", progress=False)
+    deq = next(n for n in gm.graph.nodes if n.target is Q.dequantize_weight.default)
+    zero = deq.args[3].target
+    set_attr_value(gm, zero, get_attr_value(gm, zero) + 0.5)
+    gm, report = quantize_graph(gm, "lower-triton", progress=False)
+    facts = report["passes"][0]["facts"]
+    assert facts["w8a16"] == 13
+    assert [e["reason"] for e in facts["not_lowered"]] == [
+        "weight int8/g32/asym: zero points that are not integers have no 8-bit kernel"]
+
+
+def test_w8a16_lowering_can_be_turned_off(llama):
+    gm, _ = quantize_graph(capture(llama), "quantize{w=int8/g32}", progress=False)
+    gm, report = quantize_graph(gm, "lower-triton{w8a16=false}", progress=False)
+    facts = report["passes"][0]["facts"]
+    assert facts["w8a16"] == 0 and not report["passes"][0]["modified"]
+    assert {e["reason"] for e in facts["not_lowered"]} == {"w8a16 lowering is off"}
 
 
 def test_unreadable_w4a8_scales_are_reported(llama):
@@ -245,6 +284,8 @@ KERNEL_CASES = [
     "quantize{w=fp8_e4m3/channel a=fp8_e4m3/token}",
     "quantize{w=fp4_e2m1/g32/m2 a=fp8_e4m3/token}",
     f"{ROT},quantize{{w=fp4_e2m1/channel/asym a=fp4_e2m1/token/asym kv=fp4_e2m1/token/asym}}",
+    "quantize{w=int4/g32},quantize{w=int8/channel lm_head=true}",
+    "quantize{w=fp8_e4m3/g32}",
 ]
 
 

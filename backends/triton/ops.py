@@ -12,6 +12,10 @@ Ops:
         with ``rms_eps >= 0`` on ``rms_norm(x, rms_weight, rms_eps)``, with ``up`` on
         ``silu(x) * up``, and with ``residual`` the result is ``residual + linear(...)``
         (batch-1 decode fusions, :mod:`qcompile.backends.triton.gemv_fusion`).
+    ``qcompile::w8a16_linear(x, codes, scale, zero, outer, bias, fmt, k)``
+        ``linear(x, dequantize_weight(codes, scale, None, zero, outer, fmt, k, x.dtype), bias)``
+        for 8-bit weights (INT8 sym/asym, FP8 E4M3/E5M2):
+        :mod:`qcompile.backends.triton.w8a16`.
     ``qcompile::quantize_rows(x, fmt, had_size, rms_weight=None, rms_eps=-1, up=None)
     -> (q, scale)``
         Per-token FP8/INT8 codes of ``hadamard(x, had_size)`` (or ``x`` when 0, or
@@ -67,7 +71,7 @@ from qcompile.ops import dequantize_weight, hadamard, quantize_activation, spec_
 __all__ = [
     "decode_attention", "decode_attention_ref", "decode_attention_write", "fp8_linear",
     "hadamard_quantize", "kernels_on_cpu", "linear_input", "quantize_rows", "rms_norm", "rope", "w4a16_linear",
-    "w4a8_linear", "with_residual",
+    "w4a8_linear", "w8a16_linear", "with_residual",
 ]
 
 _state = threading.local()
@@ -232,6 +236,28 @@ def w4a16_linear(
     x = linear_input(x, 0, rms_weight, rms_eps, up)
     w = dequantize_weight(packed, scale, scale_neg, zero, outer, fmt, k, x.dtype)
     return with_residual(F.linear(x, w, bias), residual)
+
+
+# --- W8A16 -----------------------------------------------------------------------------------
+
+def _w8a16_linear_fake(x, codes, scale, zero, outer, bias, fmt, k):
+    return x.new_empty((*x.shape[:-1], codes.shape[0]))
+
+
+@define_op(
+    "w8a16_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? outer, "
+    "Tensor? bias, str fmt, SymInt k) -> Tensor",
+    _w8a16_linear_fake)
+def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor | None, outer: torch.Tensor | None,
+                 bias: torch.Tensor | None, fmt: str, k: int) -> torch.Tensor:
+    """8-bit weight-only linear; see the module docstring."""
+    if _use_kernel(x):
+        spec = spec_of(fmt)
+        gs = spec.group_size if spec.granularity == "group" else k
+        return _backend("w8a16").w8a16_linear(x, codes, scale, zero, outer, gs, spec.elem, bias)
+    w = dequantize_weight(codes, scale, None, zero, outer, fmt, k, x.dtype)
+    return F.linear(x, w, bias)
 
 
 # --- per-token activation codes --------------------------------------------------------------
