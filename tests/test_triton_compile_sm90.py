@@ -3,7 +3,7 @@
 What this proves: every kernel family in ``qcompile.backends.triton`` (the FP8 GEMM, tiled and
 persistent; W4A8 on each of its three group-exponent paths; the fused per-token quantize with
 no, a power-of-two and a Kronecker Hadamard, and its RMSNorm variant; the W4A16 split-K GEMV,
-its reduction and the GEMM) goes through Triton's whole CUDA pipeline (TTIR, TTGIR, LLVM IR,
+its reduction and the GEMM; the W8A16 GEMV, GEMM and dequantize) goes through Triton's whole CUDA pipeline (TTIR, TTGIR, LLVM IR,
 PTX) and assembles with ``ptxas`` into an sm_90 cubin, for the cases in :data:`CASES`, with
 the argument specialization a real launch gets (16-byte aligned pointers, ints divisible by 16
 marked so, ints equal to 1 turned into constants). Each cubin must also fit the hardware: at
@@ -333,6 +333,22 @@ CASES: list[tuple[str, str, dict]] = [
         known_spills="with fp32 activations _w4a16_gemm_kernel's fp32 tiles spill 0.2 to 1 "
                      "KB per thread even with tf32x3 dots (bf16 activations, the normal "
                      "case, do not)")),
+    # W8A16: every config of each kernel (small lists), INT8 asym groups and FP8 channels.
+    ("w8a16-gemv-bf16-g128-int8asym", "w8a16_gemv", dict(dtype="bf16", group_size=128,
+                                                         elem="int8", zero=True, split=4)),
+    ("w8a16-gemv-bf16-channel-e4m3", "w8a16_gemv", dict(dtype="bf16", group_size=4096,
+                                                        elem="fp8_e4m3", outer=True, split=1)),
+    ("w8a16-gemm-bf16-g128-int8", "w8a16_gemm", dict(dtype="bf16", group_size=128,
+                                                     elem="int8", m=200, mma="bf16")),
+    ("w8a16-gemm-fp16-channel-e5m2", "w8a16_gemm", dict(dtype="fp16", group_size=4096,
+                                                            elem="fp8_e5m2", m=32, mma="f16")),
+    ("w8a16-gemm-bf16-g64-int8asym", "w8a16_gemm", dict(dtype="bf16", group_size=64,
+                                                        elem="int8", zero=True, m=100,
+                                                        mma="bf16")),
+    ("w8a16-dequant-bf16-g128-int8asym", "w8a16_dequant", dict(dtype="bf16", group_size=128,
+                                                               elem="int8", zero=True)),
+    ("w8a16-dequant-fp16-g32-e4m3", "w8a16_dequant", dict(dtype="fp16", group_size=32,
+                                                          elem="fp8_e4m3", outer=True)),
 ]
 
 _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2": "had_quant",
@@ -343,7 +359,8 @@ _MODULES = {"fp8": "fp8_gemm", "w4a8": "w4a8", "act_quant": "act_quant", "had2":
             "w4a16_dequant": "w4a16_dequant", "w4a16_dequant_fp4w": "w4a16_dequant",
             "w4a16_dequant_fp4p": "w4a16_dequant", "w4a16_dequant_fp4f": "w4a16_dequant",
             "w4a8_shift": "w4a8_dequant", "w4a8_swap": "w4a8_swap",
-            "w4a16_swap": "w4a16_swap", "decode_attn": "decode_attention"}
+            "w4a16_swap": "w4a16_swap", "decode_attn": "decode_attention",
+            "w8a16_gemv": "w8a16", "w8a16_gemm": "w8a16", "w8a16_dequant": "w8a16"}
 #: Module that another engineer may still be editing: failures to import it or a kernel
 #: signature this file does not know skip its cases instead of failing them.
 _IN_PROGRESS = "w4a16"
@@ -748,6 +765,46 @@ def _build_decode_attn(mod, p: dict, all_configs: bool):
     return mod._decode_attn_kernel, args, consts, mod.CONFIGS if all_configs else kept
 
 
+def _w8a16_args(mod, p: dict, **extra) -> tuple[dict, dict]:
+    n, k, gs = 4096, 4096, p["group_size"]
+    args = dict(w_ptr="*u8", scale_ptr="*fp32", zero_ptr="*fp32", outer_ptr="*fp32", N=n, K=k,
+                G=-(-k // gs), outer_stride=int(p.get("outer", 0)), **extra)
+    elem = mod.ELEMS[p["elem"]]
+    consts = dict(GROUP_SIZE=gs, ELEM=elem, UNIT=mod._UNIT[elem], HAS_ZERO=p.get("zero", False),
+                  HAS_OUTER=p.get("outer", False), EXACT=False,
+                  KIND={"fp32": 0, "bf16": 1, "fp16": 2}[p["dtype"]])
+    return args, consts
+
+
+def _build_w8a16_gemv(mod, p: dict, all_configs: bool):
+    dt = "*" + p["dtype"]
+    args, consts = _w8a16_args(mod, p, x_ptr=dt, bias_ptr=dt, part_ptr="*fp32", out_ptr=dt, M=1)
+    consts.update(CHANNEL=p["group_size"] == args["K"], HAS_BIAS=True, SPLIT=p["split"])
+    named = dict(args, **consts)
+    return mod._gemv_kernel, args, consts, mod._prune_gemv(mod.GEMV_CONFIGS, named)
+
+
+def _build_w8a16_gemm(mod, p: dict, all_configs: bool):
+    import torch
+
+    dt = "*" + p["dtype"]
+    m = p["m"]
+    args, consts = _w8a16_args(mod, p, x_ptr=dt, bias_ptr=dt, out_ptr=dt, M=m,
+                               M_BUCKET=1 << (m - 1).bit_length())
+    consts.update(CHANNEL=p["group_size"] == args["K"], HAS_BIAS=True)
+    x = torch.empty(0, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[p["dtype"]])
+    named = dict(args, **consts, x_ptr=x)
+    return mod._gemm_kernel, args, consts, mod._prune_gemm(mod.GEMM_CONFIGS, named)
+
+
+def _build_w8a16_dequant(mod, p: dict, all_configs: bool):
+    import triton
+
+    args, consts = _w8a16_args(mod, p, out_ptr="*" + p["dtype"])
+    consts.update(BLOCK_N=mod._DQ_BLOCK_N, BLOCK_K=mod._DQ_BLOCK_K)
+    return mod._dequant_kernel, args, consts, [triton.Config({}, num_warps=4)]
+
+
 _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_quant,
              "had2": _build_had2, "kron": _build_kron,
              "w4a16_gemv": _build_w4a16_gemv, "w4a16_reduce": _build_w4a16_reduce,
@@ -759,7 +816,8 @@ _BUILDERS = {"fp8": _build_fp8, "w4a8": _build_w4a8, "act_quant": _build_act_qua
              "w4a16_dequant_fp4p": _build_w4a16_dequant_fp4p,
              "w4a16_dequant_fp4f": _build_w4a16_dequant_fp4f, "w4a8_shift": _build_w4a8_shift,
              "w4a8_swap": _build_w4a8_swap, "w4a16_swap": _build_w4a16_swap,
-             "decode_attn": _build_decode_attn}
+             "decode_attn": _build_decode_attn, "w8a16_gemv": _build_w8a16_gemv,
+             "w8a16_gemm": _build_w8a16_gemm, "w8a16_dequant": _build_w8a16_dequant}
 
 
 def _resources(cubin: bytes, cuobjdump: str, name: str) -> tuple[int, int]:
