@@ -13,6 +13,12 @@ Variants (each on a freshly built random-weight model; values do not change spee
   SiLU gate in front of the GEMVs, residual adds behind them stay Inductor kernels).
 * ``w4a16-fp4sym`` (only when named): recipe ``w4-fp4`` (symmetric FP4 E2M1, g128: one sum per
   code where AFPQ has two).
+* ``w4a16-fp4sym-head8`` (only when named): recipe ``w4-fp4-head8``, i.e. ``w4a16-fp4sym``
+  with the output head in INT8 per channel (``qcompile::w8a16_linear``), where the other
+  variants keep it bf16 (or take ``--lm-head``, which quantizes it in the recipe's 4-bit
+  format).
+* ``w8a16`` (only when named): recipe ``w8a16-int8`` (INT8 per-channel weights everywhere but
+  the head; ``--lm-head`` takes the head too).
 * ``w4a16-fp4-noattn``, ``w4a16-fp4sym-noattn`` (only when named): without the decode
   attention lowering (the SDPA over per-query-head copies of the cache stays), to measure
   what ``decode_attention`` gives.
@@ -65,7 +71,9 @@ time is measured in the same run (``lm_head_seconds``), and so is all of a step'
 the layers (``outside_layers_seconds``: embedding, final norm, head, argmax). Each variant
 whose head is bf16 also gets ``decode_tokens_per_s_at_full_depth``: ``(t - t_out) * 32 / L +
 t_out`` per token with ``t_out`` that outside time, an extrapolation (linear in layers;
-labelled as such), with its ratio to bf16's. (Until 2026-11-27 ``t_out`` was the head alone,
+labelled as such), with its ratio to bf16's. A variant whose recipe quantizes the head
+(``w4a16-fp4sym-head8``, ``--lm-head``) gets its own ``outside_layers_seconds``: the bf16 one
+less the bf16 head, plus its head's lowered op timed alone (``head_seconds``). (Until 2026-11-27 ``t_out`` was the head alone,
 which counted the argmax, 38 us per token on an H100, as layer time.)
 
 Usage::
@@ -107,7 +115,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 VARIANTS: dict[str, str | None] = {"bf16": None, "w4a16-fp4": "w4-afpq", "w4a8": "w4a8-m2",
                                    "w4a16-fp4-unfused": "w4-afpq", "w4a16-fp4-nodf": "w4-afpq",
                                    "w4a16-fp4sym": "w4-fp4", "w4a16-fp4-noattn": "w4-afpq",
-                                   "w4a16-fp4sym-noattn": "w4-fp4"}
+                                   "w4a16-fp4sym-noattn": "w4-fp4",
+                                   "w4a16-fp4sym-head8": "w4-fp4-head8", "w8a16": "w8a16-int8"}
 #: Variants run unless --variants names others.
 DEFAULT_VARIANTS = ("bf16", "w4a16-fp4", "w4a8")
 
@@ -261,6 +270,53 @@ def head_seconds(shape: str, device: str, dtype: torch.dtype, repeats: int = 50,
     return _timed(fn, device, repeats)
 
 
+def head_format(pipeline: str) -> str | None:
+    """The weight format ``pipeline`` gives the output head: the ``w`` of its last
+    ``quantize`` with ``lm_head=true`` (None: the head stays in the model's dtype)."""
+    from qcompile.pipeline import parse_pipeline
+
+    fmts = [s.options.w for s in parse_pipeline(pipeline)
+            if s.name == "quantize" and s.options.lm_head and s.options.w]
+    return fmts[-1] if fmts else None
+
+
+def quantized_head_seconds(fmt: str, shape: str, device: str, dtype: torch.dtype,
+                           repeats: int = 50) -> float | None:
+    """Time of the output head as the lowered op a ``fmt`` head becomes for one token
+    (``qcompile::w4a16_linear`` or ``w8a16_linear``; timed as :func:`head_seconds` times the
+    bf16 head), or None for a format with neither."""
+    from qcompile.formats import pack_codes, parse_format, quantize
+
+    spec = parse_format(fmt)
+    bits = spec.element.bits
+    if bits not in (4, 8) or spec.granularity not in ("group", "channel"):
+        return None
+    cfg = SHAPES[shape]
+    vocab, hidden = cfg["vocab_size"], cfg["hidden_size"]
+    q = quantize(torch.randn(vocab, hidden, device=device) * 0.02, spec)
+    x = torch.randn(1, hidden, device=device, dtype=dtype)
+    ops = torch.ops.qcompile
+    if bits == 8:
+        if q.scale_neg is not None:
+            return None
+
+        def fn() -> torch.Tensor:
+            return ops.w8a16_linear(x, q.codes, q.scale, q.zero, q.outer, None, fmt, hidden)
+    else:
+        packed = pack_codes(q.codes, 4)
+
+        def fn() -> torch.Tensor:
+            return ops.w4a16_linear(x, packed, q.scale, q.scale_neg, q.zero, q.outer, None,
+                                    fmt, hidden)
+    if device.startswith("cuda"):
+        from triton.testing import do_bench_cudagraph
+
+        fn()  # autotune outside the capture
+        return do_bench_cudagraph(fn, rep=100) * 1e-3
+    fn()
+    return _timed(fn, device, repeats)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -402,10 +458,12 @@ def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dic
     vocab = model.config.vocab_size
     recipe = VARIANTS[name]
     pipeline = None
-    if recipe is not None and args.lm_head:
+    head = None
+    if recipe is not None:
         from qcompile.recipes import RECIPES
 
-        pipeline = with_lm_head(RECIPES[recipe].pipeline)
+        pipeline = with_lm_head(RECIPES[recipe].pipeline) if args.lm_head else None
+        head = head_format(pipeline or RECIPES[recipe].pipeline)
     start = time.perf_counter()
     # A static cache fixes every decode shape, so the graphs are compiled static too (with
     # dynamic=True, Inductor 2.11 failed to lower the cache's index_copy_ under CUDA graphs:
@@ -473,7 +531,8 @@ def _run_variant(name: str, args: argparse.Namespace, dtype: torch.dtype) -> dic
     out: dict[str, Any] = {
         "recipe": recipe,
         "pipeline": pipeline,
-        "lm_head_quantized": bool(recipe is not None and args.lm_head),
+        "lm_head_quantized": head is not None,
+        "head_format": head,
         "decode_tokens_per_s": round((args.decode - 1) / decode_s, 2),
         "prefill_tokens_per_s": round(args.prefill / t_prefill, 1),
         "prefill_seconds": round(t_prefill, 4),
@@ -653,6 +712,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in names:
         try:
             result["variants"][name] = run_variant(name, args, dtype)
+            _quantized_head_outside(result, result["variants"][name], args, dtype)
         except Exception as exc:  # recorded; the other variants still run
             failed = True
             tail = traceback.format_exc().splitlines()[-12:]
@@ -683,13 +743,30 @@ def full_depth_tokens_per_s(tokens_per_s: float, layers: int, full: int,
     return 1.0 / (max(per_token - head_s, 0.0) * full / layers + head_s)
 
 
+def _quantized_head_outside(result: dict[str, Any], v: dict[str, Any],
+                            args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """A variant with a quantized head gets its own ``outside_layers_seconds`` for the
+    extrapolation: the bf16 outside work less the bf16 head plus its head's op
+    (:func:`quantized_head_seconds`), all timed in this run."""
+    fmt = v.get("head_format")
+    if fmt is None or "outside_layers_seconds" not in result:
+        return
+    t = quantized_head_seconds(fmt, args.model_shape, args.device, dtype)
+    if t is not None:
+        v["head_seconds"] = t
+        v["outside_layers_seconds"] = (result["outside_layers_seconds"]
+                                       - result["lm_head_seconds"] + t)
+
+
 def _ratios(result: dict[str, Any]) -> None:
     head_s = result.get("outside_layers_seconds", result.get("lm_head_seconds"))
     for v in result["variants"].values():
-        if "error" not in v and head_s is not None and not v.get("lm_head_quantized"):
+        out_s = v.get("outside_layers_seconds",
+                      None if v.get("lm_head_quantized") else head_s)
+        if "error" not in v and out_s is not None and "full_depth_layers" in result:
             v["decode_tokens_per_s_at_full_depth"] = round(full_depth_tokens_per_s(
                 v["decode_tokens_per_s"], result["layers"], result["full_depth_layers"],
-                head_s), 2)
+                out_s), 2)
             v["full_depth_is_extrapolated"] = True
     base = result["variants"].get("bf16")
     if base is None or "error" in base:

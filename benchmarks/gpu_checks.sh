@@ -27,6 +27,9 @@
 #          cold L2 and hot, w4a16.json) and its --sweep over every batch-1 GEMV config x K
 #          split (w4a16_sweep.json), limit T_W4 each; W4_SWEEP=0 skips the sweep; W4_PREFILL=1
 #          times the M = 2048 rows instead (each prefill path, the dequant alone, the tuned pick).
+# w8a16    benchmarks/kernels_w8a16.py: 8-bit weight-only linears (INT8 / FP8 per channel, INT8
+#          asym per 128) vs bf16 cuBLAS at batch 1 (up to the 128256 x 4096 output head), 16,
+#          128 and 2048 rows, on a cold L2 (w8a16.json), limit T_W8 (default 90).
 # host     benchmarks/host_overhead.py: host time per fused-op call at batch 1 (eager, with its
 #          CUDA-graph replay time and bf16 F.linear's next to it), host.json, limit T_HOST.
 #          Each row lists its HOST_PSTATS (default 12) costliest host functions (cProfile);
@@ -86,7 +89,7 @@ for phase in "${phases[@]}"; do
       tests/test_triton_act_quant.py tests/test_lower_triton_gpu.py \
       tests/test_device_cache.py tests/test_triton_w4a16_mma.py tests/test_cold_bench.py \
       tests/test_triton_pdl.py tests/test_triton_gemv_fusion.py tests/test_triton_fp4_decode.py \
-      tests/test_triton_gemv_tma.py} > "$out/tests.log" 2>&1
+      tests/test_triton_gemv_tma.py tests/test_triton_w8a16.py} > "$out/tests.log" 2>&1
     say "tests exit $? ($(grep -c '^FAILED' "$out/fails.txt" 2>/dev/null || echo 0) failures logged)"
     grep -E "passed|failed" "$out/tests.log" | tail -2
     grep -A2 '^FAILED' "$out/fails.txt" 2>/dev/null | cut -c1-240 | head -30 ;;
@@ -121,6 +124,11 @@ for phase in "${phases[@]}"; do
     timeout "${T_W4:-90}" $py benchmarks/kernels_w4a16.py --sweep --out "$out/w4a16_sweep.json" > "$out/w4a16_sweep.log" 2>&1
     say "w4a16 sweep exit $?"
     $py -c "import json; [print(r['N'], r['kernel'], r.get('split', ''), r.get('config', '')[:60], round(r['us'], 1) if 'us' in r else r.get('error'), round(r.get('weight_gbps', 0))) for r in json.load(open('$out/w4a16_sweep.json'))]" || tail -5 "$out/w4a16_sweep.log" ;;
+  w8a16)
+    say "w8a16"
+    timeout "${T_W8:-90}" $py benchmarks/kernels_w8a16.py --out "$out/w8a16.json" > "$out/w8a16.log" 2>&1
+    say "w8a16 exit $?"
+    $py -c "import json; [print(r['format'], (r['M'], r['N'], r['K']), r['route'], round(r['w8a16_us'], 1), round(r['bf16_us'], 1), round(r['speedup_vs_bf16'], 3), round(r['weight_gbps']), '%.1e' % r['max_rel_err']) for r in json.load(open('$out/w8a16.json'))]" 2>/dev/null || grep '^{' "$out/w8a16.log" | cut -c1-300 | tail -20 ;;
   kernels)
     say "kernels"
     timeout "${T_KERNELS:-150}" $py benchmarks/kernels.py --families "${FAMILIES:-w4a16,fp8,act,attention}" \

@@ -45,6 +45,11 @@ RECIPES: dict[str, Recipe] = {
                "W4A16 INT4 asymmetric per 128, and the output head INT8 per channel (in a "
                "small model the head is a large share of a decode step's weight reads; "
                "ONNX: 4- and 8-bit MatMulNBits)"),
+        Recipe("w4-fp4-head8", f"quantize{{w=fp4_e2m1/{_G}}},"
+               "quantize{w=int8/channel lm_head=true},cleanup",
+               "W4A16 FP4 E2M1 per 128, and the output head INT8 per channel (W8A16): at "
+               "batch-1 decode the head reads half a bf16 head's bytes; SmolLM2 ppl 34.21 "
+               "against 34.18 with a bf16 head (an FP4 head: 43.45)"),
         Recipe("w4-int4-sym", f"quantize{{w=int4/{_G}}},cleanup",
                "W4A16, INT4 symmetric per 128, RTN"),
         Recipe("w4-nf4", "quantize{w=nf4/g64},cleanup",
@@ -53,6 +58,10 @@ RECIPES: dict[str, Recipe] = {
                "W4A16, OCP MXFP4 (E8M0 scale per 32), RTN"),
         Recipe("w4-nvfp4", "quantize{w=nvfp4},cleanup",
                "W4A16, NVFP4 (E4M3 scale per 16 + fp32 tensor scale), RTN"),
+        Recipe("w8a16-int8", "quantize{w=int8/channel},cleanup",
+               "W8A16, INT8 per-channel weights, 16-bit activations (weight-only)"),
+        Recipe("w8a16-fp8", "quantize{w=fp8_e4m3/channel},cleanup",
+               "W8A16, FP8 E4M3 per-channel weights, 16-bit activations (weight-only)"),
         Recipe("w8a8-int8", "quantize{w=int8/channel a=int8/token},cleanup",
                "W8A8, INT8 per-channel weights, dynamic INT8 per-token activations"),
         Recipe("w8a8-fp8", "quantize{w=fp8_e4m3/channel a=fp8_e4m3/token},cleanup",
