@@ -100,10 +100,14 @@ def _op_calls(dev: torch.device, n: int, k: int,
     w_scale = (w.abs().amax(1, keepdim=True) / 448.0).to(dev)
     wq = (w.to(dev) / w_scale).to(torch.float8_e4m3fn)
     a, a_scale = qc.quantize_rows(x, "fp8_e4m3/token", 0)
+    q8 = quantize(w, parse_format("int8/channel"))
+    codes8, scale8 = q8.codes.to(dev), q8.scale.to(dev)
     bf = torch.bfloat16
     calls = {
         "w4a16_linear fp4_e2m1/g128": lambda: qc.w4a16_linear(
             x, packed4, scale4, None, None, None, None, "fp4_e2m1/g128", k),
+        "w8a16_linear int8/channel": lambda: qc.w8a16_linear(
+            x, codes8, scale8, None, None, None, "int8/channel", k),
         "quantize_rows fp8_e4m3/token": lambda: qc.quantize_rows(x, "fp8_e4m3/token", 0),
         f"quantize_rows fp8_e4m3/token + hadamard {k}": lambda: qc.quantize_rows(
             x, "fp8_e4m3/token", k),
@@ -180,7 +184,7 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
     real_gemm = w4a16_dequant.gemm
     for name, fn in _op_calls(torch.device("cpu"), n, k, m).items():
         how = "fake CUDA driver (no-op launcher)"
-        if name.startswith("w4a16") and m >= DEQUANT_MIN_M:
+        if name.startswith(("w4a16", "w8a16")) and m >= DEQUANT_MIN_M:
             # Its GEMM is cuBLAS, here an empty result. The decoded weight is still a CPU
             # allocation (a GPU's caching allocator hands out a cached block).
             w4a16_dequant.gemm = no_gemm

@@ -780,8 +780,7 @@ def _build_w8a16_gemv(mod, p: dict, all_configs: bool):
     dt = "*" + p["dtype"]
     args, consts = _w8a16_args(mod, p, x_ptr=dt, bias_ptr=dt, part_ptr="*fp32", out_ptr=dt, M=1)
     consts.update(CHANNEL=p["group_size"] == args["K"], HAS_BIAS=True, SPLIT=p["split"])
-    named = dict(args, **consts)
-    return mod._gemv_kernel, args, consts, mod._prune_gemv(mod.GEMV_CONFIGS, named)
+    return mod._gemv_kernel, args, consts, mod._prune_gemv(mod.GEMV_CONFIGS, args, **consts)
 
 
 def _build_w8a16_gemm(mod, p: dict, all_configs: bool):
@@ -793,8 +792,8 @@ def _build_w8a16_gemm(mod, p: dict, all_configs: bool):
                                M_BUCKET=1 << (m - 1).bit_length())
     consts.update(CHANNEL=p["group_size"] == args["K"], HAS_BIAS=True)
     x = torch.empty(0, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[p["dtype"]])
-    named = dict(args, **consts, x_ptr=x)
-    return mod._gemm_kernel, args, consts, mod._prune_gemm(mod.GEMM_CONFIGS, named)
+    return mod._gemm_kernel, args, consts, mod._prune_gemm(mod.GEMM_CONFIGS, dict(args, x_ptr=x),
+                                                           **consts)
 
 
 def _build_w8a16_dequant(mod, p: dict, all_configs: bool):

@@ -88,7 +88,7 @@ GEMM_CONFIGS = [_cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
                 _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128),
                 _cfg(4, 3, BLOCK_M=32, BLOCK_N=128, BLOCK_K=128),
                 _cfg(4, 3, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
-                _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
+                _cfg(4, 3, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
                 _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
                 _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=16)]
 # One small config each under the interpreter, where autotuning only costs time.
@@ -256,12 +256,15 @@ def _tile_fits(config: triton.Config, group_size: int, k: int) -> bool:
 
 
 def _prune_gemv(configs, named_args, **kwargs):
-    gs, k = named_args["GROUP_SIZE"], named_args["K"]
+    """Tiles inside one group (the autotuner passes the constexprs as ``kwargs``)."""
+    gs, k = kwargs["GROUP_SIZE"], named_args["K"]
     return [c for c in configs if _tile_fits(c, gs, k)]
 
 
 def _prune_gemm(configs, named_args, **kwargs):
-    gs, k = named_args["GROUP_SIZE"], named_args["K"]
+    """Tiles inside one group, BLOCK_M at most the call's M (rounded up to 16), and with fp32
+    activations the smaller tiles."""
+    gs, k = kwargs["GROUP_SIZE"], named_args["K"]
     m = max(16, named_args["M_BUCKET"])
     kept = [c for c in configs if _tile_fits(c, gs, k) and c.kwargs["BLOCK_M"] <= m]
     if named_args["x_ptr"].dtype == torch.float32:  # fp32 operands: half the tile per stage
@@ -410,8 +413,10 @@ def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     route = path or ("dequant" if not tiled(gs, k) or m >= DEQUANT_MIN_M
                      else "gemv" if m <= GEMV_MAX_M else "gemm")
     if route == "dequant":
+        from qcompile.backends.triton import w4a16_dequant  # its cuBLAS call (benchmarks swap it)
+
         w = w8a16_dequant(codes, scale, zero, outer, gs, elem, x.dtype)
-        return F.linear(x2, w, bias).reshape(*lead, n)
+        return w4a16_dequant.gemm(x2, w, bias).reshape(*lead, n)
     flags = _flags(zero, outer, gs, elem, x.dtype)
     flags.update(CHANNEL=gs == k, HAS_BIAS=bias is not None)
     o_stride = 0 if outer is None or outer.shape[0] == 1 else 1
