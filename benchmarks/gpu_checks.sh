@@ -16,7 +16,7 @@
 #          the grid in 150 s. Limit T_TESTS (s), workers NW; TEST_FILES overrides the files,
 #          TEST_K selects tests (pytest -k).
 # kernels  benchmarks/kernels.py: every kernel against cuBLAS / copy (OUTDIR/kernels.{json,md});
-#          FAMILIES=fp8 (or any of w4a16,fp8,act,attention) for a subset.
+#          FAMILIES=fp8 (or any of w4a16,w8a16,fp8,act,attention) for a subset.
 # acttests the fused activation-quantize tests alone (tests/test_triton_act_quant.py), limit T_ACT.
 # accuracy benchmarks/fp8_accuracy.py: FP8 MMA accumulation error of our GEMMs and cuBLAS's,
 #          promoted and fast (accuracy.json), limit T_ACC.

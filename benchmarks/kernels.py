@@ -10,7 +10,7 @@ TFLOP/s or GB/s where meaningful) and ``<out>.md``. Baselines are timed in the s
 with ``triton.testing.do_bench``: cuBLAS bf16 (``F.linear``), cuBLAS FP8
 (``torch._scaled_mm`` rowwise), a plain copy of the same bytes and, for decode attention, the
 unlowered graph's repeat + SDPA. The per-family modules (``kernels_w4a16.py``,
-``kernels_fp8.py``, ``kernels_act.py``, ``kernels_attention.py``) hold the measurements; this
+``kernels_w8a16.py``, ``kernels_fp8.py``, ``kernels_act.py``, ``kernels_attention.py``) hold the measurements; this
 script runs them all and adds the perplexity check of the lowering: SmolLM2 through the
 reference ops vs through ``lower-triton`` kernels, same pipeline, on the GPU.
 """
@@ -25,13 +25,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-FAMILIES = ("kernels_w4a16", "kernels_fp8", "kernels_act", "kernels_attention")
+FAMILIES = ("kernels_w4a16", "kernels_w8a16", "kernels_fp8", "kernels_act", "kernels_attention")
 PPL_PIPELINES = (
     "quantize{w=fp4_e2m1/g128/asym},cleanup",
     "quantize{w=int4/g128/asym},cleanup",
     "quantize{w=fp8_e4m3/channel a=fp8_e4m3/token},cleanup",
     "quantize{w=fp4_e2m1/g128/m2 a=fp8_e4m3/token},cleanup",
     "recipe:quarot-w4a4",
+    "recipe:w4-fp4-head8",
 )
 
 

@@ -30,7 +30,7 @@ ROUTES = ["gemv", "gemm", "dequant"]
 
 _CPU_CASES = [(1, 40, 1000, torch.float32), (3, 72, 160, torch.bfloat16),
               (17, 40, 131, torch.float16)]
-_GPU_CASES = list(itertools.product((1, 7, 33, 300), (96, 200), (576, 1000, 131),
+_GPU_CASES = list(itertools.product((1, 7, 33, 4097), (96, 200), (576, 1000, 131),
                                     (torch.float32, torch.bfloat16, torch.float16)))
 CASES = _GPU_CASES if CUDA else _CPU_CASES
 
