@@ -139,7 +139,8 @@ def test_fp8_dynamic_matches_reference():
 @pytest.mark.parametrize("recipe, kind, fuse, acc", [("w4-afpq", "w4a16", True, False),
                                                      ("w4-afpq", "w4a16", False, False),
                                                      ("fp8-dynamic", "fp8", True, False),
-                                                     ("fp8-dynamic", "fp8", True, True)])
+                                                     ("fp8-dynamic", "fp8", True, True),
+                                                     ("w8a16-int8", "w8a16", True, False)])
 def test_lower_always_puts_the_fused_kernel_ops_in_the_compiled_graph(recipe, kind, fuse, acc):
     """``lower=always`` runs ``lower-triton`` on CPU graphs too (CUDA graphs get it with the
     default ``auto``): the fused ops' CPU references keep the reference backend's logits.
