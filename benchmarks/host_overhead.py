@@ -202,7 +202,8 @@ def _fake_cuda_rows(calls: int, n: int, k: int, m: int, pstats_top: int) -> list
                 if pstats_top:
                     rows[-1]["host_profile"] = host_profile(fn, min(calls, 500), pstats_top)
             if name.startswith(("quantize_rows", "fp8_linear", "decode_attention")) or (
-                    name.startswith(("w4a16", "w4a8")) and (m >= DEQUANT_MIN_M or m == 1)):
+                    name.startswith(("w4a16", "w4a8")) and (m >= DEQUANT_MIN_M or m == 1)) or (
+                    name.startswith("w8a16") and m == 1):
                 rows.append(_planned_row(name, fn, calls, how, pstats_top, m))
         finally:
             w4a16_dequant.gemm = real_gemm
@@ -260,7 +261,7 @@ def _planned_row(name: str, fn: Callable[[], object], calls: int, how: str,
     settled = {"w4a16": "dequant", "w4a16-dequant-fp4": "flat", "w4a8": "dequant"}
     module = {"w4a16": w4a16_plan, "w4a8": w4a8_plan, "fp8": fp8_plan}.get(
         name.split("_")[0], rows_plan)
-    if m == 1 and module in (w4a16_plan, w4a8_plan):
+    if m == 1 and (module in (w4a16_plan, w4a8_plan) or name.startswith("w8a16")):
         module = gemv_plan
     if name.startswith("decode_attention"):
         module = attention_plan

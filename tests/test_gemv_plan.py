@@ -1,4 +1,4 @@
-"""``gemv_plan``: a batch-1 ``qcompile::w4a16_linear`` or ``qcompile::w4a8_linear`` call
+"""``gemv_plan``: a batch-1 ``qcompile::w4a16_linear``, ``w4a8_linear`` or ``w8a16_linear`` call
 relaunches its prepared GEMV with the full path's arguments, and never a stale launch.
 
 A prepared launch needs real ``JITFunction`` kernels, so the checks run in a subprocess (this
@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 N, K = 96, 256
 CASES = ["fp4", "afpq-bias-fp16", "int4-bytes", "rms", "rms-no-weight", "silu-residual",
          "w4a8", "w4a8-residual", "strided-row", "strided-codes", "new-weights", "evict", "hooks",
-         "release", "compiled-decode"]
+         "release", "compiled-decode", "w8a16"]
 
 
 def _weight(fmt: str, seed: int = 0, n: int = N, k: int = K) -> tuple:
@@ -352,10 +352,20 @@ def _worker(out: str) -> None:  # noqa: C901 - one closure per case
         layers = model.config.num_hidden_layers
         assert counts == [0, 0, 2 * layers, 4 * layers, 4 * layers], counts
 
+    def w8a16() -> None:  # an 8-bit head: its one-launch GEMV gets a plan too
+        from qcompile.formats import parse_format, quantize
+
+        q = quantize(torch.randn(N, K, generator=gen) * 0.05, parse_format("int8/g128/asym"))
+        x, bias = row(), torch.randn(N, generator=gen).bfloat16()
+        op = torch.ops.qcompile.w8a16_linear
+        planned(lambda: op(x, q.codes, q.scale, q.zero, q.outer, bias, "int8/g128/asym", K))
+        assert gemv_plan.plans() == 1
+
     real_relaunch = gemv_plan._relaunch
     fake_cuda.run_cases(dict(zip(CASES, (fp4, afpq_bias_fp16, int4_bytes, rms, rms_no_weight,
                                          silu_residual, w4a8_plain, w4a8_residual, strided_row,
-                                         strided_codes, new_weights, evict, hooks, release, compiled_decode),
+                                         strided_codes, new_weights, evict, hooks, release, compiled_decode,
+                                         w8a16),
                                  strict=True)), out, gemv_plan.clear)
 
 

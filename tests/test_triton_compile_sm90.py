@@ -778,8 +778,10 @@ def _w8a16_args(mod, p: dict, **extra) -> tuple[dict, dict]:
 
 def _build_w8a16_gemv(mod, p: dict, all_configs: bool):
     dt = "*" + p["dtype"]
-    args, consts = _w8a16_args(mod, p, x_ptr=dt, bias_ptr=dt, part_ptr="*fp32", out_ptr=dt, M=1)
-    consts.update(CHANNEL=p["group_size"] == args["K"], HAS_BIAS=True, SPLIT=p["split"])
+    args, consts = _w8a16_args(mod, p, x_ptr=dt, bias_ptr=dt, part_ptr="*fp32", out_ptr=dt,
+                               count_ptr="*i32", M=1)
+    consts.update(CHANNEL=p["group_size"] == args["K"], HAS_BIAS=True, SPLIT=p["split"],
+                  REDUCE=p["split"] > 1)
     return mod._gemv_kernel, args, consts, mod._prune_gemv(mod.GEMV_CONFIGS, args, **consts)
 
 

@@ -117,6 +117,26 @@ def test_the_routes_follow_m(monkeypatch):
         assert called and want in called[0], (m, fmt, called)
 
 
+def test_gemv_sums_its_splits_in_its_last_program(monkeypatch):
+    """Split over K, the GEMV's last program per column tile sums the partials: the reduce
+    kernel's bits, in one launch, and the arrival counts are left at zero."""
+    from qcompile.backends.triton import runtime
+
+    x, w, b = _inputs("int8/g64/asym", 3, 40, 1000, torch.bfloat16)
+    assert w8._pick_split(40, 1000, x.device) > 1
+    launches = []
+    real = w8.launch
+    monkeypatch.setattr(w8, "launch", lambda fn, *a, **k: (launches.append(fn), real(fn, *a, **k)))
+    fused = w8.w8a16_linear(x, *w[:5], w[5], b, path="gemv")
+    assert len(launches) == 1
+    counts = runtime.arrival_counts(x.device, 1)
+    assert counts is not None and not counts.any()
+    monkeypatch.setattr(runtime, "FUSED_REDUCE", False)
+    launches.clear()
+    assert torch.equal(w8.w8a16_linear(x, *w[:5], w[5], b, path="gemv"), fused)
+    assert len(launches) == 2  # the GEMV, then the reduce kernel
+
+
 def test_gemv_split_is_deterministic():
     x, w, b = _inputs("int8/g64/asym", 1, 40, 1000, torch.float32)
     outs = [w8.w8a16_linear(x, *w[:5], w[5], b, path="gemv") for _ in range(2)]

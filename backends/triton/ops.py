@@ -253,9 +253,17 @@ def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None, fmt: str, k: int) -> torch.Tensor:
     """8-bit weight-only linear; see the module docstring."""
     if _use_kernel(x):
-        spec = spec_of(fmt)
-        gs = spec.group_size if spec.granularity == "group" else k
-        return _backend("w8a16").w8a16_linear(x, codes, scale, zero, outer, gs, spec.elem, bias)
+        def full() -> torch.Tensor:
+            spec = spec_of(fmt)
+            gs = spec.group_size if spec.granularity == "group" else k
+            return _backend("w8a16").w8a16_linear(x, codes, scale, zero, outer, gs, spec.elem,
+                                                  bias)
+
+        if k and x.numel() == k and codes.dim() == 2 and codes.shape[0]:
+            # a decode step's GEMV (the 8-bit head), relaunched once its call shape is known
+            return _backend("gemv_plan").run(codes, (scale, zero, outer, bias), ("w8a16", fmt, k),
+                                             codes.shape[0], x, full)
+        return full()
     w = dequantize_weight(codes, scale, None, zero, outer, fmt, k, x.dtype)
     return F.linear(x, w, bias)
 

@@ -9,7 +9,8 @@ Three routes by the rows ``M`` of ``x`` (flattened leading dims):
 
 * ``M <= GEMV_MAX_M``: a split-K GEMV (:func:`_gemv_kernel`), one activation row per program
   row of the grid; the code values are multiplied by ``x`` in fp32 and each group's sum is
-  scaled once (``y[n] = sum_g s[n, g] * sum_k v[n, k] x[k]``).
+  scaled once (``y[n] = sum_g s[n, g] * sum_k v[n, k] x[k]``). The last program of a column
+  tile sums the splits (one launch, so a batch-1 call gets a ``gemv_plan``).
 * up to :data:`DEQUANT_MIN_M` rows: a tiled tensor-core GEMM (:func:`_gemm_kernel`) on the
   code values in ``x``'s dtype. INT8 values (``c - 128``, or ``c - zero`` for integer zero
   points: -255..255), E4M3 values times ``2^-8`` and E5M2 values are all exact in bf16 and
@@ -40,6 +41,7 @@ import triton.language as tl
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import (
     KernelInputError,
+    arrival_counts,
     cdiv,
     check_tensor,
     interpreting,
@@ -55,6 +57,7 @@ from qcompile.backends.triton.w4a16 import (
     _round_to,
     _splitk_reduce_kernel,
 )
+from qcompile.backends.triton.w4a16_tiles import _last_arrival, _reset_count, _sum_splits
 
 __all__ = ["DEQUANT_MIN_M", "ELEMS", "GEMM_CONFIGS", "GEMV_CONFIGS", "GEMV_MAX_M",
            "w8a16_dequant", "w8a16_linear", "w8a16_linear_ref"]
@@ -94,6 +97,7 @@ GEMM_CONFIGS = [_cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
 # One small config each under the interpreter, where autotuning only costs time.
 _INTERP_GEMV = {"BLOCK_N": 32, "BLOCK_K": 16}
 _INTERP_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
+_MIN_GEMV_BLOCK_N = min(min(c.kwargs["BLOCK_N"] for c in GEMV_CONFIGS), _INTERP_GEMV["BLOCK_N"])
 _DQ_BLOCK_N, _DQ_BLOCK_K = 32, 128
 
 
@@ -129,14 +133,27 @@ def _scales(acc, scale_ptr, outer_ptr, offs_n, n_ok, outer_stride, CHANNEL: tl.c
 
 
 @triton.jit
+def _store_row(acc, bias_ptr, out_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr, KIND: tl.constexpr,
+               EXACT: tl.constexpr):
+    """``round(acc + bias)`` into one row of ``out`` (the order of ``_splitk_reduce_kernel``)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    acc = _round_to(acc, KIND, EXACT)
+    tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, part_ptr, out_ptr,
-                 M, N, K, G, outer_stride, GROUP_SIZE: tl.constexpr, CHANNEL: tl.constexpr,
-                 ELEM: tl.constexpr, UNIT: tl.constexpr, HAS_ZERO: tl.constexpr,
-                 HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                 KIND: tl.constexpr, EXACT: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 count_ptr, M, N, K, G, outer_stride, GROUP_SIZE: tl.constexpr,
+                 CHANNEL: tl.constexpr, ELEM: tl.constexpr, UNIT: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SPLIT: tl.constexpr, REDUCE: tl.constexpr, KIND: tl.constexpr,
+                 EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Row ``pid_m`` of ``y`` over K tiles ``[pid_s * per, (pid_s + 1) * per)``: into ``out``
-    (one split) or ``part[pid_s]``. Every K tile lies inside one group."""
+    (one split) or ``part[pid_s]``. Every K tile lies inside one group. With ``REDUCE`` the
+    last program to store a column tile's partial (an arrival count per row and tile) sums
+    the tile's partials in split order and writes ``y``: one launch, the reduce kernel's
+    bits."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -165,14 +182,17 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, part_pt
             acc += part * tl.load(scale_ptr + s_off, mask=n_ok, other=0.0)
     acc = _scales(acc, scale_ptr, outer_ptr, offs_n, n_ok, outer_stride, CHANNEL, HAS_OUTER,
                   UNIT)
+    row = pid_m.to(tl.int64) * N
     if SPLIT == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        acc = _round_to(acc, KIND, EXACT)
-        tl.store(out_ptr + pid_m.to(tl.int64) * N + offs_n,
-                 acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        _store_row(acc, bias_ptr, out_ptr + row, offs_n, n_ok, HAS_BIAS, KIND, EXACT)
     else:
-        tl.store(part_ptr + (pid_s.to(tl.int64) * M + pid_m) * N + offs_n, acc, mask=n_ok)
+        tl.store(part_ptr + pid_s.to(tl.int64) * M * N + row + offs_n, acc, mask=n_ok)
+        if REDUCE:
+            tile = pid_m * tl.num_programs(0) + pid_n
+            if _last_arrival(count_ptr, tile, SPLIT):
+                tot = _sum_splits(part_ptr + row, offs_n, n_ok, M * N, SPLIT)
+                _store_row(tot, bias_ptr, out_ptr + row, offs_n, n_ok, HAS_BIAS, KIND, EXACT)
+                _reset_count(count_ptr, tile)
 
 
 @triton.jit
@@ -431,10 +451,12 @@ def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
         return out.reshape(*lead, n)
     split = _pick_split(n, k, x.device)
     part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    counts = arrival_counts(x.device, cdiv(n, _MIN_GEMV_BLOCK_N) * m) if split > 1 else None
     kern, cfg = (_gemv_kernel, _INTERP_GEMV) if exact else (_GEMV, {})
-    launch(kern, lambda meta: (cdiv(n, meta["BLOCK_N"]), split, m), *ptrs, part, out, m, n, k,
-           scale.shape[1], o_stride, SPLIT=split, **flags, **cfg)
-    if split > 1:
+    launch(kern, lambda meta: (cdiv(n, meta["BLOCK_N"]), split, m), *ptrs, part, out,
+           scale if counts is None else counts, m, n, k, scale.shape[1], o_stride, SPLIT=split,
+           REDUCE=counts is not None, **flags, **cfg)
+    if split > 1 and counts is None:
         block = 1024
         launch(_splitk_reduce_kernel, (cdiv(m * n, block),), part, ptrs[5], out, scale, scale,
                m, n, SPLIT=split, HAS_BIAS=bias is not None, HAS_XS=False,
