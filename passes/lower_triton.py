@@ -34,8 +34,8 @@ leaves them):
   position counters, read only by those writes, are then bumped together at the graph's end,
   ``attention_counters``: :mod:`qcompile.passes.lower_triton_attention`).
   Dropout, ``is_causal`` and masks that are neither boolean nor float stay and are reported.
-* Decode fusions (``decode_fusion``): a ``w4a16_linear`` whose input is statically one row (a
-  decode step's graph) takes in the RMSNorm (checked by the same probe) or the
+* Decode fusions (``decode_fusion``): a ``w4a16_linear`` or ``w8a16_linear`` whose input is
+  statically one row (a decode step's graph) takes in the RMSNorm (checked by the same probe) or the
   ``silu(a) * b`` that feeds it, and it or a one-row ``w4a8_linear`` the residual ``add``
   that is its only reader: the batch-1 GEMV does them in the kernel
   (:mod:`qcompile.backends.triton.gemv_fusion`), saving a launch each. Graphs with more rows
@@ -95,9 +95,9 @@ class LowerTritonOptions:
             (about 3x more accurate than cuBLAS's default mode, 0.55-0.6x the speed on an
             H100); by default the sums stay in the FP8 MMA's accumulator (about 14
             significant bits, cuBLAS's fast mode). No effect on the CPU reference ops.
-        decode_fusion: Fold the RMSNorm or SiLU gate in front of a one-row W4A16 linear, and
-            the residual add behind a one-row W4A16 or W4A8 linear, into the linear (module
-            docstring).
+        decode_fusion: Fold the RMSNorm or SiLU gate in front of a one-row W4A16 or W8A16
+            linear, and the residual add behind a one-row W4A16, W8A16 or W4A8 linear, into
+            the linear (module docstring).
         gate: Fold ``silu(a) * b`` read only by an FP8/W4A8 activation quantize into that
             quantize (``quantize_rows(..., up=b)``; any row count).
         attention: Replace one-query-row SDPAs (decode steps) with ``decode_attention`` on
@@ -387,13 +387,14 @@ class LowerTritonPass(Pass):
     # -- decode fusions ----------------------------------------------------------------------
 
     def _fuse_decode(self, gm: fx.GraphModule, norms: list[Norm]) -> dict[str, int]:
-        """Fold prologues, then residual adds, into one-row ``w4a16_linear`` nodes; return
+        """Fold prologues, then residual adds, into one-row ``w4a16_linear`` (and
+        ``w8a16_linear``) nodes; return
         the counts. Prologues first: a norm's input may be the add a residual fusion replaces
         (``replace_all_uses_with`` then points the fused linear at the new node)."""
         counts = {"gemv_rmsnorm": 0, "gemv_silu_gate": 0, "gemv_residual": 0}
         # Rows of the linear's result (those of its input; a quantized input's codes may
         # carry no shape).
-        ops = [n for n in gm.graph.nodes if _is(n, _W4A16) and _one_row(n)]
+        ops = [n for n in gm.graph.nodes if (_is(n, _W4A16) or _is(n, _W8A16)) and _one_row(n)]
         for op in ops:
             x = op.args[0]
             norm = self._norms.get(x) if self.options.rmsnorm else None
@@ -445,6 +446,7 @@ class LowerTritonPass(Pass):
 
 
 _W4A16 = _q.w4a16_linear.default
+_W8A16 = _q.w8a16_linear.default
 _W4A8 = _q.w4a8_linear.default
 _ADD = torch.ops.aten.add.Tensor
 _MUL = torch.ops.aten.mul.Tensor

@@ -360,6 +360,11 @@ def _worker(out: str) -> None:  # noqa: C901 - one closure per case
         op = torch.ops.qcompile.w8a16_linear
         planned(lambda: op(x, q.codes, q.scale, q.zero, q.outer, bias, "int8/g128/asym", K))
         assert gemv_plan.plans() == 1
+        g, res = torch.rand(K, generator=gen).bfloat16(), torch.randn(1, 1, N, generator=gen)
+        res = res.bfloat16()  # a decode layer's: RMSNorm in front, residual behind
+        planned(lambda: op(x, q.codes, q.scale, q.zero, q.outer, bias, "int8/g128/asym", K, g,
+                           1e-5, None, res))
+        assert gemv_plan.plans() == 2
 
     real_relaunch = gemv_plan._relaunch
     fake_cuda.run_cases(dict(zip(CASES, (fp4, afpq_bias_fp16, int4_bytes, rms, rms_no_weight,

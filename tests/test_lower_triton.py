@@ -354,6 +354,22 @@ def test_decode_graph_fuses_norms_gates_and_residuals(dtype, fuse):
     assert torch.equal(_logits(gm, ids), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w8a16_decode_graph_fuses_too(dtype):
+    """One-row W8A16 linears take the same fusions (norms before the fused qkv and gate_up,
+    the gate before down, the adds after o and down) and keep the CPU logits' bits; the
+    INT8 head takes the final norm."""
+    gm, ids, ref = _decode_graph(dtype, "quantize{w=int8/channel lm_head=true},fuse-linears")
+    gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)
+    facts = report["passes"][0]["facts"]
+    assert (facts["w8a16"], facts["gemv_rmsnorm"], facts["gemv_silu_gate"],
+            facts["gemv_residual"]) == (9, 5, 2, 4), facts
+    assert facts["w4a16"] == 0 and facts["not_lowered"] == []
+    fused = [n for n in gm.graph.nodes if n.target is Q.w8a16_linear.default and len(n.args) > 8]
+    assert len(fused) == 9
+    assert torch.equal(_logits(gm, ids), ref)
+
+
 def test_decode_fusion_skips_prefill_graphs_and_can_be_turned_off(llama):
     """Graphs of several rows keep the elementwise ops (Inductor fuses them there), and
     ``decode_fusion=false`` keeps them in a decode graph too."""
@@ -370,7 +386,9 @@ def test_decode_fusion_skips_prefill_graphs_and_can_be_turned_off(llama):
     assert "gemv_residual" not in facts and facts["w4a16"] == 8
 
 
-def test_decode_fused_graph_through_kernels_matches_reference(kernel_device):
+@pytest.mark.parametrize("pipeline", ["quantize{w=fp4_e2m1/g32/asym},fuse-linears",
+                                      "quantize{w=int8/g32/asym lm_head=true},fuse-linears"])
+def test_decode_fused_graph_through_kernels_matches_reference(kernel_device, pipeline):
     """The fused one-row graph through the batch-1 GEMV kernels (interpreter on CPU) gives the
     reference logits (tolerance of the kernel cases above)."""
     import contextlib
@@ -379,7 +397,7 @@ def test_decode_fused_graph_through_kernels_matches_reference(kernel_device):
     from qcompile.backends.triton.ops import kernels_on_cpu
 
     device = kernel_device
-    gm, ids, _ = _decode_graph(torch.bfloat16, "quantize{w=fp4_e2m1/g32/asym},fuse-linears")
+    gm, ids, _ = _decode_graph(torch.bfloat16, pipeline)
     ref = compile_reference(gm, device, fold=False)(ids.to(device))
     ref = ref[0] if isinstance(ref, (tuple, list)) else ref
     gm, report = quantize_graph(gm, "lower-triton,cleanup", progress=False)

@@ -338,6 +338,10 @@ CASES: list[tuple[str, str, dict]] = [
                                                          elem="int8", zero=True, split=4)),
     ("w8a16-gemv-bf16-channel-e4m3", "w8a16_gemv", dict(dtype="bf16", group_size=4096,
                                                         elem="fp8_e4m3", outer=True, split=1)),
+    ("w8a16-gemv-bf16-channel-int8-rms-res", "w8a16_gemv", dict(
+        dtype="bf16", group_size=4096, elem="int8", split=1, pro=1, res=True)),
+    ("w8a16-gemv-bf16-g128-int8-silu-res", "w8a16_gemv", dict(
+        dtype="bf16", group_size=128, elem="int8", split=4, pro=2, res=True)),
     ("w8a16-gemm-bf16-g128-int8", "w8a16_gemm", dict(dtype="bf16", group_size=128,
                                                      elem="int8", m=200, mma="bf16")),
     ("w8a16-gemm-fp16-channel-e5m2", "w8a16_gemm", dict(dtype="fp16", group_size=4096,
@@ -779,9 +783,10 @@ def _w8a16_args(mod, p: dict, **extra) -> tuple[dict, dict]:
 def _build_w8a16_gemv(mod, p: dict, all_configs: bool):
     dt = "*" + p["dtype"]
     args, consts = _w8a16_args(mod, p, x_ptr=dt, bias_ptr=dt, part_ptr="*fp32", out_ptr=dt,
-                               count_ptr="*i32", M=1)
+                               count_ptr="*i32", g_ptr=dt, up_ptr=dt, res_ptr=dt, M=1, eps=1e-5)
     consts.update(CHANNEL=p["group_size"] == args["K"], HAS_BIAS=True, SPLIT=p["split"],
-                  REDUCE=p["split"] > 1)
+                  REDUCE=p["split"] > 1, PRO=p.get("pro", 0), HAS_G=p.get("pro", 0) == 1,
+                  HAS_RES=p.get("res", False))
     return mod._gemv_kernel, args, consts, mod._prune_gemv(mod.GEMV_CONFIGS, args, **consts)
 
 

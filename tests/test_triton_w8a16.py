@@ -137,6 +137,45 @@ def test_gemv_sums_its_splits_in_its_last_program(monkeypatch):
     assert len(launches) == 2  # the GEMV, then the reduce kernel
 
 
+@pytest.mark.parametrize("what", ["rms", "rms-no-weight", "silu-residual", "residual"])
+@pytest.mark.parametrize(("fmt", "k"), [("int8/g64/asym", 1000), ("fp8_e4m3/channel", 256)])
+def test_gemv_does_the_decode_fusions(fmt, k, what):
+    """One row: the GEMV does the RMSNorm or SiLU gate on x and the residual add itself, as
+    the unfused ops compute them (module docstring of gemv_fusion); several rows run them
+    as separate ops around the linear, the unfused bits exactly."""
+    from qcompile.backends.triton.gemv_fusion import GemvFusion, epilogue_ref, prologue_ref
+
+    gen = torch.Generator().manual_seed(7)
+    n = 40
+    _, w, b = _inputs(fmt, 1, n, k, torch.bfloat16)
+    for m in (1, 3):
+        x = torch.randn(1, m, k, generator=gen).bfloat16().to(DEV)
+        g = torch.rand(k, generator=gen).bfloat16().to(DEV)
+        up = torch.randn(1, m, k, generator=gen).bfloat16().to(DEV)
+        res = torch.randn(1, m, n, generator=gen).bfloat16().to(DEV)
+        fusion = {"rms": GemvFusion(g, 1e-5), "rms-no-weight": GemvFusion(None, 1e-6),
+                  "silu-residual": GemvFusion(up=up, residual=res),
+                  "residual": GemvFusion(residual=res)}[what]
+        xin = prologue_ref(x, fusion)
+        ref = epilogue_ref(w8.w8a16_linear_ref(xin, *w[:5], w[5], b), fusion)
+        out = w8.w8a16_linear(x, *w[:5], w[5], b, fusion=fusion)
+        if m > 1:  # the composition itself
+            assert torch.equal(out, epilogue_ref(w8.w8a16_linear(xin, *w[:5], w[5], b),
+                                                 fusion))
+            continue
+        unfused = w8.w8a16_linear(xin, *w[:5], w[5], b)
+        if what == "residual":  # the add is exact: the unfused GEMV's bits
+            assert torch.equal(out, epilogue_ref(unfused, fusion))
+        # The prologue may put an input element an ulp (2^-8) away (fp32 mean square order,
+        # approximate exp on a GPU), and the GEMV does not round W: per output, at most about
+        # 2^-7 of sum |x w|, plus rounding of the result (and of the residual add).
+        wf = w8._dequant_ref(w[0], w[1], w[2], w[3], w[4], k, w[5])
+        bound = (xin.float().abs().reshape(1, k) @ wf.abs().t()) * 2**-7 \
+            + ref.float().abs().reshape(1, n) * 2**-7 + 1e-6
+        err = (out.float() - ref.float()).abs().reshape(1, n)
+        assert (err <= bound).all(), (what, (err - bound).max().item())
+
+
 def test_gemv_split_is_deterministic():
     x, w, b = _inputs("int8/g64/asym", 1, 40, 1000, torch.float32)
     outs = [w8.w8a16_linear(x, *w[:5], w[5], b, path="gemv") for _ in range(2)]

@@ -12,10 +12,11 @@ Ops:
         with ``rms_eps >= 0`` on ``rms_norm(x, rms_weight, rms_eps)``, with ``up`` on
         ``silu(x) * up``, and with ``residual`` the result is ``residual + linear(...)``
         (batch-1 decode fusions, :mod:`qcompile.backends.triton.gemv_fusion`).
-    ``qcompile::w8a16_linear(x, codes, scale, zero, outer, bias, fmt, k)``
+    ``qcompile::w8a16_linear(x, codes, scale, zero, outer, bias, fmt, k, rms_weight=None,
+    rms_eps=-1, up=None, residual=None)``
         ``linear(x, dequantize_weight(codes, scale, None, zero, outer, fmt, k, x.dtype), bias)``
-        for 8-bit weights (INT8 sym/asym, FP8 E4M3/E5M2):
-        :mod:`qcompile.backends.triton.w8a16`.
+        for 8-bit weights (INT8 sym/asym, FP8 E4M3/E5M2; :mod:`qcompile.backends.triton.w8a16`),
+        with the decode fusions of ``w4a16_linear``.
     ``qcompile::quantize_rows(x, fmt, had_size, rms_weight=None, rms_eps=-1, up=None)
     -> (q, scale)``
         Per-token FP8/INT8 codes of ``hadamard(x, had_size)`` (or ``x`` when 0, or
@@ -240,32 +241,45 @@ def w4a16_linear(
 
 # --- W8A16 -----------------------------------------------------------------------------------
 
-def _w8a16_linear_fake(x, codes, scale, zero, outer, bias, fmt, k):
+def _w8a16_linear_fake(x, codes, scale, zero, outer, bias, fmt, k, rms_weight=None,
+                       rms_eps=-1.0, up=None, residual=None):
     return x.new_empty((*x.shape[:-1], codes.shape[0]))
 
 
 @define_op(
     "w8a16_linear(Tensor x, Tensor codes, Tensor scale, Tensor? zero, Tensor? outer, "
-    "Tensor? bias, str fmt, SymInt k) -> Tensor",
+    "Tensor? bias, str fmt, SymInt k, Tensor? rms_weight=None, float rms_eps=-1.0, "
+    "Tensor? up=None, Tensor? residual=None) -> Tensor",
     _w8a16_linear_fake)
 def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None, outer: torch.Tensor | None,
-                 bias: torch.Tensor | None, fmt: str, k: int) -> torch.Tensor:
-    """8-bit weight-only linear; see the module docstring."""
+                 bias: torch.Tensor | None, fmt: str, k: int,
+                 rms_weight: torch.Tensor | None = None, rms_eps: float = -1.0,
+                 up: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None) -> torch.Tensor:
+    """8-bit weight-only linear, optionally with its decode fusions; see the module
+    docstring."""
     if _use_kernel(x):
         def full() -> torch.Tensor:
             spec = spec_of(fmt)
             gs = spec.group_size if spec.granularity == "group" else k
+            fusion = None
+            if rms_eps >= 0 or up is not None or residual is not None:
+                from qcompile.backends.triton.gemv_fusion import GemvFusion
+
+                fusion = GemvFusion(rms_weight, rms_eps, up, residual)
             return _backend("w8a16").w8a16_linear(x, codes, scale, zero, outer, gs, spec.elem,
-                                                  bias)
+                                                  bias, fusion=fusion)
 
         if k and x.numel() == k and codes.dim() == 2 and codes.shape[0]:
-            # a decode step's GEMV (the 8-bit head), relaunched once its call shape is known
-            return _backend("gemv_plan").run(codes, (scale, zero, outer, bias), ("w8a16", fmt, k),
-                                             codes.shape[0], x, full)
+            # a decode step's GEMV, relaunched once its call shape is known (gemv_plan)
+            return _backend("gemv_plan").run(
+                codes, (scale, zero, outer, bias), ("w8a16", fmt, k, rms_eps), codes.shape[0],
+                x, full, up=up, res=residual, g=rms_weight)
         return full()
+    x = linear_input(x, 0, rms_weight, rms_eps, up)
     w = dequantize_weight(codes, scale, None, zero, outer, fmt, k, x.dtype)
-    return F.linear(x, w, bias)
+    return with_residual(F.linear(x, w, bias), residual)
 
 
 # --- per-token activation codes --------------------------------------------------------------

@@ -38,6 +38,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton.gemv_fusion import (
+    GemvFusion,
+    add_residual,
+    epilogue_ref,
+    fusion_args,
+    load_x,
+    prologue_ref,
+    row_rstd,
+)
 from qcompile.backends.triton.launch import launch
 from qcompile.backends.triton.runtime import (
     KernelInputError,
@@ -133,27 +142,32 @@ def _scales(acc, scale_ptr, outer_ptr, offs_n, n_ok, outer_stride, CHANNEL: tl.c
 
 
 @triton.jit
-def _store_row(acc, bias_ptr, out_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr, KIND: tl.constexpr,
-               EXACT: tl.constexpr):
-    """``round(acc + bias)`` into one row of ``out`` (the order of ``_splitk_reduce_kernel``)."""
+def _store_row(acc, bias_ptr, out_ptr, res_ptr, offs_n, n_ok, HAS_BIAS: tl.constexpr,
+               HAS_RES: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr):
+    """``round(acc + bias)`` (then ``+ residual``, rounded again) into one row of ``out``
+    (the order of ``_splitk_reduce_kernel``)."""
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    acc = _round_to(acc, KIND, EXACT)
+    acc = add_residual(_round_to(acc, KIND, EXACT), res_ptr, offs_n, n_ok, HAS_RES, KIND, EXACT)
     tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, part_ptr, out_ptr,
-                 count_ptr, M, N, K, G, outer_stride, GROUP_SIZE: tl.constexpr,
-                 CHANNEL: tl.constexpr, ELEM: tl.constexpr, UNIT: tl.constexpr,
-                 HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 SPLIT: tl.constexpr, REDUCE: tl.constexpr, KIND: tl.constexpr,
-                 EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 count_ptr, g_ptr, up_ptr, res_ptr, M, N, K, G, outer_stride, eps,
+                 GROUP_SIZE: tl.constexpr, CHANNEL: tl.constexpr, ELEM: tl.constexpr,
+                 UNIT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
+                 KIND: tl.constexpr, EXACT: tl.constexpr, PRO: tl.constexpr,
+                 HAS_G: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     """Row ``pid_m`` of ``y`` over K tiles ``[pid_s * per, (pid_s + 1) * per)``: into ``out``
     (one split) or ``part[pid_s]``. Every K tile lies inside one group. With ``REDUCE`` the
     last program to store a column tile's partial (an arrival count per row and tile) sums
     the tile's partials in split order and writes ``y``: one launch, the reduce kernel's
-    bits."""
+    bits. ``PRO``/``HAS_G``/``HAS_RES``: the decode fusions of
+    :mod:`qcompile.backends.triton.gemv_fusion` (RMSNorm or SiLU gate on ``x``, residual on
+    ``y``)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -162,6 +176,8 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, part_pt
     offs_k = tl.arange(0, BLOCK_K)
     rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
     x_row = x_ptr + pid_m.to(tl.int64) * K
+    up_row = up_ptr + pid_m.to(tl.int64) * K
+    r = row_rstd(x_row, K, eps, PRO)
     tiles = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(tiles, SPLIT)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -170,7 +186,7 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, part_pt
         k_ok = k < K
         # Masked codes and x are 0: padding columns add nothing, whatever their value.
         c = tl.load(rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.int32)
-        x = tl.load(x_row + k, mask=k_ok, other=0.0).to(tl.float32)
+        x = load_x(x_row, up_row, g_ptr, k, k_ok, r, PRO, HAS_G, KIND, EXACT)
         s_off = offs_n * G + (t * BLOCK_K) // GROUP_SIZE
         z = 0.0
         if HAS_ZERO:
@@ -184,14 +200,16 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, part_pt
                   UNIT)
     row = pid_m.to(tl.int64) * N
     if SPLIT == 1:
-        _store_row(acc, bias_ptr, out_ptr + row, offs_n, n_ok, HAS_BIAS, KIND, EXACT)
+        _store_row(acc, bias_ptr, out_ptr + row, res_ptr + row, offs_n, n_ok, HAS_BIAS, HAS_RES,
+                   KIND, EXACT)
     else:
         tl.store(part_ptr + pid_s.to(tl.int64) * M * N + row + offs_n, acc, mask=n_ok)
         if REDUCE:
             tile = pid_m * tl.num_programs(0) + pid_n
             if _last_arrival(count_ptr, tile, SPLIT):
                 tot = _sum_splits(part_ptr + row, offs_n, n_ok, M * N, SPLIT)
-                _store_row(tot, bias_ptr, out_ptr + row, offs_n, n_ok, HAS_BIAS, KIND, EXACT)
+                _store_row(tot, bias_ptr, out_ptr + row, res_ptr + row, offs_n, n_ok, HAS_BIAS,
+                           HAS_RES, KIND, EXACT)
                 _reset_count(count_ptr, tile)
 
 
@@ -402,13 +420,16 @@ def tiled(group_size: int, k: int) -> bool:
 
 def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None, outer: torch.Tensor | None, group_size: int,
-                 elem: str, bias: torch.Tensor | None = None,
-                 path: str | None = None) -> torch.Tensor:
+                 elem: str, bias: torch.Tensor | None = None, path: str | None = None,
+                 fusion: GemvFusion | None = None) -> torch.Tensor:
     """W8A16 linear with Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Same arguments and result as :func:`w8a16_linear_ref` (module docstring for the routes
     and the numerics). ``path`` forces a route for any M (tests, benchmarks): ``"gemv"``,
-    ``"gemm"`` (both need :func:`tiled` groups) or ``"dequant"``.
+    ``"gemm"`` (both need :func:`tiled` groups) or ``"dequant"``. ``fusion`` (a
+    :class:`~qcompile.backends.triton.gemv_fusion.GemvFusion`): an RMSNorm or SiLU gate on
+    ``x`` and a residual add on the result, done by the GEMV for one row and as separate ops
+    around the linear otherwise.
 
     Raises:
         KernelInputError: A malformed input, tensors no kernel can run on, or a ``path`` that
@@ -421,6 +442,14 @@ def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     if path in ("gemv", "gemm") and not tiled(gs, k):
         raise KernelInputError(f"path {path!r} needs a group size that is a multiple of "
                                f"{MIN_TILE_K} or per-channel scales, got {group_size}")
+    if fusion is not None and not fusion.empty:
+        fusion.check(x, n)
+        if path not in (None, "gemv") or x.numel() != k or n == 0 or not tiled(gs, k):
+            y = w8a16_linear(prologue_ref(x, fusion), codes, scale, zero, outer, group_size,
+                             elem, bias, path)
+            return epilogue_ref(y, fusion)
+    else:
+        fusion = None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k).contiguous()
     m = x2.shape[0]
@@ -452,13 +481,14 @@ def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     split = _pick_split(n, k, x.device)
     part = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     counts = arrival_counts(x.device, cdiv(n, _MIN_GEMV_BLOCK_N) * m) if split > 1 else None
+    (g, up, res, eps), fused = fusion_args(fusion, m, scale)
     kern, cfg = (_gemv_kernel, _INTERP_GEMV) if exact else (_GEMV, {})
     launch(kern, lambda meta: (cdiv(n, meta["BLOCK_N"]), split, m), *ptrs, part, out,
-           scale if counts is None else counts, m, n, k, scale.shape[1], o_stride, SPLIT=split,
-           REDUCE=counts is not None, **flags, **cfg)
+           scale if counts is None else counts, g, up, res, m, n, k, scale.shape[1], o_stride,
+           eps, SPLIT=split, REDUCE=counts is not None, **fused, **flags, **cfg)
     if split > 1 and counts is None:
         block = 1024
-        launch(_splitk_reduce_kernel, (cdiv(m * n, block),), part, ptrs[5], out, scale, scale,
+        launch(_splitk_reduce_kernel, (cdiv(m * n, block),), part, ptrs[5], out, scale, res,
                m, n, SPLIT=split, HAS_BIAS=bias is not None, HAS_XS=False,
-               KIND=flags["KIND"], EXACT=exact, BLOCK=block, HAS_RES=False)
+               KIND=flags["KIND"], EXACT=exact, BLOCK=block, HAS_RES=fused["HAS_RES"])
     return out.reshape(*lead, n)
