@@ -60,17 +60,9 @@ def _picked(cache_len: int, write: bool) -> dict[str, Any]:
 
 def _time(fn) -> tuple[float, bool]:
     """Median µs of ``fn`` on a cold L2, or hot if it cannot be captured; (µs, cold)."""
-    from triton.testing import do_bench
+    from qcompile.backends.triton.cold_bench import cold_us
 
-    from qcompile.backends.triton.cold_bench import cold_times
-
-    fn()  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    try:
-        return float(torch.tensor(cold_times(fn)).median()) * 1e3, True
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return do_bench(fn, return_mode="median") * 1e3, False
+    return cold_us(fn)
 
 
 def _step_ref(q, k_new, v_new, k, v, index, cos, sin, mask):

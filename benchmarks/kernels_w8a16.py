@@ -37,17 +37,9 @@ FORMATS = ("int8/channel", "fp8_e4m3/channel", "int8/g128/asym")
 
 def _time(fn) -> tuple[float, bool]:
     """Median µs of ``fn`` on a cold L2, or hot if it cannot be captured; (µs, cold)."""
-    from triton.testing import do_bench
+    from qcompile.backends.triton.cold_bench import cold_us
 
-    from qcompile.backends.triton.cold_bench import cold_times
-
-    fn()  # compile / autotune outside the timing
-    torch.cuda.synchronize()
-    try:
-        return float(torch.tensor(cold_times(fn)).median()) * 1e3, True
-    except RuntimeError:
-        torch.cuda.synchronize()
-        return do_bench(fn, return_mode="median") * 1e3, False
+    return cold_us(fn)
 
 
 def _weight(fmt: str, n: int, k: int, device: str) -> tuple:

@@ -22,7 +22,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cold_graph_bench", "l2_flush", "replay_ms"]
+__all__ = ["cold_graph_bench", "cold_us", "l2_flush", "replay_ms"]
 
 #: Calls per graph replay, and replays per timing (each gives one sample).
 REPEAT = 24
@@ -102,3 +102,18 @@ def cold_graph_bench(kernel_call: Callable[[], object],
     if quantiles:
         return [float(torch.quantile(samples, q)) for q in quantiles]
     return float(samples.median())
+
+
+def cold_us(fn: Callable[[], object]) -> tuple[float, bool]:
+    """``(µs, cold)``: the median of :func:`cold_times` of ``fn`` (after one call outside the
+    timing: compile, autotune), or Triton's hot ``do_bench`` median where a call cannot be
+    captured in a CUDA graph (``cold`` False). For benchmarks."""
+    from triton.testing import do_bench
+
+    fn()
+    torch.cuda.synchronize()
+    try:
+        return float(torch.tensor(cold_times(fn)).median()) * 1e3, True
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return do_bench(fn, return_mode="median") * 1e3, False
