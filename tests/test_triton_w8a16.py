@@ -189,6 +189,13 @@ def test_leading_dims_and_empty():
     assert torch.equal(out.reshape(6, 40), w8.w8a16_linear(x, *w[:5], w[5], b))
     empty = w8.w8a16_linear(x[:0], *w[:5], w[5], b)
     assert empty.shape == (0, 40)
+    from qcompile.backends.triton.gemv_fusion import GemvFusion
+
+    res = torch.randn(1, 40, generator=torch.Generator().manual_seed(2)).to(DEV)
+    codes0 = w[0][:, :0]  # K = 0: the result is the bias, plus the fused residual
+    y = w8.w8a16_linear(x[:1, :0], codes0, w[1][:, :0], None, None, 64, w[5], b,
+                        fusion=GemvFusion(residual=res))
+    assert torch.equal(y, (b + res).reshape(1, 40))
 
 
 def test_bad_inputs_are_named():

@@ -10,7 +10,8 @@ Three routes by the rows ``M`` of ``x`` (flattened leading dims):
 * ``M <= GEMV_MAX_M``: a split-K GEMV (:func:`_gemv_kernel`), one activation row per program
   row of the grid; the code values are multiplied by ``x`` in fp32 and each group's sum is
   scaled once (``y[n] = sum_g s[n, g] * sum_k v[n, k] x[k]``). The last program of a column
-  tile sums the splits (one launch, so a batch-1 call gets a ``gemv_plan``).
+  tile sums the splits (one launch, so a batch-1 call gets a ``gemv_plan``). For one row it
+  also does the decode fusions of :mod:`qcompile.backends.triton.gemv_fusion`.
 * up to :data:`DEQUANT_MIN_M` rows: a tiled tensor-core GEMM (:func:`_gemm_kernel`) on the
   code values in ``x``'s dtype. INT8 values (``c - 128``, or ``c - zero`` for integer zero
   points: -255..255), E4M3 values times ``2^-8`` and E5M2 values are all exact in bf16 and
@@ -444,15 +445,15 @@ def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                                f"{MIN_TILE_K} or per-channel scales, got {group_size}")
     if fusion is not None and not fusion.empty:
         fusion.check(x, n)
-        if path not in (None, "gemv") or x.numel() != k or n == 0 or not tiled(gs, k):
+        if path not in (None, "gemv") or x.numel() != k or 0 in (n, k) or not tiled(gs, k):
             y = w8a16_linear(prologue_ref(x, fusion), codes, scale, zero, outer, group_size,
                              elem, bias, path)
             return epilogue_ref(y, fusion)
     else:
         fusion = None
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
+    m = lead.numel()
+    x2 = x.reshape(m, k).contiguous()  # (-1, k) is ambiguous for K = 0
     if m == 0 or n == 0 or k == 0:
         out = torch.zeros(m, n, dtype=x.dtype, device=x.device)
         return (out if bias is None else out.copy_(bias.expand(m, n))).reshape(*lead, n)
