@@ -145,6 +145,25 @@ def test_empty_rows():
     assert out.shape == (0, 96)
 
 
+@pytest.mark.parametrize("m", [0, 1, 3])
+def test_zero_width_rows_give_the_bias(m):
+    """K = 0: every route returns the bias (the fused residual added), as the reference does."""
+    from qcompile.backends.triton.gemv_fusion import GemvFusion
+
+    _, (packed, table, scale, neg, zero, outer, gs), b = _inputs("int4/g128", 1, 96, 576,
+                                                                 torch.float32)
+    w0 = (packed[:, :0], table, scale[:, :0], neg, zero, outer, gs)
+    x0 = torch.zeros(2, m, 0, device=DEV)
+    out = w4.w4a16_linear(x0, *w0, bias=b)
+    assert out.shape == (2, m, 96)
+    assert torch.equal(out, w4.w4a16_linear_ref(x0, *w0, bias=b))
+    assert torch.equal(out, b.expand(2, m, 96))
+    res = torch.randn(1, 96, generator=torch.Generator().manual_seed(3)).to(DEV)
+    y = w4.w4a16_linear(torch.zeros(1, 0, device=DEV), *w0, bias=b,
+                        fusion=GemvFusion(residual=res))
+    assert torch.equal(y, (b + res).reshape(1, 96))
+
+
 @pytest.mark.parametrize("split", [1, 3, 16])
 def test_split_counts_agree(monkeypatch, split):
     """Any split count (one, uneven, more splits than K tiles) gives the reference."""

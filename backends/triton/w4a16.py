@@ -468,8 +468,8 @@ def w4a16_linear(x: torch.Tensor, packed: torch.Tensor, table: torch.Tensor,
     if path == "swap" and x.dtype == torch.float32:
         raise KernelInputError("path 'swap' needs bf16 or fp16 activations, got float32")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k).contiguous()
-    m = x2.shape[0]
+    m = lead.numel()
+    x2 = x.reshape(m, k).contiguous()  # (-1, k) is ambiguous for K = 0
     if m == 0 or n == 0 or k == 0:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
         return (out.zero_() if bias is None else out.copy_(bias.expand(m, n))).reshape(*lead, n)
