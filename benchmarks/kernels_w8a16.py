@@ -12,7 +12,9 @@ in the same run.
 
 Each row has ``w8a16_us``, ``bf16_us``, ``speedup_vs_bf16`` (bf16's time over ours),
 ``weight_gbps`` (the 8-bit codes and scales over our time: the batch-1 rate against the
-memory's), ``route`` (gemv / gemm / dequant by M) and ``max_rel_err`` against
+memory's), ``route`` (gemv / gemm / dequant: the one the first call timed fastest, from 2
+rows; by M for one row), ``route_us`` (each route's cold or hot time at that first call,
+or why it was not timed; None for one row) and ``max_rel_err`` against
 :func:`qcompile.backends.triton.w8a16.w8a16_linear_ref` (relative to the output's absmax).
 
 Usage::
@@ -76,6 +78,7 @@ def run(shapes=SHAPES, formats=FORMATS, device: str = "cuda", bench=None,
         bench = _time
     import torch.nn.functional as F
 
+    from qcompile.backends.triton import path_tuning
     from qcompile.backends.triton import w8a16 as w8
 
     name = torch.cuda.get_device_name() if device == "cuda" else device
@@ -95,13 +98,15 @@ def run(shapes=SHAPES, formats=FORMATS, device: str = "cuda", bench=None,
             out = w8.w8a16_linear(x, *w[:5], w[5]).float()
             err = ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
             us, cold = bench(lambda x=x, w=w: w8.w8a16_linear(x, *w[:5], w[5]))
-            route = ("dequant" if not w8.tiled(w[4], k) or m >= w8.DEQUANT_MIN_M
-                     else "gemv" if m <= w8.GEMV_MAX_M else "gemm")
+            key = w8.route_key(m, n, k, min(w[4], k), dtype, w[5], w[2] is not None,
+                               w[3] is not None, False)
+            route = path_tuning.choice(key) or w8.default_route(m, w[4], k)
             nbytes = sum(t.numel() * t.element_size() for t in w[:4] if t is not None)
             rows.append({"op": "w8a16_linear", "format": fmt, "M": m, "N": n, "K": k,
                          "dtype": str(dtype).removeprefix("torch."), "route": route, "w8a16_us": us,
                          "bf16_us": bf16[(m, n, k)], "speedup_vs_bf16": bf16[(m, n, k)] / us,
                          "weight_gbps": nbytes / us / 1e3, "cold": cold,
+                         "route_us": path_tuning.timings().get(key),
                          "max_rel_err": err, "device": name})
             if log is not None:
                 print(json.dumps(rows[-1]), file=log, flush=True)

@@ -36,3 +36,21 @@ def test_it_needs_cuda_without_a_timer(benchmark_module):
         pytest.skip("has CUDA")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         benchmark_module("kernels_w8a16").run()
+
+
+def test_rows_name_the_route_the_first_call_timed(benchmark_module, tuner):
+    """From two rows a row names the route the op's first call picked, with each route's
+    time at that call; one row keeps the GEMV, untimed."""
+    pytest.importorskip("triton")
+    bench = benchmark_module("kernels_w8a16")
+    times, _ = tuner
+    times.update(gemv=3.0, gemm=2.0, dequant=1.0)
+
+    def timer(fn):
+        fn()
+        return 5.0, True
+
+    rows = bench.run(shapes=((1, 48, 256), (20, 48, 256)), formats=("int8/channel",),
+                     device="cpu", bench=timer)
+    assert [(r["M"], r["route"], r["route_us"]) for r in rows] == [
+        (1, "gemv", None), (20, "dequant", {"gemm": 2000.0, "dequant": 1000.0})]

@@ -150,3 +150,39 @@ def test_batch1_fp4_gemv_auto_takes_the_faster_kernel(tuner, monkeypatch):
         after = (spy_mma.launches - before[0], spy_fma.launches - before[1])
         assert after == ((1, 0) if faster == "mma" else (0, 1))
         assert_matches_unrounded(out, ref, x, w)
+
+
+@pytest.mark.parametrize("m, paths, fastest", [
+    (5, ("gemv", "gemm", "dequant"), "gemm"),  # the GEMV's rows: three routes, cold L2
+    (40, ("gemm", "dequant"), "dequant"),
+])
+def test_w8a16_linear_runs_the_path_picked(tuner, monkeypatch, m, paths, fastest):
+    """From two rows the W8A16 linear asks for the fastest route its grouping takes (the
+    GEMV only up to ``GEMV_MAX_M`` rows, timed on a cold L2 there) and runs it: the bits of
+    forcing it. One row, groups the tiles cannot take, and more than ``MAX_M`` rows run the
+    default route, untimed."""
+    pytest.importorskip("triton")
+    from test_triton_w8a16 import _inputs
+
+    from qcompile.backends.triton import w8a16 as w8
+
+    times, timed = tuner
+    times.update(gemv=3.0, gemm=2.0, dequant=2.5)
+    times[fastest] = 1.0
+    x, w, b = _inputs("int8/g64/asym", m, 40, 128, torch.float32)
+    got = w8.w8a16_linear(x, *w[:5], w[5], b)
+    suffix = " (cold)" if m <= w8.GEMV_MAX_M else ""
+    assert sorted(timed) == sorted(p + suffix for p in paths)
+    assert path_tuning.choices() == {
+        w8.route_key(m, 40, 128, 64, torch.float32, "int8", True, False, True): fastest}
+    assert torch.equal(got, w8.w8a16_linear(x, *w[:5], w[5], b, path=fastest))
+    ref = w8.w8a16_linear_ref(x, *w[:5], w[5], b)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    path_tuning.clear()
+    timed.clear()
+    w8.w8a16_linear(x[:1], *w[:5], w[5], b)  # one row: the GEMV and its fusions
+    xo, wo, bo = _inputs("int8/g24/asym", m, 40, 120, torch.float32)  # no K tile: dequant
+    w8.w8a16_linear(xo, *wo[:5], wo[5], bo)
+    monkeypatch.setattr(path_tuning, "MAX_M", m - 1)
+    w8.w8a16_linear(x, *w[:5], w[5], b)
+    assert timed == [] and path_tuning.choices() == {}

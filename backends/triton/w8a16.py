@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qcompile.backends.triton import path_tuning
 from qcompile.backends.triton.gemv_fusion import (
     GemvFusion,
     add_residual,
@@ -70,7 +71,7 @@ from qcompile.backends.triton.w4a16 import (
 from qcompile.backends.triton.w4a16_tiles import _last_arrival, _reset_count, _sum_splits
 
 __all__ = ["DEQUANT_MIN_M", "ELEMS", "GEMM_CONFIGS", "GEMV_CONFIGS", "GEMV_MAX_M",
-           "w8a16_dequant", "w8a16_linear", "w8a16_linear_ref"]
+           "default_route", "route_key", "w8a16_dequant", "w8a16_linear", "w8a16_linear_ref"]
 
 #: 8-bit elements the kernels decode, by their ``qcompile.formats`` names.
 ELEMS = {"int8": 0, "fp8_e4m3": 1, "fp8_e5m2": 2}
@@ -80,7 +81,7 @@ _UNIT = {0: 1.0, 1: 256.0, 2: 1.0}
 #: Largest M that takes the GEMV.
 GEMV_MAX_M = 16
 #: Smallest M that decodes the weight and calls cuBLAS; between the two, the tiled GEMM.
-#: Not timed on a GPU yet: W4A16's crossover (``w4a16_dequant.DEQUANT_MIN_M``).
+#: W4A16's crossover (``w4a16_dequant.DEQUANT_MIN_M``): the defaults where nothing is timed.
 DEQUANT_MIN_M = 256
 #: Smallest power-of-two factor of the group size the GEMV and GEMM take: their K tiles lie
 #: inside one group, and a dot needs 16 along K. Other group sizes take the dequantize route.
@@ -419,6 +420,21 @@ def tiled(group_size: int, k: int) -> bool:
     return group_size >= k or group_size % MIN_TILE_K == 0
 
 
+def default_route(m: int, group_size: int, k: int) -> str:
+    """The route of an ``m``-row call where nothing is timed: by the M thresholds."""
+    if not tiled(group_size, k) or m >= DEQUANT_MIN_M:
+        return "dequant"
+    return "gemv" if m <= GEMV_MAX_M else "gemm"
+
+
+def route_key(m: int, n: int, k: int, group_size: int, dtype: torch.dtype, elem: str,
+              has_zero: bool, has_outer: bool, has_bias: bool) -> tuple:
+    """:mod:`~qcompile.backends.triton.path_tuning`'s key for the route of an ``m``-row call
+    (``group_size`` clamped to ``k``)."""
+    return ("w8a16", next_pow2(m), n, k, group_size, dtype, elem, has_zero, has_outer,
+            has_bias)
+
+
 def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                  zero: torch.Tensor | None, outer: torch.Tensor | None, group_size: int,
                  elem: str, bias: torch.Tensor | None = None, path: str | None = None,
@@ -426,7 +442,11 @@ def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     """W8A16 linear with Triton kernels (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Same arguments and result as :func:`w8a16_linear_ref` (module docstring for the routes
-    and the numerics). ``path`` forces a route for any M (tests, benchmarks): ``"gemv"``,
+    and the numerics). On a GPU, calls of 2 to ``path_tuning.MAX_M`` rows take the fastest
+    of the routes their grouping allows (the GEMV only up to :data:`GEMV_MAX_M` rows), timed
+    at the first call of each shape (:mod:`qcompile.backends.triton.path_tuning`; a cold L2
+    up to :data:`GEMV_MAX_M` rows); elsewhere, and for one row, the M thresholds choose
+    (:func:`default_route`). ``path`` forces a route for any M (tests, benchmarks): ``"gemv"``,
     ``"gemm"`` (both need :func:`tiled` groups) or ``"dequant"``. ``fusion`` (a
     :class:`~qcompile.backends.triton.gemv_fusion.GemvFusion`): an RMSNorm or SiLU gate on
     ``x`` and a residual add on the result, done by the GEMV for one row and as separate ops
@@ -460,8 +480,15 @@ def w8a16_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     codes, scale = codes.contiguous(), scale.contiguous()
     zero = None if zero is None else zero.contiguous()
     outer = None if outer is None else outer.contiguous()
-    route = path or ("dequant" if not tiled(gs, k) or m >= DEQUANT_MIN_M
-                     else "gemv" if m <= GEMV_MAX_M else "gemm")
+    route = path or default_route(m, gs, k)
+    if path is None and tiled(gs, k) and 1 < m <= path_tuning.MAX_M:
+        # The thresholds are W4A16's; each shape's first call times the routes that take it.
+        paths = ("gemv", "gemm", "dequant") if m <= GEMV_MAX_M else ("gemm", "dequant")
+        route = path_tuning.pick(
+            route_key(m, n, k, gs, x.dtype, elem, zero is not None, outer is not None,
+                      bias is not None), route, paths,
+            lambda p: w8a16_linear(x2, codes, scale, zero, outer, gs, elem, bias, path=p),
+            x.device, cold=m <= GEMV_MAX_M)
     if route == "dequant":
         from qcompile.backends.triton import w4a16_dequant  # its cuBLAS call (benchmarks swap it)
 
