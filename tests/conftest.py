@@ -27,9 +27,25 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     interpreter_compat.apply()
 
 
+# Under pytest-xdist each worker gets its share of the cores for torch's own threads: workers
+# that each start one thread per core oversubscribe the machine (CI has 2 cores).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1)
+                              // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
 def pytest_collection_modifyitems(config, items):
     """``heavy`` tests (minutes of SmolLM2 GPTQ each) run only with QCOMPILE_HEAVY=1: CI has
-    a 30-minute budget; their numbers are in benchmarks/quality.py's table."""
+    a 90-minute budget; their numbers are in benchmarks/quality.py's table.
+
+    Tests of the real SmolLM2 share one xdist group: with ``--dist loadgroup`` they run on one
+    worker, which loads the model and computes each pipeline's perplexity once (session
+    fixtures are per worker)."""
+    for item in items:
+        if any(f.startswith("smollm2") for f in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
     if os.environ.get("QCOMPILE_HEAVY") == "1":
         return
     skip = pytest.mark.skip(reason="heavy SmolLM2 GPTQ run: set QCOMPILE_HEAVY=1")
