@@ -27,13 +27,39 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     interpreter_compat.apply()
 
 
+def _usable_cpus() -> int:
+    """The cores this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a
+    container can see every host core and be allowed two)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 # Under pytest-xdist each worker gets its share of the cores for torch's own threads: workers
 # that each start one thread per core oversubscribe the machine (CI has 2 cores).
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     import torch
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)
-                              // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    torch.set_num_threads(max(1, _usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per usable core, at most one per 3 GiB of memory (a worker with
+    SmolLM2 and its quantized copies holds about 2 GiB)."""
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        mem = 0
+    by_mem = max(1, mem // (3 << 30)) if mem else 1 << 30
+    return max(1, min(_usable_cpus(), by_mem))
 
 
 def pytest_collection_modifyitems(config, items):
