@@ -105,18 +105,25 @@ def _compile_module():
 def census(case_names: list[str]) -> list[dict[str, Any]]:
     """One row per (case, config) of the cases named: the batch-1 FP4 GEMVs (the FMA word
     kernel ``w4a16_gemv1w``, the tensor-core one ``w4a16_gemv1mma``, the TMA-fed one
-    ``w4a16_gemv1tma``) per weight code, the Hadamard + quantize rows (``had2``) per
-    element."""
+    ``w4a16_gemv1tma``) and the 8-bit split-K GEMV (``w8a16_gemv``) per weight code, the
+    Hadamard + quantize rows (``had2``) per element."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from qcompile.backends.triton import had_quant, w4a16_gemv, w4a16_gemv_mma, w4a16_gemv_tma
+    from qcompile.backends.triton import (
+        had_quant,
+        w4a16_gemv,
+        w4a16_gemv_mma,
+        w4a16_gemv_tma,
+        w8a16,
+    )
 
     t = _compile_module()
     builders = {"w4a16_gemv1w": (t._build_w4a16_gemv1w, w4a16_gemv),
                 "w4a16_gemv1mma": (t._build_w4a16_gemv1mma, w4a16_gemv_mma),
                 "w4a16_gemv1tma": (t._build_w4a16_gemv1tma, w4a16_gemv_tma),
+                "w8a16_gemv": (t._build_w8a16_gemv, w8a16),
                 "had2": (t._build_had2, had_quant)}
     cuobjdump = str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
     cases = {c[0]: c for c in t.CASES}

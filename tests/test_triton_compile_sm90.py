@@ -774,7 +774,7 @@ def _w8a16_args(mod, p: dict, **extra) -> tuple[dict, dict]:
     args = dict(w_ptr="*u8", scale_ptr="*fp32", zero_ptr="*fp32", outer_ptr="*fp32", N=n, K=k,
                 G=-(-k // gs), outer_stride=int(p.get("outer", 0)), **extra)
     elem = mod.ELEMS[p["elem"]]
-    consts = dict(GROUP_SIZE=gs, ELEM=elem, UNIT=mod._UNIT[elem], HAS_ZERO=p.get("zero", False),
+    consts = dict(GROUP_SIZE=gs, ELEM=elem, HAS_ZERO=p.get("zero", False),
                   HAS_OUTER=p.get("outer", False), EXACT=False,
                   KIND={"fp32": 0, "bf16": 1, "fp16": 2}[p["dtype"]])
     return args, consts

@@ -117,6 +117,36 @@ def test_the_routes_follow_m(monkeypatch):
         assert called and want in called[0], (m, fmt, called)
 
 
+@pytest.mark.parametrize("fmt", ["int8/channel", "fp8_e4m3/channel", "fp8_e5m2/channel"])
+@pytest.mark.parametrize("acc2", [0, 1])
+def test_gemv_channel_accumulators(monkeypatch, fmt, acc2):
+    """Per-channel scales: the GEMV with a [BLOCK_N, BLOCK_K] accumulator summed after the K
+    loop (ACC2) and with a sum per K tile both give the reference, split or not; the two
+    differ only by fp32 summation order."""
+    if CUDA:
+        pytest.skip("the interpreter's single config; on a GPU the autotuner times both")
+    monkeypatch.setitem(w8._INTERP_GEMV, "ACC2", acc2)
+    for m, k in [(1, 1000), (3, 131)]:
+        x, w, b = _inputs(fmt, m, 40, k, torch.float32)
+        out = w8.w8a16_linear(x, *w[:5], w[5], b, path="gemv")
+        _assert_close(out, w8.w8a16_linear_ref(x, *w[:5], w[5], b), x, w, unrounded=True)
+    # A per-group weight ignores ACC2 (the scale applies per K tile): the same bits.
+    x, w, b = _inputs("int8/g64/asym", 1, 40, 1000, torch.float32)
+    out = w8.w8a16_linear(x, *w[:5], w[5], b, path="gemv")
+    monkeypatch.setitem(w8._INTERP_GEMV, "ACC2", 1 - acc2)
+    assert torch.equal(out, w8.w8a16_linear(x, *w[:5], w[5], b, path="gemv"))
+
+
+def test_gemv_channel_configs_only_take_acc2_per_channel():
+    """The autotuner's list keeps the ACC2 tiles for per-channel scales only."""
+    args = {"K": 4096}
+    chan = w8._prune_gemv(w8.GEMV_CONFIGS, args, GROUP_SIZE=4096, CHANNEL=True)
+    grp = w8._prune_gemv(w8.GEMV_CONFIGS, args, GROUP_SIZE=128, CHANNEL=False)
+    assert {c.kwargs["ACC2"] for c in chan} == {0, 1}
+    assert grp and all(not c.kwargs["ACC2"] for c in grp)
+    assert all(128 % c.kwargs["BLOCK_K"] == 0 for c in grp)
+
+
 def test_gemv_sums_its_splits_in_its_last_program(monkeypatch):
     """Split over K, the GEMV's last program per column tile sums the partials: the reduce
     kernel's bits, in one launch, and the arrival counts are left at zero."""

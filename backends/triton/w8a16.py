@@ -14,16 +14,20 @@ Three routes by the rows ``M`` of ``x`` (flattened leading dims):
   also does the decode fusions of :mod:`qcompile.backends.triton.gemv_fusion`.
 * up to :data:`DEQUANT_MIN_M` rows: a tiled tensor-core GEMM (:func:`_gemm_kernel`) on the
   code values in ``x``'s dtype. INT8 values (``c - 128``, or ``c - zero`` for integer zero
-  points: -255..255), E4M3 values times ``2^-8`` and E5M2 values are all exact in bf16 and
-  fp16, so the MMA sees the codes exactly and the scales apply to its fp32 sums.
+  points: -255..255) and E4M3 and E5M2 values are all exact in bf16 and fp16, so the MMA
+  sees the codes exactly and the scales apply to its fp32 sums.
 * above: the weight decoded once into ``x``'s dtype (:func:`w8a16_dequant`, bit-exact with
   :func:`qcompile.ops.dequantize_weight`), then ``torch.nn.functional.linear`` (cuBLAS).
 
-Codes decode with a few integer ops instead of a table: INT8 through the fp32 bits of
-``2^23 + c``; FP8 as the upper bits of an fp16 (E5M2 is an fp16's top byte; E4M3 shifted into
-an fp16's exponent field is its value times ``2^-8``, folded into the scale). Codes that no
-quantizer writes decode to what the bits say in fp16: E4M3's NaN codes to finite values
-(+-480), E5M2's inf and NaN codes to inf and NaN.
+Codes decode without a table: INT8 through the fp32 bits of ``2^23 + c`` (an OR and one
+exact subtraction); E4M3 by the hardware's conversion to fp16 (sm_89+: two codes per
+instruction, where shifting its fields into an fp16 took about four per code); E5M2 as an
+fp16's top byte. Every finite code decodes exactly. What the codes that no quantizer writes (E4M3 NaN, E5M2 inf and NaN) decode to is left
+to the conversion (NaN on a GPU; the interpreter's may differ).
+
+With per-channel scales the GEMV can also keep a ``[BLOCK_N, BLOCK_K]`` accumulator through
+the K loop (``ACC2`` configs): one FMA per code and a single sum at the end, against a sum of
+products per K tile (see :data:`GEMV_CONFIGS`).
 
 Numerics: the GEMV and the GEMM do not round ``W`` to ``x``'s dtype before the product as
 :func:`w8a16_linear_ref` does, so 16-bit results can differ from it by that rounding summed
@@ -75,9 +79,6 @@ __all__ = ["DEQUANT_MIN_M", "ELEMS", "GEMM_CONFIGS", "GEMV_CONFIGS", "GEMV_MAX_M
 
 #: 8-bit elements the kernels decode, by their ``qcompile.formats`` names.
 ELEMS = {"int8": 0, "fp8_e4m3": 1, "fp8_e5m2": 2}
-#: What each element's decoded value is multiplied by to give the code's value (E4M3 decodes
-#: as an fp16 one exponent bias too low, i.e. times 2^-8).
-_UNIT = {0: 1.0, 1: 256.0, 2: 1.0}
 #: Largest M that takes the GEMV.
 GEMV_MAX_M = 16
 #: Smallest M that decodes the weight and calls cuBLAS; between the two, the tiled GEMM.
@@ -93,10 +94,20 @@ def _cfg(warps: int, stages: int, **kw: int) -> triton.Config:
 
 
 #: GEMV tiles (64 codes per thread at 4 warps, 32-128 bytes of each row per program).
-GEMV_CONFIGS = [_cfg(4, 3, BLOCK_N=32, BLOCK_K=256), _cfg(4, 3, BLOCK_N=16, BLOCK_K=512),
-                _cfg(4, 3, BLOCK_N=64, BLOCK_K=128), _cfg(8, 3, BLOCK_N=32, BLOCK_K=512),
-                _cfg(4, 3, BLOCK_N=128, BLOCK_K=64), _cfg(4, 3, BLOCK_N=64, BLOCK_K=32),
-                _cfg(4, 3, BLOCK_N=128, BLOCK_K=16)]
+#: ``ACC2``: per-channel scales only; a [BLOCK_N, BLOCK_K] fp32 accumulator summed once after
+#: the K loop, i.e. one FMA per code instead of a sum per tile (sm_90 SASS: 3.2 instead of
+#: 8.6 instructions per E4M3 code, 4.8 instead of 5.7 per INT8 code) at about 50 more
+#: registers, so fewer programs and bytes in flight per SM: the autotuner weighs the two.
+GEMV_CONFIGS = [_cfg(4, 3, BLOCK_N=32, BLOCK_K=256, ACC2=0),
+                _cfg(4, 3, BLOCK_N=16, BLOCK_K=512, ACC2=0),
+                _cfg(4, 3, BLOCK_N=64, BLOCK_K=128, ACC2=0),
+                _cfg(8, 3, BLOCK_N=32, BLOCK_K=512, ACC2=0),
+                _cfg(4, 3, BLOCK_N=128, BLOCK_K=64, ACC2=0),
+                _cfg(4, 3, BLOCK_N=64, BLOCK_K=32, ACC2=0),
+                _cfg(4, 3, BLOCK_N=128, BLOCK_K=16, ACC2=0),
+                _cfg(4, 3, BLOCK_N=32, BLOCK_K=256, ACC2=1),
+                _cfg(4, 3, BLOCK_N=64, BLOCK_K=128, ACC2=1),
+                _cfg(8, 3, BLOCK_N=32, BLOCK_K=512, ACC2=1)]
 #: GEMM tiles; BLOCK_M above the call's M (rounded up to 16) is pruned.
 GEMM_CONFIGS = [_cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
                 _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=128),
@@ -106,40 +117,39 @@ GEMM_CONFIGS = [_cfg(4, 4, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
                 _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32),
                 _cfg(4, 4, BLOCK_M=32, BLOCK_N=64, BLOCK_K=16)]
 # One small config each under the interpreter, where autotuning only costs time.
-_INTERP_GEMV = {"BLOCK_N": 32, "BLOCK_K": 16}
+_INTERP_GEMV = {"BLOCK_N": 32, "BLOCK_K": 16, "ACC2": 1}  # ACC2 acts on channel scales only
 _INTERP_GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}
 _MIN_GEMV_BLOCK_N = min(min(c.kwargs["BLOCK_N"] for c in GEMV_CONFIGS), _INTERP_GEMV["BLOCK_N"])
 _DQ_BLOCK_N, _DQ_BLOCK_K = 32, 128
 
 
 @triton.jit
-def _values(c, z, ELEM: tl.constexpr, HAS_ZERO: tl.constexpr):
-    """fp32 values of codes ``c`` (int32, 0..255): INT8 ``c - 128``, or ``c - z`` (asym);
-    E4M3 its value times 2^-8; E5M2 its value."""
+def _values(c, zb, ELEM: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """fp32 values of codes ``c`` (uint8): INT8 ``c - 128``, or ``c - z`` (asym, ``zb`` =
+    ``2^23 + z``, exact for integer zero points); E4M3 and E5M2 their values (E4M3 by the
+    hardware's conversion to fp16, two codes per instruction on sm_89+)."""
     if ELEM == 0:
-        m = (c | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + c, exactly
+        m = (c.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + c, exactly
         if HAS_ZERO:
-            v = (m - 8388608.0) - z
+            v = m - zb  # (2^23 + c) - (2^23 + z) = c - z: one exact subtraction
         else:
             v = m - 8388736.0  # 2^23 + 128
     elif ELEM == 1:
-        h = ((c & 0x80) << 8) | ((c & 0x7F) << 7)
-        v = h.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        v = (c << 8).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        v = c.to(tl.float8e4nv, bitcast=True).to(tl.float16).to(tl.float32)
+    else:  # E5M2 is an fp16's top byte (one byte move; the interpreter's E5M2 conversion
+        # flushes subnormals)
+        v = (c.to(tl.uint16) << 8).to(tl.float16, bitcast=True).to(tl.float32)
     return v
 
 
 @triton.jit
 def _scales(acc, scale_ptr, outer_ptr, offs_n, n_ok, outer_stride, CHANNEL: tl.constexpr,
-            HAS_OUTER: tl.constexpr, UNIT: tl.constexpr):
-    """The per-channel scale (when not applied per group), the outer scale and the FP8 unit."""
+            HAS_OUTER: tl.constexpr):
+    """The per-channel scale (when not applied per group) and the outer scale."""
     if CHANNEL:
         acc = acc * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0)
     if HAS_OUTER:
         acc = acc * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)
-    if UNIT != 1.0:
-        acc = acc * UNIT
     return acc
 
 
@@ -158,11 +168,11 @@ def _store_row(acc, bias_ptr, out_ptr, res_ptr, offs_n, n_ok, HAS_BIAS: tl.const
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, part_ptr, out_ptr,
                  count_ptr, g_ptr, up_ptr, res_ptr, M, N, K, G, outer_stride, eps,
                  GROUP_SIZE: tl.constexpr, CHANNEL: tl.constexpr, ELEM: tl.constexpr,
-                 UNIT: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr,
                  HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
                  KIND: tl.constexpr, EXACT: tl.constexpr, PRO: tl.constexpr,
                  HAS_G: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 BLOCK_K: tl.constexpr, ACC2: tl.constexpr):
     """Row ``pid_m`` of ``y`` over K tiles ``[pid_s * per, (pid_s + 1) * per)``: into ``out``
     (one split) or ``part[pid_s]``. Every K tile lies inside one group. With ``REDUCE`` the
     last program to store a column tile's partial (an arrival count per row and tile) sums
@@ -183,23 +193,27 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, part_pt
     tiles = tl.cdiv(K, BLOCK_K)
     per = tl.cdiv(tiles, SPLIT)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K if ACC2 and CHANNEL else 1], dtype=tl.float32)
     for t in range(pid_s * per, tl.minimum(pid_s * per + per, tiles)):
         k = t * BLOCK_K + offs_k
         k_ok = k < K
         # Masked codes and x are 0: padding columns add nothing, whatever their value.
-        c = tl.load(rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.int32)
+        c = tl.load(rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
         x = load_x(x_row, up_row, g_ptr, k, k_ok, r, PRO, HAS_G, KIND, EXACT)
         s_off = offs_n * G + (t * BLOCK_K) // GROUP_SIZE
-        z = 0.0
+        zb = 0.0
         if HAS_ZERO:
-            z = tl.load(zero_ptr + s_off, mask=n_ok, other=0.0)[:, None]
-        part = tl.sum(_values(c, z, ELEM, HAS_ZERO) * x[None, :], axis=1)
-        if CHANNEL:
-            acc += part
+            zb = tl.load(zero_ptr + s_off, mask=n_ok, other=0.0)[:, None] + 8388608.0
+        prod = _values(c, zb, ELEM, HAS_ZERO) * x[None, :]
+        if ACC2 and CHANNEL:
+            acc2 += prod  # one FMA per code; summed across K once, after the loop
+        elif CHANNEL:
+            acc += tl.sum(prod, axis=1)
         else:
-            acc += part * tl.load(scale_ptr + s_off, mask=n_ok, other=0.0)
-    acc = _scales(acc, scale_ptr, outer_ptr, offs_n, n_ok, outer_stride, CHANNEL, HAS_OUTER,
-                  UNIT)
+            acc += tl.sum(prod, axis=1) * tl.load(scale_ptr + s_off, mask=n_ok, other=0.0)
+    if ACC2 and CHANNEL:
+        acc = tl.sum(acc2, axis=1)
+    acc = _scales(acc, scale_ptr, outer_ptr, offs_n, n_ok, outer_stride, CHANNEL, HAS_OUTER)
     row = pid_m.to(tl.int64) * N
     if SPLIT == 1:
         _store_row(acc, bias_ptr, out_ptr + row, res_ptr + row, offs_n, n_ok, HAS_BIAS, HAS_RES,
@@ -218,7 +232,7 @@ def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, part_pt
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, out_ptr, M, N, K, G,
                  outer_stride, M_BUCKET, GROUP_SIZE: tl.constexpr, CHANNEL: tl.constexpr,
-                 ELEM: tl.constexpr, UNIT: tl.constexpr, HAS_ZERO: tl.constexpr,
+                 ELEM: tl.constexpr, HAS_ZERO: tl.constexpr,
                  HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr, KIND: tl.constexpr,
                  EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
@@ -238,12 +252,12 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, out_ptr
         k = k0 + offs_k
         k_ok = k < K
         x = tl.load(x_rows + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        c = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.int32)
+        c = tl.load(w_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
         s_off = offs_n * G + k0 // GROUP_SIZE
-        z = 0.0
+        zb = 0.0
         if HAS_ZERO:
-            z = tl.load(zero_ptr + s_off, mask=n_ok, other=0.0)[:, None]
-        v = _values(c, z, ELEM, HAS_ZERO)
+            zb = tl.load(zero_ptr + s_off, mask=n_ok, other=0.0)[:, None] + 8388608.0
+        v = _values(c, zb, ELEM, HAS_ZERO)
         if EXACT or x_ptr.dtype.element_ty == tl.float32:
             # The interpreter's dots read 16-bit operands as raw bits; fp32 activations need
             # full fp32 products (tf32 would round them).
@@ -254,8 +268,7 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, out_ptr
             acc += p
         else:
             acc += p * tl.load(scale_ptr + s_off, mask=n_ok, other=0.0)[None, :]
-    acc = _scales(acc, scale_ptr, outer_ptr, offs_n, n_ok, outer_stride, CHANNEL, HAS_OUTER,
-                  UNIT)
+    acc = _scales(acc, scale_ptr, outer_ptr, offs_n, n_ok, outer_stride, CHANNEL, HAS_OUTER)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     acc = _round_to(acc, KIND, EXACT)
@@ -265,28 +278,24 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, out_ptr
 
 @triton.jit
 def _dequant_kernel(w_ptr, scale_ptr, zero_ptr, outer_ptr, out_ptr, N, K, G, outer_stride,
-                    GROUP_SIZE: tl.constexpr, ELEM: tl.constexpr, UNIT: tl.constexpr,
-                    HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr, KIND: tl.constexpr,
+                    GROUP_SIZE: tl.constexpr, ELEM: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr, KIND: tl.constexpr,
                     EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``W[n, k] = value * (scale * outer)`` rounded once to the output dtype, as
-    ``dequantize`` computes it (E4M3: ``(value * 2^-8) * (scale * outer * 2^8)``, the same
-    real product, so the same rounding)."""
+    ``dequantize`` computes it."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = offs_n < N
     ok = n_ok[:, None] & (k < K)[None, :]
     c = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * K + k[None, :], mask=ok,
-                other=0).to(tl.int32)
+                other=0)
     s_off = offs_n[:, None] * G + k[None, :] // GROUP_SIZE
-    z = 0.0
+    zb = 0.0
     if HAS_ZERO:
-        z = tl.load(zero_ptr + s_off, mask=ok, other=0.0)
+        zb = tl.load(zero_ptr + s_off, mask=ok, other=0.0) + 8388608.0
     eff = tl.load(scale_ptr + s_off, mask=ok, other=0.0)
     if HAS_OUTER:
         eff = eff * tl.load(outer_ptr + offs_n * outer_stride, mask=n_ok, other=0.0)[:, None]
-    if UNIT != 1.0:
-        eff = eff * UNIT
-    w = _round_to(_values(c, z, ELEM, HAS_ZERO) * eff, KIND, EXACT)
+    w = _round_to(_values(c, zb, ELEM, HAS_ZERO) * eff, KIND, EXACT)
     tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + k[None, :],
              w.to(out_ptr.dtype.element_ty), mask=ok)
 
@@ -296,9 +305,11 @@ def _tile_fits(config: triton.Config, group_size: int, k: int) -> bool:
 
 
 def _prune_gemv(configs, named_args, **kwargs):
-    """Tiles inside one group (the autotuner passes the constexprs as ``kwargs``)."""
+    """Tiles inside one group, ``ACC2`` for per-channel scales only (the autotuner passes
+    the constexprs as ``kwargs``)."""
     gs, k = kwargs["GROUP_SIZE"], named_args["K"]
-    return [c for c in configs if _tile_fits(c, gs, k)]
+    return [c for c in configs if _tile_fits(c, gs, k)
+            and (kwargs["CHANNEL"] or not c.kwargs["ACC2"])]
 
 
 def _prune_gemm(configs, named_args, **kwargs):
@@ -394,7 +405,7 @@ def w8a16_linear_ref(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
 
 def _flags(zero, outer, group_size, elem, dtype) -> dict:
     e = ELEMS[elem]
-    return dict(GROUP_SIZE=group_size, ELEM=e, UNIT=_UNIT[e], HAS_ZERO=zero is not None,
+    return dict(GROUP_SIZE=group_size, ELEM=e, HAS_ZERO=zero is not None,
                 HAS_OUTER=outer is not None, KIND=_DTYPE_KIND[dtype], EXACT=interpreting())
 
 
