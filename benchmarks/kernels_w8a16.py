@@ -14,7 +14,8 @@ Each row has ``w8a16_us``, ``bf16_us``, ``speedup_vs_bf16`` (bf16's time over ou
 ``weight_gbps`` (the 8-bit codes and scales over our time: the batch-1 rate against the
 memory's), ``route`` (gemv / gemm / dequant: the one the first call timed fastest, from 2
 rows; by M for one row), ``route_us`` (each route's cold or hot time at that first call,
-or why it was not timed; None for one row) and ``max_rel_err`` against
+or why it was not timed; None for one row), ``config`` (the autotuned tile the route ran:
+for the GEMV whether it kept the 2-D accumulator, ``ACC2``) and ``max_rel_err`` against
 :func:`qcompile.backends.triton.w8a16.w8a16_linear_ref` (relative to the output's absmax).
 
 Usage::
@@ -42,6 +43,14 @@ def _time(fn) -> tuple[float, bool]:
     from qcompile.backends.triton.cold_bench import cold_us
 
     return cold_us(fn)
+
+
+def _picked(w8, route: str) -> str | None:
+    """The tile the autotuner ran last for ``route`` (the GEMV's ``ACC2`` among them), or None
+    (the interpreter runs one fixed tile; the dequant route's tile is fixed)."""
+    tuner = {"gemv": w8._GEMV, "gemm": w8._GEMM}.get(route)
+    best = getattr(tuner, "best_config", None)
+    return None if best is None or w8.interpreting() else str(best)
 
 
 def _weight(fmt: str, n: int, k: int, device: str) -> tuple:
@@ -107,6 +116,7 @@ def run(shapes=SHAPES, formats=FORMATS, device: str = "cuda", bench=None,
                          "bf16_us": bf16[(m, n, k)], "speedup_vs_bf16": bf16[(m, n, k)] / us,
                          "weight_gbps": nbytes / us / 1e3, "cold": cold,
                          "route_us": path_tuning.timings().get(key),
+                         "config": _picked(w8, route),
                          "max_rel_err": err, "device": name})
             if log is not None:
                 print(json.dumps(rows[-1]), file=log, flush=True)

@@ -54,3 +54,4 @@ def test_rows_name_the_route_the_first_call_timed(benchmark_module, tuner):
                      device="cpu", bench=timer)
     assert [(r["M"], r["route"], r["route_us"]) for r in rows] == [
         (1, "gemv", None), (20, "dequant", {"gemm": 2000.0, "dequant": 1000.0})]
+    assert [r["config"] for r in rows] == [None, None]  # the interpreter's one fixed tile
