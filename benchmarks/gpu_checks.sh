@@ -128,7 +128,7 @@ for phase in "${phases[@]}"; do
     say "w8a16"
     timeout "${T_W8:-90}" $py benchmarks/kernels_w8a16.py --out "$out/w8a16.json" > "$out/w8a16.log" 2>&1
     say "w8a16 exit $?"
-    $py -c "import json; [print(r['format'], (r['M'], r['N'], r['K']), r['route'], round(r['w8a16_us'], 1), round(r['bf16_us'], 1), round(r['speedup_vs_bf16'], 3), round(r['weight_gbps']), '%.1e' % r['max_rel_err']) for r in json.load(open('$out/w8a16.json'))]" 2>/dev/null || grep '^{' "$out/w8a16.log" | cut -c1-300 | tail -20 ;;
+    $py -c "import json; [print(r['format'], (r['M'], r['N'], r['K']), r['route'], round(r['w8a16_us'], 1), round(r['bf16_us'], 1), round(r['speedup_vs_bf16'], 3), round(r['weight_gbps']), '%.1e' % r['max_rel_err'], r.get('config')) for r in json.load(open('$out/w8a16.json'))]" 2>/dev/null || grep '^{' "$out/w8a16.log" | cut -c1-300 | tail -20 ;;
   kernels)
     say "kernels"
     timeout "${T_KERNELS:-150}" $py benchmarks/kernels.py --families "${FAMILIES:-w4a16,fp8,act,attention}" \
