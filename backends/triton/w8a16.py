@@ -22,8 +22,9 @@ Three routes by the rows ``M`` of ``x`` (flattened leading dims):
 Codes decode without a table: INT8 through the fp32 bits of ``2^23 + c`` (an OR and one
 exact subtraction); E4M3 by the hardware's conversion to fp16 (sm_89+: two codes per
 instruction, where shifting its fields into an fp16 took about four per code); E5M2 as an
-fp16's top byte. Every finite code decodes exactly. What the codes that no quantizer writes (E4M3 NaN, E5M2 inf and NaN) decode to is left
-to the conversion (NaN on a GPU; the interpreter's may differ).
+fp16's top byte. Every finite code decodes exactly. What the codes that no quantizer writes
+(E4M3 NaN, E5M2 inf and NaN) decode to is left to the conversion (NaN on a GPU; the
+interpreter's may differ).
 
 With per-channel scales the GEMV can also keep a ``[BLOCK_N, BLOCK_K]`` accumulator through
 the K loop (``ACC2`` configs): one FMA per code and a single sum at the end, against a sum of
@@ -168,8 +169,8 @@ def _store_row(acc, bias_ptr, out_ptr, res_ptr, offs_n, n_ok, HAS_BIAS: tl.const
 def _gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, part_ptr, out_ptr,
                  count_ptr, g_ptr, up_ptr, res_ptr, M, N, K, G, outer_stride, eps,
                  GROUP_SIZE: tl.constexpr, CHANNEL: tl.constexpr, ELEM: tl.constexpr,
-                 HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, REDUCE: tl.constexpr,
+                 HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 SPLIT: tl.constexpr, REDUCE: tl.constexpr,
                  KIND: tl.constexpr, EXACT: tl.constexpr, PRO: tl.constexpr,
                  HAS_G: tl.constexpr, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, ACC2: tl.constexpr):
@@ -278,8 +279,9 @@ def _gemm_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, outer_ptr, bias_ptr, out_ptr
 
 @triton.jit
 def _dequant_kernel(w_ptr, scale_ptr, zero_ptr, outer_ptr, out_ptr, N, K, G, outer_stride,
-                    GROUP_SIZE: tl.constexpr, ELEM: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_OUTER: tl.constexpr, KIND: tl.constexpr,
-                    EXACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    GROUP_SIZE: tl.constexpr, ELEM: tl.constexpr, HAS_ZERO: tl.constexpr,
+                    HAS_OUTER: tl.constexpr, KIND: tl.constexpr, EXACT: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``W[n, k] = value * (scale * outer)`` rounded once to the output dtype, as
     ``dequantize`` computes it."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
